@@ -1,0 +1,688 @@
+//! The client: start workflows by name, signal, cancel, terminate, describe, wait for results,
+//! and run standalone activities. Thin over the gRPC API; values go through the data converter.
+
+use crate::api::pb::{self, tether_service_client::TetherServiceClient};
+use crate::codec::{self, ConvertError};
+use serde::{de::DeserializeOwned, Serialize};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest message the client accepts (histories can be large).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// How long one result request waits on the server before the client asks again.
+const RESULT_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The address was malformed or the server could not be reached.
+    #[error("could not connect to {address}: {reason}")]
+    Connect {
+        /// The address.
+        address: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The server refused or failed the call.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+    /// The workflow id is already running.
+    #[error("workflow id {workflow_id:?} is already running as run {run_id}")]
+    AlreadyStarted {
+        /// Id.
+        workflow_id: String,
+        /// The running run.
+        run_id: String,
+    },
+    /// The run closed without a result.
+    #[error("{what} {id} ended {}: {}", status.short_name(), failure.message)]
+    Failed {
+        /// Workflow or activity.
+        what: &'static str,
+        /// Its id.
+        id: String,
+        /// How it ended.
+        status: pb::ExecutionStatus,
+        /// Why.
+        failure: pb::Failure,
+    },
+    /// A value could not be converted.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+}
+
+impl ClientError {
+    /// The gRPC code, when the server answered with an error.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Rpc(s) => Some(s.code()),
+            ClientError::AlreadyStarted { .. } => Some(tonic::Code::AlreadyExists),
+            _ => None,
+        }
+    }
+}
+
+/// How the client identifies itself and which namespace it works in.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Namespace for every call. Default `default`.
+    pub namespace: String,
+    /// Who is calling, recorded in history. Default `HOSTNAME:PID`.
+    pub identity: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            namespace: crate::types::DEFAULT_NAMESPACE.into(),
+            identity: default_identity(),
+        }
+    }
+}
+
+/// `HOSTNAME:PID`, the default identity of clients and workers.
+pub fn default_identity() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Options for starting a workflow.
+#[derive(Debug, Clone)]
+pub struct WorkflowOptions {
+    /// Workflow id (unique among running workflows of the namespace). Required.
+    pub id: String,
+    /// Task queue the workflow's tasks go to. Required.
+    pub task_queue: String,
+    /// Run timeout. Default: none.
+    pub run_timeout: Option<Duration>,
+    /// Workflow task timeout. Default 10 s.
+    pub task_timeout: Option<Duration>,
+}
+
+impl WorkflowOptions {
+    /// Options with the given id and task queue and defaults for the rest.
+    pub fn new(id: impl Into<String>, task_queue: impl Into<String>) -> Self {
+        WorkflowOptions {
+            id: id.into(),
+            task_queue: task_queue.into(),
+            run_timeout: None,
+            task_timeout: None,
+        }
+    }
+}
+
+/// A connection to a tether server.
+#[derive(Clone)]
+pub struct Client {
+    rpc: TetherServiceClient<Channel>,
+    options: ClientOptions,
+}
+
+impl Client {
+    /// Connects with default options (namespace `default`).
+    pub async fn connect(address: impl Into<String>) -> Result<Client, ClientError> {
+        Self::connect_with(address, ClientOptions::default()).await
+    }
+
+    /// Connects with the given options.
+    pub async fn connect_with(
+        address: impl Into<String>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let address = address.into();
+        let url = if address.contains("://") {
+            address.clone()
+        } else {
+            format!("http://{address}")
+        };
+        let endpoint = Endpoint::from_shared(url).map_err(|e| ClientError::Connect {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+        let channel = endpoint
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect {
+                address: address.clone(),
+                reason: format!("{e} (is the server running? start one with `tether dev`)"),
+            })?;
+        let rpc = TetherServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok(Client { rpc, options })
+    }
+
+    /// The same connection working in another namespace.
+    pub fn with_namespace(&self, namespace: impl Into<String>) -> Client {
+        let mut c = self.clone();
+        c.options.namespace = namespace.into();
+        c
+    }
+
+    /// The namespace this client works in.
+    pub fn namespace(&self) -> &str {
+        &self.options.namespace
+    }
+
+    /// The identity this client reports.
+    pub fn identity(&self) -> &str {
+        &self.options.identity
+    }
+
+    /// The raw gRPC client, for calls this type does not wrap.
+    pub fn raw(&self) -> TetherServiceClient<Channel> {
+        self.rpc.clone()
+    }
+
+    /// Creates a namespace.
+    pub async fn register_namespace(
+        &self,
+        name: &str,
+        description: &str,
+    ) -> Result<(), ClientError> {
+        self.raw()
+            .register_namespace(pb::RegisterNamespaceRequest {
+                namespace: name.into(),
+                description: description.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Lists namespaces.
+    pub async fn list_namespaces(&self) -> Result<Vec<pb::NamespaceInfo>, ClientError> {
+        Ok(self
+            .raw()
+            .list_namespaces(pb::ListNamespacesRequest {})
+            .await?
+            .into_inner()
+            .namespaces)
+    }
+
+    /// Starts a workflow by type name.
+    pub async fn start_workflow<I: Serialize + ?Sized>(
+        &self,
+        workflow_type: &str,
+        input: &I,
+        options: WorkflowOptions,
+    ) -> Result<WorkflowHandle, ClientError> {
+        let input = codec::to_payload(input)?;
+        self.start_workflow_raw(workflow_type, Some(input), options)
+            .await
+    }
+
+    /// Starts a workflow with an already-encoded input.
+    pub async fn start_workflow_raw(
+        &self,
+        workflow_type: &str,
+        input: Option<pb::Payload>,
+        options: WorkflowOptions,
+    ) -> Result<WorkflowHandle, ClientError> {
+        let req = pb::StartWorkflowRequest {
+            namespace: self.options.namespace.clone(),
+            workflow_id: options.id.clone(),
+            workflow_type: workflow_type.into(),
+            task_queue: options.task_queue,
+            input,
+            run_timeout_ms: options.run_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+            task_timeout_ms: options.task_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+            identity: self.options.identity.clone(),
+        };
+        match self.raw().start_workflow(req).await {
+            Ok(resp) => Ok(WorkflowHandle {
+                client: self.clone(),
+                workflow_id: options.id,
+                run_id: resp.into_inner().run_id,
+            }),
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                let run_id = status
+                    .metadata()
+                    .get(crate::server::RUN_ID_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                Err(ClientError::AlreadyStarted {
+                    workflow_id: options.id,
+                    run_id,
+                })
+            }
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// A handle to an existing workflow (the current run when `run_id` is empty).
+    pub fn workflow_handle(&self, workflow_id: &str, run_id: &str) -> WorkflowHandle {
+        WorkflowHandle {
+            client: self.clone(),
+            workflow_id: workflow_id.into(),
+            run_id: run_id.into(),
+        }
+    }
+
+    /// Lists workflow runs (newest first).
+    pub async fn list_workflows(
+        &self,
+        status: Option<pb::ExecutionStatus>,
+        limit: u32,
+        standalone_activities: bool,
+    ) -> Result<Vec<pb::ExecutionInfo>, ClientError> {
+        Ok(self
+            .raw()
+            .list_workflows(pb::ListWorkflowsRequest {
+                namespace: self.options.namespace.clone(),
+                status: status.map(|s| s as i32).unwrap_or(0),
+                limit,
+                kind: if standalone_activities {
+                    "activity".into()
+                } else {
+                    "workflow".into()
+                },
+            })
+            .await?
+            .into_inner()
+            .executions)
+    }
+
+    /// Starts a standalone activity: durable, with timeouts and retries, without a workflow.
+    pub async fn start_activity<I: Serialize + ?Sized>(
+        &self,
+        activity_type: &str,
+        input: &I,
+        options: StandaloneActivityOptions,
+    ) -> Result<ActivityHandle, ClientError> {
+        let req = pb::StartActivityRequest {
+            namespace: self.options.namespace.clone(),
+            activity_id: options.id.clone(),
+            activity_type: activity_type.into(),
+            task_queue: options.task_queue.clone(),
+            input: Some(codec::to_payload(input)?),
+            options: Some(options.options.to_proto()),
+            identity: self.options.identity.clone(),
+        };
+        let run_id = match self.raw().start_activity(req).await {
+            Ok(r) => r.into_inner().run_id,
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                return Err(ClientError::AlreadyStarted {
+                    workflow_id: options.id,
+                    run_id: status
+                        .metadata()
+                        .get(crate::server::RUN_ID_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string(),
+                })
+            }
+            Err(status) => return Err(status.into()),
+        };
+        Ok(ActivityHandle {
+            client: self.clone(),
+            activity_id: options.id,
+            run_id,
+        })
+    }
+
+    /// Starts a standalone activity and waits for its result.
+    pub async fn execute_activity<I: Serialize + ?Sized, O: DeserializeOwned>(
+        &self,
+        activity_type: &str,
+        input: &I,
+        options: StandaloneActivityOptions,
+    ) -> Result<O, ClientError> {
+        self.start_activity(activity_type, input, options)
+            .await?
+            .result()
+            .await
+    }
+
+    /// Describes a task queue.
+    pub async fn describe_task_queue(
+        &self,
+        task_queue: &str,
+    ) -> Result<pb::DescribeTaskQueueResponse, ClientError> {
+        Ok(self
+            .raw()
+            .describe_task_queue(pb::DescribeTaskQueueRequest {
+                namespace: self.options.namespace.clone(),
+                task_queue: task_queue.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Workers seen polling in this namespace.
+    pub async fn list_workers(&self) -> Result<Vec<pb::WorkerInfo>, ClientError> {
+        Ok(self
+            .raw()
+            .list_workers(pb::ListWorkersRequest {
+                namespace: self.options.namespace.clone(),
+            })
+            .await?
+            .into_inner()
+            .workers)
+    }
+}
+
+/// Activity options as the SDK takes them. Defaults are written on each field.
+#[derive(Debug, Clone)]
+pub struct ActivityOptions {
+    /// Task queue; empty = the workflow's own. Default empty.
+    pub task_queue: String,
+    /// Limit on one attempt. Default 60 s (when schedule_to_close is not set either).
+    pub start_to_close: Option<Duration>,
+    /// Limit on all attempts together, backoffs included. Default none.
+    pub schedule_to_close: Option<Duration>,
+    /// Limit on waiting in the queue. Default none.
+    pub schedule_to_start: Option<Duration>,
+    /// Longest gap between heartbeats. Default none.
+    pub heartbeat: Option<Duration>,
+    /// Retry policy. Default: initial 1 s, backoff 2.0, max interval 100 s, unlimited attempts.
+    pub retry: RetryPolicy,
+}
+
+impl Default for ActivityOptions {
+    fn default() -> Self {
+        ActivityOptions {
+            task_queue: String::new(),
+            start_to_close: None,
+            schedule_to_close: None,
+            schedule_to_start: None,
+            heartbeat: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// The default attempt timeout when neither start_to_close nor schedule_to_close is given.
+pub const DEFAULT_START_TO_CLOSE: Duration = Duration::from_secs(60);
+
+fn ms(d: Option<Duration>) -> u64 {
+    d.map(|d| d.as_millis().max(1) as u64).unwrap_or(0)
+}
+
+impl ActivityOptions {
+    /// Sets the attempt timeout.
+    pub fn start_to_close(mut self, d: Duration) -> Self {
+        self.start_to_close = Some(d);
+        self
+    }
+    /// Sets the overall timeout.
+    pub fn schedule_to_close(mut self, d: Duration) -> Self {
+        self.schedule_to_close = Some(d);
+        self
+    }
+    /// Sets the queue-wait timeout.
+    pub fn schedule_to_start(mut self, d: Duration) -> Self {
+        self.schedule_to_start = Some(d);
+        self
+    }
+    /// Sets the heartbeat timeout.
+    pub fn heartbeat(mut self, d: Duration) -> Self {
+        self.heartbeat = Some(d);
+        self
+    }
+    /// Sets the retry policy.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+    /// Sets the task queue.
+    pub fn task_queue(mut self, q: impl Into<String>) -> Self {
+        self.task_queue = q.into();
+        self
+    }
+
+    /// The wire form.
+    pub fn to_proto(&self) -> pb::ActivityOptions {
+        let start_to_close = match (self.start_to_close, self.schedule_to_close) {
+            (None, None) => Some(DEFAULT_START_TO_CLOSE),
+            (s, _) => s,
+        };
+        pb::ActivityOptions {
+            task_queue: self.task_queue.clone(),
+            schedule_to_close_timeout_ms: ms(self.schedule_to_close),
+            schedule_to_start_timeout_ms: ms(self.schedule_to_start),
+            start_to_close_timeout_ms: ms(start_to_close),
+            heartbeat_timeout_ms: ms(self.heartbeat),
+            retry_policy: Some(self.retry.to_proto()),
+        }
+    }
+}
+
+/// When and how often a failed activity is tried again. Defaults are written on each field.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Wait before the second attempt. Default 1 s.
+    pub initial_interval: Duration,
+    /// Each wait is this times the previous. Default 2.0.
+    pub backoff_coefficient: f64,
+    /// Longest wait. Default 100 × initial_interval.
+    pub maximum_interval: Option<Duration>,
+    /// Most attempts; 0 = unlimited. Default 0.
+    pub maximum_attempts: u32,
+    /// Error types that are never retried. Default none.
+    pub non_retryable_error_types: Vec<String>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_interval: Duration::from_secs(1),
+            backoff_coefficient: 2.0,
+            maximum_interval: None,
+            maximum_attempts: 0,
+            non_retryable_error_types: Vec::new(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wire form.
+    pub fn to_proto(&self) -> pb::RetryPolicy {
+        pb::RetryPolicy {
+            initial_interval_ms: self.initial_interval.as_millis().max(1) as u64,
+            backoff_coefficient: self.backoff_coefficient,
+            maximum_interval_ms: ms(self.maximum_interval),
+            maximum_attempts: self.maximum_attempts,
+            non_retryable_error_types: self.non_retryable_error_types.clone(),
+        }
+    }
+}
+
+/// Options for a standalone activity.
+#[derive(Debug, Clone)]
+pub struct StandaloneActivityOptions {
+    /// Activity id (unique among running standalone activities of the namespace). Required.
+    pub id: String,
+    /// Task queue. Required.
+    pub task_queue: String,
+    /// Timeouts and retries.
+    pub options: ActivityOptions,
+}
+
+impl StandaloneActivityOptions {
+    /// Options with defaults for timeouts and retries.
+    pub fn new(id: impl Into<String>, task_queue: impl Into<String>) -> Self {
+        StandaloneActivityOptions {
+            id: id.into(),
+            task_queue: task_queue.into(),
+            options: ActivityOptions::default(),
+        }
+    }
+}
+
+/// Decodes a closed run's outcome.
+fn decode_outcome<O: DeserializeOwned>(
+    what: &'static str,
+    id: &str,
+    outcome: pb::GetWorkflowResultResponse,
+) -> Result<O, ClientError> {
+    let status = pb::ExecutionStatus::try_from(outcome.status).unwrap_or_default();
+    if status == pb::ExecutionStatus::Completed {
+        return Ok(codec::from_payload(outcome.result.as_ref())?);
+    }
+    Err(ClientError::Failed {
+        what,
+        id: id.to_string(),
+        status,
+        failure: outcome.failure.unwrap_or_else(|| pb::Failure {
+            message: format!("ended {}", status.short_name()),
+            ..Default::default()
+        }),
+    })
+}
+
+/// A started standalone activity.
+#[derive(Clone)]
+pub struct ActivityHandle {
+    client: Client,
+    /// Activity id.
+    pub activity_id: String,
+    /// Run id.
+    pub run_id: String,
+}
+
+impl ActivityHandle {
+    /// Waits for the activity to finish and decodes its result.
+    pub async fn result<O: DeserializeOwned>(&self) -> Result<O, ClientError> {
+        loop {
+            let outcome = self
+                .client
+                .raw()
+                .get_activity_result(pb::GetActivityResultRequest {
+                    namespace: self.client.options.namespace.clone(),
+                    activity_id: self.activity_id.clone(),
+                    run_id: self.run_id.clone(),
+                    wait_ms: RESULT_WAIT.as_millis() as u64,
+                })
+                .await?
+                .into_inner();
+            if outcome.status != pb::ExecutionStatus::Running as i32 {
+                return decode_outcome("activity", &self.activity_id, outcome);
+            }
+        }
+    }
+}
+
+/// A workflow run to act on.
+#[derive(Clone)]
+pub struct WorkflowHandle {
+    client: Client,
+    /// Workflow id.
+    pub workflow_id: String,
+    /// Run id (empty = the current run).
+    pub run_id: String,
+}
+
+impl WorkflowHandle {
+    /// Waits for the run to close and decodes its result.
+    pub async fn result<O: DeserializeOwned>(&self) -> Result<O, ClientError> {
+        let outcome = self.outcome().await?;
+        decode_outcome("workflow", &self.workflow_id, outcome)
+    }
+
+    /// Waits for the run to close and returns its raw outcome.
+    pub async fn outcome(&self) -> Result<pb::GetWorkflowResultResponse, ClientError> {
+        loop {
+            let outcome = self
+                .client
+                .raw()
+                .get_workflow_result(pb::GetWorkflowResultRequest {
+                    namespace: self.client.options.namespace.clone(),
+                    workflow_id: self.workflow_id.clone(),
+                    run_id: self.run_id.clone(),
+                    wait_ms: RESULT_WAIT.as_millis() as u64,
+                })
+                .await?
+                .into_inner();
+            if outcome.status != pb::ExecutionStatus::Running as i32 {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Sends a signal.
+    pub async fn signal<I: Serialize + ?Sized>(
+        &self,
+        signal_name: &str,
+        input: &I,
+    ) -> Result<(), ClientError> {
+        self.client
+            .raw()
+            .signal_workflow(pb::SignalWorkflowRequest {
+                namespace: self.client.options.namespace.clone(),
+                workflow_id: self.workflow_id.clone(),
+                run_id: self.run_id.clone(),
+                signal_name: signal_name.into(),
+                input: Some(codec::to_payload(input)?),
+                identity: self.client.options.identity.clone(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Asks the workflow to cancel (it sees the request and may clean up).
+    pub async fn cancel(&self, reason: &str) -> Result<(), ClientError> {
+        self.client
+            .raw()
+            .request_cancel_workflow(pb::RequestCancelWorkflowRequest {
+                namespace: self.client.options.namespace.clone(),
+                workflow_id: self.workflow_id.clone(),
+                run_id: self.run_id.clone(),
+                reason: reason.into(),
+                identity: self.client.options.identity.clone(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Ends the workflow at once.
+    pub async fn terminate(&self, reason: &str) -> Result<(), ClientError> {
+        self.client
+            .raw()
+            .terminate_workflow(pb::TerminateWorkflowRequest {
+                namespace: self.client.options.namespace.clone(),
+                workflow_id: self.workflow_id.clone(),
+                run_id: self.run_id.clone(),
+                reason: reason.into(),
+                identity: self.client.options.identity.clone(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Describes the run.
+    pub async fn describe(&self) -> Result<pb::DescribeWorkflowResponse, ClientError> {
+        Ok(self
+            .client
+            .raw()
+            .describe_workflow(pb::DescribeWorkflowRequest {
+                namespace: self.client.options.namespace.clone(),
+                workflow_id: self.workflow_id.clone(),
+                run_id: self.run_id.clone(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// The run's history.
+    pub async fn history(&self) -> Result<Vec<pb::HistoryEvent>, ClientError> {
+        Ok(self
+            .client
+            .raw()
+            .get_workflow_history(pb::GetWorkflowHistoryRequest {
+                namespace: self.client.options.namespace.clone(),
+                workflow_id: self.workflow_id.clone(),
+                run_id: self.run_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .events)
+    }
+}

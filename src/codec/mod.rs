@@ -1,0 +1,147 @@
+//! The data converter: turns Rust values into payloads and back, on clients and workers only.
+//! The server never calls into this module. JSON is the default encoding; raw bytes pass through
+//! as `binary/plain`.
+
+use crate::api::pb::Payload;
+use crate::api::ENCODING_KEY;
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Encoding name of JSON payloads.
+pub const JSON_ENCODING: &str = "json/plain";
+/// Encoding name of raw byte payloads.
+pub const BINARY_ENCODING: &str = "binary/plain";
+
+/// Why a payload could not be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The value could not be serialised to JSON.
+    #[error("could not encode value as JSON: {0}")]
+    Encode(String),
+    /// The payload's bytes are not the JSON of the expected type.
+    #[error("could not decode {encoding} payload into the expected type: {reason}")]
+    Decode {
+        /// The payload's encoding.
+        encoding: String,
+        /// What serde said.
+        reason: String,
+    },
+    /// The payload uses an encoding this converter does not know.
+    #[error("payload encoding {0:?} is not supported by this converter")]
+    UnknownEncoding(String),
+}
+
+/// Encodes a value as a JSON payload.
+pub fn to_payload<T: Serialize + ?Sized>(value: &T) -> Result<Payload, ConvertError> {
+    let data = serde_json::to_vec(value).map_err(|e| ConvertError::Encode(e.to_string()))?;
+    Ok(json_payload(data))
+}
+
+/// Wraps bytes that are already JSON text in a payload.
+pub fn json_payload(data: Vec<u8>) -> Payload {
+    let mut metadata = std::collections::BTreeMap::new();
+    metadata.insert(ENCODING_KEY.to_string(), JSON_ENCODING.as_bytes().to_vec());
+    Payload { metadata, data }
+}
+
+/// Wraps raw bytes in a payload that passes through the converter unchanged.
+pub fn binary_payload(data: Vec<u8>) -> Payload {
+    let mut metadata = std::collections::BTreeMap::new();
+    metadata.insert(ENCODING_KEY.to_string(), BINARY_ENCODING.as_bytes().to_vec());
+    Payload { metadata, data }
+}
+
+/// The payload's encoding name ("" when missing).
+pub fn encoding_of(payload: &Payload) -> String {
+    payload
+        .metadata
+        .get(ENCODING_KEY)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+/// Decodes a payload into a value. A missing payload decodes as JSON `null`, so `()` and
+/// `Option<T>` work for "no input".
+pub fn from_payload<T: DeserializeOwned>(payload: Option<&Payload>) -> Result<T, ConvertError> {
+    let Some(payload) = payload else {
+        return serde_json::from_slice(b"null").map_err(|e| ConvertError::Decode {
+            encoding: "none".into(),
+            reason: e.to_string(),
+        });
+    };
+    let encoding = encoding_of(payload);
+    match encoding.as_str() {
+        JSON_ENCODING | "" => {
+            let data: &[u8] = if payload.data.is_empty() {
+                b"null"
+            } else {
+                &payload.data
+            };
+            serde_json::from_slice(data).map_err(|e| ConvertError::Decode {
+                encoding: JSON_ENCODING.into(),
+                reason: e.to_string(),
+            })
+        }
+        BINARY_ENCODING => {
+            // Raw bytes decode into anything that deserialises from a byte sequence.
+            let value = serde_json::to_value(&payload.data).map_err(|e| ConvertError::Decode {
+                encoding: encoding.clone(),
+                reason: e.to_string(),
+            })?;
+            serde_json::from_value(value).map_err(|e| ConvertError::Decode {
+                encoding,
+                reason: e.to_string(),
+            })
+        }
+        other => Err(ConvertError::UnknownEncoding(other.to_string())),
+    }
+}
+
+/// Renders a payload for people: JSON as text, other encodings as a short description.
+pub fn display_payload(payload: Option<&Payload>) -> String {
+    match payload {
+        None => "null".into(),
+        Some(p) => match encoding_of(p).as_str() {
+            JSON_ENCODING | "" => String::from_utf8_lossy(&p.data).into_owned(),
+            enc => format!("<{} bytes, encoding {enc}>", p.data.len()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip() {
+        let p = to_payload(&vec![1, 2, 3]).unwrap();
+        assert_eq!(encoding_of(&p), JSON_ENCODING);
+        let v: Vec<i32> = from_payload(Some(&p)).unwrap();
+        assert_eq!(v, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn missing_payload_is_null() {
+        let v: Option<String> = from_payload(None).unwrap();
+        assert_eq!(v, None);
+        let unit: () = from_payload(None).unwrap();
+        let _ = unit;
+    }
+
+    #[test]
+    fn wrong_type_is_a_clear_error() {
+        let p = to_payload("text").unwrap();
+        let err = from_payload::<u32>(Some(&p)).unwrap_err();
+        assert!(err.to_string().contains("could not decode"), "{err}");
+    }
+
+    #[test]
+    fn unknown_encoding_is_refused() {
+        let mut p = binary_payload(vec![1]);
+        p.metadata
+            .insert(ENCODING_KEY.into(), b"binary/encrypted".to_vec());
+        assert!(matches!(
+            from_payload::<Vec<u8>>(Some(&p)),
+            Err(ConvertError::UnknownEncoding(_))
+        ));
+    }
+}

@@ -1,0 +1,23 @@
+//! tether: a durable-execution server and Rust worker SDK for fleets of unlike machines.
+//!
+//! The map of the crate:
+//! - [`api`]: the wire contract generated from `proto/` (the only place that knows the wire).
+//! - [`types`]: typed ids, limits and name validation.
+//! - [`codec`]: the data converter (JSON payloads), used by clients and workers only.
+//! - [`store`]: the `Store` trait and the embedded SQLite store (WAL, group commit).
+//! - [`server`]: the gRPC frontend, the engine (history state machine, matching, timers).
+//! - [`client`]: start, signal, cancel, terminate, describe workflows; standalone activities.
+//! - [`worker`]: the worker: pollers, the activity executor and the sticky workflow cache.
+//! - [`workflow`]: the deterministic workflow runtime and `WorkflowContext`.
+//! - [`activity`]: `ActivityContext` and typed activity errors.
+#![warn(missing_docs)]
+
+pub mod activity;
+pub mod api;
+pub mod client;
+pub mod codec;
+pub mod server;
+pub mod store;
+pub mod types;
+pub mod worker;
+pub mod workflow;

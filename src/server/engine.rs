@@ -1,0 +1,1029 @@
+//! The runner around the per-run state machine: it holds the open runs in memory, applies one
+//! request (or timer firing) at a time under a lock, hands the resulting writes to the store in
+//! order, waits for the commit, and only then offers tasks, arms timers and wakes waiters.
+
+use super::history::{self, Effects, RunEntry};
+use super::matching::{Matcher, QueueKey, TaskKind, TaskRef};
+use super::timers::{TimerKey, TimerQueue};
+use super::{EngineError, ServerConfig};
+use crate::api::internal::RunState;
+use crate::api::now_ms;
+use crate::api::pb::{self, ExecutionStatus, NamespaceInfo};
+use crate::store::{CommitReceiver, RunFilter, Store, Write, WriteBatch};
+use parking_lot::Mutex;
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+type IdKey = (String, bool, String);
+
+#[derive(Default)]
+struct EngineState {
+    namespaces: BTreeMap<String, NamespaceInfo>,
+    /// Open runs, and closed ones until their close is durable.
+    runs: HashMap<String, RunEntry>,
+    /// (namespace, standalone activity, id) -> run id of the open run.
+    open_ids: HashMap<IdKey, String>,
+    /// Callers waiting for a run to close.
+    waiters: HashMap<String, Vec<oneshot::Sender<pb::GetWorkflowResultResponse>>>,
+}
+
+/// Work collected while the lock is held.
+#[derive(Default)]
+struct Txn {
+    fx: Effects,
+    touched: BTreeSet<String>,
+    extra: Vec<Write>,
+}
+
+/// The server's engine: history, matching and timers over a [`Store`].
+pub struct Engine {
+    state: Mutex<EngineState>,
+    store: Arc<dyn Store>,
+    matcher: Matcher,
+    timers: TimerQueue,
+    config: ServerConfig,
+    storage_failed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A run found for a read: either the live in-memory entry's snapshot or the stored state.
+struct RunSnapshot {
+    state: RunState,
+    pending: Vec<pb::PendingActivityInfo>,
+}
+
+impl Engine {
+    /// Opens the engine over a store: loads namespaces and open runs, re-offers their pending
+    /// tasks and re-arms their timers.
+    pub async fn open(store: Arc<dyn Store>, config: ServerConfig) -> Result<Arc<Engine>, EngineError> {
+        let store_for_recovery = store.clone();
+        let recovered = tokio::task::spawn_blocking(move || store_for_recovery.recover())
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(format!("could not read the store: {e}")))?;
+        let (shutdown, _) = watch::channel(false);
+        let engine = Arc::new(Engine {
+            state: Mutex::new(EngineState::default()),
+            store,
+            matcher: Matcher::default(),
+            timers: TimerQueue::default(),
+            config,
+            storage_failed: AtomicBool::new(false),
+            shutdown,
+        });
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = engine.state.lock();
+            for ns in recovered.namespaces {
+                st.namespaces.insert(ns.name.clone(), ns);
+            }
+            if !st.namespaces.contains_key(crate::types::DEFAULT_NAMESPACE) {
+                let info = NamespaceInfo {
+                    name: crate::types::DEFAULT_NAMESPACE.into(),
+                    description: "created at first start".into(),
+                    created_ms: now,
+                };
+                st.namespaces.insert(info.name.clone(), info.clone());
+                txn.extra.push(Write::Namespace(info));
+            }
+            let count = recovered.open_runs.len();
+            for (state, history) in recovered.open_runs {
+                let had_buffered = !state.buffered.is_empty();
+                let mut entry = RunEntry::new(state, history);
+                entry.recover(now, &mut txn.fx);
+                let key = (
+                    entry.state.namespace.clone(),
+                    entry.state.standalone_activity,
+                    entry.state.workflow_id.clone(),
+                );
+                let run_id = entry.state.run_id.clone();
+                if had_buffered {
+                    txn.touched.insert(run_id.clone());
+                }
+                st.open_ids.insert(key, run_id.clone());
+                st.runs.insert(run_id, entry);
+            }
+            tracing::info!(open_runs = count, "recovered state from the store");
+            engine.commit_locked(&mut st, &mut txn)
+        };
+        engine.finish(commit, txn.fx).await?;
+        Ok(engine)
+    }
+
+    /// The payload size limit in force.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.config.max_payload_bytes
+    }
+
+    /// Stops parked polls and result waits so the gRPC server can shut down promptly.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    fn check_healthy(&self) -> Result<(), EngineError> {
+        if self.storage_failed.load(Ordering::Relaxed) {
+            return Err(EngineError::Unavailable(
+                "a write to the store failed earlier; restart the server to recover from the \
+                 last durable state"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Turns the touched runs into one ordered write batch and submits it (under the lock, so
+    /// batches reach the store in the order they were applied).
+    fn commit_locked(&self, st: &mut EngineState, txn: &mut Txn) -> Option<CommitReceiver> {
+        let now = now_ms();
+        // Signals to other workflows are applied inside the same transaction.
+        while let Some(sig) = txn.fx.signals.pop() {
+            let target_key = (sig.namespace.clone(), false, sig.workflow_id.clone());
+            let failure = if !st.namespaces.contains_key(&sig.namespace) {
+                Some(format!("namespace {:?} does not exist", sig.namespace))
+            } else if let Some(target_id) = st.open_ids.get(&target_key).cloned() {
+                let target = st.runs.get_mut(&target_id).expect("open id points at a run");
+                target.signal(&sig.signal_name, sig.input.clone(), "", now, &mut txn.fx);
+                txn.touched.insert(target_id);
+                None
+            } else {
+                Some(format!(
+                    "workflow {:?} is not running in namespace {:?}",
+                    sig.workflow_id, sig.namespace
+                ))
+            };
+            if let Some(source) = st.runs.get_mut(&sig.from_run) {
+                if source.is_open() {
+                    let failure = failure.map(|message| pb::Failure {
+                        message,
+                        kind: pb::FailureKind::Application as i32,
+                        error_type: "SignalTargetNotFound".into(),
+                        ..Default::default()
+                    });
+                    source.signal_external_resolved(sig.seq, failure, now, &mut txn.fx);
+                    txn.touched.insert(sig.from_run.clone());
+                }
+            }
+        }
+        let mut batch = WriteBatch {
+            writes: std::mem::take(&mut txn.extra),
+        };
+        for run_id in &txn.touched {
+            let Some(entry) = st.runs.get_mut(run_id) else {
+                continue;
+            };
+            if entry.persisted_events < entry.history.len() {
+                batch.writes.push(Write::Events {
+                    run_id: run_id.clone(),
+                    events: entry.history[entry.persisted_events..].to_vec(),
+                });
+                entry.persisted_events = entry.history.len();
+            }
+            batch.writes.push(Write::Run {
+                state: Box::new(entry.state.clone()),
+            });
+        }
+        for closed in &txn.fx.closed {
+            if let Some(entry) = st.runs.get(&closed.run_id) {
+                let key = (
+                    entry.state.namespace.clone(),
+                    entry.state.standalone_activity,
+                    entry.state.workflow_id.clone(),
+                );
+                if st.open_ids.get(&key) == Some(&closed.run_id) {
+                    st.open_ids.remove(&key);
+                }
+            }
+        }
+        if batch.is_empty() {
+            None
+        } else {
+            Some(self.store.submit(batch))
+        }
+    }
+
+    /// Waits for the commit, then applies the effects. Nothing is offered, armed or answered
+    /// before the writes that caused it are durable.
+    async fn finish(&self, commit: Option<CommitReceiver>, fx: Effects) -> Result<(), EngineError> {
+        if let Some(rx) = commit {
+            let outcome = rx
+                .await
+                .unwrap_or_else(|_| Err("the store's writer stopped".to_string()));
+            if let Err(e) = outcome {
+                self.storage_failed.store(true, Ordering::Relaxed);
+                return Err(EngineError::Unavailable(format!(
+                    "the write could not be made durable: {e}"
+                )));
+            }
+        }
+        self.apply_effects(fx);
+        Ok(())
+    }
+
+    fn apply_effects(&self, fx: Effects) {
+        for (key, task) in fx.tasks {
+            self.matcher.add(&key, task);
+        }
+        if !fx.timers.is_empty() {
+            self.timers.arm(fx.timers);
+        }
+        if !fx.closed.is_empty() {
+            let mut st = self.state.lock();
+            for closed in fx.closed {
+                if let Some(waiters) = st.waiters.remove(&closed.run_id) {
+                    for w in waiters {
+                        let _ = w.send(closed.outcome.clone());
+                    }
+                }
+                // The close is durable: reads of this run now go to the store.
+                if st.runs.get(&closed.run_id).is_some_and(|e| !e.is_open()) {
+                    st.runs.remove(&closed.run_id);
+                }
+            }
+        }
+    }
+
+    fn check_namespace(st: &EngineState, namespace: &str) -> Result<(), EngineError> {
+        if st.namespaces.contains_key(namespace) {
+            Ok(())
+        } else {
+            Err(EngineError::NamespaceNotFound(namespace.to_string()))
+        }
+    }
+
+    /// Finds the open run for a mutation (signal, cancel, terminate).
+    fn open_run_id(
+        &self,
+        st: &EngineState,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<String, EngineError> {
+        Self::check_namespace(st, namespace)?;
+        let what = if standalone { "activity" } else { "workflow" };
+        let found = if run_id.is_empty() {
+            st.open_ids
+                .get(&(namespace.to_string(), standalone, id.to_string()))
+                .cloned()
+        } else {
+            st.runs
+                .get(run_id)
+                .filter(|e| {
+                    e.state.namespace == namespace
+                        && e.state.workflow_id == id
+                        && e.state.standalone_activity == standalone
+                        && e.is_open()
+                })
+                .map(|_| run_id.to_string())
+        };
+        if let Some(found) = found {
+            return Ok(found);
+        }
+        // Error path only: say whether it closed or never existed.
+        let stored = if run_id.is_empty() {
+            self.store.latest_run(namespace, standalone, id)
+        } else {
+            self.store.load_run(run_id)
+        };
+        match stored {
+            Ok(Some(s)) if s.workflow_id == id && s.namespace == namespace => {
+                let status = ExecutionStatus::try_from(s.status).unwrap_or_default();
+                Err(EngineError::NotRunning(format!(
+                    "{what} {id:?} (run {}) is not running: it is {}",
+                    s.run_id,
+                    status.short_name()
+                )))
+            }
+            _ => Err(EngineError::NotFound(if run_id.is_empty() {
+                format!("{what} {id:?} was not found in namespace {namespace:?}")
+            } else {
+                format!("{what} {id:?} run {run_id:?} was not found in namespace {namespace:?}")
+            })),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Namespaces
+    // ------------------------------------------------------------------------------------------
+
+    /// Creates a namespace.
+    pub async fn register_namespace(&self, name: &str, description: &str) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            if st.namespaces.contains_key(name) {
+                return Err(EngineError::AlreadyExists(format!(
+                    "namespace {name:?} already exists"
+                )));
+            }
+            let info = NamespaceInfo {
+                name: name.to_string(),
+                description: description.to_string(),
+                created_ms: now_ms(),
+            };
+            st.namespaces.insert(name.to_string(), info.clone());
+            txn.extra.push(Write::Namespace(info));
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await
+    }
+
+    /// All namespaces.
+    pub fn list_namespaces(&self) -> Vec<NamespaceInfo> {
+        self.state.lock().namespaces.values().cloned().collect()
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Client operations
+    // ------------------------------------------------------------------------------------------
+
+    /// Starts a workflow run; fails with AlreadyExists if the id is running.
+    pub async fn start_workflow(&self, req: pb::StartWorkflowRequest) -> Result<String, EngineError> {
+        self.check_healthy()?;
+        let mut txn = Txn::default();
+        let (commit, run_id) = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, &req.namespace)?;
+            let key = (req.namespace.clone(), false, req.workflow_id.clone());
+            if let Some(existing) = st.open_ids.get(&key) {
+                return Err(EngineError::WorkflowAlreadyStarted {
+                    workflow_id: req.workflow_id.clone(),
+                    run_id: existing.clone(),
+                });
+            }
+            let run_id = crate::types::RunId::generate().to_string();
+            let entry = RunEntry::start_workflow(&req, run_id.clone(), now_ms(), &mut txn.fx);
+            st.open_ids.insert(key, run_id.clone());
+            st.runs.insert(run_id.clone(), entry);
+            txn.touched.insert(run_id.clone());
+            (self.commit_locked(&mut st, &mut txn), run_id)
+        };
+        self.finish(commit, txn.fx).await?;
+        Ok(run_id)
+    }
+
+    /// Starts a standalone activity.
+    pub async fn start_activity(&self, req: pb::StartActivityRequest) -> Result<String, EngineError> {
+        self.check_healthy()?;
+        let options = history::normalize_activity_options(req.options.clone(), &req.task_queue)?;
+        let mut txn = Txn::default();
+        let (commit, run_id) = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, &req.namespace)?;
+            let key = (req.namespace.clone(), true, req.activity_id.clone());
+            if let Some(existing) = st.open_ids.get(&key) {
+                return Err(EngineError::WorkflowAlreadyStarted {
+                    workflow_id: req.activity_id.clone(),
+                    run_id: existing.clone(),
+                });
+            }
+            let run_id = crate::types::RunId::generate().to_string();
+            let entry = RunEntry::start_standalone_activity(
+                &req,
+                options,
+                run_id.clone(),
+                now_ms(),
+                &mut txn.fx,
+            );
+            st.open_ids.insert(key, run_id.clone());
+            st.runs.insert(run_id.clone(), entry);
+            txn.touched.insert(run_id.clone());
+            (self.commit_locked(&mut st, &mut txn), run_id)
+        };
+        self.finish(commit, txn.fx).await?;
+        Ok(run_id)
+    }
+
+    /// Delivers a signal to a running workflow.
+    pub async fn signal(&self, req: pb::SignalWorkflowRequest) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            let run_id = self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
+            let entry = st.runs.get_mut(&run_id).expect("open run");
+            entry.signal(&req.signal_name, req.input, &req.identity, now_ms(), &mut txn.fx);
+            txn.touched.insert(run_id);
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await
+    }
+
+    /// Asks a workflow (or standalone activity) to cancel.
+    pub async fn request_cancel(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        reason: &str,
+        identity: &str,
+    ) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            let run_id = self.open_run_id(&st, namespace, standalone, id, run_id)?;
+            let entry = st.runs.get_mut(&run_id).expect("open run");
+            entry.request_cancel(reason, identity, now_ms(), &mut txn.fx);
+            txn.touched.insert(run_id);
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await
+    }
+
+    /// Ends a workflow at once.
+    pub async fn terminate(&self, req: pb::TerminateWorkflowRequest) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            let run_id = self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
+            let entry = st.runs.get_mut(&run_id).expect("open run");
+            entry.terminate(&req.reason, &req.identity, now_ms(), &mut txn.fx);
+            txn.touched.insert(run_id);
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await
+    }
+
+    /// Finds a run for reading: memory first, then the store.
+    async fn snapshot(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<RunSnapshot, EngineError> {
+        {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            let live = if run_id.is_empty() {
+                st.open_ids
+                    .get(&(namespace.to_string(), standalone, id.to_string()))
+                    .and_then(|r| st.runs.get(r))
+            } else {
+                st.runs.get(run_id)
+            };
+            if let Some(entry) = live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace) {
+                return Ok(RunSnapshot {
+                    state: entry.state.clone(),
+                    pending: entry.pending_activities(),
+                });
+            }
+        }
+        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        let pending = state
+            .activities
+            .values()
+            .map(|a| pb::PendingActivityInfo {
+                seq: a.seq,
+                scheduled_event_id: a.scheduled_event_id,
+                activity_id: a.activity_id.clone(),
+                activity_type: a.activity_type.clone(),
+                state: if a.backoff_until_ms > 0 { "backoff" } else { "scheduled" }.into(),
+                attempt: a.attempt,
+                last_failure: a.last_failure.clone(),
+                last_worker: a.last_worker.clone(),
+                last_heartbeat_ms: 0,
+                next_attempt_ms: a.backoff_until_ms,
+                task_queue: a.task_queue.clone(),
+            })
+            .collect();
+        Ok(RunSnapshot { state, pending })
+    }
+
+    async fn load_stored(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<RunState, EngineError> {
+        let store = self.store.clone();
+        let (ns, idc, rid) = (namespace.to_string(), id.to_string(), run_id.to_string());
+        let found = tokio::task::spawn_blocking(move || {
+            if rid.is_empty() {
+                store.latest_run(&ns, standalone, &idc)
+            } else {
+                store.load_run(&rid)
+            }
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let what = if standalone { "activity" } else { "workflow" };
+        match found {
+            Some(s) if s.namespace == namespace && s.workflow_id == id && s.standalone_activity == standalone => Ok(s),
+            _ => Err(EngineError::NotFound(if run_id.is_empty() {
+                format!("{what} {id:?} was not found in namespace {namespace:?}")
+            } else {
+                format!("{what} {id:?} run {run_id:?} was not found in namespace {namespace:?}")
+            })),
+        }
+    }
+
+    /// Describes a run.
+    pub async fn describe(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<pb::DescribeWorkflowResponse, EngineError> {
+        let snap = self.snapshot(namespace, standalone, id, run_id).await?;
+        let s = snap.state;
+        Ok(pb::DescribeWorkflowResponse {
+            info: Some(execution_info(&s)),
+            pending_activities: snap.pending,
+            pending_timers: s.timers.len() as u32,
+            last_workflow_task_failure: s.last_workflow_task_failure.clone(),
+            result: s.result.clone(),
+            failure: s.failure.clone(),
+        })
+    }
+
+    /// A run's history.
+    pub async fn history(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<Vec<pb::HistoryEvent>, EngineError> {
+        {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            let live = if run_id.is_empty() {
+                st.open_ids
+                    .get(&(namespace.to_string(), standalone, id.to_string()))
+                    .and_then(|r| st.runs.get(r))
+            } else {
+                st.runs.get(run_id)
+            };
+            if let Some(entry) = live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace) {
+                return Ok(entry.history.clone());
+            }
+        }
+        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.history(&state.run_id))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))
+    }
+
+    /// Lists runs, newest first.
+    pub async fn list(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        status: Option<i32>,
+        limit: usize,
+    ) -> Result<Vec<pb::ExecutionInfo>, EngineError> {
+        {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+        }
+        let store = self.store.clone();
+        let filter = RunFilter {
+            namespace: namespace.to_string(),
+            standalone_activity: standalone,
+            status,
+            limit,
+        };
+        let runs = tokio::task::spawn_blocking(move || store.list_runs(&filter))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        Ok(runs.iter().map(execution_info).collect())
+    }
+
+    /// The outcome of a run, waiting up to `wait` for it to close.
+    pub async fn result(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        wait: Duration,
+    ) -> Result<pb::GetWorkflowResultResponse, EngineError> {
+        let wait = wait.min(self.config.long_poll_timeout);
+        let receiver = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            let live_id = if run_id.is_empty() {
+                st.open_ids
+                    .get(&(namespace.to_string(), standalone, id.to_string()))
+                    .cloned()
+            } else {
+                Some(run_id.to_string())
+            };
+            match live_id.and_then(|r| st.runs.get(&r).map(|e| (r, e))) {
+                Some((r, entry)) if entry.state.workflow_id == id && entry.state.namespace == namespace => {
+                    if entry.is_open() {
+                        if wait.is_zero() {
+                            return Ok(pb::GetWorkflowResultResponse {
+                                run_id: r,
+                                status: ExecutionStatus::Running as i32,
+                                ..Default::default()
+                            });
+                        }
+                        let (tx, rx) = oneshot::channel();
+                        st.waiters.entry(r.clone()).or_default().push(tx);
+                        Some((r, rx))
+                    } else {
+                        // Closing: its close is not durable yet; wait for it like any other.
+                        let (tx, rx) = oneshot::channel();
+                        st.waiters.entry(r.clone()).or_default().push(tx);
+                        Some((r, rx))
+                    }
+                }
+                _ => None,
+            }
+        };
+        if let Some((run_id, rx)) = receiver {
+            let mut shutdown = self.shutdown.subscribe();
+            tokio::select! {
+                outcome = rx => {
+                    if let Ok(outcome) = outcome {
+                        return Ok(outcome);
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+            return Ok(pb::GetWorkflowResultResponse {
+                run_id,
+                status: ExecutionStatus::Running as i32,
+                ..Default::default()
+            });
+        }
+        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        Ok(pb::GetWorkflowResultResponse {
+            run_id: state.run_id,
+            status: state.status,
+            result: state.result,
+            failure: state.failure,
+        })
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Worker operations
+    // ------------------------------------------------------------------------------------------
+
+    async fn poll_queue(&self, key: &QueueKey, identity: &str, timeout: Duration) -> Option<TaskRef> {
+        let mut shutdown = self.shutdown.subscribe();
+        if *shutdown.borrow() {
+            return None;
+        }
+        tokio::select! {
+            task = self.matcher.poll(key, identity, now_ms(), timeout) => task,
+            _ = shutdown.wait_for(|s| *s) => None,
+        }
+    }
+
+    fn poll_timeout(&self, requested_ms: u64) -> Duration {
+        if requested_ms == 0 {
+            self.config.long_poll_timeout
+        } else {
+            Duration::from_millis(requested_ms).min(self.config.long_poll_timeout)
+        }
+    }
+
+    /// Long-polls for a workflow task.
+    pub async fn poll_workflow_task(
+        &self,
+        req: pb::PollWorkflowTaskRequest,
+    ) -> Result<pb::PollWorkflowTaskResponse, EngineError> {
+        self.check_healthy()?;
+        Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        let key = QueueKey::new(&req.namespace, &req.task_queue, TaskKind::Workflow);
+        let deadline = Instant::now() + self.poll_timeout(req.poll_timeout_ms);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let Some(task) = self.poll_queue(&key, &req.identity, remaining).await else {
+                return Ok(Default::default());
+            };
+            let TaskRef::Workflow { run_id } = task else {
+                continue;
+            };
+            let mut txn = Txn::default();
+            let dispatched = {
+                let mut st = self.state.lock();
+                let response = st.runs.get_mut(&run_id).and_then(|entry| {
+                    entry.dispatch_workflow_task(&req.identity, &req.sticky_queue, now_ms(), &mut txn.fx)
+                });
+                if response.is_some() {
+                    // Dispatch may move buffered events into the history; that write is ordered
+                    // before the worker's completion, which is all correctness needs.
+                    txn.touched.insert(run_id.clone());
+                    let _ = self.commit_locked(&mut st, &mut txn);
+                }
+                response
+            };
+            if let Some(response) = dispatched {
+                self.apply_effects(txn.fx);
+                return Ok(response);
+            }
+            if remaining.is_zero() {
+                return Ok(Default::default());
+            }
+        }
+    }
+
+    fn decode_token(bytes: &[u8]) -> Result<pb::TaskToken, EngineError> {
+        let token = pb::TaskToken::decode(bytes).map_err(|_| {
+            EngineError::InvalidArgument("task token is malformed; pass the token the poll returned".into())
+        })?;
+        if token.run_id.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "task token is empty; pass the token the poll returned".into(),
+            ));
+        }
+        Ok(token)
+    }
+
+    /// Runs `f` on the run a token names, in one transaction.
+    async fn with_token_run<T>(
+        &self,
+        token_bytes: &[u8],
+        f: impl FnOnce(&mut RunEntry, &pb::TaskToken, &mut Effects) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        self.check_healthy()?;
+        let token = Self::decode_token(token_bytes)?;
+        let mut txn = Txn::default();
+        let (commit, value) = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, &token.namespace)?;
+            let Some(entry) = st.runs.get_mut(&token.run_id) else {
+                return Err(EngineError::StaleTask(format!(
+                    "run {} is not open (it closed, or never existed)",
+                    token.run_id
+                )));
+            };
+            let value = f(entry, &token, &mut txn.fx)?;
+            txn.touched.insert(token.run_id.clone());
+            (self.commit_locked(&mut st, &mut txn), value)
+        };
+        self.finish(commit, txn.fx).await?;
+        Ok(value)
+    }
+
+    /// Applies a workflow task's commands.
+    pub async fn complete_workflow_task(&self, req: pb::CompleteWorkflowTaskRequest) -> Result<(), EngineError> {
+        let max = self.config.max_payload_bytes;
+        self.with_token_run(&req.task_token, |entry, token, fx| {
+            entry.validate_commands(&req.commands, max)?;
+            entry.complete_workflow_task(
+                token,
+                req.commands,
+                &req.identity,
+                &req.sticky_queue,
+                now_ms(),
+                fx,
+            )
+        })
+        .await
+    }
+
+    /// Records a failed workflow task.
+    pub async fn fail_workflow_task(&self, req: pb::FailWorkflowTaskRequest) -> Result<(), EngineError> {
+        self.with_token_run(&req.task_token, |entry, token, fx| {
+            entry.fail_workflow_task(token, &req.cause, req.failure, &req.identity, now_ms(), fx)
+        })
+        .await
+    }
+
+    /// Long-polls for an activity task.
+    pub async fn poll_activity_task(
+        &self,
+        req: pb::PollActivityTaskRequest,
+    ) -> Result<pb::PollActivityTaskResponse, EngineError> {
+        self.check_healthy()?;
+        Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        let key = QueueKey::new(&req.namespace, &req.task_queue, TaskKind::Activity);
+        let deadline = Instant::now() + self.poll_timeout(req.poll_timeout_ms);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let Some(task) = self.poll_queue(&key, &req.identity, remaining).await else {
+                return Ok(Default::default());
+            };
+            let TaskRef::Activity {
+                run_id,
+                scheduled_event_id,
+                attempt,
+            } = task
+            else {
+                continue;
+            };
+            let mut fx = Effects::default();
+            let dispatched = {
+                let mut st = self.state.lock();
+                st.runs.get_mut(&run_id).and_then(|entry| {
+                    entry.dispatch_activity(scheduled_event_id, attempt, &req.identity, now_ms(), &mut fx)
+                })
+            };
+            if let Some(response) = dispatched {
+                self.apply_effects(fx);
+                return Ok(response);
+            }
+            if remaining.is_zero() {
+                return Ok(Default::default());
+            }
+        }
+    }
+
+    /// Records a heartbeat; returns whether the activity should cancel.
+    pub async fn heartbeat(&self, req: pb::HeartbeatActivityRequest) -> Result<bool, EngineError> {
+        let details = req.details;
+        // Heartbeats without details change only in-memory liveness: no write needed.
+        if details.is_none() {
+            self.check_healthy()?;
+            let token = Self::decode_token(&req.task_token)?;
+            let mut st = self.state.lock();
+            let Some(entry) = st.runs.get_mut(&token.run_id) else {
+                return Err(EngineError::StaleTask(format!(
+                    "run {} is not open (it closed, or never existed)",
+                    token.run_id
+                )));
+            };
+            return entry.activity_heartbeat(&token, None, now_ms());
+        }
+        self.with_token_run(&req.task_token, |entry, token, _fx| {
+            entry.activity_heartbeat(token, details, now_ms())
+        })
+        .await
+    }
+
+    /// An activity attempt succeeded.
+    pub async fn complete_activity(&self, req: pb::CompleteActivityTaskRequest) -> Result<(), EngineError> {
+        self.with_token_run(&req.task_token, |entry, token, fx| {
+            entry.activity_completed(token, req.result, &req.identity, now_ms(), fx)
+        })
+        .await
+    }
+
+    /// An activity attempt failed.
+    pub async fn fail_activity(&self, req: pb::FailActivityTaskRequest) -> Result<(), EngineError> {
+        let failure = req.failure.unwrap_or_else(|| pb::Failure {
+            message: "activity failed without a failure message".into(),
+            kind: pb::FailureKind::Application as i32,
+            ..Default::default()
+        });
+        self.with_token_run(&req.task_token, |entry, token, fx| {
+            entry.activity_failed(token, failure, &req.identity, now_ms(), fx)
+        })
+        .await
+    }
+
+    /// An activity stopped after a cancel request.
+    pub async fn activity_canceled(&self, req: pb::ReportActivityCanceledRequest) -> Result<(), EngineError> {
+        self.with_token_run(&req.task_token, |entry, token, fx| {
+            entry.activity_canceled(token, req.details, now_ms(), fx)
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Timers
+    // ------------------------------------------------------------------------------------------
+
+    /// Fires due timers until shutdown.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let now = now_ms();
+            let due = self.timers.take_due(now);
+            if !due.is_empty() {
+                if let Err(e) = self.fire(due).await {
+                    tracing::error!(error = %e, "applying due timers failed");
+                }
+                continue;
+            }
+            let sleep = match self.timers.next_deadline() {
+                Some(at) => Duration::from_millis((at - now).max(1) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.timers.changed() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    async fn fire(&self, due: Vec<TimerKey>) -> Result<(), EngineError> {
+        let mut txn = Txn::default();
+        let now = now_ms();
+        let commit = {
+            let mut st = self.state.lock();
+            for key in due {
+                let Some(entry) = st.runs.get_mut(key.run_id()) else {
+                    continue;
+                };
+                let changed = match &key {
+                    TimerKey::WorkflowTimer { seq, .. } => entry.timer_fired(*seq, now, &mut txn.fx),
+                    TimerKey::RunTimeout { .. } => {
+                        let deadline = entry.state.start_ms + entry.state.run_timeout_ms as i64;
+                        deadline <= now && entry.run_timed_out(now, &mut txn.fx)
+                    }
+                    TimerKey::WorkflowTaskTimeout { dispatch, .. } => {
+                        entry.workflow_task_timed_out(*dispatch, now, &mut txn.fx)
+                    }
+                    TimerKey::WorkflowTaskRetry { attempt, .. } => {
+                        entry.workflow_task_retry_due(*attempt, &mut txn.fx)
+                    }
+                    TimerKey::StickyScheduleToStart { enqueue, .. } => {
+                        entry.sticky_timed_out(*enqueue, &mut txn.fx)
+                    }
+                    _ => entry.activity_timer(&key, now, &mut txn.fx),
+                };
+                if changed {
+                    txn.touched.insert(key.run_id().to_string());
+                }
+            }
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Operations
+    // ------------------------------------------------------------------------------------------
+
+    /// Backlog and pollers of a task queue.
+    pub fn describe_queue(&self, namespace: &str, queue: &str) -> Result<pb::DescribeTaskQueueResponse, EngineError> {
+        Self::check_namespace(&self.state.lock(), namespace)?;
+        let wf = self.matcher.stats(&QueueKey::new(namespace, queue, TaskKind::Workflow));
+        let act = self.matcher.stats(&QueueKey::new(namespace, queue, TaskKind::Activity));
+        let mut pollers: Vec<pb::PollerInfo> = wf
+            .pollers
+            .iter()
+            .map(|(id, t)| pb::PollerInfo {
+                identity: id.clone(),
+                kind: TaskKind::Workflow.name().into(),
+                last_poll_ms: *t,
+            })
+            .chain(act.pollers.iter().map(|(id, t)| pb::PollerInfo {
+                identity: id.clone(),
+                kind: TaskKind::Activity.name().into(),
+                last_poll_ms: *t,
+            }))
+            .collect();
+        pollers.sort_by(|a, b| (&a.identity, &a.kind).cmp(&(&b.identity, &b.kind)));
+        Ok(pb::DescribeTaskQueueResponse {
+            workflow_backlog: wf.backlog as u64,
+            activity_backlog: act.backlog as u64,
+            pollers,
+        })
+    }
+
+    /// Workers seen polling in a namespace.
+    pub fn list_workers(&self, namespace: &str) -> Result<Vec<pb::WorkerInfo>, EngineError> {
+        Self::check_namespace(&self.state.lock(), namespace)?;
+        let mut by_identity: BTreeMap<String, pb::WorkerInfo> = BTreeMap::new();
+        for (identity, queue, _kind, seen) in self.matcher.pollers_in(namespace) {
+            let w = by_identity.entry(identity.clone()).or_insert_with(|| pb::WorkerInfo {
+                identity,
+                namespace: namespace.to_string(),
+                ..Default::default()
+            });
+            if !queue.starts_with(crate::worker::STICKY_QUEUE_PREFIX) && !w.task_queues.contains(&queue) {
+                w.task_queues.push(queue);
+            }
+            w.last_seen_ms = w.last_seen_ms.max(seen);
+        }
+        Ok(by_identity
+            .into_values()
+            .map(|mut w| {
+                w.task_queues.sort();
+                w
+            })
+            .collect())
+    }
+}
+
+fn execution_info(s: &RunState) -> pb::ExecutionInfo {
+    pb::ExecutionInfo {
+        namespace: s.namespace.clone(),
+        workflow_id: s.workflow_id.clone(),
+        run_id: s.run_id.clone(),
+        workflow_type: s.workflow_type.clone(),
+        task_queue: s.task_queue.clone(),
+        status: s.status,
+        start_ms: s.start_ms,
+        close_ms: s.close_ms,
+        history_length: s.next_event_id.saturating_sub(1),
+        kind: if s.standalone_activity { "activity" } else { "workflow" }.into(),
+    }
+}

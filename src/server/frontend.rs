@@ -1,0 +1,379 @@
+//! gRPC handlers: check every request (names, sizes, required fields) before the engine sees it,
+//! and map engine errors to gRPC statuses with messages that say what was wrong.
+
+use super::history::check_payload;
+use super::{Engine, EngineError};
+use crate::api::pb::{self, tether_service_server::TetherService};
+use crate::types::validate_name;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// The API implementation.
+pub struct Frontend {
+    engine: Arc<Engine>,
+}
+
+impl Frontend {
+    /// Wraps an engine.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Frontend { engine }
+    }
+
+    fn max_payload(&self) -> usize {
+        self.engine.max_payload_bytes()
+    }
+}
+
+fn name(what: &'static str, value: &str) -> Result<(), Status> {
+    validate_name(what, value).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn optional_name(what: &'static str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Ok(())
+    } else {
+        name(what, value)
+    }
+}
+
+fn payload(what: &str, p: Option<&pb::Payload>, max: usize) -> Result<(), Status> {
+    check_payload(what, p, max).map_err(Status::from)
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+fn ok<T>(value: T) -> R<T> {
+    Ok(Response::new(value))
+}
+
+fn status_filter(raw: i32) -> Result<Option<i32>, Status> {
+    match pb::ExecutionStatus::try_from(raw) {
+        Ok(pb::ExecutionStatus::Unspecified) => Ok(None),
+        Ok(s) => Ok(Some(s as i32)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "status {raw} is not a known execution status"
+        ))),
+    }
+}
+
+fn kind_is_activity(kind: &str) -> Result<bool, Status> {
+    match kind {
+        "" | "workflow" => Ok(false),
+        "activity" => Ok(true),
+        other => Err(Status::invalid_argument(format!(
+            "kind {other:?} is not known: use \"workflow\" or \"activity\""
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl TetherService for Frontend {
+    async fn register_namespace(
+        &self,
+        request: Request<pb::RegisterNamespaceRequest>,
+    ) -> R<pb::RegisterNamespaceResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        self.engine
+            .register_namespace(&req.namespace, &req.description)
+            .await?;
+        ok(pb::RegisterNamespaceResponse {})
+    }
+
+    async fn list_namespaces(
+        &self,
+        _request: Request<pb::ListNamespacesRequest>,
+    ) -> R<pb::ListNamespacesResponse> {
+        ok(pb::ListNamespacesResponse {
+            namespaces: self.engine.list_namespaces(),
+        })
+    }
+
+    async fn start_workflow(
+        &self,
+        request: Request<pb::StartWorkflowRequest>,
+    ) -> R<pb::StartWorkflowResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        name("workflow type", &req.workflow_type)?;
+        name("task queue", &req.task_queue)?;
+        payload("workflow input", req.input.as_ref(), self.max_payload())?;
+        let run_id = self.engine.start_workflow(req).await?;
+        ok(pb::StartWorkflowResponse { run_id })
+    }
+
+    async fn signal_workflow(
+        &self,
+        request: Request<pb::SignalWorkflowRequest>,
+    ) -> R<pb::SignalWorkflowResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        name("signal name", &req.signal_name)?;
+        payload("signal input", req.input.as_ref(), self.max_payload())?;
+        self.engine.signal(req).await?;
+        ok(pb::SignalWorkflowResponse {})
+    }
+
+    async fn request_cancel_workflow(
+        &self,
+        request: Request<pb::RequestCancelWorkflowRequest>,
+    ) -> R<pb::RequestCancelWorkflowResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        self.engine
+            .request_cancel(
+                &req.namespace,
+                false,
+                &req.workflow_id,
+                &req.run_id,
+                &req.reason,
+                &req.identity,
+            )
+            .await?;
+        ok(pb::RequestCancelWorkflowResponse {})
+    }
+
+    async fn terminate_workflow(
+        &self,
+        request: Request<pb::TerminateWorkflowRequest>,
+    ) -> R<pb::TerminateWorkflowResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        self.engine.terminate(req).await?;
+        ok(pb::TerminateWorkflowResponse {})
+    }
+
+    async fn describe_workflow(
+        &self,
+        request: Request<pb::DescribeWorkflowRequest>,
+    ) -> R<pb::DescribeWorkflowResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        let found = self
+            .engine
+            .describe(&req.namespace, false, &req.workflow_id, &req.run_id)
+            .await;
+        // Standalone activities share the describe call: fall back to them by id.
+        let found = match found {
+            Err(EngineError::NotFound(_)) => {
+                self.engine
+                    .describe(&req.namespace, true, &req.workflow_id, &req.run_id)
+                    .await
+                    .map_err(|_| found.unwrap_err())
+            }
+            other => other,
+        };
+        ok(found?)
+    }
+
+    async fn get_workflow_history(
+        &self,
+        request: Request<pb::GetWorkflowHistoryRequest>,
+    ) -> R<pb::GetWorkflowHistoryResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        let found = self
+            .engine
+            .history(&req.namespace, false, &req.workflow_id, &req.run_id)
+            .await;
+        let found = match found {
+            Err(EngineError::NotFound(_)) => self
+                .engine
+                .history(&req.namespace, true, &req.workflow_id, &req.run_id)
+                .await
+                .map_err(|_| found.unwrap_err()),
+            other => other,
+        };
+        ok(pb::GetWorkflowHistoryResponse { events: found? })
+    }
+
+    async fn list_workflows(
+        &self,
+        request: Request<pb::ListWorkflowsRequest>,
+    ) -> R<pb::ListWorkflowsResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        let status = status_filter(req.status)?;
+        let standalone = kind_is_activity(&req.kind)?;
+        let limit = if req.limit == 0 { 100 } else { req.limit.min(10_000) } as usize;
+        let executions = self
+            .engine
+            .list(&req.namespace, standalone, status, limit)
+            .await?;
+        ok(pb::ListWorkflowsResponse { executions })
+    }
+
+    async fn get_workflow_result(
+        &self,
+        request: Request<pb::GetWorkflowResultRequest>,
+    ) -> R<pb::GetWorkflowResultResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        let outcome = self
+            .engine
+            .result(
+                &req.namespace,
+                false,
+                &req.workflow_id,
+                &req.run_id,
+                Duration::from_millis(req.wait_ms),
+            )
+            .await?;
+        ok(outcome)
+    }
+
+    async fn start_activity(
+        &self,
+        request: Request<pb::StartActivityRequest>,
+    ) -> R<pb::StartActivityResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("activity id", &req.activity_id)?;
+        name("activity type", &req.activity_type)?;
+        name("task queue", &req.task_queue)?;
+        payload("activity input", req.input.as_ref(), self.max_payload())?;
+        let run_id = self.engine.start_activity(req).await?;
+        ok(pb::StartActivityResponse { run_id })
+    }
+
+    async fn get_activity_result(
+        &self,
+        request: Request<pb::GetActivityResultRequest>,
+    ) -> R<pb::GetWorkflowResultResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("activity id", &req.activity_id)?;
+        optional_name("run id", &req.run_id)?;
+        let outcome = self
+            .engine
+            .result(
+                &req.namespace,
+                true,
+                &req.activity_id,
+                &req.run_id,
+                Duration::from_millis(req.wait_ms),
+            )
+            .await?;
+        ok(outcome)
+    }
+
+    async fn poll_workflow_task(
+        &self,
+        request: Request<pb::PollWorkflowTaskRequest>,
+    ) -> R<pb::PollWorkflowTaskResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("task queue", &req.task_queue)?;
+        optional_name("identity", &req.identity)?;
+        optional_name("sticky queue", &req.sticky_queue)?;
+        ok(self.engine.poll_workflow_task(req).await?)
+    }
+
+    async fn complete_workflow_task(
+        &self,
+        request: Request<pb::CompleteWorkflowTaskRequest>,
+    ) -> R<pb::CompleteWorkflowTaskResponse> {
+        let req = request.into_inner();
+        optional_name("identity", &req.identity)?;
+        optional_name("sticky queue", &req.sticky_queue)?;
+        self.engine.complete_workflow_task(req).await?;
+        ok(pb::CompleteWorkflowTaskResponse {})
+    }
+
+    async fn fail_workflow_task(
+        &self,
+        request: Request<pb::FailWorkflowTaskRequest>,
+    ) -> R<pb::FailWorkflowTaskResponse> {
+        let req = request.into_inner();
+        self.engine.fail_workflow_task(req).await?;
+        ok(pb::FailWorkflowTaskResponse {})
+    }
+
+    async fn poll_activity_task(
+        &self,
+        request: Request<pb::PollActivityTaskRequest>,
+    ) -> R<pb::PollActivityTaskResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("task queue", &req.task_queue)?;
+        optional_name("identity", &req.identity)?;
+        ok(self.engine.poll_activity_task(req).await?)
+    }
+
+    async fn heartbeat_activity(
+        &self,
+        request: Request<pb::HeartbeatActivityRequest>,
+    ) -> R<pb::HeartbeatActivityResponse> {
+        let req = request.into_inner();
+        payload("heartbeat details", req.details.as_ref(), self.max_payload())?;
+        let cancel_requested = self.engine.heartbeat(req).await?;
+        ok(pb::HeartbeatActivityResponse { cancel_requested })
+    }
+
+    async fn complete_activity_task(
+        &self,
+        request: Request<pb::CompleteActivityTaskRequest>,
+    ) -> R<pb::CompleteActivityTaskResponse> {
+        let req = request.into_inner();
+        payload("activity result", req.result.as_ref(), self.max_payload())?;
+        self.engine.complete_activity(req).await?;
+        ok(pb::CompleteActivityTaskResponse {})
+    }
+
+    async fn fail_activity_task(
+        &self,
+        request: Request<pb::FailActivityTaskRequest>,
+    ) -> R<pb::FailActivityTaskResponse> {
+        let req = request.into_inner();
+        if let Some(f) = &req.failure {
+            payload("failure details", f.details.as_ref(), self.max_payload())?;
+        }
+        self.engine.fail_activity(req).await?;
+        ok(pb::FailActivityTaskResponse {})
+    }
+
+    async fn report_activity_canceled(
+        &self,
+        request: Request<pb::ReportActivityCanceledRequest>,
+    ) -> R<pb::ReportActivityCanceledResponse> {
+        let req = request.into_inner();
+        payload("cancel details", req.details.as_ref(), self.max_payload())?;
+        self.engine.activity_canceled(req).await?;
+        ok(pb::ReportActivityCanceledResponse {})
+    }
+
+    async fn describe_task_queue(
+        &self,
+        request: Request<pb::DescribeTaskQueueRequest>,
+    ) -> R<pb::DescribeTaskQueueResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("task queue", &req.task_queue)?;
+        ok(self.engine.describe_queue(&req.namespace, &req.task_queue)?)
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> R<pb::ListWorkersResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        ok(pb::ListWorkersResponse {
+            workers: self.engine.list_workers(&req.namespace)?,
+        })
+    }
+}

@@ -1,0 +1,1606 @@
+//! The per-run state machine: what happens to one execution's history and mutable state when a
+//! start, a workflow-task completion, an activity outcome, a signal or a timer arrives.
+//!
+//! It does no I/O. Every method mutates a [`RunEntry`] and records what the runner must do after
+//! the commit (tasks to put on queues, timers to arm, waiters to wake) in [`Effects`]. The engine
+//! persists the entry and then applies the effects.
+
+use super::matching::{QueueKey, TaskKind, TaskRef};
+use super::timers::TimerKey;
+use super::EngineError;
+use crate::api::internal::{ActivityState, RunState, TimerState, WorkflowTaskState};
+use crate::api::pb::{
+    self, command, history_event::Attributes, ActivityOptions, ExecutionStatus, Failure,
+    FailureKind, HistoryEvent, Payload, RetryPolicy,
+};
+use std::collections::HashMap;
+
+/// Default workflow-task start-to-close timeout.
+pub const DEFAULT_WORKFLOW_TASK_TIMEOUT_MS: u64 = 10_000;
+/// How long a workflow task waits on a sticky queue before any worker may take it.
+pub const STICKY_SCHEDULE_TO_START_MS: i64 = 5_000;
+/// Longest wait before a failed workflow task is offered again.
+const MAX_WORKFLOW_TASK_RETRY_MS: i64 = 10_000;
+
+/// An activity attempt that a worker is running (kept in memory only: after a server restart the
+/// attempt is offered again, which at-least-once execution allows).
+#[derive(Debug, Clone)]
+pub struct StartedActivity {
+    /// Which attempt.
+    pub attempt: u32,
+    /// Worker identity.
+    pub worker: String,
+    /// When it was handed out.
+    pub started_ms: i64,
+    /// Last heartbeat (or start).
+    pub last_heartbeat_ms: i64,
+}
+
+/// A workflow task that a worker is running.
+#[derive(Debug, Clone)]
+pub struct StartedWorkflowTask {
+    /// Dispatch number in this server's lifetime; the token carries it.
+    pub dispatch: u64,
+    /// Worker identity.
+    pub identity: String,
+    /// The sticky queue of the worker that took it.
+    pub sticky_queue: String,
+}
+
+/// In-memory bookkeeping of a run that need not survive a restart.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    /// Running activity attempts by scheduled event id.
+    pub started_activities: HashMap<u64, StartedActivity>,
+    /// The running workflow task, if any.
+    pub workflow_task: Option<StartedWorkflowTask>,
+    /// Counter for workflow-task dispatches.
+    pub dispatches: u64,
+    /// Counter for workflow-task enqueues (fences sticky timeouts).
+    pub enqueues: u64,
+    /// Last event id sent to the sticky worker (0 = it has nothing cached that we know of).
+    pub sticky_sent_up_to: u64,
+}
+
+/// One execution held in memory: its persisted state, its history and runtime bookkeeping.
+#[derive(Debug)]
+pub struct RunEntry {
+    /// Persisted mutable state.
+    pub state: RunState,
+    /// The history so far.
+    pub history: Vec<HistoryEvent>,
+    /// Events from `history[persisted_events..]` have not been handed to the store yet.
+    pub persisted_events: usize,
+    /// In-memory bookkeeping.
+    pub rt: Runtime,
+}
+
+/// A run that closed in this transaction, with what its result waiters get.
+#[derive(Debug, Clone)]
+pub struct Closed {
+    /// The run.
+    pub run_id: String,
+    /// Its outcome.
+    pub outcome: pb::GetWorkflowResultResponse,
+}
+
+/// A signal a workflow asked to deliver to another workflow.
+#[derive(Debug, Clone)]
+pub struct OutgoingSignal {
+    /// Sending run.
+    pub from_run: String,
+    /// Sequence number of the command.
+    pub seq: u32,
+    /// Target.
+    pub namespace: String,
+    /// Target workflow id.
+    pub workflow_id: String,
+    /// Signal name.
+    pub signal_name: String,
+    /// Signal input.
+    pub input: Option<Payload>,
+}
+
+/// What the runner must do once the transaction is durable.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Tasks to offer to pollers.
+    pub tasks: Vec<(QueueKey, TaskRef)>,
+    /// Timers to arm (deadline ms, key).
+    pub timers: Vec<(i64, TimerKey)>,
+    /// Runs that closed.
+    pub closed: Vec<Closed>,
+    /// Signals to other workflows (applied by the engine in the same transaction).
+    pub signals: Vec<OutgoingSignal>,
+}
+
+/// Fills in the documented defaults and checks an activity's options.
+pub fn normalize_activity_options(
+    options: Option<ActivityOptions>,
+    default_queue: &str,
+) -> Result<ActivityOptions, EngineError> {
+    let mut o = options.unwrap_or_default();
+    if o.task_queue.is_empty() {
+        o.task_queue = default_queue.to_string();
+    }
+    crate::types::validate_name("activity task queue", &o.task_queue)
+        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+    if o.start_to_close_timeout_ms == 0 && o.schedule_to_close_timeout_ms == 0 {
+        return Err(EngineError::InvalidArgument(
+            "an activity needs start_to_close_timeout or schedule_to_close_timeout; set at least one"
+                .into(),
+        ));
+    }
+    if o.start_to_close_timeout_ms == 0 {
+        o.start_to_close_timeout_ms = o.schedule_to_close_timeout_ms;
+    }
+    let mut r = o.retry_policy.take().unwrap_or_default();
+    if r.initial_interval_ms == 0 {
+        r.initial_interval_ms = 1_000;
+    }
+    if r.backoff_coefficient == 0.0 {
+        r.backoff_coefficient = 2.0;
+    }
+    if !(r.backoff_coefficient >= 1.0 && r.backoff_coefficient.is_finite()) {
+        return Err(EngineError::InvalidArgument(format!(
+            "retry_policy.backoff_coefficient is {}; it must be a number >= 1.0",
+            r.backoff_coefficient
+        )));
+    }
+    if r.maximum_interval_ms == 0 {
+        r.maximum_interval_ms = r.initial_interval_ms.saturating_mul(100);
+    }
+    if r.maximum_interval_ms < r.initial_interval_ms {
+        return Err(EngineError::InvalidArgument(format!(
+            "retry_policy.maximum_interval_ms ({}) is below initial_interval_ms ({})",
+            r.maximum_interval_ms, r.initial_interval_ms
+        )));
+    }
+    o.retry_policy = Some(r);
+    Ok(o)
+}
+
+/// The backoff before attempt `next_attempt` (2, 3, ...).
+fn backoff_ms(policy: &RetryPolicy, next_attempt: u32) -> i64 {
+    let exp = next_attempt.saturating_sub(2) as i32;
+    let raw = policy.initial_interval_ms as f64 * policy.backoff_coefficient.powi(exp.min(1000));
+    raw.min(policy.maximum_interval_ms as f64) as i64
+}
+
+fn timeout_failure(timeout_type: &str, last: Option<&Failure>) -> Failure {
+    Failure {
+        message: format!("activity {timeout_type} timeout"),
+        kind: FailureKind::Timeout as i32,
+        timeout_type: timeout_type.to_string(),
+        cause: last.map(|f| Box::new(f.clone())),
+        ..Default::default()
+    }
+}
+
+impl RunEntry {
+    /// Wraps a recovered (or new) state.
+    pub fn new(state: RunState, history: Vec<HistoryEvent>) -> Self {
+        let persisted_events = history.len();
+        RunEntry {
+            state,
+            history,
+            persisted_events,
+            rt: Runtime::default(),
+        }
+    }
+
+    /// Whether the run is still open.
+    pub fn is_open(&self) -> bool {
+        self.state.status == ExecutionStatus::Running as i32
+    }
+
+    fn workflow_queue(&self) -> QueueKey {
+        QueueKey::new(&self.state.namespace, &self.state.task_queue, TaskKind::Workflow)
+    }
+
+    /// Appends an event to the history, or buffers it while a workflow task is running so that
+    /// the history keeps "what the workflow saw" separate from "what arrived meanwhile".
+    fn append(&mut self, attrs: Attributes, now: i64) -> u64 {
+        let event = HistoryEvent {
+            event_id: 0,
+            time_ms: now,
+            attributes: Some(attrs),
+        };
+        if self.rt.workflow_task.is_some() && !self.state.standalone_activity {
+            self.state.buffered.push(event);
+            0
+        } else {
+            self.push_history(event)
+        }
+    }
+
+    fn push_history(&mut self, mut event: HistoryEvent) -> u64 {
+        if self.state.next_event_id == 0 {
+            self.state.next_event_id = 1;
+        }
+        event.event_id = self.state.next_event_id;
+        self.state.next_event_id += 1;
+        let id = event.event_id;
+        self.history.push(event);
+        id
+    }
+
+    /// Moves buffered events into the history (after a workflow task ended).
+    fn flush_buffered(&mut self) -> bool {
+        let buffered = std::mem::take(&mut self.state.buffered);
+        let any = !buffered.is_empty();
+        for event in buffered {
+            self.push_history(event);
+        }
+        any
+    }
+
+    /// Creates a new workflow run with its first workflow task.
+    pub fn start_workflow(
+        req: &pb::StartWorkflowRequest,
+        run_id: String,
+        now: i64,
+        fx: &mut Effects,
+    ) -> RunEntry {
+        let task_timeout_ms = if req.task_timeout_ms == 0 {
+            DEFAULT_WORKFLOW_TASK_TIMEOUT_MS
+        } else {
+            req.task_timeout_ms
+        };
+        let state = RunState {
+            namespace: req.namespace.clone(),
+            workflow_id: req.workflow_id.clone(),
+            run_id: run_id.clone(),
+            workflow_type: req.workflow_type.clone(),
+            task_queue: req.task_queue.clone(),
+            status: ExecutionStatus::Running as i32,
+            start_ms: now,
+            next_event_id: 1,
+            run_timeout_ms: req.run_timeout_ms,
+            task_timeout_ms,
+            ..Default::default()
+        };
+        let mut entry = RunEntry::new(state, Vec::new());
+        entry.persisted_events = 0;
+        entry.append(
+            Attributes::WorkflowExecutionStarted(pb::WorkflowExecutionStarted {
+                workflow_type: req.workflow_type.clone(),
+                task_queue: req.task_queue.clone(),
+                input: req.input.clone(),
+                workflow_id: req.workflow_id.clone(),
+                run_id,
+                run_timeout_ms: req.run_timeout_ms,
+                task_timeout_ms,
+                identity: req.identity.clone(),
+            }),
+            now,
+        );
+        if req.run_timeout_ms > 0 {
+            fx.timers.push((
+                now + req.run_timeout_ms as i64,
+                TimerKey::RunTimeout {
+                    run_id: entry.state.run_id.clone(),
+                },
+            ));
+        }
+        entry.schedule_workflow_task(now, fx);
+        entry
+    }
+
+    /// Creates a standalone activity execution: one activity, no workflow code.
+    pub fn start_standalone_activity(
+        req: &pb::StartActivityRequest,
+        options: ActivityOptions,
+        run_id: String,
+        now: i64,
+        fx: &mut Effects,
+    ) -> RunEntry {
+        let state = RunState {
+            namespace: req.namespace.clone(),
+            workflow_id: req.activity_id.clone(),
+            run_id,
+            workflow_type: req.activity_type.clone(),
+            task_queue: options.task_queue.clone(),
+            standalone_activity: true,
+            status: ExecutionStatus::Running as i32,
+            start_ms: now,
+            next_event_id: 1,
+            ..Default::default()
+        };
+        let mut entry = RunEntry::new(state, Vec::new());
+        entry.persisted_events = 0;
+        entry.schedule_activity(
+            pb::ScheduleActivityCommand {
+                seq: 1,
+                activity_id: req.activity_id.clone(),
+                activity_type: req.activity_type.clone(),
+                input: req.input.clone(),
+                options: Some(options),
+            },
+            now,
+            fx,
+        );
+        entry
+    }
+
+    /// Puts a workflow task on the queue unless one is already pending.
+    fn schedule_workflow_task(&mut self, now: i64, fx: &mut Effects) {
+        if self.state.standalone_activity || !self.is_open() || self.state.workflow_task.is_some()
+        {
+            return;
+        }
+        self.state.workflow_task = Some(WorkflowTaskState {
+            attempt: 1,
+            scheduled_ms: now,
+        });
+        self.enqueue_workflow_task(now, fx);
+    }
+
+    fn enqueue_workflow_task(&mut self, now: i64, fx: &mut Effects) {
+        self.rt.enqueues += 1;
+        let task = TaskRef::Workflow {
+            run_id: self.state.run_id.clone(),
+        };
+        if !self.state.sticky_queue.is_empty() && self.rt.sticky_sent_up_to > 0 {
+            let key = QueueKey::new(
+                &self.state.namespace,
+                &self.state.sticky_queue,
+                TaskKind::Workflow,
+            );
+            fx.tasks.push((key, task));
+            fx.timers.push((
+                now + STICKY_SCHEDULE_TO_START_MS,
+                TimerKey::StickyScheduleToStart {
+                    run_id: self.state.run_id.clone(),
+                    enqueue: self.rt.enqueues,
+                },
+            ));
+        } else {
+            fx.tasks.push((self.workflow_queue(), task));
+        }
+    }
+
+    /// Re-offers whatever was pending when the server stopped (start-up only).
+    pub fn recover(&mut self, now: i64, fx: &mut Effects) {
+        // A workflow task that was running when the server stopped is gone with the process:
+        // whatever arrived meanwhile belongs in the history now.
+        self.flush_buffered();
+        if self.state.workflow_task.is_some() {
+            fx.tasks.push((
+                self.workflow_queue(),
+                TaskRef::Workflow {
+                    run_id: self.state.run_id.clone(),
+                },
+            ));
+        }
+        let run_id = self.state.run_id.clone();
+        for a in self.state.activities.values() {
+            let options = a.options.clone().unwrap_or_default();
+            if a.backoff_until_ms > 0 {
+                fx.timers.push((
+                    a.backoff_until_ms,
+                    TimerKey::ActivityRetry {
+                        run_id: run_id.clone(),
+                        scheduled_event_id: a.scheduled_event_id,
+                        attempt: a.attempt,
+                    },
+                ));
+            } else {
+                fx.tasks.push((
+                    QueueKey::new(&self.state.namespace, &a.task_queue, TaskKind::Activity),
+                    TaskRef::Activity {
+                        run_id: run_id.clone(),
+                        scheduled_event_id: a.scheduled_event_id,
+                        attempt: a.attempt,
+                    },
+                ));
+                if options.schedule_to_start_timeout_ms > 0 {
+                    fx.timers.push((
+                        a.attempt_scheduled_ms + options.schedule_to_start_timeout_ms as i64,
+                        TimerKey::ActivityScheduleToStart {
+                            run_id: run_id.clone(),
+                            scheduled_event_id: a.scheduled_event_id,
+                            attempt: a.attempt,
+                        },
+                    ));
+                }
+            }
+            if options.schedule_to_close_timeout_ms > 0 {
+                fx.timers.push((
+                    a.scheduled_ms + options.schedule_to_close_timeout_ms as i64,
+                    TimerKey::ActivityScheduleToClose {
+                        run_id: run_id.clone(),
+                        scheduled_event_id: a.scheduled_event_id,
+                    },
+                ));
+            }
+        }
+        for t in self.state.timers.values() {
+            fx.timers.push((
+                t.fire_at_ms,
+                TimerKey::WorkflowTimer {
+                    run_id: run_id.clone(),
+                    seq: t.seq,
+                },
+            ));
+        }
+        if self.state.run_timeout_ms > 0 {
+            fx.timers.push((
+                self.state.start_ms + self.state.run_timeout_ms as i64,
+                TimerKey::RunTimeout { run_id },
+            ));
+        }
+        let _ = now;
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Workflow tasks
+    // ------------------------------------------------------------------------------------------
+
+    /// Hands the pending workflow task to a poller. Returns None if the task is stale.
+    pub fn dispatch_workflow_task(
+        &mut self,
+        identity: &str,
+        poller_sticky_queue: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> Option<pb::PollWorkflowTaskResponse> {
+        if !self.is_open() || self.rt.workflow_task.is_some() {
+            return None;
+        }
+        let attempt = self.state.workflow_task.as_ref()?.attempt;
+        self.flush_buffered();
+        self.rt.dispatches += 1;
+        let dispatch = self.rt.dispatches;
+        self.rt.workflow_task = Some(StartedWorkflowTask {
+            dispatch,
+            identity: identity.to_string(),
+            sticky_queue: poller_sticky_queue.to_string(),
+        });
+        fx.timers.push((
+            now + self.state.task_timeout_ms as i64,
+            TimerKey::WorkflowTaskTimeout {
+                run_id: self.state.run_id.clone(),
+                dispatch,
+            },
+        ));
+        let partial = !poller_sticky_queue.is_empty()
+            && poller_sticky_queue == self.state.sticky_queue
+            && self.rt.sticky_sent_up_to > 0;
+        let events: Vec<HistoryEvent> = if partial {
+            let from = self.rt.sticky_sent_up_to;
+            self.history
+                .iter()
+                .filter(|e| e.event_id > from)
+                .cloned()
+                .collect()
+        } else {
+            self.history.clone()
+        };
+        self.rt.sticky_sent_up_to = self.state.next_event_id.saturating_sub(1);
+        let token = pb::TaskToken {
+            namespace: self.state.namespace.clone(),
+            run_id: self.state.run_id.clone(),
+            scheduled_event_id: 0,
+            attempt,
+            dispatch,
+        };
+        Some(pb::PollWorkflowTaskResponse {
+            task_token: prost::Message::encode_to_vec(&token),
+            workflow_id: self.state.workflow_id.clone(),
+            run_id: self.state.run_id.clone(),
+            workflow_type: self.state.workflow_type.clone(),
+            events,
+            full_history: !partial,
+            attempt,
+            namespace: self.state.namespace.clone(),
+        })
+    }
+
+    fn check_workflow_task(&self, token: &pb::TaskToken) -> Result<(), EngineError> {
+        if !self.is_open() {
+            return Err(EngineError::StaleTask(format!(
+                "workflow run {} is already closed",
+                self.state.run_id
+            )));
+        }
+        match &self.rt.workflow_task {
+            Some(started) if started.dispatch == token.dispatch => Ok(()),
+            _ => Err(EngineError::StaleTask(format!(
+                "workflow task (dispatch {}) of run {} is no longer current; it timed out or was \
+                 handed to another worker",
+                token.dispatch, self.state.run_id
+            ))),
+        }
+    }
+
+    /// Checks a completion's commands before anything is applied, so that bad commands change
+    /// nothing.
+    pub fn validate_commands(
+        &self,
+        commands: &[pb::Command],
+        max_payload: usize,
+    ) -> Result<(), EngineError> {
+        let bad = |i: usize, msg: String| {
+            EngineError::InvalidArgument(format!("command #{i}: {msg}"))
+        };
+        let mut seen_terminal = false;
+        for (i, c) in commands.iter().enumerate() {
+            let Some(kind) = &c.kind else {
+                return Err(bad(i, "command has no kind".into()));
+            };
+            if seen_terminal {
+                return Err(bad(
+                    i,
+                    "no command may follow complete/fail/cancel workflow".into(),
+                ));
+            }
+            match kind {
+                command::Kind::ScheduleActivity(a) => {
+                    crate::types::validate_name("activity type", &a.activity_type)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                    normalize_activity_options(a.options.clone(), &self.state.task_queue)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                    check_payload("activity input", a.input.as_ref(), max_payload)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                    if self
+                        .state
+                        .activities
+                        .values()
+                        .any(|x| x.seq == a.seq)
+                    {
+                        return Err(bad(i, format!("activity seq {} is already in use", a.seq)));
+                    }
+                }
+                command::Kind::StartTimer(t) => {
+                    if self.state.timers.contains_key(&t.seq) {
+                        return Err(bad(i, format!("timer seq {} is already in use", t.seq)));
+                    }
+                }
+                command::Kind::RecordMarker(m) => {
+                    check_payload("marker data", m.data.as_ref(), max_payload)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                }
+                command::Kind::SignalExternal(s) => {
+                    crate::types::validate_name("signal name", &s.signal_name)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                    crate::types::validate_name("workflow id", &s.workflow_id)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                    check_payload("signal input", s.input.as_ref(), max_payload)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                }
+                command::Kind::CompleteWorkflow(c) => {
+                    seen_terminal = true;
+                    check_payload("workflow result", c.result.as_ref(), max_payload)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                }
+                command::Kind::FailWorkflow(_) | command::Kind::CancelWorkflow(_) => {
+                    seen_terminal = true;
+                }
+                command::Kind::CancelTimer(_) | command::Kind::RequestCancelActivity(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a workflow task completion: marks the activation, records the commands as events
+    /// and acts on them.
+    pub fn complete_workflow_task(
+        &mut self,
+        token: &pb::TaskToken,
+        commands: Vec<pb::Command>,
+        identity: &str,
+        sticky_queue: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        self.check_workflow_task(token)?;
+        self.rt.workflow_task = None;
+        self.state.workflow_task = None;
+        self.state.last_workflow_task_failure = None;
+        self.state.sticky_queue = sticky_queue.to_string();
+        self.push_history(HistoryEvent {
+            event_id: 0,
+            time_ms: now,
+            attributes: Some(Attributes::WorkflowTaskCompleted(
+                pb::WorkflowTaskCompleted {
+                    identity: identity.to_string(),
+                },
+            )),
+        });
+        // Outcomes produced by the commands themselves (an activity cancelled before it started)
+        // go after all command events, as the next activation's input.
+        let mut deferred: Vec<Attributes> = Vec::new();
+        let mut terminal: Option<(ExecutionStatus, Attributes)> = None;
+        for c in commands {
+            let Some(kind) = c.kind else { continue };
+            match kind {
+                command::Kind::ScheduleActivity(a) => self.schedule_activity(a, now, fx),
+                command::Kind::StartTimer(t) => {
+                    let id = self.push_attr(
+                        Attributes::TimerStarted(pb::TimerStarted {
+                            seq: t.seq,
+                            duration_ms: t.duration_ms,
+                        }),
+                        now,
+                    );
+                    let fire_at_ms = now + t.duration_ms as i64;
+                    self.state.timers.insert(
+                        t.seq,
+                        TimerState {
+                            seq: t.seq,
+                            fire_at_ms,
+                            started_event_id: id,
+                        },
+                    );
+                    fx.timers.push((
+                        fire_at_ms,
+                        TimerKey::WorkflowTimer {
+                            run_id: self.state.run_id.clone(),
+                            seq: t.seq,
+                        },
+                    ));
+                }
+                command::Kind::CancelTimer(t) => {
+                    self.state.timers.remove(&t.seq);
+                    self.push_attr(
+                        Attributes::TimerCanceled(pb::TimerCanceled { seq: t.seq }),
+                        now,
+                    );
+                }
+                command::Kind::RequestCancelActivity(r) => {
+                    self.push_attr(
+                        Attributes::ActivityCancelRequested(pb::ActivityCancelRequested {
+                            seq: r.seq,
+                        }),
+                        now,
+                    );
+                    if let Some(outcome) = self.request_activity_cancel(r.seq) {
+                        deferred.push(outcome);
+                    }
+                }
+                command::Kind::RecordMarker(m) => {
+                    self.push_attr(
+                        Attributes::MarkerRecorded(pb::MarkerRecorded {
+                            seq: m.seq,
+                            marker_name: m.marker_name,
+                            data: m.data,
+                        }),
+                        now,
+                    );
+                }
+                command::Kind::SignalExternal(s) => {
+                    self.push_attr(
+                        Attributes::SignalExternalInitiated(pb::SignalExternalInitiated {
+                            seq: s.seq,
+                            namespace: s.namespace.clone(),
+                            workflow_id: s.workflow_id.clone(),
+                            signal_name: s.signal_name.clone(),
+                            input: s.input.clone(),
+                        }),
+                        now,
+                    );
+                    fx.signals.push(OutgoingSignal {
+                        from_run: self.state.run_id.clone(),
+                        seq: s.seq,
+                        namespace: if s.namespace.is_empty() {
+                            self.state.namespace.clone()
+                        } else {
+                            s.namespace
+                        },
+                        workflow_id: s.workflow_id,
+                        signal_name: s.signal_name,
+                        input: s.input,
+                    });
+                }
+                command::Kind::CompleteWorkflow(c) => {
+                    terminal = Some((
+                        ExecutionStatus::Completed,
+                        Attributes::WorkflowExecutionCompleted(pb::WorkflowExecutionCompleted {
+                            result: c.result,
+                        }),
+                    ));
+                }
+                command::Kind::FailWorkflow(f) => {
+                    terminal = Some((
+                        ExecutionStatus::Failed,
+                        Attributes::WorkflowExecutionFailed(pb::WorkflowExecutionFailed {
+                            failure: f.failure,
+                        }),
+                    ));
+                }
+                command::Kind::CancelWorkflow(c) => {
+                    terminal = Some((
+                        ExecutionStatus::Canceled,
+                        Attributes::WorkflowExecutionCanceled(pb::WorkflowExecutionCanceled {
+                            details: c.details,
+                        }),
+                    ));
+                }
+            }
+        }
+        let had_buffered = self.flush_buffered();
+        for attrs in &deferred {
+            self.push_attr(attrs.clone(), now);
+        }
+        if let Some((status, attrs)) = terminal {
+            self.close(status, attrs, now, fx);
+            return Ok(());
+        }
+        if had_buffered || !deferred.is_empty() {
+            self.schedule_workflow_task(now, fx);
+        }
+        Ok(())
+    }
+
+    fn push_attr(&mut self, attrs: Attributes, now: i64) -> u64 {
+        self.push_history(HistoryEvent {
+            event_id: 0,
+            time_ms: now,
+            attributes: Some(attrs),
+        })
+    }
+
+    /// Records a failed workflow task (e.g. non-determinism) and offers it again after a backoff,
+    /// so a fixed worker can continue the run.
+    pub fn fail_workflow_task(
+        &mut self,
+        token: &pb::TaskToken,
+        cause: &str,
+        failure: Option<Failure>,
+        identity: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        self.check_workflow_task(token)?;
+        let message = failure.map(|f| f.message).unwrap_or_default();
+        tracing::warn!(run_id = %self.state.run_id, cause, %message, identity, "workflow task failed");
+        self.retry_workflow_task(cause, message, identity, now, fx);
+        Ok(())
+    }
+
+    fn retry_workflow_task(
+        &mut self,
+        cause: &str,
+        message: String,
+        identity: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        self.rt.workflow_task = None;
+        self.rt.sticky_sent_up_to = 0;
+        self.state.sticky_queue.clear();
+        self.flush_buffered();
+        let task = self.state.workflow_task.get_or_insert_with(Default::default);
+        task.attempt += 1;
+        task.scheduled_ms = now;
+        let attempt = task.attempt;
+        self.state.last_workflow_task_failure = Some(pb::WorkflowTaskFailureInfo {
+            cause: cause.to_string(),
+            message,
+            attempt: attempt - 1,
+            identity: identity.to_string(),
+            time_ms: now,
+        });
+        let delay = (250i64 << (attempt.saturating_sub(2)).min(10)).min(MAX_WORKFLOW_TASK_RETRY_MS);
+        fx.timers.push((
+            now + delay,
+            TimerKey::WorkflowTaskRetry {
+                run_id: self.state.run_id.clone(),
+                attempt,
+            },
+        ));
+    }
+
+    /// A workflow task's start-to-close timeout fired.
+    pub fn workflow_task_timed_out(&mut self, dispatch: u64, now: i64, fx: &mut Effects) -> bool {
+        match &self.rt.workflow_task {
+            Some(t) if t.dispatch == dispatch && self.is_open() => {
+                let identity = t.identity.clone();
+                self.retry_workflow_task(
+                    "timeout",
+                    format!(
+                        "workflow task timed out after {} ms on worker {identity}",
+                        self.state.task_timeout_ms
+                    ),
+                    &identity,
+                    now,
+                    fx,
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The retry backoff of a failed workflow task ended.
+    pub fn workflow_task_retry_due(&mut self, attempt: u32, fx: &mut Effects) -> bool {
+        let pending = self.state.workflow_task.as_ref().map(|t| t.attempt) == Some(attempt);
+        if pending && self.rt.workflow_task.is_none() && self.is_open() {
+            fx.tasks.push((
+                self.workflow_queue(),
+                TaskRef::Workflow {
+                    run_id: self.state.run_id.clone(),
+                },
+            ));
+        }
+        false
+    }
+
+    /// Nobody took the task from the sticky queue in time: any worker may now have it.
+    pub fn sticky_timed_out(&mut self, enqueue: u64, fx: &mut Effects) -> bool {
+        if self.rt.enqueues == enqueue
+            && self.rt.workflow_task.is_none()
+            && self.state.workflow_task.is_some()
+            && self.is_open()
+        {
+            self.rt.sticky_sent_up_to = 0;
+            self.state.sticky_queue.clear();
+            fx.tasks.push((
+                self.workflow_queue(),
+                TaskRef::Workflow {
+                    run_id: self.state.run_id.clone(),
+                },
+            ));
+            return true;
+        }
+        false
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Signals, cancellation, termination, timers
+    // ------------------------------------------------------------------------------------------
+
+    /// Delivers a signal.
+    pub fn signal(
+        &mut self,
+        signal_name: &str,
+        input: Option<Payload>,
+        identity: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        self.append(
+            Attributes::WorkflowSignaled(pb::WorkflowSignaled {
+                signal_name: signal_name.to_string(),
+                input,
+                identity: identity.to_string(),
+            }),
+            now,
+        );
+        self.schedule_workflow_task(now, fx);
+    }
+
+    /// Records the outcome of a signal this run sent to another workflow.
+    pub fn signal_external_resolved(
+        &mut self,
+        seq: u32,
+        failure: Option<Failure>,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        self.append(
+            Attributes::SignalExternalResolved(pb::SignalExternalResolved { seq, failure }),
+            now,
+        );
+        self.schedule_workflow_task(now, fx);
+    }
+
+    /// Asks the workflow to cancel: it sees the request and decides; running activities are told
+    /// through their heartbeat responses.
+    pub fn request_cancel(&mut self, reason: &str, identity: &str, now: i64, fx: &mut Effects) {
+        if self.state.cancel_requested {
+            return;
+        }
+        self.state.cancel_requested = true;
+        if self.state.standalone_activity {
+            if let Some(sched) = self.state.activities.keys().next().copied() {
+                let seq = self.state.activities[&sched].seq;
+                if let Some(outcome) = self.request_activity_cancel(seq) {
+                    self.push_attr(outcome, now);
+                    self.close_with_last_event(ExecutionStatus::Canceled, now, fx);
+                }
+            }
+            return;
+        }
+        let seqs: Vec<u32> = self.state.activities.values().map(|a| a.seq).collect();
+        for seq in seqs {
+            if let Some(a) = self.state.activities.values_mut().find(|a| a.seq == seq) {
+                a.cancel_requested = true;
+            }
+        }
+        self.append(
+            Attributes::WorkflowCancelRequested(pb::WorkflowCancelRequested {
+                reason: reason.to_string(),
+                identity: identity.to_string(),
+            }),
+            now,
+        );
+        self.schedule_workflow_task(now, fx);
+    }
+
+    /// Marks an activity cancel-requested. If it is not running, it is cancelled at once and the
+    /// outcome event is returned for the caller to append.
+    fn request_activity_cancel(&mut self, seq: u32) -> Option<Attributes> {
+        let sched = self
+            .state
+            .activities
+            .values()
+            .find(|a| a.seq == seq)
+            .map(|a| a.scheduled_event_id)?;
+        if self.rt.started_activities.contains_key(&sched) {
+            if let Some(a) = self.state.activities.get_mut(&sched) {
+                a.cancel_requested = true;
+            }
+            return None;
+        }
+        let a = self.state.activities.remove(&sched)?;
+        Some(Attributes::ActivityTaskCanceled(pb::ActivityTaskCanceled {
+            seq: a.seq,
+            scheduled_event_id: sched,
+            details: None,
+        }))
+    }
+
+    /// Ends the run at once; nothing of the workflow runs any more.
+    pub fn terminate(&mut self, reason: &str, identity: &str, now: i64, fx: &mut Effects) {
+        self.rt.workflow_task = None;
+        self.flush_buffered();
+        self.close(
+            ExecutionStatus::Terminated,
+            Attributes::WorkflowExecutionTerminated(pb::WorkflowExecutionTerminated {
+                reason: reason.to_string(),
+                identity: identity.to_string(),
+            }),
+            now,
+            fx,
+        );
+    }
+
+    /// A workflow timer fired.
+    pub fn timer_fired(&mut self, seq: u32, now: i64, fx: &mut Effects) -> bool {
+        if !self.is_open() || self.state.timers.remove(&seq).is_none() {
+            return false;
+        }
+        self.append(Attributes::TimerFired(pb::TimerFired { seq }), now);
+        self.schedule_workflow_task(now, fx);
+        true
+    }
+
+    /// The run's own timeout fired.
+    pub fn run_timed_out(&mut self, now: i64, fx: &mut Effects) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        self.rt.workflow_task = None;
+        self.flush_buffered();
+        self.close(
+            ExecutionStatus::TimedOut,
+            Attributes::WorkflowExecutionTimedOut(pb::WorkflowExecutionTimedOut {}),
+            now,
+            fx,
+        );
+        true
+    }
+
+    fn close(&mut self, status: ExecutionStatus, attrs: Attributes, now: i64, fx: &mut Effects) {
+        let mut outcome = pb::GetWorkflowResultResponse {
+            run_id: self.state.run_id.clone(),
+            status: status as i32,
+            ..Default::default()
+        };
+        match &attrs {
+            Attributes::WorkflowExecutionCompleted(c) => outcome.result = c.result.clone(),
+            Attributes::WorkflowExecutionFailed(f) => outcome.failure = f.failure.clone(),
+            Attributes::WorkflowExecutionTerminated(t) => {
+                outcome.failure = Some(Failure {
+                    message: format!("terminated: {}", t.reason),
+                    kind: FailureKind::Terminated as i32,
+                    ..Default::default()
+                })
+            }
+            Attributes::WorkflowExecutionCanceled(_) => {
+                outcome.failure = Some(Failure {
+                    message: "workflow was cancelled".into(),
+                    kind: FailureKind::Canceled as i32,
+                    ..Default::default()
+                })
+            }
+            Attributes::WorkflowExecutionTimedOut(_) => {
+                outcome.failure = Some(Failure {
+                    message: format!("workflow run timed out after {} ms", self.state.run_timeout_ms),
+                    kind: FailureKind::Timeout as i32,
+                    timeout_type: "run".into(),
+                    ..Default::default()
+                })
+            }
+            _ => {}
+        }
+        self.push_attr(attrs, now);
+        self.finish(outcome, now, fx);
+    }
+
+    /// Closes a standalone activity whose final event is already in the history.
+    fn close_with_last_event(&mut self, status: ExecutionStatus, now: i64, fx: &mut Effects) {
+        let mut outcome = pb::GetWorkflowResultResponse {
+            run_id: self.state.run_id.clone(),
+            status: status as i32,
+            ..Default::default()
+        };
+        match self.history.last().and_then(|e| e.attributes.as_ref()) {
+            Some(Attributes::ActivityTaskCompleted(c)) => outcome.result = c.result.clone(),
+            Some(Attributes::ActivityTaskFailed(f)) => outcome.failure = f.failure.clone(),
+            Some(Attributes::ActivityTaskTimedOut(t)) => outcome.failure = t.failure.clone(),
+            Some(Attributes::ActivityTaskCanceled(_)) => {
+                outcome.failure = Some(Failure {
+                    message: "activity was cancelled".into(),
+                    kind: FailureKind::Canceled as i32,
+                    ..Default::default()
+                })
+            }
+            _ => {}
+        }
+        self.finish(outcome, now, fx);
+    }
+
+    fn finish(&mut self, outcome: pb::GetWorkflowResultResponse, now: i64, fx: &mut Effects) {
+        self.state.status = outcome.status;
+        self.state.close_ms = now;
+        self.state.result = outcome.result.clone();
+        self.state.failure = outcome.failure.clone();
+        self.state.activities.clear();
+        self.state.timers.clear();
+        self.state.workflow_task = None;
+        self.state.buffered.clear();
+        self.rt = Runtime::default();
+        fx.closed.push(Closed {
+            run_id: self.state.run_id.clone(),
+            outcome,
+        });
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Activities
+    // ------------------------------------------------------------------------------------------
+
+    fn schedule_activity(&mut self, a: pb::ScheduleActivityCommand, now: i64, fx: &mut Effects) {
+        // Validated before (validate_commands / the frontend), so defaults apply cleanly here.
+        let options = normalize_activity_options(a.options.clone(), &self.state.task_queue)
+            .unwrap_or_default();
+        let activity_id = if a.activity_id.is_empty() {
+            a.seq.to_string()
+        } else {
+            a.activity_id.clone()
+        };
+        let scheduled_event_id = self.push_attr(
+            Attributes::ActivityTaskScheduled(pb::ActivityTaskScheduled {
+                seq: a.seq,
+                activity_id: activity_id.clone(),
+                activity_type: a.activity_type.clone(),
+                input: a.input.clone(),
+                options: Some(options.clone()),
+            }),
+            now,
+        );
+        let state = ActivityState {
+            seq: a.seq,
+            scheduled_event_id,
+            activity_id,
+            activity_type: a.activity_type,
+            task_queue: options.task_queue.clone(),
+            input: a.input,
+            options: Some(options.clone()),
+            attempt: 1,
+            scheduled_ms: now,
+            attempt_scheduled_ms: now,
+            cancel_requested: self.state.cancel_requested && self.state.standalone_activity,
+            ..Default::default()
+        };
+        self.state.activities.insert(scheduled_event_id, state);
+        let run_id = self.state.run_id.clone();
+        fx.tasks.push((
+            QueueKey::new(&self.state.namespace, &options.task_queue, TaskKind::Activity),
+            TaskRef::Activity {
+                run_id: run_id.clone(),
+                scheduled_event_id,
+                attempt: 1,
+            },
+        ));
+        if options.schedule_to_start_timeout_ms > 0 {
+            fx.timers.push((
+                now + options.schedule_to_start_timeout_ms as i64,
+                TimerKey::ActivityScheduleToStart {
+                    run_id: run_id.clone(),
+                    scheduled_event_id,
+                    attempt: 1,
+                },
+            ));
+        }
+        if options.schedule_to_close_timeout_ms > 0 {
+            fx.timers.push((
+                now + options.schedule_to_close_timeout_ms as i64,
+                TimerKey::ActivityScheduleToClose {
+                    run_id,
+                    scheduled_event_id,
+                },
+            ));
+        }
+    }
+
+    /// Hands an activity attempt to a poller. None if the task is stale.
+    pub fn dispatch_activity(
+        &mut self,
+        scheduled_event_id: u64,
+        attempt: u32,
+        identity: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> Option<pb::PollActivityTaskResponse> {
+        if !self.is_open() || self.rt.started_activities.contains_key(&scheduled_event_id) {
+            return None;
+        }
+        let a = self.state.activities.get_mut(&scheduled_event_id)?;
+        if a.attempt != attempt || a.backoff_until_ms > 0 {
+            return None;
+        }
+        a.last_worker = identity.to_string();
+        let options = a.options.clone().unwrap_or_default();
+        let mut deadline = now + options.start_to_close_timeout_ms as i64;
+        if options.schedule_to_close_timeout_ms > 0 {
+            deadline = deadline.min(a.scheduled_ms + options.schedule_to_close_timeout_ms as i64);
+        }
+        let run_id = self.state.run_id.clone();
+        fx.timers.push((
+            now + options.start_to_close_timeout_ms as i64,
+            TimerKey::ActivityStartToClose {
+                run_id: run_id.clone(),
+                scheduled_event_id,
+                attempt,
+            },
+        ));
+        if options.heartbeat_timeout_ms > 0 {
+            fx.timers.push((
+                now + options.heartbeat_timeout_ms as i64,
+                TimerKey::ActivityHeartbeat {
+                    run_id: run_id.clone(),
+                    scheduled_event_id,
+                    attempt,
+                },
+            ));
+        }
+        let token = pb::TaskToken {
+            namespace: self.state.namespace.clone(),
+            run_id: run_id.clone(),
+            scheduled_event_id,
+            attempt,
+            dispatch: 0,
+        };
+        let response = pb::PollActivityTaskResponse {
+            task_token: prost::Message::encode_to_vec(&token),
+            activity_id: a.activity_id.clone(),
+            activity_type: a.activity_type.clone(),
+            input: a.input.clone(),
+            attempt,
+            heartbeat_details: a.heartbeat_details.clone(),
+            workflow_id: if self.state.standalone_activity {
+                String::new()
+            } else {
+                self.state.workflow_id.clone()
+            },
+            run_id,
+            start_to_close_timeout_ms: options.start_to_close_timeout_ms,
+            heartbeat_timeout_ms: options.heartbeat_timeout_ms,
+            scheduled_ms: a.attempt_scheduled_ms,
+            deadline_ms: deadline,
+            namespace: self.state.namespace.clone(),
+            workflow_type: if self.state.standalone_activity {
+                String::new()
+            } else {
+                self.state.workflow_type.clone()
+            },
+        };
+        self.rt.started_activities.insert(
+            scheduled_event_id,
+            StartedActivity {
+                attempt,
+                worker: identity.to_string(),
+                started_ms: now,
+                last_heartbeat_ms: now,
+            },
+        );
+        Some(response)
+    }
+
+    /// Checks that a token names the current attempt of a pending activity.
+    fn check_activity(&self, token: &pb::TaskToken) -> Result<(), EngineError> {
+        if !self.is_open() {
+            return Err(EngineError::StaleTask(format!(
+                "run {} is already closed",
+                self.state.run_id
+            )));
+        }
+        let Some(a) = self.state.activities.get(&token.scheduled_event_id) else {
+            return Err(EngineError::StaleTask(format!(
+                "activity (scheduled event {}) of run {} is no longer pending",
+                token.scheduled_event_id, self.state.run_id
+            )));
+        };
+        if a.attempt != token.attempt {
+            return Err(EngineError::StaleTask(format!(
+                "attempt {} of activity {} is no longer current (attempt {} is)",
+                token.attempt, a.activity_id, a.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    /// An activity attempt succeeded.
+    pub fn activity_completed(
+        &mut self,
+        token: &pb::TaskToken,
+        result: Option<Payload>,
+        identity: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        self.check_activity(token)?;
+        let a = self.remove_activity(token.scheduled_event_id);
+        self.append(
+            Attributes::ActivityTaskCompleted(pb::ActivityTaskCompleted {
+                seq: a.seq,
+                scheduled_event_id: a.scheduled_event_id,
+                result,
+                attempt: token.attempt,
+                identity: identity.to_string(),
+            }),
+            now,
+        );
+        self.after_activity_outcome(ExecutionStatus::Completed, now, fx);
+        Ok(())
+    }
+
+    fn remove_activity(&mut self, scheduled_event_id: u64) -> ActivityState {
+        self.rt.started_activities.remove(&scheduled_event_id);
+        self.state
+            .activities
+            .remove(&scheduled_event_id)
+            .unwrap_or_default()
+    }
+
+    fn after_activity_outcome(&mut self, status: ExecutionStatus, now: i64, fx: &mut Effects) {
+        if self.state.standalone_activity {
+            self.close_with_last_event(status, now, fx);
+        } else {
+            self.schedule_workflow_task(now, fx);
+        }
+    }
+
+    /// An activity attempt failed: retry per policy, or record the failure.
+    pub fn activity_failed(
+        &mut self,
+        token: &pb::TaskToken,
+        failure: Failure,
+        identity: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        self.check_activity(token)?;
+        // An attempt handed out before a server restart is not in `started_activities`; its
+        // outcome is still accepted because the token names the current attempt.
+        self.attempt_failed(token.scheduled_event_id, failure, identity, now, fx);
+        Ok(())
+    }
+
+    /// Shared by failures and attempt timeouts: schedule the next attempt or give up.
+    fn attempt_failed(
+        &mut self,
+        scheduled_event_id: u64,
+        failure: Failure,
+        identity: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        self.rt.started_activities.remove(&scheduled_event_id);
+        let Some(a) = self.state.activities.get_mut(&scheduled_event_id) else {
+            return;
+        };
+        let options = a.options.clone().unwrap_or_default();
+        let policy = options.retry_policy.clone().unwrap_or_default();
+        let non_retryable = failure.non_retryable
+            || failure.kind == FailureKind::Canceled as i32
+            || (!failure.error_type.is_empty()
+                && policy
+                    .non_retryable_error_types
+                    .iter()
+                    .any(|t| t == &failure.error_type));
+        let attempts_left = policy.maximum_attempts == 0 || a.attempt < policy.maximum_attempts;
+        let next_attempt = a.attempt + 1;
+        let delay = backoff_ms(&policy, next_attempt);
+        let within_deadline = options.schedule_to_close_timeout_ms == 0
+            || now + delay < a.scheduled_ms + options.schedule_to_close_timeout_ms as i64;
+        if !non_retryable && attempts_left && within_deadline && !a.cancel_requested {
+            a.attempt = next_attempt;
+            a.backoff_until_ms = now + delay;
+            a.last_failure = Some(failure);
+            a.last_worker = identity.to_string();
+            fx.timers.push((
+                a.backoff_until_ms,
+                TimerKey::ActivityRetry {
+                    run_id: self.state.run_id.clone(),
+                    scheduled_event_id,
+                    attempt: next_attempt,
+                },
+            ));
+            return;
+        }
+        let a = self.remove_activity(scheduled_event_id);
+        let attrs = if failure.kind == FailureKind::Timeout as i32 {
+            Attributes::ActivityTaskTimedOut(pb::ActivityTaskTimedOut {
+                seq: a.seq,
+                scheduled_event_id,
+                failure: Some(failure),
+                attempt: a.attempt,
+            })
+        } else {
+            Attributes::ActivityTaskFailed(pb::ActivityTaskFailed {
+                seq: a.seq,
+                scheduled_event_id,
+                failure: Some(failure),
+                attempt: a.attempt,
+                identity: identity.to_string(),
+            })
+        };
+        let status = if matches!(attrs, Attributes::ActivityTaskTimedOut(_)) {
+            ExecutionStatus::TimedOut
+        } else {
+            ExecutionStatus::Failed
+        };
+        self.append(attrs, now);
+        self.after_activity_outcome(status, now, fx);
+    }
+
+    /// The worker confirms a cancel-requested activity stopped.
+    pub fn activity_canceled(
+        &mut self,
+        token: &pb::TaskToken,
+        details: Option<Payload>,
+        now: i64,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        self.check_activity(token)?;
+        let a = &self.state.activities[&token.scheduled_event_id];
+        if !a.cancel_requested {
+            return Err(EngineError::InvalidArgument(format!(
+                "activity {} was not asked to cancel; report a failure instead",
+                a.activity_id
+            )));
+        }
+        let a = self.remove_activity(token.scheduled_event_id);
+        self.append(
+            Attributes::ActivityTaskCanceled(pb::ActivityTaskCanceled {
+                seq: a.seq,
+                scheduled_event_id: a.scheduled_event_id,
+                details,
+            }),
+            now,
+        );
+        self.after_activity_outcome(ExecutionStatus::Canceled, now, fx);
+        Ok(())
+    }
+
+    /// Records a heartbeat; returns whether cancellation was requested.
+    pub fn activity_heartbeat(
+        &mut self,
+        token: &pb::TaskToken,
+        details: Option<Payload>,
+        now: i64,
+    ) -> Result<bool, EngineError> {
+        self.check_activity(token)?;
+        if let Some(started) = self.rt.started_activities.get_mut(&token.scheduled_event_id) {
+            started.last_heartbeat_ms = now;
+        }
+        let a = self
+            .state
+            .activities
+            .get_mut(&token.scheduled_event_id)
+            .expect("checked above");
+        if details.is_some() {
+            a.heartbeat_details = details;
+        }
+        Ok(a.cancel_requested)
+    }
+
+    /// An activity timer fired. Returns whether anything changed.
+    pub fn activity_timer(&mut self, key: &TimerKey, now: i64, fx: &mut Effects) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        match *key {
+            TimerKey::ActivityRetry {
+                scheduled_event_id,
+                attempt,
+                ..
+            } => {
+                let Some(a) = self.state.activities.get_mut(&scheduled_event_id) else {
+                    return false;
+                };
+                if a.attempt != attempt || a.backoff_until_ms == 0 {
+                    return false;
+                }
+                a.backoff_until_ms = 0;
+                a.attempt_scheduled_ms = now;
+                let options = a.options.clone().unwrap_or_default();
+                fx.tasks.push((
+                    QueueKey::new(&self.state.namespace, &a.task_queue, TaskKind::Activity),
+                    TaskRef::Activity {
+                        run_id: self.state.run_id.clone(),
+                        scheduled_event_id,
+                        attempt,
+                    },
+                ));
+                if options.schedule_to_start_timeout_ms > 0 {
+                    fx.timers.push((
+                        now + options.schedule_to_start_timeout_ms as i64,
+                        TimerKey::ActivityScheduleToStart {
+                            run_id: self.state.run_id.clone(),
+                            scheduled_event_id,
+                            attempt,
+                        },
+                    ));
+                }
+                true
+            }
+            TimerKey::ActivityScheduleToStart {
+                scheduled_event_id,
+                attempt,
+                ..
+            } => {
+                let waiting = self
+                    .state
+                    .activities
+                    .get(&scheduled_event_id)
+                    .is_some_and(|a| a.attempt == attempt && a.backoff_until_ms == 0)
+                    && !self.rt.started_activities.contains_key(&scheduled_event_id);
+                if !waiting {
+                    return false;
+                }
+                let mut f = timeout_failure("schedule_to_start", None);
+                f.non_retryable = true;
+                self.attempt_failed(scheduled_event_id, f, "", now, fx);
+                true
+            }
+            TimerKey::ActivityStartToClose {
+                scheduled_event_id,
+                attempt,
+                ..
+            } => {
+                let running = self
+                    .rt
+                    .started_activities
+                    .get(&scheduled_event_id)
+                    .is_some_and(|s| s.attempt == attempt);
+                if !running {
+                    return false;
+                }
+                let worker = self.rt.started_activities[&scheduled_event_id].worker.clone();
+                self.attempt_failed(
+                    scheduled_event_id,
+                    timeout_failure("start_to_close", None),
+                    &worker,
+                    now,
+                    fx,
+                );
+                true
+            }
+            TimerKey::ActivityHeartbeat {
+                ref run_id,
+                scheduled_event_id,
+                attempt,
+            } => {
+                let Some(started) = self.rt.started_activities.get(&scheduled_event_id) else {
+                    return false;
+                };
+                if started.attempt != attempt {
+                    return false;
+                }
+                let timeout = self
+                    .state
+                    .activities
+                    .get(&scheduled_event_id)
+                    .and_then(|a| a.options.as_ref())
+                    .map(|o| o.heartbeat_timeout_ms as i64)
+                    .unwrap_or(0);
+                let due = started.last_heartbeat_ms + timeout;
+                if due > now {
+                    fx.timers.push((
+                        due,
+                        TimerKey::ActivityHeartbeat {
+                            run_id: run_id.clone(),
+                            scheduled_event_id,
+                            attempt,
+                        },
+                    ));
+                    return false;
+                }
+                let worker = started.worker.clone();
+                self.attempt_failed(
+                    scheduled_event_id,
+                    timeout_failure("heartbeat", None),
+                    &worker,
+                    now,
+                    fx,
+                );
+                true
+            }
+            TimerKey::ActivityScheduleToClose {
+                scheduled_event_id, ..
+            } => {
+                let Some(a) = self.state.activities.get(&scheduled_event_id) else {
+                    return false;
+                };
+                let last = a.last_failure.clone();
+                let mut f = timeout_failure("schedule_to_close", last.as_ref());
+                f.non_retryable = true;
+                self.attempt_failed(scheduled_event_id, f, "", now, fx);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What `describe` shows about pending activities.
+    pub fn pending_activities(&self) -> Vec<pb::PendingActivityInfo> {
+        self.state
+            .activities
+            .values()
+            .map(|a| {
+                let started = self.rt.started_activities.get(&a.scheduled_event_id);
+                let state = if started.is_some() {
+                    if a.cancel_requested {
+                        "cancel_requested"
+                    } else {
+                        "started"
+                    }
+                } else if a.backoff_until_ms > 0 {
+                    "backoff"
+                } else {
+                    "scheduled"
+                };
+                pb::PendingActivityInfo {
+                    seq: a.seq,
+                    scheduled_event_id: a.scheduled_event_id,
+                    activity_id: a.activity_id.clone(),
+                    activity_type: a.activity_type.clone(),
+                    state: state.into(),
+                    attempt: a.attempt,
+                    last_failure: a.last_failure.clone(),
+                    last_worker: started
+                        .map(|s| s.worker.clone())
+                        .unwrap_or_else(|| a.last_worker.clone()),
+                    last_heartbeat_ms: started.map(|s| s.last_heartbeat_ms).unwrap_or(0),
+                    next_attempt_ms: a.backoff_until_ms,
+                    task_queue: a.task_queue.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Refuses a payload over the size limit.
+pub fn check_payload(
+    what: &str,
+    payload: Option<&Payload>,
+    max: usize,
+) -> Result<(), EngineError> {
+    if let Some(p) = payload {
+        let size = p.data.len() + p.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if size > max {
+            return Err(EngineError::PayloadTooLarge {
+                what: what.to_string(),
+                size,
+                limit: max,
+            });
+        }
+    }
+    Ok(())
+}

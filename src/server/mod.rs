@@ -1,0 +1,286 @@
+//! The tether server: a gRPC frontend (validation, limits, error mapping) over the [`Engine`]
+//! (history state machine, matching, timers) over a [`Store`](crate::store::Store).
+
+mod engine;
+mod frontend;
+pub mod history;
+pub mod matching;
+pub mod timers;
+
+pub use engine::Engine;
+pub use frontend::Frontend;
+
+use crate::api::pb::tether_service_server::TetherServiceServer;
+use crate::store::{SqliteStore, Store, SyncMode};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why an engine operation was refused or failed. Each variant maps to one gRPC code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The request was malformed (NOT retryable as is).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The namespace does not exist.
+    #[error("namespace {0:?} does not exist; create it with `tether namespace create {0}`")]
+    NamespaceNotFound(String),
+    /// The workflow, run or activity does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The target exists but is no longer running.
+    #[error("{0}")]
+    NotRunning(String),
+    /// A run with this id is already running.
+    #[error("workflow id {workflow_id:?} is already running as run {run_id}")]
+    WorkflowAlreadyStarted {
+        /// The id.
+        workflow_id: String,
+        /// The running run.
+        run_id: String,
+    },
+    /// The thing to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A task token names an attempt or dispatch that is no longer current.
+    #[error("stale task: {0}")]
+    StaleTask(String),
+    /// A payload is over the size limit.
+    #[error("{what} is {size} bytes; the limit is {limit} bytes")]
+    PayloadTooLarge {
+        /// Which payload.
+        what: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The server cannot serve now (storage failed, shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for tonic::Status {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::InvalidArgument(_) | EngineError::PayloadTooLarge { .. } => {
+                tonic::Status::invalid_argument(msg)
+            }
+            EngineError::NamespaceNotFound(_) | EngineError::NotFound(_) => {
+                tonic::Status::not_found(msg)
+            }
+            EngineError::NotRunning(_) | EngineError::StaleTask(_) => {
+                tonic::Status::failed_precondition(msg)
+            }
+            EngineError::WorkflowAlreadyStarted { ref run_id, .. } => {
+                let mut status = tonic::Status::already_exists(msg);
+                if let Ok(v) = run_id.parse() {
+                    status.metadata_mut().insert(RUN_ID_METADATA, v);
+                }
+                status
+            }
+            EngineError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            EngineError::Unavailable(_) => tonic::Status::unavailable(msg),
+            EngineError::Internal(_) => tonic::Status::internal(msg),
+        }
+    }
+}
+
+/// Metadata key carrying the running run's id on an ALREADY_EXISTS reply to a start.
+pub const RUN_ID_METADATA: &str = "tether-run-id";
+
+/// Server settings. Defaults are written on each field.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Longest a poll (or a result wait) is held open. Default 60 s.
+    pub long_poll_timeout: Duration,
+    /// Largest payload accepted. Default 2 MiB.
+    pub max_payload_bytes: usize,
+    /// Durability of each commit. Default [`SyncMode::Full`].
+    pub sync_mode: SyncMode,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            long_poll_timeout: Duration::from_secs(60),
+            max_payload_bytes: crate::types::DEFAULT_MAX_PAYLOAD_BYTES,
+            sync_mode: SyncMode::Full,
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The engine could not recover.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The gRPC transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Binding the listener failed.
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Largest gRPC message accepted; payloads above `max_payload_bytes` get our own clear error
+/// instead of a transport error, as long as the whole message is below this.
+const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Serves the API on `listener` over `store` until `shutdown` resolves.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let engine = Engine::open(store, config).await?;
+    serve_engine(listener, engine, shutdown).await
+}
+
+/// A server started in this process (for `tether dev`, examples and tests).
+pub struct LocalServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
+    store: Arc<SqliteStore>,
+    data_dir: PathBuf,
+}
+
+impl LocalServer {
+    /// Opens the SQLite store in `data_dir` and serves on `listen` (use port 0 for any).
+    pub async fn start(
+        listen: &str,
+        data_dir: &Path,
+        config: ServerConfig,
+    ) -> Result<LocalServer, ServeError> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: listen.to_string(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
+        let store = Arc::new(SqliteStore::open(data_dir, config.sync_mode)?);
+        // Recover before accepting so that start-up errors surface here, not in the task.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), ServeError>>();
+        let store_dyn: Arc<dyn Store> = store.clone();
+        let task = tokio::spawn(async move {
+            let engine = match Engine::open(store_dyn, config.clone()).await {
+                Ok(e) => {
+                    let _ = ready_tx.send(Ok(()));
+                    e
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(ServeError::Engine(e.clone())));
+                    return Err(ServeError::Engine(e));
+                }
+            };
+            serve_engine(listener, engine, async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        match ready_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(ServeError::Engine(EngineError::Internal(
+                    "server task ended during start-up".into(),
+                )))
+            }
+        }
+        Ok(LocalServer {
+            addr,
+            stop: Some(stop_tx),
+            task: Some(task),
+            store,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for clients and workers.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops serving and closes the store (everything acknowledged is already durable).
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        self.shutdown().await
+    }
+
+    async fn shutdown(&mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = match self.task.take() {
+            Some(task) => task.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        };
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        result
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn serve_engine(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let timers = tokio::spawn(engine.clone().run_timers());
+    let service = TetherServiceServer::new(Frontend::new(engine.clone()))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE);
+    let engine_for_shutdown = engine.clone();
+    let shutdown = async move {
+        shutdown.await;
+        engine_for_shutdown.begin_shutdown();
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    engine.begin_shutdown();
+    let _ = timers.await;
+    result.map_err(ServeError::from)
+}

@@ -1,0 +1,182 @@
+//! Durable timers and timeouts. Deadlines live in the runs' persisted state; this module only
+//! keeps an in-memory min-heap of them (rebuilt at start-up) and tells the engine when they are
+//! due. Every firing is checked against the current state, so a stale timer does nothing.
+
+use parking_lot::Mutex;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use tokio::sync::Notify;
+
+/// What a timer is for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TimerKey {
+    /// A workflow's durable timer (`ctx.sleep`).
+    WorkflowTimer {
+        /// Run.
+        run_id: String,
+        /// Timer sequence number.
+        seq: u32,
+    },
+    /// The whole run's timeout.
+    RunTimeout {
+        /// Run.
+        run_id: String,
+    },
+    /// A running workflow task took too long.
+    WorkflowTaskTimeout {
+        /// Run.
+        run_id: String,
+        /// Which dispatch.
+        dispatch: u64,
+    },
+    /// A failed workflow task may be offered again.
+    WorkflowTaskRetry {
+        /// Run.
+        run_id: String,
+        /// The attempt to offer.
+        attempt: u32,
+    },
+    /// Nobody took a task from a sticky queue in time.
+    StickyScheduleToStart {
+        /// Run.
+        run_id: String,
+        /// Which enqueue.
+        enqueue: u64,
+    },
+    /// An activity attempt waited too long on its queue.
+    ActivityScheduleToStart {
+        /// Run.
+        run_id: String,
+        /// Activity.
+        scheduled_event_id: u64,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// An activity attempt ran too long.
+    ActivityStartToClose {
+        /// Run.
+        run_id: String,
+        /// Activity.
+        scheduled_event_id: u64,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// An activity attempt stopped heartbeating.
+    ActivityHeartbeat {
+        /// Run.
+        run_id: String,
+        /// Activity.
+        scheduled_event_id: u64,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// The activity as a whole ran out of time.
+    ActivityScheduleToClose {
+        /// Run.
+        run_id: String,
+        /// Activity.
+        scheduled_event_id: u64,
+    },
+    /// The retry backoff of an activity ended.
+    ActivityRetry {
+        /// Run.
+        run_id: String,
+        /// Activity.
+        scheduled_event_id: u64,
+        /// The attempt to offer.
+        attempt: u32,
+    },
+}
+
+impl TimerKey {
+    /// The run the timer belongs to.
+    pub fn run_id(&self) -> &str {
+        match self {
+            TimerKey::WorkflowTimer { run_id, .. }
+            | TimerKey::RunTimeout { run_id }
+            | TimerKey::WorkflowTaskTimeout { run_id, .. }
+            | TimerKey::WorkflowTaskRetry { run_id, .. }
+            | TimerKey::StickyScheduleToStart { run_id, .. }
+            | TimerKey::ActivityScheduleToStart { run_id, .. }
+            | TimerKey::ActivityStartToClose { run_id, .. }
+            | TimerKey::ActivityHeartbeat { run_id, .. }
+            | TimerKey::ActivityScheduleToClose { run_id, .. }
+            | TimerKey::ActivityRetry { run_id, .. } => run_id,
+        }
+    }
+}
+
+/// The min-heap of deadlines.
+#[derive(Default)]
+pub struct TimerQueue {
+    heap: Mutex<BinaryHeap<Reverse<(i64, TimerKey)>>>,
+    changed: Notify,
+}
+
+impl TimerQueue {
+    /// Adds deadlines; wakes the timer loop if one is earlier than what it waits for.
+    pub fn arm(&self, timers: impl IntoIterator<Item = (i64, TimerKey)>) {
+        let mut heap = self.heap.lock();
+        let before = heap.peek().map(|r| r.0 .0);
+        for (at, key) in timers {
+            heap.push(Reverse((at, key)));
+        }
+        let after = heap.peek().map(|r| r.0 .0);
+        drop(heap);
+        if after != before {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Removes and returns every timer due at `now_ms`.
+    pub fn take_due(&self, now_ms: i64) -> Vec<TimerKey> {
+        let mut heap = self.heap.lock();
+        let mut due = Vec::new();
+        while let Some(Reverse((at, _))) = heap.peek() {
+            if *at > now_ms {
+                break;
+            }
+            due.push(heap.pop().expect("peeked").0 .1);
+        }
+        due
+    }
+
+    /// The next deadline, if any.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.heap.lock().peek().map(|r| r.0 .0)
+    }
+
+    /// Resolves when a deadline earlier than the current one was armed.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Number of armed timers.
+    pub fn len(&self) -> usize {
+        self.heap.lock().len()
+    }
+
+    /// True when nothing is armed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_timers_come_out_in_order() {
+        let q = TimerQueue::default();
+        let k = |seq| TimerKey::WorkflowTimer {
+            run_id: "r".into(),
+            seq,
+        };
+        q.arm([(30, k(3)), (10, k(1)), (20, k(2))]);
+        assert_eq!(q.next_deadline(), Some(10));
+        assert_eq!(q.take_due(20), vec![k(1), k(2)]);
+        assert_eq!(q.take_due(25), Vec::<TimerKey>::new());
+        assert_eq!(q.len(), 1);
+    }
+}

@@ -1,0 +1,113 @@
+//! Persistence. The engine talks to a [`Store`]: ordered, group-committed write batches and a few
+//! reads. SQLite (embedded, WAL) is the default; a PostgreSQL store will implement the same trait.
+
+mod sqlite;
+
+pub use sqlite::{SqliteStore, SyncMode};
+
+use crate::api::internal::RunState;
+use crate::api::pb::{HistoryEvent, NamespaceInfo};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Stored bytes did not decode (corruption or a newer format).
+    #[error("stored record could not be decoded: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// The data directory could not be used.
+    #[error("data directory {path}: {source}")]
+    Io {
+        /// The path involved.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The writer thread is gone (the store was closed or a previous commit failed).
+    #[error("the store's writer has stopped; restart the server")]
+    WriterGone,
+}
+
+/// One write inside a batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Create or replace a namespace.
+    Namespace(NamespaceInfo),
+    /// Create or replace the mutable state of a run.
+    Run {
+        /// The run's state; its ids and status are also written to indexed columns.
+        state: Box<RunState>,
+    },
+    /// Append history events to a run.
+    Events {
+        /// The run.
+        run_id: String,
+        /// Events in order.
+        events: Vec<HistoryEvent>,
+    },
+}
+
+/// Writes that become durable together, in order with every batch submitted before them.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    /// The writes.
+    pub writes: Vec<Write>,
+}
+
+impl WriteBatch {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// A pending commit: resolves once the batch is durable (or failed).
+pub type CommitReceiver = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
+/// What the server needs at start-up to rebuild its in-memory state.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// All namespaces.
+    pub namespaces: Vec<NamespaceInfo>,
+    /// Every run that is still open, with its history.
+    pub open_runs: Vec<(RunState, Vec<HistoryEvent>)>,
+}
+
+/// Filter for [`Store::list_runs`].
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Namespace to list.
+    pub namespace: String,
+    /// Standalone activities instead of workflows.
+    pub standalone_activity: bool,
+    /// Only this status (raw enum value), if set.
+    pub status: Option<i32>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+/// The persistence contract of the engine.
+///
+/// `submit` must make batches durable in submission order: the engine relies on it to acknowledge
+/// a request only after its batch (and every earlier one) has committed.
+pub trait Store: Send + Sync + 'static {
+    /// Queues a batch; the receiver resolves after it is durable.
+    fn submit(&self, batch: WriteBatch) -> CommitReceiver;
+    /// Loads namespaces and open runs (start-up only).
+    fn recover(&self) -> Result<Recovered, StoreError>;
+    /// The state of one run, open or closed.
+    fn load_run(&self, run_id: &str) -> Result<Option<RunState>, StoreError>;
+    /// The most recent run of an id (workflow id, or activity id for standalone activities).
+    fn latest_run(
+        &self,
+        namespace: &str,
+        standalone_activity: bool,
+        id: &str,
+    ) -> Result<Option<RunState>, StoreError>;
+    /// A run's full history.
+    fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError>;
+    /// Runs in a namespace, newest first.
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError>;
+}

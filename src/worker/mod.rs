@@ -1,0 +1,734 @@
+//! The worker: registers workflows and activities by name, long-polls a task queue (and its own
+//! sticky queue), runs activities with bounded concurrency and heartbeats, keeps workflows it ran
+//! in a bounded sticky cache, and shuts down gracefully.
+
+use crate::activity::{ActivityContext, ActivityError, ActivityInfo, CancelReason};
+use crate::api::pb::{self, tether_service_client::TetherServiceClient};
+use crate::client::Client;
+use crate::codec;
+use crate::workflow::{WorkflowContext, WorkflowError, WorkflowFactory, WorkflowInfo, WorkflowInstance};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use parking_lot::Mutex;
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+/// Sticky queues are named with this prefix, so tools can tell them from real task queues.
+pub const STICKY_QUEUE_PREFIX: &str = "__sticky/";
+
+/// Worker settings. Defaults are written on each field.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Task queue to poll. Required.
+    pub task_queue: String,
+    /// Identity reported to the server. Default `HOSTNAME:PID`.
+    pub identity: String,
+    /// Most activities running at once. Default 100.
+    pub max_concurrent_activities: usize,
+    /// Most workflow tasks processed at once. Default 10.
+    pub max_concurrent_workflow_tasks: usize,
+    /// Most workflow runs kept in the sticky cache. Default 1000.
+    pub max_cached_workflows: usize,
+    /// On shutdown, how long running activities may finish before they are failed so they retry
+    /// elsewhere. Default 10 s.
+    pub graceful_shutdown: Duration,
+    /// How long each poll waits on the server (capped by the server's own limit). Default 60 s.
+    pub poll_timeout: Duration,
+}
+
+impl WorkerOptions {
+    /// Options for a task queue with defaults for everything else.
+    pub fn new(task_queue: impl Into<String>) -> Self {
+        WorkerOptions {
+            task_queue: task_queue.into(),
+            identity: crate::client::default_identity(),
+            max_concurrent_activities: 100,
+            max_concurrent_workflow_tasks: 10,
+            max_cached_workflows: 1000,
+            graceful_shutdown: Duration::from_secs(10),
+            poll_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Sets the identity.
+    pub fn identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = identity.into();
+        self
+    }
+
+    /// Sets the activity concurrency.
+    pub fn max_concurrent_activities(mut self, n: usize) -> Self {
+        self.max_concurrent_activities = n.max(1);
+        self
+    }
+
+    /// Sets the workflow task concurrency.
+    pub fn max_concurrent_workflow_tasks(mut self, n: usize) -> Self {
+        self.max_concurrent_workflow_tasks = n.max(1);
+        self
+    }
+
+    /// Sets the sticky cache size.
+    pub fn max_cached_workflows(mut self, n: usize) -> Self {
+        self.max_cached_workflows = n;
+        self
+    }
+
+    /// Sets the shutdown grace period.
+    pub fn graceful_shutdown(mut self, d: Duration) -> Self {
+        self.graceful_shutdown = d;
+        self
+    }
+
+    /// Sets the poll timeout.
+    pub fn poll_timeout(mut self, d: Duration) -> Self {
+        self.poll_timeout = d;
+        self
+    }
+}
+
+/// Why a worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Nothing is registered.
+    #[error("the worker has no workflows and no activities registered; register at least one")]
+    NothingRegistered,
+    /// The options are invalid.
+    #[error("invalid worker options: {0}")]
+    InvalidOptions(String),
+}
+
+type ActivityFn = Arc<
+    dyn Fn(ActivityContext, Option<pb::Payload>) -> BoxFuture<'static, Result<Option<pb::Payload>, ActivityError>>
+        + Send
+        + Sync,
+>;
+
+/// A worker under construction: register code, then [`Worker::run`] or [`Worker::start`].
+pub struct Worker {
+    client: Client,
+    options: WorkerOptions,
+    workflows: HashMap<String, WorkflowFactory>,
+    activities: HashMap<String, ActivityFn>,
+}
+
+impl Worker {
+    /// A worker that talks to the server through `client` (and works in its namespace).
+    pub fn new(client: Client, options: WorkerOptions) -> Self {
+        Worker {
+            client,
+            options,
+            workflows: HashMap::new(),
+            activities: HashMap::new(),
+        }
+    }
+
+    /// Registers a workflow function under a type name.
+    pub fn register_workflow<I, O, F, Fut>(&mut self, name: &str, f: F) -> &mut Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let factory: WorkflowFactory = Arc::new(move |ctx, input| {
+            let f = f.clone();
+            async move {
+                let input: I = codec::from_payload(input.as_ref())?;
+                let output = f(ctx, input).await?;
+                Ok(Some(codec::to_payload(&output)?))
+            }
+            .boxed()
+        });
+        self.workflows.insert(name.to_string(), factory);
+        self
+    }
+
+    /// Registers an activity function under a type name.
+    pub fn register_activity<I, O, F, Fut>(&mut self, name: &str, f: F) -> &mut Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, ActivityError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let activity: ActivityFn = Arc::new(move |ctx, input| {
+            let f = f.clone();
+            async move {
+                let input: I = codec::from_payload(input.as_ref())?;
+                let output = f(ctx, input).await?;
+                Ok(Some(codec::to_payload(&output).map_err(|e| {
+                    ActivityError::non_retryable(e.to_string()).with_type("ConvertError")
+                })?))
+            }
+            .boxed()
+        });
+        self.activities.insert(name.to_string(), activity);
+        self
+    }
+
+    /// Starts the worker in the background.
+    pub fn start(self) -> Result<WorkerHandle, WorkerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let inner = self.into_inner()?;
+        let identity = inner.options.identity.clone();
+        let task = tokio::spawn(inner.run(stop_rx));
+        Ok(WorkerHandle {
+            stop: stop_tx,
+            task: Some(task),
+            identity,
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        let mut handle = self.start()?;
+        shutdown.await;
+        handle.shutdown_inner().await;
+        Ok(())
+    }
+
+    fn into_inner(self) -> Result<Arc<Inner>, WorkerError> {
+        if self.workflows.is_empty() && self.activities.is_empty() {
+            return Err(WorkerError::NothingRegistered);
+        }
+        crate::types::validate_name("task queue", &self.options.task_queue)
+            .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
+        crate::types::validate_name("identity", &self.options.identity)
+            .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
+        let sticky_queue = format!(
+            "{STICKY_QUEUE_PREFIX}{}/{}",
+            self.options.identity,
+            uuid::Uuid::new_v4().simple()
+        );
+        Ok(Arc::new(Inner {
+            rpc: self.client.raw(),
+            namespace: self.client.namespace().to_string(),
+            workflow_slots: Arc::new(Semaphore::new(self.options.max_concurrent_workflow_tasks)),
+            activity_slots: Arc::new(Semaphore::new(self.options.max_concurrent_activities)),
+            cache: Mutex::new(Cache::new(self.options.max_cached_workflows)),
+            running: Mutex::new(HashMap::new()),
+            options: self.options,
+            workflows: self.workflows,
+            activities: self.activities,
+            sticky_queue,
+        }))
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    identity: String,
+}
+
+impl WorkerHandle {
+    /// The worker's identity.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Stops polling, lets running work finish within the grace period, then fails what is left
+    /// so it retries elsewhere.
+    pub async fn shutdown(mut self) {
+        self.shutdown_inner().await
+    }
+
+    async fn shutdown_inner(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Stops the worker at once, as if its process died: nothing is reported to the server.
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+struct RunningActivity {
+    ctx: ActivityContext,
+    token: Vec<u8>,
+    abort: tokio::task::AbortHandle,
+}
+
+struct Inner {
+    rpc: TetherServiceClient<Channel>,
+    namespace: String,
+    options: WorkerOptions,
+    workflows: HashMap<String, WorkflowFactory>,
+    activities: HashMap<String, ActivityFn>,
+    sticky_queue: String,
+    workflow_slots: Arc<Semaphore>,
+    activity_slots: Arc<Semaphore>,
+    cache: Mutex<Cache>,
+    running: Mutex<HashMap<u64, RunningActivity>>,
+}
+
+/// Aborts running activities when the worker's main task ends for any reason (including abort).
+struct AbortRunning(Arc<Inner>);
+
+impl Drop for AbortRunning {
+    fn drop(&mut self) {
+        for (_, r) in self.0.running.lock().drain() {
+            r.abort.abort();
+        }
+    }
+}
+
+/// Backs off after a failed poll so a down server is not hammered.
+async fn poll_backoff(failures: &mut u32) {
+    *failures += 1;
+    let ms = (100u64 << (*failures).min(6)).min(5_000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+impl Inner {
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let _guard = AbortRunning(self.clone());
+        let mut pollers = JoinSet::new();
+        if !self.workflows.is_empty() {
+            for queue in [self.options.task_queue.clone(), self.sticky_queue.clone()] {
+                for _ in 0..2 {
+                    pollers.spawn(self.clone().workflow_poller(queue.clone(), stop.clone()));
+                }
+            }
+        }
+        if !self.activities.is_empty() {
+            let n = self.options.max_concurrent_activities.clamp(1, 8);
+            for _ in 0..n {
+                pollers.spawn(self.clone().activity_poller(stop.clone()));
+            }
+        }
+        let _ = stop.wait_for(|s| *s).await;
+        // Pollers stop at once (their in-flight polls are abandoned; the server re-offers any
+        // task it was handing over). Workflow tasks in progress are short and finish first.
+        while pollers.join_next().await.is_some() {}
+        let total = self.options.max_concurrent_activities as u32;
+        let drained = tokio::time::timeout(
+            self.options.graceful_shutdown,
+            self.activity_slots.acquire_many(total),
+        )
+        .await;
+        if drained.is_err() {
+            let left: Vec<RunningActivity> = self.running.lock().drain().map(|(_, r)| r).collect();
+            tracing::warn!(count = left.len(), "grace period over: failing running activities so they retry elsewhere");
+            for r in left {
+                r.ctx.cancel(CancelReason::WorkerShutdown);
+                r.abort.abort();
+                let failure = pb::Failure {
+                    message: format!("worker {} shut down before the activity finished", self.options.identity),
+                    error_type: "WorkerShutdown".into(),
+                    kind: pb::FailureKind::Server as i32,
+                    ..Default::default()
+                };
+                let _ = self
+                    .rpc
+                    .clone()
+                    .fail_activity_task(pb::FailActivityTaskRequest {
+                        task_token: r.token,
+                        failure: Some(failure),
+                        identity: self.options.identity.clone(),
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn workflow_poller(self: Arc<Self>, queue: String, mut stop: watch::Receiver<bool>) {
+        let mut failures = 0;
+        loop {
+            let permit = tokio::select! {
+                p = self.workflow_slots.clone().acquire_owned() => p.expect("never closed"),
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let request = pb::PollWorkflowTaskRequest {
+                namespace: self.namespace.clone(),
+                task_queue: queue.clone(),
+                identity: self.options.identity.clone(),
+                sticky_queue: self.sticky_queue.clone(),
+                poll_timeout_ms: self.options.poll_timeout.as_millis() as u64,
+            };
+            let mut rpc = self.rpc.clone();
+            let polled = tokio::select! {
+                r = rpc.poll_workflow_task(request) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match polled {
+                Ok(resp) => {
+                    failures = 0;
+                    let task = resp.into_inner();
+                    if !task.task_token.is_empty() {
+                        self.handle_workflow_task(task).await;
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(queue, error = %status.message(), code = ?status.code(), "workflow poll failed; retrying");
+                    poll_backoff(&mut failures).await;
+                }
+            }
+            drop(permit);
+        }
+    }
+
+    async fn fetch_history(&self, task: &pb::PollWorkflowTaskResponse) -> Result<Vec<pb::HistoryEvent>, tonic::Status> {
+        Ok(self
+            .rpc
+            .clone()
+            .get_workflow_history(pb::GetWorkflowHistoryRequest {
+                namespace: task.namespace.clone(),
+                workflow_id: task.workflow_id.clone(),
+                run_id: task.run_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .events)
+    }
+
+    async fn handle_workflow_task(&self, mut task: pb::PollWorkflowTaskResponse) {
+        let cached = self.cache.lock().take(&task.run_id);
+        let mut instance = match cached {
+            Some(inst)
+                if !task.full_history
+                    && task.events.first().map(|e| e.event_id) == Some(inst.last_event_id + 1) =>
+            {
+                Some(inst)
+            }
+            _ => None,
+        };
+        if instance.is_none() && !task.full_history {
+            // Our cache lost the run (evicted, or this is another process with our sticky
+            // queue): replay from the full history.
+            match self.fetch_history(&task).await {
+                Ok(events) => task.events = events,
+                Err(status) => {
+                    tracing::warn!(run_id = task.run_id, error = %status.message(), "could not fetch history");
+                    self.fail_workflow_task(&task, "cache_miss", format!("could not fetch history: {}", status.message())).await;
+                    return;
+                }
+            }
+        }
+        let mut instance = match instance.take() {
+            Some(i) => i,
+            None => {
+                let Some(factory) = self.workflows.get(&task.workflow_type) else {
+                    let mut known: Vec<&str> = self.workflows.keys().map(|s| s.as_str()).collect();
+                    known.sort();
+                    let message = format!(
+                        "worker {} has no workflow registered as {:?} (registered: {})",
+                        self.options.identity,
+                        task.workflow_type,
+                        known.join(", ")
+                    );
+                    self.fail_workflow_task(&task, "unknown_workflow_type", message).await;
+                    return;
+                };
+                WorkflowInstance::new(
+                    WorkflowInfo {
+                        namespace: task.namespace.clone(),
+                        workflow_id: task.workflow_id.clone(),
+                        run_id: task.run_id.clone(),
+                        workflow_type: task.workflow_type.clone(),
+                        task_queue: self.options.task_queue.clone(),
+                    },
+                    factory.clone(),
+                )
+            }
+        };
+        match instance.process(&task.events) {
+            Ok(commands) => {
+                let request = pb::CompleteWorkflowTaskRequest {
+                    task_token: task.task_token.clone(),
+                    commands,
+                    identity: self.options.identity.clone(),
+                    sticky_queue: self.sticky_queue.clone(),
+                };
+                match self.rpc.clone().complete_workflow_task(request).await {
+                    Ok(_) => {
+                        if !instance.finished() {
+                            self.cache.lock().put(task.run_id.clone(), instance);
+                        }
+                    }
+                    Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                        self.fail_workflow_task(&task, "bad_command", status.message().to_string()).await;
+                    }
+                    Err(status) => {
+                        tracing::warn!(run_id = task.run_id, error = %status.message(), "workflow task completion refused");
+                    }
+                }
+            }
+            Err(failure) => {
+                tracing::warn!(run_id = task.run_id, cause = failure.cause, message = failure.message, "workflow task failed");
+                self.fail_workflow_task(&task, failure.cause, failure.message).await;
+            }
+        }
+    }
+
+    async fn fail_workflow_task(&self, task: &pb::PollWorkflowTaskResponse, cause: &str, message: String) {
+        let _ = self
+            .rpc
+            .clone()
+            .fail_workflow_task(pb::FailWorkflowTaskRequest {
+                task_token: task.task_token.clone(),
+                cause: cause.into(),
+                failure: Some(pb::Failure {
+                    message,
+                    kind: pb::FailureKind::Server as i32,
+                    ..Default::default()
+                }),
+                identity: self.options.identity.clone(),
+            })
+            .await;
+    }
+
+    async fn activity_poller(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut failures = 0;
+        loop {
+            let permit = tokio::select! {
+                p = self.activity_slots.clone().acquire_owned() => p.expect("never closed"),
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let request = pb::PollActivityTaskRequest {
+                namespace: self.namespace.clone(),
+                task_queue: self.options.task_queue.clone(),
+                identity: self.options.identity.clone(),
+                poll_timeout_ms: self.options.poll_timeout.as_millis() as u64,
+            };
+            let mut rpc = self.rpc.clone();
+            let polled = tokio::select! {
+                r = rpc.poll_activity_task(request) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match polled {
+                Ok(resp) => {
+                    failures = 0;
+                    let task = resp.into_inner();
+                    if task.task_token.is_empty() {
+                        continue;
+                    }
+                    self.clone().spawn_activity(task, permit);
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), code = ?status.code(), "activity poll failed; retrying");
+                    poll_backoff(&mut failures).await;
+                }
+            }
+        }
+    }
+
+    fn spawn_activity(self: Arc<Self>, task: pb::PollActivityTaskResponse, permit: tokio::sync::OwnedSemaphorePermit) {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let info = ActivityInfo {
+            namespace: task.namespace.clone(),
+            activity_id: task.activity_id.clone(),
+            activity_type: task.activity_type.clone(),
+            attempt: task.attempt,
+            workflow_id: task.workflow_id.clone(),
+            run_id: task.run_id.clone(),
+            task_queue: self.options.task_queue.clone(),
+            heartbeat_timeout: (task.heartbeat_timeout_ms > 0).then(|| Duration::from_millis(task.heartbeat_timeout_ms)),
+            deadline_ms: task.deadline_ms,
+            worker_identity: self.options.identity.clone(),
+        };
+        let ctx = ActivityContext::new(info, task.heartbeat_details.clone());
+        let token = task.task_token.clone();
+        let inner = self.clone();
+        let ctx2 = ctx.clone();
+        // Hold the registry lock across the spawn so the task cannot finish (and try to remove
+        // itself) before it is registered.
+        let mut running = self.running.lock();
+        let handle = tokio::spawn(async move {
+            inner.execute_activity(task, ctx2).await;
+            inner.running.lock().remove(&id);
+            drop(permit);
+        });
+        running.insert(
+            id,
+            RunningActivity {
+                ctx,
+                token,
+                abort: handle.abort_handle(),
+            },
+        );
+    }
+
+    async fn execute_activity(&self, task: pb::PollActivityTaskResponse, ctx: ActivityContext) {
+        let identity = self.options.identity.clone();
+        let mut rpc = self.rpc.clone();
+        let Some(f) = self.activities.get(&task.activity_type) else {
+            let mut known: Vec<&str> = self.activities.keys().map(|s| s.as_str()).collect();
+            known.sort();
+            let failure = pb::Failure {
+                message: format!(
+                    "worker {identity} has no activity registered as {:?} (registered: {})",
+                    task.activity_type,
+                    known.join(", ")
+                ),
+                error_type: "ActivityTypeNotRegistered".into(),
+                kind: pb::FailureKind::Application as i32,
+                ..Default::default()
+            };
+            let _ = rpc
+                .fail_activity_task(pb::FailActivityTaskRequest {
+                    task_token: task.task_token,
+                    failure: Some(failure),
+                    identity,
+                })
+                .await;
+            return;
+        };
+        let heartbeater = tokio::spawn(heartbeat_loop(
+            rpc.clone(),
+            ctx.clone(),
+            task.task_token.clone(),
+            identity.clone(),
+            task.heartbeat_timeout_ms,
+        ));
+        let outcome = AssertUnwindSafe(f(ctx.clone(), task.input.clone()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "activity panicked".into());
+                Err(ActivityError::retryable(format!("activity panicked: {message}")).with_type("Panic"))
+            });
+        heartbeater.abort();
+        let token = task.task_token;
+        let result = match outcome {
+            Ok(result) => rpc
+                .complete_activity_task(pb::CompleteActivityTaskRequest {
+                    task_token: token,
+                    result,
+                    identity,
+                })
+                .await
+                .map(|_| ()),
+            Err(ActivityError::Cancelled) if ctx.cancel_reason() == Some(CancelReason::Requested) => rpc
+                .report_activity_canceled(pb::ReportActivityCanceledRequest {
+                    task_token: token,
+                    details: None,
+                    identity,
+                })
+                .await
+                .map(|_| ()),
+            Err(e) => {
+                let mut failure = e.to_failure();
+                if matches!(e, ActivityError::Cancelled) {
+                    // Cancelled without a request (shutdown, stale): let it retry.
+                    failure.kind = pb::FailureKind::Server as i32;
+                }
+                rpc.fail_activity_task(pb::FailActivityTaskRequest {
+                    task_token: token,
+                    failure: Some(failure),
+                    identity,
+                })
+                .await
+                .map(|_| ())
+            }
+        };
+        if let Err(status) = result {
+            tracing::warn!(activity_id = task.activity_id, error = %status.message(), "activity outcome refused");
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    mut rpc: TetherServiceClient<Channel>,
+    ctx: ActivityContext,
+    token: Vec<u8>,
+    identity: String,
+    heartbeat_timeout_ms: u64,
+) {
+    // Send at most every 80% of the heartbeat timeout (30 s when there is none).
+    let throttle = if heartbeat_timeout_ms > 0 {
+        Duration::from_millis(heartbeat_timeout_ms * 4 / 5)
+    } else {
+        Duration::from_secs(30)
+    };
+    loop {
+        ctx.shared.heartbeat_wanted.notified().await;
+        let details = ctx.shared.pending_details.lock().take();
+        let reply = rpc
+            .heartbeat_activity(pb::HeartbeatActivityRequest {
+                task_token: token.clone(),
+                details,
+                identity: identity.clone(),
+            })
+            .await;
+        match reply {
+            Ok(r) if r.get_ref().cancel_requested => ctx.cancel(CancelReason::Requested),
+            Ok(_) => {}
+            Err(status)
+                if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) =>
+            {
+                ctx.cancel(CancelReason::NotCurrent)
+            }
+            Err(status) => tracing::debug!(error = %status.message(), "heartbeat failed"),
+        }
+        tokio::time::sleep(throttle).await;
+    }
+}
+
+/// A small LRU of workflow instances by run id.
+struct Cache {
+    capacity: usize,
+    tick: u64,
+    entries: HashMap<String, (u64, WorkflowInstance)>,
+}
+
+impl Cache {
+    fn new(capacity: usize) -> Self {
+        Cache {
+            capacity,
+            tick: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn take(&mut self, run_id: &str) -> Option<WorkflowInstance> {
+        self.entries.remove(run_id).map(|(_, i)| i)
+    }
+
+    fn put(&mut self, run_id: String, instance: WorkflowInstance) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries.len() >= self.capacity {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| k.clone())
+            {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.tick += 1;
+        self.entries.insert(run_id, (self.tick, instance));
+    }
+}
