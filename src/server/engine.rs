@@ -546,6 +546,7 @@ impl Engine {
             last_workflow_task_failure: s.last_workflow_task_failure.clone(),
             result: s.result.clone(),
             failure: s.failure.clone(),
+            workflow_task_failures: s.workflow_task_failures,
         })
     }
 

@@ -775,6 +775,7 @@ impl RunEntry {
         task.attempt += 1;
         task.scheduled_ms = now;
         let attempt = task.attempt;
+        self.state.workflow_task_failures += 1;
         self.state.last_workflow_task_failure = Some(pb::WorkflowTaskFailureInfo {
             cause: cause.to_string(),
             message,

@@ -47,6 +47,11 @@ pub(crate) struct WorkflowInstance {
     pub last_event_id: u64,
     /// The code returned; its terminal command was issued.
     finished: bool,
+    /// Activations this instance has run. Each WorkflowTaskCompleted event in history closes
+    /// one activation; the ones this instance ran live are already done when their event comes.
+    activations: u64,
+    /// WorkflowTaskCompleted events seen.
+    completions_seen: u64,
 }
 
 fn describe_command(c: &pb::Command) -> String {
@@ -152,6 +157,8 @@ impl WorkflowInstance {
             unmatched: VecDeque::new(),
             last_event_id: 0,
             finished: false,
+            activations: 0,
+            completions_seen: 0,
         }
     }
 
@@ -184,8 +191,12 @@ impl WorkflowInstance {
             };
             match attrs {
                 Attributes::WorkflowTaskCompleted(_) => {
-                    self.check_all_matched()?;
-                    self.activate(&pending)?;
+                    self.completions_seen += 1;
+                    if self.completions_seen > self.activations {
+                        // Replaying an activation this instance has not run yet.
+                        self.check_all_matched()?;
+                        self.activate(&pending)?;
+                    }
                     pending.clear();
                 }
                 a if is_command_event(a) => {
@@ -227,6 +238,7 @@ impl WorkflowInstance {
 
     /// Applies the events of one activation and runs the code until it can make no progress.
     fn activate(&mut self, events: &[&pb::HistoryEvent]) -> Result<(), TaskFailure> {
+        self.activations += 1;
         {
             let mut ctx = self.ctx.inner.lock();
             for e in events {

@@ -1,0 +1,386 @@
+//! Durability and failure handling: server restarts, lost workers, non-determinism, long polls,
+//! standalone activities, duplicate ids and bad input.
+
+mod common;
+
+use common::{assert_no_task_failures, event_kinds, eventually, within, TestEnv};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether::activity::{ActivityContext, ActivityError};
+use tether::api::pb;
+use tether::client::{ActivityOptions, ClientError, RetryPolicy, StandaloneActivityOptions, WorkflowOptions};
+use tether::workflow::WorkflowContext;
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_survives_server_restart() {
+    let mut env = TestEnv::start().await;
+    let mut w = env.worker("q", "w1");
+    w.register_activity("step", |_ctx: ActivityContext, n: u32| async move {
+        Ok::<_, ActivityError>(n + 1)
+    });
+    w.register_workflow("pipeline", |ctx: WorkflowContext, _: ()| async move {
+        let a: u32 = ctx.execute_activity("step", &1u32, ActivityOptions::default()).await?;
+        // The timer and the signal wait span the restart.
+        ctx.sleep(Duration::from_millis(800)).await;
+        let extra: u32 = ctx.signal_channel("go").recv().await?;
+        let b: u32 = ctx.execute_activity("step", &(a + extra), ActivityOptions::default()).await?;
+        Ok(b)
+    });
+    let worker = w.start().unwrap();
+    let handle = env
+        .client
+        .start_workflow("pipeline", &(), WorkflowOptions::new("restart-me", "q"))
+        .await
+        .unwrap();
+    eventually(T, "first activity done and timer armed", || async {
+        let h = handle.history().await.ok()?;
+        event_kinds(&h).contains(&"TimerStarted").then_some(())
+    })
+    .await;
+    env.restart().await;
+    // The signal is acknowledged by the new server process; the timer fires after the restart.
+    eventually(T, "signal accepted after restart", || async {
+        handle.signal("go", &10u32).await.ok()
+    })
+    .await;
+    let out: u32 = within(T, "result after restart", handle.result()).await.unwrap();
+    assert_eq!(out, 13);
+    let kinds = event_kinds(&handle.history().await.unwrap());
+    assert!(kinds.contains(&"TimerFired"), "{kinds:?}");
+    assert_no_task_failures(&handle).await;
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_of_a_dead_worker_is_retried_on_another() {
+    let env = TestEnv::start().await;
+    let started = Arc::new(AtomicU32::new(0));
+    let s = started.clone();
+    let mut w1 = env.worker("q", "doomed");
+    w1.register_activity("work", move |_ctx: ActivityContext, _: ()| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            // Never finishes: the worker dies first.
+            std::future::pending::<()>().await;
+            Ok::<String, ActivityError>("unreachable".into())
+        }
+    });
+    let mut w2 = env.worker("q", "survivor");
+    w2.register_activity("work", |ctx: ActivityContext, _: ()| async move {
+        Ok::<_, ActivityError>(ctx.info().worker_identity.clone())
+    });
+    let mut wf = env.worker("q", "wf-worker");
+    wf.register_workflow("wf", |ctx: WorkflowContext, _: ()| async move {
+        let options = ActivityOptions::default()
+            .start_to_close(Duration::from_millis(700))
+            .retry(RetryPolicy {
+                initial_interval: Duration::from_millis(50),
+                ..Default::default()
+            });
+        let who: String = ctx.execute_activity("work", &(), options).await?;
+        Ok(who)
+    });
+    let doomed = w1.start().unwrap();
+    let wf_worker = wf.start().unwrap();
+    let handle = env
+        .client
+        .start_workflow("wf", &(), WorkflowOptions::new("dead-worker", "q"))
+        .await
+        .unwrap();
+    eventually(T, "doomed worker started the activity", || async {
+        (started.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    doomed.kill();
+    let survivor = w2.start().unwrap();
+    let who: String = within(T, "result", handle.result()).await.unwrap();
+    assert_eq!(who, "survivor");
+    survivor.shutdown().await;
+    wf_worker.shutdown().await;
+}
+
+fn register_v1(w: &mut tether::worker::Worker) {
+    w.register_activity("a", |_ctx: ActivityContext, _: ()| async move { Ok::<_, ActivityError>(1u32) });
+    w.register_activity("b", |_ctx: ActivityContext, _: ()| async move { Ok::<_, ActivityError>(2u32) });
+    w.register_workflow("evolving", |ctx: WorkflowContext, _: ()| async move {
+        let a: u32 = ctx.execute_activity("a", &(), ActivityOptions::default()).await?;
+        let _: () = ctx.signal_channel("go").recv().await?;
+        Ok(a)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_determinism_is_detected_and_a_fixed_worker_continues() {
+    let env = TestEnv::start().await;
+    let mut v1 = env.worker("q", "v1");
+    register_v1(&mut v1);
+    let v1 = v1.start().unwrap();
+    let handle = env
+        .client
+        .start_workflow("evolving", &(), WorkflowOptions::new("evolving-1", "q"))
+        .await
+        .unwrap();
+    eventually(T, "activity a completed", || async {
+        let h = handle.history().await.ok()?;
+        event_kinds(&h).contains(&"ActivityTaskCompleted").then_some(())
+    })
+    .await;
+    v1.kill();
+
+    // v2 changed the code: it now calls "b" first. Replaying v1's history must fail loudly.
+    let mut v2 = env.worker("q", "v2");
+    v2.register_activity("b", |_ctx: ActivityContext, _: ()| async move { Ok::<_, ActivityError>(2u32) });
+    v2.register_workflow("evolving", |ctx: WorkflowContext, _: ()| async move {
+        let b: u32 = ctx.execute_activity("b", &(), ActivityOptions::default()).await?;
+        let _: () = ctx.signal_channel("go").recv().await?;
+        Ok(b)
+    });
+    let v2 = v2.start().unwrap();
+    handle.signal("go", &()).await.unwrap();
+    let failure = eventually(T, "non-determinism reported", || async {
+        let d = handle.describe().await.ok()?;
+        d.last_workflow_task_failure
+            .filter(|f| f.cause == "nondeterminism")
+    })
+    .await;
+    assert!(failure.message.contains("\"a\"") && failure.message.contains("\"b\""), "{}", failure.message);
+    assert_eq!(failure.identity, "v2");
+    let d = handle.describe().await.unwrap();
+    assert_eq!(d.info.unwrap().status, pb::ExecutionStatus::Running as i32, "the run is not failed");
+    v2.kill();
+
+    // The fixed worker (v1 code again) picks it up and finishes.
+    let mut fixed = env.worker("q", "v1-fixed");
+    register_v1(&mut fixed);
+    let fixed = fixed.start().unwrap();
+    let out: u32 = within(T, "result", handle.result()).await.unwrap();
+    assert_eq!(out, 1);
+    fixed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_long_poll_returns_after_its_timeout() {
+    let env = TestEnv::start().await;
+    let started = Instant::now();
+    let resp = env
+        .client
+        .raw()
+        .poll_activity_task(pb::PollActivityTaskRequest {
+            namespace: "default".into(),
+            task_queue: "idle".into(),
+            identity: "poller".into(),
+            poll_timeout_ms: 300,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let waited = started.elapsed();
+    assert!(resp.task_token.is_empty(), "nothing to do");
+    assert!(waited >= Duration::from_millis(290), "returned early: {waited:?}");
+    assert!(waited < Duration::from_secs(5), "held too long: {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_added_while_polling_is_handed_over_at_once() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    let poll = tokio::spawn(async move {
+        rpc.poll_activity_task(pb::PollActivityTaskRequest {
+            namespace: "default".into(),
+            task_queue: "sync".into(),
+            identity: "poller".into(),
+            poll_timeout_ms: 20_000,
+        })
+        .await
+    });
+    eventually(T, "poller registered", || async {
+        let q = env.client.describe_task_queue("sync").await.ok()?;
+        (!q.pollers.is_empty()).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    env.client
+        .start_activity("echo", "hi", StandaloneActivityOptions::new("sync-1", "sync"))
+        .await
+        .unwrap();
+    let task = within(T, "poll", poll).await.unwrap().unwrap().into_inner();
+    assert_eq!(task.activity_type, "echo");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_activity_runs_with_retries() {
+    let env = TestEnv::start().await;
+    let mut w = env.worker("jobs", "w1");
+    w.register_activity("resize", |ctx: ActivityContext, px: u32| async move {
+        if ctx.info().attempt == 1 {
+            return Err(ActivityError::retryable("disk busy"));
+        }
+        Ok::<_, ActivityError>(format!("resized to {px}px on attempt {}", ctx.info().attempt))
+    });
+    let worker = w.start().unwrap();
+    let mut options = StandaloneActivityOptions::new("resize-1", "jobs");
+    options.options = ActivityOptions::default().retry(RetryPolicy {
+        initial_interval: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let out: String = within(T, "standalone", env.client.execute_activity("resize", &640u32, options))
+        .await
+        .unwrap();
+    assert_eq!(out, "resized to 640px on attempt 2");
+    let listed = env.client.list_workflows(None, 10, true).await.unwrap();
+    assert!(listed.iter().any(|e| e.workflow_id == "resize-1" && e.kind == "activity"));
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_workflow_id_is_refused_with_the_running_run() {
+    let env = TestEnv::start().await;
+    let first = env
+        .client
+        .start_workflow("any", &(), WorkflowOptions::new("dup", "q"))
+        .await
+        .unwrap();
+    let err = env
+        .client
+        .start_workflow("any", &(), WorkflowOptions::new("dup", "q"))
+        .await
+        .err()
+        .unwrap();
+    match err {
+        ClientError::AlreadyStarted { workflow_id, run_id } => {
+            assert_eq!(workflow_id, "dup");
+            assert_eq!(run_id, first.run_id);
+        }
+        other => panic!("expected AlreadyStarted, got {other}"),
+    }
+    let listed = env.client.list_workflows(None, 10, false).await.unwrap();
+    assert_eq!(listed.iter().filter(|e| e.workflow_id == "dup").count(), 1, "nothing was added");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_changes_nothing() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    let start = |ns: &str, id: &str, ty: &str, q: &str, data: Vec<u8>| pb::StartWorkflowRequest {
+        namespace: ns.into(),
+        workflow_id: id.into(),
+        workflow_type: ty.into(),
+        task_queue: q.into(),
+        input: Some(tether::codec::json_payload(data)),
+        ..Default::default()
+    };
+    let cases = vec![
+        (start("nope", "w", "t", "q", b"1".to_vec()), tonic::Code::NotFound, "namespace \"nope\" does not exist"),
+        (start("default", "", "t", "q", b"1".to_vec()), tonic::Code::InvalidArgument, "workflow id must not be empty"),
+        (start("default", "w", "", "q", b"1".to_vec()), tonic::Code::InvalidArgument, "workflow type must not be empty"),
+        (start("default", &"x".repeat(300), "t", "q", b"1".to_vec()), tonic::Code::InvalidArgument, "300 bytes long; the limit is 255"),
+        (start("default", "w", "t", &"q".repeat(256), b"1".to_vec()), tonic::Code::InvalidArgument, "task queue is 256 bytes long"),
+        (
+            start("default", "w", "t", "q", vec![b'7'; 2 * 1024 * 1024 + 1]),
+            tonic::Code::InvalidArgument,
+            "the limit is 2097152 bytes",
+        ),
+    ];
+    for (req, code, text) in cases {
+        let err = rpc.start_workflow(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().contains(text), "message {:?} should contain {text:?}", err.message());
+    }
+    // Unknown workflow: describe, signal, result.
+    let err = env.client.workflow_handle("ghost", "").describe().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert!(err.to_string().contains("\"ghost\" was not found"), "{err}");
+    let err = env.client.workflow_handle("ghost", "").signal("s", &1).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    // A malformed task token.
+    let err = rpc
+        .complete_activity_task(pb::CompleteActivityTaskRequest {
+            task_token: vec![0xff, 0xff],
+            result: None,
+            identity: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // An activity without any timeout.
+    let err = rpc
+        .start_activity(pb::StartActivityRequest {
+            namespace: "default".into(),
+            activity_id: "a".into(),
+            activity_type: "t".into(),
+            task_queue: "q".into(),
+            options: Some(pb::ActivityOptions::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("start_to_close_timeout"), "{}", err.message());
+    // Nothing was created by any of the refused calls.
+    assert!(env.client.list_workflows(None, 100, false).await.unwrap().is_empty());
+    assert!(env.client.list_workflows(None, 100, true).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_completion_from_an_old_attempt_is_rejected() {
+    let env = TestEnv::start().await;
+    let mut options = StandaloneActivityOptions::new("stale-1", "raw");
+    options.options = ActivityOptions::default()
+        .start_to_close(Duration::from_millis(200))
+        .retry(RetryPolicy {
+            initial_interval: Duration::from_millis(10),
+            ..Default::default()
+        });
+    env.client.start_activity("t", &(), options).await.unwrap();
+    let mut rpc = env.client.raw();
+    let poll = |rpc: &mut tether::api::pb::tether_service_client::TetherServiceClient<_>| {
+        let req = pb::PollActivityTaskRequest {
+            namespace: "default".into(),
+            task_queue: "raw".into(),
+            identity: "p".into(),
+            poll_timeout_ms: 10_000,
+        };
+        let mut rpc = rpc.clone();
+        async move { rpc.poll_activity_task(req).await.unwrap().into_inner() }
+    };
+    let first = poll(&mut rpc).await;
+    assert_eq!(first.attempt, 1);
+    // Attempt 1 times out; attempt 2 is handed out.
+    let second = within(T, "second attempt", poll(&mut rpc)).await;
+    assert_eq!(second.attempt, 2);
+    let err = rpc
+        .complete_activity_task(pb::CompleteActivityTaskRequest {
+            task_token: first.task_token,
+            result: Some(tether::codec::to_payload("late").unwrap()),
+            identity: "p".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("attempt 1"), "{}", err.message());
+    rpc.complete_activity_task(pb::CompleteActivityTaskRequest {
+        task_token: second.task_token,
+        result: Some(tether::codec::to_payload("current").unwrap()),
+        identity: "p".into(),
+    })
+    .await
+    .unwrap();
+    let out = env
+        .client
+        .raw()
+        .get_activity_result(pb::GetActivityResultRequest {
+            namespace: "default".into(),
+            activity_id: "stale-1".into(),
+            run_id: String::new(),
+            wait_ms: 5_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tether::codec::display_payload(out.result.as_ref()), "\"current\"");
+}
