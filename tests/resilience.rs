@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether::activity::{ActivityContext, ActivityError};
 use tether::api::pb;
-use tether::client::{ActivityOptions, ClientError, RetryPolicy, StandaloneActivityOptions, WorkflowOptions};
+use tether::client::{
+    ActivityOptions, ClientError, RetryPolicy, StandaloneActivityOptions, WorkflowOptions,
+};
 use tether::workflow::WorkflowContext;
 
 const T: Duration = Duration::from_secs(30);
@@ -22,11 +24,15 @@ async fn workflow_survives_server_restart() {
         Ok::<_, ActivityError>(n + 1)
     });
     w.register_workflow("pipeline", |ctx: WorkflowContext, _: ()| async move {
-        let a: u32 = ctx.execute_activity("step", &1u32, ActivityOptions::default()).await?;
+        let a: u32 = ctx
+            .execute_activity("step", &1u32, ActivityOptions::default())
+            .await?;
         // The timer and the signal wait span the restart.
         ctx.sleep(Duration::from_millis(800)).await;
         let extra: u32 = ctx.signal_channel("go").recv().await?;
-        let b: u32 = ctx.execute_activity("step", &(a + extra), ActivityOptions::default()).await?;
+        let b: u32 = ctx
+            .execute_activity("step", &(a + extra), ActivityOptions::default())
+            .await?;
         Ok(b)
     });
     let worker = w.start().unwrap();
@@ -46,7 +52,9 @@ async fn workflow_survives_server_restart() {
         handle.signal("go", &10u32).await.ok()
     })
     .await;
-    let out: u32 = within(T, "result after restart", handle.result()).await.unwrap();
+    let out: u32 = within(T, "result after restart", handle.result())
+        .await
+        .unwrap();
     assert_eq!(out, 13);
     let kinds = event_kinds(&handle.history().await.unwrap());
     assert!(kinds.contains(&"TimerFired"), "{kinds:?}");
@@ -104,10 +112,16 @@ async fn activity_of_a_dead_worker_is_retried_on_another() {
 }
 
 fn register_v1(w: &mut tether::worker::Worker) {
-    w.register_activity("a", |_ctx: ActivityContext, _: ()| async move { Ok::<_, ActivityError>(1u32) });
-    w.register_activity("b", |_ctx: ActivityContext, _: ()| async move { Ok::<_, ActivityError>(2u32) });
+    w.register_activity("a", |_ctx: ActivityContext, _: ()| async move {
+        Ok::<_, ActivityError>(1u32)
+    });
+    w.register_activity("b", |_ctx: ActivityContext, _: ()| async move {
+        Ok::<_, ActivityError>(2u32)
+    });
     w.register_workflow("evolving", |ctx: WorkflowContext, _: ()| async move {
-        let a: u32 = ctx.execute_activity("a", &(), ActivityOptions::default()).await?;
+        let a: u32 = ctx
+            .execute_activity("a", &(), ActivityOptions::default())
+            .await?;
         let _: () = ctx.signal_channel("go").recv().await?;
         Ok(a)
     });
@@ -126,16 +140,22 @@ async fn non_determinism_is_detected_and_a_fixed_worker_continues() {
         .unwrap();
     eventually(T, "activity a completed", || async {
         let h = handle.history().await.ok()?;
-        event_kinds(&h).contains(&"ActivityTaskCompleted").then_some(())
+        event_kinds(&h)
+            .contains(&"ActivityTaskCompleted")
+            .then_some(())
     })
     .await;
     v1.kill();
 
     // v2 changed the code: it now calls "b" first. Replaying v1's history must fail loudly.
     let mut v2 = env.worker("q", "v2");
-    v2.register_activity("b", |_ctx: ActivityContext, _: ()| async move { Ok::<_, ActivityError>(2u32) });
+    v2.register_activity("b", |_ctx: ActivityContext, _: ()| async move {
+        Ok::<_, ActivityError>(2u32)
+    });
     v2.register_workflow("evolving", |ctx: WorkflowContext, _: ()| async move {
-        let b: u32 = ctx.execute_activity("b", &(), ActivityOptions::default()).await?;
+        let b: u32 = ctx
+            .execute_activity("b", &(), ActivityOptions::default())
+            .await?;
         let _: () = ctx.signal_channel("go").recv().await?;
         Ok(b)
     });
@@ -147,10 +167,18 @@ async fn non_determinism_is_detected_and_a_fixed_worker_continues() {
             .filter(|f| f.cause == "nondeterminism")
     })
     .await;
-    assert!(failure.message.contains("\"a\"") && failure.message.contains("\"b\""), "{}", failure.message);
+    assert!(
+        failure.message.contains("\"a\"") && failure.message.contains("\"b\""),
+        "{}",
+        failure.message
+    );
     assert_eq!(failure.identity, "v2");
     let d = handle.describe().await.unwrap();
-    assert_eq!(d.info.unwrap().status, pb::ExecutionStatus::Running as i32, "the run is not failed");
+    assert_eq!(
+        d.info.unwrap().status,
+        pb::ExecutionStatus::Running as i32,
+        "the run is not failed"
+    );
     v2.kill();
 
     // The fixed worker (v1 code again) picks it up and finishes.
@@ -180,7 +208,10 @@ async fn empty_long_poll_returns_after_its_timeout() {
         .into_inner();
     let waited = started.elapsed();
     assert!(resp.task_token.is_empty(), "nothing to do");
-    assert!(waited >= Duration::from_millis(290), "returned early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(290),
+        "returned early: {waited:?}"
+    );
     assert!(waited < Duration::from_secs(5), "held too long: {waited:?}");
 }
 
@@ -204,7 +235,11 @@ async fn task_added_while_polling_is_handed_over_at_once() {
     .await;
     let started = Instant::now();
     env.client
-        .start_activity("echo", "hi", StandaloneActivityOptions::new("sync-1", "sync"))
+        .start_activity(
+            "echo",
+            "hi",
+            StandaloneActivityOptions::new("sync-1", "sync"),
+        )
         .await
         .unwrap();
     let task = within(T, "poll", poll).await.unwrap().unwrap().into_inner();
@@ -220,7 +255,10 @@ async fn standalone_activity_runs_with_retries() {
         if ctx.info().attempt == 1 {
             return Err(ActivityError::retryable("disk busy"));
         }
-        Ok::<_, ActivityError>(format!("resized to {px}px on attempt {}", ctx.info().attempt))
+        Ok::<_, ActivityError>(format!(
+            "resized to {px}px on attempt {}",
+            ctx.info().attempt
+        ))
     });
     let worker = w.start().unwrap();
     let mut options = StandaloneActivityOptions::new("resize-1", "jobs");
@@ -228,12 +266,18 @@ async fn standalone_activity_runs_with_retries() {
         initial_interval: Duration::from_millis(50),
         ..Default::default()
     });
-    let out: String = within(T, "standalone", env.client.execute_activity("resize", &640u32, options))
-        .await
-        .unwrap();
+    let out: String = within(
+        T,
+        "standalone",
+        env.client.execute_activity("resize", &640u32, options),
+    )
+    .await
+    .unwrap();
     assert_eq!(out, "resized to 640px on attempt 2");
     let listed = env.client.list_workflows(None, 10, true).await.unwrap();
-    assert!(listed.iter().any(|e| e.workflow_id == "resize-1" && e.kind == "activity"));
+    assert!(listed
+        .iter()
+        .any(|e| e.workflow_id == "resize-1" && e.kind == "activity"));
     worker.shutdown().await;
 }
 
@@ -252,14 +296,21 @@ async fn duplicate_workflow_id_is_refused_with_the_running_run() {
         .err()
         .unwrap();
     match err {
-        ClientError::AlreadyStarted { workflow_id, run_id } => {
+        ClientError::AlreadyStarted {
+            workflow_id,
+            run_id,
+        } => {
             assert_eq!(workflow_id, "dup");
             assert_eq!(run_id, first.run_id);
         }
         other => panic!("expected AlreadyStarted, got {other}"),
     }
     let listed = env.client.list_workflows(None, 10, false).await.unwrap();
-    assert_eq!(listed.iter().filter(|e| e.workflow_id == "dup").count(), 1, "nothing was added");
+    assert_eq!(
+        listed.iter().filter(|e| e.workflow_id == "dup").count(),
+        1,
+        "nothing was added"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,11 +326,31 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         ..Default::default()
     };
     let cases = vec![
-        (start("nope", "w", "t", "q", b"1".to_vec()), tonic::Code::NotFound, "namespace \"nope\" does not exist"),
-        (start("default", "", "t", "q", b"1".to_vec()), tonic::Code::InvalidArgument, "workflow id must not be empty"),
-        (start("default", "w", "", "q", b"1".to_vec()), tonic::Code::InvalidArgument, "workflow type must not be empty"),
-        (start("default", &"x".repeat(300), "t", "q", b"1".to_vec()), tonic::Code::InvalidArgument, "300 bytes long; the limit is 255"),
-        (start("default", "w", "t", &"q".repeat(256), b"1".to_vec()), tonic::Code::InvalidArgument, "task queue is 256 bytes long"),
+        (
+            start("nope", "w", "t", "q", b"1".to_vec()),
+            tonic::Code::NotFound,
+            "namespace \"nope\" does not exist",
+        ),
+        (
+            start("default", "", "t", "q", b"1".to_vec()),
+            tonic::Code::InvalidArgument,
+            "workflow id must not be empty",
+        ),
+        (
+            start("default", "w", "", "q", b"1".to_vec()),
+            tonic::Code::InvalidArgument,
+            "workflow type must not be empty",
+        ),
+        (
+            start("default", &"x".repeat(300), "t", "q", b"1".to_vec()),
+            tonic::Code::InvalidArgument,
+            "300 bytes long; the limit is 255",
+        ),
+        (
+            start("default", "w", "t", &"q".repeat(256), b"1".to_vec()),
+            tonic::Code::InvalidArgument,
+            "task queue is 256 bytes long",
+        ),
         (
             start("default", "w", "t", "q", vec![b'7'; 2 * 1024 * 1024 + 1]),
             tonic::Code::InvalidArgument,
@@ -289,13 +360,27 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     for (req, code, text) in cases {
         let err = rpc.start_workflow(req).await.unwrap_err();
         assert_eq!(err.code(), code, "{}", err.message());
-        assert!(err.message().contains(text), "message {:?} should contain {text:?}", err.message());
+        assert!(
+            err.message().contains(text),
+            "message {:?} should contain {text:?}",
+            err.message()
+        );
     }
     // Unknown workflow: describe, signal, result.
-    let err = env.client.workflow_handle("ghost", "").describe().await.unwrap_err();
+    let err = env
+        .client
+        .workflow_handle("ghost", "")
+        .describe()
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
     assert!(err.to_string().contains("\"ghost\" was not found"), "{err}");
-    let err = env.client.workflow_handle("ghost", "").signal("s", &1).await.unwrap_err();
+    let err = env
+        .client
+        .workflow_handle("ghost", "")
+        .signal("s", &1)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
     // A malformed task token.
     let err = rpc
@@ -320,10 +405,24 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("start_to_close_timeout"), "{}", err.message());
+    assert!(
+        err.message().contains("start_to_close_timeout"),
+        "{}",
+        err.message()
+    );
     // Nothing was created by any of the refused calls.
-    assert!(env.client.list_workflows(None, 100, false).await.unwrap().is_empty());
-    assert!(env.client.list_workflows(None, 100, true).await.unwrap().is_empty());
+    assert!(env
+        .client
+        .list_workflows(None, 100, false)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(env
+        .client
+        .list_workflows(None, 100, true)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,5 +481,8 @@ async fn stale_completion_from_an_old_attempt_is_rejected() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(tether::codec::display_payload(out.result.as_ref()), "\"current\"");
+    assert_eq!(
+        tether::codec::display_payload(out.result.as_ref()),
+        "\"current\""
+    );
 }

@@ -30,15 +30,18 @@ async fn workflow_with_activities_completes() {
     w.register_activity("shout", |_ctx: ActivityContext, s: String| async move {
         Ok::<_, ActivityError>(s.to_uppercase())
     });
-    w.register_workflow("greeting", |ctx: WorkflowContext, name: String| async move {
-        let hello: String = ctx
-            .execute_activity("greet", &name, ActivityOptions::default())
-            .await?;
-        let loud: String = ctx
-            .execute_activity("shout", &hello, ActivityOptions::default())
-            .await?;
-        Ok(loud)
-    });
+    w.register_workflow(
+        "greeting",
+        |ctx: WorkflowContext, name: String| async move {
+            let hello: String = ctx
+                .execute_activity("greet", &name, ActivityOptions::default())
+                .await?;
+            let loud: String = ctx
+                .execute_activity("shout", &hello, ActivityOptions::default())
+                .await?;
+            Ok(loud)
+        },
+    );
     let worker = w.start().unwrap();
     let handle = env
         .client
@@ -50,10 +53,22 @@ async fn workflow_with_activities_completes() {
     let kinds = event_kinds(&handle.history().await.unwrap());
     assert_eq!(kinds.first(), Some(&"WorkflowExecutionStarted"));
     assert_eq!(kinds.last(), Some(&"WorkflowExecutionCompleted"));
-    assert_eq!(kinds.iter().filter(|k| **k == "ActivityTaskCompleted").count(), 2);
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == "ActivityTaskCompleted")
+            .count(),
+        2
+    );
     let d = handle.describe().await.unwrap();
-    assert_eq!(d.info.unwrap().status, pb::ExecutionStatus::Completed as i32);
-    assert_eq!(d.workflow_task_failures, 0, "every task completed first time (sticky path)");
+    assert_eq!(
+        d.info.unwrap().status,
+        pb::ExecutionStatus::Completed as i32
+    );
+    assert_eq!(
+        d.workflow_task_failures, 0,
+        "every task completed first time (sticky path)"
+    );
     assert_no_task_failures(&handle).await;
     worker.shutdown().await;
 }
@@ -69,7 +84,10 @@ async fn activity_failing_twice_then_succeeding_is_retried() {
         async move {
             c.fetch_add(1, Ordering::SeqCst);
             if ctx.info().attempt < 3 {
-                Err(ActivityError::retryable(format!("attempt {} broke", ctx.info().attempt)))
+                Err(ActivityError::retryable(format!(
+                    "attempt {} broke",
+                    ctx.info().attempt
+                )))
             } else {
                 Ok(ctx.info().attempt)
             }
@@ -161,7 +179,10 @@ async fn heartbeat_timeout_retries_and_next_attempt_sees_details() {
         .await
         .unwrap();
     let v: u32 = within(T, "result", handle.result()).await.unwrap();
-    assert_eq!(v, 42, "the second attempt read the first attempt's heartbeat details");
+    assert_eq!(
+        v, 42,
+        "the second attempt read the first attempt's heartbeat details"
+    );
     assert_no_task_failures(&handle).await;
     worker.kill();
 }
@@ -200,11 +221,18 @@ async fn non_retryable_error_fails_without_retry() {
         .start_workflow("wf", &(), WorkflowOptions::new("nr", "q"))
         .await
         .unwrap();
-    let err = within(T, "result", handle.result::<()>()).await.unwrap_err();
+    let err = within(T, "result", handle.result::<()>())
+        .await
+        .unwrap_err();
     match err {
-        ClientError::Failed { status, failure, .. } => {
+        ClientError::Failed {
+            status, failure, ..
+        } => {
             assert_eq!(status, pb::ExecutionStatus::Failed);
-            assert_eq!(failure.message, "payment failed: card declined (Declined) after 1 attempt(s)");
+            assert_eq!(
+                failure.message,
+                "payment failed: card declined (Declined) after 1 attempt(s)"
+            );
         }
         other => panic!("unexpected error {other}"),
     }
@@ -272,7 +300,11 @@ async fn cancellation_reaches_workflow_and_activity() {
         let r: Result<(), _> = ctx.execute_activity("long", &(), options).await;
         match r {
             Err(WorkflowError::Activity(f)) if f.kind == ActivityFailureKind::Cancelled => {}
-            other => return Err(WorkflowError::failed(format!("expected cancellation, got {other:?}"))),
+            other => {
+                return Err(WorkflowError::failed(format!(
+                    "expected cancellation, got {other:?}"
+                )))
+            }
         }
         assert!(ctx.is_cancelled());
         let _: () = ctx
@@ -297,7 +329,11 @@ async fn cancellation_reaches_workflow_and_activity() {
     handle.cancel("user asked").await.unwrap();
     let outcome = within(T, "outcome", handle.outcome()).await.unwrap();
     assert_eq!(outcome.status, pb::ExecutionStatus::Canceled as i32);
-    assert_eq!(cleaned.load(Ordering::SeqCst), 1, "cleanup ran after cancellation");
+    assert_eq!(
+        cleaned.load(Ordering::SeqCst),
+        1,
+        "cleanup ran after cancellation"
+    );
     let kinds = event_kinds(&handle.history().await.unwrap());
     assert!(kinds.contains(&"WorkflowCancelRequested"));
     assert!(kinds.contains(&"ActivityTaskCanceled"));
@@ -350,9 +386,15 @@ async fn durable_timer_fires() {
         .await
         .unwrap();
     let slept: u64 = within(T, "result", handle.result()).await.unwrap();
-    assert!(slept >= 300, "workflow time advanced by the timer: {slept} ms");
+    assert!(
+        slept >= 300,
+        "workflow time advanced by the timer: {slept} ms"
+    );
     let kinds = event_kinds(&handle.history().await.unwrap());
-    assert!(kinds.contains(&"TimerStarted") && kinds.contains(&"TimerFired"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"TimerStarted") && kinds.contains(&"TimerFired"),
+        "{kinds:?}"
+    );
     assert_no_task_failures(&handle).await;
     worker.shutdown().await;
 }
@@ -428,7 +470,9 @@ async fn deterministic_helpers_are_stable_across_replay() {
     // No sticky cache: every task replays from the full history.
     let mut w0 = tether::worker::Worker::new(
         env.client.clone(),
-        tether::worker::WorkerOptions::new("q").identity("nocache").max_cached_workflows(0),
+        tether::worker::WorkerOptions::new("q")
+            .identity("nocache")
+            .max_cached_workflows(0),
     );
     w0.register_activity("noop", |_ctx: ActivityContext, _: ()| async move {
         Ok::<_, ActivityError>(())
@@ -437,7 +481,9 @@ async fn deterministic_helpers_are_stable_across_replay() {
         let r1 = ctx.random_u64();
         let id = ctx.uuid();
         let effect: u64 = ctx.side_effect(|| 1234)?;
-        let _: () = ctx.execute_activity("noop", &(), ActivityOptions::default()).await?;
+        let _: () = ctx
+            .execute_activity("noop", &(), ActivityOptions::default())
+            .await?;
         Ok((r1, id.to_string(), effect))
     });
     let worker = w0.start().unwrap();

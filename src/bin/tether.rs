@@ -1,1 +1,903 @@
-fn main(){}
+//! The `tether` command: run the server (`server`, `dev`) and operate it (`workflow`, `activity`,
+//! `namespace`, `queue`, `workers`). Data goes to stdout (JSON with `--json`); logs and progress
+//! go to stderr.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+use tether::api::pb;
+use tether::client::{
+    ActivityOptions, Client, ClientOptions, RetryPolicy, StandaloneActivityOptions, WorkflowOptions,
+};
+use tether::codec;
+use tether::server::{LocalServer, ServerConfig};
+use tether::store::SyncMode;
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Durable-execution server and operator CLI",
+    long_about = "tether runs durable workflows and activities on a fleet of workers.\n\n\
+        Start a throwaway server with `tether dev`, or a persistent one with\n\
+        `tether server --data-dir DIR`; then start, signal and inspect workflows."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Global {
+    /// Server address (host:port or http://host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_ADDRESS",
+        default_value = "127.0.0.1:7233"
+    )]
+    address: String,
+    /// Namespace to work in.
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server on a persistent data directory.
+    Server(ServerArgs),
+    /// Run a server on a temporary data directory, for trying things out.
+    Dev(DevArgs),
+    /// Manage namespaces.
+    #[command(subcommand)]
+    Namespace(NamespaceCmd),
+    /// Start, signal, inspect and stop workflows.
+    #[command(subcommand)]
+    Workflow(WorkflowCmd),
+    /// Run standalone activities (no workflow needed).
+    #[command(subcommand)]
+    Activity(ActivityCmd),
+    /// Inspect task queues.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Inspect workers.
+    #[command(subcommand)]
+    Workers(WorkersCmd),
+}
+
+#[derive(Args)]
+struct ServerOptionsArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7233")]
+    listen: String,
+    /// Longest time a poll or a result wait is held open (e.g. 60s, 500ms).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    long_poll_timeout: Duration,
+    /// Largest payload accepted, in bytes.
+    #[arg(long, default_value_t = tether::types::DEFAULT_MAX_PAYLOAD_BYTES)]
+    max_payload_bytes: usize,
+    /// Commit durability: `full` (fsync every commit; survives power loss) or `normal`
+    /// (survives a crash of the server process).
+    #[arg(long, default_value = "full")]
+    sync: SyncMode,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Directory for the embedded SQLite store (created if missing).
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    options: ServerOptionsArgs,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Keep data here instead of a temporary directory removed on exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    options: ServerOptionsArgs,
+}
+
+#[derive(Subcommand)]
+enum NamespaceCmd {
+    /// Create a namespace.
+    Create {
+        /// Its name.
+        name: String,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List namespaces.
+    List,
+}
+
+#[derive(Args)]
+struct RunRef {
+    /// Workflow id.
+    #[arg(long = "id", short = 'w')]
+    workflow_id: String,
+    /// Run id (default: the latest run).
+    #[arg(long, default_value = "")]
+    run_id: String,
+}
+
+#[derive(Subcommand)]
+enum WorkflowCmd {
+    /// Start a workflow by type name.
+    Start {
+        /// Workflow type (the name it is registered under).
+        #[arg(long = "type")]
+        workflow_type: String,
+        /// Task queue its workers poll.
+        #[arg(long)]
+        task_queue: String,
+        /// Workflow id (default: a random uuid).
+        #[arg(long)]
+        id: Option<String>,
+        /// Input as JSON text.
+        #[arg(long)]
+        input: Option<String>,
+        /// End the run if it takes longer than this (e.g. 1h).
+        #[arg(long, value_parser = parse_duration)]
+        run_timeout: Option<Duration>,
+        /// Wait for the result and print it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Wait for a workflow's result.
+    Result {
+        #[command(flatten)]
+        run: RunRef,
+    },
+    /// Show a workflow's state, pending activities and last task failure.
+    Describe {
+        #[command(flatten)]
+        run: RunRef,
+    },
+    /// Print a workflow's event history.
+    History {
+        #[command(flatten)]
+        run: RunRef,
+    },
+    /// Send a signal.
+    Signal {
+        #[command(flatten)]
+        run: RunRef,
+        /// Signal name.
+        #[arg(long)]
+        name: String,
+        /// Signal input as JSON text.
+        #[arg(long)]
+        input: Option<String>,
+    },
+    /// Ask a workflow to cancel (it may clean up first).
+    Cancel {
+        #[command(flatten)]
+        run: RunRef,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a workflow at once.
+    Terminate {
+        #[command(flatten)]
+        run: RunRef,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List workflow runs, newest first.
+    List {
+        /// Only runs with this status: running, completed, failed, canceled, terminated, timed_out.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ActivityCmd {
+    /// Run an activity on a task queue without a workflow and wait for its result.
+    Execute {
+        /// Activity type.
+        #[arg(long = "type")]
+        activity_type: String,
+        /// Task queue its workers poll.
+        #[arg(long)]
+        task_queue: String,
+        /// Activity id (default: a random uuid).
+        #[arg(long)]
+        id: Option<String>,
+        /// Input as JSON text.
+        #[arg(long)]
+        input: Option<String>,
+        /// Limit on one attempt.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        start_to_close: Duration,
+        /// Limit on all attempts together.
+        #[arg(long, value_parser = parse_duration)]
+        schedule_to_close: Option<Duration>,
+        /// Most attempts (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+        /// Start it and print its ids without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Show a task queue's backlog and pollers.
+    Describe {
+        /// Task queue name.
+        #[arg(long)]
+        task_queue: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkersCmd {
+    /// List workers seen polling in the namespace.
+    List,
+}
+
+/// Parses `500ms`, `10s`, `5m`, `2h` (a bare number is seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: use e.g. 500ms, 10s, 5m, 2h"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "{text:?} has unknown unit {unit:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_json_input(input: Option<&str>) -> Result<Option<pb::Payload>> {
+    match input {
+        None => Ok(None),
+        Some(text) => {
+            let value: Value = serde_json::from_str(text).with_context(|| {
+                format!("--input is not valid JSON: {text:?} (quote strings: '\"text\"')")
+            })?;
+            Ok(Some(codec::to_payload(&value)?))
+        }
+    }
+}
+
+fn payload_json(p: Option<&pb::Payload>) -> Value {
+    match p {
+        None => Value::Null,
+        Some(p) => match codec::encoding_of(p).as_str() {
+            codec::JSON_ENCODING | "" => serde_json::from_slice(&p.data).unwrap_or_else(
+                |_| json!({ "undecodable_json": String::from_utf8_lossy(&p.data) }),
+            ),
+            enc => json!({ "encoding": enc, "bytes": p.data.len() }),
+        },
+    }
+}
+
+fn failure_json(f: Option<&pb::Failure>) -> Value {
+    match f {
+        None => Value::Null,
+        Some(f) => json!({
+            "message": f.message,
+            "error_type": f.error_type,
+            "non_retryable": f.non_retryable,
+            "kind": pb::FailureKind::try_from(f.kind).map(|k| k.as_str_name()).unwrap_or("UNKNOWN"),
+            "timeout_type": f.timeout_type,
+            "cause": failure_json(f.cause.as_deref()),
+        }),
+    }
+}
+
+fn time_text(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since epoch (Howard Hinnant's algorithm), to avoid a date dependency.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+fn status_name(raw: i32) -> &'static str {
+    pb::ExecutionStatus::try_from(raw)
+        .unwrap_or_default()
+        .short_name()
+}
+
+fn execution_json(e: &pb::ExecutionInfo) -> Value {
+    json!({
+        "namespace": e.namespace,
+        "workflow_id": e.workflow_id,
+        "run_id": e.run_id,
+        "type": e.workflow_type,
+        "task_queue": e.task_queue,
+        "status": status_name(e.status),
+        "start_time": time_text(e.start_ms),
+        "close_time": if e.close_ms > 0 { json!(time_text(e.close_ms)) } else { Value::Null },
+        "history_length": e.history_length,
+        "kind": e.kind,
+    })
+}
+
+fn event_json(e: &pb::HistoryEvent) -> Value {
+    use pb::history_event::Attributes as A;
+    let details = match &e.attributes {
+        Some(A::WorkflowExecutionStarted(a)) => {
+            json!({"workflow_type": a.workflow_type, "task_queue": a.task_queue, "input": payload_json(a.input.as_ref())})
+        }
+        Some(A::WorkflowTaskCompleted(a)) => json!({"identity": a.identity}),
+        Some(A::ActivityTaskScheduled(a)) => {
+            json!({"seq": a.seq, "activity_id": a.activity_id, "activity_type": a.activity_type, "input": payload_json(a.input.as_ref()), "task_queue": a.options.as_ref().map(|o| o.task_queue.clone())})
+        }
+        Some(A::ActivityTaskCompleted(a)) => {
+            json!({"seq": a.seq, "scheduled_event_id": a.scheduled_event_id, "attempt": a.attempt, "identity": a.identity, "result": payload_json(a.result.as_ref())})
+        }
+        Some(A::ActivityTaskFailed(a)) => {
+            json!({"seq": a.seq, "scheduled_event_id": a.scheduled_event_id, "attempt": a.attempt, "identity": a.identity, "failure": failure_json(a.failure.as_ref())})
+        }
+        Some(A::ActivityTaskTimedOut(a)) => {
+            json!({"seq": a.seq, "scheduled_event_id": a.scheduled_event_id, "attempt": a.attempt, "failure": failure_json(a.failure.as_ref())})
+        }
+        Some(A::ActivityTaskCanceled(a)) => {
+            json!({"seq": a.seq, "scheduled_event_id": a.scheduled_event_id})
+        }
+        Some(A::ActivityCancelRequested(a)) => json!({"seq": a.seq}),
+        Some(A::TimerStarted(a)) => json!({"seq": a.seq, "duration_ms": a.duration_ms}),
+        Some(A::TimerFired(a)) => json!({"seq": a.seq}),
+        Some(A::TimerCanceled(a)) => json!({"seq": a.seq}),
+        Some(A::WorkflowSignaled(a)) => {
+            json!({"signal_name": a.signal_name, "input": payload_json(a.input.as_ref()), "identity": a.identity})
+        }
+        Some(A::WorkflowCancelRequested(a)) => json!({"reason": a.reason, "identity": a.identity}),
+        Some(A::MarkerRecorded(a)) => {
+            json!({"seq": a.seq, "marker_name": a.marker_name, "data": payload_json(a.data.as_ref())})
+        }
+        Some(A::SignalExternalInitiated(a)) => {
+            json!({"seq": a.seq, "namespace": a.namespace, "workflow_id": a.workflow_id, "signal_name": a.signal_name})
+        }
+        Some(A::SignalExternalResolved(a)) => {
+            json!({"seq": a.seq, "failure": failure_json(a.failure.as_ref())})
+        }
+        Some(A::WorkflowExecutionCompleted(a)) => {
+            json!({"result": payload_json(a.result.as_ref())})
+        }
+        Some(A::WorkflowExecutionFailed(a)) => json!({"failure": failure_json(a.failure.as_ref())}),
+        Some(A::WorkflowExecutionCanceled(_)) => json!({}),
+        Some(A::WorkflowExecutionTerminated(a)) => {
+            json!({"reason": a.reason, "identity": a.identity})
+        }
+        Some(A::WorkflowExecutionTimedOut(_)) => json!({}),
+        None => json!({}),
+    };
+    json!({ "event_id": e.event_id, "time": time_text(e.time_ms), "type": e.kind_name(), "details": details })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+async fn connect(g: &Global) -> Result<Client> {
+    Ok(Client::connect_with(
+        g.address.clone(),
+        ClientOptions {
+            namespace: g.namespace.clone(),
+            ..Default::default()
+        },
+    )
+    .await?)
+}
+
+fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
+    if o.max_payload_bytes == 0 {
+        bail!("--max-payload-bytes must be greater than 0");
+    }
+    if o.long_poll_timeout.is_zero() {
+        bail!("--long-poll-timeout must be greater than 0");
+    }
+    Ok(ServerConfig {
+        long_poll_timeout: o.long_poll_timeout,
+        max_payload_bytes: o.max_payload_bytes,
+        sync_mode: o.sync,
+    })
+}
+
+async fn serve(listen: &str, data_dir: &std::path::Path, config: ServerConfig) -> Result<()> {
+    let server = LocalServer::start(listen, data_dir, config)
+        .await
+        .with_context(|| format!("starting the server on {listen}"))?;
+    tracing::info!(address = %server.addr(), data_dir = %data_dir.display(), "tether server listening");
+    eprintln!(
+        "tether server listening on {} (data in {}); Ctrl-C to stop",
+        server.addr(),
+        data_dir.display()
+    );
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    server.stop().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,tether=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let g = cli.global;
+    match cli.command {
+        Command::Server(args) => {
+            serve(
+                &args.options.listen,
+                &args.data_dir,
+                server_config(&args.options)?,
+            )
+            .await?;
+        }
+        Command::Dev(args) => {
+            let config = server_config(&args.options)?;
+            match args.data_dir {
+                Some(dir) => serve(&args.options.listen, &dir, config).await?,
+                None => {
+                    let dir = tempfile::Builder::new().prefix("tether-dev-").tempdir()?;
+                    serve(&args.options.listen, dir.path(), config).await?;
+                }
+            }
+        }
+        Command::Namespace(cmd) => {
+            let client = connect(&g).await?;
+            match cmd {
+                NamespaceCmd::Create { name, description } => {
+                    client.register_namespace(&name, &description).await?;
+                    if g.json {
+                        print_json(&json!({ "namespace": name }));
+                    } else {
+                        println!("namespace {name} created");
+                    }
+                }
+                NamespaceCmd::List => {
+                    let list = client.list_namespaces().await?;
+                    if g.json {
+                        print_json(&Value::Array(
+                            list.iter()
+                                .map(|n| json!({"name": n.name, "description": n.description, "created": time_text(n.created_ms)}))
+                                .collect(),
+                        ));
+                    } else {
+                        for n in list {
+                            println!("{:<24} {}", n.name, n.description);
+                        }
+                    }
+                }
+            }
+        }
+        Command::Workflow(cmd) => return workflow_cmd(&g, cmd).await,
+        Command::Activity(ActivityCmd::Execute {
+            activity_type,
+            task_queue,
+            id,
+            input,
+            start_to_close,
+            schedule_to_close,
+            max_attempts,
+            no_wait,
+        }) => {
+            let client = connect(&g).await?;
+            let input: Value = match input {
+                Some(text) => serde_json::from_str(&text)
+                    .with_context(|| format!("--input is not valid JSON: {text:?}"))?,
+                None => Value::Null,
+            };
+            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let mut options = StandaloneActivityOptions::new(id.clone(), task_queue);
+            options.options = ActivityOptions {
+                start_to_close: Some(start_to_close),
+                schedule_to_close,
+                retry: RetryPolicy {
+                    maximum_attempts: max_attempts,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let handle = client
+                .start_activity(&activity_type, &input, options)
+                .await?;
+            eprintln!("started activity {id} (run {})", handle.run_id);
+            if no_wait {
+                if g.json {
+                    print_json(&json!({"activity_id": id, "run_id": handle.run_id}));
+                } else {
+                    println!("{id} {}", handle.run_id);
+                }
+                return Ok(0);
+            }
+            match handle.result::<Value>().await {
+                Ok(v) => {
+                    if g.json {
+                        print_json(
+                            &json!({"activity_id": id, "run_id": handle.run_id, "status": "completed", "result": v}),
+                        );
+                    } else {
+                        println!("{v}");
+                    }
+                }
+                Err(tether::client::ClientError::Failed {
+                    status, failure, ..
+                }) => {
+                    if g.json {
+                        print_json(
+                            &json!({"activity_id": id, "run_id": handle.run_id, "status": status.short_name(), "failure": failure_json(Some(&failure))}),
+                        );
+                    } else {
+                        eprintln!("activity {id} {}: {}", status.short_name(), failure.message);
+                    }
+                    return Ok(2);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Command::Queue(QueueCmd::Describe { task_queue }) => {
+            let client = connect(&g).await?;
+            let q = client.describe_task_queue(&task_queue).await?;
+            if g.json {
+                print_json(&json!({
+                    "task_queue": task_queue,
+                    "workflow_backlog": q.workflow_backlog,
+                    "activity_backlog": q.activity_backlog,
+                    "pollers": q.pollers.iter().map(|p| json!({"identity": p.identity, "kind": p.kind, "last_poll": time_text(p.last_poll_ms)})).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!("task queue:        {task_queue}");
+                println!("workflow backlog:  {}", q.workflow_backlog);
+                println!("activity backlog:  {}", q.activity_backlog);
+                println!("pollers:");
+                for p in q.pollers {
+                    println!(
+                        "  {:<32} {:<9} last poll {}",
+                        p.identity,
+                        p.kind,
+                        time_text(p.last_poll_ms)
+                    );
+                }
+            }
+        }
+        Command::Workers(WorkersCmd::List) => {
+            let client = connect(&g).await?;
+            let workers = client.list_workers().await?;
+            if g.json {
+                print_json(&Value::Array(
+                    workers
+                        .iter()
+                        .map(|w| json!({"identity": w.identity, "task_queues": w.task_queues, "last_seen": time_text(w.last_seen_ms)}))
+                        .collect(),
+                ));
+            } else {
+                println!("{:<32} {:<26} TASK QUEUES", "IDENTITY", "LAST SEEN");
+                for w in workers {
+                    println!(
+                        "{:<32} {:<26} {}",
+                        w.identity,
+                        time_text(w.last_seen_ms),
+                        w.task_queues.join(",")
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_outcome(g: &Global, workflow_id: &str, outcome: &pb::GetWorkflowResultResponse) -> i32 {
+    let status = pb::ExecutionStatus::try_from(outcome.status).unwrap_or_default();
+    if g.json {
+        print_json(&json!({
+            "workflow_id": workflow_id,
+            "run_id": outcome.run_id,
+            "status": status.short_name(),
+            "result": payload_json(outcome.result.as_ref()),
+            "failure": failure_json(outcome.failure.as_ref()),
+        }));
+    } else if status == pb::ExecutionStatus::Completed {
+        println!("{}", codec::display_payload(outcome.result.as_ref()));
+    } else {
+        eprintln!(
+            "workflow {workflow_id} {}: {}",
+            status.short_name(),
+            outcome
+                .failure
+                .as_ref()
+                .map(|f| f.message.as_str())
+                .unwrap_or("")
+        );
+    }
+    if status == pb::ExecutionStatus::Completed {
+        0
+    } else {
+        2
+    }
+}
+
+async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
+    let client = connect(g).await?;
+    match cmd {
+        WorkflowCmd::Start {
+            workflow_type,
+            task_queue,
+            id,
+            input,
+            run_timeout,
+            wait,
+        } => {
+            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let mut options = WorkflowOptions::new(id.clone(), task_queue);
+            options.run_timeout = run_timeout;
+            let handle = client
+                .start_workflow_raw(&workflow_type, parse_json_input(input.as_deref())?, options)
+                .await?;
+            if wait {
+                eprintln!(
+                    "started workflow {id} (run {}); waiting for the result",
+                    handle.run_id
+                );
+                let outcome = handle.outcome().await?;
+                return Ok(print_outcome(g, &id, &outcome));
+            }
+            if g.json {
+                print_json(&json!({"workflow_id": id, "run_id": handle.run_id}));
+            } else {
+                println!("workflow id: {id}\nrun id:      {}", handle.run_id);
+            }
+        }
+        WorkflowCmd::Result { run } => {
+            let handle = client.workflow_handle(&run.workflow_id, &run.run_id);
+            let outcome = handle.outcome().await?;
+            return Ok(print_outcome(g, &run.workflow_id, &outcome));
+        }
+        WorkflowCmd::Describe { run } => {
+            let d = client
+                .workflow_handle(&run.workflow_id, &run.run_id)
+                .describe()
+                .await?;
+            let info = d.info.clone().unwrap_or_default();
+            if g.json {
+                let mut v = execution_json(&info);
+                v["pending_activities"] = Value::Array(
+                    d.pending_activities
+                        .iter()
+                        .map(|a| json!({
+                            "activity_id": a.activity_id, "activity_type": a.activity_type, "state": a.state,
+                            "attempt": a.attempt, "task_queue": a.task_queue, "last_worker": a.last_worker,
+                            "last_failure": failure_json(a.last_failure.as_ref()),
+                            "next_attempt": if a.next_attempt_ms > 0 { json!(time_text(a.next_attempt_ms)) } else { Value::Null },
+                        }))
+                        .collect(),
+                );
+                v["pending_timers"] = json!(d.pending_timers);
+                v["workflow_task_failures"] = json!(d.workflow_task_failures);
+                v["last_workflow_task_failure"] = match &d.last_workflow_task_failure {
+                    Some(f) => {
+                        json!({"cause": f.cause, "message": f.message, "attempt": f.attempt, "identity": f.identity, "time": time_text(f.time_ms)})
+                    }
+                    None => Value::Null,
+                };
+                v["result"] = payload_json(d.result.as_ref());
+                v["failure"] = failure_json(d.failure.as_ref());
+                print_json(&v);
+            } else {
+                println!("workflow id:     {}", info.workflow_id);
+                println!("run id:          {}", info.run_id);
+                println!("kind:            {}", info.kind);
+                println!("type:            {}", info.workflow_type);
+                println!("task queue:      {}", info.task_queue);
+                println!("status:          {}", status_name(info.status));
+                println!("started:         {}", time_text(info.start_ms));
+                println!("closed:          {}", time_text(info.close_ms));
+                println!("history length:  {}", info.history_length);
+                println!("pending timers:  {}", d.pending_timers);
+                println!("task failures:   {}", d.workflow_task_failures);
+                if let Some(f) = &d.last_workflow_task_failure {
+                    println!(
+                        "last workflow task failure ({}, attempt {}, worker {}):\n  {}",
+                        f.cause, f.attempt, f.identity, f.message
+                    );
+                }
+                if !d.pending_activities.is_empty() {
+                    println!("pending activities:");
+                    for a in &d.pending_activities {
+                        println!(
+                            "  #{:<3} {:<20} {:<16} attempt {:<3} queue {:<16} worker {}{}",
+                            a.seq,
+                            a.activity_type,
+                            a.state,
+                            a.attempt,
+                            a.task_queue,
+                            a.last_worker,
+                            a.last_failure
+                                .as_ref()
+                                .map(|f| format!(" (last failure: {})", f.message))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+                if d.result.is_some() {
+                    println!(
+                        "result:          {}",
+                        codec::display_payload(d.result.as_ref())
+                    );
+                }
+                if let Some(f) = &d.failure {
+                    println!("failure:         {}", f.message);
+                }
+            }
+        }
+        WorkflowCmd::History { run } => {
+            let events = client
+                .workflow_handle(&run.workflow_id, &run.run_id)
+                .history()
+                .await?;
+            if g.json {
+                print_json(&Value::Array(events.iter().map(event_json).collect()));
+            } else {
+                for e in &events {
+                    let v = event_json(e);
+                    println!(
+                        "{:>4}  {}  {:<28} {}",
+                        e.event_id,
+                        time_text(e.time_ms),
+                        e.kind_name(),
+                        v["details"]
+                    );
+                }
+            }
+        }
+        WorkflowCmd::Signal { run, name, input } => {
+            let payload = parse_json_input(input.as_deref())?;
+            client
+                .raw()
+                .signal_workflow(pb::SignalWorkflowRequest {
+                    namespace: g.namespace.clone(),
+                    workflow_id: run.workflow_id.clone(),
+                    run_id: run.run_id,
+                    signal_name: name.clone(),
+                    input: payload,
+                    identity: client.identity().to_string(),
+                })
+                .await
+                .map_err(tether::client::ClientError::from)?;
+            if g.json {
+                print_json(&json!({"signaled": run.workflow_id, "signal": name}));
+            } else {
+                println!("signal {name} sent to {}", run.workflow_id);
+            }
+        }
+        WorkflowCmd::Cancel { run, reason } => {
+            client
+                .workflow_handle(&run.workflow_id, &run.run_id)
+                .cancel(&reason)
+                .await?;
+            if g.json {
+                print_json(&json!({"cancel_requested": run.workflow_id}));
+            } else {
+                println!("cancellation requested for {}", run.workflow_id);
+            }
+        }
+        WorkflowCmd::Terminate { run, reason } => {
+            client
+                .workflow_handle(&run.workflow_id, &run.run_id)
+                .terminate(&reason)
+                .await?;
+            if g.json {
+                print_json(&json!({"terminated": run.workflow_id}));
+            } else {
+                println!("terminated {}", run.workflow_id);
+            }
+        }
+        WorkflowCmd::List { status, limit } => {
+            let status = match status {
+                None => None,
+                Some(s) => Some(pb::ExecutionStatus::from_short_name(&s).with_context(|| {
+                    format!("--status {s:?} is not known: use running, completed, failed, canceled, terminated or timed_out")
+                })?),
+            };
+            let runs = client.list_workflows(status, limit, false).await?;
+            if g.json {
+                print_json(&Value::Array(runs.iter().map(execution_json).collect()));
+            } else {
+                println!(
+                    "{:<36} {:<20} {:<11} {:<26} RUN ID",
+                    "WORKFLOW ID", "TYPE", "STATUS", "STARTED"
+                );
+                for r in runs {
+                    println!(
+                        "{:<36} {:<20} {:<11} {:<26} {}",
+                        r.workflow_id,
+                        r.workflow_type,
+                        status_name(r.status),
+                        time_text(r.start_ms),
+                        r.run_id
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}

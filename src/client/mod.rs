@@ -44,7 +44,7 @@ pub enum ClientError {
         /// How it ended.
         status: pb::ExecutionStatus,
         /// Why.
-        failure: pb::Failure,
+        failure: Box<pb::Failure>,
     },
     /// A value could not be converted.
     #[error(transparent)]
@@ -231,8 +231,14 @@ impl Client {
             workflow_type: workflow_type.into(),
             task_queue: options.task_queue,
             input,
-            run_timeout_ms: options.run_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
-            task_timeout_ms: options.task_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+            run_timeout_ms: options
+                .run_timeout
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            task_timeout_ms: options
+                .task_timeout
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             identity: self.options.identity.clone(),
         };
         match self.raw().start_workflow(req).await {
@@ -370,7 +376,7 @@ impl Client {
 }
 
 /// Activity options as the SDK takes them. Defaults are written on each field.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ActivityOptions {
     /// Task queue; empty = the workflow's own. Default empty.
     pub task_queue: String,
@@ -384,19 +390,6 @@ pub struct ActivityOptions {
     pub heartbeat: Option<Duration>,
     /// Retry policy. Default: initial 1 s, backoff 2.0, max interval 100 s, unlimited attempts.
     pub retry: RetryPolicy,
-}
-
-impl Default for ActivityOptions {
-    fn default() -> Self {
-        ActivityOptions {
-            task_queue: String::new(),
-            start_to_close: None,
-            schedule_to_close: None,
-            schedule_to_start: None,
-            heartbeat: None,
-            retry: RetryPolicy::default(),
-        }
-    }
 }
 
 /// The default attempt timeout when neither start_to_close nor schedule_to_close is given.
@@ -531,10 +524,10 @@ fn decode_outcome<O: DeserializeOwned>(
         what,
         id: id.to_string(),
         status,
-        failure: outcome.failure.unwrap_or_else(|| pb::Failure {
+        failure: Box::new(outcome.failure.unwrap_or_else(|| pb::Failure {
             message: format!("ended {}", status.short_name()),
             ..Default::default()
-        }),
+        })),
     })
 }
 

@@ -46,7 +46,10 @@ pub fn json_payload(data: Vec<u8>) -> Payload {
 /// Wraps raw bytes in a payload that passes through the converter unchanged.
 pub fn binary_payload(data: Vec<u8>) -> Payload {
     let mut metadata = std::collections::BTreeMap::new();
-    metadata.insert(ENCODING_KEY.to_string(), BINARY_ENCODING.as_bytes().to_vec());
+    metadata.insert(
+        ENCODING_KEY.to_string(),
+        BINARY_ENCODING.as_bytes().to_vec(),
+    );
     Payload { metadata, data }
 }
 
@@ -123,8 +126,7 @@ mod tests {
     fn missing_payload_is_null() {
         let v: Option<String> = from_payload(None).unwrap();
         assert_eq!(v, None);
-        let unit: () = from_payload(None).unwrap();
-        let _ = unit;
+        from_payload::<()>(None).unwrap();
     }
 
     #[test]

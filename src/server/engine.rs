@@ -59,7 +59,10 @@ struct RunSnapshot {
 impl Engine {
     /// Opens the engine over a store: loads namespaces and open runs, re-offers their pending
     /// tasks and re-arms their timers.
-    pub async fn open(store: Arc<dyn Store>, config: ServerConfig) -> Result<Arc<Engine>, EngineError> {
+    pub async fn open(
+        store: Arc<dyn Store>,
+        config: ServerConfig,
+    ) -> Result<Arc<Engine>, EngineError> {
         let store_for_recovery = store.clone();
         let recovered = tokio::task::spawn_blocking(move || store_for_recovery.recover())
             .await
@@ -146,7 +149,10 @@ impl Engine {
             let failure = if !st.namespaces.contains_key(&sig.namespace) {
                 Some(format!("namespace {:?} does not exist", sig.namespace))
             } else if let Some(target_id) = st.open_ids.get(&target_key).cloned() {
-                let target = st.runs.get_mut(&target_id).expect("open id points at a run");
+                let target = st
+                    .runs
+                    .get_mut(&target_id)
+                    .expect("open id points at a run");
                 target.signal(&sig.signal_name, sig.input.clone(), "", now, &mut txn.fx);
                 txn.touched.insert(target_id);
                 None
@@ -312,7 +318,11 @@ impl Engine {
     // ------------------------------------------------------------------------------------------
 
     /// Creates a namespace.
-    pub async fn register_namespace(&self, name: &str, description: &str) -> Result<(), EngineError> {
+    pub async fn register_namespace(
+        &self,
+        name: &str,
+        description: &str,
+    ) -> Result<(), EngineError> {
         self.check_healthy()?;
         let mut txn = Txn::default();
         let commit = {
@@ -344,7 +354,10 @@ impl Engine {
     // ------------------------------------------------------------------------------------------
 
     /// Starts a workflow run; fails with AlreadyExists if the id is running.
-    pub async fn start_workflow(&self, req: pb::StartWorkflowRequest) -> Result<String, EngineError> {
+    pub async fn start_workflow(
+        &self,
+        req: pb::StartWorkflowRequest,
+    ) -> Result<String, EngineError> {
         self.check_healthy()?;
         let mut txn = Txn::default();
         let (commit, run_id) = {
@@ -369,7 +382,10 @@ impl Engine {
     }
 
     /// Starts a standalone activity.
-    pub async fn start_activity(&self, req: pb::StartActivityRequest) -> Result<String, EngineError> {
+    pub async fn start_activity(
+        &self,
+        req: pb::StartActivityRequest,
+    ) -> Result<String, EngineError> {
         self.check_healthy()?;
         let options = history::normalize_activity_options(req.options.clone(), &req.task_queue)?;
         let mut txn = Txn::default();
@@ -406,9 +422,16 @@ impl Engine {
         let mut txn = Txn::default();
         let commit = {
             let mut st = self.state.lock();
-            let run_id = self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
+            let run_id =
+                self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
             let entry = st.runs.get_mut(&run_id).expect("open run");
-            entry.signal(&req.signal_name, req.input, &req.identity, now_ms(), &mut txn.fx);
+            entry.signal(
+                &req.signal_name,
+                req.input,
+                &req.identity,
+                now_ms(),
+                &mut txn.fx,
+            );
             txn.touched.insert(run_id);
             self.commit_locked(&mut st, &mut txn)
         };
@@ -444,7 +467,8 @@ impl Engine {
         let mut txn = Txn::default();
         let commit = {
             let mut st = self.state.lock();
-            let run_id = self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
+            let run_id =
+                self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
             let entry = st.runs.get_mut(&run_id).expect("open run");
             entry.terminate(&req.reason, &req.identity, now_ms(), &mut txn.fx);
             txn.touched.insert(run_id);
@@ -471,7 +495,9 @@ impl Engine {
             } else {
                 st.runs.get(run_id)
             };
-            if let Some(entry) = live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace) {
+            if let Some(entry) =
+                live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace)
+            {
                 return Ok(RunSnapshot {
                     state: entry.state.clone(),
                     pending: entry.pending_activities(),
@@ -487,7 +513,12 @@ impl Engine {
                 scheduled_event_id: a.scheduled_event_id,
                 activity_id: a.activity_id.clone(),
                 activity_type: a.activity_type.clone(),
-                state: if a.backoff_until_ms > 0 { "backoff" } else { "scheduled" }.into(),
+                state: if a.backoff_until_ms > 0 {
+                    "backoff"
+                } else {
+                    "scheduled"
+                }
+                .into(),
                 attempt: a.attempt,
                 last_failure: a.last_failure.clone(),
                 last_worker: a.last_worker.clone(),
@@ -520,7 +551,13 @@ impl Engine {
         .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         let what = if standalone { "activity" } else { "workflow" };
         match found {
-            Some(s) if s.namespace == namespace && s.workflow_id == id && s.standalone_activity == standalone => Ok(s),
+            Some(s)
+                if s.namespace == namespace
+                    && s.workflow_id == id
+                    && s.standalone_activity == standalone =>
+            {
+                Ok(s)
+            }
             _ => Err(EngineError::NotFound(if run_id.is_empty() {
                 format!("{what} {id:?} was not found in namespace {namespace:?}")
             } else {
@@ -568,7 +605,9 @@ impl Engine {
             } else {
                 st.runs.get(run_id)
             };
-            if let Some(entry) = live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace) {
+            if let Some(entry) =
+                live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace)
+            {
                 return Ok(entry.history.clone());
             }
         }
@@ -627,7 +666,9 @@ impl Engine {
                 Some(run_id.to_string())
             };
             match live_id.and_then(|r| st.runs.get(&r).map(|e| (r, e))) {
-                Some((r, entry)) if entry.state.workflow_id == id && entry.state.namespace == namespace => {
+                Some((r, entry))
+                    if entry.state.workflow_id == id && entry.state.namespace == namespace =>
+                {
                     if entry.is_open() {
                         if wait.is_zero() {
                             return Ok(pb::GetWorkflowResultResponse {
@@ -679,7 +720,12 @@ impl Engine {
     // Worker operations
     // ------------------------------------------------------------------------------------------
 
-    async fn poll_queue(&self, key: &QueueKey, identity: &str, timeout: Duration) -> Option<TaskRef> {
+    async fn poll_queue(
+        &self,
+        key: &QueueKey,
+        identity: &str,
+        timeout: Duration,
+    ) -> Option<TaskRef> {
         let mut shutdown = self.shutdown.subscribe();
         if *shutdown.borrow() {
             return None;
@@ -719,7 +765,12 @@ impl Engine {
             let dispatched = {
                 let mut st = self.state.lock();
                 let response = st.runs.get_mut(&run_id).and_then(|entry| {
-                    entry.dispatch_workflow_task(&req.identity, &req.sticky_queue, now_ms(), &mut txn.fx)
+                    entry.dispatch_workflow_task(
+                        &req.identity,
+                        &req.sticky_queue,
+                        now_ms(),
+                        &mut txn.fx,
+                    )
                 });
                 if response.is_some() {
                     // Dispatch may move buffered events into the history; that write is ordered
@@ -741,7 +792,9 @@ impl Engine {
 
     fn decode_token(bytes: &[u8]) -> Result<pb::TaskToken, EngineError> {
         let token = pb::TaskToken::decode(bytes).map_err(|_| {
-            EngineError::InvalidArgument("task token is malformed; pass the token the poll returned".into())
+            EngineError::InvalidArgument(
+                "task token is malformed; pass the token the poll returned".into(),
+            )
         })?;
         if token.run_id.is_empty() {
             return Err(EngineError::InvalidArgument(
@@ -778,7 +831,10 @@ impl Engine {
     }
 
     /// Applies a workflow task's commands.
-    pub async fn complete_workflow_task(&self, req: pb::CompleteWorkflowTaskRequest) -> Result<(), EngineError> {
+    pub async fn complete_workflow_task(
+        &self,
+        req: pb::CompleteWorkflowTaskRequest,
+    ) -> Result<(), EngineError> {
         let max = self.config.max_payload_bytes;
         self.with_token_run(&req.task_token, |entry, token, fx| {
             entry.validate_commands(&req.commands, max)?;
@@ -795,7 +851,10 @@ impl Engine {
     }
 
     /// Records a failed workflow task.
-    pub async fn fail_workflow_task(&self, req: pb::FailWorkflowTaskRequest) -> Result<(), EngineError> {
+    pub async fn fail_workflow_task(
+        &self,
+        req: pb::FailWorkflowTaskRequest,
+    ) -> Result<(), EngineError> {
         self.with_token_run(&req.task_token, |entry, token, fx| {
             entry.fail_workflow_task(token, &req.cause, req.failure, &req.identity, now_ms(), fx)
         })
@@ -828,7 +887,13 @@ impl Engine {
             let dispatched = {
                 let mut st = self.state.lock();
                 st.runs.get_mut(&run_id).and_then(|entry| {
-                    entry.dispatch_activity(scheduled_event_id, attempt, &req.identity, now_ms(), &mut fx)
+                    entry.dispatch_activity(
+                        scheduled_event_id,
+                        attempt,
+                        &req.identity,
+                        now_ms(),
+                        &mut fx,
+                    )
                 })
             };
             if let Some(response) = dispatched {
@@ -864,7 +929,10 @@ impl Engine {
     }
 
     /// An activity attempt succeeded.
-    pub async fn complete_activity(&self, req: pb::CompleteActivityTaskRequest) -> Result<(), EngineError> {
+    pub async fn complete_activity(
+        &self,
+        req: pb::CompleteActivityTaskRequest,
+    ) -> Result<(), EngineError> {
         self.with_token_run(&req.task_token, |entry, token, fx| {
             entry.activity_completed(token, req.result, &req.identity, now_ms(), fx)
         })
@@ -885,7 +953,10 @@ impl Engine {
     }
 
     /// An activity stopped after a cancel request.
-    pub async fn activity_canceled(&self, req: pb::ReportActivityCanceledRequest) -> Result<(), EngineError> {
+    pub async fn activity_canceled(
+        &self,
+        req: pb::ReportActivityCanceledRequest,
+    ) -> Result<(), EngineError> {
         self.with_token_run(&req.task_token, |entry, token, fx| {
             entry.activity_canceled(token, req.details, now_ms(), fx)
         })
@@ -933,7 +1004,9 @@ impl Engine {
                     continue;
                 };
                 let changed = match &key {
-                    TimerKey::WorkflowTimer { seq, .. } => entry.timer_fired(*seq, now, &mut txn.fx),
+                    TimerKey::WorkflowTimer { seq, .. } => {
+                        entry.timer_fired(*seq, now, &mut txn.fx)
+                    }
                     TimerKey::RunTimeout { .. } => {
                         let deadline = entry.state.start_ms + entry.state.run_timeout_ms as i64;
                         deadline <= now && entry.run_timed_out(now, &mut txn.fx)
@@ -963,10 +1036,18 @@ impl Engine {
     // ------------------------------------------------------------------------------------------
 
     /// Backlog and pollers of a task queue.
-    pub fn describe_queue(&self, namespace: &str, queue: &str) -> Result<pb::DescribeTaskQueueResponse, EngineError> {
+    pub fn describe_queue(
+        &self,
+        namespace: &str,
+        queue: &str,
+    ) -> Result<pb::DescribeTaskQueueResponse, EngineError> {
         Self::check_namespace(&self.state.lock(), namespace)?;
-        let wf = self.matcher.stats(&QueueKey::new(namespace, queue, TaskKind::Workflow));
-        let act = self.matcher.stats(&QueueKey::new(namespace, queue, TaskKind::Activity));
+        let wf = self
+            .matcher
+            .stats(&QueueKey::new(namespace, queue, TaskKind::Workflow));
+        let act = self
+            .matcher
+            .stats(&QueueKey::new(namespace, queue, TaskKind::Activity));
         let mut pollers: Vec<pb::PollerInfo> = wf
             .pollers
             .iter()
@@ -994,12 +1075,16 @@ impl Engine {
         Self::check_namespace(&self.state.lock(), namespace)?;
         let mut by_identity: BTreeMap<String, pb::WorkerInfo> = BTreeMap::new();
         for (identity, queue, _kind, seen) in self.matcher.pollers_in(namespace) {
-            let w = by_identity.entry(identity.clone()).or_insert_with(|| pb::WorkerInfo {
-                identity,
-                namespace: namespace.to_string(),
-                ..Default::default()
-            });
-            if !queue.starts_with(crate::worker::STICKY_QUEUE_PREFIX) && !w.task_queues.contains(&queue) {
+            let w = by_identity
+                .entry(identity.clone())
+                .or_insert_with(|| pb::WorkerInfo {
+                    identity,
+                    namespace: namespace.to_string(),
+                    ..Default::default()
+                });
+            if !queue.starts_with(crate::worker::STICKY_QUEUE_PREFIX)
+                && !w.task_queues.contains(&queue)
+            {
                 w.task_queues.push(queue);
             }
             w.last_seen_ms = w.last_seen_ms.max(seen);
@@ -1025,6 +1110,11 @@ fn execution_info(s: &RunState) -> pb::ExecutionInfo {
         start_ms: s.start_ms,
         close_ms: s.close_ms,
         history_length: s.next_event_id.saturating_sub(1),
-        kind: if s.standalone_activity { "activity" } else { "workflow" }.into(),
+        kind: if s.standalone_activity {
+            "activity"
+        } else {
+            "workflow"
+        }
+        .into(),
     }
 }

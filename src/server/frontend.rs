@@ -165,12 +165,11 @@ impl TetherService for Frontend {
             .await;
         // Standalone activities share the describe call: fall back to them by id.
         let found = match found {
-            Err(EngineError::NotFound(_)) => {
-                self.engine
-                    .describe(&req.namespace, true, &req.workflow_id, &req.run_id)
-                    .await
-                    .map_err(|_| found.unwrap_err())
-            }
+            Err(EngineError::NotFound(_)) => self
+                .engine
+                .describe(&req.namespace, true, &req.workflow_id, &req.run_id)
+                .await
+                .map_err(|_| found.unwrap_err()),
             other => other,
         };
         ok(found?)
@@ -207,7 +206,11 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         let status = status_filter(req.status)?;
         let standalone = kind_is_activity(&req.kind)?;
-        let limit = if req.limit == 0 { 100 } else { req.limit.min(10_000) } as usize;
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit.min(10_000)
+        } as usize;
         let executions = self
             .engine
             .list(&req.namespace, standalone, status, limit)
@@ -319,7 +322,11 @@ impl TetherService for Frontend {
         request: Request<pb::HeartbeatActivityRequest>,
     ) -> R<pb::HeartbeatActivityResponse> {
         let req = request.into_inner();
-        payload("heartbeat details", req.details.as_ref(), self.max_payload())?;
+        payload(
+            "heartbeat details",
+            req.details.as_ref(),
+            self.max_payload(),
+        )?;
         let cancel_requested = self.engine.heartbeat(req).await?;
         ok(pb::HeartbeatActivityResponse { cancel_requested })
     }
@@ -363,7 +370,9 @@ impl TetherService for Frontend {
         let req = request.into_inner();
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
-        ok(self.engine.describe_queue(&req.namespace, &req.task_queue)?)
+        ok(self
+            .engine
+            .describe_queue(&req.namespace, &req.task_queue)?)
     }
 
     async fn list_workers(

@@ -195,7 +195,11 @@ impl RunEntry {
     }
 
     fn workflow_queue(&self) -> QueueKey {
-        QueueKey::new(&self.state.namespace, &self.state.task_queue, TaskKind::Workflow)
+        QueueKey::new(
+            &self.state.namespace,
+            &self.state.task_queue,
+            TaskKind::Workflow,
+        )
     }
 
     /// Appends an event to the history, or buffers it while a workflow task is running so that
@@ -325,8 +329,7 @@ impl RunEntry {
 
     /// Puts a workflow task on the queue unless one is already pending.
     fn schedule_workflow_task(&mut self, now: i64, fx: &mut Effects) {
-        if self.state.standalone_activity || !self.is_open() || self.state.workflow_task.is_some()
-        {
+        if self.state.standalone_activity || !self.is_open() || self.state.workflow_task.is_some() {
             return;
         }
         self.state.workflow_task = Some(WorkflowTaskState {
@@ -521,9 +524,8 @@ impl RunEntry {
         commands: &[pb::Command],
         max_payload: usize,
     ) -> Result<(), EngineError> {
-        let bad = |i: usize, msg: String| {
-            EngineError::InvalidArgument(format!("command #{i}: {msg}"))
-        };
+        let bad =
+            |i: usize, msg: String| EngineError::InvalidArgument(format!("command #{i}: {msg}"));
         let mut seen_terminal = false;
         for (i, c) in commands.iter().enumerate() {
             let Some(kind) = &c.kind else {
@@ -543,12 +545,7 @@ impl RunEntry {
                         .map_err(|e| bad(i, e.to_string()))?;
                     check_payload("activity input", a.input.as_ref(), max_payload)
                         .map_err(|e| bad(i, e.to_string()))?;
-                    if self
-                        .state
-                        .activities
-                        .values()
-                        .any(|x| x.seq == a.seq)
-                    {
+                    if self.state.activities.values().any(|x| x.seq == a.seq) {
                         return Err(bad(i, format!("activity seq {} is already in use", a.seq)));
                     }
                 }
@@ -771,7 +768,10 @@ impl RunEntry {
         self.rt.sticky_sent_up_to = 0;
         self.state.sticky_queue.clear();
         self.flush_buffered();
-        let task = self.state.workflow_task.get_or_insert_with(Default::default);
+        let task = self
+            .state
+            .workflow_task
+            .get_or_insert_with(Default::default);
         task.attempt += 1;
         task.scheduled_ms = now;
         let attempt = task.attempt;
@@ -1009,7 +1009,10 @@ impl RunEntry {
             }
             Attributes::WorkflowExecutionTimedOut(_) => {
                 outcome.failure = Some(Failure {
-                    message: format!("workflow run timed out after {} ms", self.state.run_timeout_ms),
+                    message: format!(
+                        "workflow run timed out after {} ms",
+                        self.state.run_timeout_ms
+                    ),
                     kind: FailureKind::Timeout as i32,
                     timeout_type: "run".into(),
                     ..Default::default()
@@ -1100,7 +1103,11 @@ impl RunEntry {
         self.state.activities.insert(scheduled_event_id, state);
         let run_id = self.state.run_id.clone();
         fx.tasks.push((
-            QueueKey::new(&self.state.namespace, &options.task_queue, TaskKind::Activity),
+            QueueKey::new(
+                &self.state.namespace,
+                &options.task_queue,
+                TaskKind::Activity,
+            ),
             TaskRef::Activity {
                 run_id: run_id.clone(),
                 scheduled_event_id,
@@ -1397,7 +1404,11 @@ impl RunEntry {
         now: i64,
     ) -> Result<bool, EngineError> {
         self.check_activity(token)?;
-        if let Some(started) = self.rt.started_activities.get_mut(&token.scheduled_event_id) {
+        if let Some(started) = self
+            .rt
+            .started_activities
+            .get_mut(&token.scheduled_event_id)
+        {
             started.last_heartbeat_ms = now;
         }
         let a = self
@@ -1483,7 +1494,9 @@ impl RunEntry {
                 if !running {
                     return false;
                 }
-                let worker = self.rt.started_activities[&scheduled_event_id].worker.clone();
+                let worker = self.rt.started_activities[&scheduled_event_id]
+                    .worker
+                    .clone();
                 self.attempt_failed(
                     scheduled_event_id,
                     timeout_failure("start_to_close", None),
@@ -1588,13 +1601,13 @@ impl RunEntry {
 }
 
 /// Refuses a payload over the size limit.
-pub fn check_payload(
-    what: &str,
-    payload: Option<&Payload>,
-    max: usize,
-) -> Result<(), EngineError> {
+pub fn check_payload(what: &str, payload: Option<&Payload>, max: usize) -> Result<(), EngineError> {
     if let Some(p) = payload {
-        let size = p.data.len() + p.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let size = p.data.len()
+            + p.metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         if size > max {
             return Err(EngineError::PayloadTooLarge {
                 what: what.to_string(),

@@ -243,13 +243,16 @@ mod tests {
     async fn parked_poll_gets_task_at_once() {
         let m = std::sync::Arc::new(Matcher::default());
         let m2 = m.clone();
-        let poll = tokio::spawn(async move {
-            m2.poll(&key(), "w", 0, Duration::from_secs(30)).await
-        });
+        let poll =
+            tokio::spawn(async move { m2.poll(&key(), "w", 0, Duration::from_secs(30)).await });
         // Wait until the poll is parked, then add.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            if m.queues.lock().get(&key()).is_some_and(|q| !q.waiting.is_empty()) {
+            if m.queues
+                .lock()
+                .get(&key())
+                .is_some_and(|q| !q.waiting.is_empty())
+            {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "poll never parked");

@@ -239,8 +239,7 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare("SELECT info FROM namespaces ORDER BY name")?;
             let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
             for row in rows {
-                out.namespaces
-                    .push(NamespaceInfo::decode(row?.as_slice())?);
+                out.namespaces.push(NamespaceInfo::decode(row?.as_slice())?);
             }
         }
         let mut stmt = conn.prepare("SELECT state FROM runs WHERE status = ?1")?;
@@ -361,10 +360,7 @@ mod tests {
         assert_eq!(recovered.open_runs.len(), 1, "only the running run is open");
         assert_eq!(recovered.open_runs[0].1.len(), 1);
         assert!(store.load_run("r2").unwrap().is_some());
-        assert_eq!(
-            store.latest_run("default", false, "wf").unwrap().is_some(),
-            true
-        );
+        assert!(store.latest_run("default", false, "wf").unwrap().is_some());
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@ use crate::activity::{ActivityContext, ActivityError, ActivityInfo, CancelReason
 use crate::api::pb::{self, tether_service_client::TetherServiceClient};
 use crate::client::Client;
 use crate::codec;
-use crate::workflow::{WorkflowContext, WorkflowError, WorkflowFactory, WorkflowInfo, WorkflowInstance};
+use crate::workflow::{
+    WorkflowContext, WorkflowError, WorkflowFactory, WorkflowInfo, WorkflowInstance,
+};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use parking_lot::Mutex;
@@ -106,7 +108,10 @@ pub enum WorkerError {
 }
 
 type ActivityFn = Arc<
-    dyn Fn(ActivityContext, Option<pb::Payload>) -> BoxFuture<'static, Result<Option<pb::Payload>, ActivityError>>
+    dyn Fn(
+            ActivityContext,
+            Option<pb::Payload>,
+        ) -> BoxFuture<'static, Result<Option<pb::Payload>, ActivityError>>
         + Send
         + Sync,
 >;
@@ -333,12 +338,18 @@ impl Inner {
         .await;
         if drained.is_err() {
             let left: Vec<RunningActivity> = self.running.lock().drain().map(|(_, r)| r).collect();
-            tracing::warn!(count = left.len(), "grace period over: failing running activities so they retry elsewhere");
+            tracing::warn!(
+                count = left.len(),
+                "grace period over: failing running activities so they retry elsewhere"
+            );
             for r in left {
                 r.ctx.cancel(CancelReason::WorkerShutdown);
                 r.abort.abort();
                 let failure = pb::Failure {
-                    message: format!("worker {} shut down before the activity finished", self.options.identity),
+                    message: format!(
+                        "worker {} shut down before the activity finished",
+                        self.options.identity
+                    ),
                     error_type: "WorkerShutdown".into(),
                     kind: pb::FailureKind::Server as i32,
                     ..Default::default()
@@ -392,7 +403,10 @@ impl Inner {
         }
     }
 
-    async fn fetch_history(&self, task: &pb::PollWorkflowTaskResponse) -> Result<Vec<pb::HistoryEvent>, tonic::Status> {
+    async fn fetch_history(
+        &self,
+        task: &pb::PollWorkflowTaskResponse,
+    ) -> Result<Vec<pb::HistoryEvent>, tonic::Status> {
         Ok(self
             .rpc
             .clone()
@@ -424,7 +438,12 @@ impl Inner {
                 Ok(events) => task.events = events,
                 Err(status) => {
                     tracing::warn!(run_id = task.run_id, error = %status.message(), "could not fetch history");
-                    self.fail_workflow_task(&task, "cache_miss", format!("could not fetch history: {}", status.message())).await;
+                    self.fail_workflow_task(
+                        &task,
+                        "cache_miss",
+                        format!("could not fetch history: {}", status.message()),
+                    )
+                    .await;
                     return;
                 }
             }
@@ -441,7 +460,8 @@ impl Inner {
                         task.workflow_type,
                         known.join(", ")
                     );
-                    self.fail_workflow_task(&task, "unknown_workflow_type", message).await;
+                    self.fail_workflow_task(&task, "unknown_workflow_type", message)
+                        .await;
                     return;
                 };
                 WorkflowInstance::new(
@@ -471,7 +491,8 @@ impl Inner {
                         }
                     }
                     Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                        self.fail_workflow_task(&task, "bad_command", status.message().to_string()).await;
+                        self.fail_workflow_task(&task, "bad_command", status.message().to_string())
+                            .await;
                     }
                     Err(status) => {
                         tracing::warn!(run_id = task.run_id, error = %status.message(), "workflow task completion refused");
@@ -479,13 +500,24 @@ impl Inner {
                 }
             }
             Err(failure) => {
-                tracing::warn!(run_id = task.run_id, cause = failure.cause, message = failure.message, "workflow task failed");
-                self.fail_workflow_task(&task, failure.cause, failure.message).await;
+                tracing::warn!(
+                    run_id = task.run_id,
+                    cause = failure.cause,
+                    message = failure.message,
+                    "workflow task failed"
+                );
+                self.fail_workflow_task(&task, failure.cause, failure.message)
+                    .await;
             }
         }
     }
 
-    async fn fail_workflow_task(&self, task: &pb::PollWorkflowTaskResponse, cause: &str, message: String) {
+    async fn fail_workflow_task(
+        &self,
+        task: &pb::PollWorkflowTaskResponse,
+        cause: &str,
+        message: String,
+    ) {
         let _ = self
             .rpc
             .clone()
@@ -537,7 +569,11 @@ impl Inner {
         }
     }
 
-    fn spawn_activity(self: Arc<Self>, task: pb::PollActivityTaskResponse, permit: tokio::sync::OwnedSemaphorePermit) {
+    fn spawn_activity(
+        self: Arc<Self>,
+        task: pb::PollActivityTaskResponse,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let info = ActivityInfo {
@@ -548,7 +584,8 @@ impl Inner {
             workflow_id: task.workflow_id.clone(),
             run_id: task.run_id.clone(),
             task_queue: self.options.task_queue.clone(),
-            heartbeat_timeout: (task.heartbeat_timeout_ms > 0).then(|| Duration::from_millis(task.heartbeat_timeout_ms)),
+            heartbeat_timeout: (task.heartbeat_timeout_ms > 0)
+                .then(|| Duration::from_millis(task.heartbeat_timeout_ms)),
             deadline_ms: task.deadline_ms,
             worker_identity: self.options.identity.clone(),
         };
@@ -615,7 +652,10 @@ impl Inner {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "activity panicked".into());
-                Err(ActivityError::retryable(format!("activity panicked: {message}")).with_type("Panic"))
+                Err(
+                    ActivityError::retryable(format!("activity panicked: {message}"))
+                        .with_type("Panic"),
+                )
             });
         heartbeater.abort();
         let token = task.task_token;
@@ -628,14 +668,17 @@ impl Inner {
                 })
                 .await
                 .map(|_| ()),
-            Err(ActivityError::Cancelled) if ctx.cancel_reason() == Some(CancelReason::Requested) => rpc
-                .report_activity_canceled(pb::ReportActivityCanceledRequest {
+            Err(ActivityError::Cancelled)
+                if ctx.cancel_reason() == Some(CancelReason::Requested) =>
+            {
+                rpc.report_activity_canceled(pb::ReportActivityCanceledRequest {
                     task_token: token,
                     details: None,
                     identity,
                 })
                 .await
-                .map(|_| ()),
+                .map(|_| ())
+            }
             Err(e) => {
                 let mut failure = e.to_failure();
                 if matches!(e, ActivityError::Cancelled) {
@@ -684,7 +727,10 @@ async fn heartbeat_loop(
             Ok(r) if r.get_ref().cancel_requested => ctx.cancel(CancelReason::Requested),
             Ok(_) => {}
             Err(status)
-                if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) =>
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                ) =>
             {
                 ctx.cancel(CancelReason::NotCurrent)
             }

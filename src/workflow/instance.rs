@@ -11,7 +11,9 @@ use std::task::{Context, Poll, Wake, Waker};
 
 /// Builds the future of a registered workflow from its context and input.
 pub(crate) type WorkflowFactory = Arc<
-    dyn Fn(WorkflowContext, Option<pb::Payload>) -> BoxFuture<'static, WorkflowOutcome> + Send + Sync,
+    dyn Fn(WorkflowContext, Option<pb::Payload>) -> BoxFuture<'static, WorkflowOutcome>
+        + Send
+        + Sync,
 >;
 
 /// What a workflow function returns, already encoded.
@@ -57,7 +59,10 @@ pub(crate) struct WorkflowInstance {
 fn describe_command(c: &pb::Command) -> String {
     match &c.kind {
         Some(command::Kind::ScheduleActivity(a)) => {
-            format!("ScheduleActivity(seq {}, type {:?})", a.seq, a.activity_type)
+            format!(
+                "ScheduleActivity(seq {}, type {:?})",
+                a.seq, a.activity_type
+            )
         }
         Some(command::Kind::StartTimer(t)) => format!("StartTimer(seq {})", t.seq),
         Some(command::Kind::CancelTimer(t)) => format!("CancelTimer(seq {})", t.seq),
@@ -66,7 +71,10 @@ fn describe_command(c: &pb::Command) -> String {
         }
         Some(command::Kind::RecordMarker(m)) => format!("SideEffect(seq {})", m.seq),
         Some(command::Kind::SignalExternal(s)) => {
-            format!("SignalWorkflow(seq {}, {:?} -> {:?})", s.seq, s.signal_name, s.workflow_id)
+            format!(
+                "SignalWorkflow(seq {}, {:?} -> {:?})",
+                s.seq, s.signal_name, s.workflow_id
+            )
         }
         Some(command::Kind::CompleteWorkflow(_)) => "CompleteWorkflow".into(),
         Some(command::Kind::FailWorkflow(_)) => "FailWorkflow".into(),
@@ -78,7 +86,10 @@ fn describe_command(c: &pb::Command) -> String {
 fn describe_event(a: &Attributes) -> String {
     match a {
         Attributes::ActivityTaskScheduled(e) => {
-            format!("ActivityTaskScheduled(seq {}, type {:?})", e.seq, e.activity_type)
+            format!(
+                "ActivityTaskScheduled(seq {}, type {:?})",
+                e.seq, e.activity_type
+            )
         }
         Attributes::TimerStarted(e) => format!("TimerStarted(seq {})", e.seq),
         Attributes::TimerCanceled(e) => format!("TimerCanceled(seq {})", e.seq),
@@ -121,10 +132,9 @@ fn command_matches(c: &pb::Command, a: &Attributes) -> bool {
         }
         (Some(command::Kind::StartTimer(c)), Attributes::TimerStarted(e)) => c.seq == e.seq,
         (Some(command::Kind::CancelTimer(c)), Attributes::TimerCanceled(e)) => c.seq == e.seq,
-        (
-            Some(command::Kind::RequestCancelActivity(c)),
-            Attributes::ActivityCancelRequested(e),
-        ) => c.seq == e.seq,
+        (Some(command::Kind::RequestCancelActivity(c)), Attributes::ActivityCancelRequested(e)) => {
+            c.seq == e.seq
+        }
         (Some(command::Kind::RecordMarker(c)), Attributes::MarkerRecorded(e)) => c.seq == e.seq,
         (Some(command::Kind::SignalExternal(c)), Attributes::SignalExternalInitiated(e)) => {
             c.seq == e.seq && c.workflow_id == e.workflow_id && c.signal_name == e.signal_name
@@ -169,7 +179,10 @@ impl WorkflowInstance {
 
     /// Processes the events of one workflow task (a full history or only new events) and
     /// returns the new commands.
-    pub(crate) fn process(&mut self, events: &[pb::HistoryEvent]) -> Result<Vec<pb::Command>, TaskFailure> {
+    pub(crate) fn process(
+        &mut self,
+        events: &[pb::HistoryEvent],
+    ) -> Result<Vec<pb::Command>, TaskFailure> {
         {
             let mut ctx = self.ctx.inner.lock();
             for e in events {
@@ -256,7 +269,7 @@ impl WorkflowInstance {
                 }
             }
         }
-        if self.future.is_some() && !self.finished {
+        if let (Some(fut), false) = (self.future.as_mut(), self.finished) {
             self.flag.0.store(true, Ordering::SeqCst);
             let mut cx = Context::from_waker(&self.waker);
             // A workflow future only advances on events, so this loop ends once every branch waits
@@ -266,8 +279,8 @@ impl WorkflowInstance {
                 if !self.flag.0.swap(false, Ordering::SeqCst) {
                     break;
                 }
-                let fut = self.future.as_mut().expect("checked");
-                let polled = std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)));
+                let polled =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)));
                 match polled {
                     Err(panic) => {
                         let message = panic
@@ -286,16 +299,24 @@ impl WorkflowInstance {
                         let cancel_requested = self.ctx.inner.lock().cancel_requested;
                         let kind = match outcome {
                             Ok(result) => {
-                                command::Kind::CompleteWorkflow(pb::CompleteWorkflowCommand { result })
+                                command::Kind::CompleteWorkflow(pb::CompleteWorkflowCommand {
+                                    result,
+                                })
                             }
                             Err(WorkflowError::Cancelled) if cancel_requested => {
-                                command::Kind::CancelWorkflow(pb::CancelWorkflowCommand { details: None })
+                                command::Kind::CancelWorkflow(pb::CancelWorkflowCommand {
+                                    details: None,
+                                })
                             }
                             Err(e) => command::Kind::FailWorkflow(pb::FailWorkflowCommand {
                                 failure: Some(e.to_failure()),
                             }),
                         };
-                        self.ctx.inner.lock().commands.push(pb::Command { kind: Some(kind) });
+                        self.ctx
+                            .inner
+                            .lock()
+                            .commands
+                            .push(pb::Command { kind: Some(kind) });
                         break;
                     }
                 }

@@ -182,13 +182,22 @@ impl RunCtx {
                 self.activity_results.insert(e.seq, Ok(e.result.clone()));
             }
             A::ActivityTaskFailed(e) => {
-                let mut f = failure(ActivityFailureKind::Failed, &e.failure, &self.activity_types, e.seq);
+                let mut f = failure(
+                    ActivityFailureKind::Failed,
+                    &e.failure,
+                    &self.activity_types,
+                    e.seq,
+                );
                 f.attempt = e.attempt;
                 self.activity_results.insert(e.seq, Err(f));
             }
             A::ActivityTaskTimedOut(e) => {
-                let mut f =
-                    failure(ActivityFailureKind::TimedOut, &e.failure, &self.activity_types, e.seq);
+                let mut f = failure(
+                    ActivityFailureKind::TimedOut,
+                    &e.failure,
+                    &self.activity_types,
+                    e.seq,
+                );
                 f.attempt = e.attempt;
                 self.activity_results.insert(e.seq, Err(f));
             }
@@ -280,13 +289,15 @@ impl WorkflowContext {
             Ok(payload) => {
                 ctx.activity_types.insert(seq, activity_type.to_string());
                 ctx.commands.push(pb::Command {
-                    kind: Some(command::Kind::ScheduleActivity(pb::ScheduleActivityCommand {
-                        seq,
-                        activity_id: seq.to_string(),
-                        activity_type: activity_type.to_string(),
-                        input: Some(payload),
-                        options: Some(options.to_proto()),
-                    })),
+                    kind: Some(command::Kind::ScheduleActivity(
+                        pb::ScheduleActivityCommand {
+                            seq,
+                            activity_id: seq.to_string(),
+                            activity_type: activity_type.to_string(),
+                            input: Some(payload),
+                            options: Some(options.to_proto()),
+                        },
+                    )),
                 });
                 ActivityFuture {
                     ctx: self.clone(),
@@ -436,7 +447,9 @@ impl<O: DeserializeOwned> Future for ActivityFuture<O> {
         }
         let mut ctx = self.ctx.inner.lock();
         match ctx.activity_results.remove(&self.seq) {
-            Some(Ok(payload)) => Poll::Ready(codec::from_payload(payload.as_ref()).map_err(Into::into)),
+            Some(Ok(payload)) => {
+                Poll::Ready(codec::from_payload(payload.as_ref()).map_err(Into::into))
+            }
             Some(Err(f)) => Poll::Ready(Err(WorkflowError::Activity(f))),
             None => {
                 ctx.wakers.push(cx.waker().clone());
@@ -500,7 +513,12 @@ impl<T: DeserializeOwned> Future for SignalFuture<'_, T> {
         if let Some(v) = self.channel.try_recv() {
             return Poll::Ready(v);
         }
-        self.channel.ctx.inner.lock().wakers.push(cx.waker().clone());
+        self.channel
+            .ctx
+            .inner
+            .lock()
+            .wakers
+            .push(cx.waker().clone());
         Poll::Pending
     }
 }
