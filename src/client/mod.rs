@@ -272,6 +272,15 @@ impl Client {
         }
     }
 
+    /// A handle to an existing standalone activity (the current run when `run_id` is empty).
+    pub fn activity_handle(&self, activity_id: &str, run_id: &str) -> ActivityHandle {
+        ActivityHandle {
+            client: self.clone(),
+            activity_id: activity_id.into(),
+            run_id: run_id.into(),
+        }
+    }
+
     /// Lists workflow runs (newest first).
     pub async fn list_workflows(
         &self,

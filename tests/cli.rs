@@ -1,0 +1,398 @@
+//! The `tether` binary from the outside: the server as a child process (killed with SIGKILL to
+//! prove durability) and the operator commands with their output and errors.
+
+mod common;
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use tether::activity::{ActivityContext, ActivityError};
+use tether::client::{Client, StandaloneActivityOptions, WorkflowOptions};
+use tether::workflow::WorkflowContext;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+struct ServerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tether ARGS --listen 127.0.0.1:0` and reads the bound address from its stderr.
+fn spawn_server(args: &[&str]) -> ServerProcess {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("tether server listening on ") {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server printed its address");
+    ServerProcess { child, addr }
+}
+
+fn tether(addr: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["--address", addr])
+        .args(args)
+        .output()
+        .expect("run tether")
+}
+
+fn ok_json(addr: &str, args: &[&str]) -> Value {
+    let out = tether(addr, &[args, &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "tether {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout of {args:?} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let mut server = spawn_server(&["server", "--data-dir", data, "--sync", "full"]);
+    let client = Client::connect(server.addr.clone()).await.unwrap();
+    let wf = client
+        .start_workflow(
+            "echo_signal",
+            &(),
+            WorkflowOptions::new("survivor", "crash-q"),
+        )
+        .await
+        .unwrap();
+    wf.signal("value", "acknowledged before the crash")
+        .await
+        .unwrap();
+    let act = client
+        .start_activity(
+            "double",
+            &21u32,
+            StandaloneActivityOptions::new("act-1", "crash-q"),
+        )
+        .await
+        .unwrap();
+    // SIGKILL: no shutdown path runs.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(server);
+
+    let server = spawn_server(&["server", "--data-dir", data, "--sync", "full"]);
+    let client = Client::connect(server.addr.clone()).await.unwrap();
+    let mut worker = tether::worker::Worker::new(
+        client.clone(),
+        tether::worker::WorkerOptions::new("crash-q").identity("after-crash"),
+    );
+    worker.register_workflow("echo_signal", |ctx: WorkflowContext, _: ()| async move {
+        let v: String = ctx.signal_channel("value").recv().await?;
+        Ok(v)
+    });
+    worker.register_activity("double", |_ctx: ActivityContext, n: u32| async move {
+        Ok::<_, ActivityError>(n * 2)
+    });
+    let worker = worker.start().unwrap();
+    let wf = client.workflow_handle("survivor", &wf.run_id);
+    let out: String = common::within(Duration::from_secs(30), "workflow", wf.result())
+        .await
+        .unwrap();
+    assert_eq!(out, "acknowledged before the crash");
+    let doubled: u32 = common::within(
+        Duration::from_secs(30),
+        "activity",
+        client.activity_handle("act-1", &act.run_id).result(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(doubled, 42);
+    worker.shutdown().await;
+}
+
+#[test]
+fn cli_commands_print_data_and_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(&[
+        "server",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--sync",
+        "normal",
+    ]);
+    let addr = server.addr.as_str();
+
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help_text = String::from_utf8_lossy(&help.stdout);
+    for cmd in [
+        "server",
+        "dev",
+        "workflow",
+        "activity",
+        "namespace",
+        "queue",
+        "workers",
+    ] {
+        assert!(help_text.contains(cmd), "--help lists {cmd}");
+    }
+
+    let created = tether(
+        addr,
+        &[
+            "namespace",
+            "create",
+            "billing",
+            "--description",
+            "invoices",
+        ],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    assert_eq!(
+        String::from_utf8_lossy(&created.stdout).trim(),
+        "namespace billing created"
+    );
+    let again = tether(addr, &["namespace", "create", "billing"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("namespace \"billing\" already exists"),
+        "{}",
+        stderr(&again)
+    );
+    let namespaces = ok_json(addr, &["namespace", "list"]);
+    let names: Vec<&str> = namespaces
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["billing", "default"]);
+
+    let started = ok_json(
+        addr,
+        &[
+            "workflow",
+            "start",
+            "--type",
+            "order",
+            "--task-queue",
+            "orders",
+            "--id",
+            "o-1",
+            "--input",
+            r#"{"item":"book"}"#,
+        ],
+    );
+    assert_eq!(started["workflow_id"], "o-1");
+    let run_id = started["run_id"].as_str().unwrap().to_string();
+    assert_eq!(run_id.len(), 36);
+
+    let bad = tether(
+        addr,
+        &[
+            "workflow",
+            "start",
+            "--type",
+            "order",
+            "--task-queue",
+            "orders",
+            "--input",
+            "not json",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("--input is not valid JSON"),
+        "{}",
+        stderr(&bad)
+    );
+
+    let dup = tether(
+        addr,
+        &[
+            "workflow",
+            "start",
+            "--type",
+            "order",
+            "--task-queue",
+            "orders",
+            "--id",
+            "o-1",
+        ],
+    );
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(
+        stderr(&dup).contains(&format!("already running as run {run_id}")),
+        "{}",
+        stderr(&dup)
+    );
+
+    let described = ok_json(addr, &["workflow", "describe", "--id", "o-1"]);
+    assert_eq!(described["status"], "running");
+    assert_eq!(described["run_id"], run_id.as_str());
+
+    let queue = ok_json(addr, &["queue", "describe", "--task-queue", "orders"]);
+    assert_eq!(
+        queue["workflow_backlog"], 1,
+        "the first workflow task waits for a worker"
+    );
+
+    let signaled = tether(
+        addr,
+        &[
+            "workflow",
+            "signal",
+            "--id",
+            "o-1",
+            "--name",
+            "approve",
+            "--input",
+            r#""alice""#,
+        ],
+    );
+    assert!(signaled.status.success(), "{}", stderr(&signaled));
+    let history = ok_json(addr, &["workflow", "history", "--id", "o-1"]);
+    let kinds: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["WorkflowExecutionStarted", "WorkflowSignaled"]);
+    assert_eq!(history[1]["details"]["input"], "alice");
+
+    let listed = ok_json(addr, &["workflow", "list", "--status", "running"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let bad_status = tether(addr, &["workflow", "list", "--status", "sleeping"]);
+    assert_eq!(bad_status.status.code(), Some(1));
+    assert!(stderr(&bad_status).contains("--status \"sleeping\" is not known"));
+
+    let terminated = tether(
+        addr,
+        &["workflow", "terminate", "--id", "o-1", "--reason", "test"],
+    );
+    assert!(terminated.status.success(), "{}", stderr(&terminated));
+    let result = tether(addr, &["workflow", "result", "--id", "o-1"]);
+    assert_eq!(
+        result.status.code(),
+        Some(2),
+        "a terminated run is not a success"
+    );
+    assert!(
+        stderr(&result).contains("terminated"),
+        "{}",
+        stderr(&result)
+    );
+
+    let unknown_ns = tether(addr, &["--namespace", "nope", "workflow", "list"]);
+    assert_eq!(unknown_ns.status.code(), Some(1));
+    assert!(
+        stderr(&unknown_ns).contains("namespace \"nope\" does not exist"),
+        "{}",
+        stderr(&unknown_ns)
+    );
+
+    let missing = tether(addr, &["workflow", "describe", "--id", "ghost"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("NotFound") || stderr(&missing).contains("not found"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let act = ok_json(
+        addr,
+        &[
+            "activity",
+            "execute",
+            "--type",
+            "resize",
+            "--task-queue",
+            "jobs",
+            "--id",
+            "a-1",
+            "--input",
+            "640",
+            "--no-wait",
+        ],
+    );
+    assert_eq!(act["activity_id"], "a-1");
+    let queue = ok_json(addr, &["queue", "describe", "--task-queue", "jobs"]);
+    assert_eq!(queue["activity_backlog"], 1);
+    assert_eq!(ok_json(addr, &["workers", "list"]), Value::Array(vec![]));
+
+    let unreachable = tether("127.0.0.1:1", &["workflow", "list"]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(
+        stderr(&unreachable).contains("could not connect to 127.0.0.1:1"),
+        "{}",
+        stderr(&unreachable)
+    );
+}
+
+#[test]
+fn dev_server_starts_on_a_temporary_store() {
+    let server = spawn_server(&["dev"]);
+    let namespaces = ok_json(&server.addr, &["namespace", "list"]);
+    assert_eq!(namespaces[0]["name"], "default");
+}
+
+#[test]
+fn bad_server_flags_are_refused() {
+    let out = Command::new(BIN)
+        .args(["server", "--data-dir", "/tmp/x", "--sync", "sometimes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown sync mode"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(BIN)
+        .args([
+            "server",
+            "--data-dir",
+            "/tmp/x",
+            "--long-poll-timeout",
+            "ten",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("is not a duration"),
+        "{}",
+        stderr(&out)
+    );
+}
