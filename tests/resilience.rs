@@ -486,3 +486,176 @@ async fn stale_completion_from_an_old_attempt_is_rejected() {
         "\"current\""
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_work_finish_then_fails_the_rest_for_retry() {
+    let env = TestEnv::start().await;
+    let fast_retry = RetryPolicy {
+        initial_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    // Worker A: its running activity finishes within the grace period.
+    let mut a = tether::worker::Worker::new(
+        env.client.clone(),
+        tether::worker::WorkerOptions::new("grace")
+            .identity("A")
+            .graceful_shutdown(Duration::from_secs(10)),
+    );
+    let running = Arc::new(AtomicU32::new(0));
+    let r = running.clone();
+    a.register_activity("short", move |ctx: ActivityContext, _: ()| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, ActivityError>(ctx.info().worker_identity.clone())
+        }
+    });
+    let a = a.start().unwrap();
+    let mut options = StandaloneActivityOptions::new("short-1", "grace");
+    options.options = ActivityOptions::default().retry(fast_retry.clone());
+    let short = env
+        .client
+        .start_activity("short", &(), options)
+        .await
+        .unwrap();
+    eventually(T, "short activity running", || async {
+        (running.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    within(T, "shutdown A", a.shutdown()).await;
+    let who: String = within(T, "short result", short.result()).await.unwrap();
+    assert_eq!(who, "A", "finished on A during the grace period");
+
+    // Worker B: its activity outlives the grace period, is failed, and retries on C.
+    let mut b = tether::worker::Worker::new(
+        env.client.clone(),
+        tether::worker::WorkerOptions::new("grace")
+            .identity("B")
+            .graceful_shutdown(Duration::from_millis(200)),
+    );
+    let r = running.clone();
+    b.register_activity("long", move |_ctx: ActivityContext, _: ()| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, ActivityError>("B".to_string())
+        }
+    });
+    let b = b.start().unwrap();
+    let mut options = StandaloneActivityOptions::new("long-1", "grace");
+    options.options = ActivityOptions::default().retry(fast_retry);
+    let long = env
+        .client
+        .start_activity("long", &(), options)
+        .await
+        .unwrap();
+    eventually(T, "long activity running", || async {
+        (running.load(Ordering::SeqCst) > 1).then_some(())
+    })
+    .await;
+    within(T, "shutdown B", b.shutdown()).await;
+    let d = env
+        .client
+        .workflow_handle("long-1", "")
+        .describe()
+        .await
+        .unwrap();
+    let pending = &d.pending_activities[0];
+    assert_eq!(pending.attempt, 2, "attempt 1 was failed by the shutdown");
+    assert!(
+        pending
+            .last_failure
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("worker B shut down"),
+        "{:?}",
+        pending.last_failure
+    );
+    let mut c = env.worker("grace", "C");
+    c.register_activity("long", |ctx: ActivityContext, _: ()| async move {
+        Ok::<_, ActivityError>(ctx.info().worker_identity.clone())
+    });
+    let c = c.start().unwrap();
+    let who: String = within(T, "long result", long.result()).await.unwrap();
+    assert_eq!(who, "C");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_timeout_fires_after_a_restart() {
+    let mut env = TestEnv::start().await;
+    let mut options = StandaloneActivityOptions::new("orphan", "nobody-polls");
+    options.options = ActivityOptions::default().schedule_to_close(Duration::from_millis(1500));
+    let handle = env.client.start_activity("t", &(), options).await.unwrap();
+    env.restart().await;
+    let err = within(T, "timeout", handle.result::<()>())
+        .await
+        .unwrap_err();
+    match err {
+        ClientError::Failed {
+            status, failure, ..
+        } => {
+            assert_eq!(status, pb::ExecutionStatus::TimedOut);
+            assert_eq!(failure.timeout_type, "schedule_to_close");
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_run_timeout_closes_the_run() {
+    let env = TestEnv::start().await;
+    let mut options = WorkflowOptions::new("short-lived", "no-workers");
+    options.run_timeout = Some(Duration::from_millis(300));
+    let handle = env.client.start_workflow("t", &(), options).await.unwrap();
+    let outcome = within(T, "timeout", handle.outcome()).await.unwrap();
+    assert_eq!(outcome.status, pb::ExecutionStatus::TimedOut as i32);
+    let kinds = event_kinds(&handle.history().await.unwrap());
+    assert_eq!(kinds.last(), Some(&"WorkflowExecutionTimedOut"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_workflow_is_replayed_from_full_history() {
+    let env = TestEnv::start().await;
+    // A cache of one: running two workflows side by side evicts each in turn.
+    let mut w = tether::worker::Worker::new(
+        env.client.clone(),
+        tether::worker::WorkerOptions::new("q")
+            .identity("tiny-cache")
+            .max_cached_workflows(1),
+    );
+    w.register_activity("inc", |_ctx: ActivityContext, n: u32| async move {
+        Ok::<_, ActivityError>(n + 1)
+    });
+    w.register_workflow("count", |ctx: WorkflowContext, n: u32| async move {
+        let mut v = 0u32;
+        for _ in 0..n {
+            v = ctx
+                .execute_activity("inc", &v, ActivityOptions::default())
+                .await?;
+        }
+        Ok(v)
+    });
+    let worker = w.start().unwrap();
+    let h1 = env
+        .client
+        .start_workflow("count", &5u32, WorkflowOptions::new("c1", "q"))
+        .await
+        .unwrap();
+    let h2 = env
+        .client
+        .start_workflow("count", &5u32, WorkflowOptions::new("c2", "q"))
+        .await
+        .unwrap();
+    let (a, b): (u32, u32) = within(T, "both", async {
+        (h1.result().await.unwrap(), h2.result().await.unwrap())
+    })
+    .await;
+    assert_eq!((a, b), (5, 5));
+    assert_no_task_failures(&h1).await;
+    assert_no_task_failures(&h2).await;
+    worker.shutdown().await;
+}
