@@ -388,6 +388,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             task_token: vec![0xff, 0xff],
             result: None,
             identity: "x".into(),
+            next_task: None,
         })
         .await
         .unwrap_err();
@@ -457,6 +458,7 @@ async fn stale_completion_from_an_old_attempt_is_rejected() {
             task_token: first.task_token,
             result: Some(tether::codec::to_payload("late").unwrap()),
             identity: "p".into(),
+            next_task: None,
         })
         .await
         .unwrap_err();
@@ -466,6 +468,7 @@ async fn stale_completion_from_an_old_attempt_is_rejected() {
         task_token: second.task_token,
         result: Some(tether::codec::to_payload("current").unwrap()),
         identity: "p".into(),
+        next_task: None,
     })
     .await
     .unwrap();

@@ -312,6 +312,19 @@ impl Client {
         input: &I,
         options: StandaloneActivityOptions,
     ) -> Result<ActivityHandle, ClientError> {
+        let (handle, _) = self
+            .start_activity_waiting(activity_type, input, options, Duration::ZERO)
+            .await?;
+        Ok(handle)
+    }
+
+    async fn start_activity_waiting<I: Serialize + ?Sized>(
+        &self,
+        activity_type: &str,
+        input: &I,
+        options: StandaloneActivityOptions,
+        wait: Duration,
+    ) -> Result<(ActivityHandle, Option<pb::GetWorkflowResultResponse>), ClientError> {
         let req = pb::StartActivityRequest {
             namespace: self.options.namespace.clone(),
             activity_id: options.id.clone(),
@@ -320,9 +333,10 @@ impl Client {
             input: Some(codec::to_payload(input)?),
             options: Some(options.options.to_proto()),
             identity: self.options.identity.clone(),
+            wait_ms: wait.as_millis() as u64,
         };
-        let run_id = match self.raw().start_activity(req).await {
-            Ok(r) => r.into_inner().run_id,
+        let reply = match self.raw().start_activity(req).await {
+            Ok(r) => r.into_inner(),
             Err(status) if status.code() == tonic::Code::AlreadyExists => {
                 return Err(ClientError::AlreadyStarted {
                     workflow_id: options.id,
@@ -336,24 +350,29 @@ impl Client {
             }
             Err(status) => return Err(status.into()),
         };
-        Ok(ActivityHandle {
+        let handle = ActivityHandle {
             client: self.clone(),
             activity_id: options.id,
-            run_id,
-        })
+            run_id: reply.run_id,
+        };
+        Ok((handle, reply.outcome))
     }
 
-    /// Starts a standalone activity and waits for its result.
+    /// Starts a standalone activity and waits for its result (one round trip when it finishes
+    /// quickly).
     pub async fn execute_activity<I: Serialize + ?Sized, O: DeserializeOwned>(
         &self,
         activity_type: &str,
         input: &I,
         options: StandaloneActivityOptions,
     ) -> Result<O, ClientError> {
-        self.start_activity(activity_type, input, options)
-            .await?
-            .result()
-            .await
+        let (handle, outcome) = self
+            .start_activity_waiting(activity_type, input, options, RESULT_WAIT)
+            .await?;
+        match outcome {
+            Some(outcome) => decode_outcome("activity", &handle.activity_id, outcome),
+            None => handle.result().await,
+        }
     }
 
     /// Describes a task queue.

@@ -875,33 +875,57 @@ impl Engine {
             let Some(task) = self.poll_queue(&key, &req.identity, remaining).await else {
                 return Ok(Default::default());
             };
-            let TaskRef::Activity {
-                run_id,
-                scheduled_event_id,
-                attempt,
-            } = task
-            else {
-                continue;
-            };
-            let mut fx = Effects::default();
-            let dispatched = {
-                let mut st = self.state.lock();
-                st.runs.get_mut(&run_id).and_then(|entry| {
-                    entry.dispatch_activity(
-                        scheduled_event_id,
-                        attempt,
-                        &req.identity,
-                        now_ms(),
-                        &mut fx,
-                    )
-                })
-            };
-            if let Some(response) = dispatched {
-                self.apply_effects(fx);
+            if let Some(response) = self.dispatch_activity(task, &req.identity) {
                 return Ok(response);
             }
             if remaining.is_zero() {
                 return Ok(Default::default());
+            }
+        }
+    }
+
+    fn dispatch_activity(
+        &self,
+        task: TaskRef,
+        identity: &str,
+    ) -> Option<pb::PollActivityTaskResponse> {
+        let TaskRef::Activity {
+            run_id,
+            scheduled_event_id,
+            attempt,
+        } = task
+        else {
+            return None;
+        };
+        let mut fx = Effects::default();
+        let dispatched = {
+            let mut st = self.state.lock();
+            st.runs.get_mut(&run_id).and_then(|entry| {
+                entry.dispatch_activity(scheduled_event_id, attempt, identity, now_ms(), &mut fx)
+            })
+        };
+        if dispatched.is_some() {
+            self.apply_effects(fx);
+        }
+        dispatched
+    }
+
+    /// The next activity task waiting on a queue right now, if any (no waiting): lets a worker
+    /// that just finished one take the next without a separate poll.
+    pub fn next_activity_now(
+        &self,
+        namespace: &str,
+        queue: &str,
+        identity: &str,
+    ) -> Option<pb::PollActivityTaskResponse> {
+        if self.check_healthy().is_err() || *self.shutdown.borrow() {
+            return None;
+        }
+        let key = QueueKey::new(namespace, queue, TaskKind::Activity);
+        loop {
+            let task = self.matcher.try_take(&key, identity, now_ms())?;
+            if let Some(response) = self.dispatch_activity(task, identity) {
+                return Some(response);
             }
         }
     }

@@ -23,6 +23,33 @@ impl Frontend {
     fn max_payload(&self) -> usize {
         self.engine.max_payload_bytes()
     }
+
+    fn next_task_target(
+        &self,
+        next: &Option<pb::NextTaskRequest>,
+        identity: &str,
+    ) -> Result<Option<(String, String, String)>, Status> {
+        match next {
+            None => Ok(None),
+            Some(n) => {
+                name("namespace", &n.namespace)?;
+                name("task queue", &n.task_queue)?;
+                Ok(Some((
+                    n.namespace.clone(),
+                    n.task_queue.clone(),
+                    identity.to_string(),
+                )))
+            }
+        }
+    }
+
+    fn take_next(
+        &self,
+        target: Option<(String, String, String)>,
+    ) -> Option<pb::PollActivityTaskResponse> {
+        let (namespace, queue, identity) = target?;
+        self.engine.next_activity_now(&namespace, &queue, &identity)
+    }
 }
 
 fn name(what: &'static str, value: &str) -> Result<(), Status> {
@@ -249,8 +276,23 @@ impl TetherService for Frontend {
         name("activity type", &req.activity_type)?;
         name("task queue", &req.task_queue)?;
         payload("activity input", req.input.as_ref(), self.max_payload())?;
+        let (namespace, activity_id, wait) = (
+            req.namespace.clone(),
+            req.activity_id.clone(),
+            Duration::from_millis(req.wait_ms),
+        );
         let run_id = self.engine.start_activity(req).await?;
-        ok(pb::StartActivityResponse { run_id })
+        let mut outcome = None;
+        if !wait.is_zero() {
+            let o = self
+                .engine
+                .result(&namespace, true, &activity_id, &run_id, wait)
+                .await?;
+            if o.status != pb::ExecutionStatus::Running as i32 {
+                outcome = Some(o);
+            }
+        }
+        ok(pb::StartActivityResponse { run_id, outcome })
     }
 
     async fn get_activity_result(
@@ -337,8 +379,11 @@ impl TetherService for Frontend {
     ) -> R<pb::CompleteActivityTaskResponse> {
         let req = request.into_inner();
         payload("activity result", req.result.as_ref(), self.max_payload())?;
+        let next = self.next_task_target(&req.next_task, &req.identity)?;
         self.engine.complete_activity(req).await?;
-        ok(pb::CompleteActivityTaskResponse {})
+        ok(pb::CompleteActivityTaskResponse {
+            next_task: self.take_next(next),
+        })
     }
 
     async fn fail_activity_task(
@@ -349,8 +394,11 @@ impl TetherService for Frontend {
         if let Some(f) = &req.failure {
             payload("failure details", f.details.as_ref(), self.max_payload())?;
         }
+        let next = self.next_task_target(&req.next_task, &req.identity)?;
         self.engine.fail_activity(req).await?;
-        ok(pb::FailActivityTaskResponse {})
+        ok(pb::FailActivityTaskResponse {
+            next_task: self.take_next(next),
+        })
     }
 
     async fn report_activity_canceled(

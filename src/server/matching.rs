@@ -185,6 +185,16 @@ impl Matcher {
         }
     }
 
+    /// Takes the oldest task without waiting.
+    pub fn try_take(&self, key: &QueueKey, identity: &str, now_ms: i64) -> Option<TaskRef> {
+        let mut queues = self.queues.lock();
+        let queue = queues.get_mut(key)?;
+        if let Some(seen) = queue.pollers.get_mut(identity) {
+            *seen = now_ms;
+        }
+        queue.backlog.pop_front()
+    }
+
     /// Backlog size and pollers of one queue.
     pub fn stats(&self, key: &QueueKey) -> QueueStats {
         let queues = self.queues.lock();

@@ -160,8 +160,11 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
         let mut put_ns =
             tx.prepare_cached("INSERT OR REPLACE INTO namespaces(name, info) VALUES (?1, ?2)")?;
         let mut put_run = tx.prepare_cached(
-            "INSERT OR REPLACE INTO runs(run_id, namespace, standalone, workflow_id, status, start_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            // An upsert rather than INSERT OR REPLACE: replacing would delete and re-insert the
+            // row in every index on each state change.
+            "INSERT INTO runs(run_id, namespace, standalone, workflow_id, status, start_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, state = excluded.state",
         )?;
         let mut put_event = tx.prepare_cached(
             "INSERT OR REPLACE INTO events(run_id, event_id, event) VALUES (?1, ?2, ?3)",

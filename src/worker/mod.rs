@@ -222,6 +222,7 @@ impl Worker {
             activity_slots: Arc::new(Semaphore::new(self.options.max_concurrent_activities)),
             cache: Mutex::new(Cache::new(self.options.max_cached_workflows)),
             running: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             options: self.options,
             workflows: self.workflows,
             activities: self.activities,
@@ -289,6 +290,8 @@ struct Inner {
     activity_slots: Arc<Semaphore>,
     cache: Mutex<Cache>,
     running: Mutex<HashMap<u64, RunningActivity>>,
+    /// Set once shutdown begins: no more tasks are taken.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Aborts running activities when the worker's main task ends for any reason (including abort).
@@ -327,6 +330,8 @@ impl Inner {
             }
         }
         let _ = stop.wait_for(|s| *s).await;
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         // Pollers stop at once (their in-flight polls are abandoned; the server re-offers any
         // task it was handing over). Workflow tasks in progress are short and finish first.
         while pollers.join_next().await.is_some() {}
@@ -361,6 +366,7 @@ impl Inner {
                         task_token: r.token,
                         failure: Some(failure),
                         identity: self.options.identity.clone(),
+                        next_task: None,
                     })
                     .await;
             }
@@ -569,13 +575,7 @@ impl Inner {
         }
     }
 
-    fn spawn_activity(
-        self: Arc<Self>,
-        task: pb::PollActivityTaskResponse,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) {
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn context_for(&self, task: &pb::PollActivityTaskResponse) -> ActivityContext {
         let info = ActivityInfo {
             namespace: task.namespace.clone(),
             activity_id: task.activity_id.clone(),
@@ -589,7 +589,19 @@ impl Inner {
             deadline_ms: task.deadline_ms,
             worker_identity: self.options.identity.clone(),
         };
-        let ctx = ActivityContext::new(info, task.heartbeat_details.clone());
+        ActivityContext::new(info, task.heartbeat_details.clone())
+    }
+
+    /// Runs a task, then keeps running the next ones the server hands back with each completion
+    /// (while not shutting down), all under the one slot.
+    fn spawn_activity(
+        self: Arc<Self>,
+        task: pb::PollActivityTaskResponse,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ctx = self.context_for(&task);
         let token = task.task_token.clone();
         let inner = self.clone();
         let ctx2 = ctx.clone();
@@ -597,7 +609,15 @@ impl Inner {
         // itself) before it is registered.
         let mut running = self.running.lock();
         let handle = tokio::spawn(async move {
-            inner.execute_activity(task, ctx2).await;
+            let mut next = inner.execute_activity(task, ctx2).await;
+            while let Some(task) = next.take() {
+                let ctx = inner.context_for(&task);
+                if let Some(r) = inner.running.lock().get_mut(&id) {
+                    r.ctx = ctx.clone();
+                    r.token = task.task_token.clone();
+                }
+                next = inner.execute_activity(task, ctx).await;
+            }
             inner.running.lock().remove(&id);
             drop(permit);
         });
@@ -611,7 +631,23 @@ impl Inner {
         );
     }
 
-    async fn execute_activity(&self, task: pb::PollActivityTaskResponse, ctx: ActivityContext) {
+    fn next_task_request(&self) -> Option<pb::NextTaskRequest> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        Some(pb::NextTaskRequest {
+            namespace: self.namespace.clone(),
+            task_queue: self.options.task_queue.clone(),
+        })
+    }
+
+    /// Runs one activity task and reports its outcome; returns the next task if the server
+    /// handed one back.
+    async fn execute_activity(
+        &self,
+        task: pb::PollActivityTaskResponse,
+        ctx: ActivityContext,
+    ) -> Option<pb::PollActivityTaskResponse> {
         let identity = self.options.identity.clone();
         let mut rpc = self.rpc.clone();
         let Some(f) = self.activities.get(&task.activity_type) else {
@@ -632,9 +668,10 @@ impl Inner {
                     task_token: task.task_token,
                     failure: Some(failure),
                     identity,
+                    next_task: None,
                 })
                 .await;
-            return;
+            return None;
         };
         let heartbeater = tokio::spawn(heartbeat_loop(
             rpc.clone(),
@@ -665,9 +702,10 @@ impl Inner {
                     task_token: token,
                     result,
                     identity,
+                    next_task: self.next_task_request(),
                 })
                 .await
-                .map(|_| ()),
+                .map(|r| r.into_inner().next_task),
             Err(ActivityError::Cancelled)
                 if ctx.cancel_reason() == Some(CancelReason::Requested) =>
             {
@@ -677,7 +715,7 @@ impl Inner {
                     identity,
                 })
                 .await
-                .map(|_| ())
+                .map(|_| None)
             }
             Err(e) => {
                 let mut failure = e.to_failure();
@@ -689,13 +727,18 @@ impl Inner {
                     task_token: token,
                     failure: Some(failure),
                     identity,
+                    next_task: self.next_task_request(),
                 })
                 .await
-                .map(|_| ())
+                .map(|r| r.into_inner().next_task)
             }
         };
-        if let Err(status) = result {
-            tracing::warn!(activity_id = task.activity_id, error = %status.message(), "activity outcome refused");
+        match result {
+            Ok(next) => next.filter(|t| !t.task_token.is_empty()),
+            Err(status) => {
+                tracing::warn!(activity_id = task.activity_id, error = %status.message(), "activity outcome refused");
+                None
+            }
         }
     }
 }
