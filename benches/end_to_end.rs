@@ -108,6 +108,10 @@ async fn w2(client: &Client, n: usize) -> (Duration, Duration) {
     (percentile(&latencies, 0.50), percentile(&latencies, 0.99))
 }
 
+// The same allocator as the `tether` binary.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; nothing else is expected.
     let rt = tokio::runtime::Builder::new_multi_thread()

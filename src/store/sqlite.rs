@@ -83,6 +83,9 @@ fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError
     };
     conn.pragma_update(None, "synchronous", sync_value)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Checkpoint less often than the default 1,000 pages: a page changed by many commits is then
+    // copied into the database once, not once per checkpoint.
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
     Ok(conn)
 }
 

@@ -121,9 +121,10 @@ string_id!(
 );
 
 impl RunId {
-    /// A fresh random run id.
+    /// A fresh run id. Time-ordered (UUIDv7) so that new rows land at the end of the store's
+    /// indexes instead of on random pages.
     pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
+        Self(uuid::Uuid::now_v7().to_string())
     }
 }
 
