@@ -662,3 +662,33 @@ async fn evicted_workflow_is_replayed_from_full_history() {
     assert_no_task_failures(&h2).await;
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_to_start_timeout_is_not_retried() {
+    let env = TestEnv::start().await;
+    let mut w = env.worker("q", "wf-only");
+    w.register_workflow("wf", |ctx: WorkflowContext, _: ()| async move {
+        let options = ActivityOptions::default()
+            .task_queue("nobody-polls-this")
+            .schedule_to_start(Duration::from_millis(300));
+        let r: Result<(), _> = ctx.execute_activity("t", &(), options).await;
+        match r {
+            Err(tether::workflow::WorkflowError::Activity(f)) => Ok((f.timeout_type, f.attempt)),
+            other => Err(tether::workflow::WorkflowError::failed(format!(
+                "unexpected {other:?}"
+            ))),
+        }
+    });
+    let worker = w.start().unwrap();
+    let handle = env
+        .client
+        .start_workflow("wf", &(), WorkflowOptions::new("s2s", "q"))
+        .await
+        .unwrap();
+    let (timeout_type, attempt): (String, u32) =
+        within(T, "result", handle.result()).await.unwrap();
+    assert_eq!(timeout_type, "schedule_to_start");
+    assert_eq!(attempt, 1);
+    assert_no_task_failures(&handle).await;
+    worker.shutdown().await;
+}

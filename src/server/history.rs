@@ -1618,3 +1618,278 @@ pub fn check_payload(what: &str, payload: Option<&Payload>, max: usize) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_000_000;
+
+    fn start() -> (RunEntry, Effects) {
+        let mut fx = Effects::default();
+        let req = pb::StartWorkflowRequest {
+            namespace: "default".into(),
+            workflow_id: "w".into(),
+            workflow_type: "t".into(),
+            task_queue: "q".into(),
+            ..Default::default()
+        };
+        let entry = RunEntry::start_workflow(&req, "run-1".into(), NOW, &mut fx);
+        (entry, fx)
+    }
+
+    fn kinds(entry: &RunEntry) -> Vec<&'static str> {
+        entry.history.iter().map(|e| e.kind_name()).collect()
+    }
+
+    fn token_of(resp: &pb::PollWorkflowTaskResponse) -> pb::TaskToken {
+        prost::Message::decode(resp.task_token.as_slice()).unwrap()
+    }
+
+    fn schedule(seq: u32) -> pb::Command {
+        pb::Command {
+            kind: Some(command::Kind::ScheduleActivity(
+                pb::ScheduleActivityCommand {
+                    seq,
+                    activity_type: "a".into(),
+                    options: Some(ActivityOptions {
+                        start_to_close_timeout_ms: 1_000,
+                        retry_policy: Some(RetryPolicy {
+                            maximum_attempts: 2,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    /// Starts a run and completes its first workflow task with one scheduled activity.
+    fn with_activity() -> (RunEntry, pb::TaskToken) {
+        let (mut e, _) = start();
+        let mut fx = Effects::default();
+        let task = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
+        e.complete_workflow_task(&token_of(&task), vec![schedule(1)], "w1", "", NOW, &mut fx)
+            .unwrap();
+        let mut fx = Effects::default();
+        let resp = e.dispatch_activity(3, 1, "w1", NOW, &mut fx).unwrap();
+        let token = prost::Message::decode(resp.task_token.as_slice()).unwrap();
+        (e, token)
+    }
+
+    #[test]
+    fn start_records_the_start_and_offers_a_workflow_task() {
+        let (e, fx) = start();
+        assert_eq!(kinds(&e), vec!["WorkflowExecutionStarted"]);
+        assert_eq!(fx.tasks.len(), 1);
+        assert_eq!(fx.tasks[0].0.kind, TaskKind::Workflow);
+        assert!(e.state.workflow_task.is_some());
+    }
+
+    #[test]
+    fn completion_records_marker_and_commands_and_offers_the_activity() {
+        let (mut e, _) = start();
+        let mut fx = Effects::default();
+        let task = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
+        assert!(task.full_history);
+        let mut fx = Effects::default();
+        e.complete_workflow_task(&token_of(&task), vec![schedule(1)], "w1", "", NOW, &mut fx)
+            .unwrap();
+        assert_eq!(
+            kinds(&e),
+            vec![
+                "WorkflowExecutionStarted",
+                "WorkflowTaskCompleted",
+                "ActivityTaskScheduled"
+            ]
+        );
+        assert_eq!(fx.tasks.len(), 1);
+        assert_eq!(fx.tasks[0].0.kind, TaskKind::Activity);
+        assert!(e.state.workflow_task.is_none());
+    }
+
+    #[test]
+    fn stale_workflow_task_completion_changes_nothing() {
+        let (mut e, _) = start();
+        let mut fx = Effects::default();
+        let task = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
+        let mut stale = token_of(&task);
+        stale.dispatch += 1;
+        let before = e.history.len();
+        let err = e
+            .complete_workflow_task(&stale, vec![schedule(1)], "w1", "", NOW, &mut fx)
+            .unwrap_err();
+        assert!(matches!(err, EngineError::StaleTask(_)));
+        assert_eq!(e.history.len(), before);
+        assert!(e.state.activities.is_empty());
+    }
+
+    #[test]
+    fn events_during_a_running_task_are_buffered_then_flushed() {
+        let (mut e, _) = start();
+        let mut fx = Effects::default();
+        let task = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
+        let mut fx = Effects::default();
+        e.signal("go", None, "client", NOW, &mut fx);
+        assert_eq!(
+            e.state.buffered.len(),
+            1,
+            "the running task did not see the signal"
+        );
+        assert!(fx.tasks.is_empty(), "no second task while one runs");
+        let mut fx = Effects::default();
+        e.complete_workflow_task(&token_of(&task), vec![], "w1", "", NOW, &mut fx)
+            .unwrap();
+        assert_eq!(
+            kinds(&e),
+            vec![
+                "WorkflowExecutionStarted",
+                "WorkflowTaskCompleted",
+                "WorkflowSignaled"
+            ]
+        );
+        assert_eq!(fx.tasks.len(), 1, "the signal causes a new workflow task");
+    }
+
+    #[test]
+    fn activity_completion_from_an_old_attempt_is_rejected() {
+        let (mut e, token) = with_activity();
+        let mut fx = Effects::default();
+        e.activity_failed(
+            &token,
+            Failure {
+                message: "x".into(),
+                ..Default::default()
+            },
+            "w1",
+            NOW,
+            &mut fx,
+        )
+        .unwrap();
+        assert_eq!(e.state.activities[&3].attempt, 2);
+        assert_eq!(e.state.activities[&3].backoff_until_ms, NOW + 1_000);
+        assert!(matches!(
+            fx.timers[0].1,
+            TimerKey::ActivityRetry { attempt: 2, .. }
+        ));
+        let err = e
+            .activity_completed(&token, None, "w1", NOW, &mut fx)
+            .unwrap_err();
+        assert!(err.to_string().contains("attempt 1"), "{err}");
+        assert!(!kinds(&e).contains(&"ActivityTaskCompleted"));
+    }
+
+    #[test]
+    fn last_allowed_attempt_failing_records_the_failure() {
+        let (mut e, token) = with_activity();
+        let mut fx = Effects::default();
+        e.activity_failed(&token, Failure::default(), "w1", NOW, &mut fx)
+            .unwrap();
+        // Backoff over: attempt 2 is offered and fails too; the policy allows 2 attempts.
+        e.activity_timer(
+            &TimerKey::ActivityRetry {
+                run_id: "run-1".into(),
+                scheduled_event_id: 3,
+                attempt: 2,
+            },
+            NOW + 1_000,
+            &mut fx,
+        );
+        let resp = e
+            .dispatch_activity(3, 2, "w1", NOW + 1_000, &mut fx)
+            .unwrap();
+        let token2 = prost::Message::decode(resp.task_token.as_slice()).unwrap();
+        let mut fx = Effects::default();
+        e.activity_failed(
+            &token2,
+            Failure {
+                message: "again".into(),
+                ..Default::default()
+            },
+            "w1",
+            NOW,
+            &mut fx,
+        )
+        .unwrap();
+        assert_eq!(kinds(&e).last(), Some(&"ActivityTaskFailed"));
+        assert!(e.state.activities.is_empty());
+        assert_eq!(fx.tasks.len(), 1, "the workflow is told");
+    }
+
+    #[test]
+    fn commands_after_a_terminal_command_are_invalid() {
+        let (e, _) = start();
+        let complete = pb::Command {
+            kind: Some(command::Kind::CompleteWorkflow(Default::default())),
+        };
+        let err = e
+            .validate_commands(&[complete, schedule(1)], 1024)
+            .unwrap_err();
+        assert!(err.to_string().contains("no command may follow"), "{err}");
+    }
+
+    #[test]
+    fn stale_timer_does_nothing() {
+        let (mut e, _) = start();
+        let mut fx = Effects::default();
+        assert!(!e.timer_fired(9, NOW, &mut fx), "no such timer");
+        assert!(
+            !e.workflow_task_timed_out(42, NOW, &mut fx),
+            "no such dispatch"
+        );
+        assert_eq!(kinds(&e), vec!["WorkflowExecutionStarted"]);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            initial_interval_ms: 100,
+            backoff_coefficient: 2.0,
+            maximum_interval_ms: 500,
+            ..Default::default()
+        };
+        assert_eq!(backoff_ms(&p, 2), 100);
+        assert_eq!(backoff_ms(&p, 3), 200);
+        assert_eq!(backoff_ms(&p, 4), 400);
+        assert_eq!(backoff_ms(&p, 5), 500);
+        assert_eq!(backoff_ms(&p, 60), 500);
+    }
+
+    #[test]
+    fn options_need_a_timeout_and_get_defaults() {
+        assert!(normalize_activity_options(None, "q").is_err());
+        let o = normalize_activity_options(
+            Some(ActivityOptions {
+                schedule_to_close_timeout_ms: 5_000,
+                ..Default::default()
+            }),
+            "q",
+        )
+        .unwrap();
+        assert_eq!(o.task_queue, "q");
+        assert_eq!(o.start_to_close_timeout_ms, 5_000);
+        let r = o.retry_policy.unwrap();
+        assert_eq!(
+            (
+                r.initial_interval_ms,
+                r.backoff_coefficient,
+                r.maximum_interval_ms
+            ),
+            (1_000, 2.0, 100_000)
+        );
+        let bad = normalize_activity_options(
+            Some(ActivityOptions {
+                start_to_close_timeout_ms: 1,
+                retry_policy: Some(RetryPolicy {
+                    backoff_coefficient: 0.5,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "q",
+        );
+        assert!(bad.unwrap_err().to_string().contains("backoff_coefficient"));
+    }
+}
