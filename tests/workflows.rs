@@ -503,3 +503,36 @@ async fn deterministic_helpers_are_stable_across_replay() {
     assert_no_task_failures(&handle).await;
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_workflow_slot_still_serves_both_queues() {
+    let env = TestEnv::start().await;
+    // One slot: a poll parked on the sticky queue must not starve the normal queue.
+    let mut w = tether::worker::Worker::new(
+        env.client.clone(),
+        tether::worker::WorkerOptions::new("q")
+            .identity("one-slot")
+            .max_concurrent_workflow_tasks(1),
+    );
+    w.register_activity("noop", |_ctx: ActivityContext, _: ()| async move {
+        Ok::<_, ActivityError>(())
+    });
+    w.register_workflow("wf", |ctx: WorkflowContext, _: ()| async move {
+        let _: () = ctx
+            .execute_activity("noop", &(), ActivityOptions::default())
+            .await?;
+        Ok(())
+    });
+    let worker = w.start().unwrap();
+    for i in 0..3 {
+        let handle = env
+            .client
+            .start_workflow("wf", &(), WorkflowOptions::new(format!("slot-{i}"), "q"))
+            .await
+            .unwrap();
+        let _: () = within(Duration::from_secs(8), "result", handle.result())
+            .await
+            .unwrap();
+    }
+    worker.shutdown().await;
+}

@@ -376,10 +376,6 @@ impl Inner {
     async fn workflow_poller(self: Arc<Self>, queue: String, mut stop: watch::Receiver<bool>) {
         let mut failures = 0;
         loop {
-            let permit = tokio::select! {
-                p = self.workflow_slots.clone().acquire_owned() => p.expect("never closed"),
-                _ = stop.wait_for(|s| *s) => return,
-            };
             let request = pb::PollWorkflowTaskRequest {
                 namespace: self.namespace.clone(),
                 task_queue: queue.clone(),
@@ -397,6 +393,14 @@ impl Inner {
                     failures = 0;
                     let task = resp.into_inner();
                     if !task.task_token.is_empty() {
+                        // The slot is taken after the poll, not before: a poll parked on the
+                        // sticky queue must not hold a slot the normal queue's poller needs.
+                        let _permit = self
+                            .workflow_slots
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .expect("never closed");
                         self.handle_workflow_task(task).await;
                     }
                 }
@@ -405,7 +409,6 @@ impl Inner {
                     poll_backoff(&mut failures).await;
                 }
             }
-            drop(permit);
         }
     }
 
