@@ -3,6 +3,7 @@
 //! The map of the crate:
 //! - [`api`]: the wire contract generated from `proto/` (the only place that knows the wire).
 //! - [`types`]: typed ids, limits and name validation.
+//! - [`caps`]: capability detection (NVML, sysinfo, declared inventories) and requirements.
 //! - [`codec`]: the data converter (JSON payloads), used by clients and workers only.
 //! - [`store`]: the `Store` trait and the embedded SQLite store (WAL, group commit).
 //! - [`server`]: the gRPC frontend, the engine (history state machine, matching, timers).
@@ -14,6 +15,7 @@
 
 pub mod activity;
 pub mod api;
+pub mod caps;
 pub mod client;
 pub mod codec;
 pub mod server;

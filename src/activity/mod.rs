@@ -139,8 +139,16 @@ pub enum CancelReason {
     WorkerShutdown,
 }
 
+/// What an activity may use of the worker it runs on.
+pub(crate) struct WorkerLocal {
+    pub(crate) caps: crate::caps::CapabilitySource,
+    /// Woken when labels change, so the worker re-advertises at once.
+    pub(crate) caps_changed: Notify,
+}
+
 pub(crate) struct ActivityShared {
     pub(crate) info: ActivityInfo,
+    pub(crate) worker: Option<Arc<WorkerLocal>>,
     pub(crate) previous_details: Option<pb::Payload>,
     pub(crate) pending_details: Mutex<Option<pb::Payload>>,
     pub(crate) heartbeat_wanted: Notify,
@@ -154,11 +162,16 @@ pub struct ActivityContext {
 }
 
 impl ActivityContext {
-    pub(crate) fn new(info: ActivityInfo, previous_details: Option<pb::Payload>) -> Self {
+    pub(crate) fn new(
+        info: ActivityInfo,
+        previous_details: Option<pb::Payload>,
+        worker: Option<Arc<WorkerLocal>>,
+    ) -> Self {
         let (cancel, _) = watch::channel(None);
         ActivityContext {
             shared: Arc::new(ActivityShared {
                 info,
+                worker,
                 previous_details,
                 pending_details: Mutex::new(None),
                 heartbeat_wanted: Notify::new(),
@@ -186,6 +199,39 @@ impl ActivityContext {
     pub fn heartbeat_details<T: DeserializeOwned>(&self) -> Option<T> {
         let p = self.shared.previous_details.as_ref()?;
         codec::from_payload(Some(p)).ok()
+    }
+
+    /// Reads a credential declared on this worker, by name. The secret is read here, on the
+    /// worker; it never travels to the server.
+    pub fn credential(&self, name: &str) -> Result<String, ActivityError> {
+        self.shared
+            .worker
+            .as_ref()
+            .and_then(|w| w.caps.read_credential(name))
+            .ok_or_else(|| {
+                ActivityError::non_retryable(format!(
+                    "credential {name:?} is not available on worker {}",
+                    self.shared.info.worker_identity
+                ))
+                .with_type("CredentialMissing")
+            })
+    }
+
+    /// Sets a label on this worker (e.g. `model_loaded=llama-70b`); the worker advertises it at
+    /// once, so routing can follow.
+    pub fn set_label(&self, key: impl Into<String>, value: impl Into<String>) {
+        if let Some(w) = &self.shared.worker {
+            w.caps.labels().write().insert(key.into(), value.into());
+            w.caps_changed.notify_one();
+        }
+    }
+
+    /// Removes a label from this worker.
+    pub fn remove_label(&self, key: &str) {
+        if let Some(w) = &self.shared.worker {
+            w.caps.labels().write().remove(key);
+            w.caps_changed.notify_one();
+        }
     }
 
     /// True once the activity has been asked to stop.

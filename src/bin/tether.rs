@@ -75,6 +75,18 @@ enum Command {
     /// Inspect workers.
     #[command(subcommand)]
     Workers(WorkersCmd),
+    /// Print what this host would advertise as a worker (GPUs, host, network, labels...).
+    Caps(CapsArgs),
+}
+
+#[derive(Args)]
+struct CapsArgs {
+    /// A declared inventory (TOML) to use instead of / in addition to detection.
+    #[arg(long)]
+    inventory: Option<PathBuf>,
+    /// Directory whose disk's free space is reported.
+    #[arg(long, default_value = ".")]
+    work_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -92,6 +104,9 @@ struct ServerOptionsArgs {
     /// (survives a crash of the server process).
     #[arg(long, default_value = "full")]
     sync: SyncMode,
+    /// A worker without a heartbeat or poll for this long is marked dead and gets no work.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    worker_liveness_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -240,6 +255,12 @@ enum ActivityCmd {
         /// Start it and print its ids without waiting.
         #[arg(long)]
         no_wait: bool,
+        /// Requirements, e.g. "gpu.count>=1, gpu.memory>=40GiB, prefer label.zone=a:10".
+        #[arg(long, default_value = "")]
+        requirements: String,
+        /// Run on this worker only.
+        #[arg(long)]
+        worker: Option<String>,
     },
 }
 
@@ -255,8 +276,13 @@ enum QueueCmd {
 
 #[derive(Subcommand)]
 enum WorkersCmd {
-    /// List workers seen polling in the namespace.
+    /// List workers: registered ones (alive or dead) and pollers that never registered.
     List,
+    /// Show one worker: its capabilities, queues and state.
+    Describe {
+        /// The worker's identity.
+        identity: String,
+    },
 }
 
 /// Parses `500ms`, `10s`, `5m`, `2h` (a bare number is seconds).
@@ -421,6 +447,142 @@ fn event_json(e: &pb::HistoryEvent) -> Value {
     json!({ "event_id": e.event_id, "time": time_text(e.time_ms), "type": e.kind_name(), "details": details })
 }
 
+fn caps_json(c: &pb::Capabilities) -> Value {
+    let h = c.host.clone().unwrap_or_default();
+    json!({
+        "host": {
+            "hostname": h.hostname, "os": h.os, "kernel": h.kernel, "arch": h.arch,
+            "cpu_model": h.cpu_model, "logical_cores": h.logical_cores, "physical_cores": h.physical_cores,
+            "memory_total_bytes": h.memory_total_bytes, "memory_available_bytes": h.memory_available_bytes,
+            "disk_free_bytes": h.disk_free_bytes, "work_dir": h.work_dir,
+        },
+        "gpus": c.gpus.iter().map(|g| json!({
+            "index": g.index, "uuid": g.uuid, "name": g.name,
+            "memory_total_bytes": g.memory_total_bytes, "memory_free_bytes": g.memory_free_bytes,
+            "compute_capability": format!("{}.{}", g.compute_major, g.compute_minor),
+            "pci_bus_id": g.pci_bus_id, "mig_mode": g.mig_mode,
+            "utilization_percent": if g.utilization_percent >= 0 { json!(g.utilization_percent) } else { Value::Null },
+            "source": g.source,
+        })).collect::<Vec<_>>(),
+        "gpu_driver_version": c.gpu_driver_version,
+        "cuda_driver_version": c.cuda_driver_version,
+        "gpu_note": c.gpu_note,
+        "interfaces": c.interfaces.iter().map(|i| json!({"name": i.name, "addresses": i.addresses})).collect::<Vec<_>>(),
+        "network": c.network,
+        "credentials": c.credentials,
+        "labels": c.labels,
+        "resources": c.resources,
+    })
+}
+
+fn worker_json(w: &pb::WorkerInfo) -> Value {
+    json!({
+        "identity": w.identity, "state": w.state, "task_queues": w.task_queues,
+        "host_queue": w.host_queue, "registered": time_text(w.registered_ms),
+        "last_seen": time_text(w.last_seen_ms),
+        "capabilities": w.capabilities.as_ref().map(caps_json),
+    })
+}
+
+fn print_caps(c: &pb::Capabilities) {
+    use tether::caps::requirements::human_bytes;
+    let h = c.host.clone().unwrap_or_default();
+    println!(
+        "host:          {} ({}, kernel {}, {})",
+        h.hostname, h.os, h.kernel, h.arch
+    );
+    println!(
+        "cpu:           {} ({} logical, {} physical cores)",
+        h.cpu_model, h.logical_cores, h.physical_cores
+    );
+    println!(
+        "memory:        {} total, {} available",
+        human_bytes(h.memory_total_bytes),
+        human_bytes(h.memory_available_bytes)
+    );
+    println!(
+        "disk:          {} free at {}",
+        human_bytes(h.disk_free_bytes),
+        h.work_dir
+    );
+    if c.gpus.is_empty() {
+        println!(
+            "gpus:          none ({})",
+            if c.gpu_note.is_empty() {
+                "no devices"
+            } else {
+                &c.gpu_note
+            }
+        );
+    } else {
+        if !c.gpu_driver_version.is_empty() {
+            println!(
+                "gpu driver:    {} (CUDA {})",
+                c.gpu_driver_version, c.cuda_driver_version
+            );
+        }
+        for g in &c.gpus {
+            println!(
+                "GPU {}: {} (UUID: {}) {}, compute {}.{}, source: {}",
+                g.index,
+                g.name,
+                g.uuid,
+                human_bytes(g.memory_total_bytes),
+                g.compute_major,
+                g.compute_minor,
+                g.source
+            );
+        }
+        if !c.gpu_note.is_empty() {
+            println!("               {}", c.gpu_note);
+        }
+    }
+    let ifaces: Vec<String> = c
+        .interfaces
+        .iter()
+        .map(|i| format!("{} {}", i.name, i.addresses.join(" ")))
+        .collect();
+    println!("interfaces:    {}", ifaces.join("; "));
+    println!(
+        "network:       {}",
+        if c.network.is_empty() {
+            "-".to_string()
+        } else {
+            c.network.join(", ")
+        }
+    );
+    println!(
+        "credentials:   {}",
+        if c.credentials.is_empty() {
+            "-".to_string()
+        } else {
+            c.credentials.join(", ")
+        }
+    );
+    let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "labels:        {}",
+        if labels.is_empty() {
+            "-".to_string()
+        } else {
+            labels.join(", ")
+        }
+    );
+    let res: Vec<String> = c
+        .resources
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "resources:     {}",
+        if res.is_empty() {
+            "-".to_string()
+        } else {
+            res.join(", ")
+        }
+    );
+}
+
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
@@ -443,10 +605,14 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
     if o.long_poll_timeout.is_zero() {
         bail!("--long-poll-timeout must be greater than 0");
     }
+    if o.worker_liveness_timeout.is_zero() {
+        bail!("--worker-liveness-timeout must be greater than 0");
+    }
     Ok(ServerConfig {
         long_poll_timeout: o.long_poll_timeout,
         max_payload_bytes: o.max_payload_bytes,
         sync_mode: o.sync,
+        worker_liveness_timeout: o.worker_liveness_timeout,
     })
 }
 
@@ -565,7 +731,11 @@ async fn run(cli: Cli) -> Result<i32> {
             schedule_to_close,
             max_attempts,
             no_wait,
+            requirements,
+            worker,
         }) => {
+            let requirements = tether::caps::Requirements::parse(&requirements)
+                .map_err(|e| anyhow::anyhow!("--requirements: {e}"))?;
             let client = connect(&g).await?;
             let input: Value = match input {
                 Some(text) => serde_json::from_str(&text)
@@ -581,6 +751,8 @@ async fn run(cli: Cli) -> Result<i32> {
                     maximum_attempts: max_attempts,
                     ..Default::default()
                 },
+                requirements,
+                worker,
                 ..Default::default()
             };
             let handle = client
@@ -629,6 +801,10 @@ async fn run(cli: Cli) -> Result<i32> {
                     "workflow_backlog": q.workflow_backlog,
                     "activity_backlog": q.activity_backlog,
                     "pollers": q.pollers.iter().map(|p| json!({"identity": p.identity, "kind": p.kind, "last_poll": time_text(p.last_poll_ms)})).collect::<Vec<_>>(),
+                    "requirement_backlogs": q.requirement_backlogs.iter().map(|b| json!({
+                        "requirements": b.requirements, "tasks": b.tasks,
+                        "unplaceable": b.unplaceable, "explanation": b.explanation,
+                    })).collect::<Vec<_>>(),
                 }));
             } else {
                 println!("task queue:        {task_queue}");
@@ -649,22 +825,62 @@ async fn run(cli: Cli) -> Result<i32> {
             let client = connect(&g).await?;
             let workers = client.list_workers().await?;
             if g.json {
-                print_json(&Value::Array(
-                    workers
-                        .iter()
-                        .map(|w| json!({"identity": w.identity, "task_queues": w.task_queues, "last_seen": time_text(w.last_seen_ms)}))
-                        .collect(),
-                ));
+                print_json(&Value::Array(workers.iter().map(worker_json).collect()));
             } else {
-                println!("{:<32} {:<26} TASK QUEUES", "IDENTITY", "LAST SEEN");
+                println!(
+                    "{:<32} {:<13} {:<26} {:<6} TASK QUEUES",
+                    "IDENTITY", "STATE", "LAST SEEN", "GPUS"
+                );
                 for w in workers {
+                    let gpus = w.capabilities.as_ref().map(|c| c.gpus.len()).unwrap_or(0);
                     println!(
-                        "{:<32} {:<26} {}",
+                        "{:<32} {:<13} {:<26} {:<6} {}",
                         w.identity,
+                        w.state,
                         time_text(w.last_seen_ms),
+                        gpus,
                         w.task_queues.join(",")
                     );
                 }
+            }
+        }
+        Command::Workers(WorkersCmd::Describe { identity }) => {
+            let client = connect(&g).await?;
+            let w = client
+                .raw()
+                .describe_worker(pb::DescribeWorkerRequest {
+                    namespace: g.namespace.clone(),
+                    identity,
+                })
+                .await
+                .map_err(tether::client::ClientError::from)?
+                .into_inner()
+                .worker
+                .unwrap_or_default();
+            if g.json {
+                print_json(&worker_json(&w));
+            } else {
+                println!("identity:      {}", w.identity);
+                println!("state:         {}", w.state);
+                println!("registered:    {}", time_text(w.registered_ms));
+                println!("last seen:     {}", time_text(w.last_seen_ms));
+                println!("task queues:   {}", w.task_queues.join(", "));
+                println!("host queue:    {}", w.host_queue);
+                if let Some(caps) = &w.capabilities {
+                    print_caps(caps);
+                }
+            }
+        }
+        Command::Caps(args) => {
+            let mut source = tether::caps::CapabilitySource::detect().work_dir(args.work_dir);
+            if let Some(path) = &args.inventory {
+                source = source.with_inventory(tether::caps::Inventory::load(path)?);
+            }
+            let caps = tokio::task::spawn_blocking(move || source.snapshot()).await?;
+            if g.json {
+                print_json(&caps_json(&caps));
+            } else {
+                print_caps(&caps);
             }
         }
     }

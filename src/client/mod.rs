@@ -418,6 +418,10 @@ pub struct ActivityOptions {
     pub heartbeat: Option<Duration>,
     /// Retry policy. Default: initial 1 s, backoff 2.0, max interval 100 s, unlimited attempts.
     pub retry: RetryPolicy,
+    /// What the worker must have (hard) and should have (preferences). Default none.
+    pub requirements: crate::caps::Requirements,
+    /// Run on this worker only (its host queue). Default none.
+    pub worker: Option<String>,
 }
 
 /// The default attempt timeout when neither start_to_close nor schedule_to_close is given.
@@ -458,6 +462,17 @@ impl ActivityOptions {
         self.task_queue = q.into();
         self
     }
+    /// Sets the requirements.
+    pub fn requirements(mut self, requirements: crate::caps::Requirements) -> Self {
+        self.requirements = requirements;
+        self
+    }
+    /// Runs the activity on one worker only, through that worker's host queue (e.g. the worker
+    /// an earlier step reported with `ctx.info().worker_identity`).
+    pub fn on_worker(mut self, identity: impl Into<String>) -> Self {
+        self.worker = Some(identity.into());
+        self
+    }
 
     /// The wire form.
     pub fn to_proto(&self) -> pb::ActivityOptions {
@@ -472,6 +487,8 @@ impl ActivityOptions {
             start_to_close_timeout_ms: ms(start_to_close),
             heartbeat_timeout_ms: ms(self.heartbeat),
             retry_policy: Some(self.retry.to_proto()),
+            requirements: self.requirements.to_string(),
+            worker: self.worker.clone().unwrap_or_default(),
         }
     }
 }

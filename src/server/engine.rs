@@ -231,8 +231,8 @@ impl Engine {
     }
 
     fn apply_effects(&self, fx: Effects) {
-        for (key, task) in fx.tasks {
-            self.matcher.add(&key, task);
+        for (key, task, requirements) in fx.tasks {
+            self.matcher.add(&key, task, &requirements);
         }
         if !fx.timers.is_empty() {
             self.timers.arm(fx.timers);
@@ -1044,7 +1044,26 @@ impl Engine {
                     TimerKey::StickyScheduleToStart { enqueue, .. } => {
                         entry.sticky_timed_out(*enqueue, &mut txn.fx)
                     }
-                    _ => entry.activity_timer(&key, now, &mut txn.fx),
+                    TimerKey::ActivityScheduleToStart {
+                        scheduled_event_id, ..
+                    } => {
+                        let note = entry
+                            .state
+                            .activities
+                            .get(scheduled_event_id)
+                            .map(|a| {
+                                let reqs = a
+                                    .options
+                                    .as_ref()
+                                    .map(|o| o.requirements.as_str())
+                                    .unwrap_or("");
+                                self.matcher
+                                    .explain(&entry.state.namespace, &a.task_queue, reqs)
+                            })
+                            .unwrap_or_default();
+                        entry.activity_timer(&key, &note, now, &mut txn.fx)
+                    }
+                    _ => entry.activity_timer(&key, "", now, &mut txn.fx),
                 };
                 if changed {
                     txn.touched.insert(key.run_id().to_string());
@@ -1059,7 +1078,7 @@ impl Engine {
     // Operations
     // ------------------------------------------------------------------------------------------
 
-    /// Backlog and pollers of a task queue.
+    /// Backlog, pollers and per-requirement backlogs of a task queue.
     pub fn describe_queue(
         &self,
         namespace: &str,
@@ -1087,28 +1106,66 @@ impl Engine {
             }))
             .collect();
         pollers.sort_by(|a, b| (&a.identity, &a.kind).cmp(&(&b.identity, &b.kind)));
+        let mut requirement_backlogs: Vec<pb::RequirementBacklog> = act
+            .classes
+            .iter()
+            .map(|(requirements, tasks)| {
+                let explanation = self.matcher.explain(namespace, queue, requirements);
+                pb::RequirementBacklog {
+                    requirements: requirements.clone(),
+                    tasks: *tasks as u64,
+                    unplaceable: !explanation.is_empty(),
+                    explanation,
+                }
+            })
+            .collect();
+        requirement_backlogs.sort_by(|a, b| a.requirements.cmp(&b.requirements));
         Ok(pb::DescribeTaskQueueResponse {
             workflow_backlog: wf.backlog as u64,
             activity_backlog: act.backlog as u64,
             pollers,
+            requirement_backlogs,
         })
     }
 
-    /// Workers seen polling in a namespace.
+    fn worker_info(&self, w: &super::matching::WorkerRecord) -> pb::WorkerInfo {
+        let mut queues: Vec<String> = w.task_queues.clone();
+        queues.sort();
+        queues.dedup();
+        pb::WorkerInfo {
+            identity: w.identity.clone(),
+            task_queues: queues,
+            last_seen_ms: w.last_seen_ms,
+            namespace: w.namespace.clone(),
+            state: if w.alive { "alive" } else { "dead" }.into(),
+            host_queue: super::matching::host_queue_name(&w.identity),
+            capabilities: Some((*w.caps).clone()),
+            registered_ms: w.registered_ms,
+        }
+    }
+
+    /// Workers of a namespace: registered ones with their state, plus pollers that never
+    /// registered.
     pub fn list_workers(&self, namespace: &str) -> Result<Vec<pb::WorkerInfo>, EngineError> {
         Self::check_namespace(&self.state.lock(), namespace)?;
-        let mut by_identity: BTreeMap<String, pb::WorkerInfo> = BTreeMap::new();
+        let mut by_identity: BTreeMap<String, pb::WorkerInfo> = self
+            .matcher
+            .workers_in(namespace)
+            .iter()
+            .map(|w| (w.identity.clone(), self.worker_info(w)))
+            .collect();
         for (identity, queue, _kind, seen) in self.matcher.pollers_in(namespace) {
             let w = by_identity
                 .entry(identity.clone())
                 .or_insert_with(|| pb::WorkerInfo {
                     identity,
                     namespace: namespace.to_string(),
+                    state: "unregistered".into(),
                     ..Default::default()
                 });
-            if !queue.starts_with(crate::worker::STICKY_QUEUE_PREFIX)
-                && !w.task_queues.contains(&queue)
-            {
+            let internal = queue.starts_with(crate::worker::STICKY_QUEUE_PREFIX)
+                || queue.starts_with(super::matching::HOST_QUEUE_PREFIX);
+            if !internal && !w.task_queues.contains(&queue) {
                 w.task_queues.push(queue);
             }
             w.last_seen_ms = w.last_seen_ms.max(seen);
@@ -1120,6 +1177,77 @@ impl Engine {
                 w
             })
             .collect())
+    }
+
+    /// One worker.
+    pub fn describe_worker(
+        &self,
+        namespace: &str,
+        identity: &str,
+    ) -> Result<pb::WorkerInfo, EngineError> {
+        self.list_workers(namespace)?
+            .into_iter()
+            .find(|w| w.identity == identity)
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "worker {identity:?} is not known in namespace {namespace:?}"
+                ))
+            })
+    }
+
+    /// Registers a worker; returns its host queue.
+    pub fn register_worker(
+        &self,
+        req: pb::RegisterWorkerRequest,
+    ) -> Result<pb::RegisterWorkerResponse, EngineError> {
+        self.check_healthy()?;
+        Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        tracing::info!(
+            namespace = req.namespace,
+            identity = req.identity,
+            "worker registered"
+        );
+        self.matcher.register(
+            &req.namespace,
+            &req.identity,
+            req.capabilities.unwrap_or_default(),
+            req.task_queues,
+            now_ms(),
+        );
+        let liveness = self.config.worker_liveness_timeout;
+        Ok(pb::RegisterWorkerResponse {
+            host_queue: super::matching::host_queue_name(&req.identity),
+            heartbeat_interval_ms: (liveness.as_millis() as u64 / 3).max(100),
+            liveness_timeout_ms: liveness.as_millis() as u64,
+        })
+    }
+
+    /// Records a worker heartbeat; false when the worker must register again.
+    pub fn worker_heartbeat(&self, req: pb::WorkerHeartbeatRequest) -> Result<bool, EngineError> {
+        Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        Ok(self
+            .matcher
+            .heartbeat(&req.namespace, &req.identity, req.capabilities, now_ms()))
+    }
+
+    /// Marks workers dead when they miss the liveness timeout, until shutdown.
+    pub async fn run_liveness(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let timeout = self.config.worker_liveness_timeout;
+        let tick = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            for (namespace, identity) in self.matcher.expire(now_ms(), timeout) {
+                tracing::warn!(
+                    namespace,
+                    identity,
+                    "worker missed its liveness timeout: marked dead"
+                );
+            }
+        }
     }
 }
 

@@ -423,6 +423,42 @@ impl TetherService for Frontend {
             .describe_queue(&req.namespace, &req.task_queue)?)
     }
 
+    async fn describe_worker(
+        &self,
+        request: Request<pb::DescribeWorkerRequest>,
+    ) -> R<pb::DescribeWorkerResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        ok(pb::DescribeWorkerResponse {
+            worker: Some(self.engine.describe_worker(&req.namespace, &req.identity)?),
+        })
+    }
+
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> R<pb::RegisterWorkerResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        for q in &req.task_queues {
+            name("task queue", q)?;
+        }
+        ok(self.engine.register_worker(req)?)
+    }
+
+    async fn worker_heartbeat(
+        &self,
+        request: Request<pb::WorkerHeartbeatRequest>,
+    ) -> R<pb::WorkerHeartbeatResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        let known = self.engine.worker_heartbeat(req)?;
+        ok(pb::WorkerHeartbeatResponse { reregister: !known })
+    }
+
     async fn list_workers(
         &self,
         request: Request<pb::ListWorkersRequest>,

@@ -104,8 +104,8 @@ pub struct OutgoingSignal {
 /// What the runner must do once the transaction is durable.
 #[derive(Debug, Default)]
 pub struct Effects {
-    /// Tasks to offer to pollers.
-    pub tasks: Vec<(QueueKey, TaskRef)>,
+    /// Tasks to offer to pollers, with their canonical requirements ("" for none).
+    pub tasks: Vec<(QueueKey, TaskRef, String)>,
     /// Timers to arm (deadline ms, key).
     pub timers: Vec<(i64, TimerKey)>,
     /// Runs that closed.
@@ -120,9 +120,18 @@ pub fn normalize_activity_options(
     default_queue: &str,
 ) -> Result<ActivityOptions, EngineError> {
     let mut o = options.unwrap_or_default();
+    if !o.worker.is_empty() {
+        crate::types::validate_name("worker", &o.worker)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        o.task_queue = super::matching::host_queue_name(&o.worker);
+    }
     if o.task_queue.is_empty() {
         o.task_queue = default_queue.to_string();
     }
+    // Canonical text, so equal requirements share one class however they were written.
+    o.requirements = crate::caps::Requirements::parse(&o.requirements)
+        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
+        .to_string();
     crate::types::validate_name("activity task queue", &o.task_queue)
         .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
     if o.start_to_close_timeout_ms == 0 && o.schedule_to_close_timeout_ms == 0 {
@@ -350,7 +359,7 @@ impl RunEntry {
                 &self.state.sticky_queue,
                 TaskKind::Workflow,
             );
-            fx.tasks.push((key, task));
+            fx.tasks.push((key, task, String::new()));
             fx.timers.push((
                 now + STICKY_SCHEDULE_TO_START_MS,
                 TimerKey::StickyScheduleToStart {
@@ -359,7 +368,7 @@ impl RunEntry {
                 },
             ));
         } else {
-            fx.tasks.push((self.workflow_queue(), task));
+            fx.tasks.push((self.workflow_queue(), task, String::new()));
         }
     }
 
@@ -374,11 +383,13 @@ impl RunEntry {
                 TaskRef::Workflow {
                     run_id: self.state.run_id.clone(),
                 },
+                String::new(),
             ));
         }
         let run_id = self.state.run_id.clone();
         for a in self.state.activities.values() {
             let options = a.options.clone().unwrap_or_default();
+            let requirements = &options.requirements;
             if a.backoff_until_ms > 0 {
                 fx.timers.push((
                     a.backoff_until_ms,
@@ -396,6 +407,7 @@ impl RunEntry {
                         scheduled_event_id: a.scheduled_event_id,
                         attempt: a.attempt,
                     },
+                    requirements.clone(),
                 ));
                 if options.schedule_to_start_timeout_ms > 0 {
                     fx.timers.push((
@@ -823,6 +835,7 @@ impl RunEntry {
                 TaskRef::Workflow {
                     run_id: self.state.run_id.clone(),
                 },
+                String::new(),
             ));
         }
         false
@@ -842,6 +855,7 @@ impl RunEntry {
                 TaskRef::Workflow {
                     run_id: self.state.run_id.clone(),
                 },
+                String::new(),
             ));
             return true;
         }
@@ -1102,6 +1116,7 @@ impl RunEntry {
         };
         self.state.activities.insert(scheduled_event_id, state);
         let run_id = self.state.run_id.clone();
+        let requirements = &options.requirements;
         fx.tasks.push((
             QueueKey::new(
                 &self.state.namespace,
@@ -1113,6 +1128,7 @@ impl RunEntry {
                 scheduled_event_id,
                 attempt: 1,
             },
+            requirements.clone(),
         ));
         if options.schedule_to_start_timeout_ms > 0 {
             fx.timers.push((
@@ -1422,8 +1438,15 @@ impl RunEntry {
         Ok(a.cancel_requested)
     }
 
-    /// An activity timer fired. Returns whether anything changed.
-    pub fn activity_timer(&mut self, key: &TimerKey, now: i64, fx: &mut Effects) -> bool {
+    /// An activity timer fired. Returns whether anything changed. `placement_note` explains,
+    /// for a schedule-to-start timeout, why no worker could take the task.
+    pub fn activity_timer(
+        &mut self,
+        key: &TimerKey,
+        placement_note: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> bool {
         if !self.is_open() {
             return false;
         }
@@ -1442,6 +1465,7 @@ impl RunEntry {
                 a.backoff_until_ms = 0;
                 a.attempt_scheduled_ms = now;
                 let options = a.options.clone().unwrap_or_default();
+                let requirements = &options.requirements;
                 fx.tasks.push((
                     QueueKey::new(&self.state.namespace, &a.task_queue, TaskKind::Activity),
                     TaskRef::Activity {
@@ -1449,6 +1473,7 @@ impl RunEntry {
                         scheduled_event_id,
                         attempt,
                     },
+                    requirements.clone(),
                 ));
                 if options.schedule_to_start_timeout_ms > 0 {
                     fx.timers.push((
@@ -1477,6 +1502,9 @@ impl RunEntry {
                     return false;
                 }
                 let mut f = timeout_failure("schedule_to_start", None);
+                if !placement_note.is_empty() {
+                    f.message = format!("{}: no worker could take it: {placement_note}", f.message);
+                }
                 f.non_retryable = true;
                 self.attempt_failed(scheduled_event_id, f, "", now, fx);
                 true
@@ -1794,6 +1822,7 @@ mod tests {
                 scheduled_event_id: 3,
                 attempt: 2,
             },
+            "",
             NOW + 1_000,
             &mut fx,
         );

@@ -1,11 +1,20 @@
-//! Task queues: a FIFO backlog and a list of parked long polls per (namespace, queue, kind).
+//! Task queues and the worker registry.
 //!
-//! A task added while a poll is parked is handed over at once (sync match); otherwise it waits in
-//! the backlog. Entries are only references: the engine checks on dispatch that the task is still
-//! current, so a stale entry (a run that closed, an attempt that timed out) is skipped.
+//! Per (namespace, queue, kind): tasks grouped by requirement class (FIFO inside a class, and
+//! across classes by arrival), and a list of parked long polls. A task added while a poll that
+//! can take it is parked is handed over at once (sync match); otherwise it waits. "Can take" is
+//! decided per (worker, class) once and cached until the worker's capabilities change, so a
+//! dispatch does not re-evaluate requirements. Among parked polls that can take a task with
+//! preferences, the highest-scoring worker wins.
+//!
+//! Entries are only references: the engine checks on dispatch that the task is still current, so
+//! a stale entry (a run that closed, an attempt that timed out) is skipped.
 
+use crate::api::pb::Capabilities;
+use crate::caps::Requirements;
 use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -69,11 +78,126 @@ pub enum TaskRef {
     },
 }
 
+/// The name of a worker's own queue.
+pub fn host_queue_name(identity: &str) -> String {
+    format!("{HOST_QUEUE_PREFIX}{identity}")
+}
+
+/// Host queues are named with this prefix.
+pub const HOST_QUEUE_PREFIX: &str = "host/";
+
+/// Index of an interned requirement class; 0 is "no requirements".
+type ClassId = usize;
+
+struct Class {
+    text: String,
+    reqs: Requirements,
+}
+
+struct Waiter {
+    identity: String,
+    tx: oneshot::Sender<(TaskRef, ClassId)>,
+}
+
 #[derive(Default)]
 struct Queue {
-    backlog: VecDeque<TaskRef>,
-    waiting: VecDeque<oneshot::Sender<TaskRef>>,
+    by_class: HashMap<ClassId, VecDeque<(u64, TaskRef)>>,
+    /// Arrival number of the oldest task of each non-empty class.
+    fronts: BTreeMap<u64, ClassId>,
+    len: usize,
+    waiting: VecDeque<Waiter>,
     pollers: HashMap<String, i64>,
+}
+
+/// What the server knows about a registered worker.
+#[derive(Debug, Clone)]
+pub struct WorkerRecord {
+    /// Namespace it registered in.
+    pub namespace: String,
+    /// Identity.
+    pub identity: String,
+    /// Its capabilities.
+    pub caps: Arc<Capabilities>,
+    /// Task queues it said it polls.
+    pub task_queues: Vec<String>,
+    /// When it registered.
+    pub registered_ms: i64,
+    /// Last heartbeat or poll.
+    pub last_seen_ms: i64,
+    /// False once it missed the liveness timeout.
+    pub alive: bool,
+    /// (class -> Some(score) if it satisfies the class, None if not), valid until caps change.
+    class_cache: HashMap<ClassId, Option<u64>>,
+}
+
+struct State {
+    queues: HashMap<QueueKey, Queue>,
+    workers: HashMap<(String, String), WorkerRecord>,
+    classes: Vec<Class>,
+    class_ids: HashMap<String, ClassId>,
+    /// Arrival numbers of new tasks count up from the middle of the range; tasks put back at the
+    /// head of their queue count down from it, so they sort before everything that arrived.
+    next_seq: u64,
+    front_seq: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            queues: HashMap::new(),
+            workers: HashMap::new(),
+            classes: vec![Class {
+                text: String::new(),
+                reqs: Requirements::default(),
+            }],
+            class_ids: [(String::new(), 0)].into(),
+            next_seq: 1 << 62,
+            front_seq: 1 << 62,
+        }
+    }
+}
+
+impl State {
+    fn class_id(&mut self, requirements: &str) -> ClassId {
+        if let Some(id) = self.class_ids.get(requirements) {
+            return *id;
+        }
+        // Requirements were validated and canonicalised when the activity was scheduled.
+        let reqs = Requirements::parse(requirements).unwrap_or_default();
+        let id = self.classes.len();
+        self.classes.push(Class {
+            text: requirements.to_string(),
+            reqs,
+        });
+        self.class_ids.insert(requirements.to_string(), id);
+        id
+    }
+
+    /// Some(score) when `identity` may take tasks of `class`.
+    fn eligibility(&mut self, namespace: &str, identity: &str, class: ClassId) -> Option<u64> {
+        let key = (namespace.to_string(), identity.to_string());
+        let worker = self.workers.get_mut(&key);
+        if class == 0 {
+            // No requirements: any live poller, registered or not.
+            return match worker {
+                Some(w) if !w.alive => None,
+                _ => Some(0),
+            };
+        }
+        let worker = worker?;
+        if !worker.alive {
+            return None;
+        }
+        if let Some(cached) = worker.class_cache.get(&class) {
+            return *cached;
+        }
+        let reqs = &self.classes[class].reqs;
+        let result = reqs
+            .satisfied_by(&worker.caps)
+            .then(|| reqs.score(&worker.caps));
+        worker.class_cache.insert(class, result);
+        result
+    }
 }
 
 /// Snapshot of a queue for `describe`.
@@ -83,18 +207,20 @@ pub struct QueueStats {
     pub backlog: usize,
     /// Identities that polled, with the time of their last poll.
     pub pollers: Vec<(String, i64)>,
+    /// (requirements text, tasks waiting) per class.
+    pub classes: Vec<(String, usize)>,
 }
 
-/// All task queues of the server.
+/// All task queues and registered workers of the server.
 #[derive(Default)]
 pub struct Matcher {
-    queues: Mutex<HashMap<QueueKey, Queue>>,
+    state: Mutex<State>,
 }
 
 /// A parked poll. Dropping it (timeout, or the caller went away) puts back any task that was
 /// handed to it but not taken, so no task is lost between the hand-over and the caller.
 struct ParkedPoll<'a> {
-    rx: Option<oneshot::Receiver<TaskRef>>,
+    rx: Option<oneshot::Receiver<(TaskRef, ClassId)>>,
     matcher: &'a Matcher,
     key: &'a QueueKey,
 }
@@ -103,42 +229,132 @@ impl Drop for ParkedPoll<'_> {
     fn drop(&mut self) {
         if let Some(mut rx) = self.rx.take() {
             rx.close();
-            if let Ok(task) = rx.try_recv() {
-                self.matcher.requeue_front(self.key, task);
+            if let Ok((task, class)) = rx.try_recv() {
+                let mut st = self.matcher.state.lock();
+                Matcher::offer(&mut st, self.key, task, class, true);
             }
         }
     }
 }
 
 impl Matcher {
-    /// Offers a task: to a parked poll if there is one, otherwise to the backlog.
-    pub fn add(&self, key: &QueueKey, task: TaskRef) {
-        let mut queues = self.queues.lock();
-        let queue = queues.entry(key.clone()).or_default();
-        let mut task = task;
-        while let Some(waiter) = queue.waiting.pop_front() {
-            match waiter.send(task) {
-                Ok(()) => return,
-                Err(returned) => task = returned,
-            }
-        }
-        queue.backlog.push_back(task);
+    /// Offers a task with its (canonical) requirements: to the best parked poll that can take it,
+    /// otherwise to the backlog.
+    pub fn add(&self, key: &QueueKey, task: TaskRef, requirements: &str) {
+        let mut st = self.state.lock();
+        let class = st.class_id(requirements);
+        Self::offer(&mut st, key, task, class, false)
     }
 
-    fn requeue_front(&self, key: &QueueKey, task: TaskRef) {
-        let mut queues = self.queues.lock();
-        let queue = queues.entry(key.clone()).or_default();
+    fn offer(st: &mut State, key: &QueueKey, task: TaskRef, class: ClassId, front: bool) {
+        let has_preferences = !st.classes[class].reqs.soft.is_empty();
         let mut task = task;
-        while let Some(waiter) = queue.waiting.pop_front() {
-            match waiter.send(task) {
+        loop {
+            // The waiter to hand to: the first eligible one, or the best-scoring one.
+            let candidates: Vec<(usize, String)> = match st.queues.get(key) {
+                Some(q) => q
+                    .waiting
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| !w.tx.is_closed())
+                    .map(|(i, w)| (i, w.identity.clone()))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let mut chosen: Option<(usize, u64)> = None;
+            for (i, identity) in candidates {
+                if let Some(score) = st.eligibility(&key.namespace, &identity, class) {
+                    if chosen.is_none_or(|(_, best)| score > best) {
+                        chosen = Some((i, score));
+                    }
+                    if !has_preferences {
+                        break;
+                    }
+                }
+            }
+            let Some((index, _)) = chosen else { break };
+            let queue = st.queues.get_mut(key).expect("queue exists");
+            let waiter = queue.waiting.remove(index).expect("index valid");
+            match waiter.tx.send((task, class)) {
                 Ok(()) => return,
-                Err(returned) => task = returned,
+                Err((returned, _)) => task = returned,
             }
         }
-        queue.backlog.push_front(task);
+        let seq = if front {
+            st.front_seq -= 1;
+            st.front_seq
+        } else {
+            st.next_seq += 1;
+            st.next_seq
+        };
+        let queue = st.queues.entry(key.clone()).or_default();
+        let deque = queue.by_class.entry(class).or_default();
+        if front {
+            if let Some((old, _)) = deque.front() {
+                queue.fronts.remove(old);
+            }
+            deque.push_front((seq, task));
+            queue.fronts.insert(seq, class);
+        } else {
+            deque.push_back((seq, task));
+            if deque.len() == 1 {
+                queue.fronts.insert(seq, class);
+            }
+        }
+        queue.len += 1;
     }
 
-    /// Takes the oldest task, waiting up to `timeout` for one.
+    /// Takes the oldest task this worker can run, without waiting.
+    pub fn try_take(&self, key: &QueueKey, identity: &str, now_ms: i64) -> Option<TaskRef> {
+        let mut st = self.state.lock();
+        Self::touch(&mut st, key, identity, now_ms);
+        Self::take_locked(&mut st, key, identity)
+    }
+
+    fn touch(st: &mut State, key: &QueueKey, identity: &str, now_ms: i64) {
+        if identity.is_empty() {
+            return;
+        }
+        let queue = st.queues.entry(key.clone()).or_default();
+        match queue.pollers.get_mut(identity) {
+            Some(seen) => *seen = now_ms,
+            None => {
+                queue.pollers.insert(identity.to_string(), now_ms);
+            }
+        }
+        // A poll is a sign of life.
+        if let Some(w) = st
+            .workers
+            .get_mut(&(key.namespace.clone(), identity.to_string()))
+        {
+            w.last_seen_ms = now_ms;
+            w.alive = true;
+        }
+    }
+
+    fn take_locked(st: &mut State, key: &QueueKey, identity: &str) -> Option<TaskRef> {
+        let fronts: Vec<(u64, ClassId)> = match st.queues.get(key) {
+            Some(q) if q.len > 0 => q.fronts.iter().map(|(s, c)| (*s, *c)).collect(),
+            _ => return None,
+        };
+        for (seq, class) in fronts {
+            if st.eligibility(&key.namespace, identity, class).is_none() {
+                continue;
+            }
+            let queue = st.queues.get_mut(key).expect("queue exists");
+            queue.fronts.remove(&seq);
+            let deque = queue.by_class.get_mut(&class).expect("class deque");
+            let (_, task) = deque.pop_front().expect("front exists");
+            if let Some((next, _)) = deque.front() {
+                queue.fronts.insert(*next, class);
+            }
+            queue.len -= 1;
+            return Some(task);
+        }
+        None
+    }
+
+    /// Takes the oldest task this worker can run, waiting up to `timeout` for one.
     pub async fn poll(
         &self,
         key: &QueueKey,
@@ -147,27 +363,24 @@ impl Matcher {
         timeout: Duration,
     ) -> Option<TaskRef> {
         let rx = {
-            let mut queues = self.queues.lock();
-            let queue = queues.entry(key.clone()).or_default();
-            if !identity.is_empty() {
-                if let Some(seen) = queue.pollers.get_mut(identity) {
-                    *seen = now_ms;
-                } else {
-                    queue.pollers.insert(identity.to_string(), now_ms);
-                }
-            }
-            if let Some(task) = queue.backlog.pop_front() {
+            let mut st = self.state.lock();
+            Self::touch(&mut st, key, identity, now_ms);
+            if let Some(task) = Self::take_locked(&mut st, key, identity) {
                 return Some(task);
             }
             if timeout.is_zero() {
                 return None;
             }
+            let queue = st.queues.entry(key.clone()).or_default();
             // Parked polls whose callers left are dropped here so the list cannot grow forever.
             if queue.waiting.len() >= 64 {
-                queue.waiting.retain(|w| !w.is_closed());
+                queue.waiting.retain(|w| !w.tx.is_closed());
             }
             let (tx, rx) = oneshot::channel();
-            queue.waiting.push_back(tx);
+            queue.waiting.push_back(Waiter {
+                identity: identity.to_string(),
+                tx,
+            });
             rx
         };
         let mut parked = ParkedPoll {
@@ -177,7 +390,7 @@ impl Matcher {
         };
         let rx = parked.rx.as_mut().expect("just set");
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(task)) => {
+            Ok(Ok((task, _))) => {
                 parked.rx = None;
                 Some(task)
             }
@@ -185,33 +398,29 @@ impl Matcher {
         }
     }
 
-    /// Takes the oldest task without waiting.
-    pub fn try_take(&self, key: &QueueKey, identity: &str, now_ms: i64) -> Option<TaskRef> {
-        let mut queues = self.queues.lock();
-        let queue = queues.get_mut(key)?;
-        if let Some(seen) = queue.pollers.get_mut(identity) {
-            *seen = now_ms;
-        }
-        queue.backlog.pop_front()
-    }
-
-    /// Backlog size and pollers of one queue.
+    /// Backlog, pollers and classes of one queue.
     pub fn stats(&self, key: &QueueKey) -> QueueStats {
-        let queues = self.queues.lock();
-        match queues.get(key) {
+        let st = self.state.lock();
+        match st.queues.get(key) {
             None => QueueStats::default(),
             Some(q) => QueueStats {
-                backlog: q.backlog.len(),
+                backlog: q.len,
                 pollers: q.pollers.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                classes: q
+                    .by_class
+                    .iter()
+                    .filter(|(_, d)| !d.is_empty())
+                    .map(|(c, d)| (st.classes[*c].text.clone(), d.len()))
+                    .collect(),
             },
         }
     }
 
-    /// Every (identity, queue, last poll) seen in a namespace.
+    /// Every (identity, queue, kind, last poll) seen in a namespace.
     pub fn pollers_in(&self, namespace: &str) -> Vec<(String, String, TaskKind, i64)> {
-        let queues = self.queues.lock();
+        let st = self.state.lock();
         let mut out = Vec::new();
-        for (key, q) in queues.iter() {
+        for (key, q) in st.queues.iter() {
             if key.namespace != namespace {
                 continue;
             }
@@ -221,11 +430,129 @@ impl Matcher {
         }
         out
     }
+
+    // ------------------------------------------------------------------------------------------
+    // Worker registry
+    // ------------------------------------------------------------------------------------------
+
+    /// Registers (or re-registers) a worker with its capabilities.
+    pub fn register(
+        &self,
+        namespace: &str,
+        identity: &str,
+        caps: Capabilities,
+        task_queues: Vec<String>,
+        now_ms: i64,
+    ) {
+        let mut st = self.state.lock();
+        st.workers.insert(
+            (namespace.to_string(), identity.to_string()),
+            WorkerRecord {
+                namespace: namespace.to_string(),
+                identity: identity.to_string(),
+                caps: Arc::new(caps),
+                task_queues,
+                registered_ms: now_ms,
+                last_seen_ms: now_ms,
+                alive: true,
+                class_cache: HashMap::new(),
+            },
+        );
+    }
+
+    /// Records a heartbeat; new capabilities replace the old ones (and invalidate the cache).
+    /// Returns false when the worker is not registered.
+    pub fn heartbeat(
+        &self,
+        namespace: &str,
+        identity: &str,
+        caps: Option<Capabilities>,
+        now_ms: i64,
+    ) -> bool {
+        let mut st = self.state.lock();
+        let Some(w) = st
+            .workers
+            .get_mut(&(namespace.to_string(), identity.to_string()))
+        else {
+            return false;
+        };
+        w.last_seen_ms = now_ms;
+        w.alive = true;
+        if let Some(caps) = caps {
+            if *w.caps != caps {
+                w.caps = Arc::new(caps);
+                w.class_cache.clear();
+            }
+        }
+        true
+    }
+
+    /// Marks workers dead that were not seen within `timeout`; returns their identities.
+    pub fn expire(&self, now_ms: i64, timeout: Duration) -> Vec<(String, String)> {
+        let mut st = self.state.lock();
+        let mut dead = Vec::new();
+        for w in st.workers.values_mut() {
+            if w.alive && now_ms - w.last_seen_ms > timeout.as_millis() as i64 {
+                w.alive = false;
+                dead.push((w.namespace.clone(), w.identity.clone()));
+            }
+        }
+        dead
+    }
+
+    /// Registered workers of a namespace.
+    pub fn workers_in(&self, namespace: &str) -> Vec<WorkerRecord> {
+        let st = self.state.lock();
+        let mut out: Vec<WorkerRecord> = st
+            .workers
+            .values()
+            .filter(|w| w.namespace == namespace)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    /// One registered worker.
+    pub fn worker(&self, namespace: &str, identity: &str) -> Option<WorkerRecord> {
+        self.state
+            .lock()
+            .workers
+            .get(&(namespace.to_string(), identity.to_string()))
+            .cloned()
+    }
+
+    /// Why no live worker of `namespace` polling `queue` can take work with `requirements`
+    /// ("" when one can).
+    pub fn explain(&self, namespace: &str, queue: &str, requirements: &str) -> String {
+        let Ok(reqs) = Requirements::parse(requirements) else {
+            return String::new();
+        };
+        if reqs.hard.is_empty() {
+            return String::new();
+        }
+        let st = self.state.lock();
+        let live: Vec<&WorkerRecord> = st
+            .workers
+            .values()
+            .filter(|w| w.namespace == namespace && w.alive)
+            .collect();
+        let on_queue: Vec<&WorkerRecord> = live
+            .iter()
+            .copied()
+            .filter(|w| {
+                w.task_queues.iter().any(|q| q == queue) || queue == host_queue_name(&w.identity)
+            })
+            .collect();
+        let pool = if on_queue.is_empty() { live } else { on_queue };
+        reqs.explain(pool.iter().map(|w| (w.identity.as_str(), w.caps.as_ref())))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::pb::GpuDevice;
 
     fn key() -> QueueKey {
         QueueKey::new("default", "q", TaskKind::Activity)
@@ -239,11 +566,25 @@ mod tests {
         }
     }
 
+    fn gpus(n: usize, gib: u64) -> Capabilities {
+        Capabilities {
+            gpus: (0..n)
+                .map(|i| GpuDevice {
+                    index: i as u32,
+                    name: "A100".into(),
+                    memory_total_bytes: gib << 30,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     #[tokio::test]
     async fn backlog_is_fifo() {
         let m = Matcher::default();
-        m.add(&key(), task(1));
-        m.add(&key(), task(2));
+        m.add(&key(), task(1), "");
+        m.add(&key(), task(2), "");
         assert_eq!(m.poll(&key(), "w", 0, Duration::ZERO).await, Some(task(1)));
         assert_eq!(m.poll(&key(), "w", 0, Duration::ZERO).await, Some(task(2)));
         assert_eq!(m.poll(&key(), "w", 0, Duration::ZERO).await, None);
@@ -251,15 +592,15 @@ mod tests {
 
     #[tokio::test]
     async fn parked_poll_gets_task_at_once() {
-        let m = std::sync::Arc::new(Matcher::default());
+        let m = Arc::new(Matcher::default());
         let m2 = m.clone();
         let poll =
             tokio::spawn(async move { m2.poll(&key(), "w", 0, Duration::from_secs(30)).await });
-        // Wait until the poll is parked, then add.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            if m.queues
+            if m.state
                 .lock()
+                .queues
                 .get(&key())
                 .is_some_and(|q| !q.waiting.is_empty())
             {
@@ -268,7 +609,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "poll never parked");
             tokio::task::yield_now().await;
         }
-        m.add(&key(), task(7));
+        m.add(&key(), task(7), "");
         assert_eq!(poll.await.unwrap(), Some(task(7)));
         assert_eq!(m.stats(&key()).backlog, 0);
     }
@@ -284,13 +625,102 @@ mod tests {
         let m = Matcher::default();
         let k = key();
         {
-            let fut = m.poll(&k, "w", 0, Duration::from_secs(30));
-            let mut fut = Box::pin(fut);
-            // Park the poll, then abandon it after a task was handed over.
+            let mut fut = Box::pin(m.poll(&k, "w", 0, Duration::from_secs(30)));
             assert!(futures::poll!(fut.as_mut()).is_pending());
-            m.add(&k, task(3));
+            m.add(&k, task(3), "");
             drop(fut);
         }
         assert_eq!(m.poll(&k, "w", 0, Duration::ZERO).await, Some(task(3)));
+    }
+
+    #[tokio::test]
+    async fn only_satisfying_workers_get_constrained_tasks() {
+        let m = Matcher::default();
+        m.register("default", "small", gpus(1, 16), vec!["q".into()], 0);
+        m.register("default", "big", gpus(2, 80), vec!["q".into()], 0);
+        m.add(&key(), task(1), "gpu.count>=2, gpu.memory>=40GiB");
+        m.add(&key(), task(2), "");
+        // The small worker skips the GPU task and gets the unconstrained one behind it.
+        assert_eq!(m.try_take(&key(), "small", 0), Some(task(2)));
+        assert_eq!(m.try_take(&key(), "small", 0), None);
+        assert_eq!(m.try_take(&key(), "unregistered", 0), None);
+        assert_eq!(m.try_take(&key(), "big", 0), Some(task(1)));
+    }
+
+    #[tokio::test]
+    async fn highest_preference_among_parked_polls_wins() {
+        let m = Arc::new(Matcher::default());
+        let mut a = gpus(1, 80);
+        a.labels.insert("dataset".into(), "coco".into());
+        let mut b = gpus(1, 80);
+        b.labels.insert("dataset".into(), "imagenet".into());
+        m.register("default", "a", a, vec![], 0);
+        m.register("default", "b", b, vec![], 0);
+        let (ma, mb) = (m.clone(), m.clone());
+        let pa = tokio::spawn(async move { ma.poll(&key(), "a", 0, Duration::from_secs(2)).await });
+        let pb = tokio::spawn(async move { mb.poll(&key(), "b", 0, Duration::from_secs(2)).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while m
+            .state
+            .lock()
+            .queues
+            .get(&key())
+            .map_or(0, |q| q.waiting.len())
+            < 2
+        {
+            assert!(std::time::Instant::now() < deadline, "polls never parked");
+            tokio::task::yield_now().await;
+        }
+        m.add(
+            &key(),
+            task(9),
+            "gpu.count>=1, prefer label.dataset=imagenet:50",
+        );
+        assert_eq!(
+            pb.await.unwrap(),
+            Some(task(9)),
+            "b has the preferred dataset"
+        );
+        assert_eq!(pa.await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn dead_workers_get_nothing_until_seen_again() {
+        let m = Matcher::default();
+        m.register("default", "w", gpus(1, 80), vec![], 0);
+        m.add(&key(), task(1), "gpu.count>=1");
+        assert_eq!(
+            m.expire(20_000, Duration::from_secs(15)),
+            vec![("default".into(), "w".into())]
+        );
+        // A heartbeat-less dead worker's parked poll is skipped: emulate with eligibility.
+        assert_eq!(m.state.lock().eligibility("default", "w", 1), None);
+        // Polling again is a sign of life.
+        assert_eq!(m.try_take(&key(), "w", 20_001), Some(task(1)));
+    }
+
+    #[test]
+    fn label_change_invalidates_the_cache() {
+        let m = Matcher::default();
+        m.register("default", "w", Capabilities::default(), vec![], 0);
+        m.add(&key(), task(1), "label.model_loaded=llama-70b");
+        assert_eq!(m.try_take(&key(), "w", 0), None);
+        let mut caps = Capabilities::default();
+        caps.labels
+            .insert("model_loaded".into(), "llama-70b".into());
+        assert!(m.heartbeat("default", "w", Some(caps), 1));
+        assert_eq!(m.try_take(&key(), "w", 1), Some(task(1)));
+    }
+
+    #[test]
+    fn explanation_for_unplaceable_work() {
+        let m = Matcher::default();
+        m.register("default", "gpu-3", gpus(2, 40), vec!["q".into()], 0);
+        let text = m.explain("default", "q", "gpu.memory>=80GiB");
+        assert_eq!(
+            text,
+            "needs gpu.memory>=80GiB; best is worker gpu-3 with 2×A100 40GiB (0 matching)"
+        );
+        assert_eq!(m.explain("default", "q", "gpu.memory>=40GiB"), "");
     }
 }

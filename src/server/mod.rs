@@ -104,6 +104,8 @@ pub struct ServerConfig {
     pub max_payload_bytes: usize,
     /// Durability of each commit. Default [`SyncMode::Full`].
     pub sync_mode: SyncMode,
+    /// A worker that sends no heartbeat or poll for this long is dead. Default 15 s.
+    pub worker_liveness_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +114,7 @@ impl Default for ServerConfig {
             long_poll_timeout: Duration::from_secs(60),
             max_payload_bytes: crate::types::DEFAULT_MAX_PAYLOAD_BYTES,
             sync_mode: SyncMode::Full,
+            worker_liveness_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -266,6 +269,7 @@ async fn serve_engine(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let timers = tokio::spawn(engine.clone().run_timers());
+    let liveness = tokio::spawn(engine.clone().run_liveness());
     let service = TetherServiceServer::new(Frontend::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
@@ -291,5 +295,6 @@ async fn serve_engine(
         .await;
     engine.begin_shutdown();
     let _ = timers.await;
+    let _ = liveness.await;
     result.map_err(ServeError::from)
 }

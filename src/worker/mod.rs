@@ -25,12 +25,42 @@ use tonic::transport::Channel;
 /// Sticky queues are named with this prefix, so tools can tell them from real task queues.
 pub const STICKY_QUEUE_PREFIX: &str = "__sticky/";
 
+/// The default worker identity: `HOSTNAME-ID`, where ID is generated once and kept in
+/// `$TETHER_STATE_DIR/worker-id` (default `~/.local/state/tether/worker-id`), so a restarted
+/// worker is recognised as the same one. Several workers in one process need explicit identities.
+pub fn default_worker_identity() -> String {
+    let host = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
+    let dir = std::env::var_os("TETHER_STATE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/state/tether"))
+        });
+    let Some(dir) = dir else {
+        return crate::client::default_identity();
+    };
+    let path = dir.join("worker-id");
+    let id = match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => text.trim().to_string(),
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+            let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &id));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "could not persist the worker id; using HOSTNAME:PID");
+                return crate::client::default_identity();
+            }
+            id
+        }
+    };
+    format!("{host}-{id}")
+}
+
 /// Worker settings. Defaults are written on each field.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Task queue to poll. Required.
     pub task_queue: String,
-    /// Identity reported to the server. Default `HOSTNAME:PID`.
+    /// Identity reported to the server. Default (when empty): [`default_worker_identity`], stable
+    /// across restarts of this worker.
     pub identity: String,
     /// Most activities running at once. Default 100.
     pub max_concurrent_activities: usize,
@@ -43,6 +73,8 @@ pub struct WorkerOptions {
     pub graceful_shutdown: Duration,
     /// How long each poll waits on the server (capped by the server's own limit). Default 60 s.
     pub poll_timeout: Duration,
+    /// What this worker advertises. Default: detected (NVML, sysinfo), nothing declared.
+    pub capabilities: crate::caps::CapabilitySource,
 }
 
 impl WorkerOptions {
@@ -50,13 +82,20 @@ impl WorkerOptions {
     pub fn new(task_queue: impl Into<String>) -> Self {
         WorkerOptions {
             task_queue: task_queue.into(),
-            identity: crate::client::default_identity(),
+            identity: String::new(),
             max_concurrent_activities: 100,
             max_concurrent_workflow_tasks: 10,
             max_cached_workflows: 1000,
             graceful_shutdown: Duration::from_secs(10),
             poll_timeout: Duration::from_secs(60),
+            capabilities: crate::caps::CapabilitySource::detect(),
         }
+    }
+
+    /// Sets what the worker advertises.
+    pub fn capabilities(mut self, caps: crate::caps::CapabilitySource) -> Self {
+        self.capabilities = caps;
+        self
     }
 
     /// Sets the identity.
@@ -202,9 +241,12 @@ impl Worker {
         Ok(())
     }
 
-    fn into_inner(self) -> Result<Arc<Inner>, WorkerError> {
+    fn into_inner(mut self) -> Result<Arc<Inner>, WorkerError> {
         if self.workflows.is_empty() && self.activities.is_empty() {
             return Err(WorkerError::NothingRegistered);
+        }
+        if self.options.identity.is_empty() {
+            self.options.identity = default_worker_identity();
         }
         crate::types::validate_name("task queue", &self.options.task_queue)
             .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
@@ -223,6 +265,10 @@ impl Worker {
             cache: Mutex::new(Cache::new(self.options.max_cached_workflows)),
             running: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            local: Arc::new(crate::activity::WorkerLocal {
+                caps: self.options.capabilities.clone(),
+                caps_changed: tokio::sync::Notify::new(),
+            }),
             options: self.options,
             workflows: self.workflows,
             activities: self.activities,
@@ -292,6 +338,7 @@ struct Inner {
     running: Mutex<HashMap<u64, RunningActivity>>,
     /// Set once shutdown begins: no more tasks are taken.
     stopping: std::sync::atomic::AtomicBool,
+    local: Arc<crate::activity::WorkerLocal>,
 }
 
 /// Aborts running activities when the worker's main task ends for any reason (including abort).
@@ -315,7 +362,14 @@ async fn poll_backoff(failures: &mut u32) {
 impl Inner {
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let _guard = AbortRunning(self.clone());
+        let Some(registration) = self.register_until_done(&mut stop).await else {
+            return;
+        };
         let mut pollers = JoinSet::new();
+        pollers.spawn(
+            self.clone()
+                .heartbeat_worker(registration.clone(), stop.clone()),
+        );
         if !self.workflows.is_empty() {
             for queue in [self.options.task_queue.clone(), self.sticky_queue.clone()] {
                 for _ in 0..2 {
@@ -326,8 +380,18 @@ impl Inner {
         if !self.activities.is_empty() {
             let n = self.options.max_concurrent_activities.clamp(1, 8);
             for _ in 0..n {
-                pollers.spawn(self.clone().activity_poller(stop.clone()));
+                pollers.spawn(self.clone().activity_poller(
+                    self.options.task_queue.clone(),
+                    true,
+                    stop.clone(),
+                ));
             }
+            // The worker's own queue: work pinned to this worker (`on_worker`).
+            pollers.spawn(self.clone().activity_poller(
+                registration.host_queue.clone(),
+                false,
+                stop.clone(),
+            ));
         }
         let _ = stop.wait_for(|s| *s).await;
         self.stopping
@@ -369,6 +433,89 @@ impl Inner {
                         next_task: None,
                     })
                     .await;
+            }
+        }
+    }
+
+    async fn capabilities(&self) -> pb::Capabilities {
+        let source = self.local.caps.clone();
+        tokio::task::spawn_blocking(move || source.snapshot())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Registers with the server, retrying while it is unreachable. None if stopped first.
+    async fn register_until_done(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<pb::RegisterWorkerResponse> {
+        let mut failures = 0;
+        loop {
+            let request = pb::RegisterWorkerRequest {
+                namespace: self.namespace.clone(),
+                identity: self.options.identity.clone(),
+                task_queues: vec![self.options.task_queue.clone()],
+                capabilities: Some(self.capabilities().await),
+            };
+            let mut rpc = self.rpc.clone();
+            let reply = tokio::select! {
+                r = rpc.register_worker(request) => r,
+                _ = stop.wait_for(|s| *s) => return None,
+            };
+            match reply {
+                Ok(r) => return Some(r.into_inner()),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), code = ?status.code(), "worker registration failed; retrying");
+                    tokio::select! {
+                        _ = poll_backoff(&mut failures) => {}
+                        _ = stop.wait_for(|s| *s) => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heartbeats with refreshed capabilities; at once when an activity changed a label.
+    async fn heartbeat_worker(
+        self: Arc<Self>,
+        registration: pb::RegisterWorkerResponse,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let interval = Duration::from_millis(registration.heartbeat_interval_ms.max(100));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.local.caps_changed.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let caps = self.capabilities().await;
+            let reply = self
+                .rpc
+                .clone()
+                .worker_heartbeat(pb::WorkerHeartbeatRequest {
+                    namespace: self.namespace.clone(),
+                    identity: self.options.identity.clone(),
+                    capabilities: Some(caps.clone()),
+                })
+                .await;
+            match reply {
+                Ok(r) if r.get_ref().reregister => {
+                    // The server restarted and forgot us.
+                    let _ = self
+                        .rpc
+                        .clone()
+                        .register_worker(pb::RegisterWorkerRequest {
+                            namespace: self.namespace.clone(),
+                            identity: self.options.identity.clone(),
+                            task_queues: vec![self.options.task_queue.clone()],
+                            capabilities: Some(caps),
+                        })
+                        .await;
+                }
+                Ok(_) => {}
+                Err(status) => {
+                    tracing::debug!(error = %status.message(), "worker heartbeat failed")
+                }
             }
         }
     }
@@ -543,16 +690,27 @@ impl Inner {
             .await;
     }
 
-    async fn activity_poller(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Polls one queue for activity tasks. With `slot_first` a slot is taken before polling, so
+    /// the worker never holds a task it cannot start; the host-queue poller takes its slot after
+    /// the poll instead, so its (usually idle) long poll does not hold a slot the task queue needs.
+    async fn activity_poller(
+        self: Arc<Self>,
+        queue: String,
+        slot_first: bool,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut failures = 0;
         loop {
-            let permit = tokio::select! {
-                p = self.activity_slots.clone().acquire_owned() => p.expect("never closed"),
-                _ = stop.wait_for(|s| *s) => return,
-            };
+            let mut permit = None;
+            if slot_first {
+                permit = tokio::select! {
+                    p = self.activity_slots.clone().acquire_owned() => Some(p.expect("never closed")),
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+            }
             let request = pb::PollActivityTaskRequest {
                 namespace: self.namespace.clone(),
-                task_queue: self.options.task_queue.clone(),
+                task_queue: queue.clone(),
                 identity: self.options.identity.clone(),
                 poll_timeout_ms: self.options.poll_timeout.as_millis() as u64,
             };
@@ -568,6 +726,15 @@ impl Inner {
                     if task.task_token.is_empty() {
                         continue;
                     }
+                    let permit = match permit {
+                        Some(p) => p,
+                        None => self
+                            .activity_slots
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .expect("never closed"),
+                    };
                     self.clone().spawn_activity(task, permit);
                 }
                 Err(status) => {
@@ -592,7 +759,11 @@ impl Inner {
             deadline_ms: task.deadline_ms,
             worker_identity: self.options.identity.clone(),
         };
-        ActivityContext::new(info, task.heartbeat_details.clone())
+        ActivityContext::new(
+            info,
+            task.heartbeat_details.clone(),
+            Some(self.local.clone()),
+        )
     }
 
     /// Runs a task, then keeps running the next ones the server hands back with each completion
