@@ -308,7 +308,7 @@ impl Matcher {
     pub fn try_take(&self, key: &QueueKey, identity: &str, now_ms: i64) -> Option<TaskRef> {
         let mut st = self.state.lock();
         Self::touch(&mut st, key, identity, now_ms);
-        Self::take_locked(&mut st, key, identity)
+        Self::take_locked(&mut st, key, identity).map(|(task, _)| task)
     }
 
     fn touch(st: &mut State, key: &QueueKey, identity: &str, now_ms: i64) {
@@ -332,7 +332,7 @@ impl Matcher {
         }
     }
 
-    fn take_locked(st: &mut State, key: &QueueKey, identity: &str) -> Option<TaskRef> {
+    fn take_locked(st: &mut State, key: &QueueKey, identity: &str) -> Option<(TaskRef, ClassId)> {
         let fronts: Vec<(u64, ClassId)> = match st.queues.get(key) {
             Some(q) if q.len > 0 => q.fronts.iter().map(|(s, c)| (*s, *c)).collect(),
             _ => return None,
@@ -349,9 +349,41 @@ impl Matcher {
                 queue.fronts.insert(*next, class);
             }
             queue.len -= 1;
-            return Some(task);
+            return Some((task, class));
         }
         None
+    }
+
+    /// After a worker's capabilities changed, hands its parked polls any waiting task it can now
+    /// take (otherwise those tasks would wait until one of its polls returned).
+    fn rematch(st: &mut State, namespace: &str, identity: &str) {
+        let keys: Vec<QueueKey> = st
+            .queues
+            .iter()
+            .filter(|(k, q)| {
+                k.namespace == namespace
+                    && q.len > 0
+                    && q.waiting.iter().any(|w| w.identity == identity)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            loop {
+                let queue = st.queues.get_mut(&key).expect("listed");
+                queue.waiting.retain(|w| !w.tx.is_closed());
+                let Some(index) = queue.waiting.iter().position(|w| w.identity == identity) else {
+                    break;
+                };
+                let Some((task, class)) = Self::take_locked(st, &key, identity) else {
+                    break;
+                };
+                let queue = st.queues.get_mut(&key).expect("listed");
+                let waiter = queue.waiting.remove(index).expect("found");
+                if let Err((task, class)) = waiter.tx.send((task, class)) {
+                    Self::offer(st, &key, task, class, true);
+                }
+            }
+        }
     }
 
     /// Takes the oldest task this worker can run, waiting up to `timeout` for one.
@@ -365,7 +397,7 @@ impl Matcher {
         let rx = {
             let mut st = self.state.lock();
             Self::touch(&mut st, key, identity, now_ms);
-            if let Some(task) = Self::take_locked(&mut st, key, identity) {
+            if let Some((task, _)) = Self::take_locked(&mut st, key, identity) {
                 return Some(task);
             }
             if timeout.is_zero() {
@@ -477,12 +509,18 @@ impl Matcher {
             return false;
         };
         w.last_seen_ms = now_ms;
+        let revived = !w.alive;
         w.alive = true;
+        let mut changed = false;
         if let Some(caps) = caps {
             if *w.caps != caps {
                 w.caps = Arc::new(caps);
                 w.class_cache.clear();
+                changed = true;
             }
+        }
+        if changed || revived {
+            Self::rematch(&mut st, namespace, identity);
         }
         true
     }
@@ -697,6 +735,35 @@ mod tests {
         assert_eq!(m.state.lock().eligibility("default", "w", 1), None);
         // Polling again is a sign of life.
         assert_eq!(m.try_take(&key(), "w", 20_001), Some(task(1)));
+    }
+
+    #[tokio::test]
+    async fn parked_poll_gets_work_its_new_label_allows() {
+        let m = Arc::new(Matcher::default());
+        m.register("default", "w", Capabilities::default(), vec![], 0);
+        m.add(&key(), task(1), "label.model_loaded=llama-70b");
+        let m2 = m.clone();
+        let poll =
+            tokio::spawn(async move { m2.poll(&key(), "w", 0, Duration::from_secs(30)).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while m
+            .state
+            .lock()
+            .queues
+            .get(&key())
+            .is_none_or(|q| q.waiting.is_empty())
+        {
+            assert!(std::time::Instant::now() < deadline, "poll never parked");
+            tokio::task::yield_now().await;
+        }
+        let mut caps = Capabilities::default();
+        caps.labels
+            .insert("model_loaded".into(), "llama-70b".into());
+        m.heartbeat("default", "w", Some(caps), 1);
+        let got = tokio::time::timeout(Duration::from_secs(5), poll)
+            .await
+            .expect("handed over at once");
+        assert_eq!(got.unwrap(), Some(task(1)));
     }
 
     #[test]
