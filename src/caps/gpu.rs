@@ -157,3 +157,34 @@ impl GpuInventory for DeclaredGpus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvml_absence_is_a_reason_not_an_error() {
+        let nvml = NvmlInventory::load();
+        let snap = nvml.snapshot();
+        if nvml.is_available() {
+            // On a GPU host: devices come from NVML and say so.
+            assert!(snap.gpus.iter().all(|g| g.source == "nvml"));
+        } else {
+            assert!(snap.gpus.is_empty());
+            assert!(nvml.unavailable_reason().starts_with("NVML not available"), "{}", nvml.unavailable_reason());
+            assert_eq!(snap.note, nvml.unavailable_reason());
+        }
+    }
+
+    #[test]
+    fn declared_gpus_are_never_passed_off_as_detected() {
+        let declared = DeclaredGpus::new(vec![GpuDevice {
+            name: "X".into(),
+            source: "nvml".into(),
+            ..Default::default()
+        }]);
+        let snap = declared.snapshot();
+        assert_eq!(snap.gpus[0].source, "declared");
+        assert!(snap.note.contains("declared"));
+    }
+}

@@ -551,7 +551,11 @@ fn gpu_passes(g: &GpuDevice, p: &Predicate) -> bool {
 
 /// Whether a single (non-GPU-group) predicate holds.
 fn holds(caps: &Capabilities, p: &Predicate) -> bool {
-    let host = caps.host.clone().unwrap_or_default();
+    static NO_HOST: std::sync::OnceLock<crate::api::pb::HostInfo> = std::sync::OnceLock::new();
+    let host = caps
+        .host
+        .as_ref()
+        .unwrap_or_else(|| NO_HOST.get_or_init(Default::default));
     match (&p.key, &p.value) {
         (k, _) if k.is_per_gpu() => caps.gpus.iter().any(|g| gpu_passes(g, p)),
         (Key::GpuCount, v) => holds_number(p.op, caps.gpus.len() as u64, v),
@@ -711,7 +715,28 @@ impl Requirements {
 
     /// Whether the worker meets every hard clause.
     pub fn satisfied_by(&self, caps: &Capabilities) -> bool {
-        self.unmet(caps).is_empty()
+        // The fast path of `unmet`: no explanation text is built (matching calls this a lot).
+        let mut gpu_filters = self.hard.iter().filter(|p| p.key.is_per_gpu()).peekable();
+        let mut counts = self.hard.iter().filter(|p| p.key == Key::GpuCount).peekable();
+        if gpu_filters.peek().is_some() || counts.peek().is_some() {
+            let filters: Vec<&Predicate> = gpu_filters.collect();
+            let matching = caps
+                .gpus
+                .iter()
+                .filter(|g| filters.iter().all(|p| gpu_passes(g, p)))
+                .count() as u64;
+            let ok = match counts.peek() {
+                None => matching >= 1,
+                Some(_) => counts.all(|p| holds_number(p.op, matching, &p.value)),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        self.hard
+            .iter()
+            .filter(|p| !p.key.is_per_gpu() && p.key != Key::GpuCount)
+            .all(|p| holds(caps, p))
     }
 
     /// Sum of the weights of the preferences the worker meets.
@@ -728,13 +753,23 @@ impl Requirements {
         &self,
         workers: impl IntoIterator<Item = (&'a str, &'a Capabilities)>,
     ) -> String {
-        let mut best: Option<(&str, Vec<Unmet>)> = None;
+        // Closest: fewest unmet clauses; then the biggest GPU (the usual thing that falls short);
+        // then the identity, so the answer does not depend on iteration order.
+        let mut best: Option<(&str, Vec<Unmet>, u64)> = None;
         for (id, caps) in workers {
             let unmet = self.unmet(caps);
-            if best.as_ref().is_none_or(|(_, b)| unmet.len() < b.len()) {
-                best = Some((id, unmet));
+            let biggest = caps.gpus.iter().map(|g| g.memory_total_bytes).max().unwrap_or(0);
+            let better = match &best {
+                None => true,
+                Some((bid, b, bbig)) => {
+                    (unmet.len(), std::cmp::Reverse(biggest), id) < (b.len(), std::cmp::Reverse(*bbig), *bid)
+                }
+            };
+            if better {
+                best = Some((id, unmet, biggest));
             }
         }
+        let best = best.map(|(id, unmet, _)| (id, unmet));
         match best {
             None => format!("needs {self}; no live worker is registered"),
             Some((_, unmet)) if unmet.is_empty() => String::new(),

@@ -128,6 +128,32 @@ pub struct WorkerRecord {
     pub alive: bool,
     /// (class -> Some(score) if it satisfies the class, None if not), valid until caps change.
     class_cache: HashMap<ClassId, Option<u64>>,
+    /// Classes below this id are in `class_cache`.
+    evaluated: ClassId,
+    /// The classes it satisfies (those below `evaluated`).
+    eligible: Vec<ClassId>,
+}
+
+impl WorkerRecord {
+    /// Evaluates the classes interned since the last call (each (worker, class) pair once).
+    fn catch_up(&mut self, classes: &[Class]) {
+        while self.evaluated < classes.len() {
+            let id = self.evaluated;
+            let reqs = &classes[id].reqs;
+            let result = reqs.satisfied_by(&self.caps).then(|| reqs.score(&self.caps));
+            self.class_cache.insert(id, result);
+            if result.is_some() {
+                self.eligible.push(id);
+            }
+            self.evaluated += 1;
+        }
+    }
+
+    fn forget_classes(&mut self) {
+        self.class_cache.clear();
+        self.eligible.clear();
+        self.evaluated = 0;
+    }
 }
 
 struct State {
@@ -191,12 +217,8 @@ impl State {
         if let Some(cached) = worker.class_cache.get(&class) {
             return *cached;
         }
-        let reqs = &self.classes[class].reqs;
-        let result = reqs
-            .satisfied_by(&worker.caps)
-            .then(|| reqs.score(&worker.caps));
-        worker.class_cache.insert(class, result);
-        result
+        worker.catch_up(&self.classes);
+        worker.class_cache.get(&class).copied().flatten()
     }
 }
 
@@ -333,25 +355,50 @@ impl Matcher {
     }
 
     fn take_locked(st: &mut State, key: &QueueKey, identity: &str) -> Option<(TaskRef, ClassId)> {
-        let fronts: Vec<(u64, ClassId)> = match st.queues.get(key) {
-            Some(q) if q.len > 0 => q.fronts.iter().map(|(s, c)| (*s, *c)).collect(),
-            _ => return None,
-        };
-        for (seq, class) in fronts {
-            if st.eligibility(&key.namespace, identity, class).is_none() {
-                continue;
-            }
-            let queue = st.queues.get_mut(key).expect("queue exists");
-            queue.fronts.remove(&seq);
-            let deque = queue.by_class.get_mut(&class).expect("class deque");
-            let (_, task) = deque.pop_front().expect("front exists");
-            if let Some((next, _)) = deque.front() {
-                queue.fronts.insert(*next, class);
-            }
-            queue.len -= 1;
-            return Some((task, class));
+        let State {
+            queues,
+            workers,
+            classes,
+            ..
+        } = st;
+        let queue = queues.get_mut(key)?;
+        if queue.len == 0 {
+            return None;
         }
-        None
+        let worker = workers.get_mut(&(key.namespace.clone(), identity.to_string()));
+        // The oldest task among the classes this worker satisfies. Walk whichever is shorter:
+        // the worker's eligible classes, or the queue's non-empty classes in arrival order.
+        let (seq, class) = match worker {
+            None => {
+                // Unregistered pollers know no capabilities: only work without requirements.
+                let (seq, _) = queue.by_class.get(&0)?.front()?;
+                (*seq, 0)
+            }
+            Some(w) if !w.alive => return None,
+            Some(w) => {
+                w.catch_up(classes);
+                if w.eligible.len() < queue.fronts.len() {
+                    w.eligible
+                        .iter()
+                        .filter_map(|c| queue.by_class.get(c)?.front().map(|(s, _)| (*s, *c)))
+                        .min()?
+                } else {
+                    queue
+                        .fronts
+                        .iter()
+                        .find(|(_, c)| w.class_cache.get(c).copied().flatten().is_some())
+                        .map(|(s, c)| (*s, *c))?
+                }
+            }
+        };
+        queue.fronts.remove(&seq);
+        let deque = queue.by_class.get_mut(&class).expect("class deque");
+        let (_, task) = deque.pop_front().expect("front exists");
+        if let Some((next, _)) = deque.front() {
+            queue.fronts.insert(*next, class);
+        }
+        queue.len -= 1;
+        Some((task, class))
     }
 
     /// After a worker's capabilities changed, hands its parked polls any waiting task it can now
@@ -488,6 +535,8 @@ impl Matcher {
                 last_seen_ms: now_ms,
                 alive: true,
                 class_cache: HashMap::new(),
+                evaluated: 0,
+                eligible: Vec::new(),
             },
         );
     }
@@ -515,7 +564,7 @@ impl Matcher {
         if let Some(caps) = caps {
             if *w.caps != caps {
                 w.caps = Arc::new(caps);
-                w.class_cache.clear();
+                w.forget_classes();
                 changed = true;
             }
         }
