@@ -18,7 +18,8 @@ fn setup(workers: usize, classes: usize) -> (Matcher, QueueKey) {
     let key = QueueKey::new("default", "q", TaskKind::Activity);
     for i in 0..workers {
         let mut caps = Capabilities::default();
-        caps.labels.insert("team".into(), format!("t{}", i % classes));
+        caps.labels
+            .insert("team".into(), format!("t{}", i % classes));
         caps.labels.insert("busy".into(), "no".into());
         m.register("default", &format!("w{i}"), caps, vec!["q".into()], 0);
     }
@@ -42,7 +43,8 @@ fn dispatch(c: &mut Criterion) {
     for workers in [10usize, 1_000, 10_000] {
         for classes in [1usize, 100, 1_000] {
             let (m, key) = setup(workers, classes);
-            let requirements: Vec<String> = (0..classes).map(|c| format!("label.team=t{c}")).collect();
+            let requirements: Vec<String> =
+                (0..classes).map(|c| format!("label.team=t{c}")).collect();
             let identities: Vec<String> = (0..workers).map(|i| format!("w{i}")).collect();
             let mut n = 0usize;
             group.bench_with_input(

@@ -14,17 +14,34 @@ fn inventory(text: &str) -> Result<CapabilitySource> {
     Ok(CapabilitySource::detect().with_inventory(Inventory::parse(text, "example")?))
 }
 
-async fn start_worker(client: &Client, identity: &str, caps: CapabilitySource) -> Result<WorkerHandle> {
+async fn start_worker(
+    client: &Client,
+    identity: &str,
+    caps: CapabilitySource,
+) -> Result<WorkerHandle> {
     let mut worker = Worker::new(
         client.clone(),
-        WorkerOptions::new("fleet").identity(identity).capabilities(caps),
+        WorkerOptions::new("fleet")
+            .identity(identity)
+            .capabilities(caps),
     );
-    for name in ["train", "sync_to_s3", "fetch_dataset", "finetune", "render", "huge_model"] {
+    for name in [
+        "train",
+        "sync_to_s3",
+        "fetch_dataset",
+        "finetune",
+        "render",
+        "huge_model",
+    ] {
         worker.register_activity(name, |ctx: ActivityContext, _: ()| async move {
             if ctx.info().activity_type == "sync_to_s3" {
                 // The secret is read here, on the worker; the server only knows its name.
                 let key = ctx.credential("s3-prod")?;
-                return Ok::<_, ActivityError>(format!("{} (used a {}-byte key)", ctx.info().worker_identity, key.len()));
+                return Ok::<_, ActivityError>(format!(
+                    "{} (used a {}-byte key)",
+                    ctx.info().worker_identity,
+                    key.len()
+                ));
             }
             Ok(ctx.info().worker_identity.clone())
         });
@@ -37,7 +54,10 @@ async fn main() -> Result<()> {
     let data = tempfile::tempdir()?;
     let server = LocalServer::start("127.0.0.1:0", data.path(), ServerConfig::default()).await?;
     let client = Client::connect(server.url()).await?;
-    println!("server {} with three workers (declared inventories, not detected hardware):", server.url());
+    println!(
+        "server {} with three workers (declared inventories, not detected hardware):",
+        server.url()
+    );
 
     let secret = data.path().join("s3-prod.key");
     std::fs::write(&secret, "example-secret")?;
@@ -51,7 +71,9 @@ async fn main() -> Result<()> {
          [labels]\nzone = \"us-east-1a\"\n",
     )?;
     // Declared without a probe: this demo must not reach out to the internet.
-    let cpu = inventory("hostname = \"cpu-box\"\n[[network]]\nname = \"internet\"\n[resources]\nscratch_gb = 500\n")?;
+    let cpu = inventory(
+        "hostname = \"cpu-box\"\n[[network]]\nname = \"internet\"\n[resources]\nscratch_gb = 500\n",
+    )?;
     let workers = vec![
         start_worker(&client, "a100-box", a100).await?,
         start_worker(&client, "h100-box", h100).await?,
@@ -83,7 +105,10 @@ async fn main() -> Result<()> {
         ("train", "gpu.count>=4, gpu.memory>=80GiB"),
         ("sync_to_s3", "credential=s3-prod"),
         ("fetch_dataset", "network=internet"),
-        ("finetune", "gpu.count>=2, gpu.compute>=8.0, prefer gpu.name~A100:10"),
+        (
+            "finetune",
+            "gpu.count>=2, gpu.compute>=8.0, prefer gpu.name~A100:10",
+        ),
         ("render", ""),
     ];
     println!("\ntasks:");
@@ -91,7 +116,11 @@ async fn main() -> Result<()> {
         let mut options = StandaloneActivityOptions::new(format!("{activity}-{i}"), "fleet");
         options.options = ActivityOptions::default().requirements(Requirements::parse(reqs)?);
         let ran_on: String = client.execute_activity(activity, &(), options).await?;
-        let shown = if reqs.is_empty() { "(no requirements)" } else { reqs };
+        let shown = if reqs.is_empty() {
+            "(no requirements)"
+        } else {
+            reqs
+        };
         println!("  {activity:<14} {shown:<58} ran on {ran_on}");
     }
 
@@ -103,11 +132,20 @@ async fn main() -> Result<()> {
     let handle = client.start_activity("huge_model", &(), options).await?;
     let queue = client.describe_task_queue("fleet").await?;
     for b in queue.requirement_backlogs.iter().filter(|b| b.unplaceable) {
-        println!("\nunplaceable: {} task(s) needing {}\n  {}", b.tasks, b.requirements, b.explanation);
+        println!(
+            "\nunplaceable: {} task(s) needing {}\n  {}",
+            b.tasks, b.requirements, b.explanation
+        );
     }
     match handle.result::<String>().await {
-        Err(ClientError::Failed { status, failure, .. }) => {
-            println!("  after its schedule-to-start timeout: {} — {}", status.short_name(), failure.message)
+        Err(ClientError::Failed {
+            status, failure, ..
+        }) => {
+            println!(
+                "  after its schedule-to-start timeout: {} — {}",
+                status.short_name(),
+                failure.message
+            )
         }
         other => println!("  unexpected outcome: {other:?}"),
     }

@@ -41,7 +41,11 @@ fn nvidia_smi() -> Vec<SmiGpu> {
         ])
         .output()
         .expect("nvidia-smi runs where NVML loads");
-    assert!(out.status.success(), "nvidia-smi failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nvidia-smi failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -66,7 +70,10 @@ fn detected_gpus_match_nvidia_smi() {
     let snap = nvml.snapshot();
     let smi = nvidia_smi();
     println!("nvidia-smi: {smi:#?}");
-    println!("driver {} / CUDA {}", snap.driver_version, snap.cuda_driver_version);
+    println!(
+        "driver {} / CUDA {}",
+        snap.driver_version, snap.cuda_driver_version
+    );
     assert_eq!(snap.gpus.len(), smi.len(), "same number of GPUs");
     for (ours, theirs) in snap.gpus.iter().zip(&smi) {
         println!(
@@ -85,8 +92,15 @@ fn detected_gpus_match_nvidia_smi() {
         assert_eq!(ours.uuid, theirs.uuid);
         assert_eq!(ours.name, theirs.name);
         let ours_mib = ours.memory_total_bytes >> 20;
-        assert!(ours_mib.abs_diff(theirs.memory_mib) <= 1, "memory {ours_mib} MiB vs {} MiB", theirs.memory_mib);
-        assert_eq!(format!("{}.{}", ours.compute_major, ours.compute_minor), theirs.compute);
+        assert!(
+            ours_mib.abs_diff(theirs.memory_mib) <= 1,
+            "memory {ours_mib} MiB vs {} MiB",
+            theirs.memory_mib
+        );
+        assert_eq!(
+            format!("{}.{}", ours.compute_major, ours.compute_minor),
+            theirs.compute
+        );
         assert_eq!(ours.source, "nvml");
         assert!(ours.memory_free_bytes <= ours.memory_total_bytes);
     }
@@ -102,16 +116,17 @@ async fn routed_activity_requires_the_real_model() {
     let env = common::TestEnv::start().await;
     let mut worker = Worker::new(
         env.client.clone(),
-        WorkerOptions::new("gpu").identity("real-gpu").capabilities(CapabilitySource::detect()),
+        WorkerOptions::new("gpu")
+            .identity("real-gpu")
+            .capabilities(CapabilitySource::detect()),
     );
     worker.register_activity("which_gpu", |ctx: ActivityContext, _: ()| async move {
         Ok::<_, ActivityError>(ctx.info().worker_identity.clone())
     });
     let worker = worker.start().unwrap();
     let mut options = StandaloneActivityOptions::new("real-model", "gpu");
-    options.options = ActivityOptions::default().requirements(
-        Requirements::parse(&format!("gpu.count>=1, gpu.name={model}")).unwrap(),
-    );
+    options.options = ActivityOptions::default()
+        .requirements(Requirements::parse(&format!("gpu.count>=1, gpu.name={model}")).unwrap());
     let ran_on: String = common::within(
         Duration::from_secs(60),
         "routed activity",
@@ -126,7 +141,11 @@ async fn routed_activity_requires_the_real_model() {
     options.options = ActivityOptions::default()
         .requirements(Requirements::parse("gpu.name=NoSuchGPU-9000").unwrap())
         .schedule_to_start(Duration::from_secs(1));
-    let handle = env.client.start_activity("which_gpu", &(), options).await.unwrap();
+    let handle = env
+        .client
+        .start_activity("which_gpu", &(), options)
+        .await
+        .unwrap();
     let err = handle.result::<String>().await.unwrap_err();
     println!("unplaceable: {err}");
     assert!(err.to_string().contains(&model), "{err}");

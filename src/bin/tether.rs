@@ -87,6 +87,27 @@ struct CapsArgs {
     /// Directory whose disk's free space is reported.
     #[arg(long, default_value = ".")]
     work_dir: PathBuf,
+    /// Add a label (KEY=VALUE); repeatable.
+    #[arg(long = "label", value_parser = parse_key_value)]
+    labels: Vec<(String, String)>,
+    /// Add a countable resource (NAME=AMOUNT); repeatable.
+    #[arg(long = "resource", value_parser = parse_resource)]
+    resources: Vec<(String, u64)>,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_resource(text: &str) -> Result<(String, u64), String> {
+    let (k, v) = parse_key_value(text)?;
+    let n = v
+        .parse()
+        .map_err(|_| format!("resource {k:?}: {v:?} is not a whole number"))?;
+    Ok((k, n))
 }
 
 #[derive(Args)]
@@ -875,6 +896,12 @@ async fn run(cli: Cli) -> Result<i32> {
             let mut source = tether::caps::CapabilitySource::detect().work_dir(args.work_dir);
             if let Some(path) = &args.inventory {
                 source = source.with_inventory(tether::caps::Inventory::load(path)?);
+            }
+            for (k, v) in args.labels {
+                source = source.label(k, v);
+            }
+            for (k, n) in args.resources {
+                source = source.resource(k, n);
             }
             let caps = tokio::task::spawn_blocking(move || source.snapshot()).await?;
             if g.json {

@@ -171,7 +171,11 @@ mod tests {
             assert!(snap.gpus.iter().all(|g| g.source == "nvml"));
         } else {
             assert!(snap.gpus.is_empty());
-            assert!(nvml.unavailable_reason().starts_with("NVML not available"), "{}", nvml.unavailable_reason());
+            assert!(
+                nvml.unavailable_reason().starts_with("NVML not available"),
+                "{}",
+                nvml.unavailable_reason()
+            );
             assert_eq!(snap.note, nvml.unavailable_reason());
         }
     }

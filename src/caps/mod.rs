@@ -255,3 +255,53 @@ impl CapabilitySource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_capability_is_advertised_only_while_its_probe_connects() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap().to_string();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let source = CapabilitySource::detect()
+            .with_gpus(Arc::new(DeclaredGpus::new(vec![])))
+            .network("vpc:prod", Some(open))
+            .network("vpc:dev", Some(closed))
+            .network("internet", None);
+        let caps = source.snapshot();
+        assert_eq!(
+            caps.network,
+            vec!["internet".to_string(), "vpc:prod".to_string()]
+        );
+        drop(listener);
+    }
+
+    #[test]
+    fn labels_and_resources_are_advertised() {
+        let source = CapabilitySource::detect()
+            .with_gpus(Arc::new(DeclaredGpus::new(vec![])))
+            .label("zone", "a")
+            .resource("licenses", 2);
+        source
+            .labels()
+            .write()
+            .insert("model_loaded".into(), "llama".into());
+        let caps = source.snapshot();
+        assert_eq!(caps.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(
+            caps.labels.get("model_loaded").map(String::as_str),
+            Some("llama")
+        );
+        assert_eq!(caps.resources.get("licenses"), Some(&2));
+        let host = caps.host.unwrap();
+        assert!(
+            host.memory_total_bytes > 0 && host.logical_cores > 0,
+            "sysinfo host facts"
+        );
+    }
+}

@@ -717,7 +717,11 @@ impl Requirements {
     pub fn satisfied_by(&self, caps: &Capabilities) -> bool {
         // The fast path of `unmet`: no explanation text is built (matching calls this a lot).
         let mut gpu_filters = self.hard.iter().filter(|p| p.key.is_per_gpu()).peekable();
-        let mut counts = self.hard.iter().filter(|p| p.key == Key::GpuCount).peekable();
+        let mut counts = self
+            .hard
+            .iter()
+            .filter(|p| p.key == Key::GpuCount)
+            .peekable();
         if gpu_filters.peek().is_some() || counts.peek().is_some() {
             let filters: Vec<&Predicate> = gpu_filters.collect();
             let matching = caps
@@ -758,11 +762,17 @@ impl Requirements {
         let mut best: Option<(&str, Vec<Unmet>, u64)> = None;
         for (id, caps) in workers {
             let unmet = self.unmet(caps);
-            let biggest = caps.gpus.iter().map(|g| g.memory_total_bytes).max().unwrap_or(0);
+            let biggest = caps
+                .gpus
+                .iter()
+                .map(|g| g.memory_total_bytes)
+                .max()
+                .unwrap_or(0);
             let better = match &best {
                 None => true,
                 Some((bid, b, bbig)) => {
-                    (unmet.len(), std::cmp::Reverse(biggest), id) < (b.len(), std::cmp::Reverse(*bbig), *bid)
+                    (unmet.len(), std::cmp::Reverse(biggest), id)
+                        < (b.len(), std::cmp::Reverse(*bbig), *bid)
                 }
             };
             if better {

@@ -140,7 +140,9 @@ impl WorkerRecord {
         while self.evaluated < classes.len() {
             let id = self.evaluated;
             let reqs = &classes[id].reqs;
-            let result = reqs.satisfied_by(&self.caps).then(|| reqs.score(&self.caps));
+            let result = reqs
+                .satisfied_by(&self.caps)
+                .then(|| reqs.score(&self.caps));
             self.class_cache.insert(id, result);
             if result.is_some() {
                 self.eligible.push(id);

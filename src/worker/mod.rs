@@ -29,21 +29,26 @@ pub const STICKY_QUEUE_PREFIX: &str = "__sticky/";
 /// `$TETHER_STATE_DIR/worker-id` (default `~/.local/state/tether/worker-id`), so a restarted
 /// worker is recognised as the same one. Several workers in one process need explicit identities.
 pub fn default_worker_identity() -> String {
-    let host = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
     let dir = std::env::var_os("TETHER_STATE_DIR")
         .map(std::path::PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/state/tether"))
         });
-    let Some(dir) = dir else {
-        return crate::client::default_identity();
-    };
+    match dir {
+        Some(dir) => identity_in(&dir),
+        None => crate::client::default_identity(),
+    }
+}
+
+/// `HOSTNAME-ID` with ID kept in `dir/worker-id` (created on first use).
+fn identity_in(dir: &std::path::Path) -> String {
+    let host = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
     let path = dir.join("worker-id");
     let id = match std::fs::read_to_string(&path) {
         Ok(text) if !text.trim().is_empty() => text.trim().to_string(),
         _ => {
             let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-            let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &id));
+            let written = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, &id));
             if let Err(e) = written {
                 tracing::warn!(path = %path.display(), error = %e, "could not persist the worker id; using HOSTNAME:PID");
                 return crate::client::default_identity();
@@ -993,5 +998,24 @@ impl Cache {
         }
         self.tick += 1;
         self.entries.insert(run_id, (self.tick, instance));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_identity_is_stable_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = identity_in(dir.path());
+        let second = identity_in(dir.path());
+        assert_eq!(first, second, "a restarted worker keeps its identity");
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            identity_in(other.path()),
+            first,
+            "another host state gets another id"
+        );
     }
 }
