@@ -21,7 +21,7 @@ fn setup(workers: usize, classes: usize) -> (Matcher, QueueKey) {
         caps.labels
             .insert("team".into(), format!("t{}", i % classes));
         caps.labels.insert("busy".into(), "no".into());
-        m.register("default", &format!("w{i}"), caps, vec!["q".into()], 0);
+        m.register("default", &format!("w{i}"), caps, vec!["q".into()], 10, 0);
     }
     // A waiting task per class that no worker can take (nobody is busy=yes).
     for c in 0..classes {

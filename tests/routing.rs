@@ -245,6 +245,7 @@ async fn a_dead_worker_gets_nothing() {
             labels: labels.into_iter().collect(),
             ..Default::default()
         }),
+        max_concurrent_sessions: 0,
     })
     .await
     .unwrap();

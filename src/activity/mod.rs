@@ -126,6 +126,8 @@ pub struct ActivityInfo {
     pub deadline_ms: i64,
     /// The identity of the worker running it.
     pub worker_identity: String,
+    /// The session it runs in, with the reservation (None outside sessions).
+    pub session: Option<pb::SessionInfo>,
 }
 
 /// Why an activity was told to stop.
@@ -199,6 +201,37 @@ impl ActivityContext {
     pub fn heartbeat_details<T: DeserializeOwned>(&self) -> Option<T> {
         let p = self.shared.previous_details.as_ref()?;
         codec::from_payload(Some(p)).ok()
+    }
+
+    /// The session this activity runs in, if any: its id, worker and reserved GPUs/resources.
+    pub fn session(&self) -> Option<&pb::SessionInfo> {
+        self.shared.info.session.as_ref()
+    }
+
+    /// `CUDA_VISIBLE_DEVICES` for the session's reserved GPUs (e.g. "2,3"); None outside a
+    /// session, "" for a session without GPUs.
+    pub fn cuda_visible_devices(&self) -> Option<String> {
+        let s = self.session()?;
+        Some(
+            s.gpus
+                .iter()
+                .map(|g| g.index.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    }
+
+    /// A command for a child process that sees only the session's GPUs (`CUDA_VISIBLE_DEVICES`
+    /// set; also `TETHER_SESSION_ID`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        let mut cmd = std::process::Command::new(program);
+        if let Some(devices) = self.cuda_visible_devices() {
+            cmd.env("CUDA_VISIBLE_DEVICES", devices);
+        }
+        if let Some(s) = self.session() {
+            cmd.env("TETHER_SESSION_ID", &s.session_id);
+        }
+        cmd
     }
 
     /// Reads a credential declared on this worker, by name. The secret is read here, on the

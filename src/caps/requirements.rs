@@ -713,6 +713,14 @@ impl Requirements {
         out
     }
 
+    /// Whether one GPU passes every hard per-GPU clause (used to pick GPUs to reserve).
+    pub fn gpu_eligible(&self, gpu: &GpuDevice) -> bool {
+        self.hard
+            .iter()
+            .filter(|p| p.key.is_per_gpu())
+            .all(|p| gpu_passes(gpu, p))
+    }
+
     /// Whether the worker meets every hard clause.
     pub fn satisfied_by(&self, caps: &Capabilities) -> bool {
         // The fast path of `unmet`: no explanation text is built (matching calls this a lot).

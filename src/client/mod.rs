@@ -422,6 +422,8 @@ pub struct ActivityOptions {
     pub requirements: crate::caps::Requirements,
     /// Run on this worker only (its host queue). Default none.
     pub worker: Option<String>,
+    /// Run inside this session. Default none.
+    pub session_id: Option<String>,
 }
 
 /// The default attempt timeout when neither start_to_close nor schedule_to_close is given.
@@ -489,6 +491,7 @@ impl ActivityOptions {
             retry_policy: Some(self.retry.to_proto()),
             requirements: self.requirements.to_string(),
             worker: self.worker.clone().unwrap_or_default(),
+            session_id: self.session_id.clone().unwrap_or_default(),
         }
     }
 }
@@ -722,5 +725,149 @@ impl WorkflowHandle {
             .await?
             .into_inner()
             .events)
+    }
+}
+
+/// What a session asks for. Defaults are written on each field.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Task queue whose workers may host it. Required.
+    pub task_queue: String,
+    /// Hard requirements and preferences; per-GPU predicates also select the GPUs. Default none.
+    pub requirements: crate::caps::Requirements,
+    /// GPUs to reserve. Default 0.
+    pub gpus: u32,
+    /// Resource units to reserve. Default none.
+    pub resources: std::collections::BTreeMap<String, u64>,
+    /// "tightest" (default) or "spread".
+    pub packing: String,
+    /// How long to wait for a placement. Default 60 s.
+    pub creation_timeout: Option<Duration>,
+    /// When the session ends by itself. Default 24 h.
+    pub execution_timeout: Option<Duration>,
+    /// How long its worker may be silent before the session fails. Default: the server's worker
+    /// liveness timeout (15 s).
+    pub liveness_timeout: Option<Duration>,
+}
+
+impl SessionOptions {
+    /// Options for a task queue.
+    pub fn new(task_queue: impl Into<String>) -> Self {
+        SessionOptions {
+            task_queue: task_queue.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The wire form.
+    pub fn to_proto(&self) -> pb::SessionOptions {
+        pb::SessionOptions {
+            task_queue: self.task_queue.clone(),
+            requirements: self.requirements.to_string(),
+            gpus: self.gpus,
+            resources: self.resources.clone().into_iter().collect(),
+            packing: self.packing.clone(),
+            creation_timeout_ms: ms(self.creation_timeout),
+            execution_timeout_ms: ms(self.execution_timeout),
+            liveness_timeout_ms: ms(self.liveness_timeout),
+        }
+    }
+}
+
+/// An open session: activities run on its worker, seeing its reservation.
+#[derive(Clone)]
+pub struct Session {
+    client: Client,
+    /// What the server placed: worker, host, reserved GPUs and resources.
+    pub info: pb::SessionInfo,
+}
+
+impl Client {
+    /// Creates a session and waits for the server to place it (up to its creation timeout).
+    pub async fn create_session(&self, options: SessionOptions) -> Result<Session, ClientError> {
+        let creation = options.creation_timeout.unwrap_or(Duration::from_secs(60));
+        let deadline = std::time::Instant::now() + creation + Duration::from_secs(5);
+        let session_id = uuid::Uuid::now_v7().to_string();
+        loop {
+            let reply = self
+                .raw()
+                .create_session(pb::CreateSessionRequest {
+                    namespace: self.options.namespace.clone(),
+                    options: Some(options.to_proto()),
+                    owner: self.options.identity.clone(),
+                    session_id: session_id.clone(),
+                    wait_ms: RESULT_WAIT.as_millis() as u64,
+                })
+                .await?
+                .into_inner();
+            let info = reply.session.unwrap_or_default();
+            match info.state.as_str() {
+                "open" => {
+                    return Ok(Session {
+                        client: self.clone(),
+                        info,
+                    })
+                }
+                "creating" if std::time::Instant::now() < deadline => continue,
+                _ => {
+                    return Err(ClientError::Rpc(tonic::Status::failed_precondition(
+                        format!(
+                            "session {} {}: {}",
+                            info.session_id, info.state, info.reason
+                        ),
+                    )))
+                }
+            }
+        }
+    }
+
+    /// A session's current state.
+    pub async fn describe_session(&self, session_id: &str) -> Result<pb::SessionInfo, ClientError> {
+        Ok(self
+            .raw()
+            .describe_session(pb::DescribeSessionRequest {
+                namespace: self.options.namespace.clone(),
+                session_id: session_id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+}
+
+impl Session {
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.info.session_id
+    }
+
+    /// Runs an activity in the session (on its worker only) and waits for the result.
+    pub async fn execute_activity<I: Serialize + ?Sized, O: DeserializeOwned>(
+        &self,
+        activity_type: &str,
+        input: &I,
+        options: ActivityOptions,
+    ) -> Result<O, ClientError> {
+        let mut o = StandaloneActivityOptions::new(
+            format!("{}-{}", self.info.session_id, uuid::Uuid::now_v7()),
+            self.info.host_queue.clone(),
+        );
+        o.options = options;
+        o.options.session_id = Some(self.info.session_id.clone());
+        self.client.execute_activity(activity_type, input, o).await
+    }
+
+    /// Ends the session and releases its reservation.
+    pub async fn complete(&self) -> Result<pb::SessionInfo, ClientError> {
+        Ok(self
+            .client
+            .raw()
+            .complete_session(pb::CompleteSessionRequest {
+                namespace: self.client.options.namespace.clone(),
+                session_id: self.info.session_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .session
+            .unwrap_or_default())
     }
 }

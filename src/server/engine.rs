@@ -4,9 +4,11 @@
 
 use super::history::{self, Effects, RunEntry};
 use super::matching::{Matcher, QueueKey, TaskKind, TaskRef};
+use super::sessions::{self, Placement, Reservations};
 use super::timers::{TimerKey, TimerQueue};
 use super::{EngineError, ServerConfig};
 use crate::api::internal::RunState;
+use crate::api::internal::SessionState;
 use crate::api::now_ms;
 use crate::api::pb::{self, ExecutionStatus, NamespaceInfo};
 use crate::store::{CommitReceiver, RunFilter, Store, Write, WriteBatch};
@@ -29,6 +31,11 @@ struct EngineState {
     open_ids: HashMap<IdKey, String>,
     /// Callers waiting for a run to close.
     waiters: HashMap<String, Vec<oneshot::Sender<pb::GetWorkflowResultResponse>>>,
+    /// Sessions that are creating or open (closed ones until their close is durable).
+    sessions: HashMap<String, SessionState>,
+    reservations: Reservations,
+    /// Callers waiting for a session to be placed (or to fail).
+    session_waiters: HashMap<String, Vec<oneshot::Sender<pb::SessionInfo>>>,
 }
 
 /// Work collected while the lock is held.
@@ -36,6 +43,7 @@ struct EngineState {
 struct Txn {
     fx: Effects,
     touched: BTreeSet<String>,
+    touched_sessions: BTreeSet<String>,
     extra: Vec<Write>,
 }
 
@@ -48,6 +56,8 @@ pub struct Engine {
     config: ServerConfig,
     storage_failed: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// When this engine started: workers get one liveness timeout from here to re-register.
+    started_ms: i64,
 }
 
 /// A run found for a read: either the live in-memory entry's snapshot or the stored state.
@@ -77,6 +87,7 @@ impl Engine {
             config,
             storage_failed: AtomicBool::new(false),
             shutdown,
+            started_ms: now_ms(),
         });
         let now = now_ms();
         let mut txn = Txn::default();
@@ -110,6 +121,28 @@ impl Engine {
                 }
                 st.open_ids.insert(key, run_id.clone());
                 st.runs.insert(run_id, entry);
+            }
+            for session in recovered.open_sessions {
+                let info = session.info.clone().unwrap_or_default();
+                if info.state == "open" {
+                    st.reservations
+                        .reserve(&info.namespace, &placement_of(&info));
+                }
+                if session.creation_deadline_ms > 0 && info.state == "creating" {
+                    txn.fx.timers.push((
+                        session.creation_deadline_ms,
+                        TimerKey::SessionCreation {
+                            run_id: info.session_id.clone(),
+                        },
+                    ));
+                }
+                txn.fx.timers.push((
+                    session.execution_deadline_ms,
+                    TimerKey::SessionExpiry {
+                        run_id: info.session_id.clone(),
+                    },
+                ));
+                st.sessions.insert(info.session_id.clone(), session);
             }
             tracing::info!(open_runs = count, "recovered state from the store");
             engine.commit_locked(&mut st, &mut txn)
@@ -193,6 +226,13 @@ impl Engine {
                 state: Box::new(entry.state.clone()),
             });
         }
+        for id in &txn.touched_sessions {
+            if let Some(session) = st.sessions.get(id) {
+                batch.writes.push(Write::Session {
+                    state: Box::new(session.clone()),
+                });
+            }
+        }
         for closed in &txn.fx.closed {
             if let Some(entry) = st.runs.get(&closed.run_id) {
                 let key = (
@@ -236,6 +276,19 @@ impl Engine {
         }
         if !fx.timers.is_empty() {
             self.timers.arm(fx.timers);
+        }
+        if !fx.sessions_settled.is_empty() {
+            let mut st = self.state.lock();
+            for info in fx.sessions_settled {
+                if let Some(waiters) = st.session_waiters.remove(&info.session_id) {
+                    for w in waiters {
+                        let _ = w.send(info.clone());
+                    }
+                }
+                if !matches!(info.state.as_str(), "creating" | "open") {
+                    st.sessions.remove(&info.session_id);
+                }
+            }
         }
         if !fx.closed.is_empty() {
             let mut st = self.state.lock();
@@ -387,7 +440,32 @@ impl Engine {
         req: pb::StartActivityRequest,
     ) -> Result<String, EngineError> {
         self.check_healthy()?;
-        let options = history::normalize_activity_options(req.options.clone(), &req.task_queue)?;
+        let mut options = req.options.clone().unwrap_or_default();
+        if !options.session_id.is_empty() {
+            let st = self.state.lock();
+            let info = st
+                .sessions
+                .get(&options.session_id)
+                .and_then(|s| s.info.clone());
+            match info {
+                Some(i) if i.state == "open" && i.namespace == req.namespace => {
+                    Self::route_session_activity(&st, &mut options)
+                }
+                Some(i) if i.namespace == req.namespace => {
+                    return Err(EngineError::NotRunning(format!(
+                        "session {} is {}: {}",
+                        i.session_id, i.state, i.reason
+                    )))
+                }
+                _ => {
+                    return Err(EngineError::NotRunning(format!(
+                        "session {:?} is not open in namespace {:?}",
+                        options.session_id, req.namespace
+                    )))
+                }
+            }
+        }
+        let options = history::normalize_activity_options(Some(options), &req.task_queue)?;
         let mut txn = Txn::default();
         let (commit, run_id) = {
             let mut st = self.state.lock();
@@ -836,18 +914,41 @@ impl Engine {
         req: pb::CompleteWorkflowTaskRequest,
     ) -> Result<(), EngineError> {
         let max = self.config.max_payload_bytes;
-        self.with_token_run(&req.task_token, |entry, token, fx| {
-            entry.validate_commands(&req.commands, max)?;
+        self.check_healthy()?;
+        let token = Self::decode_token(&req.task_token)?;
+        let mut commands = req.commands;
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, &token.namespace)?;
+            for c in commands.iter_mut() {
+                if let Some(pb::command::Kind::ScheduleActivity(a)) = c.kind.as_mut() {
+                    if let Some(o) = a.options.as_mut() {
+                        Self::route_session_activity(&st, o);
+                    }
+                }
+            }
+            let Some(entry) = st.runs.get_mut(&token.run_id) else {
+                return Err(EngineError::StaleTask(format!(
+                    "run {} is not open (it closed, or never existed)",
+                    token.run_id
+                )));
+            };
+            entry.validate_commands(&commands, max)?;
             entry.complete_workflow_task(
-                token,
-                req.commands,
+                &token,
+                commands,
                 &req.identity,
                 &req.sticky_queue,
-                now_ms(),
-                fx,
-            )
-        })
-        .await
+                now,
+                &mut txn.fx,
+            )?;
+            txn.touched.insert(token.run_id.clone());
+            Self::fail_activities_of_closed_sessions(&mut st, &token.run_id, now, &mut txn);
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await
     }
 
     /// Records a failed workflow task.
@@ -900,9 +1001,33 @@ impl Engine {
         let mut fx = Effects::default();
         let dispatched = {
             let mut st = self.state.lock();
-            st.runs.get_mut(&run_id).and_then(|entry| {
-                entry.dispatch_activity(scheduled_event_id, attempt, identity, now_ms(), &mut fx)
-            })
+            let st = &mut *st;
+            let entry = st.runs.get_mut(&run_id)?;
+            let session_id = entry
+                .state
+                .activities
+                .get(&scheduled_event_id)
+                .and_then(|a| a.options.as_ref())
+                .map(|o| o.session_id.clone())
+                .unwrap_or_default();
+            let mut response = entry.dispatch_activity(
+                scheduled_event_id,
+                attempt,
+                identity,
+                now_ms(),
+                &mut fx,
+            )?;
+            if !session_id.is_empty() {
+                if let Some(info) = st
+                    .sessions
+                    .get_mut(&session_id)
+                    .and_then(|s| s.info.as_mut())
+                {
+                    info.activities_run += 1;
+                    response.session = Some(info.clone());
+                }
+            }
+            Some(response)
         };
         if dispatched.is_some() {
             self.apply_effects(fx);
@@ -1024,6 +1149,51 @@ impl Engine {
         let commit = {
             let mut st = self.state.lock();
             for key in due {
+                match &key {
+                    TimerKey::SessionCreation { run_id } => {
+                        let creating = st.sessions.get(run_id).is_some_and(|s| {
+                            s.info.as_ref().is_some_and(|i| i.state == "creating")
+                        });
+                        if creating {
+                            let reason = st.sessions[run_id]
+                                .info
+                                .as_ref()
+                                .map(|i| i.reason.clone())
+                                .unwrap_or_default();
+                            self.close_session(
+                                &mut st,
+                                run_id,
+                                "failed",
+                                &format!(
+                                    "no worker could host it before the creation timeout: {reason}"
+                                ),
+                                now,
+                                &mut txn,
+                            );
+                        }
+                        continue;
+                    }
+                    TimerKey::SessionExpiry { run_id } => {
+                        let live = st.sessions.get(run_id).is_some_and(|s| {
+                            s.execution_deadline_ms <= now
+                                && s.info.as_ref().is_some_and(|i| {
+                                    matches!(i.state.as_str(), "creating" | "open")
+                                })
+                        });
+                        if live {
+                            self.close_session(
+                                &mut st,
+                                run_id,
+                                "timed_out",
+                                "execution timeout reached",
+                                now,
+                                &mut txn,
+                            );
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
                 let Some(entry) = st.runs.get_mut(key.run_id()) else {
                     continue;
                 };
@@ -1072,6 +1242,461 @@ impl Engine {
             self.commit_locked(&mut st, &mut txn)
         };
         self.finish(commit, txn.fx).await
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Sessions
+    // ------------------------------------------------------------------------------------------
+
+    /// Tries to place a creating session now. Returns whether it was placed.
+    fn try_place(&self, st: &mut EngineState, session_id: &str, now: i64, txn: &mut Txn) -> bool {
+        let Some(session) = st.sessions.get(session_id) else {
+            return false;
+        };
+        let info = session.info.clone().unwrap_or_default();
+        if info.state != "creating" {
+            return false;
+        }
+        let options = info.options.clone().unwrap_or_default();
+        let request = sessions::Request {
+            requirements: crate::caps::Requirements::parse(&options.requirements)
+                .unwrap_or_default(),
+            gpus: options.gpus,
+            resources: options.resources.clone().into_iter().collect(),
+            packing: sessions::Packing::parse(&options.packing).unwrap_or_default(),
+        };
+        let workers: Vec<super::matching::WorkerRecord> = self
+            .matcher
+            .workers_in(&info.namespace)
+            .into_iter()
+            .filter(|w| w.alive && w.task_queues.iter().any(|q| *q == options.task_queue))
+            .collect();
+        let candidates: Vec<sessions::Candidate<'_>> = workers
+            .iter()
+            .map(|w| sessions::Candidate {
+                identity: &w.identity,
+                caps: &w.caps,
+                max_sessions: if w.max_sessions == 0 {
+                    DEFAULT_MAX_SESSIONS
+                } else {
+                    w.max_sessions
+                },
+            })
+            .collect();
+        let session = st.sessions.get_mut(session_id).expect("checked");
+        let info_mut = session.info.as_mut().expect("has info");
+        match sessions::place(&info.namespace, &request, &candidates, &st.reservations) {
+            Ok(placement) => {
+                st.reservations.reserve(&info.namespace, &placement);
+                let worker = workers.iter().find(|w| w.identity == placement.identity);
+                info_mut.state = "open".into();
+                info_mut.reason.clear();
+                info_mut.worker_identity = placement.identity.clone();
+                info_mut.hostname = worker
+                    .and_then(|w| w.caps.host.as_ref())
+                    .map(|h| h.hostname.clone())
+                    .unwrap_or_default();
+                info_mut.host_queue = super::matching::host_queue_name(&placement.identity);
+                info_mut.gpus = placement
+                    .gpus
+                    .iter()
+                    .map(|g| pb::ReservedGpu {
+                        index: g.index,
+                        uuid: g.uuid.clone(),
+                        name: g.name.clone(),
+                        memory_total_bytes: g.memory_total_bytes,
+                    })
+                    .collect();
+                info_mut.resources = placement.resources.clone().into_iter().collect();
+                tracing::info!(session_id, worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
+                let _ = now;
+                txn.fx.sessions_settled.push(info_mut.clone());
+                txn.touched_sessions.insert(session_id.to_string());
+                true
+            }
+            Err(reason) => {
+                if info_mut.reason != reason {
+                    info_mut.reason = reason;
+                    txn.touched_sessions.insert(session_id.to_string());
+                }
+                false
+            }
+        }
+    }
+
+    fn try_place_pending(&self, st: &mut EngineState, now: i64, txn: &mut Txn) {
+        let mut pending: Vec<(i64, String)> = st
+            .sessions
+            .values()
+            .filter_map(|s| s.info.as_ref())
+            .filter(|i| i.state == "creating")
+            .map(|i| (i.created_ms, i.session_id.clone()))
+            .collect();
+        // Oldest first, so an early large request is not starved by later small ones.
+        pending.sort();
+        for (_, id) in pending {
+            self.try_place(st, &id, now, txn);
+        }
+    }
+
+    /// Ends a session, releases its reservation and fails its pending activities.
+    fn close_session(
+        &self,
+        st: &mut EngineState,
+        session_id: &str,
+        state: &str,
+        reason: &str,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let Some(session) = st.sessions.get_mut(session_id) else {
+            return;
+        };
+        let info = session.info.as_mut().expect("has info");
+        let was_open = info.state == "open";
+        info.state = state.to_string();
+        info.reason = reason.to_string();
+        info.closed_ms = now;
+        let info = info.clone();
+        if was_open {
+            st.reservations
+                .release(&info.namespace, &placement_of(&info));
+        }
+        if state != "completed" {
+            tracing::warn!(session_id, state, reason, "session ended");
+            for (run_id, entry) in st.runs.iter_mut() {
+                if entry.fail_session_activities(session_id, reason, now, &mut txn.fx) {
+                    txn.touched.insert(run_id.clone());
+                }
+            }
+        }
+        txn.fx.sessions_settled.push(info);
+        txn.touched_sessions.insert(session_id.to_string());
+        // Released resources may let a waiting session in.
+        self.try_place_pending(st, now, txn);
+    }
+
+    /// Fails sessions whose worker went silent for longer than the session's liveness timeout, and
+    /// retries placing the ones still waiting.
+    async fn check_sessions(&self) -> Result<(), EngineError> {
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            if st.sessions.is_empty() {
+                return Ok(());
+            }
+            let mut silent: Vec<(String, String)> = Vec::new();
+            for s in st.sessions.values() {
+                let Some(info) = s.info.as_ref().filter(|i| i.state == "open") else {
+                    continue;
+                };
+                let limit = info
+                    .options
+                    .as_ref()
+                    .map(|o| o.liveness_timeout_ms)
+                    .unwrap_or(0) as i64;
+                let seen = self
+                    .matcher
+                    .worker(&info.namespace, &info.worker_identity)
+                    .map(|w| w.last_seen_ms)
+                    .unwrap_or(0)
+                    // After a server restart, workers get one liveness timeout to come back.
+                    .max(self.started_ms);
+                if now - seen > limit {
+                    silent.push((
+                        info.session_id.clone(),
+                        format!(
+                            "worker {} stopped heartbeating ({} ms without a heartbeat; liveness timeout {} ms)",
+                            info.worker_identity,
+                            now - seen,
+                            limit
+                        ),
+                    ));
+                }
+            }
+            for (id, reason) in silent {
+                self.close_session(&mut st, &id, "failed", &reason, now, &mut txn);
+            }
+            self.try_place_pending(&mut st, now, &mut txn);
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await
+    }
+
+    /// Creates a session and waits (up to `wait`) for its placement.
+    pub async fn create_session(
+        &self,
+        req: pb::CreateSessionRequest,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        self.check_healthy()?;
+        let mut options = req.options.unwrap_or_default();
+        crate::types::validate_name("session task queue", &options.task_queue)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        options.requirements = crate::caps::Requirements::parse(&options.requirements)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
+            .to_string();
+        sessions::Packing::parse(&options.packing).map_err(EngineError::InvalidArgument)?;
+        for name in options.resources.keys() {
+            crate::types::validate_name("resource name", name)
+                .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        }
+        if options.creation_timeout_ms == 0 {
+            options.creation_timeout_ms = DEFAULT_SESSION_CREATION_MS;
+        }
+        if options.execution_timeout_ms == 0 {
+            options.execution_timeout_ms = DEFAULT_SESSION_EXECUTION_MS;
+        }
+        if options.liveness_timeout_ms == 0 {
+            options.liveness_timeout_ms = self.config.worker_liveness_timeout.as_millis() as u64;
+        }
+        let session_id = if req.session_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            crate::types::validate_name("session id", &req.session_id)
+                .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+            req.session_id.clone()
+        };
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let (commit, settled, waiter) = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, &req.namespace)?;
+            if let Some(existing) = st.sessions.get(&session_id) {
+                // Same id again: idempotent when it is the same request.
+                let info = existing.info.clone().unwrap_or_default();
+                if info.namespace != req.namespace {
+                    return Err(EngineError::AlreadyExists(format!(
+                        "session id {session_id:?} is in use"
+                    )));
+                }
+                (None, Some(info), None)
+            } else {
+                let state = SessionState {
+                    info: Some(pb::SessionInfo {
+                        session_id: session_id.clone(),
+                        namespace: req.namespace.clone(),
+                        state: "creating".into(),
+                        options: Some(options.clone()),
+                        created_ms: now,
+                        owner: req.owner.clone(),
+                        ..Default::default()
+                    }),
+                    creation_deadline_ms: now + options.creation_timeout_ms as i64,
+                    execution_deadline_ms: now + options.execution_timeout_ms as i64,
+                };
+                st.sessions.insert(session_id.clone(), state);
+                txn.touched_sessions.insert(session_id.clone());
+                txn.fx.timers.push((
+                    now + options.creation_timeout_ms as i64,
+                    TimerKey::SessionCreation {
+                        run_id: session_id.clone(),
+                    },
+                ));
+                txn.fx.timers.push((
+                    now + options.execution_timeout_ms as i64,
+                    TimerKey::SessionExpiry {
+                        run_id: session_id.clone(),
+                    },
+                ));
+                let placed = self.try_place(&mut st, &session_id, now, &mut txn);
+                let waiter = if placed || req.wait_ms == 0 {
+                    None
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    st.session_waiters
+                        .entry(session_id.clone())
+                        .or_default()
+                        .push(tx);
+                    Some(rx)
+                };
+                let info = st.sessions[&session_id].info.clone();
+                (self.commit_locked(&mut st, &mut txn), info, waiter)
+            }
+        };
+        self.finish(commit, txn.fx).await?;
+        let Some(rx) = waiter else {
+            return Ok(settled.unwrap_or_default());
+        };
+        let wait = Duration::from_millis(req.wait_ms).min(self.config.long_poll_timeout);
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::select! {
+            info = rx => {
+                if let Ok(info) = info {
+                    return Ok(info);
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+        self.describe_session(&req.namespace, &session_id).await
+    }
+
+    /// Completes a session and releases its reservation.
+    pub async fn complete_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        self.check_healthy()?;
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let done = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            let live = st
+                .sessions
+                .get(session_id)
+                .and_then(|s| s.info.as_ref())
+                .filter(|i| {
+                    i.namespace == namespace && matches!(i.state.as_str(), "creating" | "open")
+                })
+                .map(|i| i.state.clone());
+            match live {
+                None => None,
+                Some(state) => {
+                    let reason = if state == "creating" {
+                        "completed before it was placed"
+                    } else {
+                        ""
+                    };
+                    self.close_session(&mut st, session_id, "completed", reason, now, &mut txn);
+                    let info = st.sessions[session_id].info.clone().unwrap_or_default();
+                    Some((self.commit_locked(&mut st, &mut txn), info))
+                }
+            }
+        };
+        let Some((commit, info)) = done else {
+            let stored = self.describe_session(namespace, session_id).await?;
+            return Err(EngineError::NotRunning(format!(
+                "session {session_id} is already {}{}",
+                stored.state,
+                if stored.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", stored.reason)
+                }
+            )));
+        };
+        self.finish(commit, txn.fx).await?;
+        Ok(info)
+    }
+
+    /// A session, live or closed.
+    pub async fn describe_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            if let Some(info) = st.sessions.get(session_id).and_then(|s| s.info.clone()) {
+                if info.namespace == namespace {
+                    return Ok(info);
+                }
+            }
+        }
+        let store = self.store.clone();
+        let ns = namespace.to_string();
+        let found = tokio::task::spawn_blocking(move || store.list_sessions(&ns, 100_000))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?
+            .into_iter()
+            .filter_map(|s| s.info)
+            .find(|i| i.session_id == session_id);
+        found.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "session {session_id:?} was not found in namespace {namespace:?}"
+            ))
+        })
+    }
+
+    /// Sessions of a namespace: live ones, and closed ones too when asked.
+    pub async fn list_sessions(
+        &self,
+        namespace: &str,
+        include_closed: bool,
+    ) -> Result<Vec<pb::SessionInfo>, EngineError> {
+        let mut live: Vec<pb::SessionInfo> = {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            st.sessions
+                .values()
+                .filter_map(|s| s.info.clone())
+                .filter(|i| {
+                    i.namespace == namespace && matches!(i.state.as_str(), "creating" | "open")
+                })
+                .collect()
+        };
+        if include_closed {
+            let store = self.store.clone();
+            let ns = namespace.to_string();
+            let stored = tokio::task::spawn_blocking(move || store.list_sessions(&ns, 1_000))
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            for info in stored.into_iter().filter_map(|s| s.info) {
+                if !live.iter().any(|l| l.session_id == info.session_id) {
+                    live.push(info);
+                }
+            }
+        }
+        live.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+        Ok(live)
+    }
+
+    /// Points activities scheduled in a session at its worker's host queue; a session that is not
+    /// open makes them fail at once (checked after they are recorded).
+    fn route_session_activity(st: &EngineState, options: &mut pb::ActivityOptions) {
+        if options.session_id.is_empty() {
+            return;
+        }
+        if let Some(info) = st
+            .sessions
+            .get(&options.session_id)
+            .and_then(|s| s.info.as_ref())
+        {
+            if info.state == "open" {
+                options.worker = info.worker_identity.clone();
+            }
+        }
+    }
+
+    /// Fails activities just scheduled on sessions that are not open.
+    fn fail_activities_of_closed_sessions(
+        st: &mut EngineState,
+        run_id: &str,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let Some(entry) = st.runs.get(run_id) else {
+            return;
+        };
+        let mut dead: Vec<(String, String)> = Vec::new();
+        for a in entry.state.activities.values() {
+            let Some(sid) = a
+                .options
+                .as_ref()
+                .map(|o| o.session_id.clone())
+                .filter(|s| !s.is_empty())
+            else {
+                continue;
+            };
+            let reason = match st.sessions.get(&sid).and_then(|s| s.info.as_ref()) {
+                Some(i) if i.state == "open" => continue,
+                Some(i) => format!("session is {}: {}", i.state, i.reason),
+                None => "session is not open (unknown or already closed)".to_string(),
+            };
+            if !dead.iter().any(|(s, _)| *s == sid) {
+                dead.push((sid, reason));
+            }
+        }
+        let entry = st.runs.get_mut(run_id).expect("checked");
+        for (sid, reason) in dead {
+            entry.fail_session_activities(&sid, &reason, now, &mut txn.fx);
+        }
     }
 
     // ------------------------------------------------------------------------------------------
@@ -1196,7 +1821,7 @@ impl Engine {
     }
 
     /// Registers a worker; returns its host queue.
-    pub fn register_worker(
+    pub async fn register_worker(
         &self,
         req: pb::RegisterWorkerRequest,
     ) -> Result<pb::RegisterWorkerResponse, EngineError> {
@@ -1207,13 +1832,34 @@ impl Engine {
             identity = req.identity,
             "worker registered"
         );
+        let restarted = self.matcher.worker(&req.namespace, &req.identity).is_some();
+        let now = now_ms();
         self.matcher.register(
             &req.namespace,
             &req.identity,
             req.capabilities.unwrap_or_default(),
             req.task_queues,
-            now_ms(),
+            req.max_concurrent_sessions,
+            now,
         );
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            if restarted {
+                // Registering again means the worker restarted: the attempts its old process was
+                // running are gone. Retry them now (session work on the same host queue) rather
+                // than after their timeouts.
+                for (run_id, entry) in st.runs.iter_mut() {
+                    if entry.worker_restarted(&req.identity, now, &mut txn.fx) {
+                        txn.touched.insert(run_id.clone());
+                    }
+                }
+            }
+            // A new worker may be able to host sessions that are waiting for a placement.
+            self.try_place_pending(&mut st, now, &mut txn);
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await?;
         let liveness = self.config.worker_liveness_timeout;
         Ok(pb::RegisterWorkerResponse {
             host_queue: super::matching::host_queue_name(&req.identity),
@@ -1247,9 +1893,38 @@ impl Engine {
                     "worker missed its liveness timeout: marked dead"
                 );
             }
+            if let Err(e) = self.check_sessions().await {
+                tracing::error!(error = %e, "checking sessions failed");
+            }
         }
     }
 }
+
+/// The reservation a session's info describes.
+fn placement_of(info: &pb::SessionInfo) -> Placement {
+    Placement {
+        identity: info.worker_identity.clone(),
+        gpus: info
+            .gpus
+            .iter()
+            .map(|g| pb::GpuDevice {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                name: g.name.clone(),
+                memory_total_bytes: g.memory_total_bytes,
+                ..Default::default()
+            })
+            .collect(),
+        resources: info.resources.clone().into_iter().collect(),
+    }
+}
+
+/// Default session creation timeout.
+const DEFAULT_SESSION_CREATION_MS: u64 = 60_000;
+/// Default session execution timeout.
+const DEFAULT_SESSION_EXECUTION_MS: u64 = 24 * 3_600_000;
+/// Default session slots per worker.
+pub const DEFAULT_MAX_SESSIONS: u32 = 10;
 
 fn execution_info(s: &RunState) -> pb::ExecutionInfo {
     pb::ExecutionInfo {

@@ -356,6 +356,19 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
+        // A host queue is its worker's alone: this is what keeps session work on its worker.
+        if req
+            .task_queue
+            .starts_with(super::matching::HOST_QUEUE_PREFIX)
+            && req.task_queue != super::matching::host_queue_name(&req.identity)
+        {
+            return Err(Status::permission_denied(format!(
+                "task queue {:?} is the host queue of another worker; worker {:?} may poll only {:?}",
+                req.task_queue,
+                req.identity,
+                super::matching::host_queue_name(&req.identity)
+            )));
+        }
         ok(self.engine.poll_activity_task(req).await?)
     }
 
@@ -445,7 +458,7 @@ impl TetherService for Frontend {
         for q in &req.task_queues {
             name("task queue", q)?;
         }
-        ok(self.engine.register_worker(req)?)
+        ok(self.engine.register_worker(req).await?)
     }
 
     async fn worker_heartbeat(
@@ -457,6 +470,66 @@ impl TetherService for Frontend {
         name("identity", &req.identity)?;
         let known = self.engine.worker_heartbeat(req)?;
         ok(pb::WorkerHeartbeatResponse { reregister: !known })
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> R<pb::CreateSessionResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        if req.options.is_none() {
+            return Err(Status::invalid_argument(
+                "options are required (at least the task queue whose workers may host the session)",
+            ));
+        }
+        let session = self.engine.create_session(req).await?;
+        ok(pb::CreateSessionResponse {
+            session: Some(session),
+        })
+    }
+
+    async fn complete_session(
+        &self,
+        request: Request<pb::CompleteSessionRequest>,
+    ) -> R<pb::CompleteSessionResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("session id", &req.session_id)?;
+        let session = self
+            .engine
+            .complete_session(&req.namespace, &req.session_id)
+            .await?;
+        ok(pb::CompleteSessionResponse {
+            session: Some(session),
+        })
+    }
+
+    async fn describe_session(
+        &self,
+        request: Request<pb::DescribeSessionRequest>,
+    ) -> R<pb::SessionInfo> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        name("session id", &req.session_id)?;
+        ok(self
+            .engine
+            .describe_session(&req.namespace, &req.session_id)
+            .await?)
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> R<pb::ListSessionsResponse> {
+        let req = request.into_inner();
+        name("namespace", &req.namespace)?;
+        ok(pb::ListSessionsResponse {
+            sessions: self
+                .engine
+                .list_sessions(&req.namespace, req.include_closed)
+                .await?,
+        })
     }
 
     async fn list_workers(

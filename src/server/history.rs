@@ -112,6 +112,8 @@ pub struct Effects {
     pub closed: Vec<Closed>,
     /// Signals to other workflows (applied by the engine in the same transaction).
     pub signals: Vec<OutgoingSignal>,
+    /// Sessions that left the `creating` state (their waiters are answered after the commit).
+    pub sessions_settled: Vec<pb::SessionInfo>,
 }
 
 /// Fills in the documented defaults and checks an activity's options.
@@ -1222,6 +1224,7 @@ impl RunEntry {
             } else {
                 self.state.workflow_type.clone()
             },
+            session: None,
         };
         self.rt.started_activities.insert(
             scheduled_event_id,
@@ -1588,6 +1591,66 @@ impl RunEntry {
             }
             _ => false,
         }
+    }
+
+    /// The worker restarted: attempts it was running are retried now.
+    pub fn worker_restarted(&mut self, identity: &str, now: i64, fx: &mut Effects) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let lost: Vec<u64> = self
+            .rt
+            .started_activities
+            .iter()
+            .filter(|(_, s)| s.worker == identity)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &lost {
+            let failure = Failure {
+                message: format!("worker {identity} restarted while running this attempt"),
+                error_type: "WorkerRestarted".into(),
+                kind: FailureKind::Server as i32,
+                ..Default::default()
+            };
+            self.attempt_failed(*id, failure, identity, now, fx);
+        }
+        !lost.is_empty()
+    }
+
+    /// Fails every pending activity of a session that failed: not retried anywhere else.
+    /// Returns whether anything changed.
+    pub fn fail_session_activities(
+        &mut self,
+        session_id: &str,
+        reason: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let ids: Vec<u64> = self
+            .state
+            .activities
+            .values()
+            .filter(|a| {
+                a.options
+                    .as_ref()
+                    .is_some_and(|o| o.session_id == session_id)
+            })
+            .map(|a| a.scheduled_event_id)
+            .collect();
+        for id in &ids {
+            let failure = Failure {
+                message: format!("session {session_id} failed: {reason}"),
+                error_type: "SessionFailed".into(),
+                non_retryable: true,
+                kind: FailureKind::Application as i32,
+                ..Default::default()
+            };
+            self.attempt_failed(*id, failure, "", now, fx);
+        }
+        !ids.is_empty()
     }
 
     /// What `describe` shows about pending activities.

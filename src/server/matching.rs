@@ -126,6 +126,8 @@ pub struct WorkerRecord {
     pub last_seen_ms: i64,
     /// False once it missed the liveness timeout.
     pub alive: bool,
+    /// Most sessions it hosts at once.
+    pub max_sessions: u32,
     /// (class -> Some(score) if it satisfies the class, None if not), valid until caps change.
     class_cache: HashMap<ClassId, Option<u64>>,
     /// Classes below this id are in `class_cache`.
@@ -523,6 +525,7 @@ impl Matcher {
         identity: &str,
         caps: Capabilities,
         task_queues: Vec<String>,
+        max_sessions: u32,
         now_ms: i64,
     ) {
         let mut st = self.state.lock();
@@ -536,6 +539,7 @@ impl Matcher {
                 registered_ms: now_ms,
                 last_seen_ms: now_ms,
                 alive: true,
+                max_sessions,
                 class_cache: HashMap::new(),
                 evaluated: 0,
                 eligible: Vec::new(),
@@ -725,8 +729,8 @@ mod tests {
     #[tokio::test]
     async fn only_satisfying_workers_get_constrained_tasks() {
         let m = Matcher::default();
-        m.register("default", "small", gpus(1, 16), vec!["q".into()], 0);
-        m.register("default", "big", gpus(2, 80), vec!["q".into()], 0);
+        m.register("default", "small", gpus(1, 16), vec!["q".into()], 10, 0);
+        m.register("default", "big", gpus(2, 80), vec!["q".into()], 10, 0);
         m.add(&key(), task(1), "gpu.count>=2, gpu.memory>=40GiB");
         m.add(&key(), task(2), "");
         // The small worker skips the GPU task and gets the unconstrained one behind it.
@@ -743,8 +747,8 @@ mod tests {
         a.labels.insert("dataset".into(), "coco".into());
         let mut b = gpus(1, 80);
         b.labels.insert("dataset".into(), "imagenet".into());
-        m.register("default", "a", a, vec![], 0);
-        m.register("default", "b", b, vec![], 0);
+        m.register("default", "a", a, vec![], 10, 0);
+        m.register("default", "b", b, vec![], 10, 0);
         let (ma, mb) = (m.clone(), m.clone());
         let pa = tokio::spawn(async move { ma.poll(&key(), "a", 0, Duration::from_secs(2)).await });
         let pb = tokio::spawn(async move { mb.poll(&key(), "b", 0, Duration::from_secs(2)).await });
@@ -776,7 +780,7 @@ mod tests {
     #[tokio::test]
     async fn dead_workers_get_nothing_until_seen_again() {
         let m = Matcher::default();
-        m.register("default", "w", gpus(1, 80), vec![], 0);
+        m.register("default", "w", gpus(1, 80), vec![], 10, 0);
         m.add(&key(), task(1), "gpu.count>=1");
         assert_eq!(
             m.expire(20_000, Duration::from_secs(15)),
@@ -791,7 +795,7 @@ mod tests {
     #[tokio::test]
     async fn parked_poll_gets_work_its_new_label_allows() {
         let m = Arc::new(Matcher::default());
-        m.register("default", "w", Capabilities::default(), vec![], 0);
+        m.register("default", "w", Capabilities::default(), vec![], 10, 0);
         m.add(&key(), task(1), "label.model_loaded=llama-70b");
         let m2 = m.clone();
         let poll =
@@ -820,7 +824,7 @@ mod tests {
     #[test]
     fn label_change_invalidates_the_cache() {
         let m = Matcher::default();
-        m.register("default", "w", Capabilities::default(), vec![], 0);
+        m.register("default", "w", Capabilities::default(), vec![], 10, 0);
         m.add(&key(), task(1), "label.model_loaded=llama-70b");
         assert_eq!(m.try_take(&key(), "w", 0), None);
         let mut caps = Capabilities::default();
@@ -833,7 +837,7 @@ mod tests {
     #[test]
     fn explanation_for_unplaceable_work() {
         let m = Matcher::default();
-        m.register("default", "gpu-3", gpus(2, 40), vec!["q".into()], 0);
+        m.register("default", "gpu-3", gpus(2, 40), vec!["q".into()], 10, 0);
         let text = m.explain("default", "q", "gpu.memory>=80GiB");
         assert_eq!(
             text,

@@ -5,6 +5,7 @@ mod engine;
 mod frontend;
 pub mod history;
 pub mod matching;
+pub mod sessions;
 pub mod timers;
 
 pub use engine::Engine;

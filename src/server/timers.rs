@@ -77,6 +77,16 @@ pub enum TimerKey {
         /// Activity.
         scheduled_event_id: u64,
     },
+    /// A session still has no placement at its creation deadline.
+    SessionCreation {
+        /// Session id (in the run id slot, so lookups by run find nothing).
+        run_id: String,
+    },
+    /// A session reached its execution timeout.
+    SessionExpiry {
+        /// Session id.
+        run_id: String,
+    },
     /// The retry backoff of an activity ended.
     ActivityRetry {
         /// Run.
@@ -101,6 +111,8 @@ impl TimerKey {
             | TimerKey::ActivityStartToClose { run_id, .. }
             | TimerKey::ActivityHeartbeat { run_id, .. }
             | TimerKey::ActivityScheduleToClose { run_id, .. }
+            | TimerKey::SessionCreation { run_id }
+            | TimerKey::SessionExpiry { run_id }
             | TimerKey::ActivityRetry { run_id, .. } => run_id,
         }
     }

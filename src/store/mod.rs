@@ -5,7 +5,7 @@ mod sqlite;
 
 pub use sqlite::{SqliteStore, SyncMode};
 
-use crate::api::internal::RunState;
+use crate::api::internal::{RunState, SessionState};
 use crate::api::pb::{HistoryEvent, NamespaceInfo};
 
 /// Why the store failed.
@@ -40,6 +40,11 @@ pub enum Write {
         /// The run's state; its ids and status are also written to indexed columns.
         state: Box<RunState>,
     },
+    /// Create or replace a session.
+    Session {
+        /// Its state.
+        state: Box<SessionState>,
+    },
     /// Append history events to a run.
     Events {
         /// The run.
@@ -73,6 +78,8 @@ pub struct Recovered {
     pub namespaces: Vec<NamespaceInfo>,
     /// Every run that is still open, with its history.
     pub open_runs: Vec<(RunState, Vec<HistoryEvent>)>,
+    /// Sessions that are creating or open.
+    pub open_sessions: Vec<SessionState>,
 }
 
 /// Filter for [`Store::list_runs`].
@@ -110,4 +117,7 @@ pub trait Store: Send + Sync + 'static {
     fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError>;
     /// Runs in a namespace, newest first.
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError>;
+    /// Sessions of a namespace (closed ones too), newest first, at most `limit`.
+    fn list_sessions(&self, namespace: &str, limit: usize)
+        -> Result<Vec<SessionState>, StoreError>;
 }

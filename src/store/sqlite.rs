@@ -4,7 +4,7 @@
 //! many callers; that is what lets a durable server keep up with thousands of requests a second.
 
 use super::{CommitReceiver, Recovered, RunFilter, Store, StoreError, Write, WriteBatch};
-use crate::api::internal::RunState;
+use crate::api::internal::{RunState, SessionState};
 use crate::api::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 use parking_lot::Mutex;
 use prost::Message;
@@ -73,6 +73,14 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_by_id ON runs(namespace, standalone, workflow_id, start_ms);
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs(namespace, standalone, start_ms);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    open INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    state BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_ns ON sessions(namespace, created_ms);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     event_id INTEGER NOT NULL,
@@ -196,6 +204,11 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, state = excluded.state",
         )?;
+        let mut put_session = tx.prepare_cached(
+            "INSERT INTO sessions(session_id, namespace, open, created_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(session_id) DO UPDATE SET open = excluded.open, state = excluded.state",
+        )?;
         let mut put_event = tx.prepare_cached(
             "INSERT OR REPLACE INTO events(run_id, event_id, event) VALUES (?1, ?2, ?3)",
         )?;
@@ -213,6 +226,17 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                             state.workflow_id,
                             state.status,
                             state.start_ms,
+                            state.encode_to_vec()
+                        ])?;
+                    }
+                    Write::Session { state } => {
+                        let info = state.info.clone().unwrap_or_default();
+                        let open = matches!(info.state.as_str(), "creating" | "open");
+                        put_session.execute(params![
+                            info.session_id,
+                            info.namespace,
+                            open as i64,
+                            info.created_ms,
                             state.encode_to_vec()
                         ])?;
                     }
@@ -248,7 +272,30 @@ fn read_history(conn: &Connection, run_id: &str) -> Result<Vec<HistoryEvent>, St
     Ok(events)
 }
 
+impl SqliteStore {
+    fn sessions_of(&self, namespace: &str, limit: usize) -> Result<Vec<SessionState>, StoreError> {
+        let conn = self.reader.lock();
+        let rows: Vec<Vec<u8>> = conn
+            .prepare_cached(
+                "SELECT state FROM sessions WHERE namespace = ?1 ORDER BY created_ms DESC LIMIT ?2",
+            )?
+            .query_map(params![namespace, limit.max(1) as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        rows.iter()
+            .map(|b| Ok(SessionState::decode(b.as_slice())?))
+            .collect()
+    }
+}
+
 impl Store for SqliteStore {
+    fn list_sessions(
+        &self,
+        namespace: &str,
+        limit: usize,
+    ) -> Result<Vec<SessionState>, StoreError> {
+        self.sessions_of(namespace, limit)
+    }
+
     fn submit(&self, batch: WriteBatch) -> CommitReceiver {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sender = self.sender.lock();
@@ -286,6 +333,12 @@ impl Store for SqliteStore {
         for state in states {
             let history = read_history(&conn, &state.run_id)?;
             out.open_runs.push((state, history));
+        }
+        let mut stmt = conn.prepare("SELECT state FROM sessions WHERE open = 1")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        for row in rows {
+            out.open_sessions
+                .push(SessionState::decode(row?.as_slice())?);
         }
         Ok(out)
     }

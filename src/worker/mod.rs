@@ -80,6 +80,8 @@ pub struct WorkerOptions {
     pub poll_timeout: Duration,
     /// What this worker advertises. Default: detected (NVML, sysinfo), nothing declared.
     pub capabilities: crate::caps::CapabilitySource,
+    /// Most sessions the server places on this worker at once. Default 10.
+    pub max_concurrent_sessions: u32,
 }
 
 impl WorkerOptions {
@@ -94,7 +96,14 @@ impl WorkerOptions {
             graceful_shutdown: Duration::from_secs(10),
             poll_timeout: Duration::from_secs(60),
             capabilities: crate::caps::CapabilitySource::detect(),
+            max_concurrent_sessions: 10,
         }
+    }
+
+    /// Sets the session slots.
+    pub fn max_concurrent_sessions(mut self, n: u32) -> Self {
+        self.max_concurrent_sessions = n.max(1);
+        self
     }
 
     /// Sets what the worker advertises.
@@ -461,6 +470,7 @@ impl Inner {
                 identity: self.options.identity.clone(),
                 task_queues: vec![self.options.task_queue.clone()],
                 capabilities: Some(self.capabilities().await),
+                max_concurrent_sessions: self.options.max_concurrent_sessions,
             };
             let mut rpc = self.rpc.clone();
             let reply = tokio::select! {
@@ -514,6 +524,7 @@ impl Inner {
                             identity: self.options.identity.clone(),
                             task_queues: vec![self.options.task_queue.clone()],
                             capabilities: Some(caps),
+                            max_concurrent_sessions: self.options.max_concurrent_sessions,
                         })
                         .await;
                 }
@@ -763,6 +774,7 @@ impl Inner {
                 .then(|| Duration::from_millis(task.heartbeat_timeout_ms)),
             deadline_ms: task.deadline_ms,
             worker_identity: self.options.identity.clone(),
+            session: task.session.clone(),
         };
         ActivityContext::new(
             info,
