@@ -1269,7 +1269,7 @@ impl Engine {
             .matcher
             .workers_in(&info.namespace)
             .into_iter()
-            .filter(|w| w.alive && w.task_queues.iter().any(|q| *q == options.task_queue))
+            .filter(|w| w.alive && w.task_queues.contains(&options.task_queue))
             .collect();
         let candidates: Vec<sessions::Candidate<'_>> = workers
             .iter()
@@ -1643,7 +1643,7 @@ impl Engine {
                 }
             }
         }
-        live.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+        live.sort_by_key(|s| std::cmp::Reverse(s.created_ms));
         Ok(live)
     }
 
