@@ -442,27 +442,32 @@ impl Engine {
         self.check_healthy()?;
         let mut options = req.options.clone().unwrap_or_default();
         if !options.session_id.is_empty() {
-            let st = self.state.lock();
-            let info = st
-                .sessions
-                .get(&options.session_id)
-                .and_then(|s| s.info.clone());
-            match info {
-                Some(i) if i.state == "open" && i.namespace == req.namespace => {
-                    Self::route_session_activity(&st, &mut options)
+            let open = {
+                let st = self.state.lock();
+                let open = st
+                    .sessions
+                    .get(&options.session_id)
+                    .and_then(|s| s.info.as_ref())
+                    .is_some_and(|i| i.state == "open" && i.namespace == req.namespace);
+                if open {
+                    Self::route_session_activity(&st, &mut options);
                 }
-                Some(i) if i.namespace == req.namespace => {
-                    return Err(EngineError::NotRunning(format!(
-                        "session {} is {}: {}",
-                        i.session_id, i.state, i.reason
-                    )))
-                }
-                _ => {
-                    return Err(EngineError::NotRunning(format!(
-                        "session {:?} is not open in namespace {:?}",
-                        options.session_id, req.namespace
-                    )))
-                }
+                open
+            };
+            if !open {
+                let info = self
+                    .describe_session(&req.namespace, &options.session_id)
+                    .await?;
+                return Err(EngineError::NotRunning(format!(
+                    "session {} is {}{}",
+                    info.session_id,
+                    info.state,
+                    if info.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", info.reason)
+                    }
+                )));
             }
         }
         let options = history::normalize_activity_options(Some(options), &req.task_queue)?;

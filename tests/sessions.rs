@@ -1,0 +1,325 @@
+//! Sessions from a client: placement and reservations, pinning, release, failure detection,
+//! restart survival, and a stress test that reservations never overlap.
+
+mod common;
+
+use common::{eventually, within, TestEnv};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tether::activity::{ActivityContext, ActivityError};
+use tether::caps::{CapabilitySource, Inventory, Requirements};
+use tether::client::{ActivityOptions, ClientError, SessionOptions};
+use tether::worker::{Worker, WorkerHandle, WorkerOptions};
+
+const T: Duration = Duration::from_secs(30);
+
+fn gpu_box(host: &str, gpus: u32) -> CapabilitySource {
+    let text = format!(
+        "hostname = \"{host}\"\n[[gpu]]\nname = \"NVIDIA A100-SXM4-80GB\"\nmemory = \"80GiB\"\ncompute = \"8.0\"\ncount = {gpus}\n"
+    );
+    CapabilitySource::detect().with_inventory(Inventory::parse(&text, "test").unwrap())
+}
+
+fn start_worker(
+    env: &TestEnv,
+    identity: &str,
+    caps: CapabilitySource,
+    sessions: u32,
+) -> WorkerHandle {
+    let mut w = Worker::new(
+        env.client.clone(),
+        WorkerOptions::new("gpu")
+            .identity(identity)
+            .capabilities(caps)
+            .max_concurrent_sessions(sessions)
+            .graceful_shutdown(Duration::from_secs(1)),
+    );
+    w.register_activity("where", |ctx: ActivityContext, _: ()| async move {
+        let out = ctx
+            .command("sh")
+            .arg("-c")
+            .arg("printf %s \"$CUDA_VISIBLE_DEVICES\"")
+            .output()
+            .map_err(|e| ActivityError::non_retryable(e.to_string()))?;
+        Ok::<_, ActivityError>((
+            ctx.info().worker_identity.clone(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    });
+    w.register_activity("hang", |_ctx: ActivityContext, _: ()| async move {
+        std::future::pending::<()>().await;
+        Ok::<_, ActivityError>(())
+    });
+    w.start().unwrap()
+}
+
+async fn wait_alive(env: &TestEnv, ids: &[&str]) {
+    eventually(T, "workers alive", || async {
+        let w = env.client.list_workers().await.ok()?;
+        ids.iter()
+            .all(|id| w.iter().any(|x| x.identity == *id && x.state == "alive"))
+            .then_some(())
+    })
+    .await;
+}
+
+fn gpus(n: u32) -> SessionOptions {
+    SessionOptions {
+        gpus: n,
+        requirements: Requirements::parse("gpu.memory>=40GiB").unwrap(),
+        creation_timeout: Some(Duration::from_secs(10)),
+        ..SessionOptions::new("gpu")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pins_activities_and_exposes_its_reservation() {
+    let env = TestEnv::start().await;
+    let w1 = start_worker(&env, "box-a", gpu_box("box-a", 4), 10);
+    let w2 = start_worker(&env, "box-b", gpu_box("box-b", 4), 10);
+    wait_alive(&env, &["box-a", "box-b"]).await;
+    let session = within(T, "create", env.client.create_session(gpus(2)))
+        .await
+        .unwrap();
+    assert_eq!(session.info.state, "open");
+    assert_eq!(session.info.gpus.len(), 2);
+    let host = session.info.worker_identity.clone();
+    let expected: Vec<String> = session
+        .info
+        .gpus
+        .iter()
+        .map(|g| g.index.to_string())
+        .collect();
+    for _ in 0..5 {
+        let (who, visible): (String, String) = within(
+            T,
+            "session activity",
+            session.execute_activity("where", &(), ActivityOptions::default()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            who, host,
+            "every session activity runs on the session's worker"
+        );
+        assert_eq!(
+            visible,
+            expected.join(","),
+            "the child process sees only the reserved GPUs"
+        );
+    }
+    let described = env.client.describe_session(session.id()).await.unwrap();
+    assert_eq!(described.activities_run, 5);
+    // Both boxes have 4 GPUs; a second 2-GPU session packs onto the same box (tightest fit).
+    let second = within(T, "second", env.client.create_session(gpus(2)))
+        .await
+        .unwrap();
+    assert_eq!(second.info.worker_identity, host);
+    let used: Vec<u32> = session
+        .info
+        .gpus
+        .iter()
+        .chain(&second.info.gpus)
+        .map(|g| g.index)
+        .collect();
+    let mut dedup = used.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 4, "no GPU reserved twice: {used:?}");
+    let closed = session.complete().await.unwrap();
+    assert_eq!(closed.state, "completed");
+    // Completing again is refused and changes nothing.
+    let err = session.complete().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    // Activities on a completed session are refused at once.
+    let err = session
+        .execute_activity::<_, (String, String)>("where", &(), ActivityOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("completed"), "{err}");
+    second.complete().await.unwrap();
+    w1.shutdown().await;
+    w2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplaceable_session_waits_with_a_reason_then_fails() {
+    let env = TestEnv::start().await;
+    let w = start_worker(&env, "small", gpu_box("small", 2), 10);
+    wait_alive(&env, &["small"]).await;
+    let mut options = gpus(8);
+    options.creation_timeout = Some(Duration::from_millis(1500));
+    let err = within(T, "create", env.client.create_session(options))
+        .await
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(text.contains("failed"), "{text}");
+    assert!(
+        text.contains("worker small needs 8 free GPU(s) but has 2"),
+        "{text}"
+    );
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_worker_fails_its_sessions_and_their_activities() {
+    let config = tether::server::ServerConfig {
+        worker_liveness_timeout: Duration::from_millis(800),
+        ..common::test_config()
+    };
+    let env = TestEnv::start_with(config).await;
+    let w = start_worker(&env, "doomed", gpu_box("doomed", 2), 10);
+    wait_alive(&env, &["doomed"]).await;
+    let session = within(T, "create", env.client.create_session(gpus(1)))
+        .await
+        .unwrap();
+    let s2 = session.clone();
+    let pending = tokio::spawn(async move {
+        s2.execute_activity::<_, ()>(
+            "hang",
+            &(),
+            ActivityOptions::default().start_to_close(Duration::from_secs(60)),
+        )
+        .await
+    });
+    eventually(T, "activity running", || async {
+        let d = env.client.describe_session(session.id()).await.ok()?;
+        (d.activities_run > 0).then_some(())
+    })
+    .await;
+    w.kill();
+    let failed = eventually(T, "session failed", || async {
+        let d = env.client.describe_session(session.id()).await.ok()?;
+        (d.state == "failed").then_some(d)
+    })
+    .await;
+    assert!(
+        failed.reason.contains("worker doomed stopped heartbeating"),
+        "{}",
+        failed.reason
+    );
+    let err = within(T, "pending activity", pending)
+        .await
+        .unwrap()
+        .unwrap_err();
+    match err {
+        ClientError::Failed { failure, .. } => {
+            assert_eq!(failure.error_type, "SessionFailed", "{failure:?}");
+        }
+        other => panic!("expected SessionFailed, got {other}"),
+    }
+    let err = session
+        .execute_activity::<_, ()>("where", &(), ActivityOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_and_reservation_survive_a_server_restart() {
+    let mut env = TestEnv::start().await;
+    let w = start_worker(&env, "steady", gpu_box("steady", 4), 10);
+    wait_alive(&env, &["steady"]).await;
+    let session = within(T, "create", env.client.create_session(gpus(3)))
+        .await
+        .unwrap();
+    env.restart().await;
+    let after = env.client.describe_session(session.id()).await.unwrap();
+    assert_eq!(after.state, "open");
+    assert_eq!(
+        after.gpus, session.info.gpus,
+        "the same GPUs are still reserved"
+    );
+    // The worker re-registers; the reservation still counts: only one GPU is free.
+    wait_alive(&env, &["steady"]).await;
+    let mut two = gpus(2);
+    two.creation_timeout = Some(Duration::from_millis(800));
+    assert!(
+        env.client.create_session(two).await.is_err(),
+        "3 of 4 GPUs are still reserved"
+    );
+    let (who, _): (String, String) = within(
+        T,
+        "activity after restart",
+        session.execute_activity("where", &(), ActivityOptions::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(who, "steady");
+    session.complete().await.unwrap();
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_never_overlap_under_concurrent_churn() {
+    let env = TestEnv::start().await;
+    let workers: Vec<WorkerHandle> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| start_worker(&env, id, gpu_box(id, 4), 4))
+        .collect();
+    wait_alive(&env, &["s1", "s2", "s3"]).await;
+    // (worker, gpu index) -> session currently holding it, as the clients see it.
+    let ledger: Arc<parking_lot::Mutex<HashMap<(String, u32), String>>> = Default::default();
+    let mut tasks = Vec::new();
+    for t in 0..12u32 {
+        let client = env.client.clone();
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut created = 0;
+            for i in 0..20u32 {
+                let want = 1 + (t * 7 + i * 3) % 4;
+                let mut options = gpus(want);
+                options.creation_timeout = Some(Duration::from_secs(20));
+                let session = client
+                    .create_session(options)
+                    .await
+                    .expect("placed eventually");
+                {
+                    let mut l = ledger.lock();
+                    for g in &session.info.gpus {
+                        let key = (session.info.worker_identity.clone(), g.index);
+                        if let Some(other) = l.insert(key.clone(), session.id().to_string()) {
+                            panic!(
+                                "GPU {key:?} reserved by {other} and {} at once",
+                                session.id()
+                            );
+                        }
+                    }
+                }
+                assert_eq!(session.info.gpus.len() as u32, want);
+                tokio::task::yield_now().await;
+                {
+                    let mut l = ledger.lock();
+                    for g in &session.info.gpus {
+                        l.remove(&(session.info.worker_identity.clone(), g.index));
+                    }
+                }
+                session.complete().await.expect("complete");
+                created += 1;
+            }
+            created
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += within(Duration::from_secs(120), "churn", t).await.unwrap();
+    }
+    assert_eq!(total, 240);
+    let open = env
+        .client
+        .raw()
+        .list_sessions(tether::api::pb::ListSessionsRequest {
+            namespace: "default".into(),
+            include_closed: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert!(open.is_empty(), "every session was released: {open:?}");
+    for w in workers {
+        w.shutdown().await;
+    }
+}
