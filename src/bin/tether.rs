@@ -77,6 +77,24 @@ enum Command {
     Workers(WorkersCmd),
     /// Print what this host would advertise as a worker (GPUs, host, network, labels...).
     Caps(CapsArgs),
+    /// Inspect sessions (a worker and resources reserved for a sequence of activities).
+    #[command(subcommand)]
+    Session(SessionCmd),
+}
+
+#[derive(Subcommand)]
+enum SessionCmd {
+    /// List sessions: open and waiting ones, or all with --all.
+    List {
+        /// Include completed, failed and timed-out sessions.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one session: worker, host, GPUs, resources, state, age, activities run, why it waits.
+    Describe {
+        /// The session id.
+        session_id: String,
+    },
 }
 
 #[derive(Args)]
@@ -454,6 +472,16 @@ fn event_json(e: &pb::HistoryEvent) -> Value {
         Some(A::SignalExternalResolved(a)) => {
             json!({"seq": a.seq, "failure": failure_json(a.failure.as_ref())})
         }
+        Some(A::SessionCreateRequested(a)) => {
+            json!({"seq": a.seq, "session_id": a.session_id, "options": a.options.as_ref().map(|o| json!({"task_queue": o.task_queue, "requirements": o.requirements, "gpus": o.gpus, "resources": o.resources, "worker": o.worker}))})
+        }
+        Some(A::SessionCreated(a)) => {
+            json!({"seq": a.seq, "session": a.session.as_ref().map(session_json)})
+        }
+        Some(A::SessionCreateFailed(a)) => {
+            json!({"seq": a.seq, "session_id": a.session_id, "reason": a.reason})
+        }
+        Some(A::SessionCompleteRequested(a)) => json!({"seq": a.seq, "session_id": a.session_id}),
         Some(A::WorkflowExecutionCompleted(a)) => {
             json!({"result": payload_json(a.result.as_ref())})
         }
@@ -602,6 +630,28 @@ fn print_caps(c: &pb::Capabilities) {
             res.join(", ")
         }
     );
+}
+
+fn session_json(s: &pb::SessionInfo) -> Value {
+    let o = s.options.clone().unwrap_or_default();
+    json!({
+        "session_id": s.session_id,
+        "state": s.state,
+        "owner": s.owner,
+        "worker": s.worker_identity,
+        "host": s.hostname,
+        "host_queue": s.host_queue,
+        "gpus": s.gpus.iter().map(|g| json!({"index": g.index, "uuid": g.uuid, "name": g.name, "memory_total_bytes": g.memory_total_bytes})).collect::<Vec<_>>(),
+        "resources": s.resources,
+        "requirements": o.requirements,
+        "requested_gpus": o.gpus,
+        "task_queue": o.task_queue,
+        "created": time_text(s.created_ms),
+        "closed": if s.closed_ms > 0 { json!(time_text(s.closed_ms)) } else { Value::Null },
+        "age_seconds": if s.closed_ms > 0 { (s.closed_ms - s.created_ms) / 1000 } else { (tether::api::now_ms() - s.created_ms) / 1000 },
+        "activities_run": s.activities_run,
+        "reason": s.reason,
+    })
 }
 
 fn print_json(v: &Value) {
@@ -889,6 +939,82 @@ async fn run(cli: Cli) -> Result<i32> {
                 println!("host queue:    {}", w.host_queue);
                 if let Some(caps) = &w.capabilities {
                     print_caps(caps);
+                }
+            }
+        }
+        Command::Session(cmd) => {
+            let client = connect(&g).await?;
+            match cmd {
+                SessionCmd::List { all } => {
+                    let sessions = client
+                        .raw()
+                        .list_sessions(pb::ListSessionsRequest {
+                            namespace: g.namespace.clone(),
+                            include_closed: all,
+                        })
+                        .await
+                        .map_err(tether::client::ClientError::from)?
+                        .into_inner()
+                        .sessions;
+                    if g.json {
+                        print_json(&Value::Array(sessions.iter().map(session_json).collect()));
+                    } else {
+                        println!(
+                            "{:<40} {:<10} {:<16} {:<10} {:>8} {:>5}  OWNER",
+                            "SESSION", "STATE", "WORKER", "GPUS", "AGE(s)", "ACTS"
+                        );
+                        for s in sessions {
+                            let v = session_json(&s);
+                            let gpus: Vec<String> =
+                                s.gpus.iter().map(|g| g.index.to_string()).collect();
+                            println!(
+                                "{:<40} {:<10} {:<16} {:<10} {:>8} {:>5}  {}",
+                                s.session_id,
+                                s.state,
+                                s.worker_identity,
+                                gpus.join(","),
+                                v["age_seconds"],
+                                s.activities_run,
+                                s.owner
+                            );
+                        }
+                    }
+                }
+                SessionCmd::Describe { session_id } => {
+                    let s = client.describe_session(&session_id).await?;
+                    if g.json {
+                        print_json(&session_json(&s));
+                    } else {
+                        let v = session_json(&s);
+                        println!("session:         {}", s.session_id);
+                        println!("state:           {}", s.state);
+                        println!("owner:           {}", s.owner);
+                        println!(
+                            "worker:          {} (host {})",
+                            s.worker_identity, s.hostname
+                        );
+                        for gpu in &s.gpus {
+                            println!("gpu:             {} {} ({})", gpu.index, gpu.name, gpu.uuid);
+                        }
+                        for (k, n) in &s.resources {
+                            println!("resource:        {k}={n}");
+                        }
+                        println!(
+                            "requirements:    {}",
+                            v["requirements"].as_str().unwrap_or("")
+                        );
+                        println!("created:         {}", time_text(s.created_ms));
+                        println!("age:             {} s", v["age_seconds"]);
+                        println!("activities run:  {}", s.activities_run);
+                        if !s.reason.is_empty() {
+                            let label = if s.state == "creating" {
+                                "waiting because"
+                            } else {
+                                "reason"
+                            };
+                            println!("{label}: {}", s.reason);
+                        }
+                    }
                 }
             }
         }

@@ -748,6 +748,8 @@ pub struct SessionOptions {
     /// How long its worker may be silent before the session fails. Default: the server's worker
     /// liveness timeout (15 s).
     pub liveness_timeout: Option<Duration>,
+    /// Only this worker may host it. Default none.
+    pub worker: Option<String>,
 }
 
 impl SessionOptions {
@@ -770,6 +772,7 @@ impl SessionOptions {
             creation_timeout_ms: ms(self.creation_timeout),
             execution_timeout_ms: ms(self.execution_timeout),
             liveness_timeout_ms: ms(self.liveness_timeout),
+            worker: self.worker.clone().unwrap_or_default(),
         }
     }
 }

@@ -951,6 +951,7 @@ impl Engine {
             )?;
             txn.touched.insert(token.run_id.clone());
             Self::fail_activities_of_closed_sessions(&mut st, &token.run_id, now, &mut txn);
+            self.apply_session_commands(&mut st, &token.namespace, now, &mut txn);
             self.commit_locked(&mut st, &mut txn)
         };
         self.finish(commit, txn.fx).await
@@ -1275,6 +1276,10 @@ impl Engine {
             .workers_in(&info.namespace)
             .into_iter()
             .filter(|w| w.alive && w.task_queues.contains(&options.task_queue))
+            .filter(|w| options.worker.is_empty() || w.identity == options.worker)
+            // A worker silent for longer than the session tolerates is not a candidate, even
+            // before the registry marks it dead.
+            .filter(|w| now - w.last_seen_ms <= options.liveness_timeout_ms.max(1) as i64)
             .collect();
         let candidates: Vec<sessions::Candidate<'_>> = workers
             .iter()
@@ -1314,9 +1319,10 @@ impl Engine {
                     .collect();
                 info_mut.resources = placement.resources.clone().into_iter().collect();
                 tracing::info!(session_id, worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
-                let _ = now;
-                txn.fx.sessions_settled.push(info_mut.clone());
+                let placed = info_mut.clone();
+                txn.fx.sessions_settled.push(placed.clone());
                 txn.touched_sessions.insert(session_id.to_string());
+                Self::notify_session_owner(st, &placed, Ok(()), now, txn);
                 true
             }
             Err(reason) => {
@@ -1325,6 +1331,98 @@ impl Engine {
                     txn.touched_sessions.insert(session_id.to_string());
                 }
                 false
+            }
+        }
+    }
+
+    /// A workflow that asked for a session learns its placement (or failure) as an event.
+    fn notify_session_owner(
+        st: &mut EngineState,
+        info: &pb::SessionInfo,
+        outcome: Result<(), String>,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let Some(rest) = info.owner.strip_prefix("run:") else {
+            return;
+        };
+        let Some((run_id, seq)) = rest.rsplit_once(':') else {
+            return;
+        };
+        let Ok(seq) = seq.parse::<u32>() else { return };
+        if let Some(entry) = st.runs.get_mut(run_id) {
+            let outcome = outcome
+                .map(|_| info.clone())
+                .map_err(|reason| (info.session_id.clone(), reason));
+            entry.session_resolved(seq, outcome, now, &mut txn.fx);
+            txn.touched.insert(run_id.to_string());
+        }
+    }
+
+    /// Creates the sessions a workflow task asked for and completes the ones it completed.
+    fn apply_session_commands(
+        &self,
+        st: &mut EngineState,
+        namespace: &str,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        for (run_id, seq, session_id, mut options) in std::mem::take(&mut txn.fx.session_requests) {
+            if st.sessions.contains_key(&session_id) {
+                continue;
+            }
+            options.requirements = crate::caps::Requirements::parse(&options.requirements)
+                .map(|r| r.to_string())
+                .unwrap_or_default();
+            if options.creation_timeout_ms == 0 {
+                options.creation_timeout_ms = DEFAULT_SESSION_CREATION_MS;
+            }
+            if options.execution_timeout_ms == 0 {
+                options.execution_timeout_ms = DEFAULT_SESSION_EXECUTION_MS;
+            }
+            if options.liveness_timeout_ms == 0 {
+                options.liveness_timeout_ms =
+                    self.config.worker_liveness_timeout.as_millis() as u64;
+            }
+            st.sessions.insert(
+                session_id.clone(),
+                SessionState {
+                    info: Some(pb::SessionInfo {
+                        session_id: session_id.clone(),
+                        namespace: namespace.to_string(),
+                        state: "creating".into(),
+                        options: Some(options.clone()),
+                        created_ms: now,
+                        owner: format!("run:{run_id}:{seq}"),
+                        ..Default::default()
+                    }),
+                    creation_deadline_ms: now + options.creation_timeout_ms as i64,
+                    execution_deadline_ms: now + options.execution_timeout_ms as i64,
+                },
+            );
+            txn.touched_sessions.insert(session_id.clone());
+            txn.fx.timers.push((
+                now + options.creation_timeout_ms as i64,
+                TimerKey::SessionCreation {
+                    run_id: session_id.clone(),
+                },
+            ));
+            txn.fx.timers.push((
+                now + options.execution_timeout_ms as i64,
+                TimerKey::SessionExpiry {
+                    run_id: session_id.clone(),
+                },
+            ));
+            self.try_place(st, &session_id, now, txn);
+        }
+        for session_id in std::mem::take(&mut txn.fx.session_completions) {
+            let live = st
+                .sessions
+                .get(&session_id)
+                .and_then(|s| s.info.as_ref())
+                .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"));
+            if live {
+                self.close_session(st, &session_id, "completed", "", now, txn);
             }
         }
     }
@@ -1359,6 +1457,7 @@ impl Engine {
         };
         let info = session.info.as_mut().expect("has info");
         let was_open = info.state == "open";
+        let was_creating = info.state == "creating";
         info.state = state.to_string();
         info.reason = reason.to_string();
         info.closed_ms = now;
@@ -1374,6 +1473,9 @@ impl Engine {
                     txn.touched.insert(run_id.clone());
                 }
             }
+        }
+        if was_creating {
+            Self::notify_session_owner(st, &info, Err(reason.to_string()), now, txn);
         }
         txn.fx.sessions_settled.push(info);
         txn.touched_sessions.insert(session_id.to_string());

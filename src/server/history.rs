@@ -114,6 +114,10 @@ pub struct Effects {
     pub signals: Vec<OutgoingSignal>,
     /// Sessions that left the `creating` state (their waiters are answered after the commit).
     pub sessions_settled: Vec<pb::SessionInfo>,
+    /// Sessions a workflow asked for: (run id, seq, session id, options).
+    pub session_requests: Vec<(String, u32, String, pb::SessionOptions)>,
+    /// Sessions a workflow completed.
+    pub session_completions: Vec<String>,
 }
 
 /// Fills in the documented defaults and checks an activity's options.
@@ -588,6 +592,18 @@ impl RunEntry {
                 command::Kind::FailWorkflow(_) | command::Kind::CancelWorkflow(_) => {
                     seen_terminal = true;
                 }
+                command::Kind::CreateSession(c) => {
+                    crate::types::validate_name("session id", &c.session_id)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                    let o = c.options.clone().unwrap_or_default();
+                    crate::caps::Requirements::parse(&o.requirements)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                    super::sessions::Packing::parse(&o.packing).map_err(|e| bad(i, e))?;
+                }
+                command::Kind::CompleteSession(c) => {
+                    crate::types::validate_name("session id", &c.session_id)
+                        .map_err(|e| bad(i, e.to_string()))?;
+                }
                 command::Kind::CancelTimer(_) | command::Kind::RequestCancelActivity(_) => {}
             }
         }
@@ -703,6 +719,36 @@ impl RunEntry {
                         signal_name: s.signal_name,
                         input: s.input,
                     });
+                }
+                command::Kind::CreateSession(c) => {
+                    let mut options = c.options.unwrap_or_default();
+                    if options.task_queue.is_empty() {
+                        options.task_queue = self.state.task_queue.clone();
+                    }
+                    self.push_attr(
+                        Attributes::SessionCreateRequested(pb::SessionCreateRequested {
+                            seq: c.seq,
+                            session_id: c.session_id.clone(),
+                            options: Some(options.clone()),
+                        }),
+                        now,
+                    );
+                    fx.session_requests.push((
+                        self.state.run_id.clone(),
+                        c.seq,
+                        c.session_id,
+                        options,
+                    ));
+                }
+                command::Kind::CompleteSession(c) => {
+                    self.push_attr(
+                        Attributes::SessionCompleteRequested(pb::SessionCompleteRequested {
+                            seq: c.seq,
+                            session_id: c.session_id.clone(),
+                        }),
+                        now,
+                    );
+                    fx.session_completions.push(c.session_id);
                 }
                 command::Kind::CompleteWorkflow(c) => {
                     terminal = Some((
@@ -885,6 +931,32 @@ impl RunEntry {
             }),
             now,
         );
+        self.schedule_workflow_task(now, fx);
+    }
+
+    /// Tells the workflow how its session request ended.
+    pub fn session_resolved(
+        &mut self,
+        seq: u32,
+        outcome: Result<pb::SessionInfo, (String, String)>,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        if !self.is_open() {
+            return;
+        }
+        let attrs = match outcome {
+            Ok(info) => Attributes::SessionCreated(pb::SessionCreated {
+                seq,
+                session: Some(info),
+            }),
+            Err((session_id, reason)) => Attributes::SessionCreateFailed(pb::SessionCreateFailed {
+                seq,
+                session_id,
+                reason,
+            }),
+        };
+        self.append(attrs, now);
         self.schedule_workflow_task(now, fx);
     }
 

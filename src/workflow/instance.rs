@@ -76,6 +76,8 @@ fn describe_command(c: &pb::Command) -> String {
                 s.seq, s.signal_name, s.workflow_id
             )
         }
+        Some(command::Kind::CreateSession(c)) => format!("CreateSession(seq {})", c.seq),
+        Some(command::Kind::CompleteSession(c)) => format!("CompleteSession(seq {})", c.seq),
         Some(command::Kind::CompleteWorkflow(_)) => "CompleteWorkflow".into(),
         Some(command::Kind::FailWorkflow(_)) => "FailWorkflow".into(),
         Some(command::Kind::CancelWorkflow(_)) => "CancelWorkflow".into(),
@@ -95,6 +97,10 @@ fn describe_event(a: &Attributes) -> String {
         Attributes::TimerCanceled(e) => format!("TimerCanceled(seq {})", e.seq),
         Attributes::ActivityCancelRequested(e) => format!("ActivityCancelRequested(seq {})", e.seq),
         Attributes::MarkerRecorded(e) => format!("MarkerRecorded(seq {})", e.seq),
+        Attributes::SessionCreateRequested(e) => format!("SessionCreateRequested(seq {})", e.seq),
+        Attributes::SessionCompleteRequested(e) => {
+            format!("SessionCompleteRequested(seq {})", e.seq)
+        }
         Attributes::SignalExternalInitiated(e) => format!(
             "SignalExternalInitiated(seq {}, {:?} -> {:?})",
             e.seq, e.signal_name, e.workflow_id
@@ -119,6 +125,8 @@ fn is_command_event(a: &Attributes) -> bool {
             | Attributes::ActivityCancelRequested(_)
             | Attributes::MarkerRecorded(_)
             | Attributes::SignalExternalInitiated(_)
+            | Attributes::SessionCreateRequested(_)
+            | Attributes::SessionCompleteRequested(_)
             | Attributes::WorkflowExecutionCompleted(_)
             | Attributes::WorkflowExecutionFailed(_)
             | Attributes::WorkflowExecutionCanceled(_)
@@ -138,6 +146,12 @@ fn command_matches(c: &pb::Command, a: &Attributes) -> bool {
         (Some(command::Kind::RecordMarker(c)), Attributes::MarkerRecorded(e)) => c.seq == e.seq,
         (Some(command::Kind::SignalExternal(c)), Attributes::SignalExternalInitiated(e)) => {
             c.seq == e.seq && c.workflow_id == e.workflow_id && c.signal_name == e.signal_name
+        }
+        (Some(command::Kind::CreateSession(c)), Attributes::SessionCreateRequested(e)) => {
+            c.seq == e.seq && c.session_id == e.session_id
+        }
+        (Some(command::Kind::CompleteSession(c)), Attributes::SessionCompleteRequested(e)) => {
+            c.seq == e.seq && c.session_id == e.session_id
         }
         (Some(command::Kind::CompleteWorkflow(_)), Attributes::WorkflowExecutionCompleted(_))
         | (Some(command::Kind::FailWorkflow(_)), Attributes::WorkflowExecutionFailed(_))

@@ -80,6 +80,9 @@ pub enum WorkflowError {
     /// Signalling another workflow failed.
     #[error("signal not delivered: {0}")]
     Signal(String),
+    /// A session could not be created.
+    #[error("{0}")]
+    Session(String),
 }
 
 impl WorkflowError {
@@ -100,6 +103,7 @@ impl WorkflowError {
             WorkflowError::Activity(a) => (a.error_type.clone(), pb::FailureKind::Application),
             WorkflowError::Convert(_) => ("ConvertError".into(), pb::FailureKind::Application),
             WorkflowError::Signal(_) => ("SignalFailed".into(), pb::FailureKind::Application),
+            WorkflowError::Session(_) => ("SessionFailed".into(), pb::FailureKind::Application),
         };
         pb::Failure {
             message: self.to_string(),
@@ -144,6 +148,7 @@ pub(crate) struct RunCtx {
     fired_timers: HashSet<u32>,
     signals: HashMap<String, VecDeque<Option<pb::Payload>>>,
     signal_results: HashMap<u32, Option<pb::Failure>>,
+    session_results: HashMap<u32, Result<pb::SessionInfo, String>>,
     pub(crate) cancel_requested: bool,
     pub(crate) now_ms: i64,
     rng: u64,
@@ -224,6 +229,19 @@ impl RunCtx {
             A::WorkflowCancelRequested(_) => self.cancel_requested = true,
             A::SignalExternalResolved(e) => {
                 self.signal_results.insert(e.seq, e.failure.clone());
+            }
+            A::SessionCreated(e) => {
+                self.session_results
+                    .insert(e.seq, Ok(e.session.clone().unwrap_or_default()));
+            }
+            A::SessionCreateFailed(e) => {
+                self.session_results.insert(
+                    e.seq,
+                    Err(format!(
+                        "session {} could not be created: {}",
+                        e.session_id, e.reason
+                    )),
+                );
             }
             _ => {}
         }
@@ -396,6 +414,37 @@ impl WorkflowContext {
         Ok(value)
     }
 
+    /// Asks the server to place a session (one worker, concrete GPUs and resources reserved);
+    /// resolves once it is placed, or with an error when no worker could host it in time.
+    pub fn create_session(&self, options: crate::client::SessionOptions) -> SessionFuture {
+        let mut ctx = self.inner.lock();
+        let seq = ctx.seq();
+        // Derived from the run and seq, so a replay asks for the very same session.
+        let session_id = format!("{}-s{seq}", self.info.run_id);
+        ctx.commands.push(pb::Command {
+            kind: Some(command::Kind::CreateSession(pb::CreateSessionCommand {
+                seq,
+                session_id,
+                options: Some(options.to_proto()),
+            })),
+        });
+        SessionFuture {
+            ctx: self.clone(),
+            seq,
+        }
+    }
+
+    /// Creates a session like `old` again, after it failed: on the same worker only
+    /// ([`RecreatePolicy::SameHost`], waiting for it to come back within the creation timeout),
+    /// or on any worker that satisfies the same requirements ([`RecreatePolicy::SameHostOrFailover`]).
+    pub fn recreate_session(&self, old: &SessionHandle, policy: RecreatePolicy) -> SessionFuture {
+        let mut options = session_options_from(&old.info);
+        if policy == RecreatePolicy::SameHost {
+            options.worker = Some(old.info.worker_identity.clone());
+        }
+        self.create_session(options)
+    }
+
     /// The time of the current workflow task (deterministic: the same on replay).
     pub fn now(&self) -> std::time::SystemTime {
         let ms = self.inner.lock().now_ms.max(0) as u64;
@@ -428,6 +477,94 @@ impl WorkflowContext {
     /// Resolves when cancellation of this workflow is requested.
     pub fn cancelled(&self) -> CancelledFuture {
         CancelledFuture { ctx: self.clone() }
+    }
+}
+
+/// Where a recreated session may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecreatePolicy {
+    /// The same worker only.
+    SameHost,
+    /// Any worker that satisfies the same requirements (the same one if it can).
+    SameHostOrFailover,
+}
+
+fn session_options_from(info: &pb::SessionInfo) -> crate::client::SessionOptions {
+    let o = info.options.clone().unwrap_or_default();
+    let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+    crate::client::SessionOptions {
+        task_queue: o.task_queue,
+        requirements: crate::caps::Requirements::parse(&o.requirements).unwrap_or_default(),
+        gpus: o.gpus,
+        resources: o.resources.into_iter().collect(),
+        packing: o.packing,
+        creation_timeout: ms(o.creation_timeout_ms),
+        execution_timeout: ms(o.execution_timeout_ms),
+        liveness_timeout: ms(o.liveness_timeout_ms),
+        worker: None,
+    }
+}
+
+/// A placed session, as a workflow holds it.
+#[derive(Clone)]
+pub struct SessionHandle {
+    ctx: WorkflowContext,
+    /// Worker, host, reserved GPUs and resources.
+    pub info: pb::SessionInfo,
+}
+
+impl SessionHandle {
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.info.session_id
+    }
+
+    /// Schedules an activity in the session: on its worker only, seeing its reservation. If the
+    /// session fails, the activity fails with error type `SessionFailed` and is not retried.
+    pub fn execute_activity<I: Serialize + ?Sized, O: DeserializeOwned>(
+        &self,
+        activity_type: &str,
+        input: &I,
+        mut options: ActivityOptions,
+    ) -> ActivityFuture<O> {
+        options.session_id = Some(self.info.session_id.clone());
+        self.ctx.execute_activity(activity_type, input, options)
+    }
+
+    /// Ends the session and releases its reservation.
+    pub fn complete(&self) {
+        let mut ctx = self.ctx.inner.lock();
+        let seq = ctx.seq();
+        ctx.commands.push(pb::Command {
+            kind: Some(command::Kind::CompleteSession(pb::CompleteSessionCommand {
+                seq,
+                session_id: self.info.session_id.clone(),
+            })),
+        });
+    }
+}
+
+/// A session being placed.
+pub struct SessionFuture {
+    ctx: WorkflowContext,
+    seq: u32,
+}
+
+impl Future for SessionFuture {
+    type Output = Result<SessionHandle, WorkflowError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut ctx = self.ctx.inner.lock();
+        match ctx.session_results.remove(&self.seq) {
+            Some(Ok(info)) => Poll::Ready(Ok(SessionHandle {
+                ctx: self.ctx.clone(),
+                info,
+            })),
+            Some(Err(e)) => Poll::Ready(Err(WorkflowError::Session(e))),
+            None => {
+                ctx.wakers.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
     }
 }
 
