@@ -323,3 +323,129 @@ async fn reservations_never_overlap_under_concurrent_churn() {
         w.shutdown().await;
     }
 }
+
+fn pipeline_worker(env: &TestEnv, identity: &str, gpu_count: u32) -> WorkerHandle {
+    let mut w = Worker::new(
+        env.client.clone(),
+        WorkerOptions::new("gpu")
+            .identity(identity)
+            .capabilities(gpu_box(identity, gpu_count))
+            .graceful_shutdown(Duration::from_secs(1)),
+    );
+    w.register_activity("step", |ctx: ActivityContext, hang: bool| async move {
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, ActivityError>((
+            ctx.info().worker_identity.clone(),
+            ctx.cuda_visible_devices().unwrap_or_default(),
+        ))
+    });
+    w.register_workflow(
+        "pinned_pipeline",
+        |ctx: tether::workflow::WorkflowContext, hang_on_first: bool| async move {
+            let session = ctx.create_session(gpus(2)).await?;
+            let mut seen: Vec<(String, String)> = Vec::new();
+            let mut current = session.clone();
+            let mut failovers = 0u32;
+            let mut step = 0;
+            while step < 3 {
+                let hang = hang_on_first && failovers == 0 && step == 1;
+                let r: Result<(String, String), _> = current
+                    .execute_activity("step", &hang, ActivityOptions::default())
+                    .await;
+                match r {
+                    Ok(v) => {
+                        seen.push(v);
+                        step += 1;
+                    }
+                    Err(tether::workflow::WorkflowError::Activity(f))
+                        if f.error_type == "SessionFailed" && failovers == 0 =>
+                    {
+                        failovers += 1;
+                        current = ctx
+                            .recreate_session(
+                                &current,
+                                tether::workflow::RecreatePolicy::SameHostOrFailover,
+                            )
+                            .await?;
+                        seen.clear();
+                        step = 0;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            current.complete();
+            Ok((seen, failovers, session.info.worker_identity.clone()))
+        },
+    );
+    w.start().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_session_pins_steps_and_fails_over() {
+    let config = tether::server::ServerConfig {
+        worker_liveness_timeout: Duration::from_millis(900),
+        ..common::test_config()
+    };
+    let env = TestEnv::start_with(config).await;
+    let a = pipeline_worker(&env, "wa", 2);
+    let b = pipeline_worker(&env, "wb", 4);
+    wait_alive(&env, &["wa", "wb"]).await;
+
+    // Without failure: every step on the session's worker, seeing its two GPUs.
+    let run = env
+        .client
+        .start_workflow(
+            "pinned_pipeline",
+            &false,
+            tether::client::WorkflowOptions::new("p-ok", "gpu"),
+        )
+        .await
+        .unwrap();
+    let (seen, failovers, first_host): (Vec<(String, String)>, u32, String) =
+        within(T, "pipeline", run.result()).await.unwrap();
+    assert_eq!(failovers, 0);
+    assert_eq!(first_host, "wa", "tightest fit: the 2-GPU box");
+    assert!(
+        seen.iter().all(|(w, d)| w == "wa" && d == "0,1"),
+        "{seen:?}"
+    );
+    common::assert_no_task_failures(&run).await;
+
+    // The session's worker dies mid-pipeline: the workflow recreates the session elsewhere.
+    let run = env
+        .client
+        .start_workflow(
+            "pinned_pipeline",
+            &true,
+            tether::client::WorkflowOptions::new("p-failover", "gpu"),
+        )
+        .await
+        .unwrap();
+    eventually(T, "second step running on wa", || async {
+        let d = run.describe().await.ok()?;
+        d.pending_activities
+            .iter()
+            .any(|p| p.state == "started" && p.last_worker == "wa")
+            .then_some(())
+    })
+    .await;
+    a.kill();
+    let (seen, failovers, first_host): (Vec<(String, String)>, u32, String) =
+        within(T, "failover", run.result()).await.unwrap();
+    assert_eq!(first_host, "wa");
+    assert_eq!(failovers, 1);
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|(w, _)| w == "wb"),
+        "after failover every step ran on wb: {seen:?}"
+    );
+    let kinds = common::event_kinds(&run.history().await.unwrap());
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "SessionCreated").count(),
+        2,
+        "{kinds:?}"
+    );
+    b.shutdown().await;
+}
