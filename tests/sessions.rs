@@ -449,3 +449,50 @@ async fn workflow_session_pins_steps_and_fails_over() {
     );
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_worker_resumes_its_session_and_retries_the_interrupted_attempt() {
+    let env = TestEnv::start().await;
+    let first = start_worker(&env, "phoenix", gpu_box("phoenix", 2), 10);
+    wait_alive(&env, &["phoenix"]).await;
+    let session = within(T, "create", env.client.create_session(gpus(1)))
+        .await
+        .unwrap();
+    let s2 = session.clone();
+    // "hang" never finishes on the first process; the restarted one runs "where" instead.
+    let run = tokio::spawn(async move {
+        s2.execute_activity::<_, ()>(
+            "hang",
+            &(),
+            ActivityOptions::default().start_to_close(Duration::from_secs(60)),
+        )
+        .await
+    });
+    eventually(T, "attempt running", || async {
+        let d = env.client.describe_session(session.id()).await.ok()?;
+        (d.activities_run > 0).then_some(())
+    })
+    .await;
+    first.kill();
+    // The same identity comes back well within the liveness timeout, with "hang" now finishing.
+    let mut w = Worker::new(
+        env.client.clone(),
+        WorkerOptions::new("gpu")
+            .identity("phoenix")
+            .capabilities(gpu_box("phoenix", 2)),
+    );
+    w.register_activity("hang", |ctx: ActivityContext, _: ()| async move {
+        assert!(ctx.info().attempt >= 2, "this is the retried attempt");
+        Ok::<_, ActivityError>(())
+    });
+    let second = w.start().unwrap();
+    within(T, "retried attempt", run)
+        .await
+        .unwrap()
+        .expect("retried on the restarted worker");
+    let d = env.client.describe_session(session.id()).await.unwrap();
+    assert_eq!(d.state, "open", "the session survived the worker restart");
+    assert_eq!(d.worker_identity, "phoenix");
+    session.complete().await.unwrap();
+    second.shutdown().await;
+}

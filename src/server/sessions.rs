@@ -191,7 +191,7 @@ pub fn place(
     candidates: &[Candidate<'_>],
     reservations: &Reservations,
 ) -> Result<Placement, String> {
-    let mut best: Option<(u64, i64, &str, Placement)> = None;
+    let mut best: Option<(u64, (i64, i64), &str, Placement)> = None;
     let mut reasons: Vec<(String, String)> = Vec::new();
     for c in candidates {
         let held = reservations.on(namespace, c.identity);
@@ -206,9 +206,11 @@ pub fn place(
             .map(|g| (*g).clone())
             .collect();
         let left_after = (c.caps.gpus.len() - held.gpus.len()) as i64 - req.gpus as i64;
+        // GPUs left free first, then sessions already there: tightest fills one worker up,
+        // spread evens the load out.
         let packing_key = match req.packing {
-            Packing::Tightest => -left_after,
-            Packing::Spread => left_after,
+            Packing::Tightest => (-left_after, held.sessions as i64),
+            Packing::Spread => (left_after, -(held.sessions as i64)),
         };
         let score = req.requirements.score(c.caps);
         let better = match &best {
@@ -377,6 +379,38 @@ mod tests {
         r.reserve("ns", &place("ns", &none, &cands, &r).unwrap());
         let err = place("ns", &none, &cands, &r).unwrap_err();
         assert!(err.contains("session slots"), "{err}");
+    }
+
+    #[test]
+    fn spread_evens_out_sessions_without_gpus() {
+        let a = box_with(0, 0);
+        let b = box_with(0, 0);
+        let cands = [
+            Candidate {
+                identity: "a",
+                caps: &a,
+                max_sessions: 10,
+            },
+            Candidate {
+                identity: "b",
+                caps: &b,
+                max_sessions: 10,
+            },
+        ];
+        let mut r = Reservations::default();
+        let spread = Request {
+            packing: Packing::Spread,
+            ..Request::default()
+        };
+        let first = place("ns", &spread, &cands, &r).unwrap();
+        r.reserve("ns", &first);
+        let second = place("ns", &spread, &cands, &r).unwrap();
+        assert_ne!(first.identity, second.identity);
+        r.reserve("ns", &second);
+        // Tightest fills the worker that already has sessions.
+        r.reserve("ns", &place("ns", &spread, &cands, &r).unwrap());
+        let tight = place("ns", &Request::default(), &cands, &r).unwrap();
+        assert_eq!(r.on("ns", &tight.identity).sessions, 2);
     }
 
     #[test]
