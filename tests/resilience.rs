@@ -202,6 +202,7 @@ async fn empty_long_poll_returns_after_its_timeout() {
             task_queue: "idle".into(),
             identity: "poller".into(),
             poll_timeout_ms: 300,
+            additional_task_queues: vec![],
         })
         .await
         .unwrap()
@@ -225,6 +226,7 @@ async fn task_added_while_polling_is_handed_over_at_once() {
             task_queue: "sync".into(),
             identity: "poller".into(),
             poll_timeout_ms: 20_000,
+            additional_task_queues: vec![],
         })
         .await
     });
@@ -444,6 +446,7 @@ async fn stale_completion_from_an_old_attempt_is_rejected() {
             task_queue: "raw".into(),
             identity: "p".into(),
             poll_timeout_ms: 10_000,
+            additional_task_queues: vec![],
         };
         let mut rpc = rpc.clone();
         async move { rpc.poll_activity_task(req).await.unwrap().into_inner() }

@@ -258,6 +258,7 @@ async fn a_dead_worker_gets_nothing() {
                 task_queue: "q".into(),
                 identity: "ghost".into(),
                 poll_timeout_ms: 4_000,
+                additional_task_queues: vec![],
             })
             .await
             .unwrap()

@@ -975,11 +975,24 @@ impl Engine {
     ) -> Result<pb::PollActivityTaskResponse, EngineError> {
         self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), &req.namespace)?;
-        let key = QueueKey::new(&req.namespace, &req.task_queue, TaskKind::Activity);
+        let keys: Vec<QueueKey> = req
+            .additional_task_queues
+            .iter()
+            .chain(std::iter::once(&req.task_queue))
+            .map(|q| QueueKey::new(&req.namespace, q, TaskKind::Activity))
+            .collect();
         let deadline = Instant::now() + self.poll_timeout(req.poll_timeout_ms);
+        let mut shutdown = self.shutdown.subscribe();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let Some(task) = self.poll_queue(&key, &req.identity, remaining).await else {
+            if *shutdown.borrow() {
+                return Ok(Default::default());
+            }
+            let polled = tokio::select! {
+                task = self.matcher.poll_many(&keys, &req.identity, now_ms(), remaining) => task,
+                _ = shutdown.wait_for(|s| *s) => None,
+            };
+            let Some((task, _)) = polled else {
                 return Ok(Default::default());
             };
             if let Some(response) = self.dispatch_activity(task, &req.identity) {
@@ -1046,19 +1059,21 @@ impl Engine {
     pub fn next_activity_now(
         &self,
         namespace: &str,
-        queue: &str,
+        queues: &[String],
         identity: &str,
     ) -> Option<pb::PollActivityTaskResponse> {
         if self.check_healthy().is_err() || *self.shutdown.borrow() {
             return None;
         }
-        let key = QueueKey::new(namespace, queue, TaskKind::Activity);
-        loop {
-            let task = self.matcher.try_take(&key, identity, now_ms())?;
-            if let Some(response) = self.dispatch_activity(task, identity) {
-                return Some(response);
+        for queue in queues {
+            let key = QueueKey::new(namespace, queue, TaskKind::Activity);
+            while let Some(task) = self.matcher.try_take(&key, identity, now_ms()) {
+                if let Some(response) = self.dispatch_activity(task, identity) {
+                    return Some(response);
+                }
             }
         }
+        None
     }
 
     /// Records a heartbeat; returns whether the activity should cancel.

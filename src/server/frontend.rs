@@ -28,27 +28,33 @@ impl Frontend {
         &self,
         next: &Option<pb::NextTaskRequest>,
         identity: &str,
-    ) -> Result<Option<(String, String, String)>, Status> {
+    ) -> Result<Option<(String, Vec<String>, String)>, Status> {
         match next {
             None => Ok(None),
             Some(n) => {
                 name("namespace", &n.namespace)?;
-                name("task queue", &n.task_queue)?;
-                Ok(Some((
-                    n.namespace.clone(),
-                    n.task_queue.clone(),
-                    identity.to_string(),
-                )))
+                let queues: Vec<String> = n
+                    .additional_task_queues
+                    .iter()
+                    .chain(std::iter::once(&n.task_queue))
+                    .cloned()
+                    .collect();
+                for q in &queues {
+                    name("task queue", q)?;
+                    check_host_queue(q, identity)?;
+                }
+                Ok(Some((n.namespace.clone(), queues, identity.to_string())))
             }
         }
     }
 
     fn take_next(
         &self,
-        target: Option<(String, String, String)>,
+        target: Option<(String, Vec<String>, String)>,
     ) -> Option<pb::PollActivityTaskResponse> {
-        let (namespace, queue, identity) = target?;
-        self.engine.next_activity_now(&namespace, &queue, &identity)
+        let (namespace, queues, identity) = target?;
+        self.engine
+            .next_activity_now(&namespace, &queues, &identity)
     }
 }
 
@@ -62,6 +68,19 @@ fn optional_name(what: &'static str, value: &str) -> Result<(), Status> {
     } else {
         name(what, value)
     }
+}
+
+/// A host queue is its worker's alone: this is what keeps session work on its worker.
+fn check_host_queue(queue: &str, identity: &str) -> Result<(), Status> {
+    if queue.starts_with(super::matching::HOST_QUEUE_PREFIX)
+        && queue != super::matching::host_queue_name(identity)
+    {
+        return Err(Status::permission_denied(format!(
+            "task queue {queue:?} is the host queue of another worker; worker {identity:?} may poll only {:?}",
+            super::matching::host_queue_name(identity)
+        )));
+    }
+    Ok(())
 }
 
 fn payload(what: &str, p: Option<&pb::Payload>, max: usize) -> Result<(), Status> {
@@ -356,18 +375,10 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
-        // A host queue is its worker's alone: this is what keeps session work on its worker.
-        if req
-            .task_queue
-            .starts_with(super::matching::HOST_QUEUE_PREFIX)
-            && req.task_queue != super::matching::host_queue_name(&req.identity)
-        {
-            return Err(Status::permission_denied(format!(
-                "task queue {:?} is the host queue of another worker; worker {:?} may poll only {:?}",
-                req.task_queue,
-                req.identity,
-                super::matching::host_queue_name(&req.identity)
-            )));
+        check_host_queue(&req.task_queue, &req.identity)?;
+        for q in &req.additional_task_queues {
+            name("task queue", q)?;
+            check_host_queue(q, &req.identity)?;
         }
         ok(self.engine.poll_activity_task(req).await?)
     }

@@ -1297,6 +1297,7 @@ impl RunEntry {
                 self.state.workflow_type.clone()
             },
             session: None,
+            task_queue: a.task_queue.clone(),
         };
         self.rt.started_activities.insert(
             scheduled_event_id,

@@ -94,9 +94,19 @@ struct Class {
     reqs: Requirements,
 }
 
+/// The sending half of a parked poll, shared by every queue the poll waits on: the first queue
+/// to hand over a task takes it, and the others then see the poll as gone.
+type SharedSender = Arc<parking_lot::Mutex<Option<oneshot::Sender<(TaskRef, ClassId, QueueKey)>>>>;
+
 struct Waiter {
     identity: String,
-    tx: oneshot::Sender<(TaskRef, ClassId)>,
+    tx: SharedSender,
+}
+
+impl Waiter {
+    fn is_closed(&self) -> bool {
+        self.tx.lock().as_ref().is_none_or(|s| s.is_closed())
+    }
 }
 
 #[derive(Default)]
@@ -246,18 +256,17 @@ pub struct Matcher {
 /// A parked poll. Dropping it (timeout, or the caller went away) puts back any task that was
 /// handed to it but not taken, so no task is lost between the hand-over and the caller.
 struct ParkedPoll<'a> {
-    rx: Option<oneshot::Receiver<(TaskRef, ClassId)>>,
+    rx: Option<oneshot::Receiver<(TaskRef, ClassId, QueueKey)>>,
     matcher: &'a Matcher,
-    key: &'a QueueKey,
 }
 
 impl Drop for ParkedPoll<'_> {
     fn drop(&mut self) {
         if let Some(mut rx) = self.rx.take() {
             rx.close();
-            if let Ok((task, class)) = rx.try_recv() {
+            if let Ok((task, class, key)) = rx.try_recv() {
                 let mut st = self.matcher.state.lock();
-                Matcher::offer(&mut st, self.key, task, class, true);
+                Matcher::offer(&mut st, &key, task, class, true);
             }
         }
     }
@@ -282,7 +291,7 @@ impl Matcher {
                     .waiting
                     .iter()
                     .enumerate()
-                    .filter(|(_, w)| !w.tx.is_closed())
+                    .filter(|(_, w)| !w.is_closed())
                     .map(|(i, w)| (i, w.identity.clone()))
                     .collect(),
                 None => Vec::new(),
@@ -301,9 +310,11 @@ impl Matcher {
             let Some((index, _)) = chosen else { break };
             let queue = st.queues.get_mut(key).expect("queue exists");
             let waiter = queue.waiting.remove(index).expect("index valid");
-            match waiter.tx.send((task, class)) {
-                Ok(()) => return,
-                Err((returned, _)) => task = returned,
+            let sender = waiter.tx.lock().take();
+            match sender.map(|s| s.send((task, class, key.clone()))) {
+                Some(Ok(())) => return,
+                Some(Err((returned, _, _))) => task = returned,
+                None => unreachable!("closed waiters are filtered out above"),
             }
         }
         let seq = if front {
@@ -421,7 +432,7 @@ impl Matcher {
         for key in keys {
             loop {
                 let queue = st.queues.get_mut(&key).expect("listed");
-                queue.waiting.retain(|w| !w.tx.is_closed());
+                queue.waiting.retain(|w| !w.is_closed());
                 let Some(index) = queue.waiting.iter().position(|w| w.identity == identity) else {
                     break;
                 };
@@ -430,7 +441,14 @@ impl Matcher {
                 };
                 let queue = st.queues.get_mut(&key).expect("listed");
                 let waiter = queue.waiting.remove(index).expect("found");
-                if let Err((task, class)) = waiter.tx.send((task, class)) {
+                let sender = waiter.tx.lock().take();
+                let sent = match sender {
+                    Some(s) => s
+                        .send((task, class, key.clone()))
+                        .map_err(|(t, c, _)| (t, c)),
+                    None => Err((task, class)),
+                };
+                if let Err((task, class)) = sent {
                     Self::offer(st, &key, task, class, true);
                 }
             }
@@ -445,37 +463,57 @@ impl Matcher {
         now_ms: i64,
         timeout: Duration,
     ) -> Option<TaskRef> {
+        self.poll_many(std::slice::from_ref(key), identity, now_ms, timeout)
+            .await
+            .map(|(task, _)| task)
+    }
+
+    /// Like [`Matcher::poll`] over several queues at once (the earlier ones are tried first);
+    /// returns the task and the queue it came from.
+    pub async fn poll_many(
+        &self,
+        keys: &[QueueKey],
+        identity: &str,
+        now_ms: i64,
+        timeout: Duration,
+    ) -> Option<(TaskRef, QueueKey)> {
         let rx = {
             let mut st = self.state.lock();
-            Self::touch(&mut st, key, identity, now_ms);
-            if let Some((task, _)) = Self::take_locked(&mut st, key, identity) {
-                return Some(task);
+            for key in keys {
+                Self::touch(&mut st, key, identity, now_ms);
+            }
+            for key in keys {
+                if let Some((task, _)) = Self::take_locked(&mut st, key, identity) {
+                    return Some((task, key.clone()));
+                }
             }
             if timeout.is_zero() {
                 return None;
             }
-            let queue = st.queues.entry(key.clone()).or_default();
-            // Parked polls whose callers left are dropped here so the list cannot grow forever.
-            if queue.waiting.len() >= 64 {
-                queue.waiting.retain(|w| !w.tx.is_closed());
-            }
             let (tx, rx) = oneshot::channel();
-            queue.waiting.push_back(Waiter {
-                identity: identity.to_string(),
-                tx,
-            });
+            let shared: SharedSender = Arc::new(parking_lot::Mutex::new(Some(tx)));
+            for key in keys {
+                let queue = st.queues.entry(key.clone()).or_default();
+                // Parked polls whose callers left are dropped here so the list cannot grow.
+                if queue.waiting.len() >= 64 {
+                    queue.waiting.retain(|w| !w.is_closed());
+                }
+                queue.waiting.push_back(Waiter {
+                    identity: identity.to_string(),
+                    tx: shared.clone(),
+                });
+            }
             rx
         };
         let mut parked = ParkedPoll {
             rx: Some(rx),
             matcher: self,
-            key,
         };
         let rx = parked.rx.as_mut().expect("just set");
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok((task, _))) => {
+            Ok(Ok((task, _, key))) => {
                 parked.rx = None;
-                Some(task)
+                Some((task, key))
             }
             _ => None,
         }

@@ -392,20 +392,15 @@ impl Inner {
             }
         }
         if !self.activities.is_empty() {
+            // Each poll takes from this worker's host queue (work pinned here: sessions,
+            // `on_worker`) and from the task queue at once, holding one slot while it waits.
             let n = self.options.max_concurrent_activities.clamp(1, 8);
             for _ in 0..n {
-                pollers.spawn(self.clone().activity_poller(
-                    self.options.task_queue.clone(),
-                    true,
-                    stop.clone(),
-                ));
+                pollers.spawn(
+                    self.clone()
+                        .activity_poller(registration.host_queue.clone(), stop.clone()),
+                );
             }
-            // The worker's own queue: work pinned to this worker (`on_worker`).
-            pollers.spawn(self.clone().activity_poller(
-                registration.host_queue.clone(),
-                false,
-                stop.clone(),
-            ));
         }
         let _ = stop.wait_for(|s| *s).await;
         self.stopping
@@ -706,29 +701,21 @@ impl Inner {
             .await;
     }
 
-    /// Polls one queue for activity tasks. With `slot_first` a slot is taken before polling, so
-    /// the worker never holds a task it cannot start; the host-queue poller takes its slot after
-    /// the poll instead, so its (usually idle) long poll does not hold a slot the task queue needs.
-    async fn activity_poller(
-        self: Arc<Self>,
-        queue: String,
-        slot_first: bool,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    /// Polls the task queue and this worker's host queue for activity tasks. A slot is taken
+    /// before polling, so the worker never holds a task it cannot start.
+    async fn activity_poller(self: Arc<Self>, host_queue: String, mut stop: watch::Receiver<bool>) {
         let mut failures = 0;
         loop {
-            let mut permit = None;
-            if slot_first {
-                permit = tokio::select! {
-                    p = self.activity_slots.clone().acquire_owned() => Some(p.expect("never closed")),
-                    _ = stop.wait_for(|s| *s) => return,
-                };
-            }
+            let permit = tokio::select! {
+                p = self.activity_slots.clone().acquire_owned() => p.expect("never closed"),
+                _ = stop.wait_for(|s| *s) => return,
+            };
             let request = pb::PollActivityTaskRequest {
                 namespace: self.namespace.clone(),
-                task_queue: queue.clone(),
+                task_queue: self.options.task_queue.clone(),
                 identity: self.options.identity.clone(),
                 poll_timeout_ms: self.options.poll_timeout.as_millis() as u64,
+                additional_task_queues: vec![host_queue.clone()],
             };
             let mut rpc = self.rpc.clone();
             let polled = tokio::select! {
@@ -742,16 +729,8 @@ impl Inner {
                     if task.task_token.is_empty() {
                         continue;
                     }
-                    let permit = match permit {
-                        Some(p) => p,
-                        None => self
-                            .activity_slots
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .expect("never closed"),
-                    };
-                    self.clone().spawn_activity(task, permit);
+                    self.clone()
+                        .spawn_activity(task, permit, host_queue.clone());
                 }
                 Err(status) => {
                     tracing::warn!(error = %status.message(), code = ?status.code(), "activity poll failed; retrying");
@@ -789,6 +768,7 @@ impl Inner {
         self: Arc<Self>,
         task: pb::PollActivityTaskResponse,
         permit: tokio::sync::OwnedSemaphorePermit,
+        queue: String,
     ) {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -800,14 +780,14 @@ impl Inner {
         // itself) before it is registered.
         let mut running = self.running.lock();
         let handle = tokio::spawn(async move {
-            let mut next = inner.execute_activity(task, ctx2).await;
+            let mut next = inner.execute_activity(task, ctx2, &queue).await;
             while let Some(task) = next.take() {
                 let ctx = inner.context_for(&task);
                 if let Some(r) = inner.running.lock().get_mut(&id) {
                     r.ctx = ctx.clone();
                     r.token = task.task_token.clone();
                 }
-                next = inner.execute_activity(task, ctx).await;
+                next = inner.execute_activity(task, ctx, &queue).await;
             }
             inner.running.lock().remove(&id);
             drop(permit);
@@ -822,13 +802,14 @@ impl Inner {
         );
     }
 
-    fn next_task_request(&self) -> Option<pb::NextTaskRequest> {
+    fn next_task_request(&self, host_queue: &str) -> Option<pb::NextTaskRequest> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
         Some(pb::NextTaskRequest {
             namespace: self.namespace.clone(),
             task_queue: self.options.task_queue.clone(),
+            additional_task_queues: vec![host_queue.to_string()],
         })
     }
 
@@ -838,6 +819,7 @@ impl Inner {
         &self,
         task: pb::PollActivityTaskResponse,
         ctx: ActivityContext,
+        queue: &str,
     ) -> Option<pb::PollActivityTaskResponse> {
         let identity = self.options.identity.clone();
         let mut rpc = self.rpc.clone();
@@ -893,7 +875,7 @@ impl Inner {
                     task_token: token,
                     result,
                     identity,
-                    next_task: self.next_task_request(),
+                    next_task: self.next_task_request(queue),
                 })
                 .await
                 .map(|r| r.into_inner().next_task),
@@ -918,7 +900,7 @@ impl Inner {
                     task_token: token,
                     failure: Some(failure),
                     identity,
-                    next_task: self.next_task_request(),
+                    next_task: self.next_task_request(queue),
                 })
                 .await
                 .map(|r| r.into_inner().next_task)
