@@ -496,3 +496,55 @@ async fn restarted_worker_resumes_its_session_and_retries_the_interrupted_attemp
     session.complete().await.unwrap();
     second.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_timeout_ends_the_session_and_frees_its_gpus() {
+    let env = TestEnv::start().await;
+    let w = start_worker(&env, "short", gpu_box("short", 2), 10);
+    wait_alive(&env, &["short"]).await;
+    let mut options = gpus(2);
+    options.execution_timeout = Some(Duration::from_millis(500));
+    let session = within(T, "create", env.client.create_session(options))
+        .await
+        .unwrap();
+    let ended = eventually(T, "session timed out", || async {
+        let d = env.client.describe_session(session.id()).await.ok()?;
+        (d.state == "timed_out").then_some(d)
+    })
+    .await;
+    assert!(
+        ended.reason.contains("execution timeout"),
+        "{}",
+        ended.reason
+    );
+    // Its two GPUs are free again.
+    let again = within(T, "create again", env.client.create_session(gpus(2)))
+        .await
+        .unwrap();
+    assert_eq!(again.info.gpus.len(), 2);
+    again.complete().await.unwrap();
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_worker_cannot_poll_a_host_queue() {
+    let env = TestEnv::start().await;
+    let err = env
+        .client
+        .raw()
+        .poll_activity_task(tether::api::pb::PollActivityTaskRequest {
+            namespace: "default".into(),
+            task_queue: "gpu".into(),
+            identity: "intruder".into(),
+            poll_timeout_ms: 100,
+            additional_task_queues: vec!["host/victim".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("host queue of another worker"),
+        "{}",
+        err.message()
+    );
+}
