@@ -362,6 +362,13 @@ fn pipeline_worker(env: &TestEnv, identity: &str, gpu_count: u32) -> WorkerHandl
                     Err(tether::workflow::WorkflowError::Activity(f))
                         if f.error_type == "SessionFailed" && failovers == 0 =>
                     {
+                        // The session's end and its activities' failures arrive together.
+                        let (state, reason) = current.state();
+                        if state != "failed" || !reason.contains("stopped heartbeating") {
+                            return Err(tether::workflow::WorkflowError::failed(format!(
+                                "session state is {state:?} ({reason}) after SessionFailed"
+                            )));
+                        }
                         failovers += 1;
                         current = ctx
                             .recreate_session(
@@ -547,4 +554,72 @@ async fn another_worker_cannot_poll_a_host_queue() {
         "{}",
         err.message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_host_recreation_stays_on_that_worker() {
+    let env = TestEnv::start().await;
+    let mut w = Worker::new(
+        env.client.clone(),
+        WorkerOptions::new("gpu")
+            .identity("home")
+            .capabilities(gpu_box("home", 2)),
+    );
+    w.register_workflow(
+        "sticky_home",
+        |ctx: tether::workflow::WorkflowContext, _: ()| async move {
+            let options = SessionOptions {
+                packing: "spread".into(),
+                ..gpus(2)
+            };
+            let first = ctx.create_session(options.clone()).await?;
+            // Wait until the test has started a roomier worker that spread packing would prefer.
+            let _: () = ctx.signal_channel("go").recv().await?;
+            first.complete();
+            let pinned = ctx
+                .recreate_session(&first, tether::workflow::RecreatePolicy::SameHost)
+                .await?;
+            pinned.complete();
+            let free = ctx
+                .recreate_session(&first, tether::workflow::RecreatePolicy::SameHostOrFailover)
+                .await?;
+            free.complete();
+            Ok((
+                first.info.worker_identity.clone(),
+                pinned.info.worker_identity.clone(),
+                free.info.worker_identity.clone(),
+            ))
+        },
+    );
+    let home = w.start().unwrap();
+    wait_alive(&env, &["home"]).await;
+    let run = env
+        .client
+        .start_workflow(
+            "sticky_home",
+            &(),
+            tether::client::WorkflowOptions::new("home-1", "gpu"),
+        )
+        .await
+        .unwrap();
+    eventually(T, "first session placed", || async {
+        let h = run.history().await.ok()?;
+        h.iter()
+            .any(|e| e.kind_name() == "SessionCreated")
+            .then_some(())
+    })
+    .await;
+    let other = start_worker(&env, "elsewhere", gpu_box("elsewhere", 8), 10);
+    wait_alive(&env, &["elsewhere"]).await;
+    run.signal("go", &()).await.unwrap();
+    let (first, pinned, free): (String, String, String) =
+        within(T, "same host", run.result()).await.unwrap();
+    assert_eq!(first, "home");
+    assert_eq!(pinned, "home", "SameHost keeps the session on its worker");
+    assert_eq!(
+        free, "elsewhere",
+        "without the pin, spread packing picks the roomier worker"
+    );
+    home.shutdown().await;
+    other.shutdown().await;
 }

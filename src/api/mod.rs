@@ -57,6 +57,7 @@ impl pb::HistoryEvent {
                 Attributes::SessionCreated(_) => "SessionCreated",
                 Attributes::SessionCreateFailed(_) => "SessionCreateFailed",
                 Attributes::SessionCompleteRequested(_) => "SessionCompleteRequested",
+                Attributes::SessionEnded(_) => "SessionEnded",
                 Attributes::WorkflowExecutionCompleted(_) => "WorkflowExecutionCompleted",
                 Attributes::WorkflowExecutionFailed(_) => "WorkflowExecutionFailed",
                 Attributes::WorkflowExecutionCanceled(_) => "WorkflowExecutionCanceled",

@@ -482,6 +482,9 @@ fn event_json(e: &pb::HistoryEvent) -> Value {
             json!({"seq": a.seq, "session_id": a.session_id, "reason": a.reason})
         }
         Some(A::SessionCompleteRequested(a)) => json!({"seq": a.seq, "session_id": a.session_id}),
+        Some(A::SessionEnded(a)) => {
+            json!({"session_id": a.session_id, "state": a.state, "reason": a.reason})
+        }
         Some(A::WorkflowExecutionCompleted(a)) => {
             json!({"result": payload_json(a.result.as_ref())})
         }

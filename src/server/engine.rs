@@ -1491,6 +1491,18 @@ impl Engine {
         }
         if was_creating {
             Self::notify_session_owner(st, &info, Err(reason.to_string()), now, txn);
+        } else if was_open && state != "completed" {
+            // The owning workflow sees the session's state change, not only its failed activities.
+            if let Some((run_id, _)) = info
+                .owner
+                .strip_prefix("run:")
+                .and_then(|r| r.rsplit_once(':'))
+            {
+                if let Some(entry) = st.runs.get_mut(run_id) {
+                    entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
+                    txn.touched.insert(run_id.to_string());
+                }
+            }
         }
         txn.fx.sessions_settled.push(info);
         txn.touched_sessions.insert(session_id.to_string());

@@ -960,6 +960,29 @@ impl RunEntry {
         self.schedule_workflow_task(now, fx);
     }
 
+    /// Tells the workflow that a session it owns ended without it completing it.
+    pub fn session_ended(
+        &mut self,
+        session_id: &str,
+        state: &str,
+        reason: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        if !self.is_open() {
+            return;
+        }
+        self.append(
+            Attributes::SessionEnded(pb::SessionEnded {
+                session_id: session_id.to_string(),
+                state: state.to_string(),
+                reason: reason.to_string(),
+            }),
+            now,
+        );
+        self.schedule_workflow_task(now, fx);
+    }
+
     /// Records the outcome of a signal this run sent to another workflow.
     pub fn signal_external_resolved(
         &mut self,

@@ -149,6 +149,8 @@ pub(crate) struct RunCtx {
     signals: HashMap<String, VecDeque<Option<pb::Payload>>>,
     signal_results: HashMap<u32, Option<pb::Failure>>,
     session_results: HashMap<u32, Result<pb::SessionInfo, String>>,
+    /// Sessions that ended without the workflow completing them: id -> (state, reason).
+    ended_sessions: HashMap<String, (String, String)>,
     pub(crate) cancel_requested: bool,
     pub(crate) now_ms: i64,
     rng: u64,
@@ -233,6 +235,10 @@ impl RunCtx {
             A::SessionCreated(e) => {
                 self.session_results
                     .insert(e.seq, Ok(e.session.clone().unwrap_or_default()));
+            }
+            A::SessionEnded(e) => {
+                self.ended_sessions
+                    .insert(e.session_id.clone(), (e.state.clone(), e.reason.clone()));
             }
             A::SessionCreateFailed(e) => {
                 self.session_results.insert(
@@ -529,6 +535,16 @@ impl SessionHandle {
     ) -> ActivityFuture<O> {
         options.session_id = Some(self.info.session_id.clone());
         self.ctx.execute_activity(activity_type, input, options)
+    }
+
+    /// The session's state as this workflow knows it: `open`, or `failed` / `timed_out` once the
+    /// server told the workflow (e.g. its worker stopped heartbeating), with the reason.
+    pub fn state(&self) -> (String, String) {
+        let ctx = self.ctx.inner.lock();
+        match ctx.ended_sessions.get(&self.info.session_id) {
+            Some((state, reason)) => (state.clone(), reason.clone()),
+            None => (self.info.state.clone(), String::new()),
+        }
     }
 
     /// Ends the session and releases its reservation.
