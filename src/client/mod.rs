@@ -247,19 +247,7 @@ impl Client {
                 workflow_id: options.id,
                 run_id: resp.into_inner().run_id,
             }),
-            Err(status) if status.code() == tonic::Code::AlreadyExists => {
-                let run_id = status
-                    .metadata()
-                    .get(crate::server::RUN_ID_METADATA)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
-                Err(ClientError::AlreadyStarted {
-                    workflow_id: options.id,
-                    run_id,
-                })
-            }
-            Err(status) => Err(status.into()),
+            Err(status) => Err(start_error(status, options.id)),
         }
     }
 
@@ -337,18 +325,7 @@ impl Client {
         };
         let reply = match self.raw().start_activity(req).await {
             Ok(r) => r.into_inner(),
-            Err(status) if status.code() == tonic::Code::AlreadyExists => {
-                return Err(ClientError::AlreadyStarted {
-                    workflow_id: options.id,
-                    run_id: status
-                        .metadata()
-                        .get(crate::server::RUN_ID_METADATA)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string(),
-                })
-            }
-            Err(status) => return Err(status.into()),
+            Err(status) => return Err(start_error(status, options.id)),
         };
         let handle = ActivityHandle {
             client: self.clone(),
@@ -555,6 +532,23 @@ impl StandaloneActivityOptions {
             task_queue: task_queue.into(),
             options: ActivityOptions::default(),
         }
+    }
+}
+
+/// Turns a refused start into an error; ALREADY_EXISTS carries the running run's id.
+fn start_error(status: tonic::Status, id: String) -> ClientError {
+    if status.code() != tonic::Code::AlreadyExists {
+        return status.into();
+    }
+    let run_id = status
+        .metadata()
+        .get(crate::server::RUN_ID_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    ClientError::AlreadyStarted {
+        workflow_id: id,
+        run_id,
     }
 }
 

@@ -1374,6 +1374,62 @@ impl Engine {
         }
     }
 
+    /// Records a new session (defaults filled in), arms its creation and execution timers and
+    /// tries to place it at once. Returns whether it was placed.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_session(
+        &self,
+        st: &mut EngineState,
+        session_id: &str,
+        namespace: &str,
+        owner: &str,
+        mut options: pb::SessionOptions,
+        now: i64,
+        txn: &mut Txn,
+    ) -> bool {
+        if options.creation_timeout_ms == 0 {
+            options.creation_timeout_ms = DEFAULT_SESSION_CREATION_MS;
+        }
+        if options.execution_timeout_ms == 0 {
+            options.execution_timeout_ms = DEFAULT_SESSION_EXECUTION_MS;
+        }
+        if options.liveness_timeout_ms == 0 {
+            options.liveness_timeout_ms = self.config.worker_liveness_timeout.as_millis() as u64;
+        }
+        let creation_deadline_ms = now + options.creation_timeout_ms as i64;
+        let execution_deadline_ms = now + options.execution_timeout_ms as i64;
+        st.sessions.insert(
+            session_id.to_string(),
+            SessionState {
+                info: Some(pb::SessionInfo {
+                    session_id: session_id.to_string(),
+                    namespace: namespace.to_string(),
+                    state: "creating".into(),
+                    options: Some(options),
+                    created_ms: now,
+                    owner: owner.to_string(),
+                    ..Default::default()
+                }),
+                creation_deadline_ms,
+                execution_deadline_ms,
+            },
+        );
+        txn.touched_sessions.insert(session_id.to_string());
+        txn.fx.timers.push((
+            creation_deadline_ms,
+            TimerKey::SessionCreation {
+                run_id: session_id.to_string(),
+            },
+        ));
+        txn.fx.timers.push((
+            execution_deadline_ms,
+            TimerKey::SessionExpiry {
+                run_id: session_id.to_string(),
+            },
+        ));
+        self.try_place(st, session_id, now, txn)
+    }
+
     /// Creates the sessions a workflow task asked for and completes the ones it completed.
     fn apply_session_commands(
         &self,
@@ -1386,49 +1442,12 @@ impl Engine {
             if st.sessions.contains_key(&session_id) {
                 continue;
             }
+            // Validated with the workflow task's commands; canonical form for the class key.
             options.requirements = crate::caps::Requirements::parse(&options.requirements)
                 .map(|r| r.to_string())
                 .unwrap_or_default();
-            if options.creation_timeout_ms == 0 {
-                options.creation_timeout_ms = DEFAULT_SESSION_CREATION_MS;
-            }
-            if options.execution_timeout_ms == 0 {
-                options.execution_timeout_ms = DEFAULT_SESSION_EXECUTION_MS;
-            }
-            if options.liveness_timeout_ms == 0 {
-                options.liveness_timeout_ms =
-                    self.config.worker_liveness_timeout.as_millis() as u64;
-            }
-            st.sessions.insert(
-                session_id.clone(),
-                SessionState {
-                    info: Some(pb::SessionInfo {
-                        session_id: session_id.clone(),
-                        namespace: namespace.to_string(),
-                        state: "creating".into(),
-                        options: Some(options.clone()),
-                        created_ms: now,
-                        owner: format!("run:{run_id}:{seq}"),
-                        ..Default::default()
-                    }),
-                    creation_deadline_ms: now + options.creation_timeout_ms as i64,
-                    execution_deadline_ms: now + options.execution_timeout_ms as i64,
-                },
-            );
-            txn.touched_sessions.insert(session_id.clone());
-            txn.fx.timers.push((
-                now + options.creation_timeout_ms as i64,
-                TimerKey::SessionCreation {
-                    run_id: session_id.clone(),
-                },
-            ));
-            txn.fx.timers.push((
-                now + options.execution_timeout_ms as i64,
-                TimerKey::SessionExpiry {
-                    run_id: session_id.clone(),
-                },
-            ));
-            self.try_place(st, &session_id, now, txn);
+            let owner = format!("run:{run_id}:{seq}");
+            self.insert_session(st, &session_id, namespace, &owner, options, now, txn);
         }
         for session_id in std::mem::take(&mut txn.fx.session_completions) {
             let live = st
@@ -1575,15 +1594,6 @@ impl Engine {
             crate::types::validate_name("resource name", name)
                 .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
         }
-        if options.creation_timeout_ms == 0 {
-            options.creation_timeout_ms = DEFAULT_SESSION_CREATION_MS;
-        }
-        if options.execution_timeout_ms == 0 {
-            options.execution_timeout_ms = DEFAULT_SESSION_EXECUTION_MS;
-        }
-        if options.liveness_timeout_ms == 0 {
-            options.liveness_timeout_ms = self.config.worker_liveness_timeout.as_millis() as u64;
-        }
         let session_id = if req.session_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {
@@ -1606,34 +1616,15 @@ impl Engine {
                 }
                 (None, Some(info), None)
             } else {
-                let state = SessionState {
-                    info: Some(pb::SessionInfo {
-                        session_id: session_id.clone(),
-                        namespace: req.namespace.clone(),
-                        state: "creating".into(),
-                        options: Some(options.clone()),
-                        created_ms: now,
-                        owner: req.owner.clone(),
-                        ..Default::default()
-                    }),
-                    creation_deadline_ms: now + options.creation_timeout_ms as i64,
-                    execution_deadline_ms: now + options.execution_timeout_ms as i64,
-                };
-                st.sessions.insert(session_id.clone(), state);
-                txn.touched_sessions.insert(session_id.clone());
-                txn.fx.timers.push((
-                    now + options.creation_timeout_ms as i64,
-                    TimerKey::SessionCreation {
-                        run_id: session_id.clone(),
-                    },
-                ));
-                txn.fx.timers.push((
-                    now + options.execution_timeout_ms as i64,
-                    TimerKey::SessionExpiry {
-                        run_id: session_id.clone(),
-                    },
-                ));
-                let placed = self.try_place(&mut st, &session_id, now, &mut txn);
+                let placed = self.insert_session(
+                    &mut st,
+                    &session_id,
+                    &req.namespace,
+                    &req.owner,
+                    options,
+                    now,
+                    &mut txn,
+                );
                 let waiter = if placed || req.wait_ms == 0 {
                     None
                 } else {

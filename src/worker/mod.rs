@@ -453,6 +453,16 @@ impl Inner {
             .unwrap_or_default()
     }
 
+    fn registration(&self, caps: pb::Capabilities) -> pb::RegisterWorkerRequest {
+        pb::RegisterWorkerRequest {
+            namespace: self.namespace.clone(),
+            identity: self.options.identity.clone(),
+            task_queues: vec![self.options.task_queue.clone()],
+            capabilities: Some(caps),
+            max_concurrent_sessions: self.options.max_concurrent_sessions,
+        }
+    }
+
     /// Registers with the server, retrying while it is unreachable. None if stopped first.
     async fn register_until_done(
         &self,
@@ -460,13 +470,7 @@ impl Inner {
     ) -> Option<pb::RegisterWorkerResponse> {
         let mut failures = 0;
         loop {
-            let request = pb::RegisterWorkerRequest {
-                namespace: self.namespace.clone(),
-                identity: self.options.identity.clone(),
-                task_queues: vec![self.options.task_queue.clone()],
-                capabilities: Some(self.capabilities().await),
-                max_concurrent_sessions: self.options.max_concurrent_sessions,
-            };
+            let request = self.registration(self.capabilities().await);
             let mut rpc = self.rpc.clone();
             let reply = tokio::select! {
                 r = rpc.register_worker(request) => r,
@@ -514,13 +518,7 @@ impl Inner {
                     let _ = self
                         .rpc
                         .clone()
-                        .register_worker(pb::RegisterWorkerRequest {
-                            namespace: self.namespace.clone(),
-                            identity: self.options.identity.clone(),
-                            task_queues: vec![self.options.task_queue.clone()],
-                            capabilities: Some(caps),
-                            max_concurrent_sessions: self.options.max_concurrent_sessions,
-                        })
+                        .register_worker(self.registration(caps))
                         .await;
                 }
                 Ok(_) => {}
