@@ -396,3 +396,62 @@ fn bad_server_flags_are_refused() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_commands_show_waiting_sessions_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(&[
+        "server",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--sync",
+        "normal",
+    ]);
+    let client = Client::connect(server.addr.clone()).await.unwrap();
+    // Nobody polls "gpu": the session waits for a placement.
+    let reply = client
+        .raw()
+        .create_session(tether::api::pb::CreateSessionRequest {
+            namespace: "default".into(),
+            options: Some(tether::api::pb::SessionOptions {
+                task_queue: "gpu".into(),
+                gpus: 2,
+                creation_timeout_ms: 60_000,
+                ..Default::default()
+            }),
+            owner: "cli-test".into(),
+            session_id: "s-1".into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.session.unwrap().state, "creating");
+    let addr = server.addr.clone();
+    let listed = tokio::task::spawn_blocking(move || ok_json(&addr, &["session", "list"]))
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["session_id"], "s-1");
+    assert_eq!(listed[0]["state"], "creating");
+    let addr = server.addr.clone();
+    let described =
+        tokio::task::spawn_blocking(move || tether(&addr, &["session", "describe", "s-1"]))
+            .await
+            .unwrap();
+    let text = String::from_utf8_lossy(&described.stdout);
+    assert!(
+        text.contains("waiting because: no live worker polls this task queue"),
+        "{text}"
+    );
+    let addr = server.addr.clone();
+    let missing =
+        tokio::task::spawn_blocking(move || tether(&addr, &["session", "describe", "nope"]))
+            .await
+            .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("session \"nope\" was not found"),
+        "{}",
+        stderr(&missing)
+    );
+}
