@@ -69,6 +69,9 @@ pub struct ClientOptions {
     pub namespace: String,
     /// Who is calling, recorded in history. Default `HOSTNAME:PID`.
     pub identity: String,
+    /// Payload conversion and codecs (e.g. AES-256-GCM encryption), applied to every payload
+    /// this client and workers built on it send and receive. Default: JSON, no codec.
+    pub data_converter: codec::DataConverter,
 }
 
 impl Default for ClientOptions {
@@ -76,6 +79,7 @@ impl Default for ClientOptions {
         ClientOptions {
             namespace: crate::types::DEFAULT_NAMESPACE.into(),
             identity: default_identity(),
+            data_converter: codec::DataConverter::default(),
         }
     }
 }
@@ -166,6 +170,26 @@ impl Client {
         c
     }
 
+    /// The data converter payloads go through.
+    pub fn data_converter(&self) -> &codec::DataConverter {
+        &self.options.data_converter
+    }
+
+    /// Decodes a run's outcome through the codec chain (result and failure details).
+    fn decode_result(
+        &self,
+        mut outcome: pb::GetWorkflowResultResponse,
+    ) -> Result<pb::GetWorkflowResultResponse, ClientError> {
+        let dc = &self.options.data_converter;
+        outcome.result = dc
+            .decode_opt(outcome.result)
+            .map_err(codec::ConvertError::from)?;
+        outcome.failure = dc
+            .decode_failure(outcome.failure)
+            .map_err(codec::ConvertError::from)?;
+        Ok(outcome)
+    }
+
     /// The namespace this client works in.
     pub fn namespace(&self) -> &str {
         &self.options.namespace
@@ -213,6 +237,7 @@ impl Client {
         input: &I,
         options: WorkflowOptions,
     ) -> Result<WorkflowHandle, ClientError> {
+        // Plain JSON here: start_workflow_raw runs the codec chain.
         let input = codec::to_payload(input)?;
         self.start_workflow_raw(workflow_type, Some(input), options)
             .await
@@ -225,6 +250,11 @@ impl Client {
         input: Option<pb::Payload>,
         options: WorkflowOptions,
     ) -> Result<WorkflowHandle, ClientError> {
+        let input = self
+            .options
+            .data_converter
+            .encode_opt(input)
+            .map_err(codec::ConvertError::from)?;
         let req = pb::StartWorkflowRequest {
             namespace: self.options.namespace.clone(),
             workflow_id: options.id.clone(),
@@ -318,7 +348,7 @@ impl Client {
             activity_id: options.id.clone(),
             activity_type: activity_type.into(),
             task_queue: options.task_queue.clone(),
-            input: Some(codec::to_payload(input)?),
+            input: Some(self.options.data_converter.to_payload(input)?),
             options: Some(options.options.to_proto()),
             identity: self.options.identity.clone(),
             wait_ms: wait.as_millis() as u64,
@@ -347,7 +377,11 @@ impl Client {
             .start_activity_waiting(activity_type, input, options, RESULT_WAIT)
             .await?;
         match outcome {
-            Some(outcome) => decode_outcome("activity", &handle.activity_id, outcome),
+            Some(outcome) => decode_outcome(
+                "activity",
+                &handle.activity_id,
+                self.decode_result(outcome)?,
+            ),
             None => handle.result().await,
         }
     }
@@ -599,7 +633,11 @@ impl ActivityHandle {
                 .await?
                 .into_inner();
             if outcome.status != pb::ExecutionStatus::Running as i32 {
-                return decode_outcome("activity", &self.activity_id, outcome);
+                return decode_outcome(
+                    "activity",
+                    &self.activity_id,
+                    self.client.decode_result(outcome)?,
+                );
             }
         }
     }
@@ -622,7 +660,7 @@ impl WorkflowHandle {
         decode_outcome("workflow", &self.workflow_id, outcome)
     }
 
-    /// Waits for the run to close and returns its raw outcome.
+    /// Waits for the run to close and returns its outcome (payloads decoded).
     pub async fn outcome(&self) -> Result<pb::GetWorkflowResultResponse, ClientError> {
         loop {
             let outcome = self
@@ -637,7 +675,7 @@ impl WorkflowHandle {
                 .await?
                 .into_inner();
             if outcome.status != pb::ExecutionStatus::Running as i32 {
-                return Ok(outcome);
+                return self.client.decode_result(outcome);
             }
         }
     }
@@ -655,7 +693,7 @@ impl WorkflowHandle {
                 workflow_id: self.workflow_id.clone(),
                 run_id: self.run_id.clone(),
                 signal_name: signal_name.into(),
-                input: Some(codec::to_payload(input)?),
+                input: Some(self.client.options.data_converter.to_payload(input)?),
                 identity: self.client.options.identity.clone(),
             })
             .await?;

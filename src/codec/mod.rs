@@ -1,10 +1,102 @@
 //! The data converter: turns Rust values into payloads and back, on clients and workers only.
 //! The server never calls into this module. JSON is the default encoding; raw bytes pass through
-//! as `binary/plain`.
+//! as `binary/plain`. A chain of payload codecs (e.g. [`AesGcmCodec`]) can be applied on top: the
+//! SDK runs it at its edge, on every payload it sends and receives, so workflow and activity code
+//! and the server's storage only ever see, respectively, plain and encoded payloads.
+
+mod aes;
+mod walk;
+
+pub use aes::{AesGcmCodec, ENCRYPTED_ENCODING, KEY_ID_KEY};
 
 use crate::api::pb::Payload;
 use crate::api::ENCODING_KEY;
 use serde::{de::DeserializeOwned, Serialize};
+use std::sync::Arc;
+
+/// Why a codec could not encode or decode a payload.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CodecError {
+    /// The payload names a key this converter does not have.
+    #[error("payload was encrypted with key {0:?}, which this data converter does not have; add that key to the key file")]
+    UnknownKey(String),
+    /// Decryption failed (wrong key material under that id, or a corrupted payload).
+    #[error("payload could not be decrypted with key {0:?}: wrong key or corrupted payload")]
+    Decrypt(String),
+    /// Encryption failed.
+    #[error("payload could not be encrypted with key {0:?}")]
+    Encrypt(String),
+    /// The key file or variable is malformed.
+    #[error("encryption keys: {0}")]
+    BadKeys(String),
+}
+
+/// A transformation of payloads (encryption, compression) applied by clients and workers.
+pub trait PayloadCodec: Send + Sync {
+    /// Transforms a payload on its way out.
+    fn encode(&self, payload: Payload) -> Result<Payload, CodecError>;
+    /// Undoes [`PayloadCodec::encode`]; payloads it does not recognise pass through unchanged.
+    fn decode(&self, payload: Payload) -> Result<Payload, CodecError>;
+}
+
+/// JSON payload conversion plus a chain of codecs. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct DataConverter {
+    codecs: Vec<Arc<dyn PayloadCodec>>,
+}
+
+impl std::fmt::Debug for DataConverter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataConverter")
+            .field("codecs", &self.codecs.len())
+            .finish()
+    }
+}
+
+impl DataConverter {
+    /// Adds a codec; codecs encode in the order added and decode in reverse.
+    pub fn with_codec(mut self, codec: Arc<dyn PayloadCodec>) -> Self {
+        self.codecs.push(codec);
+        self
+    }
+
+    /// True when there is no codec (payloads are sent as converted).
+    pub fn is_plain(&self) -> bool {
+        self.codecs.is_empty()
+    }
+
+    /// Runs the codec chain forwards.
+    pub fn encode(&self, mut payload: Payload) -> Result<Payload, CodecError> {
+        for c in &self.codecs {
+            payload = c.encode(payload)?;
+        }
+        Ok(payload)
+    }
+
+    /// Runs the codec chain backwards.
+    pub fn decode(&self, mut payload: Payload) -> Result<Payload, CodecError> {
+        for c in self.codecs.iter().rev() {
+            payload = c.decode(payload)?;
+        }
+        Ok(payload)
+    }
+
+    /// Value -> JSON payload -> codecs.
+    pub fn to_payload<T: Serialize + ?Sized>(&self, value: &T) -> Result<Payload, ConvertError> {
+        Ok(self.encode(to_payload(value)?)?)
+    }
+
+    /// Codecs -> JSON payload -> value.
+    pub fn from_payload<T: DeserializeOwned>(
+        &self,
+        payload: Option<&Payload>,
+    ) -> Result<T, ConvertError> {
+        match payload {
+            None => from_payload(None),
+            Some(p) => from_payload(Some(&self.decode(p.clone())?)),
+        }
+    }
+}
 
 /// Encoding name of JSON payloads.
 pub const JSON_ENCODING: &str = "json/plain";
@@ -28,6 +120,9 @@ pub enum ConvertError {
     /// The payload uses an encoding this converter does not know.
     #[error("payload encoding {0:?} is not supported by this converter")]
     UnknownEncoding(String),
+    /// A codec failed.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
 }
 
 /// Encodes a value as a JSON payload.
@@ -105,6 +200,14 @@ pub fn display_payload(payload: Option<&Payload>) -> String {
         None => "null".into(),
         Some(p) => match encoding_of(p).as_str() {
             JSON_ENCODING | "" => String::from_utf8_lossy(&p.data).into_owned(),
+            ENCRYPTED_ENCODING => format!(
+                "<encrypted with key {:?}, {} bytes>",
+                p.metadata
+                    .get(KEY_ID_KEY)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default(),
+                p.data.len()
+            ),
             enc => format!("<{} bytes, encoding {enc}>", p.data.len()),
         },
     }

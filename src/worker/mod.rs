@@ -273,6 +273,7 @@ impl Worker {
         );
         Ok(Arc::new(Inner {
             rpc: self.client.raw(),
+            dc: self.client.data_converter().clone(),
             namespace: self.client.namespace().to_string(),
             workflow_slots: Arc::new(Semaphore::new(self.options.max_concurrent_workflow_tasks)),
             activity_slots: Arc::new(Semaphore::new(self.options.max_concurrent_activities)),
@@ -353,6 +354,8 @@ struct Inner {
     /// Set once shutdown begins: no more tasks are taken.
     stopping: std::sync::atomic::AtomicBool,
     local: Arc<crate::activity::WorkerLocal>,
+    /// The client's data converter: payloads are decoded on arrival and encoded on departure.
+    dc: codec::DataConverter,
 }
 
 /// Aborts running activities when the worker's main task ends for any reason (including abort).
@@ -641,8 +644,16 @@ impl Inner {
                 )
             }
         };
+        if let Err(e) = self.dc.decode_events(&mut task.events) {
+            self.fail_workflow_task(&task, "codec", e.to_string()).await;
+            return;
+        }
         match instance.process(&task.events) {
-            Ok(commands) => {
+            Ok(mut commands) => {
+                if let Err(e) = self.dc.encode_commands(&mut commands) {
+                    self.fail_workflow_task(&task, "codec", e.to_string()).await;
+                    return;
+                }
                 let request = pb::CompleteWorkflowTaskRequest {
                     task_token: task.task_token.clone(),
                     commands,
@@ -770,6 +781,8 @@ impl Inner {
     ) {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut task = task;
+        let undecodable = self.dc.decode_activity_task(&mut task).err();
         let ctx = self.context_for(&task);
         let token = task.task_token.clone();
         let inner = self.clone();
@@ -778,8 +791,18 @@ impl Inner {
         // itself) before it is registered.
         let mut running = self.running.lock();
         let handle = tokio::spawn(async move {
-            let mut next = inner.execute_activity(task, ctx2, &queue).await;
-            while let Some(task) = next.take() {
+            let mut next = match undecodable {
+                Some(e) => {
+                    inner.fail_undecodable(task, e).await;
+                    None
+                }
+                None => inner.execute_activity(task, ctx2, &queue).await,
+            };
+            while let Some(mut task) = next.take() {
+                if let Err(e) = inner.dc.decode_activity_task(&mut task) {
+                    inner.fail_undecodable(task, e).await;
+                    break;
+                }
                 let ctx = inner.context_for(&task);
                 if let Some(r) = inner.running.lock().get_mut(&id) {
                     r.ctx = ctx.clone();
@@ -809,6 +832,31 @@ impl Inner {
             task_queue: self.options.task_queue.clone(),
             additional_task_queues: vec![host_queue.to_string()],
         })
+    }
+
+    /// A task whose payloads this worker cannot decode (e.g. it lacks the encryption key): fail
+    /// the attempt so it is retried, perhaps by a worker that has the key.
+    async fn fail_undecodable(&self, task: pb::PollActivityTaskResponse, e: codec::CodecError) {
+        tracing::warn!(activity_id = task.activity_id, error = %e, "activity payload could not be decoded");
+        let failure = pb::Failure {
+            message: format!(
+                "worker {} could not decode the activity's input: {e}",
+                self.options.identity
+            ),
+            error_type: "CodecError".into(),
+            kind: pb::FailureKind::Application as i32,
+            ..Default::default()
+        };
+        let _ = self
+            .rpc
+            .clone()
+            .fail_activity_task(pb::FailActivityTaskRequest {
+                task_token: task.task_token,
+                failure: Some(failure),
+                identity: self.options.identity.clone(),
+                next_task: None,
+            })
+            .await;
     }
 
     /// Runs one activity task and reports its outcome; returns the next task if the server
@@ -846,6 +894,7 @@ impl Inner {
         };
         let heartbeater = tokio::spawn(heartbeat_loop(
             rpc.clone(),
+            self.dc.clone(),
             ctx.clone(),
             task.task_token.clone(),
             identity.clone(),
@@ -867,6 +916,14 @@ impl Inner {
             });
         heartbeater.abort();
         let token = task.task_token;
+        // Results and failure details leave the worker encoded; a codec failure fails the attempt.
+        let outcome = match outcome {
+            Ok(result) => self.dc.encode_opt(result).map_err(|e| {
+                ActivityError::retryable(format!("result could not be encoded: {e}"))
+                    .with_type("CodecError")
+            }),
+            Err(e) => Err(e),
+        };
         let result = match outcome {
             Ok(result) => rpc
                 .complete_activity_task(pb::CompleteActivityTaskRequest {
@@ -894,9 +951,13 @@ impl Inner {
                     // Cancelled without a request (shutdown, stale): let it retry.
                     failure.kind = pb::FailureKind::Server as i32;
                 }
+                let failure = self
+                    .dc
+                    .encode_failure(Some(failure.clone()))
+                    .unwrap_or(Some(failure));
                 rpc.fail_activity_task(pb::FailActivityTaskRequest {
                     task_token: token,
-                    failure: Some(failure),
+                    failure,
                     identity,
                     next_task: self.next_task_request(queue),
                 })
@@ -916,6 +977,7 @@ impl Inner {
 
 async fn heartbeat_loop(
     mut rpc: TetherServiceClient<Channel>,
+    dc: codec::DataConverter,
     ctx: ActivityContext,
     token: Vec<u8>,
     identity: String,
@@ -930,6 +992,13 @@ async fn heartbeat_loop(
     loop {
         ctx.shared.heartbeat_wanted.notified().await;
         let details = ctx.shared.pending_details.lock().take();
+        let details = match dc.encode_opt(details) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat details could not be encoded");
+                None
+            }
+        };
         let reply = rpc
             .heartbeat_activity(pb::HeartbeatActivityRequest {
                 task_token: token.clone(),

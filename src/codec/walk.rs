@@ -1,0 +1,125 @@
+//! Visits every payload inside the messages the SDK exchanges with the server, so the codec
+//! chain can be applied at the SDK's edge.
+
+use super::{CodecError, DataConverter};
+use crate::api::pb::{self, command, history_event::Attributes};
+
+fn apply(
+    p: &mut Option<pb::Payload>,
+    f: &impl Fn(pb::Payload) -> Result<pb::Payload, CodecError>,
+) -> Result<(), CodecError> {
+    if let Some(payload) = p.take() {
+        *p = Some(f(payload)?);
+    }
+    Ok(())
+}
+
+fn failure(
+    fl: &mut Option<pb::Failure>,
+    f: &impl Fn(pb::Payload) -> Result<pb::Payload, CodecError>,
+) -> Result<(), CodecError> {
+    let mut current = fl.as_mut();
+    while let Some(x) = current {
+        apply(&mut x.details, f)?;
+        current = x.cause.as_deref_mut();
+    }
+    Ok(())
+}
+
+fn event(
+    e: &mut pb::HistoryEvent,
+    f: &impl Fn(pb::Payload) -> Result<pb::Payload, CodecError>,
+) -> Result<(), CodecError> {
+    match e.attributes.as_mut() {
+        Some(Attributes::WorkflowExecutionStarted(a)) => apply(&mut a.input, f),
+        Some(Attributes::ActivityTaskScheduled(a)) => apply(&mut a.input, f),
+        Some(Attributes::ActivityTaskCompleted(a)) => apply(&mut a.result, f),
+        Some(Attributes::ActivityTaskFailed(a)) => failure(&mut a.failure, f),
+        Some(Attributes::ActivityTaskTimedOut(a)) => failure(&mut a.failure, f),
+        Some(Attributes::ActivityTaskCanceled(a)) => apply(&mut a.details, f),
+        Some(Attributes::WorkflowSignaled(a)) => apply(&mut a.input, f),
+        Some(Attributes::MarkerRecorded(a)) => apply(&mut a.data, f),
+        Some(Attributes::SignalExternalInitiated(a)) => apply(&mut a.input, f),
+        Some(Attributes::SignalExternalResolved(a)) => failure(&mut a.failure, f),
+        Some(Attributes::WorkflowExecutionCompleted(a)) => apply(&mut a.result, f),
+        Some(Attributes::WorkflowExecutionFailed(a)) => failure(&mut a.failure, f),
+        Some(Attributes::WorkflowExecutionCanceled(a)) => apply(&mut a.details, f),
+        _ => Ok(()),
+    }
+}
+
+impl DataConverter {
+    /// Decodes every payload in history events (received with a workflow task).
+    pub fn decode_events(&self, events: &mut [pb::HistoryEvent]) -> Result<(), CodecError> {
+        if self.is_plain() {
+            return Ok(());
+        }
+        let f = |p| self.decode(p);
+        events.iter_mut().try_for_each(|e| event(e, &f))
+    }
+
+    /// Encodes every payload in workflow commands (sent with a workflow task completion).
+    pub fn encode_commands(&self, commands: &mut [pb::Command]) -> Result<(), CodecError> {
+        if self.is_plain() {
+            return Ok(());
+        }
+        let f = |p| self.encode(p);
+        for c in commands {
+            match c.kind.as_mut() {
+                Some(command::Kind::ScheduleActivity(a)) => apply(&mut a.input, &f)?,
+                Some(command::Kind::RecordMarker(m)) => apply(&mut m.data, &f)?,
+                Some(command::Kind::SignalExternal(s)) => apply(&mut s.input, &f)?,
+                Some(command::Kind::CompleteWorkflow(w)) => apply(&mut w.result, &f)?,
+                Some(command::Kind::FailWorkflow(w)) => failure(&mut w.failure, &f)?,
+                Some(command::Kind::CancelWorkflow(w)) => apply(&mut w.details, &f)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes the payloads of an activity task.
+    pub fn decode_activity_task(
+        &self,
+        task: &mut pb::PollActivityTaskResponse,
+    ) -> Result<(), CodecError> {
+        if self.is_plain() {
+            return Ok(());
+        }
+        let f = |p| self.decode(p);
+        apply(&mut task.input, &f)?;
+        apply(&mut task.heartbeat_details, &f)
+    }
+
+    /// Encodes an optional payload.
+    pub fn encode_opt(&self, p: Option<pb::Payload>) -> Result<Option<pb::Payload>, CodecError> {
+        p.map(|p| self.encode(p)).transpose()
+    }
+
+    /// Decodes an optional payload.
+    pub fn decode_opt(&self, p: Option<pb::Payload>) -> Result<Option<pb::Payload>, CodecError> {
+        p.map(|p| self.decode(p)).transpose()
+    }
+
+    /// Encodes the payloads of a failure (and its causes).
+    pub fn encode_failure(
+        &self,
+        mut f: Option<pb::Failure>,
+    ) -> Result<Option<pb::Failure>, CodecError> {
+        if !self.is_plain() {
+            failure(&mut f, &|p| self.encode(p))?;
+        }
+        Ok(f)
+    }
+
+    /// Decodes the payloads of a failure (and its causes).
+    pub fn decode_failure(
+        &self,
+        mut f: Option<pb::Failure>,
+    ) -> Result<Option<pb::Failure>, CodecError> {
+        if !self.is_plain() {
+            failure(&mut f, &|p| self.decode(p))?;
+        }
+        Ok(f)
+    }
+}
