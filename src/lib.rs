@@ -11,6 +11,7 @@
 //! - [`worker`]: the worker: pollers, the activity executor and the sticky workflow cache.
 //! - [`workflow`]: the deterministic workflow runtime and `WorkflowContext`.
 //! - [`activity`]: `ActivityContext` and typed activity errors.
+//! - [`tls`]: mTLS configuration and development certificates.
 #![warn(missing_docs)]
 
 pub mod activity;
@@ -20,6 +21,7 @@ pub mod client;
 pub mod codec;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod types;
 pub mod worker;
 pub mod workflow;

@@ -52,6 +52,18 @@ struct Global {
     /// Print machine-readable JSON on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// CA certificate (PEM) that issued the server's certificate; turns TLS on.
+    #[arg(long, global = true, env = "TETHER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require one (mTLS).
+    #[arg(long, global = true, env = "TETHER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, env = "TETHER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Name to check the server certificate against (default: the address's host).
+    #[arg(long, global = true, env = "TETHER_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +92,23 @@ enum Command {
     /// Inspect sessions (a worker and resources reserved for a sequence of activities).
     #[command(subcommand)]
     Session(SessionCmd),
+    /// Make certificates for trying mTLS.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write a development CA, a server certificate for localhost and client certificates.
+    /// For development only: the CA key is written in plain text.
+    Dev {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Client identities to issue certificates for (the certificate's CN and SAN).
+        #[arg(long = "client", default_values_t = ["client".to_string(), "worker".to_string(), "admin".to_string()])]
+        clients: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -146,6 +175,15 @@ struct ServerOptionsArgs {
     /// A worker without a heartbeat or poll for this long is marked dead and gets no work.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     worker_liveness_timeout: Duration,
+    /// Server certificate (PEM); with --tls-key turns TLS on.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by this CA (PEM): mTLS.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -662,10 +700,21 @@ fn print_json(v: &Value) {
 }
 
 async fn connect(g: &Global) -> Result<Client> {
+    let tls = if g.tls_ca.is_some() || g.tls_cert.is_some() || g.tls_key.is_some() {
+        Some(tether::tls::ClientTls::from_files(
+            g.tls_ca.as_deref(),
+            g.tls_cert.as_deref(),
+            g.tls_key.as_deref(),
+            g.tls_server_name.clone(),
+        )?)
+    } else {
+        None
+    };
     Ok(Client::connect_with(
         g.address.clone(),
         ClientOptions {
             namespace: g.namespace.clone(),
+            tls,
             ..Default::default()
         },
     )
@@ -682,11 +731,26 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
     if o.worker_liveness_timeout.is_zero() {
         bail!("--worker-liveness-timeout must be greater than 0");
     }
+    let tls = match (&o.tls_cert, &o.tls_key) {
+        (Some(cert), Some(key)) => Some(tether::tls::ServerTls::from_files(
+            cert,
+            key,
+            o.client_ca.as_deref(),
+        )?),
+        (None, None) => {
+            if o.client_ca.is_some() {
+                bail!("--client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)");
+            }
+            None
+        }
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
     Ok(ServerConfig {
         long_poll_timeout: o.long_poll_timeout,
         max_payload_bytes: o.max_payload_bytes,
         sync_mode: o.sync,
         worker_liveness_timeout: o.worker_liveness_timeout,
+        tls,
     })
 }
 
@@ -1019,6 +1083,26 @@ async fn run(cli: Cli) -> Result<i32> {
                         }
                     }
                 }
+            }
+        }
+        Command::Certs(CertsCmd::Dev { out, clients }) => {
+            let names: Vec<&str> = clients.iter().map(String::as_str).collect();
+            let files = tether::tls::write_dev_certs(&out, &names)?;
+            if g.json {
+                print_json(&Value::Array(
+                    files
+                        .iter()
+                        .map(|f| json!(f.display().to_string()))
+                        .collect(),
+                ));
+            } else {
+                for f in &files {
+                    println!("{}", f.display());
+                }
+                eprintln!(
+                    "try it:\n  tether server --data-dir DIR --tls-cert {0}/server.pem --tls-key {0}/server.key --client-ca {0}/ca.pem\n  tether --tls-ca {0}/ca.pem --tls-cert {0}/client.pem --tls-key {0}/client.key namespace list",
+                    out.display()
+                );
             }
         }
         Command::Caps(args) => {

@@ -72,6 +72,8 @@ pub struct ClientOptions {
     /// Payload conversion and codecs (e.g. AES-256-GCM encryption), applied to every payload
     /// this client and workers built on it send and receive. Default: JSON, no codec.
     pub data_converter: codec::DataConverter,
+    /// TLS settings (server CA, client certificate for mTLS). Default: plaintext.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -80,6 +82,7 @@ impl Default for ClientOptions {
             namespace: crate::types::DEFAULT_NAMESPACE.into(),
             identity: default_identity(),
             data_converter: codec::DataConverter::default(),
+            tls: None,
         }
     }
 }
@@ -139,15 +142,28 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client, ClientError> {
         let address = address.into();
-        let url = if address.contains("://") {
-            address.clone()
+        let scheme = if options.tls.is_some() {
+            "https"
         } else {
-            format!("http://{address}")
+            "http"
         };
-        let endpoint = Endpoint::from_shared(url).map_err(|e| ClientError::Connect {
+        let url = match address.split_once("://") {
+            Some((_, rest)) => format!("{scheme}://{rest}"),
+            None => format!("{scheme}://{address}"),
+        };
+        let mut endpoint = Endpoint::from_shared(url).map_err(|e| ClientError::Connect {
             address: address.clone(),
             reason: e.to_string(),
         })?;
+        if let Some(tls) = &options.tls {
+            crate::tls::install_crypto_provider();
+            endpoint = endpoint
+                .tls_config(tls.to_tonic())
+                .map_err(|e| ClientError::Connect {
+                    address: address.clone(),
+                    reason: format!("TLS settings: {e}"),
+                })?;
+        }
         let channel = endpoint
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
@@ -160,7 +176,27 @@ impl Client {
         let rpc = TetherServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        Ok(Client { rpc, options })
+        let client = Client { rpc, options };
+        if let Some(tls) = &client.options.tls {
+            // Under TLS 1.3 a refused client certificate only shows on the first call: make one
+            // now so the error says what is wrong.
+            if let Err(status) = client
+                .raw()
+                .list_namespaces(pb::ListNamespacesRequest {})
+                .await
+            {
+                let hint = if tls.identity.is_none() {
+                    "the server refused the connection; it probably requires a client certificate (pass --tls-cert and --tls-key)"
+                } else {
+                    "the server refused the connection or its certificate; check that the client certificate is issued by the server's client CA and not expired, and that --tls-ca matches the server"
+                };
+                return Err(ClientError::Connect {
+                    address,
+                    reason: format!("{hint} ({})", status.message()),
+                });
+            }
+        }
+        Ok(client)
     }
 
     /// The same connection working in another namespace.

@@ -107,6 +107,8 @@ pub struct ServerConfig {
     pub sync_mode: SyncMode,
     /// A worker that sends no heartbeat or poll for this long is dead. Default 15 s.
     pub worker_liveness_timeout: Duration,
+    /// TLS (and, with a client CA, mTLS). Default: plaintext (loopback development only).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +118,7 @@ impl Default for ServerConfig {
             max_payload_bytes: crate::types::DEFAULT_MAX_PAYLOAD_BYTES,
             sync_mode: SyncMode::Full,
             worker_liveness_timeout: Duration::from_secs(15),
+            tls: None,
         }
     }
 }
@@ -153,8 +156,9 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tls = config.tls.clone();
     let engine = Engine::open(store, config).await?;
-    serve_engine(listener, engine, shutdown).await
+    serve_engine(listener, engine, tls, shutdown).await
 }
 
 /// A server started in this process (for `tether dev`, examples and tests).
@@ -199,7 +203,7 @@ impl LocalServer {
                     return Err(ServeError::Engine(e));
                 }
             };
-            serve_engine(listener, engine, async move {
+            serve_engine(listener, engine, config.tls.clone(), async move {
                 let _ = stop_rx.await;
             })
             .await
@@ -267,6 +271,7 @@ impl Drop for LocalServer {
 async fn serve_engine(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let timers = tokio::spawn(engine.clone().run_timers());
@@ -290,7 +295,12 @@ async fn serve_engine(
             })
         },
     );
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        crate::tls::install_crypto_provider();
+        builder = builder.tls_config(tls.to_tonic())?;
+    }
+    let result = builder
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

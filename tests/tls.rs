@@ -1,0 +1,161 @@
+//! mTLS: a valid client certificate works; no certificate, one from another CA, and an expired
+//! one are refused with a clear error.
+
+mod common;
+
+use std::time::Duration;
+use tether::client::{Client, ClientError, ClientOptions};
+use tether::server::{LocalServer, ServerConfig};
+use tether::tls::{ClientTls, DevCa, ServerTls};
+
+struct Pki {
+    ca: DevCa,
+    server: LocalServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn mtls_server() -> Pki {
+    let ca = DevCa::new("test CA").unwrap();
+    let (cert, key) = ca.server_cert(&[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        tls: Some(ServerTls {
+            cert_pem: cert.into_bytes(),
+            key_pem: key.into_bytes(),
+            client_ca_pem: Some(ca.cert_pem.clone().into_bytes()),
+        }),
+        ..common::test_config()
+    };
+    let server = LocalServer::start("127.0.0.1:0", dir.path(), config)
+        .await
+        .unwrap();
+    Pki {
+        ca,
+        server,
+        _dir: dir,
+    }
+}
+
+async fn connect(pki: &Pki, identity: Option<(String, String)>) -> Result<Client, ClientError> {
+    let tls = ClientTls {
+        ca_pem: Some(pki.ca.cert_pem.clone().into_bytes()),
+        identity: identity.map(|(c, k)| (c.into_bytes(), k.into_bytes())),
+        server_name: Some("localhost".into()),
+    };
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        Client::connect_with(
+            format!("127.0.0.1:{}", pki.server.addr().port()),
+            ClientOptions {
+                tls: Some(tls),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("connect does not hang")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_client_certificate_is_accepted() {
+    let pki = mtls_server().await;
+    let client = connect(&pki, Some(pki.ca.client_cert("worker-1", None).unwrap()))
+        .await
+        .unwrap();
+    let ns = client.list_namespaces().await.unwrap();
+    assert_eq!(ns[0].name, "default");
+    client
+        .start_workflow(
+            "wf",
+            &(),
+            tether::client::WorkflowOptions::new("over-tls", "q"),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_foreign_and_expired_certificates_are_refused() {
+    let pki = mtls_server().await;
+    let err = connect(&pki, None)
+        .await
+        .err()
+        .expect("no client certificate is refused");
+    assert!(
+        err.to_string().contains("requires a client certificate"),
+        "{err}"
+    );
+
+    let other_ca = DevCa::new("someone else's CA").unwrap();
+    let err = connect(&pki, Some(other_ca.client_cert("intruder", None).unwrap()))
+        .await
+        .err()
+        .expect("a certificate from another CA is refused");
+    assert!(err.to_string().contains("refused"), "{err}");
+
+    let expired = pki
+        .ca
+        .client_cert(
+            "old",
+            Some(time::OffsetDateTime::now_utc() - time::Duration::days(1)),
+        )
+        .unwrap();
+    let err = connect(&pki, Some(expired))
+        .await
+        .err()
+        .expect("an expired certificate is refused");
+    assert!(err.to_string().contains("refused"), "{err}");
+
+    // A plaintext client cannot talk to the TLS server either.
+    let plain = Client::connect_with(
+        format!("127.0.0.1:{}", pki.server.addr().port()),
+        ClientOptions::default(),
+    )
+    .await;
+    if let Ok(c) = plain {
+        assert!(c.list_namespaces().await.is_err());
+    }
+}
+
+#[test]
+fn certs_dev_writes_a_usable_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["certs", "dev", "--out", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+        "worker.pem",
+        "admin.key",
+    ] {
+        assert!(dir.path().join(f).exists(), "{f} written");
+    }
+    let tls = ServerTls::from_files(
+        &dir.path().join("server.pem"),
+        &dir.path().join("server.key"),
+        Some(&dir.path().join("ca.pem")),
+    );
+    assert!(tls.is_ok());
+    let err = ServerTls::from_files(
+        &dir.path().join("server.key"),
+        &dir.path().join("server.key"),
+        None,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("is not a PEM certificate"),
+        "{err}"
+    );
+}
