@@ -159,3 +159,106 @@ fn certs_dev_writes_a_usable_set() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_file_grants_roles_per_namespace() {
+    let ca = DevCa::new("test CA").unwrap();
+    let (cert, key) = ca.server_cert(&[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let access = tether::server::auth::Access::parse(
+        r#"
+        [[grant]]
+        identity = "alice"
+        namespace = "default"
+        roles = ["client"]
+        [[grant]]
+        identity = "w1"
+        namespace = "default"
+        roles = ["worker"]
+        [[grant]]
+        identity = "root"
+        namespace = "*"
+        roles = ["admin"]
+        "#,
+        "test",
+    )
+    .unwrap();
+    let config = ServerConfig {
+        tls: Some(ServerTls {
+            cert_pem: cert.into_bytes(),
+            key_pem: key.into_bytes(),
+            client_ca_pem: Some(ca.cert_pem.clone().into_bytes()),
+        }),
+        access: Some(std::sync::Arc::new(access)),
+        ..common::test_config()
+    };
+    let server = LocalServer::start("127.0.0.1:0", dir.path(), config)
+        .await
+        .unwrap();
+    let pki = Pki {
+        ca,
+        server,
+        _dir: dir,
+    };
+    let as_ = |name: &str| pki.ca.client_cert(name, None).unwrap();
+    let root = connect(&pki, Some(as_("root"))).await.unwrap();
+    root.register_namespace("billing", "").await.unwrap();
+    let alice = connect(&pki, Some(as_("alice"))).await.unwrap();
+    let handle = alice
+        .start_workflow("wf", &(), tether::client::WorkflowOptions::new("a-1", "q"))
+        .await
+        .unwrap();
+    // Not granted: another namespace, an admin call, a worker call.
+    let err = alice
+        .with_namespace("billing")
+        .start_workflow("wf", &(), tether::client::WorkflowOptions::new("a-2", "q"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+    assert!(
+        err.to_string()
+            .contains("identity \"alice\" lacks role \"client\" in namespace \"billing\""),
+        "{err}"
+    );
+    let err = handle.terminate("no").await.unwrap_err();
+    assert!(err.to_string().contains("lacks role \"admin\""), "{err}");
+    let err = alice
+        .raw()
+        .poll_activity_task(tether::api::pb::PollActivityTaskRequest {
+            namespace: "default".into(),
+            task_queue: "q".into(),
+            identity: "alice".into(),
+            poll_timeout_ms: 10,
+            additional_task_queues: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("lacks role \"worker\""),
+        "{}",
+        err.message()
+    );
+    // The worker identity may poll, but not start workflows.
+    let w1 = connect(&pki, Some(as_("w1"))).await.unwrap();
+    let polled = w1
+        .raw()
+        .poll_workflow_task(tether::api::pb::PollWorkflowTaskRequest {
+            namespace: "default".into(),
+            task_queue: "q".into(),
+            identity: "w1".into(),
+            poll_timeout_ms: 5_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(polled.workflow_id, "a-1");
+    let err = w1
+        .start_workflow("wf", &(), tether::client::WorkflowOptions::new("w-1", "q"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lacks role \"client\""), "{err}");
+    // An identity with no grant at all cannot even connect.
+    let err = connect(&pki, Some(as_("mallory"))).await.err().unwrap();
+    assert!(err.to_string().contains("refused"), "{err}");
+}

@@ -184,6 +184,10 @@ struct ServerOptionsArgs {
     /// Require client certificates issued by this CA (PEM): mTLS.
     #[arg(long)]
     client_ca: Option<PathBuf>,
+    /// Access file (TOML) granting roles per certificate identity and namespace; whatever is
+    /// not granted is denied. Needs --client-ca.
+    #[arg(long)]
+    access: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -745,12 +749,24 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
         }
         _ => bail!("--tls-cert and --tls-key go together"),
     };
+    let access = match &o.access {
+        None => None,
+        Some(path) => {
+            if o.client_ca.is_none() {
+                bail!("--access needs --client-ca: identities come from client certificates");
+            }
+            Some(std::sync::Arc::new(
+                tether::server::auth::Access::load(path).map_err(anyhow::Error::msg)?,
+            ))
+        }
+    };
     Ok(ServerConfig {
         long_poll_timeout: o.long_poll_timeout,
         max_payload_bytes: o.max_payload_bytes,
         sync_mode: o.sync,
         worker_liveness_timeout: o.worker_liveness_timeout,
         tls,
+        access,
     })
 }
 

@@ -689,6 +689,15 @@ pub struct WorkflowHandle {
     pub run_id: String,
 }
 
+impl std::fmt::Debug for WorkflowHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkflowHandle")
+            .field("workflow_id", &self.workflow_id)
+            .field("run_id", &self.run_id)
+            .finish()
+    }
+}
+
 impl WorkflowHandle {
     /// Waits for the run to close and decodes its result.
     pub async fn result<O: DeserializeOwned>(&self) -> Result<O, ClientError> {

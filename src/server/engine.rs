@@ -151,6 +151,11 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The access rules in force, if authorization is on.
+    pub fn access(&self) -> Option<&super::auth::Access> {
+        self.config.access.as_deref()
+    }
+
     /// The payload size limit in force.
     pub fn max_payload_bytes(&self) -> usize {
         self.config.max_payload_bytes

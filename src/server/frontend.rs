@@ -1,6 +1,7 @@
 //! gRPC handlers: check every request (names, sizes, required fields) before the engine sees it,
 //! and map engine errors to gRPC statuses with messages that say what was wrong.
 
+use super::auth::Role;
 use super::history::check_payload;
 use super::{Engine, EngineError};
 use crate::api::pb::{self, tether_service_server::TetherService};
@@ -18,6 +19,21 @@ impl Frontend {
     /// Wraps an engine.
     pub fn new(engine: Arc<Engine>) -> Self {
         Frontend { engine }
+    }
+
+    /// The caller's certificate identities (only read when authorization is on).
+    fn identities<T>(&self, request: &Request<T>) -> Vec<String> {
+        match self.engine.access() {
+            Some(_) => super::auth::identities_of(request),
+            None => Vec::new(),
+        }
+    }
+
+    fn allow(&self, ids: &[String], namespace: &str, role: Role) -> Result<(), Status> {
+        match self.engine.access() {
+            None => Ok(()),
+            Some(access) => access.check(ids, namespace, role),
+        }
     }
 
     fn max_payload(&self) -> usize {
@@ -56,6 +72,13 @@ impl Frontend {
         self.engine
             .next_activity_now(&namespace, &queues, &identity)
     }
+}
+
+/// The namespace a task token names ("" when it is malformed: the engine then says so).
+fn token_namespace(token: &[u8]) -> String {
+    <pb::TaskToken as prost::Message>::decode(token)
+        .map(|t| t.namespace)
+        .unwrap_or_default()
 }
 
 fn name(what: &'static str, value: &str) -> Result<(), Status> {
@@ -119,7 +142,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RegisterNamespaceRequest>,
     ) -> R<pb::RegisterNamespaceResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Admin)?;
         name("namespace", &req.namespace)?;
         self.engine
             .register_namespace(&req.namespace, &req.description)
@@ -129,8 +154,16 @@ impl TetherService for Frontend {
 
     async fn list_namespaces(
         &self,
-        _request: Request<pb::ListNamespacesRequest>,
+        request: Request<pb::ListNamespacesRequest>,
     ) -> R<pb::ListNamespacesResponse> {
+        let ids = self.identities(&request);
+        if let Some(access) = self.engine.access() {
+            if !access.known(&ids) {
+                return Err(Status::permission_denied(
+                    "this identity holds no grant in the access file",
+                ));
+            }
+        }
         ok(pb::ListNamespacesResponse {
             namespaces: self.engine.list_namespaces(),
         })
@@ -140,7 +173,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::StartWorkflowRequest>,
     ) -> R<pb::StartWorkflowResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         name("workflow type", &req.workflow_type)?;
@@ -154,7 +189,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::SignalWorkflowRequest>,
     ) -> R<pb::SignalWorkflowResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -168,7 +205,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RequestCancelWorkflowRequest>,
     ) -> R<pb::RequestCancelWorkflowResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -189,7 +228,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::TerminateWorkflowRequest>,
     ) -> R<pb::TerminateWorkflowResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Admin)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -201,7 +242,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeWorkflowRequest>,
     ) -> R<pb::DescribeWorkflowResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -225,7 +268,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::GetWorkflowHistoryRequest>,
     ) -> R<pb::GetWorkflowHistoryResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -248,7 +293,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ListWorkflowsRequest>,
     ) -> R<pb::ListWorkflowsResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         let status = status_filter(req.status)?;
         let standalone = kind_is_activity(&req.kind)?;
@@ -268,7 +315,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::GetWorkflowResultRequest>,
     ) -> R<pb::GetWorkflowResultResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -289,7 +338,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::StartActivityRequest>,
     ) -> R<pb::StartActivityResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("activity id", &req.activity_id)?;
         name("activity type", &req.activity_type)?;
@@ -318,7 +369,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::GetActivityResultRequest>,
     ) -> R<pb::GetWorkflowResultResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("activity id", &req.activity_id)?;
         optional_name("run id", &req.run_id)?;
@@ -339,7 +392,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::PollWorkflowTaskRequest>,
     ) -> R<pb::PollWorkflowTaskResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Worker)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
@@ -351,9 +406,20 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CompleteWorkflowTaskRequest>,
     ) -> R<pb::CompleteWorkflowTaskResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
         optional_name("identity", &req.identity)?;
         optional_name("sticky queue", &req.sticky_queue)?;
+        // Signalling a workflow in another namespace needs the client role there.
+        let own = token_namespace(&req.task_token);
+        for c in &req.commands {
+            if let Some(pb::command::Kind::SignalExternal(sig)) = &c.kind {
+                if !sig.namespace.is_empty() && sig.namespace != own {
+                    self.allow(&ids, &sig.namespace, Role::Client)?;
+                }
+            }
+        }
         self.engine.complete_workflow_task(req).await?;
         ok(pb::CompleteWorkflowTaskResponse {})
     }
@@ -362,7 +428,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::FailWorkflowTaskRequest>,
     ) -> R<pb::FailWorkflowTaskResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
         self.engine.fail_workflow_task(req).await?;
         ok(pb::FailWorkflowTaskResponse {})
     }
@@ -371,7 +439,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::PollActivityTaskRequest>,
     ) -> R<pb::PollActivityTaskResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Worker)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
@@ -387,7 +457,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::HeartbeatActivityRequest>,
     ) -> R<pb::HeartbeatActivityResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
         payload(
             "heartbeat details",
             req.details.as_ref(),
@@ -401,7 +473,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CompleteActivityTaskRequest>,
     ) -> R<pb::CompleteActivityTaskResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
         payload("activity result", req.result.as_ref(), self.max_payload())?;
         let next = self.next_task_target(&req.next_task, &req.identity)?;
         self.engine.complete_activity(req).await?;
@@ -414,7 +488,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::FailActivityTaskRequest>,
     ) -> R<pb::FailActivityTaskResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
         if let Some(f) = &req.failure {
             payload("failure details", f.details.as_ref(), self.max_payload())?;
         }
@@ -429,7 +505,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ReportActivityCanceledRequest>,
     ) -> R<pb::ReportActivityCanceledResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
         payload("cancel details", req.details.as_ref(), self.max_payload())?;
         self.engine.activity_canceled(req).await?;
         ok(pb::ReportActivityCanceledResponse {})
@@ -439,7 +517,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeTaskQueueRequest>,
     ) -> R<pb::DescribeTaskQueueResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         ok(self
@@ -451,7 +531,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeWorkerRequest>,
     ) -> R<pb::DescribeWorkerResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         ok(pb::DescribeWorkerResponse {
@@ -463,7 +545,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> R<pb::RegisterWorkerResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Worker)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         for q in &req.task_queues {
@@ -476,7 +560,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::WorkerHeartbeatRequest>,
     ) -> R<pb::WorkerHeartbeatResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Worker)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         let known = self.engine.worker_heartbeat(req)?;
@@ -487,7 +573,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> R<pb::CreateSessionResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         if req.options.is_none() {
             return Err(Status::invalid_argument(
@@ -504,7 +592,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CompleteSessionRequest>,
     ) -> R<pb::CompleteSessionResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("session id", &req.session_id)?;
         let session = self
@@ -520,7 +610,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeSessionRequest>,
     ) -> R<pb::SessionInfo> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         name("session id", &req.session_id)?;
         ok(self
@@ -533,7 +625,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> R<pb::ListSessionsResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         ok(pb::ListSessionsResponse {
             sessions: self
@@ -547,7 +641,9 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> R<pb::ListWorkersResponse> {
+        let ids = self.identities(&request);
         let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
         ok(pb::ListWorkersResponse {
             workers: self.engine.list_workers(&req.namespace)?,

@@ -1,6 +1,7 @@
 //! The tether server: a gRPC frontend (validation, limits, error mapping) over the [`Engine`]
 //! (history state machine, matching, timers) over a [`Store`](crate::store::Store).
 
+pub mod auth;
 mod engine;
 mod frontend;
 pub mod history;
@@ -109,6 +110,9 @@ pub struct ServerConfig {
     pub worker_liveness_timeout: Duration,
     /// TLS (and, with a client CA, mTLS). Default: plaintext (loopback development only).
     pub tls: Option<crate::tls::ServerTls>,
+    /// Who may do what where (needs mTLS: identities come from client certificates). Default:
+    /// everything is allowed.
+    pub access: Option<std::sync::Arc<auth::Access>>,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +123,7 @@ impl Default for ServerConfig {
             sync_mode: SyncMode::Full,
             worker_liveness_timeout: Duration::from_secs(15),
             tls: None,
+            access: None,
         }
     }
 }

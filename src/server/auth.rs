@@ -1,0 +1,188 @@
+//! Authorization: an access file maps client identities (the CN or a SAN of their certificate)
+//! to namespaces and roles. When it is on, whatever is not granted is denied.
+//!
+//! ```toml
+//! [[grant]]
+//! identity = "worker"        # certificate CN or SAN
+//! namespace = "default"      # or "*" for every namespace
+//! roles = ["worker"]         # worker | client | admin
+//! ```
+//!
+//! `worker`: poll, complete, fail, heartbeat, register. `client`: start, signal, cancel, describe,
+//! history, list, results, standalone activities, sessions, queues and workers. `admin`:
+//! everything, including namespaces and terminate.
+
+use serde::Deserialize;
+use std::path::Path;
+use tonic::{Request, Status};
+
+/// A role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs workflows and activities.
+    Worker,
+    /// Starts and inspects work.
+    Client,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// One grant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Certificate CN or SAN.
+    pub identity: String,
+    /// Namespace, or "*".
+    pub namespace: String,
+    /// Roles granted there.
+    pub roles: Vec<Role>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessFile {
+    #[serde(default)]
+    grant: Vec<Grant>,
+}
+
+/// The grants in force.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    grants: Vec<Grant>,
+}
+
+impl Access {
+    /// Parses an access file.
+    pub fn parse(text: &str, path: &str) -> Result<Access, String> {
+        let file: AccessFile =
+            toml::from_str(text).map_err(|e| format!("access file {path} is invalid: {e}"))?;
+        if file.grant.is_empty() {
+            return Err(format!(
+                "access file {path} grants nothing; add [[grant]] entries"
+            ));
+        }
+        Ok(Access { grants: file.grant })
+    }
+
+    /// Reads an access file.
+    pub fn load(path: &Path) -> Result<Access, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("could not read access file {}: {e}", path.display()))?;
+        Access::parse(&text, &path.display().to_string())
+    }
+
+    fn allowed(&self, identities: &[String], namespace: &str, role: Role) -> bool {
+        self.grants.iter().any(|g| {
+            identities.contains(&g.identity)
+                && (g.namespace == "*" || g.namespace == namespace)
+                && g.roles.iter().any(|r| *r == role || *r == Role::Admin)
+        })
+    }
+
+    /// Allows the call or says who lacks what where.
+    pub fn check(&self, identities: &[String], namespace: &str, role: Role) -> Result<(), Status> {
+        if self.allowed(identities, namespace, role) {
+            return Ok(());
+        }
+        let who = if identities.is_empty() {
+            "an unauthenticated caller (no client certificate)".to_string()
+        } else {
+            format!("identity {:?}", identities[0])
+        };
+        Err(Status::permission_denied(format!(
+            "{who} lacks role {:?} in namespace {namespace:?}; grant it in the access file",
+            role.name()
+        )))
+    }
+
+    /// Whether the identities hold any grant at all (for calls that name no namespace).
+    pub fn known(&self, identities: &[String]) -> bool {
+        self.grants.iter().any(|g| identities.contains(&g.identity))
+    }
+}
+
+/// The identities a request's client certificate carries: its common name(s), then its DNS SANs.
+pub fn identities_of<T>(request: &Request<T>) -> Vec<String> {
+    let Some(certs) = request.peer_certs() else {
+        return Vec::new();
+    };
+    let Some(first) = certs.first() else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(first.as_ref()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = name {
+                out.push(d.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_and_denials() {
+        let access = Access::parse(
+            r#"
+            [[grant]]
+            identity = "alice"
+            namespace = "default"
+            roles = ["client"]
+            [[grant]]
+            identity = "root"
+            namespace = "*"
+            roles = ["admin"]
+            "#,
+            "f",
+        )
+        .unwrap();
+        let alice = vec!["alice".to_string()];
+        assert!(access.check(&alice, "default", Role::Client).is_ok());
+        let e = access.check(&alice, "billing", Role::Client).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message()
+                .contains("identity \"alice\" lacks role \"client\" in namespace \"billing\""),
+            "{}",
+            e.message()
+        );
+        assert!(access.check(&alice, "default", Role::Worker).is_err());
+        assert!(access
+            .check(&["root".into()], "anything", Role::Worker)
+            .is_ok());
+        assert!(access
+            .check(&[], "default", Role::Client)
+            .unwrap_err()
+            .message()
+            .contains("unauthenticated"));
+        assert!(Access::parse("", "f").is_err());
+        assert!(Access::parse(
+            "[[grant]]\nidentity = \"x\"\nnamespace = \"*\"\nroles = [\"god\"]\n",
+            "f"
+        )
+        .is_err());
+    }
+}
