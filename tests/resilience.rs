@@ -695,3 +695,176 @@ async fn schedule_to_start_timeout_is_not_retried() {
     assert_no_task_failures(&handle).await;
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_with_the_limit_and_the_value() {
+    let config = tether::server::ServerConfig {
+        max_history_events: 4,
+        max_pending_activities: 2,
+        max_requests_per_second: 0,
+        ..common::test_config()
+    };
+    let env = TestEnv::start_with(config).await;
+    // History length: a run with 1 event takes 3 signals, the 4th is refused.
+    let handle = env
+        .client
+        .start_workflow(
+            "nobody-runs-this",
+            &(),
+            WorkflowOptions::new("full", "nowhere"),
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        handle.signal("s", &i).await.unwrap();
+    }
+    let err = handle.signal("s", &4).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}");
+    assert!(
+        err.to_string()
+            .contains("has 4 history events; the limit is 4"),
+        "{err}"
+    );
+    // Pending activities: a completion scheduling 3 at once is refused; nothing changes.
+    let env2 = TestEnv::start_with(tether::server::ServerConfig {
+        max_pending_activities: 2,
+        ..common::test_config()
+    })
+    .await;
+    env2.client
+        .start_workflow("w", &(), WorkflowOptions::new("wide", "q"))
+        .await
+        .unwrap();
+    let mut rpc = env2.client.raw();
+    let task = rpc
+        .poll_workflow_task(pb::PollWorkflowTaskRequest {
+            namespace: "default".into(),
+            task_queue: "q".into(),
+            identity: "raw".into(),
+            poll_timeout_ms: 5_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let schedule = |seq: u32| pb::Command {
+        kind: Some(pb::command::Kind::ScheduleActivity(
+            pb::ScheduleActivityCommand {
+                seq,
+                activity_type: "a".into(),
+                options: Some(pb::ActivityOptions {
+                    start_to_close_timeout_ms: 1_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )),
+    };
+    let err = rpc
+        .complete_workflow_task(pb::CompleteWorkflowTaskRequest {
+            task_token: task.task_token.clone(),
+            commands: vec![schedule(1), schedule(2), schedule(3)],
+            identity: "raw".into(),
+            sticky_queue: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        err.message()
+            .contains("3 pending activities; the limit is 2"),
+        "{}",
+        err.message()
+    );
+    let history = env2
+        .client
+        .workflow_handle("wide", "")
+        .history()
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 1, "nothing was recorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_rate_per_caller_is_limited() {
+    let env = TestEnv::start_with(tether::server::ServerConfig {
+        max_requests_per_second: 20,
+        ..common::test_config()
+    })
+    .await;
+    let mut refused = None;
+    for _ in 0..200 {
+        if let Err(e) = env.client.list_namespaces().await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let err = refused.expect("the 20/s bucket runs dry within 200 back-to-back calls");
+    assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}");
+    assert!(
+        err.to_string().contains("exceeded 20 requests per second"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests_leave_the_server_up() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    // Garbage tokens, empty fields, unknown enum values, huge payloads.
+    let _ = rpc
+        .complete_workflow_task(pb::CompleteWorkflowTaskRequest {
+            task_token: vec![0xde, 0xad, 0xbe, 0xef, 0x01],
+            commands: vec![pb::Command { kind: None }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let _ = rpc
+        .list_workflows(pb::ListWorkflowsRequest {
+            namespace: "default".into(),
+            status: 999,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let big = vec![b'x'; 8 * 1024 * 1024];
+    let err = rpc
+        .signal_workflow(pb::SignalWorkflowRequest {
+            namespace: "default".into(),
+            workflow_id: "w".into(),
+            signal_name: "s".into(),
+            input: Some(tether::codec::json_payload(big)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let huge = vec![b'x'; 80 * 1024 * 1024];
+    let err = rpc
+        .start_workflow(pb::StartWorkflowRequest {
+            namespace: "default".into(),
+            workflow_id: "w".into(),
+            workflow_type: "t".into(),
+            task_queue: "q".into(),
+            input: Some(tether::codec::json_payload(huge)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::InvalidArgument
+                | tonic::Code::Internal
+                | tonic::Code::Unknown
+                | tonic::Code::Unavailable
+        ),
+        "{err:?}"
+    );
+    // Still serving.
+    let ns = env.client.list_namespaces().await.unwrap();
+    assert_eq!(ns[0].name, "default");
+}

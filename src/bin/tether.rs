@@ -188,6 +188,15 @@ struct ServerOptionsArgs {
     /// not granted is denied. Needs --client-ca.
     #[arg(long)]
     access: Option<PathBuf>,
+    /// Most events one workflow run's history may hold.
+    #[arg(long, default_value_t = 50_000)]
+    max_history_events: u64,
+    /// Most activities one workflow run may have pending at once.
+    #[arg(long, default_value_t = 2_000)]
+    max_pending_activities: usize,
+    /// Most requests per second from one caller (certificate identity, else address); 0 = off.
+    #[arg(long, default_value_t = 100_000)]
+    max_requests_per_second: u32,
 }
 
 #[derive(Args)]
@@ -767,6 +776,9 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
         worker_liveness_timeout: o.worker_liveness_timeout,
         tls,
         access,
+        max_history_events: o.max_history_events,
+        max_pending_activities: o.max_pending_activities,
+        max_requests_per_second: o.max_requests_per_second,
     })
 }
 

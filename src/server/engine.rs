@@ -151,6 +151,11 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The request rate limit per caller (0 = off).
+    pub fn max_requests_per_second(&self) -> u32 {
+        self.config.max_requests_per_second
+    }
+
     /// The access rules in force, if authorization is on.
     pub fn access(&self) -> Option<&super::auth::Access> {
         self.config.access.as_deref()
@@ -513,6 +518,14 @@ impl Engine {
             let run_id =
                 self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
             let entry = st.runs.get_mut(&run_id).expect("open run");
+            let events =
+                entry.state.next_event_id.saturating_sub(1) + entry.state.buffered.len() as u64;
+            if events >= self.config.max_history_events {
+                return Err(EngineError::ResourceExhausted(format!(
+                    "workflow {} has {events} history events; the limit is {}",
+                    req.workflow_id, self.config.max_history_events
+                )));
+            }
             entry.signal(
                 &req.signal_name,
                 req.input,
@@ -878,6 +891,33 @@ impl Engine {
         }
     }
 
+    /// Refuses a completion that would take a run past the history or pending-activity limits.
+    fn check_run_limits(
+        &self,
+        entry: &RunEntry,
+        commands: &[pb::Command],
+    ) -> Result<(), EngineError> {
+        let new_activities = commands
+            .iter()
+            .filter(|c| matches!(c.kind, Some(pb::command::Kind::ScheduleActivity(_))))
+            .count();
+        let pending = entry.state.activities.len() + new_activities;
+        if pending > self.config.max_pending_activities {
+            return Err(EngineError::ResourceExhausted(format!(
+                "workflow {} would have {pending} pending activities; the limit is {}",
+                entry.state.workflow_id, self.config.max_pending_activities
+            )));
+        }
+        let events = entry.state.next_event_id.saturating_sub(1) + 1 + commands.len() as u64;
+        if events > self.config.max_history_events {
+            return Err(EngineError::ResourceExhausted(format!(
+                "workflow {} would have {events} history events; the limit is {} (continue as a new workflow)",
+                entry.state.workflow_id, self.config.max_history_events
+            )));
+        }
+        Ok(())
+    }
+
     fn decode_token(bytes: &[u8]) -> Result<pb::TaskToken, EngineError> {
         let token = pb::TaskToken::decode(bytes).map_err(|_| {
             EngineError::InvalidArgument(
@@ -946,6 +986,7 @@ impl Engine {
                 )));
             };
             entry.validate_commands(&commands, max)?;
+            self.check_run_limits(entry, &commands)?;
             entry.complete_workflow_task(
                 &token,
                 commands,

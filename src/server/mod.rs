@@ -59,6 +59,9 @@ pub enum EngineError {
         /// The limit.
         limit: usize,
     },
+    /// A limit would be exceeded (history length, pending activities, request rate).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The server cannot serve now (storage failed, shutting down).
     #[error("{0}")]
     Unavailable(String),
@@ -88,6 +91,7 @@ impl From<EngineError> for tonic::Status {
                 status
             }
             EngineError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            EngineError::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
             EngineError::Unavailable(_) => tonic::Status::unavailable(msg),
             EngineError::Internal(_) => tonic::Status::internal(msg),
         }
@@ -113,6 +117,13 @@ pub struct ServerConfig {
     /// Who may do what where (needs mTLS: identities come from client certificates). Default:
     /// everything is allowed.
     pub access: Option<std::sync::Arc<auth::Access>>,
+    /// Most events one workflow run's history may hold. Default 50,000.
+    pub max_history_events: u64,
+    /// Most activities one workflow run may have pending at once. Default 2,000.
+    pub max_pending_activities: usize,
+    /// Most requests per second from one caller (certificate identity, else address); 0 turns
+    /// the limit off. Default 100,000 (all plaintext callers on one address share a bucket).
+    pub max_requests_per_second: u32,
 }
 
 impl Default for ServerConfig {
@@ -124,6 +135,9 @@ impl Default for ServerConfig {
             worker_liveness_timeout: Duration::from_secs(15),
             tls: None,
             access: None,
+            max_history_events: 50_000,
+            max_pending_activities: 2_000,
+            max_requests_per_second: 100_000,
         }
     }
 }
@@ -281,9 +295,13 @@ async fn serve_engine(
 ) -> Result<(), ServeError> {
     let timers = tokio::spawn(engine.clone().run_timers());
     let liveness = tokio::spawn(engine.clone().run_liveness());
+    let limiter = Arc::new(RateLimiter::new(engine.max_requests_per_second()));
     let service = TetherServiceServer::new(Frontend::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
+    let service = tonic::service::interceptor::InterceptedService::new(service, move |req| {
+        limiter.admit(req)
+    });
     let engine_for_shutdown = engine.clone();
     let shutdown = async move {
         shutdown.await;
@@ -313,4 +331,48 @@ async fn serve_engine(
     let _ = timers.await;
     let _ = liveness.await;
     result.map_err(ServeError::from)
+}
+
+/// A token bucket per caller (certificate identity, else remote address).
+struct RateLimiter {
+    per_second: u32,
+    buckets: parking_lot::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl RateLimiter {
+    fn new(per_second: u32) -> Self {
+        RateLimiter {
+            per_second,
+            buckets: Default::default(),
+        }
+    }
+
+    fn admit(&self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if self.per_second == 0 {
+            return Ok(req);
+        }
+        let who = auth::identities_of(&req)
+            .into_iter()
+            .next()
+            .or_else(|| req.remote_addr().map(|a| a.ip().to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        let now = std::time::Instant::now();
+        let rate = self.per_second as f64;
+        let mut buckets = self.buckets.lock();
+        if buckets.len() > 100_000 {
+            // Forget idle callers so the map cannot grow without bound.
+            buckets.retain(|_, (_, t)| now.duration_since(*t).as_secs() < 60);
+        }
+        let (tokens, last) = buckets.entry(who.clone()).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens < 1.0 {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "caller {who:?} exceeded {} requests per second; slow down and retry",
+                self.per_second
+            )));
+        }
+        *tokens -= 1.0;
+        Ok(req)
+    }
 }
