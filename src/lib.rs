@@ -19,6 +19,7 @@ pub mod api;
 pub mod caps;
 pub mod client;
 pub mod codec;
+pub mod fuzz_checks;
 pub mod server;
 pub mod store;
 pub mod tls;
