@@ -175,3 +175,91 @@ async fn a_worker_without_the_key_fails_the_attempt_clearly() {
     );
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_shows_encrypted_payloads_and_decodes_them_with_keys_or_a_codec_server() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let env = TestEnv::start().await;
+    let key_file = env.dir.path().join("keys.txt");
+    std::fs::write(&key_file, format!("k1 = {}\n", "07".repeat(32))).unwrap();
+    let codec = AesGcmCodec::from_file(&key_file).unwrap();
+    let client = client_with(&env, Some(codec)).await;
+    client
+        .start_workflow(
+            "secret",
+            &format!("cli {MARKER}"),
+            WorkflowOptions::new("cli-1", "enc"),
+        )
+        .await
+        .unwrap();
+    let bin = env!("CARGO_BIN_EXE_tether");
+    let addr = env.listen.clone();
+    let history = move |extra: Vec<String>| {
+        let out = Command::new(bin)
+            .args([
+                "--address",
+                &addr,
+                "workflow",
+                "history",
+                "--id",
+                "cli-1",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (plain, with_keys) = tokio::task::spawn_blocking({
+        let history = history.clone();
+        let key_file = key_file.clone();
+        move || {
+            (
+                history(vec![]),
+                history(vec!["--keys".into(), key_file.display().to_string()]),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!plain.contains(MARKER), "no keys: nothing decoded");
+    assert!(plain.contains("\"key_id\": \"k1\""), "{plain}");
+    assert!(with_keys.contains(MARKER), "{with_keys}");
+
+    // The same through a codec server, which holds the keys instead of the CLI.
+    let mut server = Command::new(bin)
+        .args([
+            "codec-server",
+            "--keys",
+            key_file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let url = tokio::task::spawn_blocking(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("tether codec server listening on ") {
+                return format!("http://{}", rest.split_whitespace().next().unwrap());
+            }
+        }
+        panic!("codec server did not start");
+    })
+    .await
+    .unwrap();
+    let via_server =
+        tokio::task::spawn_blocking(move || history(vec!["--codec-server".into(), url]))
+            .await
+            .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(via_server.contains(MARKER), "{via_server}");
+}

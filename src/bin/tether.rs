@@ -64,6 +64,12 @@ struct Global {
     /// Name to check the server certificate against (default: the address's host).
     #[arg(long, global = true, env = "TETHER_TLS_SERVER_NAME")]
     tls_server_name: Option<String>,
+    /// Key file to decode encrypted payloads locally for display (history, describe, result).
+    #[arg(long, global = true, env = "TETHER_KEYS")]
+    keys: Option<PathBuf>,
+    /// Codec server (http://host:port) that decodes payloads for display, instead of --keys.
+    #[arg(long, global = true, env = "TETHER_CODEC_SERVER")]
+    codec_server: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -95,6 +101,22 @@ enum Command {
     /// Make certificates for trying mTLS.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Serve /encode and /decode over HTTP with the given keys, so tools can show payloads
+    /// without holding keys themselves.
+    CodecServer {
+        /// Key file (lines KEY_ID = 64 hex characters; optional `active = KEY_ID`).
+        #[arg(long)]
+        keys: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: String,
+    },
+    /// Write a new key file with one random AES-256 key.
+    Keygen {
+        /// Key id.
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -418,6 +440,11 @@ fn payload_json(p: Option<&pb::Payload>) -> Value {
             codec::JSON_ENCODING | "" => serde_json::from_slice(&p.data).unwrap_or_else(
                 |_| json!({ "undecodable_json": String::from_utf8_lossy(&p.data) }),
             ),
+            codec::ENCRYPTED_ENCODING => json!({
+                "encoding": codec::ENCRYPTED_ENCODING,
+                "key_id": p.metadata.get(codec::KEY_ID_KEY).map(|v| String::from_utf8_lossy(v).into_owned()),
+                "bytes": p.data.len(),
+            }),
             enc => json!({ "encoding": enc, "bytes": p.data.len() }),
         },
     }
@@ -706,6 +733,30 @@ fn session_json(s: &pb::SessionInfo) -> Value {
         "activities_run": s.activities_run,
         "reason": s.reason,
     })
+}
+
+/// Decodes payloads for display with --keys (locally) or --codec-server; without either,
+/// encrypted payloads are shown as such (with their key id).
+async fn decode_for_display(g: &Global, payloads: Vec<&mut pb::Payload>) -> Result<()> {
+    if payloads.is_empty() {
+        return Ok(());
+    }
+    if let Some(path) = &g.keys {
+        let dc = codec::DataConverter::default()
+            .with_codec(std::sync::Arc::new(codec::AesGcmCodec::from_file(path)?));
+        for p in payloads {
+            *p = dc.decode(p.clone())?;
+        }
+    } else if let Some(url) = &g.codec_server {
+        let owned: Vec<pb::Payload> = payloads.iter().map(|p| (**p).clone()).collect();
+        let decoded = codec::server::decode_remote(url, &owned)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        for (slot, p) in payloads.into_iter().zip(decoded) {
+            *slot = p;
+        }
+    }
+    Ok(())
 }
 
 fn print_json(v: &Value) {
@@ -1113,6 +1164,22 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
+        Command::CodecServer { keys, listen } => {
+            let dc = codec::DataConverter::default()
+                .with_codec(std::sync::Arc::new(codec::AesGcmCodec::from_file(&keys)?));
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("could not listen on {listen}"))?;
+            eprintln!(
+                "tether codec server listening on {} (POST /encode, /decode); Ctrl-C to stop",
+                listener.local_addr()?
+            );
+            codec::server::serve(listener, dc, shutdown_signal()).await?;
+        }
+        Command::Keygen { id } => {
+            println!("# tether payload keys: KEY_ID = 64 hex characters; the first (or `active = ID`) encrypts");
+            println!("{id} = {}", codec::AesGcmCodec::generate_key_hex());
+        }
         Command::Certs(CertsCmd::Dev { out, clients }) => {
             let names: Vec<&str> = clients.iter().map(String::as_str).collect();
             let files = tether::tls::write_dev_certs(&out, &names)?;
@@ -1218,14 +1285,16 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
         }
         WorkflowCmd::Result { run } => {
             let handle = client.workflow_handle(&run.workflow_id, &run.run_id);
-            let outcome = handle.outcome().await?;
+            let mut outcome = handle.outcome().await?;
+            decode_for_display(g, outcome.result.iter_mut().collect()).await?;
             return Ok(print_outcome(g, &run.workflow_id, &outcome));
         }
         WorkflowCmd::Describe { run } => {
-            let d = client
+            let mut d = client
                 .workflow_handle(&run.workflow_id, &run.run_id)
                 .describe()
                 .await?;
+            decode_for_display(g, d.result.iter_mut().collect()).await?;
             let info = d.info.clone().unwrap_or_default();
             if g.json {
                 let mut v = execution_json(&info);
@@ -1299,10 +1368,11 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             }
         }
         WorkflowCmd::History { run } => {
-            let events = client
+            let mut events = client
                 .workflow_handle(&run.workflow_id, &run.run_id)
                 .history()
                 .await?;
+            decode_for_display(g, codec::event_payloads_mut(&mut events)).await?;
             if g.json {
                 print_json(&Value::Array(events.iter().map(event_json).collect()));
             } else {

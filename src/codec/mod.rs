@@ -5,7 +5,9 @@
 //! and the server's storage only ever see, respectively, plain and encoded payloads.
 
 mod aes;
+pub mod server;
 mod walk;
+pub use walk::event_payloads_mut;
 
 pub use aes::{AesGcmCodec, ENCRYPTED_ENCODING, KEY_ID_KEY};
 

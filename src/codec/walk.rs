@@ -123,3 +123,41 @@ impl DataConverter {
         Ok(f)
     }
 }
+
+fn push_failure<'a>(out: &mut Vec<&'a mut pb::Payload>, mut f: Option<&'a mut pb::Failure>) {
+    while let Some(x) = f {
+        if let Some(p) = x.details.as_mut() {
+            out.push(p);
+        }
+        f = x.cause.as_deref_mut();
+    }
+}
+
+/// Every payload inside history events, for tools that decode them for display (e.g. through a
+/// codec server, in one call).
+pub fn event_payloads_mut(events: &mut [pb::HistoryEvent]) -> Vec<&mut pb::Payload> {
+    let mut out: Vec<&mut pb::Payload> = Vec::new();
+    for e in events {
+        match e.attributes.as_mut() {
+            Some(Attributes::WorkflowExecutionStarted(a)) => out.extend(a.input.as_mut()),
+            Some(Attributes::ActivityTaskScheduled(a)) => out.extend(a.input.as_mut()),
+            Some(Attributes::ActivityTaskCompleted(a)) => out.extend(a.result.as_mut()),
+            Some(Attributes::ActivityTaskFailed(a)) => push_failure(&mut out, a.failure.as_mut()),
+            Some(Attributes::ActivityTaskTimedOut(a)) => push_failure(&mut out, a.failure.as_mut()),
+            Some(Attributes::ActivityTaskCanceled(a)) => out.extend(a.details.as_mut()),
+            Some(Attributes::WorkflowSignaled(a)) => out.extend(a.input.as_mut()),
+            Some(Attributes::MarkerRecorded(a)) => out.extend(a.data.as_mut()),
+            Some(Attributes::SignalExternalInitiated(a)) => out.extend(a.input.as_mut()),
+            Some(Attributes::SignalExternalResolved(a)) => {
+                push_failure(&mut out, a.failure.as_mut())
+            }
+            Some(Attributes::WorkflowExecutionCompleted(a)) => out.extend(a.result.as_mut()),
+            Some(Attributes::WorkflowExecutionFailed(a)) => {
+                push_failure(&mut out, a.failure.as_mut())
+            }
+            Some(Attributes::WorkflowExecutionCanceled(a)) => out.extend(a.details.as_mut()),
+            _ => {}
+        }
+    }
+    out
+}
