@@ -263,3 +263,71 @@ async fn cli_shows_encrypted_payloads_and_decodes_them_with_keys_or_a_codec_serv
     let _ = server.wait();
     assert!(via_server.contains(MARKER), "{via_server}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_messages_can_be_encoded_too() {
+    let mut env = TestEnv::start().await;
+    let dc = DataConverter::default()
+        .with_codec(Arc::new(tether::codec::CompressionCodec::default()))
+        .with_codec(Arc::new(AesGcmCodec::new("k1", [6u8; 32])))
+        .encode_failure_attributes(true);
+    let client = Client::connect_with(
+        env.url(),
+        ClientOptions {
+            data_converter: dc,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut w = Worker::new(
+        client.clone(),
+        WorkerOptions::new("enc3").identity("failing"),
+    );
+    w.register_activity("leaky", |_ctx: ActivityContext, _: ()| async move {
+        Err::<(), _>(
+            ActivityError::non_retryable(format!("bad row {MARKER}")).with_type("RowError"),
+        )
+    });
+    w.register_workflow("fails", |ctx: WorkflowContext, _: ()| async move {
+        let r: Result<(), tether::workflow::WorkflowError> = ctx
+            .execute_activity("leaky", &(), ActivityOptions::default())
+            .await;
+        match r {
+            Err(tether::workflow::WorkflowError::Activity(f)) => {
+                Err::<(), _>(tether::workflow::WorkflowError::failed(format!(
+                    "{} / {}",
+                    f.message, f.error_type
+                )))
+            }
+            other => Err(tether::workflow::WorkflowError::failed(format!(
+                "unexpected {other:?}"
+            ))),
+        }
+    });
+    let worker = w.start().unwrap();
+    let handle = client
+        .start_workflow("fails", &(), WorkflowOptions::new("fails-1", "enc3"))
+        .await
+        .unwrap();
+    let err = within(T, "failure", handle.result::<()>())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("bad row {MARKER} / RowError")),
+        "the client reads it: {text}"
+    );
+    // The server only sees a placeholder.
+    let plain = client_with(&env, None).await;
+    let d = plain
+        .workflow_handle("fails-1", "")
+        .describe()
+        .await
+        .unwrap();
+    assert_eq!(d.failure.unwrap().message, "encoded failure");
+    worker.shutdown().await;
+    env.restart().await;
+    let hits = files_containing(env.dir.path(), MARKER.as_bytes());
+    assert!(hits.is_empty(), "failure text found in {hits:?}");
+}

@@ -5,11 +5,13 @@
 //! and the server's storage only ever see, respectively, plain and encoded payloads.
 
 mod aes;
+mod compress;
 pub mod server;
 mod walk;
 pub use walk::event_payloads_mut;
 
 pub use aes::{AesGcmCodec, ENCRYPTED_ENCODING, KEY_ID_KEY};
+pub use compress::{CompressionCodec, COMPRESSED_ENCODING};
 
 use crate::api::pb::Payload;
 use crate::api::ENCODING_KEY;
@@ -31,6 +33,9 @@ pub enum CodecError {
     /// The key file or variable is malformed.
     #[error("encryption keys: {0}")]
     BadKeys(String),
+    /// The payload claims an encoding but its bytes do not decode.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 /// A transformation of payloads (encryption, compression) applied by clients and workers.
@@ -45,6 +50,7 @@ pub trait PayloadCodec: Send + Sync {
 #[derive(Clone, Default)]
 pub struct DataConverter {
     codecs: Vec<Arc<dyn PayloadCodec>>,
+    encode_failures: bool,
 }
 
 impl std::fmt::Debug for DataConverter {
@@ -59,6 +65,14 @@ impl DataConverter {
     /// Adds a codec; codecs encode in the order added and decode in reverse.
     pub fn with_codec(mut self, codec: Arc<dyn PayloadCodec>) -> Self {
         self.codecs.push(codec);
+        self
+    }
+
+    /// Also encodes failure messages and error types (which the server otherwise reads: they
+    /// show in `describe` and logs). The server then cannot match `non_retryable_error_types`
+    /// against the error type; the `non_retryable` flag still works.
+    pub fn encode_failure_attributes(mut self, on: bool) -> Self {
+        self.encode_failures = on;
         self
     }
 

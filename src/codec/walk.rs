@@ -48,14 +48,79 @@ fn event(
     }
 }
 
+/// Message text shown in place of an encoded failure's message.
+pub const ENCODED_FAILURE_MESSAGE: &str = "encoded failure";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FailureAttributes {
+    message: String,
+    error_type: String,
+}
+
 impl DataConverter {
+    /// Moves the message and error type of every failure in the chain into an encoded payload.
+    fn seal_failure_attrs(&self, f: &mut Option<pb::Failure>) -> Result<(), CodecError> {
+        if !self.encode_failures {
+            return Ok(());
+        }
+        let mut current = f.as_mut();
+        while let Some(x) = current {
+            if x.encoded_attributes.is_none() {
+                let attrs = FailureAttributes {
+                    message: std::mem::replace(&mut x.message, ENCODED_FAILURE_MESSAGE.into()),
+                    error_type: std::mem::take(&mut x.error_type),
+                };
+                let json =
+                    super::to_payload(&attrs).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+                x.encoded_attributes = Some(self.encode(json)?);
+            }
+            current = x.cause.as_deref_mut();
+        }
+        Ok(())
+    }
+
+    /// Restores encoded failure messages and error types (whatever this converter's setting,
+    /// so failures from an encoding worker read back everywhere that has the keys).
+    fn open_failure_attrs(&self, f: &mut Option<pb::Failure>) -> Result<(), CodecError> {
+        let mut current = f.as_mut();
+        while let Some(x) = current {
+            if let Some(sealed) = x.encoded_attributes.take() {
+                let plain = self.decode(sealed)?;
+                let attrs: FailureAttributes = super::from_payload(Some(&plain))
+                    .map_err(|e| CodecError::Corrupt(format!("encoded failure attributes: {e}")))?;
+                x.message = attrs.message;
+                x.error_type = attrs.error_type;
+            }
+            current = x.cause.as_deref_mut();
+        }
+        Ok(())
+    }
+
     /// Decodes every payload in history events (received with a workflow task).
     pub fn decode_events(&self, events: &mut [pb::HistoryEvent]) -> Result<(), CodecError> {
         if self.is_plain() {
             return Ok(());
         }
         let f = |p| self.decode(p);
-        events.iter_mut().try_for_each(|e| event(e, &f))
+        for e in events.iter_mut() {
+            event(e, &f)?;
+            match e.attributes.as_mut() {
+                Some(Attributes::ActivityTaskFailed(a)) => {
+                    self.open_failure_attrs(&mut a.failure)?
+                }
+                Some(Attributes::ActivityTaskTimedOut(a)) => {
+                    self.open_failure_attrs(&mut a.failure)?
+                }
+                Some(Attributes::SignalExternalResolved(a)) => {
+                    self.open_failure_attrs(&mut a.failure)?
+                }
+                Some(Attributes::WorkflowExecutionFailed(a)) => {
+                    self.open_failure_attrs(&mut a.failure)?
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Encodes every payload in workflow commands (sent with a workflow task completion).
@@ -70,7 +135,10 @@ impl DataConverter {
                 Some(command::Kind::RecordMarker(m)) => apply(&mut m.data, &f)?,
                 Some(command::Kind::SignalExternal(s)) => apply(&mut s.input, &f)?,
                 Some(command::Kind::CompleteWorkflow(w)) => apply(&mut w.result, &f)?,
-                Some(command::Kind::FailWorkflow(w)) => failure(&mut w.failure, &f)?,
+                Some(command::Kind::FailWorkflow(w)) => {
+                    failure(&mut w.failure, &f)?;
+                    self.seal_failure_attrs(&mut w.failure)?;
+                }
                 Some(command::Kind::CancelWorkflow(w)) => apply(&mut w.details, &f)?,
                 _ => {}
             }
@@ -108,6 +176,7 @@ impl DataConverter {
     ) -> Result<Option<pb::Failure>, CodecError> {
         if !self.is_plain() {
             failure(&mut f, &|p| self.encode(p))?;
+            self.seal_failure_attrs(&mut f)?;
         }
         Ok(f)
     }
@@ -119,6 +188,7 @@ impl DataConverter {
     ) -> Result<Option<pb::Failure>, CodecError> {
         if !self.is_plain() {
             failure(&mut f, &|p| self.decode(p))?;
+            self.open_failure_attrs(&mut f)?;
         }
         Ok(f)
     }
