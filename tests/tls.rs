@@ -253,6 +253,34 @@ async fn access_file_grants_roles_per_namespace() {
         .unwrap()
         .into_inner();
     assert_eq!(polled.workflow_id, "a-1");
+    // Signalling a workflow in another namespace needs the client role there: w1 has none.
+    let err = w1
+        .raw()
+        .complete_workflow_task(tether::api::pb::CompleteWorkflowTaskRequest {
+            task_token: polled.task_token.clone(),
+            commands: vec![tether::api::pb::Command {
+                kind: Some(tether::api::pb::command::Kind::SignalExternal(
+                    tether::api::pb::SignalExternalCommand {
+                        seq: 1,
+                        namespace: "billing".into(),
+                        workflow_id: "invoice-1".into(),
+                        signal_name: "paid".into(),
+                        input: None,
+                    },
+                )),
+            }],
+            identity: "w1".into(),
+            sticky_queue: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("lacks role \"client\" in namespace \"billing\""),
+        "{}",
+        err.message()
+    );
     let err = w1
         .start_workflow("wf", &(), tether::client::WorkflowOptions::new("w-1", "q"))
         .await
