@@ -308,9 +308,11 @@ impl Engine {
                         let _ = w.send(closed.outcome.clone());
                     }
                 }
-                // The close is durable: reads of this run now go to the store.
+                // The close is durable: reads of this run now go to the store, and its timers
+                // have nothing left to do.
                 if st.runs.get(&closed.run_id).is_some_and(|e| !e.is_open()) {
                     st.runs.remove(&closed.run_id);
+                    self.timers.cancel_run(&closed.run_id);
                 }
             }
         }

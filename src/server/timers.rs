@@ -1,10 +1,9 @@
 //! Durable timers and timeouts. Deadlines live in the runs' persisted state; this module only
-//! keeps an in-memory min-heap of them (rebuilt at start-up) and tells the engine when they are
+//! keeps them in memory in deadline order (rebuilt at start-up) and tells the engine when they are
 //! due. Every firing is checked against the current state, so a stale timer does nothing.
 
 use parking_lot::Mutex;
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeSet, HashMap};
 use tokio::sync::Notify;
 
 /// What a timer is for.
@@ -118,44 +117,74 @@ impl TimerKey {
     }
 }
 
-/// The min-heap of deadlines.
+#[derive(Default)]
+struct Armed {
+    by_time: BTreeSet<(i64, TimerKey)>,
+    /// Armed deadlines per run, so a run that closes takes its timers with it instead of leaving
+    /// them to fire uselessly (and to pile up under load).
+    by_run: HashMap<String, Vec<(i64, TimerKey)>>,
+}
+
+/// The deadlines, ordered by time.
 #[derive(Default)]
 pub struct TimerQueue {
-    heap: Mutex<BinaryHeap<Reverse<(i64, TimerKey)>>>,
+    armed: Mutex<Armed>,
     changed: Notify,
 }
 
 impl TimerQueue {
     /// Adds deadlines; wakes the timer loop if one is earlier than what it waits for.
     pub fn arm(&self, timers: impl IntoIterator<Item = (i64, TimerKey)>) {
-        let mut heap = self.heap.lock();
-        let before = heap.peek().map(|r| r.0 .0);
+        let mut armed = self.armed.lock();
+        let before = armed.by_time.first().map(|(t, _)| *t);
         for (at, key) in timers {
-            heap.push(Reverse((at, key)));
+            armed
+                .by_run
+                .entry(key.run_id().to_string())
+                .or_default()
+                .push((at, key.clone()));
+            armed.by_time.insert((at, key));
         }
-        let after = heap.peek().map(|r| r.0 .0);
-        drop(heap);
+        let after = armed.by_time.first().map(|(t, _)| *t);
+        drop(armed);
         if after != before {
             self.changed.notify_one();
         }
     }
 
+    /// Drops every timer of a run (it closed).
+    pub fn cancel_run(&self, run_id: &str) {
+        let mut armed = self.armed.lock();
+        if let Some(list) = armed.by_run.remove(run_id) {
+            for entry in list {
+                armed.by_time.remove(&entry);
+            }
+        }
+    }
+
     /// Removes and returns every timer due at `now_ms`.
     pub fn take_due(&self, now_ms: i64) -> Vec<TimerKey> {
-        let mut heap = self.heap.lock();
+        let mut armed = self.armed.lock();
         let mut due = Vec::new();
-        while let Some(Reverse((at, _))) = heap.peek() {
+        while let Some((at, _)) = armed.by_time.first() {
             if *at > now_ms {
                 break;
             }
-            due.push(heap.pop().expect("peeked").0 .1);
+            let (at, key) = armed.by_time.pop_first().expect("checked");
+            if let Some(list) = armed.by_run.get_mut(key.run_id()) {
+                list.retain(|(t, k)| !(*t == at && *k == key));
+                if list.is_empty() {
+                    armed.by_run.remove(key.run_id());
+                }
+            }
+            due.push(key);
         }
         due
     }
 
     /// The next deadline, if any.
     pub fn next_deadline(&self) -> Option<i64> {
-        self.heap.lock().peek().map(|r| r.0 .0)
+        self.armed.lock().by_time.first().map(|(t, _)| *t)
     }
 
     /// Resolves when a deadline earlier than the current one was armed.
@@ -165,7 +194,7 @@ impl TimerQueue {
 
     /// Number of armed timers.
     pub fn len(&self) -> usize {
-        self.heap.lock().len()
+        self.armed.lock().by_time.len()
     }
 
     /// True when nothing is armed.
@@ -190,5 +219,19 @@ mod tests {
         assert_eq!(q.take_due(20), vec![k(1), k(2)]);
         assert_eq!(q.take_due(25), Vec::<TimerKey>::new());
         assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn a_closed_run_takes_its_timers_with_it() {
+        let q = TimerQueue::default();
+        let k = |run: &str, seq| TimerKey::WorkflowTimer {
+            run_id: run.into(),
+            seq,
+        };
+        q.arm([(10, k("a", 1)), (20, k("a", 2)), (15, k("b", 1))]);
+        q.cancel_run("a");
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.take_due(100), vec![k("b", 1)]);
+        assert!(q.is_empty());
     }
 }
