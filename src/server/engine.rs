@@ -370,11 +370,7 @@ impl Engine {
                     status.short_name()
                 )))
             }
-            _ => Err(EngineError::NotFound(if run_id.is_empty() {
-                format!("{what} {id:?} was not found in namespace {namespace:?}")
-            } else {
-                format!("{what} {id:?} run {run_id:?} was not found in namespace {namespace:?}")
-            })),
+            _ => Err(not_found(namespace, standalone, id, run_id)),
         }
     }
 
@@ -591,16 +587,7 @@ impl Engine {
         {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            let live = if run_id.is_empty() {
-                st.open_ids
-                    .get(&(namespace.to_string(), standalone, id.to_string()))
-                    .and_then(|r| st.runs.get(r))
-            } else {
-                st.runs.get(run_id)
-            };
-            if let Some(entry) =
-                live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace)
-            {
+            if let Some(entry) = live_entry(&st, namespace, standalone, id, run_id) {
                 return Ok(RunSnapshot {
                     state: entry.state.clone(),
                     pending: entry.pending_activities(),
@@ -652,7 +639,6 @@ impl Engine {
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?
         .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-        let what = if standalone { "activity" } else { "workflow" };
         match found {
             Some(s)
                 if s.namespace == namespace
@@ -661,11 +647,7 @@ impl Engine {
             {
                 Ok(s)
             }
-            _ => Err(EngineError::NotFound(if run_id.is_empty() {
-                format!("{what} {id:?} was not found in namespace {namespace:?}")
-            } else {
-                format!("{what} {id:?} run {run_id:?} was not found in namespace {namespace:?}")
-            })),
+            _ => Err(not_found(namespace, standalone, id, run_id)),
         }
     }
 
@@ -701,16 +683,7 @@ impl Engine {
         {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            let live = if run_id.is_empty() {
-                st.open_ids
-                    .get(&(namespace.to_string(), standalone, id.to_string()))
-                    .and_then(|r| st.runs.get(r))
-            } else {
-                st.runs.get(run_id)
-            };
-            if let Some(entry) =
-                live.filter(|e| e.state.workflow_id == id && e.state.namespace == namespace)
-            {
+            if let Some(entry) = live_entry(&st, namespace, standalone, id, run_id) {
                 return Ok(entry.history.clone());
             }
         }
@@ -761,36 +734,22 @@ impl Engine {
         let receiver = {
             let mut st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            let live_id = if run_id.is_empty() {
-                st.open_ids
-                    .get(&(namespace.to_string(), standalone, id.to_string()))
-                    .cloned()
-            } else {
-                Some(run_id.to_string())
-            };
-            match live_id.and_then(|r| st.runs.get(&r).map(|e| (r, e))) {
-                Some((r, entry))
-                    if entry.state.workflow_id == id && entry.state.namespace == namespace =>
-                {
-                    if entry.is_open() {
-                        if wait.is_zero() {
-                            return Ok(pb::GetWorkflowResultResponse {
-                                run_id: r,
-                                status: ExecutionStatus::Running as i32,
-                                ..Default::default()
-                            });
-                        }
-                        let (tx, rx) = oneshot::channel();
-                        st.waiters.entry(r.clone()).or_default().push(tx);
-                        Some((r, rx))
-                    } else {
-                        // Closing: its close is not durable yet; wait for it like any other.
-                        let (tx, rx) = oneshot::channel();
-                        st.waiters.entry(r.clone()).or_default().push(tx);
-                        Some((r, rx))
+            match live_entry(&st, namespace, standalone, id, run_id) {
+                // A closing run's close is not durable yet: wait for it like for an open one.
+                Some(entry) => {
+                    let r = entry.state.run_id.clone();
+                    if entry.is_open() && wait.is_zero() {
+                        return Ok(pb::GetWorkflowResultResponse {
+                            run_id: r,
+                            status: ExecutionStatus::Running as i32,
+                            ..Default::default()
+                        });
                     }
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.entry(r.clone()).or_default().push(tx);
+                    Some((r, rx))
                 }
-                _ => None,
+                None => None,
             }
         };
         if let Some((run_id, rx)) = receiver {
@@ -2071,6 +2030,38 @@ impl Engine {
             }
         }
     }
+}
+
+/// The run held in memory (open, or closing) that a read names: the current run of `id`, or the
+/// run `run_id` if it belongs to `id`.
+fn live_entry<'a>(
+    st: &'a EngineState,
+    namespace: &str,
+    standalone: bool,
+    id: &str,
+    run_id: &str,
+) -> Option<&'a RunEntry> {
+    let entry = if run_id.is_empty() {
+        st.open_ids
+            .get(&(namespace.to_string(), standalone, id.to_string()))
+            .and_then(|r| st.runs.get(r))
+    } else {
+        st.runs.get(run_id)
+    };
+    entry.filter(|e| {
+        e.state.workflow_id == id
+            && e.state.namespace == namespace
+            && e.state.standalone_activity == standalone
+    })
+}
+
+fn not_found(namespace: &str, standalone: bool, id: &str, run_id: &str) -> EngineError {
+    let what = if standalone { "activity" } else { "workflow" };
+    EngineError::NotFound(if run_id.is_empty() {
+        format!("{what} {id:?} was not found in namespace {namespace:?}")
+    } else {
+        format!("{what} {id:?} run {run_id:?} was not found in namespace {namespace:?}")
+    })
 }
 
 /// The reservation a session's info describes.
