@@ -1558,8 +1558,7 @@ impl Engine {
                     .unwrap_or(0) as i64;
                 let seen = self
                     .matcher
-                    .worker(&info.namespace, &info.worker_identity)
-                    .map(|w| w.last_seen_ms)
+                    .last_seen(&info.namespace, &info.worker_identity)
                     .unwrap_or(0)
                     // After a server restart, workers get one liveness timeout to come back.
                     .max(self.started_ms);

@@ -644,6 +644,16 @@ impl Matcher {
         out
     }
 
+    /// When a registered worker was last heard from (without copying its record, which holds
+    /// its whole class cache: the session liveness check asks for every open session).
+    pub fn last_seen(&self, namespace: &str, identity: &str) -> Option<i64> {
+        self.state
+            .lock()
+            .workers
+            .get(&(namespace.to_string(), identity.to_string()))
+            .map(|w| w.last_seen_ms)
+    }
+
     /// One registered worker.
     pub fn worker(&self, namespace: &str, identity: &str) -> Option<WorkerRecord> {
         self.state
