@@ -868,3 +868,163 @@ async fn malformed_and_oversized_requests_leave_the_server_up() {
     let ns = env.client.list_namespaces().await.unwrap();
     assert_eq!(ns[0].name, "default");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_outcomes_are_judged_one_by_one_and_refill_slots() {
+    let config = tether::server::ServerConfig {
+        max_payload_bytes: 1024,
+        ..common::test_config()
+    };
+    let env = TestEnv::start_with(config).await;
+    for id in ["b-ok", "b-big", "b-fail", "b-waiting"] {
+        let mut options = StandaloneActivityOptions::new(id, "batch");
+        options.options = ActivityOptions::default().retry(RetryPolicy {
+            maximum_attempts: 1,
+            ..Default::default()
+        });
+        env.client.start_activity("t", &(), options).await.unwrap();
+    }
+    let mut rpc = env.client.raw();
+    let mut tasks = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let task = rpc
+            .poll_activity_task(pb::PollActivityTaskRequest {
+                namespace: "default".into(),
+                task_queue: "batch".into(),
+                identity: "p".into(),
+                poll_timeout_ms: 10_000,
+                additional_task_queues: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tasks.insert(task.activity_id.clone(), task.task_token);
+    }
+    assert!(
+        !tasks.contains_key("b-waiting"),
+        "tasks are handed out in order"
+    );
+    let completed = |token: &Vec<u8>, result: &str| pb::ActivityOutcome {
+        task_token: token.clone(),
+        outcome: Some(pb::activity_outcome::Outcome::Completed(
+            pb::ActivityCompleted {
+                result: Some(tether::codec::to_payload(result).unwrap()),
+            },
+        )),
+    };
+    let status_of = |id: &'static str| {
+        let mut rpc = env.client.raw();
+        async move {
+            rpc.get_activity_result(pb::GetActivityResultRequest {
+                namespace: "default".into(),
+                activity_id: id.into(),
+                run_id: String::new(),
+                wait_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let next = pb::NextTaskRequest {
+        namespace: "default".into(),
+        task_queue: "batch".into(),
+        additional_task_queues: vec![],
+    };
+
+    // A batch over the size limit is refused whole and changes nothing.
+    let too_many = pb::RespondActivityTasksRequest {
+        identity: "p".into(),
+        outcomes: vec![completed(&tasks["b-ok"], "early"); 1001],
+        next_task: Some(next.clone()),
+        max_next_tasks: 1,
+    };
+    let err = rpc.respond_activity_tasks(too_many).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("at most 1000"), "{}", err.message());
+    assert_eq!(
+        status_of("b-ok").await.status,
+        pb::ExecutionStatus::Running as i32
+    );
+
+    // One good result, one oversized, one failure, one malformed token: each judged alone.
+    let failure = pb::Failure {
+        message: "no luck".into(),
+        non_retryable: true,
+        kind: pb::FailureKind::Application as i32,
+        ..Default::default()
+    };
+    let reply = rpc
+        .respond_activity_tasks(pb::RespondActivityTasksRequest {
+            identity: "p".into(),
+            outcomes: vec![
+                completed(&tasks["b-ok"], "fine"),
+                completed(&tasks["b-big"], &"x".repeat(4096)),
+                pb::ActivityOutcome {
+                    task_token: tasks["b-fail"].clone(),
+                    outcome: Some(pb::activity_outcome::Outcome::Failed(failure)),
+                },
+                completed(&b"not a token".to_vec(), "lost"),
+            ],
+            next_task: Some(next.clone()),
+            max_next_tasks: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<i32> = reply.acks.iter().map(|a| a.code).collect();
+    assert_eq!(
+        codes,
+        vec![
+            0,
+            tonic::Code::InvalidArgument as i32,
+            0,
+            tonic::Code::InvalidArgument as i32
+        ],
+        "{:?}",
+        reply.acks
+    );
+    assert!(reply.acks[1].error.contains("1024"), "{:?}", reply.acks[1]);
+    // Only one task was waiting, though five were asked for.
+    let refill: Vec<&str> = reply
+        .next_tasks
+        .iter()
+        .map(|t| t.activity_id.as_str())
+        .collect();
+    assert_eq!(refill, vec!["b-waiting"]);
+
+    let ok = status_of("b-ok").await;
+    assert_eq!(ok.status, pb::ExecutionStatus::Completed as i32);
+    assert_eq!(
+        tether::codec::display_payload(ok.result.as_ref()),
+        "\"fine\""
+    );
+    assert_eq!(
+        status_of("b-fail").await.status,
+        pb::ExecutionStatus::Failed as i32
+    );
+    assert_eq!(
+        status_of("b-big").await.status,
+        pb::ExecutionStatus::Running as i32,
+        "the refused outcome left its activity running"
+    );
+
+    // Taking from another worker's host queue is refused, as for a single completion.
+    let mut foreign = next.clone();
+    foreign.additional_task_queues =
+        vec![tether::server::matching::host_queue_name("someone-else")];
+    let err = rpc
+        .respond_activity_tasks(pb::RespondActivityTasksRequest {
+            identity: "p".into(),
+            outcomes: vec![completed(&tasks["b-big"], "small")],
+            next_task: Some(foreign),
+            max_next_tasks: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        status_of("b-big").await.status,
+        pb::ExecutionStatus::Running as i32
+    );
+}

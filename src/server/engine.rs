@@ -1069,18 +1069,34 @@ impl Engine {
         queues: &[String],
         identity: &str,
     ) -> Option<pb::PollActivityTaskResponse> {
-        if self.check_healthy().is_err() || *self.shutdown.borrow() {
-            return None;
+        self.next_activities_now(namespace, queues, identity, 1)
+            .pop()
+    }
+
+    /// Up to `max` activity tasks waiting right now on the queues, tried in order.
+    pub fn next_activities_now(
+        &self,
+        namespace: &str,
+        queues: &[String],
+        identity: &str,
+        max: usize,
+    ) -> Vec<pb::PollActivityTaskResponse> {
+        let mut taken = Vec::new();
+        if max == 0 || self.check_healthy().is_err() || *self.shutdown.borrow() {
+            return taken;
         }
         for queue in queues {
             let key = QueueKey::new(namespace, queue, TaskKind::Activity);
-            while let Some(task) = self.matcher.try_take(&key, identity, now_ms()) {
+            while taken.len() < max {
+                let Some(task) = self.matcher.try_take(&key, identity, now_ms()) else {
+                    break;
+                };
                 if let Some(response) = self.dispatch_activity(task, identity) {
-                    return Some(response);
+                    taken.push(response);
                 }
             }
         }
-        None
+        taken
     }
 
     /// Records a heartbeat; returns whether the activity should cancel.
@@ -1114,6 +1130,56 @@ impl Engine {
             entry.activity_completed(token, req.result, &req.identity, now_ms(), fx)
         })
         .await
+    }
+
+    /// Several activity outcomes from one worker, applied under one lock and made durable in
+    /// one batch. Each outcome is judged on its own (a stale attempt is refused, the others are
+    /// still recorded); the outer error is for the batch as a whole (store unavailable).
+    pub async fn respond_activities(
+        &self,
+        identity: &str,
+        outcomes: Vec<pb::ActivityOutcome>,
+    ) -> Result<Vec<Result<(), EngineError>>, EngineError> {
+        self.check_healthy()?;
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let mut results = Vec::with_capacity(outcomes.len());
+        let commit = {
+            let mut st = self.state.lock();
+            for outcome in outcomes {
+                let applied = Self::decode_token(&outcome.task_token).and_then(|token| {
+                    Self::check_namespace(&st, &token.namespace)?;
+                    let Some(entry) = st.runs.get_mut(&token.run_id) else {
+                        return Err(EngineError::StaleTask(format!(
+                            "run {} is not open (it closed, or never existed)",
+                            token.run_id
+                        )));
+                    };
+                    match outcome.outcome {
+                        Some(pb::activity_outcome::Outcome::Completed(c)) => {
+                            entry.activity_completed(&token, c.result, identity, now, &mut txn.fx)
+                        }
+                        Some(pb::activity_outcome::Outcome::Failed(failure)) => {
+                            entry.activity_failed(&token, failure, identity, now, &mut txn.fx)
+                        }
+                        Some(pb::activity_outcome::Outcome::Canceled(c)) => {
+                            entry.activity_canceled(&token, c.details, now, &mut txn.fx)
+                        }
+                        None => Err(EngineError::InvalidArgument(
+                            "an activity outcome names no result, failure or cancellation; set \
+                             one of completed, failed or canceled"
+                                .into(),
+                        )),
+                    }?;
+                    txn.touched.insert(token.run_id);
+                    Ok(())
+                });
+                results.push(applied);
+            }
+            self.commit_locked(&mut st, &mut txn)
+        };
+        self.finish(commit, txn.fx).await?;
+        Ok(results)
     }
 
     /// An activity attempt failed.

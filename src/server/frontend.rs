@@ -112,6 +112,11 @@ fn payload(what: &str, p: Option<&pb::Payload>, max: usize) -> Result<(), Status
 
 type R<T> = Result<Response<T>, Status>;
 
+/// Most outcomes one RespondActivityTasks call may carry.
+const MAX_OUTCOMES_PER_BATCH: usize = 1000;
+/// Most tasks one RespondActivityTasks call may ask for.
+const MAX_NEXT_TASKS: u32 = 1000;
+
 fn ok<T>(value: T) -> R<T> {
     Ok(Response::new(value))
 }
@@ -499,6 +504,102 @@ impl TetherService for Frontend {
         ok(pb::FailActivityTaskResponse {
             next_task: self.take_next(next),
         })
+    }
+
+    async fn respond_activity_tasks(
+        &self,
+        request: Request<pb::RespondActivityTasksRequest>,
+    ) -> R<pb::RespondActivityTasksResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        if req.outcomes.len() > MAX_OUTCOMES_PER_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} outcomes in one batch; send at most {MAX_OUTCOMES_PER_BATCH} per call",
+                req.outcomes.len()
+            )));
+        }
+        if req.max_next_tasks > MAX_NEXT_TASKS {
+            return Err(Status::invalid_argument(format!(
+                "max_next_tasks is {}; ask for at most {MAX_NEXT_TASKS}",
+                req.max_next_tasks
+            )));
+        }
+        // Authorization covers the whole batch: a worker sends outcomes only for the namespaces
+        // it serves, so a refusal here means a misconfigured worker, not one stale attempt.
+        let mut namespaces: Vec<String> = req
+            .outcomes
+            .iter()
+            .map(|o| token_namespace(&o.task_token))
+            .collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for namespace in &namespaces {
+            self.allow(&ids, namespace, Role::Worker)?;
+        }
+        let next = if req.max_next_tasks > 0 {
+            self.next_task_target(&req.next_task, &req.identity)?
+        } else {
+            None
+        };
+        // Oversized payloads are refused one by one so the rest of the batch still lands.
+        let max = self.max_payload();
+        let mut acks: Vec<Option<Status>> = Vec::with_capacity(req.outcomes.len());
+        let mut accepted = Vec::with_capacity(req.outcomes.len());
+        for outcome in req.outcomes {
+            let checked = match &outcome.outcome {
+                Some(pb::activity_outcome::Outcome::Completed(c)) => {
+                    payload("activity result", c.result.as_ref(), max)
+                }
+                Some(pb::activity_outcome::Outcome::Failed(f)) => {
+                    payload("failure details", f.details.as_ref(), max)
+                }
+                Some(pb::activity_outcome::Outcome::Canceled(c)) => {
+                    payload("cancel details", c.details.as_ref(), max)
+                }
+                None => Ok(()),
+            };
+            match checked {
+                Ok(()) => {
+                    acks.push(None);
+                    accepted.push(outcome);
+                }
+                Err(status) => acks.push(Some(status)),
+            }
+        }
+        let mut applied = self
+            .engine
+            .respond_activities(&req.identity, accepted)
+            .await?
+            .into_iter();
+        let acks = acks
+            .into_iter()
+            .map(|refused| {
+                let outcome = match refused {
+                    Some(status) => Err(status),
+                    None => applied
+                        .next()
+                        .expect("one result per accepted outcome")
+                        .map_err(Status::from),
+                };
+                match outcome {
+                    Ok(()) => pb::OutcomeAck::default(),
+                    Err(status) => pb::OutcomeAck {
+                        error: status.message().to_string(),
+                        code: status.code() as i32,
+                    },
+                }
+            })
+            .collect();
+        let next_tasks = match next {
+            Some((namespace, queues, identity)) => self.engine.next_activities_now(
+                &namespace,
+                &queues,
+                &identity,
+                req.max_next_tasks as usize,
+            ),
+            None => Vec::new(),
+        };
+        ok(pb::RespondActivityTasksResponse { acks, next_tasks })
     }
 
     async fn report_activity_canceled(

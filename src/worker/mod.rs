@@ -18,7 +18,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
@@ -271,7 +271,10 @@ impl Worker {
             self.options.identity,
             uuid::Uuid::new_v4().simple()
         );
+        let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Inner {
+            outcomes,
+            outcomes_rx: Mutex::new(Some(outcomes_rx)),
             rpc: self.client.raw(),
             dc: self.client.data_converter().clone(),
             namespace: self.client.namespace().to_string(),
@@ -356,7 +359,24 @@ struct Inner {
     local: Arc<crate::activity::WorkerLocal>,
     /// The client's data converter: payloads are decoded on arrival and encoded on departure.
     dc: codec::DataConverter,
+    /// Finished activities queue their outcomes here; one reporter sends them in batches.
+    outcomes: mpsc::UnboundedSender<PendingOutcome>,
+    outcomes_rx: Mutex<Option<mpsc::UnboundedReceiver<PendingOutcome>>>,
 }
+
+/// An activity outcome waiting for the reporter, and where its slot waits for the reply.
+struct PendingOutcome {
+    outcome: pb::ActivityOutcome,
+    activity_id: String,
+    /// The slot takes another task if the server has one waiting.
+    wants_next: bool,
+    reply: oneshot::Sender<Option<pb::PollActivityTaskResponse>>,
+}
+
+/// Most outcomes the reporter sends in one call.
+const MAX_OUTCOMES_PER_REPORT: usize = 256;
+/// Most report calls in flight at once.
+const MAX_REPORTS_IN_FLIGHT: usize = 2;
 
 /// Aborts running activities when the worker's main task ends for any reason (including abort).
 struct AbortRunning(Arc<Inner>);
@@ -393,6 +413,15 @@ impl Inner {
                     pollers.spawn(self.clone().workflow_poller(queue.clone(), stop.clone()));
                 }
             }
+        }
+        // Lives until the end of this function (after the drain below), not with the pollers:
+        // activities finishing during the grace period still report through it.
+        let mut reporter = JoinSet::new();
+        if let Some(rx) = self.outcomes_rx.lock().take() {
+            reporter.spawn(
+                self.clone()
+                    .report_outcomes(rx, registration.host_queue.clone()),
+            );
         }
         if !self.activities.is_empty() {
             // Each poll takes from this worker's host queue (work pinned here: sessions,
@@ -924,26 +953,16 @@ impl Inner {
             }),
             Err(e) => Err(e),
         };
-        let result = match outcome {
-            Ok(result) => rpc
-                .complete_activity_task(pb::CompleteActivityTaskRequest {
-                    task_token: token,
-                    result,
-                    identity,
-                    next_task: self.next_task_request(queue),
-                })
-                .await
-                .map(|r| r.into_inner().next_task),
+        let outcome = match outcome {
+            Ok(result) => {
+                pb::activity_outcome::Outcome::Completed(pb::ActivityCompleted { result })
+            }
             Err(ActivityError::Cancelled)
                 if ctx.cancel_reason() == Some(CancelReason::Requested) =>
             {
-                rpc.report_activity_canceled(pb::ReportActivityCanceledRequest {
-                    task_token: token,
+                pb::activity_outcome::Outcome::Canceled(pb::ActivityCanceledAfterRequest {
                     details: None,
-                    identity,
                 })
-                .await
-                .map(|_| None)
             }
             Err(e) => {
                 let mut failure = e.to_failure();
@@ -954,22 +973,113 @@ impl Inner {
                 let failure = self
                     .dc
                     .encode_failure(Some(failure.clone()))
-                    .unwrap_or(Some(failure));
-                rpc.fail_activity_task(pb::FailActivityTaskRequest {
-                    task_token: token,
-                    failure,
-                    identity,
-                    next_task: self.next_task_request(queue),
-                })
-                .await
-                .map(|r| r.into_inner().next_task)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(failure);
+                pb::activity_outcome::Outcome::Failed(failure)
             }
         };
-        match result {
-            Ok(next) => next.filter(|t| !t.task_token.is_empty()),
+        let (reply, next) = oneshot::channel();
+        let pending = PendingOutcome {
+            outcome: pb::ActivityOutcome {
+                task_token: token,
+                outcome: Some(outcome),
+            },
+            activity_id: task.activity_id,
+            wants_next: self.next_task_request(queue).is_some(),
+            reply,
+        };
+        if self.outcomes.send(pending).is_err() {
+            // Only after the worker's main task ended (killed): nobody is left to report to.
+            return None;
+        }
+        next.await.ok().flatten()
+    }
+
+    /// Sends queued outcomes in batches. A few calls may be in flight at once (so slots keep
+    /// cycling while the server commits); beyond that, outcomes gather and go together, so a
+    /// busy worker makes one call for many activities and refills each reporting slot from the
+    /// reply.
+    async fn report_outcomes(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<PendingOutcome>,
+        host_queue: String,
+    ) {
+        let in_flight = Arc::new(Semaphore::new(MAX_REPORTS_IN_FLIGHT));
+        // Owned here so that aborting the reporter (a killed worker) also stops its calls.
+        let mut calls = JoinSet::new();
+        loop {
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            while calls.try_join_next().is_some() {}
+            let mut batch = Vec::new();
+            if rx.recv_many(&mut batch, MAX_OUTCOMES_PER_REPORT).await == 0 {
+                break;
+            }
+            let inner = self.clone();
+            let host_queue = host_queue.clone();
+            calls.spawn(async move {
+                inner.send_report(batch, &host_queue).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// One RespondActivityTasks call: the outcomes, and as many next tasks as slots asked for.
+    async fn send_report(&self, batch: Vec<PendingOutcome>, host_queue: &str) {
+        let wanted = batch.iter().filter(|p| p.wants_next).count();
+        let next_task = if wanted > 0 {
+            self.next_task_request(host_queue)
+        } else {
+            None
+        };
+        let mut waiting = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for p in batch {
+            outcomes.push(p.outcome);
+            waiting.push((p.activity_id, p.wants_next, p.reply));
+        }
+        let request = pb::RespondActivityTasksRequest {
+            identity: self.options.identity.clone(),
+            outcomes,
+            max_next_tasks: if next_task.is_some() {
+                wanted as u32
+            } else {
+                0
+            },
+            next_task,
+        };
+        match self.rpc.clone().respond_activity_tasks(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                let mut next_tasks = reply
+                    .next_tasks
+                    .into_iter()
+                    .filter(|t| !t.task_token.is_empty());
+                for (i, (activity_id, wants_next, slot)) in waiting.into_iter().enumerate() {
+                    if let Some(ack) = reply.acks.get(i).filter(|a| !a.error.is_empty()) {
+                        tracing::warn!(activity_id, error = %ack.error, "activity outcome refused");
+                    }
+                    let next = if wants_next { next_tasks.next() } else { None };
+                    let _ = slot.send(next);
+                }
+                // The server never sends more than asked; were it to, the attempt would time out
+                // and retry rather than vanish, so say so.
+                for extra in next_tasks {
+                    tracing::warn!(
+                        activity_id = extra.activity_id,
+                        "server sent more tasks than asked for; the attempt will time out and retry"
+                    );
+                }
+            }
             Err(status) => {
-                tracing::warn!(activity_id = task.activity_id, error = %status.message(), "activity outcome refused");
-                None
+                for (activity_id, _, slot) in waiting {
+                    tracing::warn!(activity_id, error = %status.message(), code = ?status.code(), "activity outcome not delivered; the attempt will time out and retry");
+                    let _ = slot.send(None);
+                }
             }
         }
     }
