@@ -536,3 +536,60 @@ async fn single_workflow_slot_still_serves_both_queues() {
     }
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_arriving_while_the_final_task_runs_is_not_lost() {
+    let env = TestEnv::start().await;
+    let handle = env
+        .client
+        .start_workflow("drain", &(), WorkflowOptions::new("late-sig", "late-q"))
+        .await
+        .unwrap();
+    // A worker (raw calls here) holds the first task and decides to close the run...
+    let mut rpc = env.client.raw();
+    let task = rpc
+        .poll_workflow_task(pb::PollWorkflowTaskRequest {
+            namespace: "default".into(),
+            task_queue: "late-q".into(),
+            identity: "raw".into(),
+            sticky_queue: String::new(),
+            poll_timeout_ms: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!task.task_token.is_empty());
+    // ...while a signal arrives and is acknowledged.
+    handle.signal("add", &42i64).await.unwrap();
+    let err = rpc
+        .complete_workflow_task(pb::CompleteWorkflowTaskRequest {
+            task_token: task.task_token,
+            commands: vec![pb::Command {
+                kind: Some(pb::command::Kind::CompleteWorkflow(
+                    pb::CompleteWorkflowCommand {
+                        result: Some(tether::codec::to_payload(&Vec::<i64>::new()).unwrap()),
+                    },
+                )),
+            }],
+            identity: "raw".into(),
+            sticky_queue: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Aborted, "{}", err.message());
+    assert!(err.message().contains("new event"), "{}", err.message());
+    // The next task goes to real workflow code, which sees the signal before it returns.
+    let mut w = env.worker("late-q", "w1");
+    w.register_workflow("drain", |ctx: WorkflowContext, _: ()| async move {
+        let ch = ctx.signal_channel("add");
+        let mut seen = Vec::new();
+        while let Some(v) = ch.try_recv::<i64>() {
+            seen.push(v?);
+        }
+        Ok(seen)
+    });
+    let worker = w.start().unwrap();
+    let seen: Vec<i64> = within(T, "result", handle.result()).await.unwrap();
+    assert_eq!(seen, vec![42]);
+    worker.shutdown().await;
+}

@@ -2,7 +2,7 @@
 //! request (or timer firing) at a time under a lock, hands the resulting writes to the store in
 //! order, waits for the commit, and only then offers tasks, arms timers and wakes waiters.
 
-use super::history::{self, Effects, RunEntry};
+use super::history::{self, Effects, RunEntry, WorkflowTaskCompletion};
 use super::matching::{Matcher, QueueKey, TaskKind, TaskRef};
 use super::sessions::{self, Placement, Reservations};
 use super::timers::{TimerKey, TimerQueue};
@@ -930,7 +930,7 @@ impl Engine {
         let mut commands = req.commands;
         let now = now_ms();
         let mut txn = Txn::default();
-        let commit = {
+        let (commit, completion) = {
             let mut st = self.state.lock();
             Self::check_namespace(&st, &token.namespace)?;
             for c in commands.iter_mut() {
@@ -948,7 +948,7 @@ impl Engine {
             };
             entry.validate_commands(&commands, max)?;
             self.check_run_limits(entry, &commands)?;
-            entry.complete_workflow_task(
+            let completion = entry.complete_workflow_task(
                 &token,
                 commands,
                 &req.identity,
@@ -959,9 +959,13 @@ impl Engine {
             txn.touched.insert(token.run_id.clone());
             Self::fail_activities_of_closed_sessions(&mut st, &token.run_id, now, &mut txn);
             self.apply_session_commands(&mut st, &token.namespace, now, &mut txn);
-            self.commit_locked(&mut st, &mut txn)
+            (self.commit_locked(&mut st, &mut txn), completion)
         };
-        self.finish(commit, txn.fx).await
+        self.finish(commit, txn.fx).await?;
+        match completion {
+            WorkflowTaskCompletion::Applied => Ok(()),
+            WorkflowTaskCompletion::Rejected(why) => Err(EngineError::Aborted(why)),
+        }
     }
 
     /// Records a failed workflow task.

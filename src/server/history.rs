@@ -620,8 +620,34 @@ impl RunEntry {
         sticky_queue: &str,
         now: i64,
         fx: &mut Effects,
-    ) -> Result<(), EngineError> {
+    ) -> Result<WorkflowTaskCompletion, EngineError> {
         self.check_workflow_task(token)?;
+        let closes = commands.iter().any(|c| {
+            matches!(
+                c.kind,
+                Some(
+                    command::Kind::CompleteWorkflow(_)
+                        | command::Kind::FailWorkflow(_)
+                        | command::Kind::CancelWorkflow(_)
+                )
+            )
+        });
+        if closes && !self.state.buffered.is_empty() {
+            // The workflow decided to close without seeing what arrived meanwhile (a signal, an
+            // activity outcome): closing now would drop an acknowledged signal. Nothing of this
+            // task is applied; a new task carries the new events, replayed from full history
+            // because the worker's cached state ran ahead of it.
+            let arrived = self.state.buffered.len();
+            self.rt.workflow_task = None;
+            self.rt.sticky_sent_up_to = 0;
+            self.state.workflow_task = None;
+            self.flush_buffered();
+            self.schedule_workflow_task(now, fx);
+            return Ok(WorkflowTaskCompletion::Rejected(format!(
+                "{arrived} new event(s) arrived while the workflow task that closes the run was \
+                 running; the completion was not applied and a new workflow task delivers them"
+            )));
+        }
         self.rt.workflow_task = None;
         self.state.workflow_task = None;
         self.state.last_workflow_task_failure = None;
@@ -782,12 +808,12 @@ impl RunEntry {
         }
         if let Some((status, attrs)) = terminal {
             self.close(status, attrs, now, fx);
-            return Ok(());
+            return Ok(WorkflowTaskCompletion::Applied);
         }
         if had_buffered || !deferred.is_empty() {
             self.schedule_workflow_task(now, fx);
         }
-        Ok(())
+        Ok(WorkflowTaskCompletion::Applied)
     }
 
     fn push_attr(&mut self, attrs: Attributes, now: i64) -> u64 {
@@ -1787,6 +1813,15 @@ impl RunEntry {
     }
 }
 
+/// What became of a workflow task's completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkflowTaskCompletion {
+    /// Its commands were applied.
+    Applied,
+    /// Nothing was applied (why is given); a new workflow task was scheduled.
+    Rejected(String),
+}
+
 /// Refuses a payload over the size limit.
 pub fn check_payload(what: &str, payload: Option<&Payload>, max: usize) -> Result<(), EngineError> {
     if let Some(p) = payload {
@@ -1938,6 +1973,62 @@ mod tests {
             ]
         );
         assert_eq!(fx.tasks.len(), 1, "the signal causes a new workflow task");
+    }
+
+    #[test]
+    fn closing_while_a_signal_waits_is_rejected_and_the_next_task_sees_it() {
+        let complete = || pb::Command {
+            kind: Some(command::Kind::CompleteWorkflow(
+                pb::CompleteWorkflowCommand::default(),
+            )),
+        };
+        let (mut e, _) = start();
+        let mut fx = Effects::default();
+        let task = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
+        e.signal("late", None, "client", NOW, &mut fx);
+        let mut fx = Effects::default();
+        let outcome = e
+            .complete_workflow_task(
+                &token_of(&task),
+                vec![complete()],
+                "w1",
+                "sticky-1",
+                NOW,
+                &mut fx,
+            )
+            .unwrap();
+        assert!(
+            matches!(outcome, WorkflowTaskCompletion::Rejected(ref why) if why.contains("1 new event")),
+            "{outcome:?}"
+        );
+        assert!(e.is_open(), "the run must not close over an unseen signal");
+        assert_eq!(
+            kinds(&e),
+            vec!["WorkflowExecutionStarted", "WorkflowSignaled"]
+        );
+        assert_eq!(fx.tasks.len(), 1, "a new workflow task is offered");
+        assert_eq!(fx.tasks[0].0.kind, TaskKind::Workflow);
+        let retry = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
+        assert!(
+            retry.full_history,
+            "the worker's cached state ran ahead: replay all"
+        );
+        assert!(
+            retry
+                .events
+                .iter()
+                .any(|ev| ev.kind_name() == "WorkflowSignaled"),
+            "the new task carries the signal"
+        );
+        // The old task's token no longer counts; the new one closes the run.
+        assert!(e
+            .complete_workflow_task(&token_of(&task), vec![complete()], "w1", "", NOW, &mut fx)
+            .is_err());
+        let outcome = e
+            .complete_workflow_task(&token_of(&retry), vec![complete()], "w1", "", NOW, &mut fx)
+            .unwrap();
+        assert_eq!(outcome, WorkflowTaskCompletion::Applied);
+        assert!(!e.is_open());
     }
 
     #[test]

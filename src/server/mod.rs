@@ -65,6 +65,10 @@ pub enum EngineError {
     /// The server cannot serve now (storage failed, shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// The request lost a race with other changes and was not applied; retrying with fresh
+    /// state succeeds (a workflow task that would close the run while new events arrived).
+    #[error("{0}")]
+    Aborted(String),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -93,6 +97,7 @@ impl From<EngineError> for tonic::Status {
             EngineError::AlreadyExists(_) => tonic::Status::already_exists(msg),
             EngineError::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
             EngineError::Unavailable(_) => tonic::Status::unavailable(msg),
+            EngineError::Aborted(_) => tonic::Status::aborted(msg),
             EngineError::Internal(_) => tonic::Status::internal(msg),
         }
     }

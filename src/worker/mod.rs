@@ -695,6 +695,12 @@ impl Inner {
                             self.cache.lock().put(task.run_id.clone(), instance);
                         }
                     }
+                    Err(status) if status.code() == tonic::Code::Aborted => {
+                        // New events arrived while this task closed the run; the server kept
+                        // nothing of it and sends a new task, which this worker replays from the
+                        // full history (the instance is not cached back: it ran ahead).
+                        tracing::debug!(run_id = task.run_id, reason = %status.message(), "workflow task superseded by new events");
+                    }
                     Err(status) if status.code() == tonic::Code::InvalidArgument => {
                         self.fail_workflow_task(&task, "bad_command", status.message().to_string())
                             .await;
