@@ -38,6 +38,12 @@ struct EngineState {
     session_waiters: HashMap<String, Vec<oneshot::Sender<pb::SessionInfo>>>,
 }
 
+/// How often idle queues and long-dead workers are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// A queue, poller or dead worker unseen for this long is forgotten (`queue describe` and
+/// `workers list` stop showing it).
+const FORGET_IDLE_AFTER: Duration = Duration::from_secs(3600);
+
 /// Work collected while the lock is held.
 #[derive(Default)]
 struct Txn {
@@ -2082,6 +2088,7 @@ impl Engine {
         let mut shutdown = self.shutdown.subscribe();
         let timeout = self.config.worker_liveness_timeout;
         let tick = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut last_prune = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -2097,6 +2104,34 @@ impl Engine {
             if let Err(e) = self.check_sessions().await {
                 tracing::error!(error = %e, "checking sessions failed");
             }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = Instant::now();
+                self.prune_idle(now_ms());
+            }
+        }
+    }
+
+    /// Drops queues, pollers and dead workers idle for longer than [`FORGET_IDLE_AFTER`] (dead
+    /// workers that an open session still names are kept).
+    fn prune_idle(&self, now: i64) {
+        let before = now - FORGET_IDLE_AFTER.as_millis() as i64;
+        let hosts: BTreeSet<(String, String)> = self
+            .state
+            .lock()
+            .sessions
+            .values()
+            .filter_map(|s| s.info.as_ref())
+            .map(|i| (i.namespace.clone(), i.worker_identity.clone()))
+            .collect();
+        let (queues, workers) = self.matcher.prune(before, |namespace, identity| {
+            hosts.contains(&(namespace.to_string(), identity.to_string()))
+        });
+        if queues > 0 || workers > 0 {
+            tracing::info!(
+                queues,
+                workers,
+                "forgot idle task queues and long-dead workers"
+            );
         }
     }
 }

@@ -631,6 +631,30 @@ impl Matcher {
         dead
     }
 
+    /// Forgets what only a long-gone worker would use: pollers not seen since `before_ms`,
+    /// queues left with no task, no parked poll and no recent poller (each worker start makes a
+    /// new sticky queue, so without this they pile up), and dead workers not seen since
+    /// `before_ms` unless `in_use` says something still refers to them. Returns how many queues
+    /// and workers were dropped.
+    pub fn prune(&self, before_ms: i64, in_use: impl Fn(&str, &str) -> bool) -> (usize, usize) {
+        let mut st = self.state.lock();
+        let queues_before = st.queues.len();
+        st.queues.retain(|_, q| {
+            q.pollers.retain(|_, seen| *seen >= before_ms);
+            q.waiting.retain(|w| !w.is_closed());
+            q.by_class.retain(|_, tasks| !tasks.is_empty());
+            q.len > 0 || !q.waiting.is_empty() || !q.pollers.is_empty()
+        });
+        let workers_before = st.workers.len();
+        st.workers.retain(|(namespace, identity), w| {
+            w.alive || w.last_seen_ms >= before_ms || in_use(namespace, identity)
+        });
+        (
+            queues_before - st.queues.len(),
+            workers_before - st.workers.len(),
+        )
+    }
+
     /// Registered workers of a namespace.
     pub fn workers_in(&self, namespace: &str) -> Vec<WorkerRecord> {
         let st = self.state.lock();
@@ -719,6 +743,48 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn prune_forgets_idle_queues_and_long_dead_workers_only() {
+        let m = Matcher::default();
+        let idle = QueueKey::new("default", "sticky/old", TaskKind::Workflow);
+        let backlog = QueueKey::new("default", "busy", TaskKind::Activity);
+        let recent = QueueKey::new("default", "recent", TaskKind::Activity);
+        // Polled long ago and empty; a task waits with no poller; polled just now.
+        assert_eq!(m.poll(&idle, "old-worker", 100, Duration::ZERO).await, None);
+        m.add(&backlog, task(1), "");
+        assert_eq!(m.poll(&recent, "w", 5_000, Duration::ZERO).await, None);
+        for (identity, seen) in [("gone", 100), ("hosting", 100), ("quiet", 4_000)] {
+            m.register(
+                "default",
+                identity,
+                Capabilities::default(),
+                vec![],
+                1,
+                seen,
+            );
+        }
+        m.expire(5_000, Duration::from_millis(500));
+        let (queues, workers) = m.prune(1_000, |_, identity| identity == "hosting");
+        assert_eq!((queues, workers), (1, 1));
+        assert!(m.stats(&idle).pollers.is_empty());
+        assert_eq!(m.stats(&backlog).backlog, 1, "a queue with tasks stays");
+        assert_eq!(m.stats(&recent).pollers.len(), 1, "a recent poller stays");
+        let left: Vec<String> = m
+            .workers_in("default")
+            .into_iter()
+            .map(|w| w.identity)
+            .collect();
+        assert_eq!(
+            left,
+            vec!["hosting", "quiet"],
+            "dead but in use, or dead recently"
+        );
+        assert_eq!(
+            m.poll(&backlog, "w", 6_000, Duration::ZERO).await,
+            Some(task(1))
+        );
     }
 
     #[tokio::test]
