@@ -137,12 +137,16 @@ async fn run() -> anyhow::Result<()> {
     let server = LocalServer::start("127.0.0.1:0", dir.path(), config).await?;
     let worker_client = Client::connect(server.url()).await?;
     let client = Client::connect(server.url()).await?;
-    let mut worker = Worker::new(
-        worker_client,
-        WorkerOptions::new("bench")
-            .identity("bench-worker")
-            .max_concurrent_activities(8),
-    );
+    let mut options = WorkerOptions::new("bench").identity("bench-worker");
+    // The worker's default activity slots unless asked otherwise.
+    if let Some(slots) = std::env::var("TETHER_BENCH_SLOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options = options.max_concurrent_activities(slots);
+    }
+    let slots = options.max_concurrent_activities;
+    let mut worker = Worker::new(worker_client, options);
     worker.register_activity("noop", |_ctx: ActivityContext, v: Value| async move {
         Ok::<_, ActivityError>(v)
     });
@@ -161,7 +165,7 @@ async fn run() -> anyhow::Result<()> {
         SyncMode::Full => "synchronous=FULL (fsync per group commit)",
         SyncMode::Normal => "synchronous=NORMAL",
     };
-    println!("tether end-to-end benchmark (embedded SQLite, {sync_name}; server, 1 worker with 8 slots, client in one process)");
+    println!("tether end-to-end benchmark (embedded SQLite, {sync_name}; server, 1 worker with {slots} activity slots, client in one process)");
     let w1a = w1_activities(&client, n_w1, in_flight, "w1").await;
     println!("W1  standalone activities: {n_w1} tasks, {in_flight} in flight: {w1a:.0} tasks/s");
     let w1w = w1_workflows(&client, n_w1_wf, in_flight, "w1wf").await;
@@ -172,7 +176,7 @@ async fn run() -> anyhow::Result<()> {
         p50.as_secs_f64() * 1e3,
         p99.as_secs_f64() * 1e3
     );
-    println!("rerun: cargo bench --bench end_to_end   (sizes: TETHER_BENCH_W1, TETHER_BENCH_W1_WF, TETHER_BENCH_W2; TETHER_BENCH_SYNC=normal)");
+    println!("rerun: cargo bench --bench end_to_end   (sizes: TETHER_BENCH_W1, TETHER_BENCH_W1_WF, TETHER_BENCH_W2, TETHER_BENCH_SLOTS; TETHER_BENCH_SYNC=normal)");
     worker.shutdown().await;
     server.stop().await?;
     Ok(())
