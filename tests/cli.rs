@@ -17,6 +17,23 @@ const BIN: &str = env!("CARGO_BIN_EXE_tether");
 struct ServerProcess {
     child: Child,
     addr: String,
+    /// The server's stderr lines after the "listening" one.
+    lines: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Waits for a stderr line containing `text`; returns it.
+    fn wait_for_line(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("the server printed no line with {text:?}: {e}"),
+            }
+        }
+    }
 }
 
 impl Drop for ServerProcess {
@@ -37,6 +54,7 @@ fn spawn_server(args: &[&str]) -> ServerProcess {
         .expect("spawn tether");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let (lines_tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("tether server listening on ") {
@@ -46,13 +64,15 @@ fn spawn_server(args: &[&str]) -> ServerProcess {
                     .unwrap_or_default()
                     .to_string();
                 let _ = tx.send(addr);
+            } else {
+                let _ = lines_tx.send(line);
             }
         }
     });
     let addr = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("server printed its address");
-    ServerProcess { child, addr }
+    ServerProcess { child, addr, lines }
 }
 
 fn tether(addr: &str, args: &[&str]) -> Output {
@@ -454,4 +474,76 @@ async fn session_commands_show_waiting_sessions_and_why() {
         "{}",
         stderr(&missing)
     );
+}
+
+#[test]
+fn access_rules_reload_on_sighup_and_a_bad_file_changes_nothing() {
+    let certs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let c = |f: &str| certs.path().join(f).to_str().unwrap().to_string();
+    let made = Command::new(BIN)
+        .args(["certs", "dev", "--out", &c("")])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let access = certs.path().join("access.toml");
+    let admin_only = "[[grant]]\nidentity = \"admin\"\nnamespace = \"*\"\nroles = [\"admin\"]\n";
+    std::fs::write(&access, admin_only).unwrap();
+    let server = spawn_server(&[
+        "server",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--tls-cert",
+        &c("server.pem"),
+        "--tls-key",
+        &c("server.key"),
+        "--client-ca",
+        &c("ca.pem"),
+        "--access",
+        access.to_str().unwrap(),
+    ]);
+    let as_client = || {
+        tether(
+            &server.addr,
+            &[
+                "--tls-ca",
+                &c("ca.pem"),
+                "--tls-cert",
+                &c("client.pem"),
+                "--tls-key",
+                &c("client.key"),
+                "workflow",
+                "list",
+            ],
+        )
+    };
+    let hangup = || {
+        let sent = Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    let denied = as_client();
+    assert!(!denied.status.success());
+    assert!(stderr(&denied).contains("no grant"), "{}", stderr(&denied));
+
+    std::fs::write(
+        &access,
+        format!("{admin_only}[[grant]]\nidentity = \"client\"\nnamespace = \"default\"\nroles = [\"client\"]\n"),
+    )
+    .unwrap();
+    hangup();
+    let line = server.wait_for_line("access rules reloaded");
+    assert!(line.contains("2 grants"), "{line}");
+    let allowed = as_client();
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+
+    // A broken file is reported and the rules in force stay.
+    std::fs::write(&access, "[[grant]\nidentity = ").unwrap();
+    hangup();
+    let line = server.wait_for_line("access file not reloaded");
+    assert!(line.contains("is invalid"), "{line}");
+    let still = as_client();
+    assert!(still.status.success(), "{}", stderr(&still));
 }

@@ -290,3 +290,22 @@ async fn access_file_grants_roles_per_namespace() {
     let err = connect(&pki, Some(as_("mallory"))).await.err().unwrap();
     assert!(err.to_string().contains("refused"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_rules_cannot_be_swapped_in_where_authorization_is_off() {
+    let env = common::TestEnv::start().await;
+    let rules = tether::server::auth::Access::parse(
+        "[[grant]]\nidentity = \"a\"\nnamespace = \"*\"\nroles = [\"admin\"]\n",
+        "test",
+    )
+    .unwrap();
+    let err = env
+        .server
+        .as_ref()
+        .unwrap()
+        .replace_access(rules)
+        .unwrap_err();
+    assert!(err.to_string().contains("--access"), "{err}");
+    // Still open to everyone, as it started.
+    env.client.list_namespaces().await.unwrap();
+}

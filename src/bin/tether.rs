@@ -207,7 +207,8 @@ struct ServerOptionsArgs {
     #[arg(long)]
     client_ca: Option<PathBuf>,
     /// Access file (TOML) granting roles per certificate identity and namespace; whatever is
-    /// not granted is denied. Needs --client-ca.
+    /// not granted is denied. Needs --client-ca. Re-read on SIGHUP (a broken file changes
+    /// nothing).
     #[arg(long)]
     access: Option<PathBuf>,
     /// Most events one workflow run's history may hold.
@@ -833,7 +834,12 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
     })
 }
 
-async fn serve(listen: &str, data_dir: &std::path::Path, config: ServerConfig) -> Result<()> {
+async fn serve(
+    listen: &str,
+    data_dir: &std::path::Path,
+    config: ServerConfig,
+    access_file: Option<&std::path::Path>,
+) -> Result<()> {
     let server = LocalServer::start(listen, data_dir, config)
         .await
         .with_context(|| format!("starting the server on {listen}"))?;
@@ -843,10 +849,60 @@ async fn serve(listen: &str, data_dir: &std::path::Path, config: ServerConfig) -
         server.addr(),
         data_dir.display()
     );
-    shutdown_signal().await;
+    match access_file {
+        Some(path) => {
+            eprintln!(
+                "access rules from {}; send SIGHUP to reload them",
+                path.display()
+            );
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = reload_access_on_hangup(&server, path) => {}
+            }
+        }
+        None => shutdown_signal().await,
+    }
     eprintln!("shutting down");
     server.stop().await?;
     Ok(())
+}
+
+/// Re-reads the access file on each SIGHUP. A file that does not parse changes nothing: the
+/// rules in force stay, and the error says what to fix.
+async fn reload_access_on_hangup(server: &LocalServer, path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("could not listen for SIGHUP; the access file is read only at start");
+            return std::future::pending().await;
+        };
+        while hangup.recv().await.is_some() {
+            let loaded = tether::server::auth::Access::load(path)
+                .map_err(anyhow::Error::msg)
+                .and_then(|access| {
+                    let grants = access.grant_count();
+                    server.replace_access(access)?;
+                    Ok(grants)
+                });
+            match loaded {
+                Ok(grants) => {
+                    eprintln!(
+                        "access rules reloaded from {} ({grants} grants)",
+                        path.display()
+                    );
+                }
+                Err(e) => {
+                    eprintln!("access file not reloaded, the previous rules stay in force: {e:#}");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (server, path);
+        std::future::pending::<()>().await
+    }
 }
 
 async fn shutdown_signal() {
@@ -898,16 +954,26 @@ async fn run(cli: Cli) -> Result<i32> {
                 &args.options.listen,
                 &args.data_dir,
                 server_config(&args.options)?,
+                args.options.access.as_deref(),
             )
             .await?;
         }
         Command::Dev(args) => {
             let config = server_config(&args.options)?;
             match args.data_dir {
-                Some(dir) => serve(&args.options.listen, &dir, config).await?,
+                Some(dir) => {
+                    serve(
+                        &args.options.listen,
+                        &dir,
+                        config,
+                        args.options.access.as_deref(),
+                    )
+                    .await?
+                }
                 None => {
                     let dir = tempfile::Builder::new().prefix("tether-dev-").tempdir()?;
-                    serve(&args.options.listen, dir.path(), config).await?;
+                    let access = args.options.access.as_deref();
+                    serve(&args.options.listen, dir.path(), config, access).await?;
                 }
             }
         }

@@ -76,7 +76,12 @@ impl Access {
         Ok(Access { grants: file.grant })
     }
 
-    /// Reads an access file.
+    /// How many grants the rules hold.
+    pub fn grant_count(&self) -> usize {
+        self.grants.len()
+    }
+
+    /// Reads and parses an access file.
     pub fn load(path: &Path) -> Result<Access, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("could not read access file {}: {e}", path.display()))?;

@@ -64,6 +64,9 @@ pub struct Engine {
     shutdown: watch::Sender<bool>,
     /// When this engine started: workers get one liveness timeout from here to re-register.
     started_ms: i64,
+    /// The access rules in force (None: authorization off). Replaceable while running, so an
+    /// operator can change grants without a restart.
+    access: parking_lot::RwLock<Option<Arc<super::auth::Access>>>,
 }
 
 /// A run found for a read: either the live in-memory entry's snapshot or the stored state.
@@ -86,6 +89,7 @@ impl Engine {
             .map_err(|e| EngineError::Unavailable(format!("could not read the store: {e}")))?;
         let (shutdown, _) = watch::channel(false);
         let engine = Arc::new(Engine {
+            access: parking_lot::RwLock::new(config.access.clone()),
             state: Mutex::new(EngineState::default()),
             store,
             matcher: Matcher::default(),
@@ -163,8 +167,23 @@ impl Engine {
     }
 
     /// The access rules in force, if authorization is on.
-    pub fn access(&self) -> Option<&super::auth::Access> {
-        self.config.access.as_deref()
+    pub fn access(&self) -> Option<Arc<super::auth::Access>> {
+        self.access.read().clone()
+    }
+
+    /// Puts new access rules in force for every request from now on. Authorization cannot be
+    /// turned on or off this way: that needs a restart (it depends on client certificates).
+    pub fn replace_access(&self, access: super::auth::Access) -> Result<(), EngineError> {
+        let mut current = self.access.write();
+        if current.is_none() {
+            return Err(EngineError::InvalidArgument(
+                "authorization is off (the server started without an access file); restart it \
+                 with --access to turn it on"
+                    .into(),
+            ));
+        }
+        *current = Some(Arc::new(access));
+        Ok(())
     }
 
     /// The payload size limit in force.

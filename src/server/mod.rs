@@ -192,6 +192,7 @@ pub struct LocalServer {
     task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
     store: Arc<SqliteStore>,
     data_dir: PathBuf,
+    engine: Arc<Engine>,
 }
 
 impl LocalServer {
@@ -214,12 +215,13 @@ impl LocalServer {
         let store = Arc::new(SqliteStore::open(data_dir, config.sync_mode)?);
         // Recover before accepting so that start-up errors surface here, not in the task.
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), ServeError>>();
+        let (ready_tx, ready_rx) =
+            tokio::sync::oneshot::channel::<Result<Arc<Engine>, ServeError>>();
         let store_dyn: Arc<dyn Store> = store.clone();
         let task = tokio::spawn(async move {
             let engine = match Engine::open(store_dyn, config.clone()).await {
                 Ok(e) => {
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(Ok(e.clone()));
                     e
                 }
                 Err(e) => {
@@ -232,16 +234,17 @@ impl LocalServer {
             })
             .await
         });
-        match ready_rx.await {
-            Ok(Ok(())) => {}
+        let engine = match ready_rx.await {
+            Ok(Ok(engine)) => engine,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(ServeError::Engine(EngineError::Internal(
                     "server task ended during start-up".into(),
                 )))
             }
-        }
+        };
         Ok(LocalServer {
+            engine,
             addr,
             stop: Some(stop_tx),
             task: Some(task),
@@ -263,6 +266,12 @@ impl LocalServer {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Puts new access rules in force (e.g. after the access file changed). Refused when the
+    /// server runs without authorization.
+    pub fn replace_access(&self, access: auth::Access) -> Result<(), EngineError> {
+        self.engine.replace_access(access)
     }
 
     /// Stops serving and closes the store (everything acknowledged is already durable).
