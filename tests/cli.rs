@@ -196,13 +196,33 @@ fn cli_commands_print_data_and_clear_errors() {
             "billing",
             "--description",
             "invoices",
+            "--retention",
+            "30d",
         ],
     );
     assert!(created.status.success(), "{}", stderr(&created));
     assert_eq!(
         String::from_utf8_lossy(&created.stdout).trim(),
-        "namespace billing created"
+        "namespace billing created (closed runs kept 30d)"
     );
+    let bad = tether(
+        addr,
+        &["namespace", "update", "billing", "--retention", "30 days"],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("unknown unit"), "{}", stderr(&bad));
+    let nothing = tether(addr, &["namespace", "update", "billing"]);
+    assert!(
+        stderr(&nothing).contains("nothing to change"),
+        "{}",
+        stderr(&nothing)
+    );
+    let updated = ok_json(
+        addr,
+        &["namespace", "update", "billing", "--retention", "12h"],
+    );
+    assert_eq!(updated["retention"], "12h");
+    assert_eq!(updated["description"], "invoices");
     let again = tether(addr, &["namespace", "create", "billing"]);
     assert_eq!(again.status.code(), Some(1));
     assert!(
@@ -218,6 +238,13 @@ fn cli_commands_print_data_and_clear_errors() {
         .map(|n| n["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, vec!["billing", "default"]);
+    let retentions: Vec<&str> = namespaces
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["retention"].as_str().unwrap())
+        .collect();
+    assert_eq!(retentions, vec!["12h", "forever"]);
 
     let started = ok_json(
         addr,

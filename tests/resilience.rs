@@ -1028,3 +1028,86 @@ async fn batched_outcomes_are_judged_one_by_one_and_refill_slots() {
         pb::ExecutionStatus::Running as i32
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_runs_past_retention_are_deleted_and_nothing_else() {
+    let env = TestEnv::start_with(tether::server::ServerConfig {
+        retention_sweep_interval: Duration::from_millis(100),
+        ..common::test_config()
+    })
+    .await;
+    // Bad retention values are refused and change nothing.
+    let err = env
+        .client
+        .register_namespace_with_retention("short", "", Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("at least 1 s"), "{err}");
+    let err = env
+        .client
+        .update_namespace("nowhere", None, Some(Duration::from_secs(60)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+
+    env.client
+        .register_namespace_with_retention("short", "", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let short = env.client.with_namespace("short");
+    let done = short
+        .start_workflow("t", &(), WorkflowOptions::new("w-done", "q"))
+        .await
+        .unwrap();
+    done.terminate("finished").await.unwrap();
+    let open = short
+        .start_workflow("t", &(), WorkflowOptions::new("w-open", "q"))
+        .await
+        .unwrap();
+    let kept = env
+        .client
+        .start_workflow("t", &(), WorkflowOptions::new("w-kept", "q"))
+        .await
+        .unwrap();
+    kept.terminate("finished").await.unwrap();
+
+    eventually(
+        T,
+        "the closed run in the short namespace is deleted",
+        || {
+            let done = done.clone();
+            async move {
+                match done.describe().await {
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    let err = done.history().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    // The open run outlives the retention period; the other namespace keeps everything.
+    let open_status = open
+        .describe()
+        .await
+        .unwrap()
+        .info
+        .map(|i| i.status)
+        .unwrap();
+    assert_eq!(open_status, pb::ExecutionStatus::Running as i32);
+    assert!(kept.describe().await.is_ok());
+    assert!(!kept.history().await.unwrap().is_empty());
+
+    // Retention can be turned off again.
+    let info = env
+        .client
+        .update_namespace("short", Some("kept now"), Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(
+        (info.retention_ms, info.description.as_str()),
+        (0, "kept now")
+    );
+}

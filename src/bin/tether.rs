@@ -249,6 +249,21 @@ enum NamespaceCmd {
         /// What it is for.
         #[arg(long, default_value = "")]
         description: String,
+        /// How long closed runs and their history are kept (e.g. 30d, 12h), or "forever".
+        #[arg(long, default_value = "forever", value_parser = parse_retention)]
+        retention: Duration,
+    },
+    /// Change a namespace's description or retention.
+    Update {
+        /// Its name.
+        name: String,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+        /// New retention (e.g. 30d, 12h), or "forever"; runs already past it are deleted at the
+        /// next sweep (within a minute).
+        #[arg(long, value_parser = parse_retention)]
+        retention: Option<Duration>,
     },
     /// List namespaces.
     List,
@@ -399,6 +414,26 @@ enum WorkersCmd {
 }
 
 /// Parses `500ms`, `10s`, `5m`, `2h` (a bare number is seconds).
+/// A retention period: a duration, or "forever" (kept until deleted by hand: never).
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    match text.trim() {
+        "forever" | "0" => Ok(Duration::ZERO),
+        other => parse_duration(other),
+    }
+}
+
+/// How a retention period reads in listings.
+fn retention_text(ms: u64) -> String {
+    match ms {
+        0 => "forever".into(),
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -407,15 +442,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration: use e.g. 500ms, 10s, 5m, 2h"))?;
+        .map_err(|_| format!("{text:?} is not a duration: use e.g. 500ms, 10s, 5m, 2h, 7d"))?;
     let secs = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         _ => {
             return Err(format!(
-                "{text:?} has unknown unit {unit:?}: use ms, s, m or h"
+                "{text:?} has unknown unit {unit:?}: use ms, s, m, h or d"
             ))
         }
     };
@@ -831,6 +867,7 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
         max_history_events: o.max_history_events,
         max_pending_activities: o.max_pending_activities,
         max_requests_per_second: o.max_requests_per_second,
+        ..ServerConfig::default()
     })
 }
 
@@ -980,12 +1017,42 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Namespace(cmd) => {
             let client = connect(&g).await?;
             match cmd {
-                NamespaceCmd::Create { name, description } => {
-                    client.register_namespace(&name, &description).await?;
+                NamespaceCmd::Create {
+                    name,
+                    description,
+                    retention,
+                } => {
+                    client
+                        .register_namespace_with_retention(&name, &description, retention)
+                        .await?;
+                    let retention = retention_text(retention.as_millis() as u64);
                     if g.json {
-                        print_json(&json!({ "namespace": name }));
+                        print_json(&json!({ "namespace": name, "retention": retention }));
                     } else {
-                        println!("namespace {name} created");
+                        println!("namespace {name} created (closed runs kept {retention})");
+                    }
+                }
+                NamespaceCmd::Update {
+                    name,
+                    description,
+                    retention,
+                } => {
+                    if description.is_none() && retention.is_none() {
+                        bail!("nothing to change: give --description and/or --retention");
+                    }
+                    let n = client
+                        .update_namespace(&name, description.as_deref(), retention)
+                        .await?;
+                    let retention = retention_text(n.retention_ms);
+                    if g.json {
+                        print_json(
+                            &json!({"name": n.name, "description": n.description, "retention": retention}),
+                        );
+                    } else {
+                        println!(
+                            "namespace {} updated (closed runs kept {retention})",
+                            n.name
+                        );
                     }
                 }
                 NamespaceCmd::List => {
@@ -993,12 +1060,18 @@ async fn run(cli: Cli) -> Result<i32> {
                     if g.json {
                         print_json(&Value::Array(
                             list.iter()
-                                .map(|n| json!({"name": n.name, "description": n.description, "created": time_text(n.created_ms)}))
+                                .map(|n| json!({"name": n.name, "description": n.description, "created": time_text(n.created_ms), "retention": retention_text(n.retention_ms)}))
                                 .collect(),
                         ));
                     } else {
+                        println!("{:<24} {:<10} DESCRIPTION", "NAME", "RETENTION");
                         for n in list {
-                            println!("{:<24} {}", n.name, n.description);
+                            println!(
+                                "{:<24} {:<10} {}",
+                                n.name,
+                                retention_text(n.retention_ms),
+                                n.description
+                            );
                         }
                     }
                 }

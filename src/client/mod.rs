@@ -241,19 +241,51 @@ impl Client {
         self.rpc.clone()
     }
 
-    /// Creates a namespace.
+    /// Creates a namespace that keeps closed runs forever.
     pub async fn register_namespace(
         &self,
         name: &str,
         description: &str,
     ) -> Result<(), ClientError> {
+        self.register_namespace_with_retention(name, description, Duration::ZERO)
+            .await
+    }
+
+    /// Creates a namespace whose closed runs (and their history) are deleted `retention` after
+    /// they close; `Duration::ZERO` keeps them forever.
+    pub async fn register_namespace_with_retention(
+        &self,
+        name: &str,
+        description: &str,
+        retention: Duration,
+    ) -> Result<(), ClientError> {
         self.raw()
             .register_namespace(pb::RegisterNamespaceRequest {
                 namespace: name.into(),
                 description: description.into(),
+                retention_ms: retention.as_millis() as u64,
             })
             .await?;
         Ok(())
+    }
+
+    /// Changes a namespace's description and/or retention (`None` leaves it as it is); returns
+    /// the namespace as it now is.
+    pub async fn update_namespace(
+        &self,
+        name: &str,
+        description: Option<&str>,
+        retention: Option<Duration>,
+    ) -> Result<pb::NamespaceInfo, ClientError> {
+        Ok(self
+            .raw()
+            .update_namespace(pb::UpdateNamespaceRequest {
+                namespace: name.into(),
+                description: description.map(str::to_string),
+                retention_ms: retention.map(|r| r.as_millis() as u64),
+            })
+            .await?
+            .into_inner())
     }
 
     /// Lists namespaces.

@@ -38,6 +38,21 @@ struct EngineState {
     session_waiters: HashMap<String, Vec<oneshot::Sender<pb::SessionInfo>>>,
 }
 
+/// Most expired runs deleted in one commit, and batches per namespace per sweep.
+const PURGE_BATCH: usize = 2_000;
+const PURGE_BATCHES_PER_SWEEP: usize = 50;
+
+/// Retention is off (0) or at least a second: anything shorter is a typo for a unit.
+fn check_retention(retention_ms: u64) -> Result<(), EngineError> {
+    if retention_ms != 0 && retention_ms < 1_000 {
+        return Err(EngineError::InvalidArgument(format!(
+            "retention of {retention_ms} ms is too short; give at least 1 s, or 0 to keep closed \
+             runs forever"
+        )));
+    }
+    Ok(())
+}
+
 /// How often idle queues and long-dead workers are looked for.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// A queue, poller or dead worker unseen for this long is forgotten (`queue describe` and
@@ -111,6 +126,7 @@ impl Engine {
                     name: crate::types::DEFAULT_NAMESPACE.into(),
                     description: "created at first start".into(),
                     created_ms: now,
+                    retention_ms: 0,
                 };
                 st.namespaces.insert(info.name.clone(), info.clone());
                 txn.extra.push(Write::Namespace(info));
@@ -408,8 +424,10 @@ impl Engine {
         &self,
         name: &str,
         description: &str,
+        retention_ms: u64,
     ) -> Result<(), EngineError> {
         self.check_healthy()?;
+        check_retention(retention_ms)?;
         let mut txn = Txn::default();
         let commit = {
             let mut st = self.state.lock();
@@ -422,12 +440,83 @@ impl Engine {
                 name: name.to_string(),
                 description: description.to_string(),
                 created_ms: now_ms(),
+                retention_ms,
             };
             st.namespaces.insert(name.to_string(), info.clone());
             txn.extra.push(Write::Namespace(info));
             self.commit_locked(&mut st, &mut txn)
         };
         self.finish(commit, txn.fx).await
+    }
+
+    /// Changes a namespace's description and/or retention; returns it as it now is.
+    pub async fn update_namespace(
+        &self,
+        req: pb::UpdateNamespaceRequest,
+    ) -> Result<NamespaceInfo, EngineError> {
+        self.check_healthy()?;
+        if let Some(retention_ms) = req.retention_ms {
+            check_retention(retention_ms)?;
+        }
+        let mut txn = Txn::default();
+        let (commit, info) = {
+            let mut st = self.state.lock();
+            let Some(info) = st.namespaces.get_mut(&req.namespace) else {
+                return Err(EngineError::NamespaceNotFound(req.namespace));
+            };
+            if let Some(description) = req.description {
+                info.description = description;
+            }
+            if let Some(retention_ms) = req.retention_ms {
+                info.retention_ms = retention_ms;
+            }
+            let info = info.clone();
+            txn.extra.push(Write::Namespace(info.clone()));
+            (self.commit_locked(&mut st, &mut txn), info)
+        };
+        self.finish(commit, txn.fx).await?;
+        Ok(info)
+    }
+
+    /// Deletes closed runs older than their namespace's retention, in bounded batches so that
+    /// other commits are not held up behind one huge delete. Returns how many were deleted.
+    pub async fn purge_expired(&self, now: i64) -> Result<usize, EngineError> {
+        let namespaces: Vec<(String, u64)> = self
+            .state
+            .lock()
+            .namespaces
+            .values()
+            .filter(|n| n.retention_ms > 0)
+            .map(|n| (n.name.clone(), n.retention_ms))
+            .collect();
+        let mut deleted = 0;
+        for (namespace, retention_ms) in namespaces {
+            let closed_before_ms = now.saturating_sub(retention_ms as i64);
+            for _ in 0..PURGE_BATCHES_PER_SWEEP {
+                self.check_healthy()?;
+                let store = self.store.clone();
+                let ns = namespace.clone();
+                let expired = tokio::task::spawn_blocking(move || {
+                    store.expired_runs(&ns, closed_before_ms, PURGE_BATCH)
+                })
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .map_err(|e| EngineError::Unavailable(format!("reading expired runs: {e}")))?;
+                if expired.is_empty() {
+                    break;
+                }
+                let count = expired.len();
+                let commit = self.store.submit(WriteBatch {
+                    writes: vec![Write::DeleteRuns { run_ids: expired }],
+                });
+                self.finish(Some(commit), Effects::default()).await?;
+                deleted += count;
+                if count < PURGE_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     /// All namespaces.
@@ -2126,6 +2215,23 @@ impl Engine {
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
                 self.prune_idle(now_ms());
+            }
+        }
+    }
+
+    /// Deletes closed runs past their namespace's retention, every
+    /// `retention_sweep_interval`, until shutdown.
+    pub async fn run_retention(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.retention_sweep_interval) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            match self.purge_expired(now_ms()).await {
+                Ok(0) => {}
+                Ok(runs) => tracing::info!(runs, "deleted closed runs past their retention"),
+                Err(e) => tracing::error!(error = %e, "deleting expired runs failed"),
             }
         }
     }

@@ -152,9 +152,20 @@ impl TetherService for Frontend {
         self.allow(&ids, &req.namespace, Role::Admin)?;
         name("namespace", &req.namespace)?;
         self.engine
-            .register_namespace(&req.namespace, &req.description)
+            .register_namespace(&req.namespace, &req.description, req.retention_ms)
             .await?;
         ok(pb::RegisterNamespaceResponse {})
+    }
+
+    async fn update_namespace(
+        &self,
+        request: Request<pb::UpdateNamespaceRequest>,
+    ) -> R<pb::NamespaceInfo> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Admin)?;
+        name("namespace", &req.namespace)?;
+        ok(self.engine.update_namespace(req).await?)
     }
 
     async fn list_namespaces(

@@ -129,6 +129,8 @@ pub struct ServerConfig {
     /// Most requests per second from one caller (certificate identity, else address); 0 turns
     /// the limit off. Default 100,000 (all plaintext callers on one address share a bucket).
     pub max_requests_per_second: u32,
+    /// How often closed runs past their namespace's retention are deleted. Default 60 s.
+    pub retention_sweep_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -143,6 +145,7 @@ impl Default for ServerConfig {
             max_history_events: 50_000,
             max_pending_activities: 2_000,
             max_requests_per_second: 100_000,
+            retention_sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -309,6 +312,7 @@ async fn serve_engine(
 ) -> Result<(), ServeError> {
     let timers = tokio::spawn(engine.clone().run_timers());
     let liveness = tokio::spawn(engine.clone().run_liveness());
+    let retention = tokio::spawn(engine.clone().run_retention());
     let limiter = Arc::new(RateLimiter::new(engine.max_requests_per_second()));
     let service = TetherServiceServer::new(Frontend::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
@@ -344,6 +348,7 @@ async fn serve_engine(
     engine.begin_shutdown();
     let _ = timers.await;
     let _ = liveness.await;
+    let _ = retention.await;
     result.map_err(ServeError::from)
 }
 

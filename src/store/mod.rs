@@ -45,6 +45,11 @@ pub enum Write {
         /// Its state.
         state: Box<SessionState>,
     },
+    /// Delete closed runs with their history (retention).
+    DeleteRuns {
+        /// The runs.
+        run_ids: Vec<String>,
+    },
     /// Append history events to a run.
     Events {
         /// The run.
@@ -117,6 +122,13 @@ pub trait Store: Send + Sync + 'static {
     fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError>;
     /// Runs in a namespace, newest first.
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError>;
+    /// Up to `limit` runs of a namespace that closed before `closed_before_ms`, oldest first.
+    fn expired_runs(
+        &self,
+        namespace: &str,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
     /// Sessions of a namespace (closed ones too), newest first, at most `limit`.
     fn list_sessions(&self, namespace: &str, limit: usize)
         -> Result<Vec<SessionState>, StoreError>;

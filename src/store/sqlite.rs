@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS runs (
     workflow_id TEXT NOT NULL,
     status INTEGER NOT NULL,
     start_ms INTEGER NOT NULL,
-    state BLOB NOT NULL
+    state BLOB NOT NULL,
+    close_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_id ON runs(namespace, standalone, workflow_id, start_ms);
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs(namespace, standalone, start_ms);
@@ -88,6 +89,37 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, event_id)
 ) WITHOUT ROWID;
 ";
+
+/// Brings a database made by an older version up to this schema.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let has_close_ms = conn
+        .prepare("SELECT 1 FROM pragma_table_info('runs') WHERE name = 'close_ms'")?
+        .exists([])?;
+    if !has_close_ms {
+        // Closed runs get their close time from their state, so retention can find them.
+        let tx = conn.transaction()?;
+        tx.execute_batch("ALTER TABLE runs ADD COLUMN close_ms INTEGER NOT NULL DEFAULT 0")?;
+        let closed: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT run_id, state FROM runs WHERE status != ?1")?
+            .query_map(params![ExecutionStatus::Running as i32], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        {
+            let mut set = tx.prepare("UPDATE runs SET close_ms = ?2 WHERE run_id = ?1")?;
+            for (run_id, state) in closed {
+                set.execute(params![run_id, decode_run(state)?.close_ms])?;
+            }
+        }
+        tx.commit()?;
+        tracing::info!("store migrated: runs.close_ms added for retention");
+    }
+    // Only closed runs are indexed by close time: the retention sweep's lookups stay small.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS runs_by_close ON runs(namespace, close_ms) WHERE close_ms > 0",
+    )?;
+    Ok(())
+}
 
 fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -115,8 +147,9 @@ impl SqliteStore {
             source,
         })?;
         let path = data_dir.join("tether.db");
-        let writer_conn = open_connection(&path, sync)?;
+        let mut writer_conn = open_connection(&path, sync)?;
         writer_conn.execute_batch(SCHEMA)?;
+        migrate(&mut writer_conn)?;
         let reader = open_connection(&path, sync)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = std::sync::Arc::new(WriterStats::default());
@@ -200,15 +233,21 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
         let mut put_run = tx.prepare_cached(
             // An upsert rather than INSERT OR REPLACE: replacing would delete and re-insert the
             // row in every index on each state change.
-            "INSERT INTO runs(run_id, namespace, standalone, workflow_id, status, start_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, state = excluded.state",
+            "INSERT INTO runs(run_id, namespace, standalone, workflow_id, status, start_ms, state,
+                              close_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, state = excluded.state,
+                                               close_ms = excluded.close_ms",
         )?;
         let mut put_session = tx.prepare_cached(
             "INSERT INTO sessions(session_id, namespace, open, created_ms, state)
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(session_id) DO UPDATE SET open = excluded.open, state = excluded.state",
         )?;
+        let mut del_events = tx.prepare_cached("DELETE FROM events WHERE run_id = ?1")?;
+        // Only closed runs: an open run is never deleted, whatever asked for it.
+        let mut del_run =
+            tx.prepare_cached("DELETE FROM runs WHERE run_id = ?1 AND close_ms > 0")?;
         let mut put_event = tx.prepare_cached(
             "INSERT OR REPLACE INTO events(run_id, event_id, event) VALUES (?1, ?2, ?3)",
         )?;
@@ -226,7 +265,12 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                             state.workflow_id,
                             state.status,
                             state.start_ms,
-                            state.encode_to_vec()
+                            state.encode_to_vec(),
+                            if state.status == ExecutionStatus::Running as i32 {
+                                0
+                            } else {
+                                state.close_ms.max(1)
+                            }
                         ])?;
                     }
                     Write::Session { state } => {
@@ -239,6 +283,12 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                             info.created_ms,
                             state.encode_to_vec()
                         ])?;
+                    }
+                    Write::DeleteRuns { run_ids } => {
+                        for run_id in run_ids {
+                            del_events.execute(params![run_id])?;
+                            del_run.execute(params![run_id])?;
+                        }
                     }
                     Write::Events { run_id, events } => {
                         for event in events {
@@ -375,6 +425,25 @@ impl Store for SqliteStore {
         read_history(&self.reader.lock(), run_id)
     }
 
+    fn expired_runs(
+        &self,
+        namespace: &str,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let conn = self.reader.lock();
+        let ids = conn
+            .prepare_cached(
+                "SELECT run_id FROM runs WHERE namespace = ?1 AND close_ms > 0 AND close_ms < ?2
+                 ORDER BY close_ms LIMIT ?3",
+            )?
+            .query_map(params![namespace, closed_before_ms, limit as i64], |r| {
+                r.get(0)
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(ids)
+    }
+
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError> {
         let conn = self.reader.lock();
         let limit = filter.limit.max(1) as i64;
@@ -414,6 +483,45 @@ mod tests {
             start_ms: 1,
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_retention_is_migrated_and_purges_only_closed_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The runs table as it was before close_ms existed, with one closed and one open run.
+            let conn = Connection::open(dir.path().join("tether.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE runs (run_id TEXT PRIMARY KEY, namespace TEXT NOT NULL,
+                 standalone INTEGER NOT NULL, workflow_id TEXT NOT NULL, status INTEGER NOT NULL,
+                 start_ms INTEGER NOT NULL, state BLOB NOT NULL);",
+            )
+            .unwrap();
+            let mut closed = run("old", ExecutionStatus::Completed);
+            closed.close_ms = 500;
+            for state in [closed, run("open", ExecutionStatus::Running)] {
+                conn.execute(
+                    "INSERT INTO runs VALUES (?1, 'default', 0, 'wf', ?2, 1, ?3)",
+                    params![state.run_id, state.status, state.encode_to_vec()],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(dir.path(), SyncMode::Normal).unwrap();
+        assert!(store.expired_runs("default", 500, 10).unwrap().is_empty());
+        assert_eq!(store.expired_runs("default", 501, 10).unwrap(), vec!["old"]);
+        // Even when told to, a delete never removes an open run.
+        store
+            .submit(WriteBatch {
+                writes: vec![Write::DeleteRuns {
+                    run_ids: vec!["old".into(), "open".into()],
+                }],
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.load_run("old").unwrap().is_none());
+        assert!(store.load_run("open").unwrap().is_some());
     }
 
     #[tokio::test]
