@@ -118,8 +118,31 @@ impl Access {
     }
 }
 
+/// A request's identities, worked out once by the interceptor and carried in its extensions so
+/// the handler does not parse the certificate again.
+#[derive(Clone)]
+pub struct CallerIdentities(pub std::sync::Arc<Vec<String>>);
+
+/// Works out a request's identities and attaches them to it (see [`identities_of`]); None for
+/// a caller without a client certificate (nothing to attach).
+pub fn attach_identities<T>(request: &mut Request<T>) -> Option<std::sync::Arc<Vec<String>>> {
+    request.peer_certs()?;
+    let ids = std::sync::Arc::new(parse_identities(request));
+    request
+        .extensions_mut()
+        .insert(CallerIdentities(ids.clone()));
+    Some(ids)
+}
+
 /// The identities a request's client certificate carries: its common name(s), then its DNS SANs.
 pub fn identities_of<T>(request: &Request<T>) -> Vec<String> {
+    match request.extensions().get::<CallerIdentities>() {
+        Some(known) => known.0.as_ref().clone(),
+        None => parse_identities(request),
+    }
+}
+
+fn parse_identities<T>(request: &Request<T>) -> Vec<String> {
     let Some(certs) = request.peer_certs() else {
         return Vec::new();
     };

@@ -366,13 +366,14 @@ impl RateLimiter {
         }
     }
 
-    fn admit(&self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn admit(&self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        // Parsed once here for both the rate limit and authorization.
+        let ids = auth::attach_identities(&mut req);
         if self.per_second == 0 {
             return Ok(req);
         }
-        let who = auth::identities_of(&req)
-            .into_iter()
-            .next()
+        let who = ids
+            .and_then(|ids| ids.first().cloned())
             .or_else(|| req.remote_addr().map(|a| a.ip().to_string()))
             .unwrap_or_else(|| "unknown".into());
         let now = std::time::Instant::now();
