@@ -533,20 +533,37 @@ impl Engine {
         &self,
         req: pb::StartWorkflowRequest,
     ) -> Result<String, EngineError> {
+        self.start_run(
+            &req.namespace,
+            false,
+            &req.workflow_id,
+            |run_id, now, fx| RunEntry::start_workflow(&req, run_id, now, fx),
+        )
+        .await
+    }
+
+    /// Creates a run under an id that must not be running already, in one transaction.
+    async fn start_run(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        make: impl FnOnce(String, i64, &mut Effects) -> RunEntry,
+    ) -> Result<String, EngineError> {
         self.check_healthy()?;
         let mut txn = Txn::default();
         let (commit, run_id) = {
             let mut st = self.state.lock();
-            Self::check_namespace(&st, &req.namespace)?;
-            let key = (req.namespace.clone(), false, req.workflow_id.clone());
+            Self::check_namespace(&st, namespace)?;
+            let key = (namespace.to_string(), standalone, id.to_string());
             if let Some(existing) = st.open_ids.get(&key) {
                 return Err(EngineError::WorkflowAlreadyStarted {
-                    workflow_id: req.workflow_id.clone(),
+                    workflow_id: id.to_string(),
                     run_id: existing.clone(),
                 });
             }
             let run_id = crate::types::RunId::generate().to_string();
-            let entry = RunEntry::start_workflow(&req, run_id.clone(), now_ms(), &mut txn.fx);
+            let entry = make(run_id.clone(), now_ms(), &mut txn.fx);
             st.open_ids.insert(key, run_id.clone());
             st.runs.insert(run_id.clone(), entry);
             txn.touched.insert(run_id.clone());
@@ -593,32 +610,10 @@ impl Engine {
             }
         }
         let options = history::normalize_activity_options(Some(options), &req.task_queue)?;
-        let mut txn = Txn::default();
-        let (commit, run_id) = {
-            let mut st = self.state.lock();
-            Self::check_namespace(&st, &req.namespace)?;
-            let key = (req.namespace.clone(), true, req.activity_id.clone());
-            if let Some(existing) = st.open_ids.get(&key) {
-                return Err(EngineError::WorkflowAlreadyStarted {
-                    workflow_id: req.activity_id.clone(),
-                    run_id: existing.clone(),
-                });
-            }
-            let run_id = crate::types::RunId::generate().to_string();
-            let entry = RunEntry::start_standalone_activity(
-                &req,
-                options,
-                run_id.clone(),
-                now_ms(),
-                &mut txn.fx,
-            );
-            st.open_ids.insert(key, run_id.clone());
-            st.runs.insert(run_id.clone(), entry);
-            txn.touched.insert(run_id.clone());
-            (self.commit_locked(&mut st, &mut txn), run_id)
-        };
-        self.finish(commit, txn.fx).await?;
-        Ok(run_id)
+        self.start_run(&req.namespace, true, &req.activity_id, |run_id, now, fx| {
+            RunEntry::start_standalone_activity(&req, options, run_id, now, fx)
+        })
+        .await
     }
 
     /// Delivers a signal to a running workflow.

@@ -64,6 +64,40 @@ impl Frontend {
         }
     }
 
+    /// GetWorkflowResult and GetActivityResult: the same checks and wait, for either kind.
+    async fn wait_for_result(
+        &self,
+        ids: &[String],
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        wait_ms: u64,
+    ) -> R<pb::GetWorkflowResultResponse> {
+        self.allow(ids, namespace, Role::Client)?;
+        name("namespace", namespace)?;
+        name(
+            if standalone {
+                "activity id"
+            } else {
+                "workflow id"
+            },
+            id,
+        )?;
+        optional_name("run id", run_id)?;
+        let outcome = self
+            .engine
+            .result(
+                namespace,
+                standalone,
+                id,
+                run_id,
+                Duration::from_millis(wait_ms),
+            )
+            .await?;
+        ok(outcome)
+    }
+
     fn take_next(
         &self,
         target: Option<(String, Vec<String>, String)>,
@@ -333,21 +367,15 @@ impl TetherService for Frontend {
     ) -> R<pb::GetWorkflowResultResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
-        name("namespace", &req.namespace)?;
-        name("workflow id", &req.workflow_id)?;
-        optional_name("run id", &req.run_id)?;
-        let outcome = self
-            .engine
-            .result(
-                &req.namespace,
-                false,
-                &req.workflow_id,
-                &req.run_id,
-                Duration::from_millis(req.wait_ms),
-            )
-            .await?;
-        ok(outcome)
+        self.wait_for_result(
+            &ids,
+            &req.namespace,
+            false,
+            &req.workflow_id,
+            &req.run_id,
+            req.wait_ms,
+        )
+        .await
     }
 
     async fn start_activity(
@@ -387,21 +415,15 @@ impl TetherService for Frontend {
     ) -> R<pb::GetWorkflowResultResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
-        name("namespace", &req.namespace)?;
-        name("activity id", &req.activity_id)?;
-        optional_name("run id", &req.run_id)?;
-        let outcome = self
-            .engine
-            .result(
-                &req.namespace,
-                true,
-                &req.activity_id,
-                &req.run_id,
-                Duration::from_millis(req.wait_ms),
-            )
-            .await?;
-        ok(outcome)
+        self.wait_for_result(
+            &ids,
+            &req.namespace,
+            true,
+            &req.activity_id,
+            &req.run_id,
+            req.wait_ms,
+        )
+        .await
     }
 
     async fn poll_workflow_task(
