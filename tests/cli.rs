@@ -574,3 +574,65 @@ fn access_rules_reload_on_sighup_and_a_bad_file_changes_nothing() {
     let still = as_client();
     assert!(still.status.success(), "{}", stderr(&still));
 }
+
+/// GET over plain HTTP/1.1, returning the whole response (headers and body).
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// url");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let mut conn = std::net::TcpStream::connect(host).expect("connect");
+    write!(
+        conn,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn metrics_endpoint_counts_requests_and_shows_open_runs() {
+    let server = spawn_server(&["dev", "--metrics-listen", "127.0.0.1:0"]);
+    let line = server.wait_for_line("metrics on http://");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let start = &[
+        "workflow",
+        "start",
+        "--type",
+        "t",
+        "--task-queue",
+        "q",
+        "--id",
+        "m-1",
+    ];
+    assert!(tether(&server.addr, start).status.success());
+    let again = tether(&server.addr, start);
+    assert!(!again.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = http_get(&url);
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        // Gauges are refreshed about once a second; counters at once.
+        if page.contains("tether_runs_open{namespace=\"default\",kind=\"workflow\"} 1") {
+            for expected in [
+                "tether_requests_total{method=\"StartWorkflow\",code=\"Ok\"} 1",
+                "tether_requests_total{method=\"StartWorkflow\",code=\"AlreadyExists\"} 1",
+                "tether_task_queue_backlog{namespace=\"default\",queue=\"q\",kind=\"workflow\"} 1",
+                "tether_store_commits_total",
+            ] {
+                assert!(page.contains(expected), "no {expected} in:\n{page}");
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the open-runs gauge never showed the run:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -211,6 +211,11 @@ struct ServerOptionsArgs {
     /// nothing).
     #[arg(long)]
     access: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (requests per method and code with
+    /// latencies, store commits, open runs, sessions, workers, task queue backlogs). Off unless
+    /// given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Most events one workflow run's history may hold.
     #[arg(long, default_value_t = 50_000)]
     max_history_events: u64,
@@ -867,16 +872,23 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
         max_history_events: o.max_history_events,
         max_pending_activities: o.max_pending_activities,
         max_requests_per_second: o.max_requests_per_second,
+        metrics: o.metrics_listen.is_some(),
         ..ServerConfig::default()
     })
 }
 
 async fn serve(
-    listen: &str,
+    o: &ServerOptionsArgs,
     data_dir: &std::path::Path,
     config: ServerConfig,
-    access_file: Option<&std::path::Path>,
 ) -> Result<()> {
+    let listen = &o.listen;
+    let access_file = o.access.as_deref();
+    // The metrics listener comes up first so a bad address fails before the server starts.
+    let metrics = match &o.metrics_listen {
+        Some(addr) => Some(start_metrics(addr).await?),
+        None => None,
+    };
     let server = LocalServer::start(listen, data_dir, config)
         .await
         .with_context(|| format!("starting the server on {listen}"))?;
@@ -886,6 +898,9 @@ async fn serve(
         server.addr(),
         data_dir.display()
     );
+    if let Some((addr, _)) = &metrics {
+        eprintln!("metrics on http://{addr}/metrics");
+    }
     match access_file {
         Some(path) => {
             eprintln!(
@@ -902,6 +917,38 @@ async fn serve(
     eprintln!("shutting down");
     server.stop().await?;
     Ok(())
+}
+
+/// Installs the Prometheus recorder and serves `GET /metrics` on `addr` (port 0: any free port).
+async fn start_metrics(addr: &str) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    // Latency buckets from 0.25 ms (a loopback round trip) to a minute (a long poll).
+    let buckets = [
+        0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0, 30.0, 60.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &buckets)
+        .context("metrics buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-listen: could not listen on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok((bound, task))
 }
 
 /// Re-reads the access file on each SIGHUP. A file that does not parse changes nothing: the
@@ -987,30 +1034,16 @@ async fn run(cli: Cli) -> Result<i32> {
     let g = cli.global;
     match cli.command {
         Command::Server(args) => {
-            serve(
-                &args.options.listen,
-                &args.data_dir,
-                server_config(&args.options)?,
-                args.options.access.as_deref(),
-            )
-            .await?;
+            let config = server_config(&args.options)?;
+            serve(&args.options, &args.data_dir, config).await?;
         }
         Command::Dev(args) => {
             let config = server_config(&args.options)?;
-            match args.data_dir {
-                Some(dir) => {
-                    serve(
-                        &args.options.listen,
-                        &dir,
-                        config,
-                        args.options.access.as_deref(),
-                    )
-                    .await?
-                }
+            match &args.data_dir {
+                Some(dir) => serve(&args.options, dir, config).await?,
                 None => {
                     let dir = tempfile::Builder::new().prefix("tether-dev-").tempdir()?;
-                    let access = args.options.access.as_deref();
-                    serve(&args.options.listen, dir.path(), config, access).await?;
+                    serve(&args.options, dir.path(), config).await?;
                 }
             }
         }

@@ -655,6 +655,27 @@ impl Matcher {
         )
     }
 
+    /// (namespace, alive) → how many registered workers.
+    pub fn worker_counts(&self) -> HashMap<(String, bool), usize> {
+        let st = self.state.lock();
+        let mut counts = HashMap::new();
+        for w in st.workers.values() {
+            *counts.entry((w.namespace.clone(), w.alive)).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Tasks waiting per queue (sticky queues left out: one per worker, and their backlog is
+    /// the workflow's own business).
+    pub fn backlogs(&self) -> Vec<(QueueKey, usize)> {
+        let st = self.state.lock();
+        st.queues
+            .iter()
+            .filter(|(k, _)| !k.queue.starts_with(crate::worker::STICKY_QUEUE_PREFIX))
+            .map(|(k, q)| (k.clone(), q.len))
+            .collect()
+    }
+
     /// Registered workers of a namespace.
     pub fn workers_in(&self, namespace: &str) -> Vec<WorkerRecord> {
         let st = self.state.lock();

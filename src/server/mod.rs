@@ -131,6 +131,10 @@ pub struct ServerConfig {
     pub max_requests_per_second: u32,
     /// How often closed runs past their namespace's retention are deleted. Default 60 s.
     pub retention_sweep_interval: Duration,
+    /// Record metrics (requests, commits, open runs, sessions, workers, backlogs) through the
+    /// `metrics` facade; whoever installs a recorder (`tether server --metrics-listen`) serves
+    /// them. Default off.
+    pub metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +150,7 @@ impl Default for ServerConfig {
             max_pending_activities: 2_000,
             max_requests_per_second: 100_000,
             retention_sweep_interval: Duration::from_secs(60),
+            metrics: false,
         }
     }
 }
@@ -320,6 +325,10 @@ async fn serve_engine(
     let service = tonic::service::interceptor::InterceptedService::new(service, move |req| {
         limiter.admit(req)
     });
+    let service = RequestMetrics {
+        inner: service,
+        enabled: engine.metrics_enabled(),
+    };
     let engine_for_shutdown = engine.clone();
     let shutdown = async move {
         shutdown.await;
@@ -350,6 +359,76 @@ async fn serve_engine(
     let _ = liveness.await;
     let _ = retention.await;
     result.map_err(ServeError::from)
+}
+
+/// Counts requests per gRPC method and status code and times them (when metrics are on).
+#[derive(Clone)]
+struct RequestMetrics<S> {
+    inner: S,
+    enabled: bool,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for RequestMetrics<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, ResBody> tonic::codegen::Service<tonic::codegen::http::Request<B>> for RequestMetrics<S>
+where
+    S: tonic::codegen::Service<
+        tonic::codegen::http::Request<B>,
+        Response = tonic::codegen::http::Response<ResBody>,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if !self.enabled {
+            return Box::pin(self.inner.call(req));
+        }
+        let method = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let started = std::time::Instant::now();
+        let reply = self.inner.call(req);
+        Box::pin(async move {
+            let reply = reply.await;
+            // Unary replies carry an error's status in the headers (trailers-only response);
+            // a success has it in the trailers, so no header means OK.
+            let code = match &reply {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(tonic::Code::from)
+                    .unwrap_or(tonic::Code::Ok),
+                Err(_) => tonic::Code::Unknown,
+            };
+            metrics::counter!(
+                "tether_requests_total",
+                "method" => method.clone(),
+                "code" => format!("{code:?}")
+            )
+            .increment(1);
+            metrics::histogram!("tether_request_duration_seconds", "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            reply
+        })
+    }
 }
 
 /// A token bucket per caller (certificate identity, else remote address).

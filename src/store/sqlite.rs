@@ -210,11 +210,19 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, stats: &WriterStat
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let outcome = commit_jobs(&mut conn, &jobs).map_err(|e| e.to_string());
         if outcome.is_ok() {
             use std::sync::atomic::Ordering::Relaxed;
             stats.transactions.fetch_add(1, Relaxed);
             stats.batches.fetch_add(jobs.len() as u64, Relaxed);
+            // No-ops unless a metrics recorder is installed.
+            metrics::counter!("tether_store_commits_total").increment(1);
+            metrics::counter!("tether_store_batches_total").increment(jobs.len() as u64);
+            metrics::histogram!("tether_store_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+        } else {
+            metrics::counter!("tether_store_commit_failures_total").increment(1);
         }
         if let Err(e) = &outcome {
             tracing::error!(error = %e, batches = jobs.len(), "commit failed");
