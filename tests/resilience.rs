@@ -1111,3 +1111,121 @@ async fn closed_runs_past_retention_are_deleted_and_nothing_else() {
         (0, "kept now")
     );
 }
+
+/// A TCP forwarder that can be cut (open connections dropped, new ones reset) and restored: a
+/// network blip between a worker and the server.
+struct CutProxy {
+    addr: std::net::SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<AtomicU32>,
+    open: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl CutProxy {
+    async fn start(target: String) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = CutProxy {
+            addr: listener.local_addr().unwrap(),
+            cut: Arc::default(),
+            refused: Arc::default(),
+            open: Arc::default(),
+        };
+        let (cut, refused, open) = (proxy.cut.clone(), proxy.refused.clone(), proxy.open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if cut.load(Ordering::SeqCst) {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    continue; // dropped: the caller sees the connection reset
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                open.lock().push(task.abort_handle());
+            }
+        });
+        proxy
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for conn in self.open.lock().drain(..) {
+            conn.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_activity_survives_a_network_blip_without_running_again() {
+    let env = TestEnv::start().await;
+    let proxy = CutProxy::start(env.listen.clone()).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let worker_client = tether::client::Client::connect(format!("http://{}", proxy.addr))
+        .await
+        .unwrap();
+    let mut w = tether::worker::Worker::new(
+        worker_client,
+        tether::worker::WorkerOptions::new("gate-q").identity("behind-proxy"),
+    );
+    {
+        let (runs, returned, release) = (runs.clone(), returned.clone(), release.clone());
+        w.register_activity("gate", move |_ctx: ActivityContext, _: ()| {
+            let (runs, returned, release) = (runs.clone(), returned.clone(), release.clone());
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                release.notified().await;
+                returned.store(true, Ordering::SeqCst);
+                Ok::<_, ActivityError>("done".to_string())
+            }
+        });
+    }
+    let worker = w.start().unwrap();
+    let mut options = StandaloneActivityOptions::new("gated", "gate-q");
+    // Long enough that a lost result would only come back through a re-run after the timeout.
+    options.options = ActivityOptions::default().start_to_close(Duration::from_secs(120));
+    let handle = env
+        .client
+        .start_activity("gate", &(), options)
+        .await
+        .unwrap();
+    eventually(T, "the activity runs", || {
+        let runs = runs.clone();
+        async move { (runs.load(Ordering::SeqCst) == 1).then_some(()) }
+    })
+    .await;
+
+    proxy.cut();
+    release.notify_one();
+    eventually(T, "the activity returns while the network is cut", || {
+        let returned = returned.clone();
+        async move { returned.load(Ordering::SeqCst).then_some(()) }
+    })
+    .await;
+    // Its report goes out at once; wait until the cut has turned away a connection after that.
+    let seen = proxy.refused.load(Ordering::SeqCst);
+    eventually(
+        T,
+        "a connection is refused after the activity returned",
+        || {
+            let refused = proxy.refused.clone();
+            async move { (refused.load(Ordering::SeqCst) > seen).then_some(()) }
+        },
+    )
+    .await;
+    proxy.restore();
+
+    let out: String = within(Duration::from_secs(20), "the result", handle.result())
+        .await
+        .unwrap();
+    assert_eq!(out, "done");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the activity ran again");
+    worker.shutdown().await;
+}

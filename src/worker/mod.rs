@@ -368,6 +368,8 @@ struct Inner {
 struct PendingOutcome {
     outcome: pb::ActivityOutcome,
     activity_id: String,
+    /// When the server stops waiting for this attempt (epoch ms; 0 = not said).
+    deadline_ms: i64,
     /// The slot takes another task if the server has one waiting.
     wants_next: bool,
     reply: oneshot::Sender<Option<pb::PollActivityTaskResponse>>,
@@ -377,6 +379,9 @@ struct PendingOutcome {
 const MAX_OUTCOMES_PER_REPORT: usize = 256;
 /// Most report calls in flight at once.
 const MAX_REPORTS_IN_FLIGHT: usize = 2;
+/// How long a report is retried while the server cannot be reached, unless an attempt's own
+/// deadline comes first (after it the server has given up on the attempt anyway).
+const REPORT_RETRY_LIMIT: Duration = Duration::from_secs(60);
 
 /// Aborts running activities when the worker's main task ends for any reason (including abort).
 struct AbortRunning(Arc<Inner>);
@@ -992,6 +997,7 @@ impl Inner {
                 outcome: Some(outcome),
             },
             activity_id: task.activity_id,
+            deadline_ms: task.deadline_ms,
             wants_next: self.next_task_request(queue).is_some(),
             reply,
         };
@@ -1035,6 +1041,8 @@ impl Inner {
     }
 
     /// One RespondActivityTasks call: the outcomes, and as many next tasks as slots asked for.
+    /// While the server cannot be reached the call is retried with backoff, so a network blip
+    /// does not cost a finished activity its result (and a re-run after its timeout).
     async fn send_report(&self, batch: Vec<PendingOutcome>, host_queue: &str) {
         let wanted = batch.iter().filter(|p| p.wants_next).count();
         let next_task = if wanted > 0 {
@@ -1042,6 +1050,13 @@ impl Inner {
         } else {
             None
         };
+        let give_up_ms = batch
+            .iter()
+            .map(|p| p.deadline_ms)
+            .filter(|d| *d > 0)
+            .min()
+            .unwrap_or(i64::MAX)
+            .min(crate::api::now_ms() + REPORT_RETRY_LIMIT.as_millis() as i64);
         let mut waiting = Vec::with_capacity(batch.len());
         let mut outcomes = Vec::with_capacity(batch.len());
         for p in batch {
@@ -1058,7 +1073,30 @@ impl Inner {
             },
             next_task,
         };
-        match self.rpc.clone().respond_activity_tasks(request).await {
+        let mut backoff = Duration::from_millis(50);
+        let mut tries = 0;
+        let reply = loop {
+            tries += 1;
+            match self
+                .rpc
+                .clone()
+                .respond_activity_tasks(request.clone())
+                .await
+            {
+                Err(status)
+                    if is_transient(&status)
+                        && crate::api::now_ms() + (backoff.as_millis() as i64) < give_up_ms =>
+                {
+                    if tries == 1 {
+                        tracing::warn!(error = %status.message(), code = ?status.code(), outcomes = waiting.len(), "could not report activity outcomes; retrying until the server is back");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => break other,
+            }
+        };
+        match reply {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 let mut next_tasks = reply
@@ -1067,7 +1105,12 @@ impl Inner {
                     .filter(|t| !t.task_token.is_empty());
                 for (i, (activity_id, wants_next, slot)) in waiting.into_iter().enumerate() {
                     if let Some(ack) = reply.acks.get(i).filter(|a| !a.error.is_empty()) {
-                        tracing::warn!(activity_id, error = %ack.error, "activity outcome refused");
+                        if tries > 1 {
+                            // An earlier try may have landed before its reply was lost.
+                            tracing::info!(activity_id, error = %ack.error, "activity outcome refused on a retry (an earlier try may have recorded it)");
+                        } else {
+                            tracing::warn!(activity_id, error = %ack.error, "activity outcome refused");
+                        }
                     }
                     let next = if wants_next { next_tasks.next() } else { None };
                     let _ = slot.send(next);
@@ -1083,12 +1126,21 @@ impl Inner {
             }
             Err(status) => {
                 for (activity_id, _, slot) in waiting {
-                    tracing::warn!(activity_id, error = %status.message(), code = ?status.code(), "activity outcome not delivered; the attempt will time out and retry");
+                    tracing::warn!(activity_id, error = %status.message(), code = ?status.code(), tries, "activity outcome not delivered; the attempt will time out and retry");
                     let _ = slot.send(None);
                 }
             }
         }
     }
+}
+
+/// Errors that say the server could not be reached (or dropped the connection), not that it
+/// refused the request: worth trying again.
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
 }
 
 async fn heartbeat_loop(
