@@ -331,3 +331,28 @@ async fn failure_messages_can_be_encoded_too() {
     let hits = files_containing(env.dir.path(), MARKER.as_bytes());
     assert!(hits.is_empty(), "failure text found in {hits:?}");
 }
+
+#[test]
+fn codec_server_refuses_a_non_loopback_address_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys.txt");
+    std::fs::write(
+        &key_file,
+        format!("k1 = {}\n", tether::codec::AesGcmCodec::generate_key_hex()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "codec-server",
+            "--keys",
+            key_file.to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--allow-remote"), "{err}");
+    assert!(err.contains("decrypts for anyone"), "{err}");
+}

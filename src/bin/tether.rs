@@ -110,6 +110,11 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: String,
+        /// Allow an address other than loopback. The codec server speaks plain HTTP without
+        /// authentication: whoever reaches it can decrypt payloads. Only behind a TLS proxy
+        /// that authenticates callers.
+        #[arg(long)]
+        allow_remote: bool,
     },
     /// Write a new key file with one random AES-256 key.
     Keygen {
@@ -1336,12 +1341,25 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Command::CodecServer { keys, listen } => {
+        Command::CodecServer {
+            keys,
+            listen,
+            allow_remote,
+        } => {
             let dc = codec::DataConverter::default()
                 .with_codec(std::sync::Arc::new(codec::AesGcmCodec::from_file(&keys)?));
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("could not listen on {listen}"))?;
+            let bound = listener.local_addr()?;
+            if !bound.ip().is_loopback() && !allow_remote {
+                bail!(
+                    "--listen {listen} is reachable from other machines, and the codec server \
+                     decrypts for anyone who asks (plain HTTP, no authentication); listen on \
+                     127.0.0.1 or ::1, or pass --allow-remote if a TLS proxy that authenticates \
+                     callers stands in front of it"
+                );
+            }
             eprintln!(
                 "tether codec server listening on {} (POST /encode, /decode); Ctrl-C to stop",
                 listener.local_addr()?
