@@ -1071,6 +1071,27 @@ async fn closed_runs_past_retention_are_deleted_and_nothing_else() {
         .await
         .unwrap();
     kept.terminate("finished").await.unwrap();
+    // A completed session goes the same way as a closed run.
+    let mut w = tether::worker::Worker::new(
+        short.clone(),
+        tether::worker::WorkerOptions::new("q").identity("w-short"),
+    );
+    w.register_activity("noop", |_ctx: ActivityContext, _: ()| async move {
+        Ok::<_, ActivityError>(())
+    });
+    let worker = w.start().unwrap();
+    let session = within(
+        T,
+        "session placed",
+        short.create_session(tether::client::SessionOptions::new("q")),
+    )
+    .await
+    .unwrap();
+    let session_id = session.info.session_id.clone();
+    session.complete().await.unwrap();
+    // Readable once closed (retention is a second; it just closed).
+    let closed = short.describe_session(&session_id).await.unwrap();
+    assert_eq!(closed.state, "completed");
 
     eventually(
         T,
@@ -1088,6 +1109,17 @@ async fn closed_runs_past_retention_are_deleted_and_nothing_else() {
     .await;
     let err = done.history().await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    eventually(T, "the completed session is deleted", || {
+        let (short, session_id) = (short.clone(), session_id.clone());
+        async move {
+            match short.describe_session(&session_id).await {
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    worker.shutdown().await;
     // The open run outlives the retention period; the other namespace keeps everything.
     let open_status = open
         .describe()

@@ -38,6 +38,10 @@ struct EngineState {
     session_waiters: HashMap<String, Vec<oneshot::Sender<pb::SessionInfo>>>,
 }
 
+/// A store lookup of closed rows past a cutoff: (namespace, closed before, limit) → ids.
+type ExpiredLookup =
+    fn(&dyn Store, &str, i64, usize) -> Result<Vec<String>, crate::store::StoreError>;
+
 /// Most expired runs deleted in one commit, and batches per namespace per sweep.
 const PURGE_BATCH: usize = 2_000;
 const PURGE_BATCHES_PER_SWEEP: usize = 50;
@@ -537,9 +541,10 @@ impl Engine {
         Ok(info)
     }
 
-    /// Deletes closed runs older than their namespace's retention, in bounded batches so that
-    /// other commits are not held up behind one huge delete. Returns how many were deleted.
-    pub async fn purge_expired(&self, now: i64) -> Result<usize, EngineError> {
+    /// Deletes closed runs (with their history) and closed sessions older than their
+    /// namespace's retention, in bounded batches so that other commits are not held up behind
+    /// one huge delete. Returns how many runs and sessions were deleted.
+    pub async fn purge_expired(&self, now: i64) -> Result<(usize, usize), EngineError> {
         let namespaces: Vec<(String, u64)> = self
             .state
             .lock()
@@ -548,31 +553,53 @@ impl Engine {
             .filter(|n| n.retention_ms > 0)
             .map(|n| (n.name.clone(), n.retention_ms))
             .collect();
-        let mut deleted = 0;
+        let (mut runs, mut sessions) = (0, 0);
         for (namespace, retention_ms) in namespaces {
-            let closed_before_ms = now.saturating_sub(retention_ms as i64);
-            for _ in 0..PURGE_BATCHES_PER_SWEEP {
-                self.check_healthy()?;
-                let store = self.store.clone();
-                let ns = namespace.clone();
-                let expired = tokio::task::spawn_blocking(move || {
-                    store.expired_runs(&ns, closed_before_ms, PURGE_BATCH)
+            let before = now.saturating_sub(retention_ms as i64);
+            runs += self
+                .purge(&namespace, before, Store::expired_runs, |run_ids| {
+                    Write::DeleteRuns { run_ids }
                 })
-                .await
-                .map_err(|e| EngineError::Internal(e.to_string()))?
-                .map_err(|e| EngineError::Unavailable(format!("reading expired runs: {e}")))?;
-                if expired.is_empty() {
-                    break;
-                }
-                let count = expired.len();
-                let commit = self.store.submit(WriteBatch {
-                    writes: vec![Write::DeleteRuns { run_ids: expired }],
-                });
-                self.finish(Some(commit), Effects::default()).await?;
-                deleted += count;
-                if count < PURGE_BATCH {
-                    break;
-                }
+                .await?;
+            sessions += self
+                .purge(&namespace, before, Store::expired_sessions, |session_ids| {
+                    Write::DeleteSessions { session_ids }
+                })
+                .await?;
+        }
+        Ok((runs, sessions))
+    }
+
+    /// Finds (`expired`) and deletes (`delete`) closed rows of one kind, batch by batch.
+    async fn purge(
+        &self,
+        namespace: &str,
+        closed_before_ms: i64,
+        expired: ExpiredLookup,
+        delete: fn(Vec<String>) -> Write,
+    ) -> Result<usize, EngineError> {
+        let mut deleted = 0;
+        for _ in 0..PURGE_BATCHES_PER_SWEEP {
+            self.check_healthy()?;
+            let store = self.store.clone();
+            let ns = namespace.to_string();
+            let ids = tokio::task::spawn_blocking(move || {
+                expired(store.as_ref(), &ns, closed_before_ms, PURGE_BATCH)
+            })
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(format!("reading expired rows: {e}")))?;
+            if ids.is_empty() {
+                break;
+            }
+            let count = ids.len();
+            let commit = self.store.submit(WriteBatch {
+                writes: vec![delete(ids)],
+            });
+            self.finish(Some(commit), Effects::default()).await?;
+            deleted += count;
+            if count < PURGE_BATCH {
+                break;
             }
         }
         Ok(deleted)
@@ -2286,9 +2313,15 @@ impl Engine {
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             match self.purge_expired(now_ms()).await {
-                Ok(0) => {}
-                Ok(runs) => tracing::info!(runs, "deleted closed runs past their retention"),
-                Err(e) => tracing::error!(error = %e, "deleting expired runs failed"),
+                Ok((0, 0)) => {}
+                Ok((runs, sessions)) => {
+                    tracing::info!(
+                        runs,
+                        sessions,
+                        "deleted closed runs and sessions past their retention"
+                    )
+                }
+                Err(e) => tracing::error!(error = %e, "deleting expired runs and sessions failed"),
             }
         }
     }

@@ -45,6 +45,11 @@ pub enum Write {
         /// Its state.
         state: Box<SessionState>,
     },
+    /// Delete closed sessions (retention).
+    DeleteSessions {
+        /// The sessions.
+        session_ids: Vec<String>,
+    },
     /// Delete closed runs with their history (retention).
     DeleteRuns {
         /// The runs.
@@ -124,6 +129,13 @@ pub trait Store: Send + Sync + 'static {
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError>;
     /// Up to `limit` runs of a namespace that closed before `closed_before_ms`, oldest first.
     fn expired_runs(
+        &self,
+        namespace: &str,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Up to `limit` sessions of a namespace that closed before `closed_before_ms`, oldest first.
+    fn expired_sessions(
         &self,
         namespace: &str,
         closed_before_ms: i64,

@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     namespace TEXT NOT NULL,
     open INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
-    state BLOB NOT NULL
+    state BLOB NOT NULL,
+    closed_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_by_ns ON sessions(namespace, created_ms);
 CREATE TABLE IF NOT EXISTS events (
@@ -92,32 +93,80 @@ CREATE TABLE IF NOT EXISTS events (
 
 /// Brings a database made by an older version up to this schema.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let has_close_ms = conn
-        .prepare("SELECT 1 FROM pragma_table_info('runs') WHERE name = 'close_ms'")?
-        .exists([])?;
-    if !has_close_ms {
-        // Closed runs get their close time from their state, so retention can find them.
-        let tx = conn.transaction()?;
-        tx.execute_batch("ALTER TABLE runs ADD COLUMN close_ms INTEGER NOT NULL DEFAULT 0")?;
-        let closed: Vec<(String, Vec<u8>)> = tx
-            .prepare("SELECT run_id, state FROM runs WHERE status != ?1")?
-            .query_map(params![ExecutionStatus::Running as i32], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        {
-            let mut set = tx.prepare("UPDATE runs SET close_ms = ?2 WHERE run_id = ?1")?;
-            for (run_id, state) in closed {
-                set.execute(params![run_id, decode_run(state)?.close_ms])?;
-            }
-        }
-        tx.commit()?;
-        tracing::info!("store migrated: runs.close_ms added for retention");
-    }
-    // Only closed runs are indexed by close time: the retention sweep's lookups stay small.
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS runs_by_close ON runs(namespace, close_ms) WHERE close_ms > 0",
+    // Closed runs and sessions get their close time from their state, so retention finds them.
+    add_close_column(
+        conn,
+        "runs",
+        "run_id",
+        "close_ms",
+        &format!("status != {}", ExecutionStatus::Running as i32),
+        |state| Ok(decode_run(state)?.close_ms),
     )?;
+    add_close_column(
+        conn,
+        "sessions",
+        "session_id",
+        "closed_ms",
+        "open = 0",
+        |state| {
+            Ok(SessionState::decode(state.as_slice())?
+                .info
+                .map(|i| i.closed_ms)
+                .unwrap_or(0))
+        },
+    )?;
+    // Only closed rows are indexed by close time: the retention sweep's lookups stay small.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS runs_by_close ON runs(namespace, close_ms) WHERE close_ms > 0;
+         CREATE INDEX IF NOT EXISTS sessions_by_close ON sessions(namespace, closed_ms)
+             WHERE closed_ms > 0;",
+    )?;
+    Ok(())
+}
+
+/// Adds `column` (a close time, 0 while open) to `table` if it lacks it, filled in for the rows
+/// matching `closed` from their encoded state.
+fn add_close_column(
+    conn: &mut Connection,
+    table: &str,
+    id_column: &str,
+    column: &str,
+    closed: &str,
+    close_time: impl Fn(Vec<u8>) -> Result<i64, StoreError>,
+) -> Result<(), StoreError> {
+    let present = conn
+        .prepare(&format!(
+            "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+        ))?
+        .exists([])?;
+    if present {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(&format!(
+        "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+    ))?;
+    let rows: Vec<(String, Vec<u8>)> = tx
+        .prepare(&format!(
+            "SELECT {id_column}, state FROM {table} WHERE {closed}"
+        ))?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    {
+        let mut set = tx.prepare(&format!(
+            "UPDATE {table} SET {column} = ?2 WHERE {id_column} = ?1"
+        ))?;
+        for (id, state) in rows {
+            // Closed is never 0 here: 0 means open to the retention sweep.
+            set.execute(params![id, close_time(state)?.max(1)])?;
+        }
+    }
+    tx.commit()?;
+    tracing::info!(
+        table,
+        column,
+        "store migrated: close time added for retention"
+    );
     Ok(())
 }
 
@@ -177,6 +226,29 @@ impl SqliteStore {
             self.stats.transactions.load(Relaxed),
             self.stats.batches.load(Relaxed),
         )
+    }
+
+    /// Ids of up to `limit` rows of `table` in `namespace` closed before `before_ms`, oldest
+    /// first (served by the partial close-time indexes).
+    fn closed_before(
+        &self,
+        table: &str,
+        id_column: &str,
+        column: &str,
+        namespace: &str,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let conn = self.reader.lock();
+        let ids = conn
+            .prepare_cached(&format!(
+                "SELECT {id_column} FROM {table}
+                 WHERE namespace = ?1 AND {column} > 0 AND {column} < ?2
+                 ORDER BY {column} LIMIT ?3"
+            ))?
+            .query_map(params![namespace, before_ms, limit as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(ids)
     }
 
     /// The database file.
@@ -248,11 +320,14 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                                                close_ms = excluded.close_ms",
         )?;
         let mut put_session = tx.prepare_cached(
-            "INSERT INTO sessions(session_id, namespace, open, created_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(session_id) DO UPDATE SET open = excluded.open, state = excluded.state",
+            "INSERT INTO sessions(session_id, namespace, open, created_ms, state, closed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(session_id) DO UPDATE SET open = excluded.open, state = excluded.state,
+                                                   closed_ms = excluded.closed_ms",
         )?;
         let mut del_events = tx.prepare_cached("DELETE FROM events WHERE run_id = ?1")?;
+        let mut del_session =
+            tx.prepare_cached("DELETE FROM sessions WHERE session_id = ?1 AND closed_ms > 0")?;
         // Only closed runs: an open run is never deleted, whatever asked for it.
         let mut del_run =
             tx.prepare_cached("DELETE FROM runs WHERE run_id = ?1 AND close_ms > 0")?;
@@ -289,8 +364,14 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                             info.namespace,
                             open as i64,
                             info.created_ms,
-                            state.encode_to_vec()
+                            state.encode_to_vec(),
+                            if open { 0 } else { info.closed_ms.max(1) }
                         ])?;
+                    }
+                    Write::DeleteSessions { session_ids } => {
+                        for session_id in session_ids {
+                            del_session.execute(params![session_id])?;
+                        }
                     }
                     Write::DeleteRuns { run_ids } => {
                         for run_id in run_ids {
@@ -439,17 +520,30 @@ impl Store for SqliteStore {
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let conn = self.reader.lock();
-        let ids = conn
-            .prepare_cached(
-                "SELECT run_id FROM runs WHERE namespace = ?1 AND close_ms > 0 AND close_ms < ?2
-                 ORDER BY close_ms LIMIT ?3",
-            )?
-            .query_map(params![namespace, closed_before_ms, limit as i64], |r| {
-                r.get(0)
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(ids)
+        self.closed_before(
+            "runs",
+            "run_id",
+            "close_ms",
+            namespace,
+            closed_before_ms,
+            limit,
+        )
+    }
+
+    fn expired_sessions(
+        &self,
+        namespace: &str,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.closed_before(
+            "sessions",
+            "session_id",
+            "closed_ms",
+            namespace,
+            closed_before_ms,
+            limit,
+        )
     }
 
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError> {
@@ -494,7 +588,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_from_before_retention_is_migrated_and_purges_only_closed_runs() {
+    async fn a_store_from_before_retention_is_migrated_and_purges_only_closed_rows() {
         let dir = tempfile::tempdir().unwrap();
         {
             // The runs table as it was before close_ms existed, with one closed and one open run.
@@ -505,6 +599,27 @@ mod tests {
                  start_ms INTEGER NOT NULL, state BLOB NOT NULL);",
             )
             .unwrap();
+            conn.execute_batch(
+                "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, namespace TEXT NOT NULL,
+                 open INTEGER NOT NULL, created_ms INTEGER NOT NULL, state BLOB NOT NULL);",
+            )
+            .unwrap();
+            for (id, open, closed_ms) in [("s-old", 0, 700), ("s-open", 1, 0)] {
+                let state = SessionState {
+                    info: Some(crate::api::pb::SessionInfo {
+                        session_id: id.into(),
+                        namespace: "default".into(),
+                        closed_ms,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                conn.execute(
+                    "INSERT INTO sessions VALUES (?1, 'default', ?2, 1, ?3)",
+                    params![id, open, state.encode_to_vec()],
+                )
+                .unwrap();
+            }
             let mut closed = run("old", ExecutionStatus::Completed);
             closed.close_ms = 500;
             for state in [closed, run("open", ExecutionStatus::Running)] {
@@ -530,6 +645,26 @@ mod tests {
             .unwrap();
         assert!(store.load_run("old").unwrap().is_none());
         assert!(store.load_run("open").unwrap().is_some());
+        assert_eq!(
+            store.expired_sessions("default", 701, 10).unwrap(),
+            vec!["s-old"]
+        );
+        store
+            .submit(WriteBatch {
+                writes: vec![Write::DeleteSessions {
+                    session_ids: vec!["s-old".into(), "s-open".into()],
+                }],
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let left: Vec<String> = store
+            .list_sessions("default", 10)
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| s.info.map(|i| i.session_id))
+            .collect();
+        assert_eq!(left, vec!["s-open"], "an open session is never deleted");
     }
 
     #[tokio::test]
