@@ -766,6 +766,7 @@ async fn limits_refuse_with_the_limit_and_the_value() {
             commands: vec![schedule(1), schedule(2), schedule(3)],
             identity: "raw".into(),
             sticky_queue: String::new(),
+            next_task: None,
         })
         .await
         .unwrap_err();

@@ -271,6 +271,7 @@ async fn access_file_grants_roles_per_namespace() {
             }],
             identity: "w1".into(),
             sticky_queue: String::new(),
+            next_task: None,
         })
         .await
         .unwrap_err();
@@ -280,6 +281,64 @@ async fn access_file_grants_roles_per_namespace() {
             .contains("lacks role \"client\" in namespace \"billing\""),
         "{}",
         err.message()
+    );
+    // Nor may it take its next task from a namespace it does not work in: asking for one with
+    // a completion is checked like a poll there, and the completion is not applied.
+    let err = w1
+        .raw()
+        .complete_workflow_task(tether::api::pb::CompleteWorkflowTaskRequest {
+            task_token: polled.task_token.clone(),
+            identity: "w1".into(),
+            next_task: Some(tether::api::pb::NextWorkflowTaskRequest {
+                namespace: "billing".into(),
+                task_queues: vec!["q".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("lacks role \"worker\" in namespace \"billing\""),
+        "{}",
+        err.message()
+    );
+    let err = w1
+        .raw()
+        .respond_activity_tasks(tether::api::pb::RespondActivityTasksRequest {
+            identity: "w1".into(),
+            next_task: Some(tether::api::pb::NextTaskRequest {
+                namespace: "billing".into(),
+                task_queue: "q".into(),
+                additional_task_queues: vec![],
+            }),
+            max_next_tasks: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("lacks role \"worker\" in namespace \"billing\""),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        alice
+            .raw()
+            .describe_workflow(tether::api::pb::DescribeWorkflowRequest {
+                namespace: "default".into(),
+                workflow_id: "a-1".into(),
+                run_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .info
+            .unwrap()
+            .status,
+        tether::api::pb::ExecutionStatus::Running as i32,
+        "the refused completion changed nothing"
     );
     let err = w1
         .start_workflow("wf", &(), tether::client::WorkflowOptions::new("w-1", "q"))

@@ -573,6 +573,7 @@ async fn signal_arriving_while_the_final_task_runs_is_not_lost() {
             }],
             identity: "raw".into(),
             sticky_queue: String::new(),
+            next_task: None,
         })
         .await
         .unwrap_err();
@@ -592,4 +593,72 @@ async fn signal_arriving_while_the_final_task_runs_is_not_lost() {
     let seen: Vec<i64> = within(T, "result", handle.result()).await.unwrap();
     assert_eq!(seen, vec![42]);
     worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_task_completion_hands_back_the_next_waiting_task() {
+    let env = TestEnv::start().await;
+    for id in ["hb-1", "hb-2"] {
+        env.client
+            .start_workflow("t", &(), WorkflowOptions::new(id, "hb-q"))
+            .await
+            .unwrap();
+    }
+    let mut rpc = env.client.raw();
+    let first = rpc
+        .poll_workflow_task(pb::PollWorkflowTaskRequest {
+            namespace: "default".into(),
+            task_queue: "hb-q".into(),
+            identity: "raw".into(),
+            sticky_queue: String::new(),
+            poll_timeout_ms: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.workflow_id, "hb-1");
+    let complete = |token: Vec<u8>, next: Option<pb::NextWorkflowTaskRequest>| {
+        pb::CompleteWorkflowTaskRequest {
+            task_token: token,
+            commands: vec![pb::Command {
+                kind: Some(pb::command::Kind::CompleteWorkflow(
+                    pb::CompleteWorkflowCommand::default(),
+                )),
+            }],
+            identity: "raw".into(),
+            sticky_queue: String::new(),
+            next_task: next,
+        }
+    };
+    let ask = pb::NextWorkflowTaskRequest {
+        namespace: "default".into(),
+        task_queues: vec!["nothing-here".into(), "hb-q".into()],
+    };
+    let reply = rpc
+        .complete_workflow_task(complete(first.task_token, Some(ask.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = reply.next_task.expect("the waiting task came back");
+    assert_eq!(second.workflow_id, "hb-2");
+    assert!(second.full_history);
+    // Nothing else waits: the reply says so instead of waiting.
+    let reply = rpc
+        .complete_workflow_task(complete(second.task_token, Some(ask)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.next_task.is_none());
+    for id in ["hb-1", "hb-2"] {
+        let status = env
+            .client
+            .workflow_handle(id, "")
+            .describe()
+            .await
+            .unwrap()
+            .info
+            .unwrap()
+            .status;
+        assert_eq!(status, pb::ExecutionStatus::Completed as i32, "{id}");
+    }
 }

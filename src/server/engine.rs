@@ -1008,13 +1008,56 @@ impl Engine {
     ) -> Result<pb::PollWorkflowTaskResponse, EngineError> {
         self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), &req.namespace)?;
-        let key = QueueKey::new(&req.namespace, &req.task_queue, TaskKind::Workflow);
-        let deadline = Instant::now() + self.poll_timeout(req.poll_timeout_ms);
+        let wait = self.poll_timeout(req.poll_timeout_ms);
+        Ok(self
+            .take_workflow_task(
+                &req.namespace,
+                &req.task_queue,
+                &req.identity,
+                &req.sticky_queue,
+                wait,
+            )
+            .await
+            .unwrap_or_default())
+    }
+
+    /// A workflow task waiting right now on one of `queues` (tried in order), if any: lets a
+    /// worker that just completed one take the next without a separate poll.
+    pub async fn next_workflow_task_now(
+        &self,
+        namespace: &str,
+        queues: &[String],
+        identity: &str,
+        sticky_queue: &str,
+    ) -> Option<pb::PollWorkflowTaskResponse> {
+        if self.check_healthy().is_err() {
+            return None;
+        }
+        for queue in queues {
+            let taken = self
+                .take_workflow_task(namespace, queue, identity, sticky_queue, Duration::ZERO)
+                .await;
+            if taken.is_some() {
+                return taken;
+            }
+        }
+        None
+    }
+
+    /// Takes (waiting up to `wait`) the next current workflow task of a queue and dispatches it.
+    async fn take_workflow_task(
+        &self,
+        namespace: &str,
+        queue: &str,
+        identity: &str,
+        sticky_queue: &str,
+        wait: Duration,
+    ) -> Option<pb::PollWorkflowTaskResponse> {
+        let key = QueueKey::new(namespace, queue, TaskKind::Workflow);
+        let deadline = Instant::now() + wait;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let Some(task) = self.poll_queue(&key, &req.identity, remaining).await else {
-                return Ok(Default::default());
-            };
+            let task = self.poll_queue(&key, identity, remaining).await?;
             let TaskRef::Workflow { run_id } = task else {
                 continue;
             };
@@ -1022,12 +1065,7 @@ impl Engine {
             let dispatched = {
                 let mut st = self.state.lock();
                 let response = st.runs.get_mut(&run_id).and_then(|entry| {
-                    entry.dispatch_workflow_task(
-                        &req.identity,
-                        &req.sticky_queue,
-                        now_ms(),
-                        &mut txn.fx,
-                    )
+                    entry.dispatch_workflow_task(identity, sticky_queue, now_ms(), &mut txn.fx)
                 });
                 if response.is_some() {
                     // Dispatch may move buffered events into the history; that write is ordered
@@ -1039,10 +1077,10 @@ impl Engine {
             };
             if let Some(response) = dispatched {
                 self.apply_effects(txn.fx);
-                return Ok(response);
+                return Some(response);
             }
             if remaining.is_zero() {
-                return Ok(Default::default());
+                return None;
             }
         }
     }

@@ -40,14 +40,18 @@ impl Frontend {
         self.engine.max_payload_bytes()
     }
 
+    /// Where a completion may take its next task from: checked like a poll of those queues
+    /// (the worker role in that namespace, and no other worker's host queue).
     fn next_task_target(
         &self,
+        ids: &[String],
         next: &Option<pb::NextTaskRequest>,
         identity: &str,
     ) -> Result<Option<(String, Vec<String>, String)>, Status> {
         match next {
             None => Ok(None),
             Some(n) => {
+                self.allow(ids, &n.namespace, Role::Worker)?;
                 name("namespace", &n.namespace)?;
                 let queues: Vec<String> = n
                     .additional_task_queues
@@ -458,8 +462,28 @@ impl TetherService for Frontend {
                 }
             }
         }
+        let next = match &req.next_task {
+            None => None,
+            Some(n) => {
+                self.allow(&ids, &n.namespace, Role::Worker)?;
+                name("namespace", &n.namespace)?;
+                for q in &n.task_queues {
+                    name("task queue", q)?;
+                }
+                Some((n.namespace.clone(), n.task_queues.clone()))
+            }
+        };
+        let (identity, sticky_queue) = (req.identity.clone(), req.sticky_queue.clone());
         self.engine.complete_workflow_task(req).await?;
-        ok(pb::CompleteWorkflowTaskResponse {})
+        let next_task = match next {
+            Some((namespace, queues)) => {
+                self.engine
+                    .next_workflow_task_now(&namespace, &queues, &identity, &sticky_queue)
+                    .await
+            }
+            None => None,
+        };
+        ok(pb::CompleteWorkflowTaskResponse { next_task })
     }
 
     async fn fail_workflow_task(
@@ -515,7 +539,7 @@ impl TetherService for Frontend {
         let req = request.into_inner();
         self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
         payload("activity result", req.result.as_ref(), self.max_payload())?;
-        let next = self.next_task_target(&req.next_task, &req.identity)?;
+        let next = self.next_task_target(&ids, &req.next_task, &req.identity)?;
         self.engine.complete_activity(req).await?;
         ok(pb::CompleteActivityTaskResponse {
             next_task: self.take_next(next),
@@ -532,7 +556,7 @@ impl TetherService for Frontend {
         if let Some(f) = &req.failure {
             payload("failure details", f.details.as_ref(), self.max_payload())?;
         }
-        let next = self.next_task_target(&req.next_task, &req.identity)?;
+        let next = self.next_task_target(&ids, &req.next_task, &req.identity)?;
         self.engine.fail_activity(req).await?;
         ok(pb::FailActivityTaskResponse {
             next_task: self.take_next(next),
@@ -570,7 +594,7 @@ impl TetherService for Frontend {
             self.allow(&ids, namespace, Role::Worker)?;
         }
         let next = if req.max_next_tasks > 0 {
-            self.next_task_target(&req.next_task, &req.identity)?
+            self.next_task_target(&ids, &req.next_task, &req.identity)?
         } else {
             None
         };

@@ -594,7 +594,11 @@ impl Inner {
                             .acquire_owned()
                             .await
                             .expect("never closed");
-                        self.handle_workflow_task(task).await;
+                        // Then the tasks handed back with each completion, under the same slot.
+                        let mut next = Some(task);
+                        while let Some(task) = next.take() {
+                            next = self.handle_workflow_task(task).await;
+                        }
                     }
                 }
                 Err(status) => {
@@ -622,7 +626,12 @@ impl Inner {
             .events)
     }
 
-    async fn handle_workflow_task(&self, mut task: pb::PollWorkflowTaskResponse) {
+    /// Runs one workflow task; returns the next one if the server handed one back with the
+    /// completion.
+    async fn handle_workflow_task(
+        &self,
+        mut task: pb::PollWorkflowTaskResponse,
+    ) -> Option<pb::PollWorkflowTaskResponse> {
         let cached = self.cache.lock().take(&task.run_id);
         let mut instance = match cached {
             Some(inst)
@@ -646,7 +655,7 @@ impl Inner {
                         format!("could not fetch history: {}", status.message()),
                     )
                     .await;
-                    return;
+                    return None;
                 }
             }
         }
@@ -664,7 +673,7 @@ impl Inner {
                     );
                     self.fail_workflow_task(&task, "unknown_workflow_type", message)
                         .await;
-                    return;
+                    return None;
                 };
                 WorkflowInstance::new(
                     WorkflowInfo {
@@ -680,25 +689,38 @@ impl Inner {
         };
         if let Err(e) = self.dc.decode_events(&mut task.events) {
             self.fail_workflow_task(&task, "codec", e.to_string()).await;
-            return;
+            return None;
         }
         match instance.process(&task.events) {
             Ok(mut commands) => {
                 if let Err(e) = self.dc.encode_commands(&mut commands) {
                     self.fail_workflow_task(&task, "codec", e.to_string()).await;
-                    return;
+                    return None;
                 }
+                let stopping = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
                 let request = pb::CompleteWorkflowTaskRequest {
                     task_token: task.task_token.clone(),
                     commands,
                     identity: self.options.identity.clone(),
                     sticky_queue: self.sticky_queue.clone(),
+                    // The sticky queue first: its runs are cached here.
+                    next_task: (!stopping).then(|| pb::NextWorkflowTaskRequest {
+                        namespace: self.namespace.clone(),
+                        task_queues: vec![
+                            self.sticky_queue.clone(),
+                            self.options.task_queue.clone(),
+                        ],
+                    }),
                 };
                 match self.rpc.clone().complete_workflow_task(request).await {
-                    Ok(_) => {
+                    Ok(reply) => {
                         if !instance.finished() {
                             self.cache.lock().put(task.run_id.clone(), instance);
                         }
+                        return reply
+                            .into_inner()
+                            .next_task
+                            .filter(|t| !t.task_token.is_empty());
                     }
                     Err(status) if status.code() == tonic::Code::Aborted => {
                         // New events arrived while this task closed the run; the server kept
@@ -726,6 +748,7 @@ impl Inner {
                     .await;
             }
         }
+        None
     }
 
     async fn fail_workflow_task(
