@@ -120,7 +120,8 @@ pub struct ServerConfig {
     /// TLS (and, with a client CA, mTLS). Default: plaintext (loopback development only).
     pub tls: Option<crate::tls::ServerTls>,
     /// Who may do what where (needs mTLS: identities come from client certificates). Default:
-    /// everything is allowed.
+    /// everything is allowed. These are the rules at start; `LocalServer::replace_access`
+    /// swaps them while running.
     pub access: Option<std::sync::Arc<auth::Access>>,
     /// Most events one workflow run's history may hold. Default 50,000.
     pub max_history_events: u64,
