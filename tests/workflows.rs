@@ -537,6 +537,24 @@ async fn single_workflow_slot_still_serves_both_queues() {
     worker.shutdown().await;
 }
 
+/// Polls one workflow task the way a worker would, as identity "raw" (tests that play the
+/// worker's side by hand).
+async fn poll_workflow_task_raw(
+    rpc: &mut pb::tether_service_client::TetherServiceClient<tonic::transport::Channel>,
+    queue: &str,
+) -> pb::PollWorkflowTaskResponse {
+    rpc.poll_workflow_task(pb::PollWorkflowTaskRequest {
+        namespace: "default".into(),
+        task_queue: queue.into(),
+        identity: "raw".into(),
+        sticky_queue: String::new(),
+        poll_timeout_ms: 10_000,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signal_arriving_while_the_final_task_runs_is_not_lost() {
     let env = TestEnv::start().await;
@@ -547,17 +565,7 @@ async fn signal_arriving_while_the_final_task_runs_is_not_lost() {
         .unwrap();
     // A worker (raw calls here) holds the first task and decides to close the run...
     let mut rpc = env.client.raw();
-    let task = rpc
-        .poll_workflow_task(pb::PollWorkflowTaskRequest {
-            namespace: "default".into(),
-            task_queue: "late-q".into(),
-            identity: "raw".into(),
-            sticky_queue: String::new(),
-            poll_timeout_ms: 10_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = poll_workflow_task_raw(&mut rpc, "late-q").await;
     assert!(!task.task_token.is_empty());
     // ...while a signal arrives and is acknowledged.
     handle.signal("add", &42i64).await.unwrap();
@@ -605,17 +613,7 @@ async fn a_workflow_task_completion_hands_back_the_next_waiting_task() {
             .unwrap();
     }
     let mut rpc = env.client.raw();
-    let first = rpc
-        .poll_workflow_task(pb::PollWorkflowTaskRequest {
-            namespace: "default".into(),
-            task_queue: "hb-q".into(),
-            identity: "raw".into(),
-            sticky_queue: String::new(),
-            poll_timeout_ms: 10_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let first = poll_workflow_task_raw(&mut rpc, "hb-q").await;
     assert_eq!(first.workflow_id, "hb-1");
     let complete = |token: Vec<u8>, next: Option<pb::NextWorkflowTaskRequest>| {
         pb::CompleteWorkflowTaskRequest {
