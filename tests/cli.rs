@@ -613,6 +613,29 @@ fn metrics_endpoint_counts_requests_and_shows_open_runs() {
     assert!(tether(&server.addr, start).status.success());
     let again = tether(&server.addr, start);
     assert!(!again.status.success());
+    // A call to a method that does not exist is counted under "unknown", so callers cannot
+    // mint new series.
+    let status = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let codec: tonic_prost::ProstCodec<
+            tether::api::pb::ListNamespacesRequest,
+            tether::api::pb::ListNamespacesResponse,
+        > = tonic_prost::ProstCodec::default();
+        grpc.unary(
+            tonic::Request::new(tether::api::pb::ListNamespacesRequest {}),
+            "/tether.v1.TetherService/NoSuchMethod".parse().unwrap(),
+            codec,
+        )
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let page = http_get(&url);
@@ -624,9 +647,11 @@ fn metrics_endpoint_counts_requests_and_shows_open_runs() {
                 "tether_requests_total{method=\"StartWorkflow\",code=\"AlreadyExists\"} 1",
                 "tether_task_queue_backlog{namespace=\"default\",queue=\"q\",kind=\"workflow\"} 1",
                 "tether_store_commits_total",
+                "tether_requests_total{method=\"unknown\",code=\"Unimplemented\"} 1",
             ] {
                 assert!(page.contains(expected), "no {expected} in:\n{page}");
             }
+            assert!(!page.contains("NoSuchMethod"), "{page}");
             break;
         }
         assert!(

@@ -419,6 +419,12 @@ where
                     .unwrap_or(tonic::Code::Ok),
                 Err(_) => tonic::Code::Unknown,
             };
+            // Unknown methods share one label: a caller must not be able to mint series.
+            let method = if code == tonic::Code::Unimplemented {
+                "unknown".to_string()
+            } else {
+                method
+            };
             metrics::counter!(
                 "tether_requests_total",
                 "method" => method.clone(),
