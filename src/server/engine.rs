@@ -1138,12 +1138,7 @@ impl Engine {
         let (commit, value) = {
             let mut st = self.state.lock();
             Self::check_namespace(&st, &token.namespace)?;
-            let Some(entry) = st.runs.get_mut(&token.run_id) else {
-                return Err(EngineError::StaleTask(format!(
-                    "run {} is not open (it closed, or never existed)",
-                    token.run_id
-                )));
-            };
+            let entry = open_run(&mut st.runs, &token.run_id)?;
             let value = f(entry, &token, &mut txn.fx)?;
             txn.touched.insert(token.run_id.clone());
             (self.commit_locked(&mut st, &mut txn), value)
@@ -1173,12 +1168,7 @@ impl Engine {
                     }
                 }
             }
-            let Some(entry) = st.runs.get_mut(&token.run_id) else {
-                return Err(EngineError::StaleTask(format!(
-                    "run {} is not open (it closed, or never existed)",
-                    token.run_id
-                )));
-            };
+            let entry = open_run(&mut st.runs, &token.run_id)?;
             entry.validate_commands(&commands, max)?;
             self.check_run_limits(entry, &commands)?;
             let completion = entry.complete_workflow_task(
@@ -1344,12 +1334,7 @@ impl Engine {
             self.check_healthy()?;
             let token = Self::decode_token(&req.task_token)?;
             let mut st = self.state.lock();
-            let Some(entry) = st.runs.get_mut(&token.run_id) else {
-                return Err(EngineError::StaleTask(format!(
-                    "run {} is not open (it closed, or never existed)",
-                    token.run_id
-                )));
-            };
+            let entry = open_run(&mut st.runs, &token.run_id)?;
             return entry.activity_heartbeat(&token, None, now_ms());
         }
         self.with_token_run(&req.task_token, |entry, token, _fx| {
@@ -1386,12 +1371,7 @@ impl Engine {
             for outcome in outcomes {
                 let applied = Self::decode_token(&outcome.task_token).and_then(|token| {
                     Self::check_namespace(&st, &token.namespace)?;
-                    let Some(entry) = st.runs.get_mut(&token.run_id) else {
-                        return Err(EngineError::StaleTask(format!(
-                            "run {} is not open (it closed, or never existed)",
-                            token.run_id
-                        )));
-                    };
+                    let entry = open_run(&mut st.runs, &token.run_id)?;
                     match outcome.outcome {
                         Some(pb::activity_outcome::Outcome::Completed(c)) => {
                             entry.activity_completed(&token, c.result, identity, now, &mut txn.fx)
@@ -2387,6 +2367,18 @@ impl Engine {
             );
         }
     }
+}
+
+/// The open run a task token names; a closed (or unknown) one makes the token stale.
+fn open_run<'a>(
+    runs: &'a mut HashMap<String, RunEntry>,
+    run_id: &str,
+) -> Result<&'a mut RunEntry, EngineError> {
+    runs.get_mut(run_id).ok_or_else(|| {
+        EngineError::StaleTask(format!(
+            "run {run_id} is not open (it closed, or never existed)"
+        ))
+    })
 }
 
 /// The run held in memory (open, or closing) that a read names: the current run of `id`, or the
