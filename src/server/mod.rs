@@ -383,7 +383,11 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+    // Unboxed when metrics are off: no allocation per request for nothing.
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::BoxFuture<'static, Result<S::Response, S::Error>>,
+    >;
 
     fn poll_ready(
         &mut self,
@@ -394,7 +398,7 @@ where
 
     fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
         if !self.enabled {
-            return Box::pin(self.inner.call(req));
+            return futures::future::Either::Left(self.inner.call(req));
         }
         let method = req
             .uri()
@@ -405,7 +409,7 @@ where
             .to_string();
         let started = std::time::Instant::now();
         let reply = self.inner.call(req);
-        Box::pin(async move {
+        futures::future::Either::Right(Box::pin(async move {
             let reply = reply.await;
             // Unary replies carry an error's status in the headers (trailers-only response);
             // a success has it in the trailers, so no header means OK.
@@ -434,7 +438,7 @@ where
             metrics::histogram!("tether_request_duration_seconds", "method" => method)
                 .record(started.elapsed().as_secs_f64());
             reply
-        })
+        }))
     }
 }
 
