@@ -207,6 +207,7 @@ async fn main() -> Result<()> {
         .list_sessions(tether::api::pb::ListSessionsRequest {
             namespace: "default".into(),
             include_closed: false,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -240,6 +241,7 @@ async fn main() -> Result<()> {
         .list_sessions(tether::api::pb::ListSessionsRequest {
             namespace: "default".into(),
             include_closed: true,
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -3,77 +3,14 @@
 
 mod common;
 
+use common::{spawn_server, BIN};
+
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::Duration;
 use tether::activity::{ActivityContext, ActivityError};
 use tether::client::{Client, StandaloneActivityOptions, WorkflowOptions};
 use tether::workflow::WorkflowContext;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
-
-struct ServerProcess {
-    child: Child,
-    addr: String,
-    /// The server's stderr lines after the "listening" one.
-    lines: mpsc::Receiver<String>,
-}
-
-impl ServerProcess {
-    /// Waits for a stderr line containing `text`; returns it.
-    fn wait_for_line(&self, text: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(_) => continue,
-                Err(e) => panic!("the server printed no line with {text:?}: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `tether ARGS --listen 127.0.0.1:0` and reads the bound address from its stderr.
-fn spawn_server(args: &[&str]) -> ServerProcess {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tether");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let (lines_tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("tether server listening on ") {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                let _ = tx.send(addr);
-            } else {
-                let _ = lines_tx.send(line);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("server printed its address");
-    ServerProcess { child, addr, lines }
-}
 
 fn tether(addr: &str, args: &[&str]) -> Output {
     Command::new(BIN)

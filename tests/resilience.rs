@@ -203,6 +203,7 @@ async fn empty_long_poll_returns_after_its_timeout() {
             identity: "poller".into(),
             poll_timeout_ms: 300,
             additional_task_queues: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -227,6 +228,7 @@ async fn task_added_while_polling_is_handed_over_at_once() {
             identity: "poller".into(),
             poll_timeout_ms: 20_000,
             additional_task_queues: vec![],
+            ..Default::default()
         })
         .await
     });
@@ -447,6 +449,7 @@ async fn stale_completion_from_an_old_attempt_is_rejected() {
             identity: "p".into(),
             poll_timeout_ms: 10_000,
             additional_task_queues: vec![],
+            ..Default::default()
         };
         let mut rpc = rpc.clone();
         async move { rpc.poll_activity_task(req).await.unwrap().into_inner() }
@@ -895,6 +898,7 @@ async fn batched_outcomes_are_judged_one_by_one_and_refill_slots() {
                 identity: "p".into(),
                 poll_timeout_ms: 10_000,
                 additional_task_queues: vec![],
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -246,6 +246,8 @@ async fn a_dead_worker_gets_nothing() {
             ..Default::default()
         }),
         max_concurrent_sessions: 0,
+        instance_id: "ghost-process".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -257,6 +259,7 @@ async fn a_dead_worker_gets_nothing() {
                 namespace: "default".into(),
                 task_queue: "q".into(),
                 identity: "ghost".into(),
+                instance_id: "ghost-process".into(),
                 poll_timeout_ms: 4_000,
                 additional_task_queues: vec![],
             })

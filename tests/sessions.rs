@@ -313,6 +313,7 @@ async fn reservations_never_overlap_under_concurrent_churn() {
         .list_sessions(tether::api::pb::ListSessionsRequest {
             namespace: "default".into(),
             include_closed: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -545,6 +546,7 @@ async fn another_worker_cannot_poll_a_host_queue() {
             identity: "intruder".into(),
             poll_timeout_ms: 100,
             additional_task_queues: vec!["host/victim".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();

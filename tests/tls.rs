@@ -230,6 +230,7 @@ async fn access_file_grants_roles_per_namespace() {
             identity: "alice".into(),
             poll_timeout_ms: 10,
             additional_task_queues: vec![],
+            ..Default::default()
         })
         .await
         .unwrap_err();

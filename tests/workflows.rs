@@ -549,6 +549,7 @@ async fn poll_workflow_task_raw(
         identity: "raw".into(),
         sticky_queue: String::new(),
         poll_timeout_ms: 10_000,
+        ..Default::default()
     })
     .await
     .unwrap()

@@ -1274,6 +1274,7 @@ async fn run(cli: Cli) -> Result<i32> {
                         .list_sessions(pb::ListSessionsRequest {
                             namespace: g.namespace.clone(),
                             include_closed: all,
+                            ..Default::default()
                         })
                         .await
                         .map_err(tether::client::ClientError::from)?
@@ -1589,6 +1590,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                     signal_name: name.clone(),
                     input: payload,
                     identity: client.identity().to_string(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(tether::client::ClientError::from)?;

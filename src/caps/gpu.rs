@@ -19,6 +19,13 @@ pub struct GpuSnapshot {
 pub trait GpuInventory: Send + Sync {
     /// The current devices, with refreshed free memory and utilisation.
     fn snapshot(&self) -> GpuSnapshot;
+
+    /// What this inventory is, stably (no free memory or utilisation): a declared list is its
+    /// devices, detection is the detector's name. Part of what tells two workers on one host
+    /// apart (their default identities).
+    fn describe(&self) -> String {
+        "detected".into()
+    }
 }
 
 /// GPUs detected through NVML, loaded at run time.
@@ -149,6 +156,14 @@ impl DeclaredGpus {
 }
 
 impl GpuInventory for DeclaredGpus {
+    fn describe(&self) -> String {
+        self.gpus
+            .iter()
+            .map(|g| format!("{}:{}:{}:{}", g.index, g.name, g.memory_total_bytes, g.uuid))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     fn snapshot(&self) -> GpuSnapshot {
         GpuSnapshot {
             gpus: self.gpus.clone(),

@@ -217,6 +217,30 @@ impl CapabilitySource {
         self.credentials.iter().find(|c| c.name == name)?.read()
     }
 
+    /// The host name this source reports: a declared inventory's, else the detected one.
+    pub fn hostname(&self) -> String {
+        self.hostname_override
+            .clone()
+            .unwrap_or_else(|| sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into()))
+    }
+
+    /// What tells this worker's host description apart from another's on the same host (the
+    /// declared GPUs, host name, labels at start, resources, credentials and network names):
+    /// the same configuration gives the same text on every start.
+    pub fn fingerprint(&self) -> String {
+        let credentials: Vec<&str> = self.credentials.iter().map(|c| c.name.as_str()).collect();
+        let network: Vec<&str> = self.network.iter().map(|n| n.name.as_str()).collect();
+        format!(
+            "gpus={};host={:?};labels={:?};resources={:?};credentials={:?};network={:?}",
+            self.gpus.describe(),
+            self.hostname_override,
+            *self.labels.read(),
+            self.resources,
+            credentials,
+            network
+        )
+    }
+
     /// Takes a snapshot of everything (runs network probes; may block up to [`PROBE_TIMEOUT`]
     /// per probe).
     pub fn snapshot(&self) -> Capabilities {

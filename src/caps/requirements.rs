@@ -211,7 +211,7 @@ pub fn format_bytes(bytes: u64) -> String {
         ("MiB", 1 << 20),
         ("KiB", 1 << 10),
     ] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }
@@ -259,7 +259,7 @@ impl fmt::Display for Requirements {
 
 /// Why a requirements text could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("requirements: {message} at column {column}\n  {input}\n  {caret}")]
+#[error("requirements: {message} at column {column}\n  {shown}\n  {caret}")]
 pub struct ParseError {
     /// What was expected.
     pub message: String,
@@ -267,16 +267,36 @@ pub struct ParseError {
     pub column: usize,
     /// The text.
     pub input: String,
+    /// The part of the text around the error that the message shows (all of it when short).
+    shown: String,
     caret: String,
 }
 
+/// Characters of the input shown on each side of an error.
+const SHOWN_AROUND: usize = 40;
+
 fn err(input: &str, at: usize, message: impl Into<String>) -> ParseError {
-    let column = input[..at.min(input.len())].chars().count() + 1;
+    let at = at.min(input.len());
+    let column = input[..at].chars().count() + 1;
+    // Only a window around the error: a huge input must not come back in the error whole.
+    let chars: Vec<char> = input.chars().collect();
+    let from = (column - 1).saturating_sub(SHOWN_AROUND);
+    let to = (column - 1 + SHOWN_AROUND).min(chars.len());
+    let mut shown: String = chars[from..to].iter().collect();
+    let mut caret_at = column - 1 - from;
+    if from > 0 {
+        shown.insert(0, '…');
+        caret_at += 1;
+    }
+    if to < chars.len() {
+        shown.push('…');
+    }
     ParseError {
-        message: message.into(),
+        message: crate::types::quote_prefix(&message.into(), 400),
         column,
         input: input.to_string(),
-        caret: format!("{}^", " ".repeat(column - 1)),
+        shown,
+        caret: format!("{}^", " ".repeat(caret_at)),
     }
 }
 
@@ -284,6 +304,11 @@ const KNOWN_KEYS: &str =
     "gpu.count, gpu.memory, gpu.free_memory, gpu.name, gpu.compute, gpu.uuid, \
     label.<name>, credential, network, resource.<name>, host.memory, host.disk, host.cpus, \
     host.os, host.arch, host.hostname";
+
+/// A piece of the input as an error message quotes it.
+fn short(text: &str) -> String {
+    crate::types::quote_prefix(text, 60)
+}
 
 fn parse_key(input: &str, at: usize, text: &str) -> Result<Key, ParseError> {
     let bad_name = |name: &str| {
@@ -314,7 +339,8 @@ fn parse_key(input: &str, at: usize, text: &str) -> Result<Key, ParseError> {
                         input,
                         at,
                         format!(
-                            "label name {name:?} must be letters, digits, '_', '-', '.' or '/'"
+                            "label name {:?} must be letters, digits, '_', '-', '.' or '/'",
+                            short(name)
                         ),
                     ));
                 }
@@ -325,7 +351,8 @@ fn parse_key(input: &str, at: usize, text: &str) -> Result<Key, ParseError> {
                         input,
                         at,
                         format!(
-                            "resource name {name:?} must be letters, digits, '_', '-', '.' or '/'"
+                            "resource name {:?} must be letters, digits, '_', '-', '.' or '/'",
+                            short(name)
                         ),
                     ));
                 }
@@ -340,7 +367,10 @@ fn parse_key(input: &str, at: usize, text: &str) -> Result<Key, ParseError> {
                 return Err(err(
                     input,
                     at,
-                    format!("unknown key {text:?}; expected one of {KNOWN_KEYS}"),
+                    format!(
+                        "unknown key {:?}; expected one of {KNOWN_KEYS}",
+                        short(text)
+                    ),
                 ));
             }
         }

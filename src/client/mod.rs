@@ -7,8 +7,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-/// Largest message the client accepts (histories can be large).
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Largest message the client sends or accepts: the server's own limit, so whatever history
+/// the server accepted can be delivered here.
+const MAX_MESSAGE: usize = crate::server::MAX_GRPC_MESSAGE;
 /// How long one result request waits on the server before the client asks again.
 const RESULT_WAIT: Duration = Duration::from_secs(30);
 
@@ -74,6 +75,12 @@ pub struct ClientOptions {
     pub data_converter: codec::DataConverter,
     /// TLS settings (server CA, client certificate for mTLS). Default: plaintext.
     pub tls: Option<crate::tls::ClientTls>,
+    /// How long the client keeps trying while the server cannot be reached (down, restarting,
+    /// or refusing everything after a storage failure): `connect` waits for it, and calls that
+    /// are safe to repeat (reads, result waits, starts and signals, which carry request ids,
+    /// cancellations, session creation) are retried with backoff. Default 30 s; zero fails at
+    /// once.
+    pub retry_for: Duration,
 }
 
 impl Default for ClientOptions {
@@ -83,8 +90,46 @@ impl Default for ClientOptions {
             identity: default_identity(),
             data_converter: codec::DataConverter::default(),
             tls: None,
+            retry_for: Duration::from_secs(30),
         }
     }
+}
+
+/// Errors that say the server could not be reached (or dropped the connection), not that it
+/// refused the request: worth trying again.
+pub fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+/// The first wait between tries, and the longest.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Whether a connection error means "nobody is there (yet)" rather than a setting that will
+/// never work (a TLS failure, a malformed address).
+fn unreachable_now(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | NotConnected
+                    | TimedOut
+                    | AddrNotAvailable
+                    | HostUnreachable
+                    | NetworkUnreachable
+            );
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// `HOSTNAME:PID`, the default identity of clients and workers.
@@ -128,6 +173,8 @@ impl WorkflowOptions {
 pub struct Client {
     rpc: TetherServiceClient<Channel>,
     options: ClientOptions,
+    /// The server's address as the client reaches it.
+    address: String,
 }
 
 impl Client {
@@ -136,7 +183,8 @@ impl Client {
         Self::connect_with(address, ClientOptions::default()).await
     }
 
-    /// Connects with the given options.
+    /// Connects with the given options. While nobody answers at the address (the server is
+    /// starting, or restarting) it keeps trying for `options.retry_for`.
     pub async fn connect_with(
         address: impl Into<String>,
         options: ClientOptions,
@@ -164,39 +212,95 @@ impl Client {
                     reason: format!("TLS settings: {e}"),
                 })?;
         }
-        let channel = endpoint
+        let endpoint = endpoint
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect {
-                address: address.clone(),
-                reason: format!("{e} (is the server running? start one with `tether dev`)"),
-            })?;
+            .connect_timeout(Duration::from_secs(10));
+        let deadline = std::time::Instant::now() + options.retry_for;
+        let mut backoff = RETRY_FIRST;
+        let mut told = false;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(e) if unreachable_now(&e) && std::time::Instant::now() + backoff < deadline => {
+                    if !told {
+                        tracing::warn!(address, error = %e, "the server is not reachable yet; trying again for up to {:?}", options.retry_for);
+                        told = true;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) => {
+                    return Err(ClientError::Connect {
+                        address: address.clone(),
+                        reason: format!(
+                            "{e}{} (is the server running? start one with `tether dev`)",
+                            std::error::Error::source(&e)
+                                .map(|s| format!(": {s}"))
+                                .unwrap_or_default()
+                        ),
+                    })
+                }
+            }
+        };
         let rpc = TetherServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let client = Client { rpc, options };
-        if let Some(tls) = &client.options.tls {
-            // Under TLS 1.3 a refused client certificate only shows on the first call: make one
-            // now so the error says what is wrong.
-            if let Err(status) = client
-                .raw()
-                .list_namespaces(pb::ListNamespacesRequest {})
-                .await
-            {
-                let hint = if tls.identity.is_none() {
-                    "the server refused the connection; it probably requires a client certificate (pass --tls-cert and --tls-key)"
-                } else {
-                    "the server refused the connection or its certificate; check that the client certificate is issued by the server's client CA and not expired, and that --tls-ca matches the server"
-                };
-                return Err(ClientError::Connect {
-                    address,
-                    reason: format!("{hint} ({})", status.message()),
-                });
-            }
+        let client = Client {
+            rpc,
+            options,
+            address: address.clone(),
+        };
+        // One call now, so that a server that speaks another protocol (TLS to a plaintext
+        // client), or refuses the client certificate (which TLS 1.3 only shows on the first
+        // call), is reported here with what to do, not as a protocol error later.
+        if let Err(status) = client
+            .raw()
+            .list_namespaces(pb::ListNamespacesRequest {})
+            .await
+        {
+            let hint = match &client.options.tls {
+                None => "the server did not answer plain gRPC; it probably requires TLS (pass --tls-ca, and --tls-cert/--tls-key if it requires client certificates; in Rust, ClientOptions::tls)",
+                Some(tls) if tls.identity.is_none() => "the server refused the connection; it probably requires a client certificate (pass --tls-cert and --tls-key)",
+                Some(_) => "the server refused the connection or its certificate; check that the client certificate is issued by the server's client CA and not expired, and that --tls-ca matches the server",
+            };
+            return Err(ClientError::Connect {
+                address,
+                reason: format!("{hint} ({})", status.message()),
+            });
         }
         Ok(client)
+    }
+
+    /// The server's address as this client reaches it.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Runs a call that is safe to repeat, retrying it with backoff while the server cannot
+    /// be reached, for up to `retry_for`.
+    pub(crate) async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(TetherServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = std::time::Instant::now() + self.options.retry_for;
+        let mut backoff = RETRY_FIRST;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match call(self.raw()).await {
+                Err(status)
+                    if is_transient(&status) && std::time::Instant::now() + backoff < deadline =>
+                {
+                    if tries == 1 {
+                        tracing::warn!(error = %status.message(), code = ?status.code(), "the server cannot be reached; retrying for up to {:?}", self.options.retry_for);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The same connection working in another namespace.
@@ -263,7 +367,7 @@ impl Client {
             .register_namespace(pb::RegisterNamespaceRequest {
                 namespace: name.into(),
                 description: description.into(),
-                retention_ms: retention.as_millis() as u64,
+                retention_ms: crate::types::limit_ms(retention),
             })
             .await?;
         Ok(())
@@ -282,7 +386,7 @@ impl Client {
             .update_namespace(pb::UpdateNamespaceRequest {
                 namespace: name.into(),
                 description: description.map(str::to_string),
-                retention_ms: retention.map(|r| r.as_millis() as u64),
+                retention_ms: retention.map(crate::types::limit_ms),
             })
             .await?
             .into_inner())
@@ -291,8 +395,9 @@ impl Client {
     /// Lists namespaces.
     pub async fn list_namespaces(&self) -> Result<Vec<pb::NamespaceInfo>, ClientError> {
         Ok(self
-            .raw()
-            .list_namespaces(pb::ListNamespacesRequest {})
+            .retrying(
+                |mut rpc| async move { rpc.list_namespaces(pb::ListNamespacesRequest {}).await },
+            )
             .await?
             .into_inner()
             .namespaces)
@@ -329,17 +434,22 @@ impl Client {
             workflow_type: workflow_type.into(),
             task_queue: options.task_queue,
             input,
-            run_timeout_ms: options
-                .run_timeout
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            run_timeout_ms: options.run_timeout.map(crate::types::limit_ms).unwrap_or(0),
             task_timeout_ms: options
                 .task_timeout
-                .map(|d| d.as_millis() as u64)
+                .map(crate::types::duration_ms)
                 .unwrap_or(0),
             identity: self.options.identity.clone(),
+            // A retried start (the reply was lost) is then answered with its own run.
+            request_id: uuid::Uuid::new_v4().to_string(),
         };
-        match self.raw().start_workflow(req).await {
+        let started = self
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.start_workflow(req).await }
+            })
+            .await;
+        match started {
             Ok(resp) => Ok(WorkflowHandle {
                 client: self.clone(),
                 workflow_id: options.id,
@@ -367,7 +477,7 @@ impl Client {
         }
     }
 
-    /// Lists workflow runs (newest first).
+    /// Lists workflow runs (newest first), at most `limit`.
     pub async fn list_workflows(
         &self,
         status: Option<pb::ExecutionStatus>,
@@ -375,20 +485,39 @@ impl Client {
         standalone_activities: bool,
     ) -> Result<Vec<pb::ExecutionInfo>, ClientError> {
         Ok(self
-            .raw()
-            .list_workflows(pb::ListWorkflowsRequest {
-                namespace: self.options.namespace.clone(),
-                status: status.map(|s| s as i32).unwrap_or(0),
-                limit,
-                kind: if standalone_activities {
-                    "activity".into()
-                } else {
-                    "workflow".into()
-                },
+            .list_workflows_page(status, limit, standalone_activities, "")
+            .await?
+            .0)
+    }
+
+    /// One page of runs (newest first) after `page_token` ("" for the first), and the token of
+    /// the next page ("" after the last).
+    pub async fn list_workflows_page(
+        &self,
+        status: Option<pb::ExecutionStatus>,
+        limit: u32,
+        standalone_activities: bool,
+        page_token: &str,
+    ) -> Result<(Vec<pb::ExecutionInfo>, String), ClientError> {
+        let req = pb::ListWorkflowsRequest {
+            namespace: self.options.namespace.clone(),
+            status: status.map(|s| s as i32).unwrap_or(0),
+            limit,
+            kind: if standalone_activities {
+                "activity".into()
+            } else {
+                "workflow".into()
+            },
+            page_token: page_token.to_string(),
+        };
+        let reply = self
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.list_workflows(req).await }
             })
             .await?
-            .into_inner()
-            .executions)
+            .into_inner();
+        Ok((reply.executions, reply.next_page_token))
     }
 
     /// Starts a standalone activity: durable, with timeouts and retries, without a workflow.
@@ -420,11 +549,25 @@ impl Client {
             options: Some(options.options.to_proto()),
             identity: self.options.identity.clone(),
             wait_ms: wait.as_millis() as u64,
+            request_id: uuid::Uuid::new_v4().to_string(),
         };
-        let reply = match self.raw().start_activity(req).await {
+        let started = self
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.start_activity(req).await }
+            })
+            .await;
+        let reply = match started {
             Ok(r) => r.into_inner(),
             Err(status) => return Err(start_error(status, options.id)),
         };
+        if !reply.placement_note.is_empty() {
+            tracing::warn!(
+                activity_id = options.id,
+                why = reply.placement_note,
+                "no worker can take the activity now; it waits"
+            );
+        }
         let handle = ActivityHandle {
             client: self.clone(),
             activity_id: options.id,
@@ -459,26 +602,72 @@ impl Client {
         &self,
         task_queue: &str,
     ) -> Result<pb::DescribeTaskQueueResponse, ClientError> {
+        let req = pb::DescribeTaskQueueRequest {
+            namespace: self.options.namespace.clone(),
+            task_queue: task_queue.into(),
+        };
         Ok(self
-            .raw()
-            .describe_task_queue(pb::DescribeTaskQueueRequest {
-                namespace: self.options.namespace.clone(),
-                task_queue: task_queue.into(),
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.describe_task_queue(req).await }
             })
             .await?
             .into_inner())
     }
 
-    /// Workers seen polling in this namespace.
+    /// Workers registered (or seen polling) in this namespace, every page.
     pub async fn list_workers(&self) -> Result<Vec<pb::WorkerInfo>, ClientError> {
-        Ok(self
-            .raw()
-            .list_workers(pb::ListWorkersRequest {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = pb::ListWorkersRequest {
                 namespace: self.options.namespace.clone(),
-            })
-            .await?
-            .into_inner()
-            .workers)
+                page_size: 0,
+                page_token: token.clone(),
+            };
+            let reply = self
+                .retrying(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.list_workers(req).await }
+                })
+                .await?
+                .into_inner();
+            all.extend(reply.workers);
+            if reply.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            token = reply.next_page_token;
+        }
+    }
+
+    /// Sessions of this namespace (closed ones too with `include_closed`), newest first, every
+    /// page.
+    pub async fn list_sessions(
+        &self,
+        include_closed: bool,
+    ) -> Result<Vec<pb::SessionInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = pb::ListSessionsRequest {
+                namespace: self.options.namespace.clone(),
+                include_closed,
+                page_size: 0,
+                page_token: token.clone(),
+            };
+            let reply = self
+                .retrying(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.list_sessions(req).await }
+                })
+                .await?
+                .into_inner();
+            all.extend(reply.sessions);
+            if reply.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            token = reply.next_page_token;
+        }
     }
 }
 
@@ -508,8 +697,14 @@ pub struct ActivityOptions {
 /// The default attempt timeout when neither start_to_close nor schedule_to_close is given.
 pub const DEFAULT_START_TO_CLOSE: Duration = Duration::from_secs(60);
 
+/// A duration for a field that must hold a limit (`Duration::MAX`: the longest allowed).
 fn ms(d: Option<Duration>) -> u64 {
-    d.map(|d| d.as_millis().max(1) as u64).unwrap_or(0)
+    d.map(crate::types::duration_ms).unwrap_or(0)
+}
+
+/// A duration for a field where 0 means no limit (`Duration::MAX`: no limit).
+fn limit(d: Option<Duration>) -> u64 {
+    d.map(crate::types::limit_ms).unwrap_or(0)
 }
 
 impl ActivityOptions {
@@ -563,10 +758,10 @@ impl ActivityOptions {
         };
         pb::ActivityOptions {
             task_queue: self.task_queue.clone(),
-            schedule_to_close_timeout_ms: ms(self.schedule_to_close),
-            schedule_to_start_timeout_ms: ms(self.schedule_to_start),
+            schedule_to_close_timeout_ms: limit(self.schedule_to_close),
+            schedule_to_start_timeout_ms: limit(self.schedule_to_start),
             start_to_close_timeout_ms: ms(start_to_close),
-            heartbeat_timeout_ms: ms(self.heartbeat),
+            heartbeat_timeout_ms: limit(self.heartbeat),
             retry_policy: Some(self.retry.to_proto()),
             requirements: self.requirements.to_string(),
             worker: self.worker.clone().unwrap_or_default(),
@@ -606,7 +801,7 @@ impl RetryPolicy {
     /// The wire form.
     pub fn to_proto(&self) -> pb::RetryPolicy {
         pb::RetryPolicy {
-            initial_interval_ms: self.initial_interval.as_millis().max(1) as u64,
+            initial_interval_ms: crate::types::duration_ms(self.initial_interval).max(1),
             backoff_coefficient: self.backoff_coefficient,
             maximum_interval_ms: ms(self.maximum_interval),
             maximum_attempts: self.maximum_attempts,
@@ -688,26 +883,83 @@ pub struct ActivityHandle {
 impl ActivityHandle {
     /// Waits for the activity to finish and decodes its result.
     pub async fn result<O: DeserializeOwned>(&self) -> Result<O, ClientError> {
+        let outcome = self.outcome().await?;
+        decode_outcome("activity", &self.activity_id, outcome)
+    }
+
+    /// Waits for the activity to finish and returns its outcome (payloads decoded). A server
+    /// restart meanwhile is waited out (see `ClientOptions::retry_for`).
+    pub async fn outcome(&self) -> Result<pb::GetWorkflowResultResponse, ClientError> {
+        let req = pb::GetActivityResultRequest {
+            namespace: self.client.options.namespace.clone(),
+            activity_id: self.activity_id.clone(),
+            run_id: self.run_id.clone(),
+            wait_ms: RESULT_WAIT.as_millis() as u64,
+        };
         loop {
             let outcome = self
                 .client
-                .raw()
-                .get_activity_result(pb::GetActivityResultRequest {
-                    namespace: self.client.options.namespace.clone(),
-                    activity_id: self.activity_id.clone(),
-                    run_id: self.run_id.clone(),
-                    wait_ms: RESULT_WAIT.as_millis() as u64,
+                .retrying(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.get_activity_result(req).await }
                 })
                 .await?
                 .into_inner();
             if outcome.status != pb::ExecutionStatus::Running as i32 {
-                return decode_outcome(
-                    "activity",
-                    &self.activity_id,
-                    self.client.decode_result(outcome)?,
-                );
+                return self.client.decode_result(outcome);
             }
         }
+    }
+
+    /// Describes the activity: status, attempt, last failure, worker.
+    pub async fn describe(&self) -> Result<pb::DescribeWorkflowResponse, ClientError> {
+        let req = pb::DescribeActivityRequest {
+            namespace: self.client.options.namespace.clone(),
+            activity_id: self.activity_id.clone(),
+            run_id: self.run_id.clone(),
+        };
+        Ok(self
+            .client
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.describe_activity(req).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Asks the activity to cancel: a running attempt is told through its heartbeats, a
+    /// waiting one is cancelled at once.
+    pub async fn cancel(&self, reason: &str) -> Result<(), ClientError> {
+        let req = pb::RequestCancelActivityRequest {
+            namespace: self.client.options.namespace.clone(),
+            activity_id: self.activity_id.clone(),
+            run_id: self.run_id.clone(),
+            reason: reason.into(),
+            identity: self.client.options.identity.clone(),
+        };
+        self.client
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.request_cancel_activity(req).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Ends the activity at once: a running attempt's outcome is refused from then on.
+    pub async fn terminate(&self, reason: &str) -> Result<(), ClientError> {
+        self.client
+            .raw()
+            .terminate_activity(pb::TerminateActivityRequest {
+                namespace: self.client.options.namespace.clone(),
+                activity_id: self.activity_id.clone(),
+                run_id: self.run_id.clone(),
+                reason: reason.into(),
+                identity: self.client.options.identity.clone(),
+            })
+            .await?;
+        Ok(())
     }
 }
 
@@ -737,17 +989,21 @@ impl WorkflowHandle {
         decode_outcome("workflow", &self.workflow_id, outcome)
     }
 
-    /// Waits for the run to close and returns its outcome (payloads decoded).
+    /// Waits for the run to close and returns its outcome (payloads decoded). A server restart
+    /// meanwhile is waited out (see `ClientOptions::retry_for`).
     pub async fn outcome(&self) -> Result<pb::GetWorkflowResultResponse, ClientError> {
+        let req = pb::GetWorkflowResultRequest {
+            namespace: self.client.options.namespace.clone(),
+            workflow_id: self.workflow_id.clone(),
+            run_id: self.run_id.clone(),
+            wait_ms: RESULT_WAIT.as_millis() as u64,
+        };
         loop {
             let outcome = self
                 .client
-                .raw()
-                .get_workflow_result(pb::GetWorkflowResultRequest {
-                    namespace: self.client.options.namespace.clone(),
-                    workflow_id: self.workflow_id.clone(),
-                    run_id: self.run_id.clone(),
-                    wait_ms: RESULT_WAIT.as_millis() as u64,
+                .retrying(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.get_workflow_result(req).await }
                 })
                 .await?
                 .into_inner();
@@ -757,21 +1013,26 @@ impl WorkflowHandle {
         }
     }
 
-    /// Sends a signal.
+    /// Sends a signal. It carries a request id, so a retry (after a lost reply) is not
+    /// delivered twice.
     pub async fn signal<I: Serialize + ?Sized>(
         &self,
         signal_name: &str,
         input: &I,
     ) -> Result<(), ClientError> {
+        let req = pb::SignalWorkflowRequest {
+            namespace: self.client.options.namespace.clone(),
+            workflow_id: self.workflow_id.clone(),
+            run_id: self.run_id.clone(),
+            signal_name: signal_name.into(),
+            input: Some(self.client.options.data_converter.to_payload(input)?),
+            identity: self.client.options.identity.clone(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+        };
         self.client
-            .raw()
-            .signal_workflow(pb::SignalWorkflowRequest {
-                namespace: self.client.options.namespace.clone(),
-                workflow_id: self.workflow_id.clone(),
-                run_id: self.run_id.clone(),
-                signal_name: signal_name.into(),
-                input: Some(self.client.options.data_converter.to_payload(input)?),
-                identity: self.client.options.identity.clone(),
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.signal_workflow(req).await }
             })
             .await?;
         Ok(())
@@ -779,14 +1040,17 @@ impl WorkflowHandle {
 
     /// Asks the workflow to cancel (it sees the request and may clean up).
     pub async fn cancel(&self, reason: &str) -> Result<(), ClientError> {
+        let req = pb::RequestCancelWorkflowRequest {
+            namespace: self.client.options.namespace.clone(),
+            workflow_id: self.workflow_id.clone(),
+            run_id: self.run_id.clone(),
+            reason: reason.into(),
+            identity: self.client.options.identity.clone(),
+        };
         self.client
-            .raw()
-            .request_cancel_workflow(pb::RequestCancelWorkflowRequest {
-                namespace: self.client.options.namespace.clone(),
-                workflow_id: self.workflow_id.clone(),
-                run_id: self.run_id.clone(),
-                reason: reason.into(),
-                identity: self.client.options.identity.clone(),
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.request_cancel_workflow(req).await }
             })
             .await?;
         Ok(())
@@ -809,13 +1073,16 @@ impl WorkflowHandle {
 
     /// Describes the run.
     pub async fn describe(&self) -> Result<pb::DescribeWorkflowResponse, ClientError> {
+        let req = pb::DescribeWorkflowRequest {
+            namespace: self.client.options.namespace.clone(),
+            workflow_id: self.workflow_id.clone(),
+            run_id: self.run_id.clone(),
+        };
         Ok(self
             .client
-            .raw()
-            .describe_workflow(pb::DescribeWorkflowRequest {
-                namespace: self.client.options.namespace.clone(),
-                workflow_id: self.workflow_id.clone(),
-                run_id: self.run_id.clone(),
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.describe_workflow(req).await }
             })
             .await?
             .into_inner())
@@ -823,13 +1090,16 @@ impl WorkflowHandle {
 
     /// The run's history.
     pub async fn history(&self) -> Result<Vec<pb::HistoryEvent>, ClientError> {
+        let req = pb::GetWorkflowHistoryRequest {
+            namespace: self.client.options.namespace.clone(),
+            workflow_id: self.workflow_id.clone(),
+            run_id: self.run_id.clone(),
+        };
         Ok(self
             .client
-            .raw()
-            .get_workflow_history(pb::GetWorkflowHistoryRequest {
-                namespace: self.client.options.namespace.clone(),
-                workflow_id: self.workflow_id.clone(),
-                run_id: self.run_id.clone(),
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.get_workflow_history(req).await }
             })
             .await?
             .into_inner()
@@ -859,6 +1129,9 @@ pub struct SessionOptions {
     pub liveness_timeout: Option<Duration>,
     /// Only this worker may host it. Default none.
     pub worker: Option<String>,
+    /// For a session a client owns: it ends after this long with no activity in it. Default
+    /// 10 min. (A workflow's sessions end with the workflow run.)
+    pub idle_timeout: Option<Duration>,
 }
 
 impl SessionOptions {
@@ -882,6 +1155,7 @@ impl SessionOptions {
             execution_timeout_ms: ms(self.execution_timeout),
             liveness_timeout_ms: ms(self.liveness_timeout),
             worker: self.worker.clone().unwrap_or_default(),
+            idle_timeout_ms: ms(self.idle_timeout),
         }
     }
 }
@@ -896,19 +1170,21 @@ pub struct Session {
 
 impl Client {
     /// Creates a session and waits for the server to place it (up to its creation timeout).
+    /// Each request waits on the server; asking again (the id is the client's, so a retry is
+    /// the same request) goes on waiting for the same session.
     pub async fn create_session(&self, options: SessionOptions) -> Result<Session, ClientError> {
-        let creation = options.creation_timeout.unwrap_or(Duration::from_secs(60));
-        let deadline = std::time::Instant::now() + creation + Duration::from_secs(5);
-        let session_id = uuid::Uuid::now_v7().to_string();
+        let req = pb::CreateSessionRequest {
+            namespace: self.options.namespace.clone(),
+            options: Some(options.to_proto()),
+            owner: self.options.identity.clone(),
+            session_id: uuid::Uuid::now_v7().to_string(),
+            wait_ms: RESULT_WAIT.as_millis() as u64,
+        };
         loop {
             let reply = self
-                .raw()
-                .create_session(pb::CreateSessionRequest {
-                    namespace: self.options.namespace.clone(),
-                    options: Some(options.to_proto()),
-                    owner: self.options.identity.clone(),
-                    session_id: session_id.clone(),
-                    wait_ms: RESULT_WAIT.as_millis() as u64,
+                .retrying(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.create_session(req).await }
                 })
                 .await?
                 .into_inner();
@@ -920,7 +1196,8 @@ impl Client {
                         info,
                     })
                 }
-                "creating" if std::time::Instant::now() < deadline => continue,
+                // Still waiting for a placement: the server ends it at its creation timeout.
+                "creating" => continue,
                 _ => {
                     return Err(ClientError::Rpc(tonic::Status::failed_precondition(
                         format!(
@@ -935,14 +1212,38 @@ impl Client {
 
     /// A session's current state.
     pub async fn describe_session(&self, session_id: &str) -> Result<pb::SessionInfo, ClientError> {
+        let req = pb::DescribeSessionRequest {
+            namespace: self.options.namespace.clone(),
+            session_id: session_id.into(),
+        };
         Ok(self
-            .raw()
-            .describe_session(pb::DescribeSessionRequest {
-                namespace: self.options.namespace.clone(),
-                session_id: session_id.into(),
+            .retrying(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.describe_session(req).await }
             })
             .await?
             .into_inner())
+    }
+
+    /// Ends any session at once (an operator's call): its reservation is freed and its pending
+    /// activities fail with SessionFailed.
+    pub async fn terminate_session(
+        &self,
+        session_id: &str,
+        reason: &str,
+    ) -> Result<pb::SessionInfo, ClientError> {
+        Ok(self
+            .raw()
+            .terminate_session(pb::TerminateSessionRequest {
+                namespace: self.options.namespace.clone(),
+                session_id: session_id.into(),
+                reason: reason.into(),
+                identity: self.options.identity.clone(),
+            })
+            .await?
+            .into_inner()
+            .session
+            .unwrap_or_default())
     }
 }
 

@@ -6,11 +6,19 @@
 //! identity = "worker"        # certificate CN or SAN
 //! namespace = "default"      # or "*" for every namespace
 //! roles = ["worker"]         # worker | client | admin
+//! worker_identities = ["gpu-7", "gpu-8-*"]   # optional; see below
 //! ```
 //!
 //! `worker`: poll, complete, fail, heartbeat, register. `client`: start, signal, cancel, describe,
 //! history, list, results, standalone activities, sessions, queues and workers. `admin`:
 //! everything, including namespaces and terminate.
+//!
+//! A worker's identity is bound to its certificate, so one worker cannot pose as another (take
+//! its host queue, its sessions, its attempts): with the worker role, the identity a call acts as
+//! must be one the grant lists in `worker_identities` (exact names, or prefixes ending in `*`),
+//! or, where the grant lists none, the certificate's own identity or that identity followed by
+//! `-` and anything (`gpu-7` may run as `gpu-7` or `gpu-7-3f2a9c1e`, tether's default form).
+//! Admins may act as any worker.
 
 use serde::Deserialize;
 use std::path::Path;
@@ -48,6 +56,10 @@ pub struct Grant {
     pub namespace: String,
     /// Roles granted there.
     pub roles: Vec<Role>,
+    /// With the worker role: the worker identities the caller may act as (exact, or a prefix
+    /// ending in `*`). Empty: its certificate identity, alone or followed by `-…`.
+    #[serde(default)]
+    pub worker_identities: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +121,69 @@ impl Access {
         Err(Status::permission_denied(format!(
             "{who} lacks role {:?} in namespace {namespace:?}; grant it in the access file",
             role.name()
+        )))
+    }
+
+    /// Allows a caller with the worker role to act as worker `worker` in `namespace`, or says
+    /// why not (see the module docs: the identity is bound to the certificate).
+    pub fn check_worker_identity(
+        &self,
+        identities: &[String],
+        namespace: &str,
+        worker: &str,
+    ) -> Result<(), Status> {
+        if worker.is_empty() || self.allowed(identities, namespace, Role::Admin) {
+            return Ok(());
+        }
+        let grants: Vec<&Grant> = self
+            .grants
+            .iter()
+            .filter(|g| {
+                identities.contains(&g.identity)
+                    && (g.namespace == "*" || g.namespace == namespace)
+                    && g.roles.contains(&Role::Worker)
+            })
+            .collect();
+        let listed: Vec<&String> = grants.iter().flat_map(|g| &g.worker_identities).collect();
+        let allowed = if listed.is_empty() {
+            identities.iter().any(|own| {
+                worker == own
+                    || worker
+                        .strip_prefix(own.as_str())
+                        .is_some_and(|rest| rest.starts_with('-'))
+            })
+        } else {
+            listed
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => worker.starts_with(prefix),
+                    None => worker == pattern.as_str(),
+                })
+        };
+        if allowed {
+            return Ok(());
+        }
+        let who = identities
+            .first()
+            .map(|i| format!("identity {i:?}"))
+            .unwrap_or_else(|| "an unauthenticated caller".into());
+        let may = if listed.is_empty() {
+            "its own name, or its name followed by \"-...\"".to_string()
+        } else {
+            format!(
+                "only {}",
+                listed
+                    .iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        Err(Status::permission_denied(format!(
+            "{who} may not act as worker {:?} in namespace {namespace:?}: a worker's identity is \
+             bound to its certificate, and this one may use {may}; list the identity in the \
+             grant's worker_identities, or run the worker under an allowed identity",
+            crate::types::quote_prefix(worker, 80)
         )))
     }
 
@@ -207,6 +282,53 @@ mod tests {
             .message()
             .contains("unauthenticated"));
         assert!(Access::parse("", "f").is_err());
+        let bound = Access::parse(
+            r#"
+            [[grant]]
+            identity = "gpu-7"
+            namespace = "*"
+            roles = ["worker"]
+            [[grant]]
+            identity = "pool"
+            namespace = "default"
+            roles = ["worker"]
+            worker_identities = ["pool-a", "batch-*"]
+            "#,
+            "f",
+        )
+        .unwrap();
+        let gpu7 = vec!["gpu-7".to_string()];
+        assert!(bound
+            .check_worker_identity(&gpu7, "default", "gpu-7")
+            .is_ok());
+        assert!(bound
+            .check_worker_identity(&gpu7, "default", "gpu-7-3f2a9c1e")
+            .is_ok());
+        let e = bound
+            .check_worker_identity(&gpu7, "default", "gpu-70")
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("may not act as worker \"gpu-70\""),
+            "{}",
+            e.message()
+        );
+        let pool = vec!["pool".to_string()];
+        assert!(bound
+            .check_worker_identity(&pool, "default", "pool-a")
+            .is_ok());
+        assert!(bound
+            .check_worker_identity(&pool, "default", "batch-17")
+            .is_ok());
+        assert!(bound
+            .check_worker_identity(&pool, "default", "pool-b")
+            .is_err());
+        assert!(bound
+            .check_worker_identity(&pool, "default", "pool")
+            .is_err());
+        assert!(access
+            .check_worker_identity(&["root".into()], "x", "anyone")
+            .is_ok());
         assert!(Access::parse(
             "[[grant]]\nidentity = \"x\"\nnamespace = \"*\"\nroles = [\"god\"]\n",
             "f"

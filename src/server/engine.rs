@@ -3,7 +3,7 @@
 //! order, waits for the commit, and only then offers tasks, arms timers and wakes waiters.
 
 use super::history::{self, Effects, RunEntry, WorkflowTaskCompletion};
-use super::matching::{Matcher, QueueKey, TaskKind, TaskRef};
+use super::matching::{ClaimedPoll, Handover, Matcher, QueueKey, TaskKind, TaskRef};
 use super::sessions::{self, Placement, Reservations};
 use super::timers::{TimerKey, TimerQueue};
 use super::{EngineError, ServerConfig};
@@ -11,7 +11,7 @@ use crate::api::internal::RunState;
 use crate::api::internal::SessionState;
 use crate::api::now_ms;
 use crate::api::pb::{self, ExecutionStatus, NamespaceInfo};
-use crate::store::{CommitReceiver, RunFilter, Store, Write, WriteBatch};
+use crate::store::{Commit, RunFilter, Store, Write, WriteBatch};
 use parking_lot::Mutex;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,9 +33,20 @@ struct EngineState {
     waiters: HashMap<String, Vec<oneshot::Sender<pb::GetWorkflowResultResponse>>>,
     /// Sessions that are creating or open (closed ones until their close is durable).
     sessions: HashMap<String, SessionState>,
+    /// Run id -> the sessions it owns (created by its workflow), which close with it.
+    session_owners: HashMap<String, Vec<String>>,
     reservations: Reservations,
     /// Callers waiting for a session to be placed (or to fail).
     session_waiters: HashMap<String, Vec<oneshot::Sender<pb::SessionInfo>>>,
+    /// The number of the last batch submitted to the store: a read waits until it is durable,
+    /// so it never shows state that might not be written.
+    last_submitted_seq: u64,
+}
+
+/// A session's owning run, when a workflow owns it (`run:RUN_ID:SEQ`).
+fn owner_run(owner: &str) -> Option<(&str, u32)> {
+    let (run_id, seq) = owner.strip_prefix("run:")?.rsplit_once(':')?;
+    Some((run_id, seq.parse().ok()?))
 }
 
 /// A store lookup of closed rows past a cutoff: (namespace, closed before, limit) → ids.
@@ -63,6 +74,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// `workers list` stop showing it).
 const FORGET_IDLE_AFTER: Duration = Duration::from_secs(3600);
 
+/// Default idle timeout of a session a client owns.
+const DEFAULT_SESSION_IDLE_MS: u64 = 10 * 60_000;
+
 /// Work collected while the lock is held.
 #[derive(Default)]
 struct Txn {
@@ -70,6 +84,73 @@ struct Txn {
     touched: BTreeSet<String>,
     touched_sessions: BTreeSet<String>,
     extra: Vec<Write>,
+    /// Attempts dispatched inside the transaction to parked polls, handed over after the commit.
+    handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
+}
+
+/// Where a completion's worker wants its next activity tasks from (taken in the completion's
+/// own transaction).
+#[derive(Debug, Clone)]
+pub struct NextTasks {
+    /// Namespace.
+    pub namespace: String,
+    /// Queues, tried in order.
+    pub queues: Vec<String>,
+    /// The worker.
+    pub identity: String,
+    /// Most tasks to take.
+    pub max: usize,
+}
+
+/// Attempts dispatched for a caller that may go away before they reach it (its request
+/// future dropped while the commit was under way): given back, and so taken back by the
+/// engine, unless the caller takes them out first.
+struct GiveBackOnDrop<'a> {
+    matcher: &'a Matcher,
+    responses: Vec<pb::PollActivityTaskResponse>,
+}
+
+impl<'a> GiveBackOnDrop<'a> {
+    fn many(matcher: &'a Matcher, responses: Vec<pb::PollActivityTaskResponse>) -> Self {
+        GiveBackOnDrop { matcher, responses }
+    }
+
+    fn take(&mut self) -> Vec<pb::PollActivityTaskResponse> {
+        std::mem::take(&mut self.responses)
+    }
+}
+
+impl Drop for GiveBackOnDrop<'_> {
+    fn drop(&mut self) {
+        for response in self.responses.drain(..) {
+            self.matcher.give_back(Box::new(response));
+        }
+    }
+}
+
+/// Why the store stopped taking writes, once it did.
+#[derive(Debug, Clone)]
+pub struct StorageFailure {
+    /// What the store said.
+    pub reason: String,
+    /// When it happened.
+    pub at_ms: i64,
+}
+
+/// Counts of what the engine holds in memory, for operators and tests: each must go back down
+/// once the work it belongs to is over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Runs held in memory (open, or closing).
+    pub runs: usize,
+    /// Sessions held in memory (creating, open, or closing).
+    pub sessions: usize,
+    /// Armed timers.
+    pub timers: usize,
+    /// Callers waiting for a run's result.
+    pub result_waiters: usize,
+    /// Callers waiting for a session's placement.
+    pub session_waiters: usize,
 }
 
 /// The server's engine: history, matching and timers over a [`Store`].
@@ -80,6 +161,8 @@ pub struct Engine {
     timers: TimerQueue,
     config: ServerConfig,
     storage_failed: AtomicBool,
+    /// Set with the first failed commit; `tether server` watches it to exit.
+    storage_failure: watch::Sender<Option<StorageFailure>>,
     shutdown: watch::Sender<bool>,
     /// When this engine started: workers get one liveness timeout from here to re-register.
     started_ms: i64,
@@ -107,6 +190,7 @@ impl Engine {
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(format!("could not read the store: {e}")))?;
         let (shutdown, _) = watch::channel(false);
+        let (storage_failure, _) = watch::channel(None);
         let engine = Arc::new(Engine {
             access: parking_lot::RwLock::new(config.access.clone()),
             state: Mutex::new(EngineState::default()),
@@ -115,6 +199,7 @@ impl Engine {
             timers: TimerQueue::default(),
             config,
             storage_failed: AtomicBool::new(false),
+            storage_failure,
             shutdown,
             started_ms: now_ms(),
         });
@@ -139,6 +224,7 @@ impl Engine {
             for (state, history) in recovered.open_runs {
                 let had_buffered = !state.buffered.is_empty();
                 let mut entry = RunEntry::new(state, history);
+                entry.max_history_bytes = engine.config.max_history_bytes;
                 entry.recover(now, &mut txn.fx);
                 let key = (
                     entry.state.namespace.clone(),
@@ -158,6 +244,12 @@ impl Engine {
                     st.reservations
                         .reserve(&info.namespace, &placement_of(&info));
                 }
+                if let Some((run_id, _)) = owner_run(&info.owner) {
+                    st.session_owners
+                        .entry(run_id.to_string())
+                        .or_default()
+                        .push(info.session_id.clone());
+                }
                 if session.creation_deadline_ms > 0 && info.state == "creating" {
                     txn.fx.timers.push((
                         session.creation_deadline_ms,
@@ -175,10 +267,70 @@ impl Engine {
                 st.sessions.insert(info.session_id.clone(), session);
             }
             tracing::info!(open_runs = count, "recovered state from the store");
+            // A session whose owner run closed while it stayed open (stored by an older version)
+            // is released now.
+            let orphaned: Vec<String> = st
+                .sessions
+                .values()
+                .filter_map(|s| s.info.as_ref())
+                .filter(|i| owner_run(&i.owner).is_some_and(|(r, _)| !st.runs.contains_key(r)))
+                .map(|i| i.session_id.clone())
+                .collect();
+            for id in orphaned {
+                engine.close_session(
+                    &mut st,
+                    &id,
+                    "completed",
+                    "released: the workflow run that owns it is closed",
+                    true,
+                    now,
+                    &mut txn,
+                );
+            }
             engine.commit_locked(&mut st, &mut txn)
         };
-        engine.finish(commit, txn.fx).await?;
+        engine.finish(commit, txn).await?;
+        let returns = engine.clone();
+        tokio::spawn(async move { returns.take_back_returned().await });
         Ok(engine)
+    }
+
+    /// Takes back attempts handed to polls that ended before their caller saw them, for as
+    /// long as the engine lives.
+    async fn take_back_returned(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let returned = tokio::select! {
+                r = self.matcher.returned() => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            if let Err(e) = self.undispatch(returned).await {
+                tracing::warn!(error = %e, "taking back undelivered attempts failed");
+            }
+        }
+    }
+
+    /// What the engine holds in memory now.
+    pub fn stats(&self) -> EngineStats {
+        let st = self.state.lock();
+        EngineStats {
+            runs: st.runs.len(),
+            sessions: st.sessions.len(),
+            timers: self.timers.len(),
+            result_waiters: st.waiters.values().map(Vec::len).sum(),
+            session_waiters: st.session_waiters.values().map(Vec::len).sum(),
+        }
+    }
+
+    /// Resolves with the first storage failure (never, while the store works).
+    pub async fn storage_failed(&self) -> StorageFailure {
+        let mut rx = self.storage_failure.subscribe();
+        let failure = rx.wait_for(|f| f.is_some()).await;
+        match failure {
+            Ok(f) => f.clone().expect("waited for it"),
+            // The engine is gone: it never failed.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// The request rate limit per caller (0 = off).
@@ -277,51 +429,93 @@ impl Engine {
 
     fn check_healthy(&self) -> Result<(), EngineError> {
         if self.storage_failed.load(Ordering::Relaxed) {
-            return Err(EngineError::Unavailable(
-                "a write to the store failed earlier; restart the server to recover from the \
-                 last durable state"
-                    .into(),
-            ));
+            let failure = self.storage_failure.borrow().clone();
+            let (reason, at) = failure
+                .map(|f| (f.reason, f.at_ms))
+                .unwrap_or_else(|| ("unknown".into(), 0));
+            return Err(EngineError::Unavailable(format!(
+                "storage failed at {at} ms since the epoch ({reason}); nothing after that write \
+                 was acknowledged; restart the server to recover from the last durable state"
+            )));
         }
         Ok(())
     }
 
+    /// The first failed commit stops the engine: nothing is built on a write that failed.
+    /// Waiting calls are woken (they answer UNAVAILABLE), and the loops that write stop.
+    fn fail_storage(&self, reason: &str) {
+        if self.storage_failed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(
+            reason,
+            "a commit failed: every request is refused until the server is restarted"
+        );
+        self.storage_failure.send_replace(Some(StorageFailure {
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+        }));
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until everything submitted to the store before `seq` is durable, so a read never
+    /// shows state that might not be written.
+    async fn durable(&self, seq: u64) -> Result<(), EngineError> {
+        let mut durability = self.store.durability();
+        let reached = durability
+            .wait_for(|d| d.seq >= seq || d.failed.is_some())
+            .await
+            .map(|d| d.failed.is_none())
+            .unwrap_or(false);
+        if reached {
+            Ok(())
+        } else {
+            self.fail_storage("the store stopped before this state was written");
+            Err(self.check_healthy().unwrap_err())
+        }
+    }
+
     /// Turns the touched runs into one ordered write batch and submits it (under the lock, so
-    /// batches reach the store in the order they were applied).
-    fn commit_locked(&self, st: &mut EngineState, txn: &mut Txn) -> Option<CommitReceiver> {
+    /// batches reach the store in the order they were applied). Before that, everything that
+    /// belongs in the same transaction is applied: signals to other workflows, the release of
+    /// sessions whose owner closed, and the hand-over of new activity tasks to parked polls.
+    fn commit_locked(&self, st: &mut EngineState, txn: &mut Txn) -> Option<Commit> {
         let now = now_ms();
-        // Signals to other workflows are applied inside the same transaction.
-        while let Some(sig) = txn.fx.signals.pop() {
-            let target_key = (sig.namespace.clone(), false, sig.workflow_id.clone());
-            let failure = if !st.namespaces.contains_key(&sig.namespace) {
-                Some(format!("namespace {:?} does not exist", sig.namespace))
-            } else if let Some(target_id) = st.open_ids.get(&target_key).cloned() {
-                let target = st
-                    .runs
-                    .get_mut(&target_id)
-                    .expect("open id points at a run");
-                target.signal(&sig.signal_name, sig.input.clone(), "", now, &mut txn.fx);
-                txn.touched.insert(target_id);
-                None
-            } else {
-                Some(format!(
-                    "workflow {:?} is not running in namespace {:?}",
-                    sig.workflow_id, sig.namespace
-                ))
-            };
-            if let Some(source) = st.runs.get_mut(&sig.from_run) {
-                if source.is_open() {
-                    let failure = failure.map(|message| pb::Failure {
-                        message,
-                        kind: pb::FailureKind::Application as i32,
-                        error_type: "SignalTargetNotFound".into(),
-                        ..Default::default()
-                    });
-                    source.signal_external_resolved(sig.seq, failure, now, &mut txn.fx);
-                    txn.touched.insert(sig.from_run.clone());
+        let mut closed_seen = 0;
+        loop {
+            while let Some(sig) = txn.fx.signals.pop() {
+                self.deliver_signal(st, sig, now, txn);
+            }
+            // A session never outlives its owner: it closes in the transaction that closes the
+            // run, and its reservation is freed with it.
+            let closed: Vec<(String, i32)> = txn.fx.closed[closed_seen..]
+                .iter()
+                .map(|c| (c.run_id.clone(), c.outcome.status))
+                .collect();
+            closed_seen = txn.fx.closed.len();
+            for (run_id, status) in closed {
+                let owned = st.session_owners.get(&run_id).cloned().unwrap_or_default();
+                for session_id in owned {
+                    let live = st
+                        .sessions
+                        .get(&session_id)
+                        .and_then(|s| s.info.as_ref())
+                        .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"));
+                    if live {
+                        let status = ExecutionStatus::try_from(status).unwrap_or_default();
+                        let reason = format!(
+                            "released: workflow run {run_id}, which owns it, closed ({})",
+                            status.short_name()
+                        );
+                        self.close_session(st, &session_id, "completed", &reason, true, now, txn);
+                    }
                 }
             }
+            if txn.fx.signals.is_empty() && closed_seen == txn.fx.closed.len() {
+                break;
+            }
         }
+        self.hand_new_tasks_to_parked_polls(st, now, txn);
         let mut batch = WriteBatch {
             writes: std::mem::take(&mut txn.extra),
         };
@@ -347,49 +541,252 @@ impl Engine {
                 });
             }
         }
-        for closed in &txn.fx.closed {
-            if let Some(entry) = st.runs.get(&closed.run_id) {
-                let key = (
-                    entry.state.namespace.clone(),
-                    entry.state.standalone_activity,
-                    entry.state.workflow_id.clone(),
-                );
-                if st.open_ids.get(&key) == Some(&closed.run_id) {
-                    st.open_ids.remove(&key);
-                }
-            }
-        }
         if batch.is_empty() {
             None
         } else {
-            Some(self.store.submit(batch))
+            let commit = self.store.submit(batch);
+            st.last_submitted_seq = commit.seq;
+            Some(commit)
         }
     }
 
-    /// Waits for the commit, then applies the effects. Nothing is offered, armed or answered
-    /// before the writes that caused it are durable.
-    async fn finish(&self, commit: Option<CommitReceiver>, fx: Effects) -> Result<(), EngineError> {
-        if let Some(rx) = commit {
-            let outcome = rx
+    /// A signal a workflow sent to another (or to itself), applied in the sender's transaction.
+    fn deliver_signal(
+        &self,
+        st: &mut EngineState,
+        sig: history::OutgoingSignal,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let target_key = (sig.namespace.clone(), false, sig.workflow_id.clone());
+        let not_running = || {
+            format!(
+                "workflow {:?} is not running in namespace {:?}",
+                sig.workflow_id, sig.namespace
+            )
+        };
+        let failure = if !st.namespaces.contains_key(&sig.namespace) {
+            Some(format!("namespace {:?} does not exist", sig.namespace))
+        } else if let Some(target_id) = st.open_ids.get(&target_key).cloned() {
+            let target = st
+                .runs
+                .get_mut(&target_id)
+                .expect("open id points at a run");
+            let size = sig.input.as_ref().map_or(0, |p| p.data.len() as u64) + 128;
+            if !target.is_open() {
+                // Closing in this very transaction (a run that signals itself as it completes):
+                // nothing may follow its terminal event.
+                Some(not_running())
+            } else if !target.history_has_room(size) {
+                Some(target.history_full("the signal", size).to_string())
+            } else {
+                target.signal(
+                    &sig.signal_name,
+                    sig.input.clone(),
+                    "",
+                    "",
+                    now,
+                    &mut txn.fx,
+                );
+                txn.touched.insert(target_id);
+                None
+            }
+        } else {
+            Some(not_running())
+        };
+        if let Some(source) = st.runs.get_mut(&sig.from_run) {
+            if source.is_open() {
+                let failure = failure.map(|message| pb::Failure {
+                    message,
+                    kind: pb::FailureKind::Application as i32,
+                    error_type: "SignalTargetNotFound".into(),
+                    ..Default::default()
+                });
+                source.signal_external_resolved(sig.seq, failure, now, &mut txn.fx);
+                txn.touched.insert(sig.from_run.clone());
+            }
+        }
+    }
+
+    /// New activity tasks go straight to a parked poll that can take them, dispatched in this
+    /// same transaction: the worker waiting for work gets it without a second commit, and the
+    /// hand-out is durable before the worker sees it.
+    fn hand_new_tasks_to_parked_polls(&self, st: &mut EngineState, now: i64, txn: &mut Txn) {
+        if txn.fx.tasks.is_empty() || self.storage_failed.load(Ordering::Relaxed) {
+            return;
+        }
+        for (key, task, requirements) in std::mem::take(&mut txn.fx.tasks) {
+            if let TaskRef::Activity {
+                run_id,
+                scheduled_event_id,
+                attempt,
+            } = &task
+            {
+                if let Some(claim) = self.matcher.claim_waiter(&key, &requirements) {
+                    let dispatched = self.dispatch_locked(
+                        st,
+                        run_id,
+                        *scheduled_event_id,
+                        *attempt,
+                        &claim.identity,
+                        &claim.instance,
+                        now,
+                        txn,
+                    );
+                    match dispatched {
+                        Some(response) => txn.handovers.push((claim, response)),
+                        // Stale already: nothing to hand over, the poll waits on.
+                        None => self.matcher.unclaim(claim),
+                    }
+                    continue;
+                }
+            }
+            txn.fx.tasks.push((key, task, requirements));
+        }
+    }
+
+    /// Hands one activity attempt to worker `identity` (process `instance`) inside the current
+    /// transaction. None when the task is stale.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_locked(
+        &self,
+        st: &mut EngineState,
+        run_id: &str,
+        scheduled_event_id: u64,
+        attempt: u32,
+        identity: &str,
+        instance: &str,
+        now: i64,
+        txn: &mut Txn,
+    ) -> Option<pb::PollActivityTaskResponse> {
+        let EngineState { runs, sessions, .. } = st;
+        let entry = runs.get_mut(run_id)?;
+        let session_id = entry
+            .state
+            .activities
+            .get(&scheduled_event_id)
+            .and_then(|a| a.options.as_ref())
+            .map(|o| o.session_id.clone())
+            .unwrap_or_default();
+        let session = if session_id.is_empty() {
+            None
+        } else {
+            // A session activity runs on its session's worker only, and only while it is open
+            // (a closed session fails its activities in the same transaction).
+            let info = sessions.get_mut(&session_id)?.info.as_mut()?;
+            if info.state != "open" || info.worker_identity != identity {
+                return None;
+            }
+            Some(info)
+        };
+        let mut response = entry.dispatch_activity(
+            scheduled_event_id,
+            attempt,
+            identity,
+            instance,
+            now,
+            &mut txn.fx,
+        )?;
+        txn.touched.insert(run_id.to_string());
+        if let Some(info) = session {
+            info.activities_run += 1;
+            info.last_used_ms = now;
+            response.session = Some(info.clone());
+            txn.touched_sessions.insert(session_id);
+        }
+        Some(response)
+    }
+
+    /// Takes back attempts whose worker never received them: each waits in its queue again.
+    fn undispatch(
+        &self,
+        responses: Vec<pb::PollActivityTaskResponse>,
+    ) -> futures::future::BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let mut txn = Txn::default();
+            let commit = {
+                let mut st = self.state.lock();
+                for response in responses {
+                    let Ok(token) = Self::decode_token(&response.task_token) else {
+                        continue;
+                    };
+                    let Some(entry) = st.runs.get_mut(&token.run_id) else {
+                        continue;
+                    };
+                    if !entry.undispatch_activity(
+                        token.scheduled_event_id,
+                        token.attempt,
+                        token.dispatch,
+                        &mut txn.fx,
+                    ) {
+                        continue;
+                    }
+                    tracing::debug!(
+                        run_id = token.run_id,
+                        attempt = token.attempt,
+                        "attempt taken back: its poll ended before it was delivered"
+                    );
+                    txn.touched.insert(token.run_id.clone());
+                    if let Some(session) = &response.session {
+                        if let Some(info) = st
+                            .sessions
+                            .get_mut(&session.session_id)
+                            .and_then(|s| s.info.as_mut())
+                        {
+                            info.activities_run = info.activities_run.saturating_sub(1);
+                            txn.touched_sessions.insert(session.session_id.clone());
+                        }
+                    }
+                }
+                self.commit_locked(&mut st, &mut txn)
+            };
+            self.finish(commit, txn).await
+        })
+    }
+
+    /// Waits for the commit, then applies the effects. Nothing is offered, armed, handed over
+    /// or answered before the writes that caused it are durable.
+    async fn finish(&self, commit: Option<Commit>, txn: Txn) -> Result<(), EngineError> {
+        let Txn { fx, handovers, .. } = txn;
+        if let Some(commit) = commit {
+            let outcome = commit
+                .done
                 .await
                 .unwrap_or_else(|_| Err("the store's writer stopped".to_string()));
             if let Err(e) = outcome {
-                self.storage_failed.store(true, Ordering::Relaxed);
+                self.fail_storage(&e);
+                // The claimed polls are dropped with `handovers`: their callers get nothing.
                 return Err(EngineError::Unavailable(format!(
-                    "the write could not be made durable: {e}"
+                    "the write could not be made durable ({e}); nothing of this request was \
+                     acknowledged, and the server refuses every request until it is restarted"
                 )));
             }
         }
-        self.apply_effects(fx);
+        let undelivered = self.apply_effects(fx, handovers);
+        if !undelivered.is_empty() {
+            self.undispatch(undelivered).await?;
+        }
         Ok(())
     }
 
-    fn apply_effects(&self, fx: Effects) {
+    /// Applies what a durable transaction caused; returns the dispatched attempts whose polls
+    /// had ended meanwhile (to be taken back).
+    fn apply_effects(
+        &self,
+        fx: Effects,
+        handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
+    ) -> Vec<pb::PollActivityTaskResponse> {
         for (key, task, requirements) in fx.tasks {
             self.matcher.add(&key, task, &requirements);
         }
         if !fx.timers.is_empty() {
             self.timers.arm(fx.timers);
+        }
+        let mut undelivered = Vec::new();
+        for (claim, response) in handovers {
+            if let Err(response) = claim.hand_over(response) {
+                undelivered.push(*response);
+            }
         }
         if !fx.sessions_settled.is_empty() {
             let mut st = self.state.lock();
@@ -400,26 +797,48 @@ impl Engine {
                     }
                 }
                 if !matches!(info.state.as_str(), "creating" | "open") {
+                    // Closed for good: reads go to the store, and its timers have nothing to do.
                     st.sessions.remove(&info.session_id);
+                    self.timers.cancel_run(&info.session_id);
+                    if let Some((run_id, _)) = owner_run(&info.owner) {
+                        if let Some(owned) = st.session_owners.get_mut(run_id) {
+                            owned.retain(|s| *s != info.session_id);
+                            if owned.is_empty() {
+                                st.session_owners.remove(run_id);
+                            }
+                        }
+                    }
                 }
             }
         }
         if !fx.closed.is_empty() {
             let mut st = self.state.lock();
             for closed in fx.closed {
+                // The close is durable: only now may the id start a new run (a failed close
+                // must not have let another run start under it).
+                if let Some(entry) = st.runs.get(&closed.run_id) {
+                    let key = (
+                        entry.state.namespace.clone(),
+                        entry.state.standalone_activity,
+                        entry.state.workflow_id.clone(),
+                    );
+                    if st.open_ids.get(&key) == Some(&closed.run_id) {
+                        st.open_ids.remove(&key);
+                    }
+                }
                 if let Some(waiters) = st.waiters.remove(&closed.run_id) {
                     for w in waiters {
                         let _ = w.send(closed.outcome.clone());
                     }
                 }
-                // The close is durable: reads of this run now go to the store, and its timers
-                // have nothing left to do.
+                // Reads of this run now go to the store, and its timers have nothing left to do.
                 if st.runs.get(&closed.run_id).is_some_and(|e| !e.is_open()) {
                     st.runs.remove(&closed.run_id);
                     self.timers.cancel_run(&closed.run_id);
                 }
             }
         }
+        undelivered
     }
 
     fn check_namespace(st: &EngineState, namespace: &str) -> Result<(), EngineError> {
@@ -430,51 +849,65 @@ impl Engine {
         }
     }
 
-    /// Finds the open run for a mutation (signal, cancel, terminate).
-    fn open_run_id(
-        &self,
+    /// The open run a mutation (signal, cancel, terminate) names, from memory. None when there
+    /// is none: then [`Engine::not_running`] says why, reading the store outside the lock.
+    fn find_open_run(
         st: &EngineState,
         namespace: &str,
         standalone: bool,
         id: &str,
         run_id: &str,
-    ) -> Result<String, EngineError> {
+    ) -> Result<Option<String>, EngineError> {
         Self::check_namespace(st, namespace)?;
-        let what = if standalone { "activity" } else { "workflow" };
         let found = if run_id.is_empty() {
             st.open_ids
                 .get(&(namespace.to_string(), standalone, id.to_string()))
                 .cloned()
         } else {
-            st.runs
-                .get(run_id)
-                .filter(|e| {
-                    e.state.namespace == namespace
-                        && e.state.workflow_id == id
-                        && e.state.standalone_activity == standalone
-                        && e.is_open()
-                })
-                .map(|_| run_id.to_string())
+            Some(run_id.to_string())
         };
-        if let Some(found) = found {
-            return Ok(found);
-        }
-        // Error path only: say whether it closed or never existed.
-        let stored = if run_id.is_empty() {
-            self.store.latest_run(namespace, standalone, id)
-        } else {
-            self.store.load_run(run_id)
+        Ok(found.filter(|r| {
+            st.runs.get(r).is_some_and(|e| {
+                e.state.namespace == namespace
+                    && e.state.workflow_id == id
+                    && e.state.standalone_activity == standalone
+                    && e.is_open()
+            })
+        }))
+    }
+
+    /// Why a mutation found no open run: it closed (and how), or never existed.
+    async fn not_running(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> EngineError {
+        let what = if standalone { "activity" } else { "workflow" };
+        // A run still closing is in memory: its status is the one it is about to have.
+        let closing = {
+            let st = self.state.lock();
+            live_entry(&st, namespace, standalone, id, run_id)
+                .map(|e| (e.state.run_id.clone(), e.state.status))
         };
-        match stored {
-            Ok(Some(s)) if s.workflow_id == id && s.namespace == namespace => {
-                let status = ExecutionStatus::try_from(s.status).unwrap_or_default();
-                Err(EngineError::NotRunning(format!(
-                    "{what} {id:?} (run {}) is not running: it is {}",
-                    s.run_id,
+        let found = match closing {
+            Some(found) => Some(found),
+            None => self
+                .load_stored(namespace, standalone, id, run_id)
+                .await
+                .ok()
+                .map(|s| (s.run_id, s.status)),
+        };
+        match found {
+            Some((run_id, status)) => {
+                let status = ExecutionStatus::try_from(status).unwrap_or_default();
+                EngineError::NotRunning(format!(
+                    "{what} {id:?} (run {run_id}) is not running: it is {}",
                     status.short_name()
-                )))
+                ))
             }
-            _ => Err(not_found(namespace, standalone, id, run_id)),
+            None => not_found(namespace, standalone, id, run_id),
         }
     }
 
@@ -509,7 +942,7 @@ impl Engine {
             txn.extra.push(Write::Namespace(info));
             self.commit_locked(&mut st, &mut txn)
         };
-        self.finish(commit, txn.fx).await
+        self.finish(commit, txn).await
     }
 
     /// Changes a namespace's description and/or retention; returns it as it now is.
@@ -537,7 +970,7 @@ impl Engine {
             txn.extra.push(Write::Namespace(info.clone()));
             (self.commit_locked(&mut st, &mut txn), info)
         };
-        self.finish(commit, txn.fx).await?;
+        self.finish(commit, txn).await?;
         Ok(info)
     }
 
@@ -596,7 +1029,7 @@ impl Engine {
             let commit = self.store.submit(WriteBatch {
                 writes: vec![delete(ids)],
             });
-            self.finish(Some(commit), Effects::default()).await?;
+            self.finish(Some(commit), Txn::default()).await?;
             deleted += count;
             if count < PURGE_BATCH {
                 break;
@@ -614,56 +1047,86 @@ impl Engine {
     // Client operations
     // ------------------------------------------------------------------------------------------
 
-    /// Starts a workflow run; fails with AlreadyExists if the id is running.
+    /// Starts a workflow run; fails with AlreadyExists if the id is running (unless the running
+    /// run was started by this same request: a retried start).
     pub async fn start_workflow(
         &self,
         req: pb::StartWorkflowRequest,
     ) -> Result<String, EngineError> {
-        self.start_run(
-            &req.namespace,
-            false,
-            &req.workflow_id,
-            |run_id, now, fx| RunEntry::start_workflow(&req, run_id, now, fx),
-        )
-        .await
+        crate::types::check_duration_ms("run_timeout_ms", req.run_timeout_ms)
+            .and_then(|_| crate::types::check_duration_ms("task_timeout_ms", req.task_timeout_ms))
+            .map_err(EngineError::InvalidArgument)?;
+        let (run_id, _) = self
+            .start_run(
+                &req.namespace,
+                false,
+                &req.workflow_id,
+                &req.request_id,
+                |run_id, now, fx| RunEntry::start_workflow(&req, run_id, now, fx),
+            )
+            .await?;
+        Ok(run_id)
     }
 
-    /// Creates a run under an id that must not be running already, in one transaction.
+    /// Creates a run under an id that must not be running already, in one transaction. Returns
+    /// the run id and whether its first task went straight to a waiting worker.
     async fn start_run(
         &self,
         namespace: &str,
         standalone: bool,
         id: &str,
+        request_id: &str,
         make: impl FnOnce(String, i64, &mut Effects) -> RunEntry,
-    ) -> Result<String, EngineError> {
+    ) -> Result<(String, bool), EngineError> {
         self.check_healthy()?;
         let mut txn = Txn::default();
-        let (commit, run_id) = {
+        let started = {
             let mut st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
             let key = (namespace.to_string(), standalone, id.to_string());
             if let Some(existing) = st.open_ids.get(&key) {
-                return Err(EngineError::WorkflowAlreadyStarted {
-                    workflow_id: id.to_string(),
-                    run_id: existing.clone(),
-                });
+                let same_request = !request_id.is_empty()
+                    && st
+                        .runs
+                        .get(existing)
+                        .is_some_and(|e| e.state.start_request_id == request_id);
+                if !same_request {
+                    return Err(EngineError::WorkflowAlreadyStarted {
+                        workflow_id: id.to_string(),
+                        run_id: existing.clone(),
+                        standalone,
+                    });
+                }
+                // A retry of a start that got through: the same answer again, once durable.
+                Err((existing.clone(), st.last_submitted_seq))
+            } else {
+                let run_id = crate::types::RunId::generate().to_string();
+                let mut entry = make(run_id.clone(), now_ms(), &mut txn.fx);
+                entry.max_history_bytes = self.config.max_history_bytes;
+                st.open_ids.insert(key, run_id.clone());
+                st.runs.insert(run_id.clone(), entry);
+                txn.touched.insert(run_id.clone());
+                Ok((self.commit_locked(&mut st, &mut txn), run_id))
             }
-            let run_id = crate::types::RunId::generate().to_string();
-            let entry = make(run_id.clone(), now_ms(), &mut txn.fx);
-            st.open_ids.insert(key, run_id.clone());
-            st.runs.insert(run_id.clone(), entry);
-            txn.touched.insert(run_id.clone());
-            (self.commit_locked(&mut st, &mut txn), run_id)
         };
-        self.finish(commit, txn.fx).await?;
-        Ok(run_id)
+        let (commit, run_id) = match started {
+            Ok(started) => started,
+            Err((existing, seq)) => {
+                self.durable(seq).await?;
+                return Ok((existing, true));
+            }
+        };
+        let handed_over = !txn.handovers.is_empty();
+        self.finish(commit, txn).await?;
+        Ok((run_id, handed_over))
     }
 
-    /// Starts a standalone activity.
+    /// Starts a standalone activity. Returns its run id and, when no live worker can take it
+    /// now, why (it waits for one).
     pub async fn start_activity(
         &self,
         req: pb::StartActivityRequest,
-    ) -> Result<String, EngineError> {
+    ) -> Result<(String, String), EngineError> {
         self.check_healthy()?;
         let mut options = req.options.clone().unwrap_or_default();
         if !options.session_id.is_empty() {
@@ -696,40 +1159,87 @@ impl Engine {
             }
         }
         let options = history::normalize_activity_options(Some(options), &req.task_queue)?;
-        self.start_run(&req.namespace, true, &req.activity_id, |run_id, now, fx| {
-            RunEntry::start_standalone_activity(&req, options, run_id, now, fx)
-        })
-        .await
+        let (queue, requirements) = (options.task_queue.clone(), options.requirements.clone());
+        let (run_id, handed_over) = self
+            .start_run(
+                &req.namespace,
+                true,
+                &req.activity_id,
+                &req.request_id,
+                |run_id, now, fx| {
+                    RunEntry::start_standalone_activity(&req, options, run_id, now, fx)
+                },
+            )
+            .await?;
+        let note = if handed_over {
+            String::new()
+        } else {
+            self.matcher.placement_note(
+                &req.namespace,
+                &queue,
+                &requirements,
+                now_ms(),
+                self.config.worker_liveness_timeout,
+            )
+        };
+        Ok((run_id, note))
     }
 
-    /// Delivers a signal to a running workflow.
+    /// Delivers a signal to a running workflow. A signal whose request id the run already
+    /// recorded (a client's retry) is acknowledged without being delivered again.
     pub async fn signal(&self, req: pb::SignalWorkflowRequest) -> Result<(), EngineError> {
         self.check_healthy()?;
         let mut txn = Txn::default();
-        let commit = {
+        let found = {
             let mut st = self.state.lock();
-            let run_id =
-                self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
-            let entry = st.runs.get_mut(&run_id).expect("open run");
-            let events =
-                entry.state.next_event_id.saturating_sub(1) + entry.state.buffered.len() as u64;
-            if events >= self.config.max_history_events {
-                return Err(EngineError::ResourceExhausted(format!(
-                    "workflow {} has {events} history events; the limit is {}",
-                    req.workflow_id, self.config.max_history_events
-                )));
+            match Self::find_open_run(&st, &req.namespace, false, &req.workflow_id, &req.run_id)? {
+                None => None,
+                Some(run_id) => {
+                    let entry = st.runs.get_mut(&run_id).expect("open run");
+                    if entry.has_signal_request(&req.request_id) {
+                        let seq = st.last_submitted_seq;
+                        Some(Err(seq))
+                    } else {
+                        let events = entry.state.next_event_id.saturating_sub(1)
+                            + entry.state.buffered.len() as u64;
+                        if events >= self.config.max_history_events {
+                            return Err(EngineError::ResourceExhausted(format!(
+                                "workflow {} has {events} history events; the limit is {}",
+                                req.workflow_id, self.config.max_history_events
+                            )));
+                        }
+                        let size = req
+                            .input
+                            .as_ref()
+                            .map_or(0, |p| prost::Message::encoded_len(p) as u64)
+                            + req.signal_name.len() as u64
+                            + req.identity.len() as u64
+                            + 32;
+                        if !entry.history_has_room(size) {
+                            return Err(entry.history_full("the signal", size));
+                        }
+                        entry.signal(
+                            &req.signal_name,
+                            req.input,
+                            &req.identity,
+                            &req.request_id,
+                            now_ms(),
+                            &mut txn.fx,
+                        );
+                        txn.touched.insert(run_id);
+                        Some(Ok(self.commit_locked(&mut st, &mut txn)))
+                    }
+                }
             }
-            entry.signal(
-                &req.signal_name,
-                req.input,
-                &req.identity,
-                now_ms(),
-                &mut txn.fx,
-            );
-            txn.touched.insert(run_id);
-            self.commit_locked(&mut st, &mut txn)
         };
-        self.finish(commit, txn.fx).await
+        match found {
+            None => Err(self
+                .not_running(&req.namespace, false, &req.workflow_id, &req.run_id)
+                .await),
+            // Delivered before: once what recorded it is durable, acknowledge again.
+            Some(Err(seq)) => self.durable(seq).await,
+            Some(Ok(commit)) => self.finish(commit, txn).await,
+        }
     }
 
     /// Asks a workflow (or standalone activity) to cancel.
@@ -742,33 +1252,55 @@ impl Engine {
         reason: &str,
         identity: &str,
     ) -> Result<(), EngineError> {
-        self.check_healthy()?;
-        let mut txn = Txn::default();
-        let commit = {
-            let mut st = self.state.lock();
-            let run_id = self.open_run_id(&st, namespace, standalone, id, run_id)?;
-            let entry = st.runs.get_mut(&run_id).expect("open run");
-            entry.request_cancel(reason, identity, now_ms(), &mut txn.fx);
-            txn.touched.insert(run_id);
-            self.commit_locked(&mut st, &mut txn)
-        };
-        self.finish(commit, txn.fx).await
+        self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
+            entry.request_cancel(reason, identity, now_ms(), fx)
+        })
+        .await
     }
 
-    /// Ends a workflow at once.
-    pub async fn terminate(&self, req: pb::TerminateWorkflowRequest) -> Result<(), EngineError> {
+    /// Ends a workflow (or standalone activity) at once.
+    pub async fn terminate(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        reason: &str,
+        identity: &str,
+    ) -> Result<(), EngineError> {
+        self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
+            entry.terminate(reason, identity, now_ms(), fx)
+        })
+        .await
+    }
+
+    /// Applies `f` to the open run an operator's call names, in one transaction.
+    async fn mutate_open_run(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        f: impl FnOnce(&mut RunEntry, &mut Effects),
+    ) -> Result<(), EngineError> {
         self.check_healthy()?;
         let mut txn = Txn::default();
         let commit = {
             let mut st = self.state.lock();
-            let run_id =
-                self.open_run_id(&st, &req.namespace, false, &req.workflow_id, &req.run_id)?;
-            let entry = st.runs.get_mut(&run_id).expect("open run");
-            entry.terminate(&req.reason, &req.identity, now_ms(), &mut txn.fx);
-            txn.touched.insert(run_id);
-            self.commit_locked(&mut st, &mut txn)
+            match Self::find_open_run(&st, namespace, standalone, id, run_id)? {
+                None => None,
+                Some(open) => {
+                    let entry = st.runs.get_mut(&open).expect("open run");
+                    f(entry, &mut txn.fx);
+                    txn.touched.insert(open);
+                    Some(self.commit_locked(&mut st, &mut txn))
+                }
+            }
         };
-        self.finish(commit, txn.fx).await
+        match commit {
+            None => Err(self.not_running(namespace, standalone, id, run_id).await),
+            Some(commit) => self.finish(commit, txn).await,
+        }
     }
 
     /// Finds a run for reading: memory first, then the store.
@@ -779,15 +1311,23 @@ impl Engine {
         id: &str,
         run_id: &str,
     ) -> Result<RunSnapshot, EngineError> {
-        {
+        self.check_healthy()?;
+        let live = {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            if let Some(entry) = live_entry(&st, namespace, standalone, id, run_id) {
-                return Ok(RunSnapshot {
-                    state: entry.state.clone(),
-                    pending: entry.pending_activities(),
-                });
-            }
+            live_entry(&st, namespace, standalone, id, run_id).map(|entry| {
+                (
+                    RunSnapshot {
+                        state: entry.state.clone(),
+                        pending: entry.pending_activities(),
+                    },
+                    st.last_submitted_seq,
+                )
+            })
+        };
+        if let Some((snapshot, seq)) = live {
+            self.durable(seq).await?;
+            return Ok(snapshot);
         }
         let state = self.load_stored(namespace, standalone, id, run_id).await?;
         let pending = state
@@ -798,7 +1338,9 @@ impl Engine {
                 scheduled_event_id: a.scheduled_event_id,
                 activity_id: a.activity_id.clone(),
                 activity_type: a.activity_type.clone(),
-                state: if a.backoff_until_ms > 0 {
+                state: if a.started_ms > 0 {
+                    "started"
+                } else if a.backoff_until_ms > 0 {
                     "backoff"
                 } else {
                     "scheduled"
@@ -875,12 +1417,16 @@ impl Engine {
         id: &str,
         run_id: &str,
     ) -> Result<Vec<pb::HistoryEvent>, EngineError> {
-        {
+        self.check_healthy()?;
+        let live = {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            if let Some(entry) = live_entry(&st, namespace, standalone, id, run_id) {
-                return Ok(entry.history.clone());
-            }
+            live_entry(&st, namespace, standalone, id, run_id)
+                .map(|entry| (entry.history.clone(), st.last_submitted_seq))
+        };
+        if let Some((history, seq)) = live {
+            self.durable(seq).await?;
+            return Ok(history);
         }
         let state = self.load_stored(namespace, standalone, id, run_id).await?;
         let store = self.store.clone();
@@ -890,33 +1436,43 @@ impl Engine {
             .map_err(|e| EngineError::Unavailable(e.to_string()))
     }
 
-    /// Lists runs, newest first.
+    /// Lists runs, newest first, a page at a time: returns the page and the token of the next
+    /// one ("" after the last).
     pub async fn list(
         &self,
         namespace: &str,
         standalone: bool,
         status: Option<i32>,
         limit: usize,
-    ) -> Result<Vec<pb::ExecutionInfo>, EngineError> {
+        page_token: &str,
+    ) -> Result<(Vec<pb::ExecutionInfo>, String), EngineError> {
+        self.check_healthy()?;
         {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
         }
+        let after = parse_page_token(page_token)?;
         let store = self.store.clone();
         let filter = RunFilter {
             namespace: namespace.to_string(),
             standalone_activity: standalone,
             status,
             limit,
+            after,
         };
         let runs = tokio::task::spawn_blocking(move || store.list_runs(&filter))
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-        Ok(runs.iter().map(execution_info).collect())
+        let next = match runs.last() {
+            Some(last) if runs.len() >= limit => page_token_of(last.start_ms, &last.run_id),
+            _ => String::new(),
+        };
+        Ok((runs.iter().map(execution_info).collect(), next))
     }
 
-    /// The outcome of a run, waiting up to `wait` for it to close.
+    /// The outcome of a run, waiting up to `wait` for it to close (and for the close to be
+    /// durable): RUNNING only once the wait is over.
     pub async fn result(
         &self,
         namespace: &str,
@@ -925,6 +1481,7 @@ impl Engine {
         run_id: &str,
         wait: Duration,
     ) -> Result<pb::GetWorkflowResultResponse, EngineError> {
+        self.check_healthy()?;
         let wait = wait.min(self.config.long_poll_timeout);
         let receiver = {
             let mut st = self.state.lock();
@@ -958,6 +1515,15 @@ impl Engine {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|s| *s) => {}
             }
+            self.check_healthy()?;
+            // The wait is over: this caller's place among the waiters goes with it.
+            let mut st = self.state.lock();
+            if let Some(waiters) = st.waiters.get_mut(&run_id) {
+                waiters.retain(|w| !w.is_closed());
+                if waiters.is_empty() {
+                    st.waiters.remove(&run_id);
+                }
+            }
             return Ok(pb::GetWorkflowResultResponse {
                 run_id,
                 status: ExecutionStatus::Running as i32,
@@ -987,9 +1553,17 @@ impl Engine {
         if *shutdown.borrow() {
             return None;
         }
-        tokio::select! {
+        let handover = tokio::select! {
             task = self.matcher.poll(key, identity, now_ms(), timeout) => task,
             _ = shutdown.wait_for(|s| *s) => None,
+        };
+        match handover? {
+            Handover::Task(task) => Some(task),
+            Handover::Dispatched(response) => {
+                // Only activity attempts are dispatched ahead; a workflow queue never holds one.
+                self.matcher.give_back(response);
+                None
+            }
         }
     }
 
@@ -1001,6 +1575,29 @@ impl Engine {
         }
     }
 
+    /// A registered identity's work goes to its own process only: a poll from any other is
+    /// refused (a second process started with the same identity, or a stale one).
+    fn check_poller(
+        &self,
+        namespace: &str,
+        identity: &str,
+        instance: &str,
+    ) -> Result<(), EngineError> {
+        match self.matcher.instance_of(namespace, identity) {
+            Some(holder) if holder != instance => Err(EngineError::AlreadyExists(format!(
+                "worker identity {identity:?} is registered by another worker process \
+                 (instance {holder}); this poll came from {}; two processes may not share an \
+                 identity",
+                if instance.is_empty() {
+                    "a caller that gave no instance_id".to_string()
+                } else {
+                    format!("instance {instance}")
+                }
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Long-polls for a workflow task.
     pub async fn poll_workflow_task(
         &self,
@@ -1008,8 +1605,9 @@ impl Engine {
     ) -> Result<pb::PollWorkflowTaskResponse, EngineError> {
         self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        self.check_poller(&req.namespace, &req.identity, &req.instance_id)?;
         let wait = self.poll_timeout(req.poll_timeout_ms);
-        Ok(self
+        let task = self
             .take_workflow_task(
                 &req.namespace,
                 &req.task_queue,
@@ -1017,8 +1615,9 @@ impl Engine {
                 &req.sticky_queue,
                 wait,
             )
-            .await
-            .unwrap_or_default())
+            .await;
+        self.check_healthy()?;
+        Ok(task.unwrap_or_default())
     }
 
     /// A workflow task waiting right now on one of `queues` (tried in order), if any: lets a
@@ -1068,15 +1667,19 @@ impl Engine {
                     entry.dispatch_workflow_task(identity, sticky_queue, now_ms(), &mut txn.fx)
                 });
                 if response.is_some() {
-                    // Dispatch may move buffered events into the history; that write is ordered
-                    // before the worker's completion, which is all correctness needs.
+                    // Dispatch may move buffered events into the history. They were durable
+                    // already (as buffered events), so the task need not wait for this write:
+                    // it is ordered before the worker's completion, which is all that matters.
                     txn.touched.insert(run_id.clone());
                     let _ = self.commit_locked(&mut st, &mut txn);
                 }
                 response
             };
             if let Some(response) = dispatched {
-                self.apply_effects(txn.fx);
+                let undelivered = self.apply_effects(std::mem::take(&mut txn.fx), txn.handovers);
+                if !undelivered.is_empty() {
+                    let _ = self.undispatch(undelivered).await;
+                }
                 return Some(response);
             }
             if remaining.is_zero() {
@@ -1143,7 +1746,7 @@ impl Engine {
             txn.touched.insert(token.run_id.clone());
             (self.commit_locked(&mut st, &mut txn), value)
         };
-        self.finish(commit, txn.fx).await?;
+        self.finish(commit, txn).await?;
         Ok(value)
     }
 
@@ -1184,7 +1787,7 @@ impl Engine {
             self.apply_session_commands(&mut st, &token.namespace, now, &mut txn);
             (self.commit_locked(&mut st, &mut txn), completion)
         };
-        self.finish(commit, txn.fx).await?;
+        self.finish(commit, txn).await?;
         match completion {
             WorkflowTaskCompletion::Applied => Ok(()),
             WorkflowTaskCompletion::Rejected(why) => Err(EngineError::Aborted(why)),
@@ -1209,6 +1812,7 @@ impl Engine {
     ) -> Result<pb::PollActivityTaskResponse, EngineError> {
         self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        self.check_poller(&req.namespace, &req.identity, &req.instance_id)?;
         let keys: Vec<QueueKey> = req
             .additional_task_queues
             .iter()
@@ -1220,17 +1824,28 @@ impl Engine {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if *shutdown.borrow() {
+                self.check_healthy()?;
                 return Ok(Default::default());
             }
             let polled = tokio::select! {
-                task = self.matcher.poll_many(&keys, &req.identity, now_ms(), remaining) => task,
+                task = self.matcher.poll_many(&keys, &req.identity, &req.instance_id, now_ms(), remaining) => task,
                 _ = shutdown.wait_for(|s| *s) => None,
             };
-            let Some((task, _)) = polled else {
-                return Ok(Default::default());
-            };
-            if let Some(response) = self.dispatch_activity(task, &req.identity) {
-                return Ok(response);
+            match polled {
+                None => {
+                    self.check_healthy()?;
+                    return Ok(Default::default());
+                }
+                // Dispatched (and made durable) in the transaction that created the task.
+                Some((Handover::Dispatched(response), _)) => return Ok(*response),
+                Some((Handover::Task(task), _)) => {
+                    if let Some(response) = self
+                        .dispatch_polled(task, &req.identity, &req.instance_id)
+                        .await?
+                    {
+                        return Ok(response);
+                    }
+                }
             }
             if remaining.is_zero() {
                 return Ok(Default::default());
@@ -1238,87 +1853,90 @@ impl Engine {
         }
     }
 
-    fn dispatch_activity(
+    /// Dispatches a task a poll took from a backlog, and makes the hand-out durable before the
+    /// worker gets it. None when the task was stale.
+    async fn dispatch_polled(
         &self,
         task: TaskRef,
         identity: &str,
-    ) -> Option<pb::PollActivityTaskResponse> {
+        instance: &str,
+    ) -> Result<Option<pb::PollActivityTaskResponse>, EngineError> {
         let TaskRef::Activity {
             run_id,
             scheduled_event_id,
             attempt,
         } = task
         else {
-            return None;
+            return Ok(None);
         };
-        let mut fx = Effects::default();
-        let dispatched = {
+        let mut txn = Txn::default();
+        let (commit, response) = {
             let mut st = self.state.lock();
-            let st = &mut *st;
-            let entry = st.runs.get_mut(&run_id)?;
-            let session_id = entry
-                .state
-                .activities
-                .get(&scheduled_event_id)
-                .and_then(|a| a.options.as_ref())
-                .map(|o| o.session_id.clone())
-                .unwrap_or_default();
-            let mut response = entry.dispatch_activity(
+            let Some(response) = self.dispatch_locked(
+                &mut st,
+                &run_id,
                 scheduled_event_id,
                 attempt,
                 identity,
+                instance,
                 now_ms(),
-                &mut fx,
-            )?;
-            if !session_id.is_empty() {
-                if let Some(info) = st
-                    .sessions
-                    .get_mut(&session_id)
-                    .and_then(|s| s.info.as_mut())
-                {
-                    info.activities_run += 1;
-                    response.session = Some(info.clone());
-                }
-            }
-            Some(response)
+                &mut txn,
+            ) else {
+                return Ok(None);
+            };
+            (self.commit_locked(&mut st, &mut txn), response)
         };
-        if dispatched.is_some() {
-            self.apply_effects(fx);
-        }
-        dispatched
+        // Should the poll's caller go away while the commit is under way, the attempt is taken
+        // back instead of waiting out its timeout on a worker that never got it.
+        let mut undo = GiveBackOnDrop::many(&self.matcher, vec![response]);
+        let finished = self.finish(commit, txn).await;
+        let response = undo.take().pop();
+        finished?;
+        Ok(response)
     }
 
-    /// The next activity task waiting on a queue right now, if any (no waiting): lets a worker
-    /// that just finished one take the next without a separate poll.
-    pub fn next_activity_now(
+    /// Dispatches up to `next.max` waiting tasks to the worker of a completion, inside the
+    /// completion's own transaction (one commit for the outcomes and the new hand-outs).
+    fn take_next_locked(
         &self,
-        namespace: &str,
-        queues: &[String],
-        identity: &str,
-    ) -> Option<pb::PollActivityTaskResponse> {
-        self.next_activities_now(namespace, queues, identity, 1)
-            .pop()
-    }
-
-    /// Up to `max` activity tasks waiting right now on the queues, tried in order.
-    pub fn next_activities_now(
-        &self,
-        namespace: &str,
-        queues: &[String],
-        identity: &str,
-        max: usize,
+        st: &mut EngineState,
+        next: &NextTasks,
+        now: i64,
+        txn: &mut Txn,
     ) -> Vec<pb::PollActivityTaskResponse> {
         let mut taken = Vec::new();
-        if max == 0 || self.check_healthy().is_err() || *self.shutdown.borrow() {
+        if next.max == 0 || self.storage_failed.load(Ordering::Relaxed) || *self.shutdown.borrow() {
             return taken;
         }
-        for queue in queues {
-            let key = QueueKey::new(namespace, queue, TaskKind::Activity);
-            while taken.len() < max {
-                let Some(task) = self.matcher.try_take(&key, identity, now_ms()) else {
+        let instance = self
+            .matcher
+            .instance_of(&next.namespace, &next.identity)
+            .unwrap_or_default();
+        for queue in &next.queues {
+            let key = QueueKey::new(&next.namespace, queue, TaskKind::Activity);
+            while taken.len() < next.max {
+                let Some(task) = self.matcher.try_take(&key, &next.identity, now) else {
                     break;
                 };
-                if let Some(response) = self.dispatch_activity(task, identity) {
+                let TaskRef::Activity {
+                    run_id,
+                    scheduled_event_id,
+                    attempt,
+                } = task
+                else {
+                    continue;
+                };
+                // A stale entry (its run closed, its attempt moved on) is just skipped.
+                if let Some(response) = self.dispatch_locked(
+                    st,
+                    &run_id,
+                    scheduled_event_id,
+                    attempt,
+                    &next.identity,
+                    &instance,
+                    now,
+                    txn,
+                ) {
                     taken.push(response);
                 }
             }
@@ -1335,43 +1953,77 @@ impl Engine {
             let token = Self::decode_token(&req.task_token)?;
             let mut st = self.state.lock();
             let entry = open_run(&mut st.runs, &token.run_id)?;
-            return entry.activity_heartbeat(&token, None, now_ms());
+            return entry.activity_heartbeat(&token, None, &req.identity, now_ms());
         }
         self.with_token_run(&req.task_token, |entry, token, _fx| {
-            entry.activity_heartbeat(token, details, now_ms())
+            entry.activity_heartbeat(token, details, &req.identity, now_ms())
         })
         .await
     }
 
-    /// An activity attempt succeeded.
+    /// An activity attempt succeeded; returns the next waiting task when one was asked for.
     pub async fn complete_activity(
         &self,
         req: pb::CompleteActivityTaskRequest,
-    ) -> Result<(), EngineError> {
-        self.with_token_run(&req.task_token, |entry, token, fx| {
-            entry.activity_completed(token, req.result, &req.identity, now_ms(), fx)
-        })
-        .await
+        next: Option<NextTasks>,
+    ) -> Result<Option<pb::PollActivityTaskResponse>, EngineError> {
+        let outcome = pb::ActivityOutcome {
+            task_token: req.task_token,
+            outcome: Some(pb::activity_outcome::Outcome::Completed(
+                pb::ActivityCompleted { result: req.result },
+            )),
+        };
+        self.respond_one(&req.identity, outcome, next).await
+    }
+
+    /// One outcome, with the all-or-nothing error of a single call.
+    async fn respond_one(
+        &self,
+        identity: &str,
+        outcome: pb::ActivityOutcome,
+        next: Option<NextTasks>,
+    ) -> Result<Option<pb::PollActivityTaskResponse>, EngineError> {
+        let (mut results, mut next_tasks) = self
+            .respond_activities(identity, vec![outcome], next)
+            .await?;
+        results.pop().expect("one outcome, one result")?;
+        Ok(next_tasks.pop())
     }
 
     /// Several activity outcomes from one worker, applied under one lock and made durable in
-    /// one batch. Each outcome is judged on its own (a stale attempt is refused, the others are
-    /// still recorded); the outer error is for the batch as a whole (store unavailable).
+    /// one batch, with up to `next.max` waiting tasks dispatched to it in the same batch. Each
+    /// outcome is judged on its own (a stale attempt is refused, the others are still
+    /// recorded); the outer error is for the batch as a whole (store unavailable).
     pub async fn respond_activities(
         &self,
         identity: &str,
         outcomes: Vec<pb::ActivityOutcome>,
-    ) -> Result<Vec<Result<(), EngineError>>, EngineError> {
+        next: Option<NextTasks>,
+    ) -> Result<
+        (
+            Vec<Result<(), EngineError>>,
+            Vec<pb::PollActivityTaskResponse>,
+        ),
+        EngineError,
+    > {
         self.check_healthy()?;
         let now = now_ms();
         let mut txn = Txn::default();
         let mut results = Vec::with_capacity(outcomes.len());
-        let commit = {
+        let (commit, next_tasks) = {
             let mut st = self.state.lock();
             for outcome in outcomes {
                 let applied = Self::decode_token(&outcome.task_token).and_then(|token| {
                     Self::check_namespace(&st, &token.namespace)?;
-                    let entry = open_run(&mut st.runs, &token.run_id)?;
+                    let EngineState { runs, sessions, .. } = &mut *st;
+                    let entry = open_run(runs, &token.run_id)?;
+                    let session_id = entry
+                        .state
+                        .activities
+                        .get(&token.scheduled_event_id)
+                        .and_then(|a| a.options.as_ref())
+                        .map(|o| o.session_id.clone())
+                        .unwrap_or_default();
                     match outcome.outcome {
                         Some(pb::activity_outcome::Outcome::Completed(c)) => {
                             entry.activity_completed(&token, c.result, identity, now, &mut txn.fx)
@@ -1380,7 +2032,7 @@ impl Engine {
                             entry.activity_failed(&token, failure, identity, now, &mut txn.fx)
                         }
                         Some(pb::activity_outcome::Outcome::Canceled(c)) => {
-                            entry.activity_canceled(&token, c.details, now, &mut txn.fx)
+                            entry.activity_canceled(&token, c.details, identity, now, &mut txn.fx)
                         }
                         None => Err(EngineError::InvalidArgument(
                             "an activity outcome names no result, failure or cancellation; set \
@@ -1388,28 +2040,47 @@ impl Engine {
                                 .into(),
                         )),
                     }?;
+                    if !session_id.is_empty() {
+                        // Used just now: the idle timeout counts from here. Kept in memory (a
+                        // restart counts from the last hand-out, or from the restart).
+                        if let Some(info) =
+                            sessions.get_mut(&session_id).and_then(|s| s.info.as_mut())
+                        {
+                            info.last_used_ms = now;
+                        }
+                    }
                     txn.touched.insert(token.run_id);
                     Ok(())
                 });
                 results.push(applied);
             }
-            self.commit_locked(&mut st, &mut txn)
+            let next_tasks = match &next {
+                Some(next) => self.take_next_locked(&mut st, next, now, &mut txn),
+                None => Vec::new(),
+            };
+            (self.commit_locked(&mut st, &mut txn), next_tasks)
         };
-        self.finish(commit, txn.fx).await?;
-        Ok(results)
+        let mut undo = GiveBackOnDrop::many(&self.matcher, next_tasks);
+        self.finish(commit, txn).await?;
+        Ok((results, undo.take()))
     }
 
-    /// An activity attempt failed.
-    pub async fn fail_activity(&self, req: pb::FailActivityTaskRequest) -> Result<(), EngineError> {
+    /// An activity attempt failed; returns the next waiting task when one was asked for.
+    pub async fn fail_activity(
+        &self,
+        req: pb::FailActivityTaskRequest,
+        next: Option<NextTasks>,
+    ) -> Result<Option<pb::PollActivityTaskResponse>, EngineError> {
         let failure = req.failure.unwrap_or_else(|| pb::Failure {
             message: "activity failed without a failure message".into(),
             kind: pb::FailureKind::Application as i32,
             ..Default::default()
         });
-        self.with_token_run(&req.task_token, |entry, token, fx| {
-            entry.activity_failed(token, failure, &req.identity, now_ms(), fx)
-        })
-        .await
+        let outcome = pb::ActivityOutcome {
+            task_token: req.task_token,
+            outcome: Some(pb::activity_outcome::Outcome::Failed(failure)),
+        };
+        self.respond_one(&req.identity, outcome, next).await
     }
 
     /// An activity stopped after a cancel request.
@@ -1417,10 +2088,16 @@ impl Engine {
         &self,
         req: pb::ReportActivityCanceledRequest,
     ) -> Result<(), EngineError> {
-        self.with_token_run(&req.task_token, |entry, token, fx| {
-            entry.activity_canceled(token, req.details, now_ms(), fx)
-        })
-        .await
+        let outcome = pb::ActivityOutcome {
+            task_token: req.task_token,
+            outcome: Some(pb::activity_outcome::Outcome::Canceled(
+                pb::ActivityCanceledAfterRequest {
+                    details: req.details,
+                },
+            )),
+        };
+        self.respond_one(&req.identity, outcome, None).await?;
+        Ok(())
     }
 
     // ------------------------------------------------------------------------------------------
@@ -1478,6 +2155,7 @@ impl Engine {
                                 &format!(
                                     "no worker could host it before the creation timeout: {reason}"
                                 ),
+                                true,
                                 now,
                                 &mut txn,
                             );
@@ -1497,6 +2175,7 @@ impl Engine {
                                 run_id,
                                 "timed_out",
                                 "execution timeout reached",
+                                true,
                                 now,
                                 &mut txn,
                             );
@@ -1513,7 +2192,8 @@ impl Engine {
                         entry.timer_fired(*seq, now, &mut txn.fx)
                     }
                     TimerKey::RunTimeout { .. } => {
-                        let deadline = entry.state.start_ms + entry.state.run_timeout_ms as i64;
+                        let deadline =
+                            history::deadline(entry.state.start_ms, entry.state.run_timeout_ms);
                         deadline <= now && entry.run_timed_out(now, &mut txn.fx)
                     }
                     TimerKey::WorkflowTaskTimeout { dispatch, .. } => {
@@ -1552,7 +2232,7 @@ impl Engine {
             }
             self.commit_locked(&mut st, &mut txn)
         };
-        self.finish(commit, txn.fx).await
+        self.finish(commit, txn).await
     }
 
     // ------------------------------------------------------------------------------------------
@@ -1623,6 +2303,7 @@ impl Engine {
                     })
                     .collect();
                 info_mut.resources = placement.resources.clone().into_iter().collect();
+                info_mut.last_used_ms = now;
                 tracing::info!(session_id, worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
                 let placed = info_mut.clone();
                 txn.fx.sessions_settled.push(placed.clone());
@@ -1648,13 +2329,9 @@ impl Engine {
         now: i64,
         txn: &mut Txn,
     ) {
-        let Some(rest) = info.owner.strip_prefix("run:") else {
+        let Some((run_id, seq)) = owner_run(&info.owner) else {
             return;
         };
-        let Some((run_id, seq)) = rest.rsplit_once(':') else {
-            return;
-        };
-        let Ok(seq) = seq.parse::<u32>() else { return };
         if let Some(entry) = st.runs.get_mut(run_id) {
             let outcome = outcome
                 .map(|_| info.clone())
@@ -1686,8 +2363,11 @@ impl Engine {
         if options.liveness_timeout_ms == 0 {
             options.liveness_timeout_ms = self.config.worker_liveness_timeout.as_millis() as u64;
         }
-        let creation_deadline_ms = now + options.creation_timeout_ms as i64;
-        let execution_deadline_ms = now + options.execution_timeout_ms as i64;
+        if options.idle_timeout_ms == 0 {
+            options.idle_timeout_ms = DEFAULT_SESSION_IDLE_MS;
+        }
+        let creation_deadline_ms = history::deadline(now, options.creation_timeout_ms);
+        let execution_deadline_ms = history::deadline(now, options.execution_timeout_ms);
         st.sessions.insert(
             session_id.to_string(),
             SessionState {
@@ -1698,12 +2378,19 @@ impl Engine {
                     options: Some(options),
                     created_ms: now,
                     owner: owner.to_string(),
+                    last_used_ms: now,
                     ..Default::default()
                 }),
                 creation_deadline_ms,
                 execution_deadline_ms,
             },
         );
+        if let Some((run_id, _)) = owner_run(owner) {
+            st.session_owners
+                .entry(run_id.to_string())
+                .or_default()
+                .push(session_id.to_string());
+        }
         txn.touched_sessions.insert(session_id.to_string());
         txn.fx.timers.push((
             creation_deadline_ms,
@@ -1746,7 +2433,7 @@ impl Engine {
                 .and_then(|s| s.info.as_ref())
                 .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"));
             if live {
-                self.close_session(st, &session_id, "completed", "", now, txn);
+                self.close_session(st, &session_id, "completed", "", false, now, txn);
             }
         }
     }
@@ -1766,13 +2453,17 @@ impl Engine {
         }
     }
 
-    /// Ends a session, releases its reservation and fails its pending activities.
+    /// Ends a session and releases its reservation; with `fail_activities`, its pending
+    /// activities fail with SessionFailed (a session completed by its owner has none left that
+    /// matter: the owner decided it was done).
+    #[allow(clippy::too_many_arguments)]
     fn close_session(
         &self,
         st: &mut EngineState,
         session_id: &str,
         state: &str,
         reason: &str,
+        fail_activities: bool,
         now: i64,
         txn: &mut Txn,
     ) {
@@ -1792,6 +2483,8 @@ impl Engine {
         }
         if state != "completed" {
             tracing::warn!(session_id, state, reason, "session ended");
+        }
+        if fail_activities {
             for (run_id, entry) in st.runs.iter_mut() {
                 if entry.fail_session_activities(session_id, reason, now, &mut txn.fx) {
                     txn.touched.insert(run_id.clone());
@@ -1802,11 +2495,7 @@ impl Engine {
             Self::notify_session_owner(st, &info, Err(reason.to_string()), now, txn);
         } else if was_open && state != "completed" {
             // The owning workflow sees the session's state change, not only its failed activities.
-            if let Some((run_id, _)) = info
-                .owner
-                .strip_prefix("run:")
-                .and_then(|r| r.rsplit_once(':'))
-            {
+            if let Some((run_id, _)) = owner_run(&info.owner) {
                 if let Some(entry) = st.runs.get_mut(run_id) {
                     entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
                     txn.touched.insert(run_id.to_string());
@@ -1819,8 +2508,65 @@ impl Engine {
         self.try_place_pending(st, now, txn);
     }
 
-    /// Fails sessions whose worker went silent for longer than the session's liveness timeout, and
-    /// retries placing the ones still waiting.
+    /// Ends the open sessions of a worker whose GPUs they hold no longer exist there (it came
+    /// back with fewer, or other, GPUs).
+    fn fail_sessions_on_vanished_gpus(
+        &self,
+        st: &mut EngineState,
+        namespace: &str,
+        identity: &str,
+        caps: &pb::Capabilities,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let vanished: Vec<(String, String)> = st
+            .sessions
+            .values()
+            .filter_map(|s| s.info.as_ref())
+            .filter(|i| {
+                i.state == "open" && i.namespace == namespace && i.worker_identity == identity
+            })
+            .filter_map(|i| {
+                let gone: Vec<String> = i
+                    .gpus
+                    .iter()
+                    .filter(|g| {
+                        !caps.gpus.iter().any(|have| {
+                            have.index == g.index
+                                && (g.uuid.is_empty()
+                                    || have.uuid.is_empty()
+                                    || have.uuid == g.uuid)
+                        })
+                    })
+                    .map(|g| {
+                        if g.uuid.is_empty() {
+                            format!("GPU {}", g.index)
+                        } else {
+                            format!("GPU {} ({})", g.index, g.uuid)
+                        }
+                    })
+                    .collect();
+                (!gone.is_empty()).then(|| {
+                    (
+                        i.session_id.clone(),
+                        format!(
+                            "{} reserved for it vanished from worker {identity} (it now has {} \
+                             GPU(s))",
+                            gone.join(", "),
+                            caps.gpus.len()
+                        ),
+                    )
+                })
+            })
+            .collect();
+        for (session_id, reason) in vanished {
+            self.close_session(st, &session_id, "failed", &reason, true, now, txn);
+        }
+    }
+
+    /// Fails sessions whose worker went silent for longer than the session's liveness timeout,
+    /// closes client sessions idle past their idle timeout, and retries placing the ones still
+    /// waiting.
     async fn check_sessions(&self) -> Result<(), EngineError> {
         let now = now_ms();
         let mut txn = Txn::default();
@@ -1830,15 +2576,13 @@ impl Engine {
                 return Ok(());
             }
             let mut silent: Vec<(String, String)> = Vec::new();
+            let mut idle: Vec<(String, u64)> = Vec::new();
             for s in st.sessions.values() {
                 let Some(info) = s.info.as_ref().filter(|i| i.state == "open") else {
                     continue;
                 };
-                let limit = info
-                    .options
-                    .as_ref()
-                    .map(|o| o.liveness_timeout_ms)
-                    .unwrap_or(0) as i64;
+                let options = info.options.clone().unwrap_or_default();
+                let limit = options.liveness_timeout_ms as i64;
                 let seen = self
                     .matcher
                     .last_seen(&info.namespace, &info.worker_identity)
@@ -1855,18 +2599,55 @@ impl Engine {
                             limit
                         ),
                     ));
+                    continue;
+                }
+                let idle_limit = if options.idle_timeout_ms == 0 {
+                    DEFAULT_SESSION_IDLE_MS
+                } else {
+                    options.idle_timeout_ms
+                };
+                let used = info.last_used_ms.max(self.started_ms);
+                if owner_run(&info.owner).is_none() && now.saturating_sub(used) > idle_limit as i64
+                {
+                    idle.push((info.session_id.clone(), idle_limit));
                 }
             }
             for (id, reason) in silent {
-                self.close_session(&mut st, &id, "failed", &reason, now, &mut txn);
+                self.close_session(&mut st, &id, "failed", &reason, true, now, &mut txn);
+            }
+            if !idle.is_empty() {
+                // An activity still running in the session is use: only the truly idle close.
+                let busy: BTreeSet<String> = st
+                    .runs
+                    .values()
+                    .flat_map(|e| e.state.activities.values())
+                    .filter_map(|a| a.options.as_ref())
+                    .map(|o| o.session_id.clone())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                for (id, idle_limit) in idle {
+                    if busy.contains(&id) {
+                        if let Some(info) = st.sessions.get_mut(&id).and_then(|s| s.info.as_mut()) {
+                            info.last_used_ms = now;
+                        }
+                        continue;
+                    }
+                    let reason = format!(
+                        "idle: no activity ran in it for {} (its idle timeout); a client's \
+                         session ends by itself so its reservation cannot leak",
+                        duration_text(idle_limit)
+                    );
+                    self.close_session(&mut st, &id, "timed_out", &reason, true, now, &mut txn);
+                }
             }
             self.try_place_pending(&mut st, now, &mut txn);
             self.commit_locked(&mut st, &mut txn)
         };
-        self.finish(commit, txn.fx).await
+        self.finish(commit, txn).await
     }
 
-    /// Creates a session and waits (up to `wait`) for its placement.
+    /// Creates a session and waits (up to `wait`) for its placement. Asking again for the same
+    /// session id waits the same way (it does not answer at once while the session waits).
     pub async fn create_session(
         &self,
         req: pb::CreateSessionRequest,
@@ -1879,6 +2660,7 @@ impl Engine {
             .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
             .to_string();
         sessions::Packing::parse(&options.packing).map_err(EngineError::InvalidArgument)?;
+        history::check_session_durations(&options)?;
         for name in options.resources.keys() {
             crate::types::validate_name("resource name", name)
                 .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
@@ -1892,20 +2674,21 @@ impl Engine {
         };
         let now = now_ms();
         let mut txn = Txn::default();
-        let (commit, settled, waiter) = {
+        let (commit, waiter) = {
             let mut st = self.state.lock();
             Self::check_namespace(&st, &req.namespace)?;
-            if let Some(existing) = st.sessions.get(&session_id) {
-                // Same id again: idempotent when it is the same request.
-                let info = existing.info.clone().unwrap_or_default();
-                if info.namespace != req.namespace {
-                    return Err(EngineError::AlreadyExists(format!(
-                        "session id {session_id:?} is in use"
-                    )));
+            let existing = st.sessions.get(&session_id).and_then(|s| s.info.clone());
+            let placed_or_closed = match existing {
+                Some(info) => {
+                    // Same id again (a client's retry, or its next wait): idempotent.
+                    if info.namespace != req.namespace {
+                        return Err(EngineError::AlreadyExists(format!(
+                            "session id {session_id:?} is in use"
+                        )));
+                    }
+                    info.state != "creating"
                 }
-                (None, Some(info), None)
-            } else {
-                let placed = self.insert_session(
+                None => self.insert_session(
                     &mut st,
                     &session_id,
                     &req.namespace,
@@ -1913,37 +2696,61 @@ impl Engine {
                     options,
                     now,
                     &mut txn,
-                );
-                let waiter = if placed || req.wait_ms == 0 {
-                    None
-                } else {
-                    let (tx, rx) = oneshot::channel();
-                    st.session_waiters
-                        .entry(session_id.clone())
-                        .or_default()
-                        .push(tx);
-                    Some(rx)
-                };
-                let info = st.sessions[&session_id].info.clone();
-                (self.commit_locked(&mut st, &mut txn), info, waiter)
+                ),
+            };
+            let waiter = if placed_or_closed || req.wait_ms == 0 {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                st.session_waiters
+                    .entry(session_id.clone())
+                    .or_default()
+                    .push(tx);
+                Some(rx)
+            };
+            (self.commit_locked(&mut st, &mut txn), waiter)
+        };
+        self.finish(commit, txn).await?;
+        if let Some(rx) = waiter {
+            let wait = Duration::from_millis(req.wait_ms).min(self.config.long_poll_timeout);
+            let mut shutdown = self.shutdown.subscribe();
+            tokio::select! {
+                info = rx => {
+                    if let Ok(info) = info {
+                        return Ok(info);
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
             }
-        };
-        self.finish(commit, txn.fx).await?;
-        let Some(rx) = waiter else {
-            return Ok(settled.unwrap_or_default());
-        };
-        let wait = Duration::from_millis(req.wait_ms).min(self.config.long_poll_timeout);
-        let mut shutdown = self.shutdown.subscribe();
-        tokio::select! {
-            info = rx => {
-                if let Ok(info) = info {
-                    return Ok(info);
+            self.check_healthy()?;
+            let mut st = self.state.lock();
+            if let Some(waiters) = st.session_waiters.get_mut(&session_id) {
+                waiters.retain(|w| !w.is_closed());
+                if waiters.is_empty() {
+                    st.session_waiters.remove(&session_id);
                 }
             }
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.wait_for(|s| *s) => {}
+        }
+        if let Some(info) = self
+            .session_from_store_if_gone(&req.namespace, &session_id)
+            .await?
+        {
+            return Ok(info);
         }
         self.describe_session(&req.namespace, &session_id).await
+    }
+
+    /// None while the session is in memory; its stored state once it left (closed for good).
+    async fn session_from_store_if_gone(
+        &self,
+        namespace: &str,
+        session_id: &str,
+    ) -> Result<Option<pb::SessionInfo>, EngineError> {
+        if self.state.lock().sessions.contains_key(session_id) {
+            return Ok(None);
+        }
+        self.describe_session(namespace, session_id).await.map(Some)
     }
 
     /// Completes a session and releases its reservation.
@@ -1951,6 +2758,44 @@ impl Engine {
         &self,
         namespace: &str,
         session_id: &str,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        self.end_session(namespace, session_id, |state| {
+            let reason = if state == "creating" {
+                "completed before it was placed".to_string()
+            } else {
+                String::new()
+            };
+            ("completed", reason, false)
+        })
+        .await
+    }
+
+    /// Ends any session at once (an operator's call): its reservation is freed, its pending
+    /// activities fail with SessionFailed, its owner workflow is told.
+    pub async fn terminate_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+        reason: &str,
+        identity: &str,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        let reason = match (reason.is_empty(), identity.is_empty()) {
+            (true, true) => "terminated by an operator".to_string(),
+            (true, false) => format!("terminated by {identity}"),
+            (false, true) => format!("terminated: {reason}"),
+            (false, false) => format!("terminated by {identity}: {reason}"),
+        };
+        self.end_session(namespace, session_id, |_| ("terminated", reason, true))
+            .await
+    }
+
+    /// Closes a live session as `decide` says (state, reason, fail its activities) given its
+    /// current state; a closed one is NotRunning saying how it ended.
+    async fn end_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+        decide: impl FnOnce(&str) -> (&'static str, String, bool),
     ) -> Result<pb::SessionInfo, EngineError> {
         self.check_healthy()?;
         let now = now_ms();
@@ -1968,13 +2813,9 @@ impl Engine {
                 .map(|i| i.state.clone());
             match live {
                 None => None,
-                Some(state) => {
-                    let reason = if state == "creating" {
-                        "completed before it was placed"
-                    } else {
-                        ""
-                    };
-                    self.close_session(&mut st, session_id, "completed", reason, now, &mut txn);
+                Some(current) => {
+                    let (state, reason, fail) = decide(&current);
+                    self.close_session(&mut st, session_id, state, &reason, fail, now, &mut txn);
                     let info = st.sessions[session_id].info.clone().unwrap_or_default();
                     Some((self.commit_locked(&mut st, &mut txn), info))
                 }
@@ -1992,34 +2833,38 @@ impl Engine {
                 }
             )));
         };
-        self.finish(commit, txn.fx).await?;
+        self.finish(commit, txn).await?;
         Ok(info)
     }
 
-    /// A session, live or closed.
+    /// A session, live or closed (looked up by id at any age).
     pub async fn describe_session(
         &self,
         namespace: &str,
         session_id: &str,
     ) -> Result<pb::SessionInfo, EngineError> {
-        {
+        self.check_healthy()?;
+        let live = {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            if let Some(info) = st.sessions.get(session_id).and_then(|s| s.info.clone()) {
-                if info.namespace == namespace {
-                    return Ok(info);
-                }
-            }
+            st.sessions
+                .get(session_id)
+                .and_then(|s| s.info.clone())
+                .filter(|i| i.namespace == namespace)
+                .map(|i| (i, st.last_submitted_seq))
+        };
+        if let Some((info, seq)) = live {
+            self.durable(seq).await?;
+            return Ok(info);
         }
         let store = self.store.clone();
-        let ns = namespace.to_string();
-        let found = tokio::task::spawn_blocking(move || store.list_sessions(&ns, 100_000))
+        let id = session_id.to_string();
+        let found = tokio::task::spawn_blocking(move || store.load_session(&id))
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(e.to_string()))?
-            .into_iter()
-            .filter_map(|s| s.info)
-            .find(|i| i.session_id == session_id);
+            .and_then(|s| s.info)
+            .filter(|i| i.namespace == namespace);
         found.ok_or_else(|| {
             EngineError::NotFound(format!(
                 "session {session_id:?} was not found in namespace {namespace:?}"
@@ -2027,38 +2872,67 @@ impl Engine {
         })
     }
 
-    /// Sessions of a namespace: live ones, and closed ones too when asked.
+    /// Sessions of a namespace, newest first, a page at a time: live ones, and closed ones too
+    /// when asked. Returns the page and the next page's token ("" after the last).
     pub async fn list_sessions(
         &self,
         namespace: &str,
         include_closed: bool,
-    ) -> Result<Vec<pb::SessionInfo>, EngineError> {
-        let mut live: Vec<pb::SessionInfo> = {
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<pb::SessionInfo>, String), EngineError> {
+        self.check_healthy()?;
+        let after = parse_page_token(page_token)?;
+        let before_cursor = |i: &pb::SessionInfo| match &after {
+            None => true,
+            Some((ms, id)) => (i.created_ms, i.session_id.as_str()) < (*ms, id.as_str()),
+        };
+        let (mut page, seq): (Vec<pb::SessionInfo>, u64) = {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            st.sessions
+            let live = st
+                .sessions
                 .values()
                 .filter_map(|s| s.info.clone())
                 .filter(|i| {
-                    i.namespace == namespace && matches!(i.state.as_str(), "creating" | "open")
+                    i.namespace == namespace
+                        && matches!(i.state.as_str(), "creating" | "open")
+                        && before_cursor(i)
                 })
-                .collect()
+                .collect();
+            (live, st.last_submitted_seq)
         };
+        self.durable(seq).await?;
         if include_closed {
             let store = self.store.clone();
             let ns = namespace.to_string();
-            let stored = tokio::task::spawn_blocking(move || store.list_sessions(&ns, 1_000))
-                .await
-                .map_err(|e| EngineError::Internal(e.to_string()))?
-                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            let after = after.clone();
+            let stored =
+                tokio::task::spawn_blocking(move || store.list_sessions(&ns, after, page_size))
+                    .await
+                    .map_err(|e| EngineError::Internal(e.to_string()))?
+                    .map_err(|e| EngineError::Unavailable(e.to_string()))?;
             for info in stored.into_iter().filter_map(|s| s.info) {
-                if !live.iter().any(|l| l.session_id == info.session_id) {
-                    live.push(info);
+                // The live copy is newer than what the store holds of an open session.
+                if !page.iter().any(|l| l.session_id == info.session_id) {
+                    page.push(info);
                 }
             }
         }
-        live.sort_by_key(|s| std::cmp::Reverse(s.created_ms));
-        Ok(live)
+        page.sort_by(|a, b| (b.created_ms, &b.session_id).cmp(&(a.created_ms, &a.session_id)));
+        let next = if page.len() > page_size {
+            page.truncate(page_size);
+            page.last()
+                .map(|l| page_token_of(l.created_ms, &l.session_id))
+                .unwrap_or_default()
+        } else if include_closed && page.len() == page_size {
+            page.last()
+                .map(|l| page_token_of(l.created_ms, &l.session_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((page, next))
     }
 
     /// Points activities scheduled in a session at its worker's host queue; a session that is not
@@ -2176,24 +3050,45 @@ impl Engine {
             task_queues: queues,
             last_seen_ms: w.last_seen_ms,
             namespace: w.namespace.clone(),
-            state: if w.alive { "alive" } else { "dead" }.into(),
+            state: if w.stopped {
+                "stopped"
+            } else if w.alive {
+                "alive"
+            } else {
+                "dead"
+            }
+            .into(),
             host_queue: super::matching::host_queue_name(&w.identity),
             capabilities: Some((*w.caps).clone()),
             registered_ms: w.registered_ms,
+            instance_id: w.instance_id.clone(),
+            pid: w.pid,
+            stop_reason: w.stop_reason.clone(),
         }
     }
 
-    /// Workers of a namespace: registered ones with their state, plus pollers that never
-    /// registered.
-    pub fn list_workers(&self, namespace: &str) -> Result<Vec<pb::WorkerInfo>, EngineError> {
+    /// Workers of a namespace by identity, a page at a time: registered ones with their state,
+    /// plus pollers that never registered. Returns the page and the next page's token.
+    pub fn list_workers(
+        &self,
+        namespace: &str,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<pb::WorkerInfo>, String), EngineError> {
+        self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), namespace)?;
+        let after = page_token;
         let mut by_identity: BTreeMap<String, pb::WorkerInfo> = self
             .matcher
             .workers_in(namespace)
             .iter()
+            .filter(|w| after.is_empty() || w.identity.as_str() > after)
             .map(|w| (w.identity.clone(), self.worker_info(w)))
             .collect();
         for (identity, queue, _kind, seen) in self.matcher.pollers_in(namespace) {
+            if !after.is_empty() && identity.as_str() <= after {
+                continue;
+            }
             let w = by_identity
                 .entry(identity.clone())
                 .or_insert_with(|| pb::WorkerInfo {
@@ -2209,13 +3104,21 @@ impl Engine {
             }
             w.last_seen_ms = w.last_seen_ms.max(seen);
         }
-        Ok(by_identity
+        let more = by_identity.len() > page_size;
+        let page: Vec<pb::WorkerInfo> = by_identity
             .into_values()
+            .take(page_size)
             .map(|mut w| {
                 w.task_queues.sort();
                 w
             })
-            .collect())
+            .collect();
+        let next = if more {
+            page.last().map(|w| w.identity.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((page, next))
     }
 
     /// One worker.
@@ -2224,56 +3127,104 @@ impl Engine {
         namespace: &str,
         identity: &str,
     ) -> Result<pb::WorkerInfo, EngineError> {
-        self.list_workers(namespace)?
+        self.check_healthy()?;
+        Self::check_namespace(&self.state.lock(), namespace)?;
+        if let Some(w) = self.matcher.worker(namespace, identity) {
+            return Ok(self.worker_info(&w));
+        }
+        // Seen polling, never registered.
+        let polled: Vec<(String, String, TaskKind, i64)> = self
+            .matcher
+            .pollers_in(namespace)
             .into_iter()
-            .find(|w| w.identity == identity)
-            .ok_or_else(|| {
-                EngineError::NotFound(format!(
-                    "worker {identity:?} is not known in namespace {namespace:?}"
-                ))
+            .filter(|(id, ..)| id == identity)
+            .collect();
+        if polled.is_empty() {
+            return Err(EngineError::NotFound(format!(
+                "worker {identity:?} is not known in namespace {namespace:?}"
+            )));
+        }
+        let mut queues: Vec<String> = polled
+            .iter()
+            .map(|(_, q, ..)| q.clone())
+            .filter(|q| {
+                !q.starts_with(crate::worker::STICKY_QUEUE_PREFIX)
+                    && !q.starts_with(super::matching::HOST_QUEUE_PREFIX)
             })
+            .collect();
+        queues.sort();
+        queues.dedup();
+        Ok(pb::WorkerInfo {
+            identity: identity.to_string(),
+            namespace: namespace.to_string(),
+            state: "unregistered".into(),
+            task_queues: queues,
+            last_seen_ms: polled.iter().map(|(.., t)| *t).max().unwrap_or(0),
+            ..Default::default()
+        })
     }
 
-    /// Registers a worker; returns its host queue.
+    /// Registers a worker process; returns its host queue. An identity belongs to one live
+    /// process at a time: another process's registration is refused (ALREADY_EXISTS naming the
+    /// holder) while the holder lives, unless it says it replaces the holder.
     pub async fn register_worker(
         &self,
         req: pb::RegisterWorkerRequest,
     ) -> Result<pb::RegisterWorkerResponse, EngineError> {
         self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        let now = now_ms();
+        let caps = req.capabilities.unwrap_or_default();
+        let registered = self
+            .matcher
+            .register_instance(
+                super::matching::Registration {
+                    namespace: req.namespace.clone(),
+                    identity: req.identity.clone(),
+                    instance_id: req.instance_id.clone(),
+                    previous_instance_id: req.previous_instance_id.clone(),
+                    pid: req.pid,
+                    caps: caps.clone(),
+                    task_queues: req.task_queues,
+                    max_sessions: req.max_concurrent_sessions,
+                },
+                now,
+                self.config.worker_liveness_timeout,
+            )
+            .map_err(EngineError::AlreadyExists)?;
         tracing::info!(
             namespace = req.namespace,
             identity = req.identity,
+            instance = req.instance_id,
+            outcome = ?registered,
             "worker registered"
-        );
-        let restarted = self.matcher.worker(&req.namespace, &req.identity).is_some();
-        let now = now_ms();
-        self.matcher.register(
-            &req.namespace,
-            &req.identity,
-            req.capabilities.unwrap_or_default(),
-            req.task_queues,
-            req.max_concurrent_sessions,
-            now,
         );
         let mut txn = Txn::default();
         let commit = {
             let mut st = self.state.lock();
-            if restarted {
-                // Registering again means the worker restarted: the attempts its old process was
-                // running are gone. Retry them now (session work on the same host queue) rather
-                // than after their timeouts.
+            if registered != super::matching::Registered::Again {
+                // A new process under this identity: whatever an earlier process of it was
+                // running (handed out durably, so this holds across server restarts too) is
+                // gone with that process. Retry it now rather than after its timeouts.
                 for (run_id, entry) in st.runs.iter_mut() {
-                    if entry.worker_restarted(&req.identity, now, &mut txn.fx) {
+                    if entry.worker_restarted(&req.identity, &req.instance_id, now, &mut txn.fx) {
                         txn.touched.insert(run_id.clone());
                     }
                 }
             }
+            self.fail_sessions_on_vanished_gpus(
+                &mut st,
+                &req.namespace,
+                &req.identity,
+                &caps,
+                now,
+                &mut txn,
+            );
             // A new worker may be able to host sessions that are waiting for a placement.
             self.try_place_pending(&mut st, now, &mut txn);
             self.commit_locked(&mut st, &mut txn)
         };
-        self.finish(commit, txn.fx).await?;
+        self.finish(commit, txn).await?;
         let liveness = self.config.worker_liveness_timeout;
         Ok(pb::RegisterWorkerResponse {
             host_queue: super::matching::host_queue_name(&req.identity),
@@ -2282,12 +3233,114 @@ impl Engine {
         })
     }
 
-    /// Records a worker heartbeat; false when the worker must register again.
-    pub fn worker_heartbeat(&self, req: pb::WorkerHeartbeatRequest) -> Result<bool, EngineError> {
+    /// Records a worker heartbeat; false when the worker must register again. New capabilities
+    /// that lost GPUs end the sessions reserved on them.
+    pub async fn worker_heartbeat(
+        &self,
+        req: pb::WorkerHeartbeatRequest,
+    ) -> Result<bool, EngineError> {
+        self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), &req.namespace)?;
-        Ok(self
+        match self.matcher.instance_of(&req.namespace, &req.identity) {
+            None => return Ok(false),
+            Some(holder) if holder != req.instance_id => {
+                return Err(EngineError::AlreadyExists(format!(
+                    "worker identity {:?} is held by another process (instance {holder}) now; \
+                     this process (instance {}) must stop or take another identity",
+                    req.identity, req.instance_id
+                )))
+            }
+            Some(_) => {}
+        }
+        let gpus_before = self
             .matcher
-            .heartbeat(&req.namespace, &req.identity, req.capabilities, now_ms()))
+            .worker(&req.namespace, &req.identity)
+            .map(|w| w.caps.gpus.clone());
+        let caps = req.capabilities.clone();
+        let known =
+            self.matcher
+                .heartbeat(&req.namespace, &req.identity, req.capabilities, now_ms());
+        let lost_gpus = match (&caps, gpus_before) {
+            (Some(caps), Some(before)) => before.iter().any(|g| {
+                !caps
+                    .gpus
+                    .iter()
+                    .any(|h| h.index == g.index && h.uuid == g.uuid)
+            }),
+            _ => false,
+        };
+        if known && lost_gpus {
+            let caps = caps.expect("checked");
+            let now = now_ms();
+            let mut txn = Txn::default();
+            let commit = {
+                let mut st = self.state.lock();
+                self.fail_sessions_on_vanished_gpus(
+                    &mut st,
+                    &req.namespace,
+                    &req.identity,
+                    &caps,
+                    now,
+                    &mut txn,
+                );
+                self.commit_locked(&mut st, &mut txn)
+            };
+            self.finish(commit, txn).await?;
+        }
+        Ok(known)
+    }
+
+    /// A worker shut down: it is stopped at once (nothing new is placed on or dispatched to
+    /// it), and the sessions it hosts end now with the reason given (default "worker shut
+    /// down") instead of after the liveness timeout. Its running attempts may still report.
+    pub async fn deregister_worker(
+        &self,
+        req: pb::DeregisterWorkerRequest,
+    ) -> Result<Vec<String>, EngineError> {
+        self.check_healthy()?;
+        Self::check_namespace(&self.state.lock(), &req.namespace)?;
+        let reason = if req.reason.is_empty() {
+            format!("worker {} shut down", req.identity)
+        } else {
+            req.reason.clone()
+        };
+        if !self
+            .matcher
+            .deregister(&req.namespace, &req.identity, &req.instance_id, &reason)
+        {
+            return Err(EngineError::NotFound(format!(
+                "worker {:?} (instance {}) is not registered in namespace {:?}; nothing to \
+                 deregister",
+                req.identity, req.instance_id, req.namespace
+            )));
+        }
+        tracing::info!(
+            namespace = req.namespace,
+            identity = req.identity,
+            "worker stopped"
+        );
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let (commit, ended) = {
+            let mut st = self.state.lock();
+            let ended: Vec<String> = st
+                .sessions
+                .values()
+                .filter_map(|s| s.info.as_ref())
+                .filter(|i| {
+                    i.state == "open"
+                        && i.namespace == req.namespace
+                        && i.worker_identity == req.identity
+                })
+                .map(|i| i.session_id.clone())
+                .collect();
+            for id in &ended {
+                self.close_session(&mut st, id, "failed", &reason, true, now, &mut txn);
+            }
+            (self.commit_locked(&mut st, &mut txn), ended)
+        };
+        self.finish(commit, txn).await?;
+        Ok(ended)
     }
 
     /// Marks workers dead when they miss the liveness timeout, until shutdown.
@@ -2456,5 +3509,37 @@ fn execution_info(s: &RunState) -> pb::ExecutionInfo {
             "workflow"
         }
         .into(),
+    }
+}
+
+/// A page token: where the previous page ended, as (time, id).
+fn page_token_of(ms: i64, id: &str) -> String {
+    format!("{ms}:{id}")
+}
+
+fn parse_page_token(token: &str) -> Result<Option<(i64, String)>, EngineError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .split_once(':')
+        .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_string())))
+        .map(Some)
+        .ok_or_else(|| {
+            EngineError::InvalidArgument(format!(
+                "page_token {:?} is not one this server gave out; pass next_page_token from \
+                 the previous reply, or nothing for the first page",
+                crate::types::quote_prefix(token, 40)
+            ))
+        })
+}
+
+/// A duration in milliseconds as a person reads it: 10m, 90s, 1500ms.
+fn duration_text(ms: u64) -> String {
+    match ms {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
     }
 }

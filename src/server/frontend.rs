@@ -3,7 +3,7 @@
 
 use super::auth::Role;
 use super::history::check_payload;
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, NextTasks};
 use crate::api::pb::{self, tether_service_server::TetherService};
 use crate::types::validate_name;
 use std::sync::Arc;
@@ -36,22 +36,35 @@ impl Frontend {
         }
     }
 
+    /// The worker role in `namespace`, acting as worker `identity`: with authorization on, the
+    /// identity must be one the caller's certificate may use.
+    fn allow_worker(&self, ids: &[String], namespace: &str, identity: &str) -> Result<(), Status> {
+        match self.engine.access() {
+            None => Ok(()),
+            Some(access) => {
+                access.check(ids, namespace, Role::Worker)?;
+                access.check_worker_identity(ids, namespace, identity)
+            }
+        }
+    }
+
     fn max_payload(&self) -> usize {
         self.engine.max_payload_bytes()
     }
 
-    /// Where a completion may take its next task from: checked like a poll of those queues
+    /// Where a completion may take its next tasks from: checked like a poll of those queues
     /// (the worker role in that namespace, and no other worker's host queue).
     fn next_task_target(
         &self,
         ids: &[String],
         next: &Option<pb::NextTaskRequest>,
         identity: &str,
-    ) -> Result<Option<(String, Vec<String>, String)>, Status> {
+        max: usize,
+    ) -> Result<Option<NextTasks>, Status> {
         match next {
             None => Ok(None),
             Some(n) => {
-                self.allow(ids, &n.namespace, Role::Worker)?;
+                self.allow_worker(ids, &n.namespace, identity)?;
                 name("namespace", &n.namespace)?;
                 let queues: Vec<String> = n
                     .additional_task_queues
@@ -63,7 +76,12 @@ impl Frontend {
                     name("task queue", q)?;
                     check_host_queue(q, identity)?;
                 }
-                Ok(Some((n.namespace.clone(), queues, identity.to_string())))
+                Ok(Some(NextTasks {
+                    namespace: n.namespace.clone(),
+                    queues,
+                    identity: identity.to_string(),
+                    max,
+                }))
             }
         }
     }
@@ -102,14 +120,125 @@ impl Frontend {
         ok(outcome)
     }
 
-    fn take_next(
-        &self,
-        target: Option<(String, Vec<String>, String)>,
-    ) -> Option<pb::PollActivityTaskResponse> {
-        let (namespace, queues, identity) = target?;
-        self.engine
-            .next_activity_now(&namespace, &queues, &identity)
+    /// A describe, history or result for an id that may be a workflow's or a standalone
+    /// activity's: the workflow first, then the activity of that id.
+    async fn either_kind<T, F, Fut>(&self, f: F) -> Result<T, EngineError>
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, EngineError>>,
+    {
+        match f(false).await {
+            Err(EngineError::NotFound(why)) => {
+                f(true).await.map_err(|_| EngineError::NotFound(why))
+            }
+            other => other,
+        }
     }
+}
+
+/// Most list entries in one page, and the default.
+const MAX_PAGE_SIZE: u32 = 1_000;
+const DEFAULT_PAGE_SIZE: u32 = 100;
+
+fn page_size(requested: u32) -> usize {
+    if requested == 0 {
+        DEFAULT_PAGE_SIZE as usize
+    } else {
+        requested.min(MAX_PAGE_SIZE) as usize
+    }
+}
+
+/// Bounds on what a worker may register, so that one worker cannot make lists undeliverable
+/// (see `RegisterWorkerRequest` in the proto).
+mod registration_limits {
+    pub const TASK_QUEUES: usize = 64;
+    pub const GPUS: usize = 64;
+    pub const ENTRIES: usize = 256;
+    pub const ADDRESSES: usize = 64;
+    pub const STRING_BYTES: usize = 1024;
+    pub const TOTAL_BYTES: usize = 256 * 1024;
+}
+
+/// Refuses capabilities past the registration limits, naming what was too large.
+fn check_capabilities(caps: Option<&pb::Capabilities>) -> Result<(), Status> {
+    use registration_limits::*;
+    let Some(c) = caps else { return Ok(()) };
+    let too_many = |what: &str, n: usize, max: usize| {
+        Err(Status::invalid_argument(format!(
+            "the worker's capabilities list {n} {what}; at most {max} may be registered"
+        )))
+    };
+    let long = |what: &str, value: &str| -> Result<(), Status> {
+        if value.len() > STRING_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "{what} {:?} is {} bytes; at most {STRING_BYTES} bytes may be registered",
+                crate::types::quote_prefix(value, 40),
+                value.len()
+            )));
+        }
+        Ok(())
+    };
+    let size = prost::Message::encoded_len(c);
+    if size > TOTAL_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the worker's capabilities take {size} bytes; at most {TOTAL_BYTES} bytes may be \
+             registered"
+        )));
+    }
+    if c.gpus.len() > GPUS {
+        return too_many("GPUs", c.gpus.len(), GPUS);
+    }
+    for (what, n) in [
+        ("labels", c.labels.len()),
+        ("credentials", c.credentials.len()),
+        ("network capabilities", c.network.len()),
+        ("resources", c.resources.len()),
+        ("network interfaces", c.interfaces.len()),
+    ] {
+        if n > ENTRIES {
+            return too_many(what, n, ENTRIES);
+        }
+    }
+    for (k, v) in &c.labels {
+        long("label name", k)?;
+        long("label value", v)?;
+    }
+    for k in c.resources.keys() {
+        long("resource name", k)?;
+    }
+    for x in c.credentials.iter().chain(&c.network) {
+        long("capability", x)?;
+    }
+    for i in &c.interfaces {
+        long("interface name", &i.name)?;
+        if i.addresses.len() > ADDRESSES {
+            return too_many("addresses on one interface", i.addresses.len(), ADDRESSES);
+        }
+    }
+    for g in &c.gpus {
+        long("GPU name", &g.name)?;
+        long("GPU uuid", &g.uuid)?;
+    }
+    if let Some(h) = &c.host {
+        for v in [
+            &h.hostname,
+            &h.os,
+            &h.kernel,
+            &h.arch,
+            &h.cpu_model,
+            &h.work_dir,
+        ] {
+            long("host fact", v)?;
+        }
+    }
+    for v in [&c.gpu_driver_version, &c.cuda_driver_version, &c.gpu_note] {
+        long("GPU fact", v)?;
+    }
+    Ok(())
+}
+
+fn duration(field: &str, ms: u64) -> Result<(), Status> {
+    crate::types::check_duration_ms(field, ms).map_err(Status::invalid_argument)
 }
 
 /// The namespace a task token names ("" when it is malformed: the engine then says so).
@@ -189,6 +318,7 @@ impl TetherService for Frontend {
         let req = request.into_inner();
         self.allow(&ids, &req.namespace, Role::Admin)?;
         name("namespace", &req.namespace)?;
+        duration("retention_ms", req.retention_ms)?;
         self.engine
             .register_namespace(&req.namespace, &req.description, req.retention_ms)
             .await?;
@@ -203,6 +333,9 @@ impl TetherService for Frontend {
         let req = request.into_inner();
         self.allow(&ids, &req.namespace, Role::Admin)?;
         name("namespace", &req.namespace)?;
+        if let Some(ms) = req.retention_ms {
+            duration("retention_ms", ms)?;
+        }
         ok(self.engine.update_namespace(req).await?)
     }
 
@@ -234,6 +367,7 @@ impl TetherService for Frontend {
         name("workflow id", &req.workflow_id)?;
         name("workflow type", &req.workflow_type)?;
         name("task queue", &req.task_queue)?;
+        optional_name("request id", &req.request_id)?;
         payload("workflow input", req.input.as_ref(), self.max_payload())?;
         let run_id = self.engine.start_workflow(req).await?;
         ok(pb::StartWorkflowResponse { run_id })
@@ -250,6 +384,7 @@ impl TetherService for Frontend {
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
         name("signal name", &req.signal_name)?;
+        optional_name("request id", &req.request_id)?;
         payload("signal input", req.input.as_ref(), self.max_payload())?;
         self.engine.signal(req).await?;
         ok(pb::SignalWorkflowResponse {})
@@ -288,7 +423,16 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
-        self.engine.terminate(req).await?;
+        self.engine
+            .terminate(
+                &req.namespace,
+                false,
+                &req.workflow_id,
+                &req.run_id,
+                &req.reason,
+                &req.identity,
+            )
+            .await?;
         ok(pb::TerminateWorkflowResponse {})
     }
 
@@ -302,20 +446,14 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
-        let found = self
-            .engine
-            .describe(&req.namespace, false, &req.workflow_id, &req.run_id)
-            .await;
         // Standalone activities share the describe call: fall back to them by id.
-        let found = match found {
-            Err(EngineError::NotFound(_)) => self
-                .engine
-                .describe(&req.namespace, true, &req.workflow_id, &req.run_id)
-                .await
-                .map_err(|_| found.unwrap_err()),
-            other => other,
-        };
-        ok(found?)
+        let found = self
+            .either_kind(|standalone| {
+                self.engine
+                    .describe(&req.namespace, standalone, &req.workflow_id, &req.run_id)
+            })
+            .await?;
+        ok(found)
     }
 
     async fn get_workflow_history(
@@ -328,19 +466,13 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
-        let found = self
-            .engine
-            .history(&req.namespace, false, &req.workflow_id, &req.run_id)
-            .await;
-        let found = match found {
-            Err(EngineError::NotFound(_)) => self
-                .engine
-                .history(&req.namespace, true, &req.workflow_id, &req.run_id)
-                .await
-                .map_err(|_| found.unwrap_err()),
-            other => other,
-        };
-        ok(pb::GetWorkflowHistoryResponse { events: found? })
+        let events = self
+            .either_kind(|standalone| {
+                self.engine
+                    .history(&req.namespace, standalone, &req.workflow_id, &req.run_id)
+            })
+            .await?;
+        ok(pb::GetWorkflowHistoryResponse { events })
     }
 
     async fn list_workflows(
@@ -358,11 +490,14 @@ impl TetherService for Frontend {
         } else {
             req.limit.min(10_000)
         } as usize;
-        let executions = self
+        let (executions, next_page_token) = self
             .engine
-            .list(&req.namespace, standalone, status, limit)
+            .list(&req.namespace, standalone, status, limit, &req.page_token)
             .await?;
-        ok(pb::ListWorkflowsResponse { executions })
+        ok(pb::ListWorkflowsResponse {
+            executions,
+            next_page_token,
+        })
     }
 
     async fn get_workflow_result(
@@ -371,15 +506,31 @@ impl TetherService for Frontend {
     ) -> R<pb::GetWorkflowResultResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.wait_for_result(
-            &ids,
-            &req.namespace,
-            false,
-            &req.workflow_id,
-            &req.run_id,
-            req.wait_ms,
-        )
-        .await
+        // An id that names a standalone activity gets that activity's result.
+        let found = self
+            .wait_for_result(
+                &ids,
+                &req.namespace,
+                false,
+                &req.workflow_id,
+                &req.run_id,
+                req.wait_ms,
+            )
+            .await;
+        match found {
+            Err(status) if status.code() == tonic::Code::NotFound => self
+                .wait_for_result(
+                    &ids,
+                    &req.namespace,
+                    true,
+                    &req.workflow_id,
+                    &req.run_id,
+                    req.wait_ms,
+                )
+                .await
+                .map_err(|_| status),
+            other => other,
+        }
     }
 
     async fn start_activity(
@@ -393,13 +544,14 @@ impl TetherService for Frontend {
         name("activity id", &req.activity_id)?;
         name("activity type", &req.activity_type)?;
         name("task queue", &req.task_queue)?;
+        optional_name("request id", &req.request_id)?;
         payload("activity input", req.input.as_ref(), self.max_payload())?;
         let (namespace, activity_id, wait) = (
             req.namespace.clone(),
             req.activity_id.clone(),
             Duration::from_millis(req.wait_ms),
         );
-        let run_id = self.engine.start_activity(req).await?;
+        let (run_id, placement_note) = self.engine.start_activity(req).await?;
         let mut outcome = None;
         if !wait.is_zero() {
             let o = self
@@ -410,7 +562,11 @@ impl TetherService for Frontend {
                 outcome = Some(o);
             }
         }
-        ok(pb::StartActivityResponse { run_id, outcome })
+        ok(pb::StartActivityResponse {
+            run_id,
+            outcome,
+            placement_note,
+        })
     }
 
     async fn get_activity_result(
@@ -436,7 +592,7 @@ impl TetherService for Frontend {
     ) -> R<pb::PollWorkflowTaskResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Worker)?;
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
@@ -450,7 +606,7 @@ impl TetherService for Frontend {
     ) -> R<pb::CompleteWorkflowTaskResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
         optional_name("identity", &req.identity)?;
         optional_name("sticky queue", &req.sticky_queue)?;
         // Signalling a workflow in another namespace needs the client role there.
@@ -503,7 +659,7 @@ impl TetherService for Frontend {
     ) -> R<pb::PollActivityTaskResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Worker)?;
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
@@ -521,7 +677,7 @@ impl TetherService for Frontend {
     ) -> R<pb::HeartbeatActivityResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
         payload(
             "heartbeat details",
             req.details.as_ref(),
@@ -537,13 +693,11 @@ impl TetherService for Frontend {
     ) -> R<pb::CompleteActivityTaskResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
         payload("activity result", req.result.as_ref(), self.max_payload())?;
-        let next = self.next_task_target(&ids, &req.next_task, &req.identity)?;
-        self.engine.complete_activity(req).await?;
-        ok(pb::CompleteActivityTaskResponse {
-            next_task: self.take_next(next),
-        })
+        let next = self.next_task_target(&ids, &req.next_task, &req.identity, 1)?;
+        let next_task = self.engine.complete_activity(req, next).await?;
+        ok(pb::CompleteActivityTaskResponse { next_task })
     }
 
     async fn fail_activity_task(
@@ -552,15 +706,13 @@ impl TetherService for Frontend {
     ) -> R<pb::FailActivityTaskResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
         if let Some(f) = &req.failure {
             payload("failure details", f.details.as_ref(), self.max_payload())?;
         }
-        let next = self.next_task_target(&ids, &req.next_task, &req.identity)?;
-        self.engine.fail_activity(req).await?;
-        ok(pb::FailActivityTaskResponse {
-            next_task: self.take_next(next),
-        })
+        let next = self.next_task_target(&ids, &req.next_task, &req.identity, 1)?;
+        let next_task = self.engine.fail_activity(req, next).await?;
+        ok(pb::FailActivityTaskResponse { next_task })
     }
 
     async fn respond_activity_tasks(
@@ -591,10 +743,15 @@ impl TetherService for Frontend {
         namespaces.sort_unstable();
         namespaces.dedup();
         for namespace in &namespaces {
-            self.allow(&ids, namespace, Role::Worker)?;
+            self.allow_worker(&ids, namespace, &req.identity)?;
         }
         let next = if req.max_next_tasks > 0 {
-            self.next_task_target(&ids, &req.next_task, &req.identity)?
+            self.next_task_target(
+                &ids,
+                &req.next_task,
+                &req.identity,
+                req.max_next_tasks as usize,
+            )?
         } else {
             None
         };
@@ -623,11 +780,11 @@ impl TetherService for Frontend {
                 Err(status) => acks.push(Some(status)),
             }
         }
-        let mut applied = self
+        let (applied, next_tasks) = self
             .engine
-            .respond_activities(&req.identity, accepted)
-            .await?
-            .into_iter();
+            .respond_activities(&req.identity, accepted, next)
+            .await?;
+        let mut applied = applied.into_iter();
         let acks = acks
             .into_iter()
             .map(|refused| {
@@ -647,15 +804,6 @@ impl TetherService for Frontend {
                 }
             })
             .collect();
-        let next_tasks = match next {
-            Some((namespace, queues, identity)) => self.engine.next_activities_now(
-                &namespace,
-                &queues,
-                &identity,
-                req.max_next_tasks as usize,
-            ),
-            None => Vec::new(),
-        };
         ok(pb::RespondActivityTasksResponse { acks, next_tasks })
     }
 
@@ -665,7 +813,7 @@ impl TetherService for Frontend {
     ) -> R<pb::ReportActivityCanceledResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
         payload("cancel details", req.details.as_ref(), self.max_payload())?;
         self.engine.activity_canceled(req).await?;
         ok(pb::ReportActivityCanceledResponse {})
@@ -705,12 +853,23 @@ impl TetherService for Frontend {
     ) -> R<pb::RegisterWorkerResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Worker)?;
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
+        name("instance id", &req.instance_id)
+            .map_err(|e| Status::invalid_argument(format!("{}: every worker process makes a random instance id once at start and sends it with its registration, heartbeats and polls", e.message())))?;
+        optional_name("previous instance id", &req.previous_instance_id)?;
+        if req.task_queues.len() > registration_limits::TASK_QUEUES {
+            return Err(Status::invalid_argument(format!(
+                "the worker polls {} task queues; at most {} may be registered",
+                req.task_queues.len(),
+                registration_limits::TASK_QUEUES
+            )));
+        }
         for q in &req.task_queues {
             name("task queue", q)?;
         }
+        check_capabilities(req.capabilities.as_ref())?;
         ok(self.engine.register_worker(req).await?)
     }
 
@@ -720,11 +879,112 @@ impl TetherService for Frontend {
     ) -> R<pb::WorkerHeartbeatResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Worker)?;
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
-        let known = self.engine.worker_heartbeat(req)?;
+        check_capabilities(req.capabilities.as_ref())?;
+        let known = self.engine.worker_heartbeat(req).await?;
         ok(pb::WorkerHeartbeatResponse { reregister: !known })
+    }
+
+    async fn deregister_worker(
+        &self,
+        request: Request<pb::DeregisterWorkerRequest>,
+    ) -> R<pb::DeregisterWorkerResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        name("instance id", &req.instance_id)?;
+        let sessions_ended = self.engine.deregister_worker(req).await?;
+        ok(pb::DeregisterWorkerResponse { sessions_ended })
+    }
+
+    async fn describe_activity(
+        &self,
+        request: Request<pb::DescribeActivityRequest>,
+    ) -> R<pb::DescribeWorkflowResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("activity id", &req.activity_id)?;
+        optional_name("run id", &req.run_id)?;
+        ok(self
+            .engine
+            .describe(&req.namespace, true, &req.activity_id, &req.run_id)
+            .await?)
+    }
+
+    async fn request_cancel_activity(
+        &self,
+        request: Request<pb::RequestCancelActivityRequest>,
+    ) -> R<pb::RequestCancelActivityResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("activity id", &req.activity_id)?;
+        optional_name("run id", &req.run_id)?;
+        self.engine
+            .request_cancel(
+                &req.namespace,
+                true,
+                &req.activity_id,
+                &req.run_id,
+                &req.reason,
+                &req.identity,
+            )
+            .await?;
+        ok(pb::RequestCancelActivityResponse {})
+    }
+
+    async fn terminate_activity(
+        &self,
+        request: Request<pb::TerminateActivityRequest>,
+    ) -> R<pb::TerminateActivityResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Admin)?;
+        name("namespace", &req.namespace)?;
+        name("activity id", &req.activity_id)?;
+        optional_name("run id", &req.run_id)?;
+        self.engine
+            .terminate(
+                &req.namespace,
+                true,
+                &req.activity_id,
+                &req.run_id,
+                &req.reason,
+                &req.identity,
+            )
+            .await?;
+        ok(pb::TerminateActivityResponse {})
+    }
+
+    async fn terminate_session(
+        &self,
+        request: Request<pb::TerminateSessionRequest>,
+    ) -> R<pb::TerminateSessionResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("session id", &req.session_id)?;
+        if req.reason.len() > 1024 {
+            return Err(Status::invalid_argument(format!(
+                "reason is {} bytes; give at most 1024",
+                req.reason.len()
+            )));
+        }
+        let session = self
+            .engine
+            .terminate_session(&req.namespace, &req.session_id, &req.reason, &req.identity)
+            .await?;
+        ok(pb::TerminateSessionResponse {
+            session: Some(session),
+        })
     }
 
     async fn create_session(
@@ -787,11 +1047,18 @@ impl TetherService for Frontend {
         let req = request.into_inner();
         self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
+        let (sessions, next_page_token) = self
+            .engine
+            .list_sessions(
+                &req.namespace,
+                req.include_closed,
+                page_size(req.page_size),
+                &req.page_token,
+            )
+            .await?;
         ok(pb::ListSessionsResponse {
-            sessions: self
-                .engine
-                .list_sessions(&req.namespace, req.include_closed)
-                .await?,
+            sessions,
+            next_page_token,
         })
     }
 
@@ -803,8 +1070,12 @@ impl TetherService for Frontend {
         let req = request.into_inner();
         self.allow(&ids, &req.namespace, Role::Client)?;
         name("namespace", &req.namespace)?;
+        let (workers, next_page_token) =
+            self.engine
+                .list_workers(&req.namespace, page_size(req.page_size), &req.page_token)?;
         ok(pb::ListWorkersResponse {
-            workers: self.engine.list_workers(&req.namespace)?,
+            workers,
+            next_page_token,
         })
     }
 }

@@ -22,18 +22,37 @@ pub const STICKY_SCHEDULE_TO_START_MS: i64 = 5_000;
 /// Longest wait before a failed workflow task is offered again.
 const MAX_WORKFLOW_TASK_RETRY_MS: i64 = 10_000;
 
-/// An activity attempt that a worker is running (kept in memory only: after a server restart the
-/// attempt is offered again, which at-least-once execution allows).
+/// A number for each hand-out of a task, unique and increasing across restarts of the server:
+/// it starts from the wall clock in microseconds, which no earlier process could have counted
+/// up to. Tokens carry it, so a completion of an earlier hand-out never passes for a later one.
+pub fn next_dispatch() -> u64 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        std::sync::atomic::AtomicU64::new(micros)
+    })
+    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An activity attempt that a worker is running. Its hand-out is durable (the attempt's
+/// `started_*` fields); this keeps what only matters while this server runs.
 #[derive(Debug, Clone)]
 pub struct StartedActivity {
     /// Which attempt.
     pub attempt: u32,
     /// Worker identity.
     pub worker: String,
+    /// The worker process (its instance id).
+    pub instance: String,
     /// When it was handed out.
     pub started_ms: i64,
-    /// Last heartbeat (or start).
+    /// Last heartbeat (or start, or this server's start for an attempt recovered as running).
     pub last_heartbeat_ms: i64,
+    /// Which hand-out (see [`next_dispatch`]).
+    pub dispatch: u64,
 }
 
 /// A workflow task that a worker is running.
@@ -54,8 +73,6 @@ pub struct Runtime {
     pub started_activities: HashMap<u64, StartedActivity>,
     /// The running workflow task, if any.
     pub workflow_task: Option<StartedWorkflowTask>,
-    /// Counter for workflow-task dispatches.
-    pub dispatches: u64,
     /// Counter for workflow-task enqueues (fences sticky timeouts).
     pub enqueues: u64,
     /// Last event id sent to the sticky worker (0 = it has nothing cached that we know of).
@@ -73,7 +90,23 @@ pub struct RunEntry {
     pub persisted_events: usize,
     /// In-memory bookkeeping.
     pub rt: Runtime,
+    /// The number of the last store batch that wrote this run: a read waits until it is
+    /// durable, so nobody sees state that might never be written.
+    pub last_write_seq: u64,
+    /// Largest encoded size the history may reach (see `ServerConfig::max_history_bytes`).
+    pub max_history_bytes: u64,
 }
+
+/// Encoded size of one event as it travels in a repeated field (tag and length prefix
+/// included): what the history byte limit counts.
+pub fn event_size(event: &HistoryEvent) -> u64 {
+    let len = prost::Message::encoded_len(event);
+    (len + prost::length_delimiter_len(len) + 1) as u64
+}
+
+/// Most signal request ids a run remembers: enough for any client's retries of recent
+/// signals, small enough to keep the run's state small.
+const REMEMBERED_SIGNAL_REQUESTS: usize = 1_000;
 
 /// A run that closed in this transaction, with what its result waiters get.
 #[derive(Debug, Clone)]
@@ -120,6 +153,17 @@ pub struct Effects {
     pub session_completions: Vec<String>,
 }
 
+/// `from` plus `ms`, saturating: a deadline far in the future stays far in the future instead of
+/// wrapping into the past (durations on the wire are checked against
+/// [`crate::types::MAX_DURATION_MS`], but stored state from before that check is not).
+pub fn deadline(from: i64, ms: u64) -> i64 {
+    from.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+fn check_duration(field: &str, ms: u64) -> Result<(), EngineError> {
+    crate::types::check_duration_ms(field, ms).map_err(EngineError::InvalidArgument)
+}
+
 /// Fills in the documented defaults and checks an activity's options.
 pub fn normalize_activity_options(
     options: Option<ActivityOptions>,
@@ -140,6 +184,20 @@ pub fn normalize_activity_options(
         .to_string();
     crate::types::validate_name("activity task queue", &o.task_queue)
         .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+    check_duration("start_to_close_timeout_ms", o.start_to_close_timeout_ms)?;
+    check_duration(
+        "schedule_to_close_timeout_ms",
+        o.schedule_to_close_timeout_ms,
+    )?;
+    check_duration(
+        "schedule_to_start_timeout_ms",
+        o.schedule_to_start_timeout_ms,
+    )?;
+    check_duration("heartbeat_timeout_ms", o.heartbeat_timeout_ms)?;
+    if let Some(r) = &o.retry_policy {
+        check_duration("retry_policy.initial_interval_ms", r.initial_interval_ms)?;
+        check_duration("retry_policy.maximum_interval_ms", r.maximum_interval_ms)?;
+    }
     if o.start_to_close_timeout_ms == 0 && o.schedule_to_close_timeout_ms == 0 {
         return Err(EngineError::InvalidArgument(
             "an activity needs start_to_close_timeout or schedule_to_close_timeout; set at least one"
@@ -182,6 +240,14 @@ fn backoff_ms(policy: &RetryPolicy, next_attempt: u32) -> i64 {
     raw.min(policy.maximum_interval_ms as f64) as i64
 }
 
+/// Forgets who runs an attempt (it ended, or goes back to its queue).
+fn clear_started(a: &mut ActivityState) {
+    a.started_ms = 0;
+    a.started_dispatch = 0;
+    a.started_worker.clear();
+    a.started_instance.clear();
+}
+
 fn timeout_failure(timeout_type: &str, last: Option<&Failure>) -> Failure {
     Failure {
         message: format!("activity {timeout_type} timeout"),
@@ -194,14 +260,45 @@ fn timeout_failure(timeout_type: &str, last: Option<&Failure>) -> Failure {
 
 impl RunEntry {
     /// Wraps a recovered (or new) state.
-    pub fn new(state: RunState, history: Vec<HistoryEvent>) -> Self {
+    pub fn new(mut state: RunState, history: Vec<HistoryEvent>) -> Self {
         let persisted_events = history.len();
+        if state.history_bytes == 0 {
+            // Stored before the byte count existed (or new): count it now.
+            state.history_bytes = history
+                .iter()
+                .chain(state.buffered.iter())
+                .map(event_size)
+                .sum();
+        }
         RunEntry {
             state,
             history,
             persisted_events,
             rt: Runtime::default(),
+            last_write_seq: 0,
+            max_history_bytes: u64::MAX,
         }
+    }
+
+    /// Whether `extra` more bytes of events fit under the history byte limit.
+    pub fn history_has_room(&self, extra: u64) -> bool {
+        self.state.history_bytes.saturating_add(extra) <= self.max_history_bytes
+    }
+
+    /// The error for an append that would not fit.
+    pub fn history_full(&self, what: &str, extra: u64) -> EngineError {
+        EngineError::ResourceExhausted(format!(
+            "{what} ({extra} bytes) would take the history of {} {} to {} bytes; the limit is {} \
+             bytes (start a new run to continue)",
+            if self.state.standalone_activity {
+                "activity"
+            } else {
+                "workflow"
+            },
+            self.state.workflow_id,
+            self.state.history_bytes.saturating_add(extra),
+            self.max_history_bytes
+        ))
     }
 
     /// Whether the run is still open.
@@ -218,14 +315,20 @@ impl RunEntry {
     }
 
     /// Appends an event to the history, or buffers it while a workflow task is running so that
-    /// the history keeps "what the workflow saw" separate from "what arrived meanwhile".
+    /// the history keeps "what the workflow saw" separate from "what arrived meanwhile". Nothing
+    /// is appended to a closed run: its terminal event stays the last one.
     fn append(&mut self, attrs: Attributes, now: i64) -> u64 {
+        if !self.is_open() {
+            tracing::debug!(run_id = %self.state.run_id, "event for a closed run dropped");
+            return 0;
+        }
         let event = HistoryEvent {
             event_id: 0,
             time_ms: now,
             attributes: Some(attrs),
         };
         if self.rt.workflow_task.is_some() && !self.state.standalone_activity {
+            self.state.history_bytes += event_size(&event);
             self.state.buffered.push(event);
             0
         } else {
@@ -240,6 +343,7 @@ impl RunEntry {
         event.event_id = self.state.next_event_id;
         self.state.next_event_id += 1;
         let id = event.event_id;
+        self.state.history_bytes += event_size(&event);
         self.history.push(event);
         id
     }
@@ -249,6 +353,8 @@ impl RunEntry {
         let buffered = std::mem::take(&mut self.state.buffered);
         let any = !buffered.is_empty();
         for event in buffered {
+            // Counted when it was buffered; the id it gets now adds at most a few bytes.
+            self.state.history_bytes = self.state.history_bytes.saturating_sub(event_size(&event));
             self.push_history(event);
         }
         any
@@ -277,6 +383,7 @@ impl RunEntry {
             next_event_id: 1,
             run_timeout_ms: req.run_timeout_ms,
             task_timeout_ms,
+            start_request_id: req.request_id.clone(),
             ..Default::default()
         };
         let mut entry = RunEntry::new(state, Vec::new());
@@ -296,7 +403,7 @@ impl RunEntry {
         );
         if req.run_timeout_ms > 0 {
             fx.timers.push((
-                now + req.run_timeout_ms as i64,
+                deadline(now, req.run_timeout_ms),
                 TimerKey::RunTimeout {
                     run_id: entry.state.run_id.clone(),
                 },
@@ -324,6 +431,7 @@ impl RunEntry {
             status: ExecutionStatus::Running as i32,
             start_ms: now,
             next_event_id: 1,
+            start_request_id: req.request_id.clone(),
             ..Default::default()
         };
         let mut entry = RunEntry::new(state, Vec::new());
@@ -367,7 +475,7 @@ impl RunEntry {
             );
             fx.tasks.push((key, task, String::new()));
             fx.timers.push((
-                now + STICKY_SCHEDULE_TO_START_MS,
+                now.saturating_add(STICKY_SCHEDULE_TO_START_MS),
                 TimerKey::StickyScheduleToStart {
                     run_id: self.state.run_id.clone(),
                     enqueue: self.rt.enqueues,
@@ -396,7 +504,43 @@ impl RunEntry {
         for a in self.state.activities.values() {
             let options = a.options.clone().unwrap_or_default();
             let requirements = &options.requirements;
-            if a.backoff_until_ms > 0 {
+            if a.started_ms > 0 {
+                // Handed out before the restart: its worker may well still run it, so it is not
+                // handed out again. It ends as any running attempt does: an outcome, a timeout,
+                // or its worker coming back as a new process (then it was lost, and retried).
+                let dispatch = a.started_dispatch;
+                self.rt.started_activities.insert(
+                    a.scheduled_event_id,
+                    StartedActivity {
+                        attempt: a.attempt,
+                        worker: a.started_worker.clone(),
+                        instance: a.started_instance.clone(),
+                        started_ms: a.started_ms,
+                        last_heartbeat_ms: now,
+                        dispatch,
+                    },
+                );
+                fx.timers.push((
+                    deadline(a.started_ms, options.start_to_close_timeout_ms),
+                    TimerKey::ActivityStartToClose {
+                        run_id: run_id.clone(),
+                        scheduled_event_id: a.scheduled_event_id,
+                        attempt: a.attempt,
+                        dispatch,
+                    },
+                ));
+                if options.heartbeat_timeout_ms > 0 {
+                    fx.timers.push((
+                        deadline(now, options.heartbeat_timeout_ms),
+                        TimerKey::ActivityHeartbeat {
+                            run_id: run_id.clone(),
+                            scheduled_event_id: a.scheduled_event_id,
+                            attempt: a.attempt,
+                            dispatch,
+                        },
+                    ));
+                }
+            } else if a.backoff_until_ms > 0 {
                 fx.timers.push((
                     a.backoff_until_ms,
                     TimerKey::ActivityRetry {
@@ -417,7 +561,7 @@ impl RunEntry {
                 ));
                 if options.schedule_to_start_timeout_ms > 0 {
                     fx.timers.push((
-                        a.attempt_scheduled_ms + options.schedule_to_start_timeout_ms as i64,
+                        deadline(a.attempt_scheduled_ms, options.schedule_to_start_timeout_ms),
                         TimerKey::ActivityScheduleToStart {
                             run_id: run_id.clone(),
                             scheduled_event_id: a.scheduled_event_id,
@@ -428,7 +572,7 @@ impl RunEntry {
             }
             if options.schedule_to_close_timeout_ms > 0 {
                 fx.timers.push((
-                    a.scheduled_ms + options.schedule_to_close_timeout_ms as i64,
+                    deadline(a.scheduled_ms, options.schedule_to_close_timeout_ms),
                     TimerKey::ActivityScheduleToClose {
                         run_id: run_id.clone(),
                         scheduled_event_id: a.scheduled_event_id,
@@ -447,11 +591,10 @@ impl RunEntry {
         }
         if self.state.run_timeout_ms > 0 {
             fx.timers.push((
-                self.state.start_ms + self.state.run_timeout_ms as i64,
+                deadline(self.state.start_ms, self.state.run_timeout_ms),
                 TimerKey::RunTimeout { run_id },
             ));
         }
-        let _ = now;
     }
 
     // ------------------------------------------------------------------------------------------
@@ -471,15 +614,14 @@ impl RunEntry {
         }
         let attempt = self.state.workflow_task.as_ref()?.attempt;
         self.flush_buffered();
-        self.rt.dispatches += 1;
-        let dispatch = self.rt.dispatches;
+        let dispatch = next_dispatch();
         self.rt.workflow_task = Some(StartedWorkflowTask {
             dispatch,
             identity: identity.to_string(),
             sticky_queue: poller_sticky_queue.to_string(),
         });
         fx.timers.push((
-            now + self.state.task_timeout_ms as i64,
+            deadline(now, self.state.task_timeout_ms),
             TimerKey::WorkflowTaskTimeout {
                 run_id: self.state.run_id.clone(),
                 dispatch,
@@ -545,10 +687,38 @@ impl RunEntry {
         let bad =
             |i: usize, msg: String| EngineError::InvalidArgument(format!("command #{i}: {msg}"));
         let mut seen_terminal = false;
+        // Each seq names one command of its kind: a second one would make its outcome
+        // ambiguous, so the completion is refused whole.
+        let mut seqs: std::collections::HashSet<(&'static str, u32)> = Default::default();
+        let mut unique = |i: usize, kind: &'static str, seq: u32| {
+            if seqs.insert((kind, seq)) {
+                Ok(())
+            } else {
+                Err(bad(
+                    i,
+                    format!("{kind} seq {seq} appears twice in this completion; give each command its own seq"),
+                ))
+            }
+        };
         for (i, c) in commands.iter().enumerate() {
             let Some(kind) = &c.kind else {
                 return Err(bad(i, "command has no kind".into()));
             };
+            match kind {
+                command::Kind::ScheduleActivity(a) => unique(i, "activity", a.seq)?,
+                command::Kind::StartTimer(t) => unique(i, "timer", t.seq)?,
+                command::Kind::RecordMarker(m) => unique(i, "marker", m.seq)?,
+                command::Kind::SignalExternal(sig) => unique(i, "signal", sig.seq)?,
+                command::Kind::CreateSession(c) => unique(i, "session", c.seq)?,
+                command::Kind::CompleteSession(c) => unique(i, "session completion", c.seq)?,
+                command::Kind::CancelTimer(t) => unique(i, "timer cancellation", t.seq)?,
+                command::Kind::RequestCancelActivity(r) => {
+                    unique(i, "activity cancellation", r.seq)?
+                }
+                command::Kind::CompleteWorkflow(_)
+                | command::Kind::FailWorkflow(_)
+                | command::Kind::CancelWorkflow(_) => {}
+            }
             if seen_terminal {
                 return Err(bad(
                     i,
@@ -571,6 +741,8 @@ impl RunEntry {
                     if self.state.timers.contains_key(&t.seq) {
                         return Err(bad(i, format!("timer seq {} is already in use", t.seq)));
                     }
+                    check_duration("duration_ms", t.duration_ms)
+                        .map_err(|e| bad(i, e.to_string()))?;
                 }
                 command::Kind::RecordMarker(m) => {
                     check_payload("marker data", m.data.as_ref(), max_payload)
@@ -599,6 +771,7 @@ impl RunEntry {
                     crate::caps::Requirements::parse(&o.requirements)
                         .map_err(|e| bad(i, e.to_string()))?;
                     super::sessions::Packing::parse(&o.packing).map_err(|e| bad(i, e))?;
+                    check_session_durations(&o).map_err(|e| bad(i, e.to_string()))?;
                 }
                 command::Kind::CompleteSession(c) => {
                     crate::types::validate_name("session id", &c.session_id)
@@ -677,7 +850,7 @@ impl RunEntry {
                         }),
                         now,
                     );
-                    let fire_at_ms = now + t.duration_ms as i64;
+                    let fire_at_ms = deadline(now, t.duration_ms);
                     self.state.timers.insert(
                         t.seq,
                         TimerState {
@@ -940,15 +1113,34 @@ impl RunEntry {
     // Signals, cancellation, termination, timers
     // ------------------------------------------------------------------------------------------
 
-    /// Delivers a signal.
+    /// Whether a signal with this request id was delivered already.
+    pub fn has_signal_request(&self, request_id: &str) -> bool {
+        !request_id.is_empty()
+            && self
+                .state
+                .signal_request_ids
+                .iter()
+                .any(|r| r == request_id)
+    }
+
+    /// Delivers a signal (`request_id` non-empty: remembered, so a retry is not delivered
+    /// again; check [`RunEntry::has_signal_request`] first).
     pub fn signal(
         &mut self,
         signal_name: &str,
         input: Option<Payload>,
         identity: &str,
+        request_id: &str,
         now: i64,
         fx: &mut Effects,
     ) {
+        if !request_id.is_empty() {
+            let ids = &mut self.state.signal_request_ids;
+            if ids.len() >= REMEMBERED_SIGNAL_REQUESTS {
+                ids.remove(0);
+            }
+            ids.push(request_id.to_string());
+        }
         self.append(
             Attributes::WorkflowSignaled(pb::WorkflowSignaled {
                 signal_name: signal_name.to_string(),
@@ -1255,7 +1447,7 @@ impl RunEntry {
         ));
         if options.schedule_to_start_timeout_ms > 0 {
             fx.timers.push((
-                now + options.schedule_to_start_timeout_ms as i64,
+                deadline(now, options.schedule_to_start_timeout_ms),
                 TimerKey::ActivityScheduleToStart {
                     run_id: run_id.clone(),
                     scheduled_event_id,
@@ -1265,7 +1457,7 @@ impl RunEntry {
         }
         if options.schedule_to_close_timeout_ms > 0 {
             fx.timers.push((
-                now + options.schedule_to_close_timeout_ms as i64,
+                deadline(now, options.schedule_to_close_timeout_ms),
                 TimerKey::ActivityScheduleToClose {
                     run_id,
                     scheduled_event_id,
@@ -1274,12 +1466,15 @@ impl RunEntry {
         }
     }
 
-    /// Hands an activity attempt to a poller. None if the task is stale.
+    /// Hands an activity attempt to a poller (worker `identity`, process `instance`). None if
+    /// the task is stale. The hand-out is recorded in the attempt's persisted state: the caller
+    /// makes it durable before the worker gets the task.
     pub fn dispatch_activity(
         &mut self,
         scheduled_event_id: u64,
         attempt: u32,
         identity: &str,
+        instance: &str,
         now: i64,
         fx: &mut Effects,
     ) -> Option<pb::PollActivityTaskResponse> {
@@ -1287,31 +1482,41 @@ impl RunEntry {
             return None;
         }
         let a = self.state.activities.get_mut(&scheduled_event_id)?;
-        if a.attempt != attempt || a.backoff_until_ms > 0 {
+        if a.attempt != attempt || a.backoff_until_ms > 0 || a.started_ms > 0 {
             return None;
         }
         a.last_worker = identity.to_string();
+        a.started_ms = now;
+        a.started_worker = identity.to_string();
+        a.started_instance = instance.to_string();
         let options = a.options.clone().unwrap_or_default();
-        let mut deadline = now + options.start_to_close_timeout_ms as i64;
+        let mut attempt_deadline = deadline(now, options.start_to_close_timeout_ms);
         if options.schedule_to_close_timeout_ms > 0 {
-            deadline = deadline.min(a.scheduled_ms + options.schedule_to_close_timeout_ms as i64);
+            attempt_deadline = attempt_deadline.min(deadline(
+                a.scheduled_ms,
+                options.schedule_to_close_timeout_ms,
+            ));
         }
         let run_id = self.state.run_id.clone();
+        let dispatch = next_dispatch();
+        a.started_dispatch = dispatch;
         fx.timers.push((
-            now + options.start_to_close_timeout_ms as i64,
+            deadline(now, options.start_to_close_timeout_ms),
             TimerKey::ActivityStartToClose {
                 run_id: run_id.clone(),
                 scheduled_event_id,
                 attempt,
+                dispatch,
             },
         ));
         if options.heartbeat_timeout_ms > 0 {
             fx.timers.push((
-                now + options.heartbeat_timeout_ms as i64,
+                deadline(now, options.heartbeat_timeout_ms),
                 TimerKey::ActivityHeartbeat {
                     run_id: run_id.clone(),
                     scheduled_event_id,
                     attempt,
+                    dispatch,
                 },
             ));
         }
@@ -1320,7 +1525,7 @@ impl RunEntry {
             run_id: run_id.clone(),
             scheduled_event_id,
             attempt,
-            dispatch: 0,
+            dispatch,
         };
         let response = pb::PollActivityTaskResponse {
             task_token: prost::Message::encode_to_vec(&token),
@@ -1338,7 +1543,7 @@ impl RunEntry {
             start_to_close_timeout_ms: options.start_to_close_timeout_ms,
             heartbeat_timeout_ms: options.heartbeat_timeout_ms,
             scheduled_ms: a.attempt_scheduled_ms,
-            deadline_ms: deadline,
+            deadline_ms: attempt_deadline,
             namespace: self.state.namespace.clone(),
             workflow_type: if self.state.standalone_activity {
                 String::new()
@@ -1353,15 +1558,58 @@ impl RunEntry {
             StartedActivity {
                 attempt,
                 worker: identity.to_string(),
+                instance: instance.to_string(),
                 started_ms: now,
                 last_heartbeat_ms: now,
+                dispatch,
             },
         );
         Some(response)
     }
 
-    /// Checks that a token names the current attempt of a pending activity.
-    fn check_activity(&self, token: &pb::TaskToken) -> Result<(), EngineError> {
+    /// Takes back a hand-out the worker never received (its poll ended before the reply went
+    /// out): the attempt waits in its queue again, with the same number, since it never ran.
+    /// Returns whether anything changed.
+    pub fn undispatch_activity(
+        &mut self,
+        scheduled_event_id: u64,
+        attempt: u32,
+        dispatch: u64,
+        fx: &mut Effects,
+    ) -> bool {
+        let current = self
+            .rt
+            .started_activities
+            .get(&scheduled_event_id)
+            .is_some_and(|s| s.attempt == attempt && s.dispatch == dispatch);
+        if !current || !self.is_open() {
+            return false;
+        }
+        self.rt.started_activities.remove(&scheduled_event_id);
+        let Some(a) = self.state.activities.get_mut(&scheduled_event_id) else {
+            return false;
+        };
+        clear_started(a);
+        let requirements = a
+            .options
+            .as_ref()
+            .map(|o| o.requirements.clone())
+            .unwrap_or_default();
+        fx.tasks.push((
+            QueueKey::new(&self.state.namespace, &a.task_queue, TaskKind::Activity),
+            TaskRef::Activity {
+                run_id: self.state.run_id.clone(),
+                scheduled_event_id,
+                attempt,
+            },
+            requirements,
+        ));
+        true
+    }
+
+    /// Checks that a token names the current attempt of a pending activity, as handed out to
+    /// this worker (`identity`; empty skips that check).
+    fn check_activity(&self, token: &pb::TaskToken, identity: &str) -> Result<(), EngineError> {
         if !self.is_open() {
             return Err(EngineError::StaleTask(format!(
                 "run {} is already closed",
@@ -1380,6 +1628,27 @@ impl RunEntry {
                 token.attempt, a.activity_id, a.attempt
             )));
         }
+        let Some(started) = self.rt.started_activities.get(&token.scheduled_event_id) else {
+            return Err(EngineError::StaleTask(format!(
+                "attempt {} of activity {} is not handed out to any worker (it waits in its \
+                 queue or in a retry backoff)",
+                token.attempt, a.activity_id
+            )));
+        };
+        // Tokens from before hand-outs were numbered carry 0: accepted by attempt alone.
+        if token.dispatch != 0 && started.dispatch != token.dispatch {
+            return Err(EngineError::StaleTask(format!(
+                "this hand-out of attempt {} of activity {} is no longer current (it was handed \
+                 out again)",
+                token.attempt, a.activity_id
+            )));
+        }
+        if !identity.is_empty() && !started.worker.is_empty() && started.worker != identity {
+            return Err(EngineError::StaleTask(format!(
+                "attempt {} of activity {} was handed to worker {}, not to {identity}",
+                token.attempt, a.activity_id, started.worker
+            )));
+        }
         Ok(())
     }
 
@@ -1392,18 +1661,39 @@ impl RunEntry {
         now: i64,
         fx: &mut Effects,
     ) -> Result<(), EngineError> {
-        self.check_activity(token)?;
+        self.check_activity(token, identity)?;
+        let event = Attributes::ActivityTaskCompleted(pb::ActivityTaskCompleted {
+            seq: 0,
+            scheduled_event_id: token.scheduled_event_id,
+            result,
+            attempt: token.attempt,
+            identity: identity.to_string(),
+        });
+        let size = prost::Message::encoded_len(&HistoryEvent {
+            event_id: u64::MAX,
+            time_ms: now,
+            attributes: Some(event.clone()),
+        }) as u64;
+        if !self.history_has_room(size) {
+            // Refusing the report would only make the worker run the activity again and again:
+            // the workflow hears of it as a failure it can act on instead.
+            let message = self.history_full("the activity's result", size).to_string();
+            let failure = Failure {
+                message,
+                error_type: "HistorySizeLimit".into(),
+                non_retryable: true,
+                kind: FailureKind::Application as i32,
+                ..Default::default()
+            };
+            self.attempt_failed(token.scheduled_event_id, failure, identity, now, fx);
+            return Ok(());
+        }
         let a = self.remove_activity(token.scheduled_event_id);
-        self.append(
-            Attributes::ActivityTaskCompleted(pb::ActivityTaskCompleted {
-                seq: a.seq,
-                scheduled_event_id: a.scheduled_event_id,
-                result,
-                attempt: token.attempt,
-                identity: identity.to_string(),
-            }),
-            now,
-        );
+        let Attributes::ActivityTaskCompleted(mut completed) = event else {
+            unreachable!("built above")
+        };
+        completed.seq = a.seq;
+        self.append(Attributes::ActivityTaskCompleted(completed), now);
         self.after_activity_outcome(ExecutionStatus::Completed, now, fx);
         Ok(())
     }
@@ -1433,9 +1723,16 @@ impl RunEntry {
         now: i64,
         fx: &mut Effects,
     ) -> Result<(), EngineError> {
-        self.check_activity(token)?;
-        // An attempt handed out before a server restart is not in `started_activities`; its
-        // outcome is still accepted because the token names the current attempt.
+        self.check_activity(token, identity)?;
+        let mut failure = failure;
+        let size = prost::Message::encoded_len(&failure) as u64 + 64;
+        if !self.history_has_room(size) {
+            // Keep what the workflow needs to decide; the details would not fit.
+            failure.details = None;
+            failure.encoded_attributes = None;
+            failure.cause = None;
+            failure.message = crate::types::quote_prefix(&failure.message, 256);
+        }
         self.attempt_failed(token.scheduled_event_id, failure, identity, now, fx);
         Ok(())
     }
@@ -1453,6 +1750,7 @@ impl RunEntry {
         let Some(a) = self.state.activities.get_mut(&scheduled_event_id) else {
             return;
         };
+        clear_started(a);
         let options = a.options.clone().unwrap_or_default();
         let policy = options.retry_policy.clone().unwrap_or_default();
         let non_retryable = failure.non_retryable
@@ -1466,10 +1764,11 @@ impl RunEntry {
         let next_attempt = a.attempt + 1;
         let delay = backoff_ms(&policy, next_attempt);
         let within_deadline = options.schedule_to_close_timeout_ms == 0
-            || now + delay < a.scheduled_ms + options.schedule_to_close_timeout_ms as i64;
+            || now.saturating_add(delay)
+                < deadline(a.scheduled_ms, options.schedule_to_close_timeout_ms);
         if !non_retryable && attempts_left && within_deadline && !a.cancel_requested {
             a.attempt = next_attempt;
-            a.backoff_until_ms = now + delay;
+            a.backoff_until_ms = now.saturating_add(delay).max(1);
             a.last_failure = Some(failure);
             a.last_worker = identity.to_string();
             fx.timers.push((
@@ -1513,10 +1812,11 @@ impl RunEntry {
         &mut self,
         token: &pb::TaskToken,
         details: Option<Payload>,
+        identity: &str,
         now: i64,
         fx: &mut Effects,
     ) -> Result<(), EngineError> {
-        self.check_activity(token)?;
+        self.check_activity(token, identity)?;
         let a = &self.state.activities[&token.scheduled_event_id];
         if !a.cancel_requested {
             return Err(EngineError::InvalidArgument(format!(
@@ -1542,9 +1842,10 @@ impl RunEntry {
         &mut self,
         token: &pb::TaskToken,
         details: Option<Payload>,
+        identity: &str,
         now: i64,
     ) -> Result<bool, EngineError> {
-        self.check_activity(token)?;
+        self.check_activity(token, identity)?;
         if let Some(started) = self
             .rt
             .started_activities
@@ -1602,7 +1903,7 @@ impl RunEntry {
                 ));
                 if options.schedule_to_start_timeout_ms > 0 {
                     fx.timers.push((
-                        now + options.schedule_to_start_timeout_ms as i64,
+                        deadline(now, options.schedule_to_start_timeout_ms),
                         TimerKey::ActivityScheduleToStart {
                             run_id: self.state.run_id.clone(),
                             scheduled_event_id,
@@ -1637,13 +1938,14 @@ impl RunEntry {
             TimerKey::ActivityStartToClose {
                 scheduled_event_id,
                 attempt,
+                dispatch,
                 ..
             } => {
                 let running = self
                     .rt
                     .started_activities
                     .get(&scheduled_event_id)
-                    .is_some_and(|s| s.attempt == attempt);
+                    .is_some_and(|s| s.attempt == attempt && s.dispatch == dispatch);
                 if !running {
                     return false;
                 }
@@ -1663,11 +1965,12 @@ impl RunEntry {
                 ref run_id,
                 scheduled_event_id,
                 attempt,
+                dispatch,
             } => {
                 let Some(started) = self.rt.started_activities.get(&scheduled_event_id) else {
                     return false;
                 };
-                if started.attempt != attempt {
+                if started.attempt != attempt || started.dispatch != dispatch {
                     return false;
                 }
                 let timeout = self
@@ -1677,7 +1980,7 @@ impl RunEntry {
                     .and_then(|a| a.options.as_ref())
                     .map(|o| o.heartbeat_timeout_ms as i64)
                     .unwrap_or(0);
-                let due = started.last_heartbeat_ms + timeout;
+                let due = started.last_heartbeat_ms.saturating_add(timeout);
                 if due > now {
                     fx.timers.push((
                         due,
@@ -1685,6 +1988,7 @@ impl RunEntry {
                             run_id: run_id.clone(),
                             scheduled_event_id,
                             attempt,
+                            dispatch,
                         },
                     ));
                     return false;
@@ -1715,8 +2019,15 @@ impl RunEntry {
         }
     }
 
-    /// The worker restarted: attempts it was running are retried now.
-    pub fn worker_restarted(&mut self, identity: &str, now: i64, fx: &mut Effects) -> bool {
+    /// Worker `identity` is now process `instance`: attempts an earlier process of it was
+    /// running are lost with that process, and retried now (as new attempts).
+    pub fn worker_restarted(
+        &mut self,
+        identity: &str,
+        instance: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> bool {
         if !self.is_open() {
             return false;
         }
@@ -1724,7 +2035,7 @@ impl RunEntry {
             .rt
             .started_activities
             .iter()
-            .filter(|(_, s)| s.worker == identity)
+            .filter(|(_, s)| s.worker == identity && s.instance != instance)
             .map(|(id, _)| *id)
             .collect();
         for id in &lost {
@@ -1822,6 +2133,14 @@ pub enum WorkflowTaskCompletion {
     Rejected(String),
 }
 
+/// Checks a session's timeouts against the documented maximum.
+pub fn check_session_durations(o: &pb::SessionOptions) -> Result<(), EngineError> {
+    check_duration("creation_timeout_ms", o.creation_timeout_ms)?;
+    check_duration("execution_timeout_ms", o.execution_timeout_ms)?;
+    check_duration("liveness_timeout_ms", o.liveness_timeout_ms)?;
+    check_duration("idle_timeout_ms", o.idle_timeout_ms)
+}
+
 /// Refuses a payload over the size limit.
 pub fn check_payload(what: &str, payload: Option<&Payload>, max: usize) -> Result<(), EngineError> {
     if let Some(p) = payload {
@@ -1896,7 +2215,7 @@ mod tests {
         e.complete_workflow_task(&token_of(&task), vec![schedule(1)], "w1", "", NOW, &mut fx)
             .unwrap();
         let mut fx = Effects::default();
-        let resp = e.dispatch_activity(3, 1, "w1", NOW, &mut fx).unwrap();
+        let resp = e.dispatch_activity(3, 1, "w1", "i1", NOW, &mut fx).unwrap();
         let token = prost::Message::decode(resp.task_token.as_slice()).unwrap();
         (e, token)
     }
@@ -1954,7 +2273,7 @@ mod tests {
         let mut fx = Effects::default();
         let task = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
         let mut fx = Effects::default();
-        e.signal("go", None, "client", NOW, &mut fx);
+        e.signal("go", None, "client", "", NOW, &mut fx);
         assert_eq!(
             e.state.buffered.len(),
             1,
@@ -1985,7 +2304,7 @@ mod tests {
         let (mut e, _) = start();
         let mut fx = Effects::default();
         let task = e.dispatch_workflow_task("w1", "", NOW, &mut fx).unwrap();
-        e.signal("late", None, "client", NOW, &mut fx);
+        e.signal("late", None, "client", "", NOW, &mut fx);
         let mut fx = Effects::default();
         let outcome = e
             .complete_workflow_task(
@@ -2077,7 +2396,7 @@ mod tests {
             &mut fx,
         );
         let resp = e
-            .dispatch_activity(3, 2, "w1", NOW + 1_000, &mut fx)
+            .dispatch_activity(3, 2, "w1", "i1", NOW + 1_000, &mut fx)
             .unwrap();
         let token2 = prost::Message::decode(resp.task_token.as_slice()).unwrap();
         let mut fx = Effects::default();

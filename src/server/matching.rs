@@ -86,6 +86,16 @@ pub fn host_queue_name(identity: &str) -> String {
 /// Host queues are named with this prefix.
 pub const HOST_QUEUE_PREFIX: &str = "host/";
 
+/// What a parked poll receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handover {
+    /// A task reference: the poll's caller dispatches it (and makes the dispatch durable).
+    Task(TaskRef),
+    /// An activity attempt already handed out to this poll, durably, in the transaction that
+    /// created the task (no second commit on the way to an idle worker).
+    Dispatched(Box<crate::api::pb::PollActivityTaskResponse>),
+}
+
 /// Index of an interned requirement class; 0 is "no requirements".
 type ClassId = usize;
 
@@ -96,11 +106,44 @@ struct Class {
 
 /// The sending half of a parked poll, shared by every queue the poll waits on: the first queue
 /// to hand over a task takes it, and the others then see the poll as gone.
-type SharedSender = Arc<parking_lot::Mutex<Option<oneshot::Sender<(TaskRef, ClassId, QueueKey)>>>>;
+type SharedSender = Arc<parking_lot::Mutex<Option<oneshot::Sender<(Handover, ClassId, QueueKey)>>>>;
 
 struct Waiter {
     identity: String,
+    /// The polling process (see `RegisterWorkerRequest.instance_id`).
+    instance: String,
     tx: SharedSender,
+}
+
+/// A parked poll taken off its queues to receive an attempt dispatched in a transaction, once
+/// that transaction commits.
+pub struct ClaimedPoll {
+    /// The poller's worker identity.
+    pub identity: String,
+    /// The poller's process.
+    pub instance: String,
+    key: QueueKey,
+    class: ClassId,
+    sender: oneshot::Sender<(Handover, ClassId, QueueKey)>,
+}
+
+impl ClaimedPoll {
+    /// Hands the dispatched attempt over; gives it back if the poll ended meanwhile (its caller
+    /// then never sees it: the dispatch must be taken back).
+    pub fn hand_over(
+        self,
+        response: crate::api::pb::PollActivityTaskResponse,
+    ) -> Result<(), Box<crate::api::pb::PollActivityTaskResponse>> {
+        match self.sender.send((
+            Handover::Dispatched(Box::new(response)),
+            self.class,
+            self.key,
+        )) {
+            Ok(()) => Ok(()),
+            Err((Handover::Dispatched(r), _, _)) => Err(r),
+            Err(_) => unreachable!("sent a dispatched attempt"),
+        }
+    }
 }
 
 impl Waiter {
@@ -134,8 +177,17 @@ pub struct WorkerRecord {
     pub registered_ms: i64,
     /// Last heartbeat or poll.
     pub last_seen_ms: i64,
-    /// False once it missed the liveness timeout.
+    /// False once it missed the liveness timeout, or stopped.
     pub alive: bool,
+    /// It shut down and deregistered (never revived by a stray poll; only a new registration
+    /// brings it back).
+    pub stopped: bool,
+    /// Why it stopped.
+    pub stop_reason: String,
+    /// The process that holds the identity.
+    pub instance_id: String,
+    /// That process's id on its host.
+    pub pid: u32,
     /// Most sessions it hosts at once.
     pub max_sessions: u32,
     /// (class -> Some(score) if it satisfies the class, None if not), valid until caps change.
@@ -236,6 +288,41 @@ impl State {
     }
 }
 
+/// A worker's registration, as the registry takes it.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    /// Namespace.
+    pub namespace: String,
+    /// Identity.
+    pub identity: String,
+    /// The registering process.
+    pub instance_id: String,
+    /// The process it replaces, if it knows the old one is gone.
+    pub previous_instance_id: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Capabilities.
+    pub caps: Capabilities,
+    /// Task queues it polls.
+    pub task_queues: Vec<String>,
+    /// Session slots.
+    pub max_sessions: u32,
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// The identity was unknown here.
+    New,
+    /// The same process registered again (after a server restart, or a missed heartbeat).
+    Again,
+    /// A new process took the identity over from a gone one (`previous`).
+    Replaced {
+        /// The instance it replaced.
+        previous: String,
+    },
+}
+
 /// Snapshot of a queue for `describe`.
 #[derive(Debug, Default, Clone)]
 pub struct QueueStats {
@@ -251,12 +338,15 @@ pub struct QueueStats {
 #[derive(Default)]
 pub struct Matcher {
     state: Mutex<State>,
+    /// Attempts handed to polls that ended before taking them: the engine takes them back.
+    returned: Mutex<Vec<crate::api::pb::PollActivityTaskResponse>>,
+    returned_notify: tokio::sync::Notify,
 }
 
 /// A parked poll. Dropping it (timeout, or the caller went away) puts back any task that was
 /// handed to it but not taken, so no task is lost between the hand-over and the caller.
 struct ParkedPoll<'a> {
-    rx: Option<oneshot::Receiver<(TaskRef, ClassId, QueueKey)>>,
+    rx: Option<oneshot::Receiver<(Handover, ClassId, QueueKey)>>,
     matcher: &'a Matcher,
 }
 
@@ -264,9 +354,15 @@ impl Drop for ParkedPoll<'_> {
     fn drop(&mut self) {
         if let Some(mut rx) = self.rx.take() {
             rx.close();
-            if let Ok((task, class, key)) = rx.try_recv() {
-                let mut st = self.matcher.state.lock();
-                Matcher::offer(&mut st, &key, task, class, true);
+            match rx.try_recv() {
+                Ok((Handover::Task(task), class, key)) => {
+                    let mut st = self.matcher.state.lock();
+                    Matcher::offer(&mut st, &key, task, class, true);
+                }
+                Ok((Handover::Dispatched(response), _, _)) => {
+                    self.matcher.give_back(response);
+                }
+                Err(_) => {}
             }
         }
     }
@@ -281,40 +377,98 @@ impl Matcher {
         Self::offer(&mut st, key, task, class, false)
     }
 
-    fn offer(st: &mut State, key: &QueueKey, task: TaskRef, class: ClassId, front: bool) {
-        let has_preferences = !st.classes[class].reqs.soft.is_empty();
-        let mut task = task;
+    /// Takes the parked poll that a task with `requirements` would be handed to (the best
+    /// eligible one) off its queues, without handing anything over yet: the caller dispatches
+    /// the task to it inside its transaction and hands the result over after the commit.
+    pub fn claim_waiter(&self, key: &QueueKey, requirements: &str) -> Option<ClaimedPoll> {
+        let mut st = self.state.lock();
+        let class = st.class_id(requirements);
         loop {
-            // The waiter to hand to: the first eligible one, or the best-scoring one.
-            let candidates: Vec<(usize, String)> = match st.queues.get(key) {
-                Some(q) => q
-                    .waiting
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| !w.is_closed())
-                    .map(|(i, w)| (i, w.identity.clone()))
-                    .collect(),
-                None => Vec::new(),
-            };
-            let mut chosen: Option<(usize, u64)> = None;
-            for (i, identity) in candidates {
-                if let Some(score) = st.eligibility(&key.namespace, &identity, class) {
-                    if chosen.is_none_or(|(_, best)| score > best) {
-                        chosen = Some((i, score));
-                    }
-                    if !has_preferences {
-                        break;
-                    }
-                }
-            }
-            let Some((index, _)) = chosen else { break };
+            let index = Self::best_waiter(&mut st, key, class)?;
             let queue = st.queues.get_mut(key).expect("queue exists");
             let waiter = queue.waiting.remove(index).expect("index valid");
             let sender = waiter.tx.lock().take();
-            match sender.map(|s| s.send((task, class, key.clone()))) {
-                Some(Ok(())) => return,
-                Some(Err((returned, _, _))) => task = returned,
-                None => unreachable!("closed waiters are filtered out above"),
+            if let Some(sender) = sender.filter(|s| !s.is_closed()) {
+                return Some(ClaimedPoll {
+                    identity: waiter.identity,
+                    instance: waiter.instance,
+                    key: key.clone(),
+                    class,
+                    sender,
+                });
+            }
+        }
+    }
+
+    /// Puts a claimed poll back on its queue (its task turned out to be stale).
+    pub fn unclaim(&self, claimed: ClaimedPoll) {
+        let mut st = self.state.lock();
+        let queue = st.queues.entry(claimed.key).or_default();
+        queue.waiting.push_front(Waiter {
+            identity: claimed.identity,
+            instance: claimed.instance,
+            tx: Arc::new(parking_lot::Mutex::new(Some(claimed.sender))),
+        });
+    }
+
+    /// Records an attempt handed to a poll (or caller) that ended before taking it.
+    pub fn give_back(&self, response: Box<crate::api::pb::PollActivityTaskResponse>) {
+        self.returned.lock().push(*response);
+        self.returned_notify.notify_one();
+    }
+
+    /// Waits for attempts handed to polls that ended before taking them, and takes them.
+    pub async fn returned(&self) -> Vec<crate::api::pb::PollActivityTaskResponse> {
+        loop {
+            let taken = std::mem::take(&mut *self.returned.lock());
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.returned_notify.notified().await;
+        }
+    }
+
+    /// Index of the parked poll a task of `class` goes to: the first eligible one, or the
+    /// best-scoring one when the class has preferences.
+    fn best_waiter(st: &mut State, key: &QueueKey, class: ClassId) -> Option<usize> {
+        let has_preferences = !st.classes[class].reqs.soft.is_empty();
+        let candidates: Vec<(usize, String)> = match st.queues.get(key) {
+            Some(q) => q
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| !w.is_closed())
+                .map(|(i, w)| (i, w.identity.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut chosen: Option<(usize, u64)> = None;
+        for (i, identity) in candidates {
+            if let Some(score) = st.eligibility(&key.namespace, &identity, class) {
+                if chosen.is_none_or(|(_, best)| score > best) {
+                    chosen = Some((i, score));
+                }
+                if !has_preferences {
+                    break;
+                }
+            }
+        }
+        chosen.map(|(i, _)| i)
+    }
+
+    fn offer(st: &mut State, key: &QueueKey, task: TaskRef, class: ClassId, front: bool) {
+        let mut task = task;
+        while let Some(index) = Self::best_waiter(st, key, class) {
+            let queue = st.queues.get_mut(key).expect("queue exists");
+            let waiter = queue.waiting.remove(index).expect("index valid");
+            // None: another queue of the same poll handed it something a moment ago.
+            let Some(sender) = waiter.tx.lock().take() else {
+                continue;
+            };
+            match sender.send((Handover::Task(task), class, key.clone())) {
+                Ok(()) => return,
+                Err((Handover::Task(returned), _, _)) => task = returned,
+                Err(_) => unreachable!("sent a task"),
             }
         }
         let seq = if front {
@@ -348,6 +502,14 @@ impl Matcher {
         Self::take_locked(&mut st, key, identity).map(|(task, _)| task)
     }
 
+    /// Puts a task taken with [`Matcher::try_take`] back at the head of its queue (it could not
+    /// be dispatched after all).
+    pub fn put_back(&self, key: &QueueKey, task: TaskRef, requirements: &str) {
+        let mut st = self.state.lock();
+        let class = st.class_id(requirements);
+        Self::offer(&mut st, key, task, class, true)
+    }
+
     fn touch(st: &mut State, key: &QueueKey, identity: &str, now_ms: i64) {
         if identity.is_empty() {
             return;
@@ -359,13 +521,16 @@ impl Matcher {
                 queue.pollers.insert(identity.to_string(), now_ms);
             }
         }
-        // A poll is a sign of life.
+        // A poll is a sign of life (of the process that holds the identity: the engine refuses
+        // polls from any other before they get here), but a stopped worker stays stopped.
         if let Some(w) = st
             .workers
             .get_mut(&(key.namespace.clone(), identity.to_string()))
         {
-            w.last_seen_ms = now_ms;
-            w.alive = true;
+            if !w.stopped {
+                w.last_seen_ms = now_ms;
+                w.alive = true;
+            }
         }
     }
 
@@ -443,9 +608,13 @@ impl Matcher {
                 let waiter = queue.waiting.remove(index).expect("found");
                 let sender = waiter.tx.lock().take();
                 let sent = match sender {
-                    Some(s) => s
-                        .send((task, class, key.clone()))
-                        .map_err(|(t, c, _)| (t, c)),
+                    Some(s) => {
+                        s.send((Handover::Task(task), class, key.clone()))
+                            .map_err(|(t, c, _)| match t {
+                                Handover::Task(t) => (t, c),
+                                Handover::Dispatched(_) => unreachable!("sent a task"),
+                            })
+                    }
                     None => Err((task, class)),
                 };
                 if let Err((task, class)) = sent {
@@ -462,21 +631,22 @@ impl Matcher {
         identity: &str,
         now_ms: i64,
         timeout: Duration,
-    ) -> Option<TaskRef> {
-        self.poll_many(std::slice::from_ref(key), identity, now_ms, timeout)
+    ) -> Option<Handover> {
+        self.poll_many(std::slice::from_ref(key), identity, "", now_ms, timeout)
             .await
             .map(|(task, _)| task)
     }
 
-    /// Like [`Matcher::poll`] over several queues at once (the earlier ones are tried first);
-    /// returns the task and the queue it came from.
+    /// Like [`Matcher::poll`] over several queues at once (the earlier ones are tried first),
+    /// for process `instance`; returns what it got and the queue it came from.
     pub async fn poll_many(
         &self,
         keys: &[QueueKey],
         identity: &str,
+        instance: &str,
         now_ms: i64,
         timeout: Duration,
-    ) -> Option<(TaskRef, QueueKey)> {
+    ) -> Option<(Handover, QueueKey)> {
         let rx = {
             let mut st = self.state.lock();
             for key in keys {
@@ -484,7 +654,7 @@ impl Matcher {
             }
             for key in keys {
                 if let Some((task, _)) = Self::take_locked(&mut st, key, identity) {
-                    return Some((task, key.clone()));
+                    return Some((Handover::Task(task), key.clone()));
                 }
             }
             if timeout.is_zero() {
@@ -500,6 +670,7 @@ impl Matcher {
                 }
                 queue.waiting.push_back(Waiter {
                     identity: identity.to_string(),
+                    instance: instance.to_string(),
                     tx: shared.clone(),
                 });
             }
@@ -556,7 +727,8 @@ impl Matcher {
     // Worker registry
     // ------------------------------------------------------------------------------------------
 
-    /// Registers (or re-registers) a worker with its capabilities.
+    /// Registers a worker unconditionally (benchmarks and tests; the server uses
+    /// [`Matcher::register_instance`], which keeps identities to one process).
     pub fn register(
         &self,
         namespace: &str,
@@ -567,22 +739,117 @@ impl Matcher {
         now_ms: i64,
     ) {
         let mut st = self.state.lock();
-        st.workers.insert(
-            (namespace.to_string(), identity.to_string()),
-            WorkerRecord {
-                namespace: namespace.to_string(),
-                identity: identity.to_string(),
-                caps: Arc::new(caps),
+        st.workers
+            .remove(&(namespace.to_string(), identity.to_string()));
+        drop(st);
+        let _ = self.register_instance(
+            Registration {
+                namespace: namespace.into(),
+                identity: identity.into(),
+                caps,
                 task_queues,
+                max_sessions,
+                ..Default::default()
+            },
+            now_ms,
+            Duration::MAX,
+        );
+    }
+
+    /// Registers a worker process. Refused (with a description of the holder) while another
+    /// live process holds the identity: alive, seen within `liveness`, and not the instance
+    /// the registration says it replaces.
+    pub fn register_instance(
+        &self,
+        r: Registration,
+        now_ms: i64,
+        liveness: Duration,
+    ) -> Result<Registered, String> {
+        let mut st = self.state.lock();
+        let key = (r.namespace.clone(), r.identity.clone());
+        let outcome = match st.workers.get(&key) {
+            None => Registered::New,
+            Some(w) if w.instance_id == r.instance_id => Registered::Again,
+            Some(w) => {
+                let silent_ms = now_ms.saturating_sub(w.last_seen_ms);
+                let live = w.alive && (silent_ms as u128) <= liveness.as_millis();
+                let replaces =
+                    !r.previous_instance_id.is_empty() && r.previous_instance_id == w.instance_id;
+                if live && !replaces {
+                    let host = w
+                        .caps
+                        .host
+                        .as_ref()
+                        .map(|h| h.hostname.as_str())
+                        .filter(|h| !h.is_empty())
+                        .unwrap_or("an unknown host");
+                    return Err(format!(
+                        "worker identity {:?} is held by a live worker process (instance {}, \
+                         pid {} on {host}, last seen {} ms ago); stop that process, or give \
+                         this worker another identity",
+                        r.identity, w.instance_id, w.pid, silent_ms
+                    ));
+                }
+                Registered::Replaced {
+                    previous: w.instance_id.clone(),
+                }
+            }
+        };
+        st.workers.insert(
+            key,
+            WorkerRecord {
+                namespace: r.namespace,
+                identity: r.identity.clone(),
+                caps: Arc::new(r.caps),
+                task_queues: r.task_queues,
                 registered_ms: now_ms,
                 last_seen_ms: now_ms,
                 alive: true,
-                max_sessions,
+                stopped: false,
+                stop_reason: String::new(),
+                instance_id: r.instance_id,
+                pid: r.pid,
+                max_sessions: r.max_sessions,
                 class_cache: HashMap::new(),
                 evaluated: 0,
                 eligible: Vec::new(),
             },
         );
+        Ok(outcome)
+    }
+
+    /// Marks a worker stopped (it shut down): it gets nothing more until it registers again.
+    /// False when the identity is unknown or held by another instance.
+    pub fn deregister(
+        &self,
+        namespace: &str,
+        identity: &str,
+        instance: &str,
+        reason: &str,
+    ) -> bool {
+        let mut st = self.state.lock();
+        let Some(w) = st
+            .workers
+            .get_mut(&(namespace.to_string(), identity.to_string()))
+        else {
+            return false;
+        };
+        if w.instance_id != instance {
+            return false;
+        }
+        w.alive = false;
+        w.stopped = true;
+        w.stop_reason = reason.to_string();
+        true
+    }
+
+    /// The instance that holds a registered identity, if any.
+    pub fn instance_of(&self, namespace: &str, identity: &str) -> Option<String> {
+        self.state
+            .lock()
+            .workers
+            .get(&(namespace.to_string(), identity.to_string()))
+            .map(|w| w.instance_id.clone())
     }
 
     /// Records a heartbeat; new capabilities replace the old ones (and invalidate the cache).
@@ -601,6 +868,10 @@ impl Matcher {
         else {
             return false;
         };
+        if w.stopped {
+            // A stopped worker registers again to come back.
+            return false;
+        }
         w.last_seen_ms = now_ms;
         let revived = !w.alive;
         w.alive = true;
@@ -708,6 +979,39 @@ impl Matcher {
             .cloned()
     }
 
+    /// Why work just put on `queue` waits instead of being taken: no live worker satisfies its
+    /// requirements, or none polls the queue at all ("" when a live worker can take it).
+    pub fn placement_note(
+        &self,
+        namespace: &str,
+        queue: &str,
+        requirements: &str,
+        now_ms: i64,
+        liveness: Duration,
+    ) -> String {
+        let explained = self.explain(namespace, queue, requirements);
+        if !explained.is_empty() {
+            return explained;
+        }
+        let st = self.state.lock();
+        let key = QueueKey::new(namespace, queue, TaskKind::Activity);
+        let live_poller = st.queues.get(&key).is_some_and(|q| {
+            q.pollers.iter().any(|(identity, seen)| {
+                let recent = (now_ms.saturating_sub(*seen) as u128) <= liveness.as_millis();
+                let registered = st.workers.get(&(namespace.to_string(), identity.clone()));
+                recent && registered.is_none_or(|w| w.alive)
+            })
+        });
+        if live_poller {
+            String::new()
+        } else {
+            format!(
+                "no live worker polls task queue {queue:?}; the activity waits until one does \
+                 (or until its schedule-to-start timeout, if it has one)"
+            )
+        }
+    }
+
     /// Why no live worker of `namespace` polling `queue` can take work with `requirements`
     /// ("" when one can).
     pub fn explain(&self, namespace: &str, queue: &str, requirements: &str) -> String {
@@ -804,7 +1108,7 @@ mod tests {
         );
         assert_eq!(
             m.poll(&backlog, "w", 6_000, Duration::ZERO).await,
-            Some(task(1))
+            Some(Handover::Task(task(1)))
         );
     }
 
@@ -813,8 +1117,14 @@ mod tests {
         let m = Matcher::default();
         m.add(&key(), task(1), "");
         m.add(&key(), task(2), "");
-        assert_eq!(m.poll(&key(), "w", 0, Duration::ZERO).await, Some(task(1)));
-        assert_eq!(m.poll(&key(), "w", 0, Duration::ZERO).await, Some(task(2)));
+        assert_eq!(
+            m.poll(&key(), "w", 0, Duration::ZERO).await,
+            Some(Handover::Task(task(1)))
+        );
+        assert_eq!(
+            m.poll(&key(), "w", 0, Duration::ZERO).await,
+            Some(Handover::Task(task(2)))
+        );
         assert_eq!(m.poll(&key(), "w", 0, Duration::ZERO).await, None);
     }
 
@@ -838,7 +1148,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         m.add(&key(), task(7), "");
-        assert_eq!(poll.await.unwrap(), Some(task(7)));
+        assert_eq!(poll.await.unwrap(), Some(Handover::Task(task(7))));
         assert_eq!(m.stats(&key()).backlog, 0);
     }
 
@@ -858,7 +1168,10 @@ mod tests {
             m.add(&k, task(3), "");
             drop(fut);
         }
-        assert_eq!(m.poll(&k, "w", 0, Duration::ZERO).await, Some(task(3)));
+        assert_eq!(
+            m.poll(&k, "w", 0, Duration::ZERO).await,
+            Some(Handover::Task(task(3)))
+        );
     }
 
     #[tokio::test]
@@ -906,7 +1219,7 @@ mod tests {
         );
         assert_eq!(
             pb.await.unwrap(),
-            Some(task(9)),
+            Some(Handover::Task(task(9))),
             "b has the preferred dataset"
         );
         assert_eq!(pa.await.unwrap(), None);
@@ -953,7 +1266,7 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), poll)
             .await
             .expect("handed over at once");
-        assert_eq!(got.unwrap(), Some(task(1)));
+        assert_eq!(got.unwrap(), Some(Handover::Task(task(1))));
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod matching;
 pub mod sessions;
 pub mod timers;
 
-pub use engine::Engine;
+pub use engine::{Engine, EngineStats, NextTasks, StorageFailure};
 pub use frontend::Frontend;
 
 use crate::api::pb::tether_service_server::TetherServiceServer;
@@ -36,12 +36,14 @@ pub enum EngineError {
     #[error("{0}")]
     NotRunning(String),
     /// A run with this id is already running.
-    #[error("workflow id {workflow_id:?} is already running as run {run_id}")]
+    #[error("{} id {workflow_id:?} is already running as run {run_id}", if *.standalone { "activity" } else { "workflow" })]
     WorkflowAlreadyStarted {
         /// The id.
         workflow_id: String,
         /// The running run.
         run_id: String,
+        /// The id is a standalone activity's.
+        standalone: bool,
     },
     /// The thing to create exists already.
     #[error("{0}")]
@@ -74,9 +76,13 @@ pub enum EngineError {
     Internal(String),
 }
 
+/// Longest message an error carries: whatever produced it, the caller's input never comes
+/// back in full (a client library may not even be able to read a huge `grpc-message`).
+const MAX_ERROR_MESSAGE: usize = 1_000;
+
 impl From<EngineError> for tonic::Status {
     fn from(e: EngineError) -> Self {
-        let msg = e.to_string();
+        let msg = crate::types::quote_prefix(&e.to_string(), MAX_ERROR_MESSAGE);
         match e {
             EngineError::InvalidArgument(_) | EngineError::PayloadTooLarge { .. } => {
                 tonic::Status::invalid_argument(msg)
@@ -136,6 +142,13 @@ pub struct ServerConfig {
     /// `metrics` facade; whoever installs a recorder (`tether server --metrics-listen`) serves
     /// them. Default off.
     pub metrics: bool,
+    /// Largest encoded size of one run's history (signals and other appends past it are
+    /// refused with RESOURCE_EXHAUSTED), kept well below the largest message the server sends
+    /// so that whatever was accepted can always be delivered. Default 40 MiB.
+    pub max_history_bytes: u64,
+    /// How long a commit waits for another process's lock on the database file before it
+    /// fails (and the server stops taking writes). Default 10 s.
+    pub store_busy_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -152,7 +165,38 @@ impl Default for ServerConfig {
             max_requests_per_second: 100_000,
             retention_sweep_interval: Duration::from_secs(60),
             metrics: false,
+            max_history_bytes: DEFAULT_MAX_HISTORY_BYTES,
+            store_busy_timeout: crate::store::DEFAULT_BUSY_TIMEOUT,
         }
+    }
+}
+
+/// Default `ServerConfig::max_history_bytes`.
+pub const DEFAULT_MAX_HISTORY_BYTES: u64 = 40 * 1024 * 1024;
+
+impl ServerConfig {
+    /// Checks that the settings fit together: a history at its limit, plus one more payload,
+    /// must fit in the largest message the server sends and clients accept.
+    pub fn validate(&self) -> Result<(), String> {
+        let room = MAX_GRPC_MESSAGE as u64;
+        let needed = self
+            .max_history_bytes
+            .saturating_add(2 * self.max_payload_bytes as u64)
+            .saturating_add(1024 * 1024);
+        if needed > room {
+            return Err(format!(
+                "max history bytes ({}) plus room for two payloads of max payload bytes ({}) \
+                 do not fit in the largest message ({room} bytes); lower one of them",
+                self.max_history_bytes, self.max_payload_bytes
+            ));
+        }
+        if self.max_history_bytes < 64 * 1024 {
+            return Err(format!(
+                "max history bytes of {} is too small to hold a run; give at least 65536",
+                self.max_history_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -168,6 +212,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The settings do not fit together.
+    #[error("invalid server settings: {0}")]
+    Config(String),
     /// Binding the listener failed.
     #[error("could not listen on {addr}: {source}")]
     Bind {
@@ -178,9 +225,10 @@ pub enum ServeError {
     },
 }
 
-/// Largest gRPC message accepted; payloads above `max_payload_bytes` get our own clear error
-/// instead of a transport error, as long as the whole message is below this.
-const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
+/// Largest gRPC message accepted or sent; payloads above `max_payload_bytes` get our own clear
+/// error instead of a transport error, as long as the whole message is below this. Clients use
+/// the same limit ([`crate::client`]).
+pub const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Serves the API on `listener` over `store` until `shutdown` resolves.
 pub async fn run(
@@ -189,6 +237,7 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
     let tls = config.tls.clone();
     let engine = Engine::open(store, config).await?;
     serve_engine(listener, engine, tls, shutdown).await
@@ -221,7 +270,12 @@ impl LocalServer {
             addr: listen.to_string(),
             source,
         })?;
-        let store = Arc::new(SqliteStore::open(data_dir, config.sync_mode)?);
+        config.validate().map_err(ServeError::Config)?;
+        let store = Arc::new(SqliteStore::open_with(
+            data_dir,
+            config.sync_mode,
+            config.store_busy_timeout,
+        )?);
         // Recover before accepting so that start-up errors surface here, not in the task.
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) =
@@ -275,6 +329,17 @@ impl LocalServer {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// What the engine holds in memory now (runs, sessions, timers, waiters).
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    /// Resolves when the store failed a write: from then on every request is refused, and the
+    /// server should be restarted (`tether server` exits).
+    pub async fn storage_failed(&self) -> StorageFailure {
+        self.engine.storage_failed().await
     }
 
     /// Puts new access rules in force (e.g. after the access file changed). Refused when the

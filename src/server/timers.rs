@@ -59,6 +59,9 @@ pub enum TimerKey {
         scheduled_event_id: u64,
         /// Attempt.
         attempt: u32,
+        /// Which hand-out of the attempt (one that was handed back and out again keeps its
+        /// attempt number, and the old hand-out's timer must not end the new one).
+        dispatch: u64,
     },
     /// An activity attempt stopped heartbeating.
     ActivityHeartbeat {
@@ -68,6 +71,9 @@ pub enum TimerKey {
         scheduled_event_id: u64,
         /// Attempt.
         attempt: u32,
+        /// Which hand-out of the attempt (one that was handed back and out again keeps its
+        /// attempt number, and the old hand-out's timer must not end the new one).
+        dispatch: u64,
     },
     /// The activity as a whole ran out of time.
     ActivityScheduleToClose {

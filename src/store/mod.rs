@@ -3,7 +3,7 @@
 
 mod sqlite;
 
-pub use sqlite::{SqliteStore, SyncMode};
+pub use sqlite::{SqliteStore, SyncMode, DEFAULT_BUSY_TIMEOUT};
 
 use crate::api::internal::{RunState, SessionState};
 use crate::api::pb::{HistoryEvent, NamespaceInfo};
@@ -81,6 +81,24 @@ impl WriteBatch {
 /// A pending commit: resolves once the batch is durable (or failed).
 pub type CommitReceiver = tokio::sync::oneshot::Receiver<Result<(), String>>;
 
+/// A submitted batch: its place in the order of submissions, and the answer to wait for.
+pub struct Commit {
+    /// Batches are numbered from 1 in submission order.
+    pub seq: u64,
+    /// Resolves once the batch is durable, or with why it never will be.
+    pub done: CommitReceiver,
+}
+
+/// How far the store has got: every batch numbered up to `seq` is durable. Once a commit
+/// failed, `failed` says why, and no later batch is ever made durable.
+#[derive(Debug, Clone, Default)]
+pub struct Durability {
+    /// The highest batch number made durable (every lower one is durable too).
+    pub seq: u64,
+    /// Set for good by the first failed commit.
+    pub failed: Option<std::sync::Arc<str>>,
+}
+
 /// What the server needs at start-up to rebuild its in-memory state.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -103,15 +121,22 @@ pub struct RunFilter {
     pub status: Option<i32>,
     /// At most this many, newest first.
     pub limit: usize,
+    /// Only runs that sort after this one, newest first: (start time, run id) of the last run
+    /// of the previous page.
+    pub after: Option<(i64, String)>,
 }
 
 /// The persistence contract of the engine.
 ///
 /// `submit` must make batches durable in submission order: the engine relies on it to acknowledge
-/// a request only after its batch (and every earlier one) has committed.
+/// a request only after its batch (and every earlier one) has committed. The first failed
+/// commit stops the store for good: that batch, every batch queued behind it and every later
+/// one fail, because each is a delta on top of the state the failed one would have made.
 pub trait Store: Send + Sync + 'static {
-    /// Queues a batch; the receiver resolves after it is durable.
-    fn submit(&self, batch: WriteBatch) -> CommitReceiver;
+    /// Queues a batch; `done` resolves after it is durable.
+    fn submit(&self, batch: WriteBatch) -> Commit;
+    /// Watches how far commits have got (and whether one failed).
+    fn durability(&self) -> tokio::sync::watch::Receiver<Durability>;
     /// Loads namespaces and open runs (start-up only).
     fn recover(&self) -> Result<Recovered, StoreError>;
     /// The state of one run, open or closed.
@@ -141,7 +166,14 @@ pub trait Store: Send + Sync + 'static {
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<String>, StoreError>;
-    /// Sessions of a namespace (closed ones too), newest first, at most `limit`.
-    fn list_sessions(&self, namespace: &str, limit: usize)
-        -> Result<Vec<SessionState>, StoreError>;
+    /// Sessions of a namespace (closed ones too), newest first, at most `limit`, only those
+    /// that sort after `after` (creation time, session id) when it is given.
+    fn list_sessions(
+        &self,
+        namespace: &str,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<SessionState>, StoreError>;
+    /// One session, open or closed, by id.
+    fn load_session(&self, session_id: &str) -> Result<Option<SessionState>, StoreError>;
 }

@@ -3,7 +3,7 @@
 //! Every batch submitted while the writer is busy joins the next transaction, so one fsync serves
 //! many callers; that is what lets a durable server keep up with thousands of requests a second.
 
-use super::{CommitReceiver, Recovered, RunFilter, Store, StoreError, Write, WriteBatch};
+use super::{Commit, Durability, Recovered, RunFilter, Store, StoreError, Write, WriteBatch};
 use crate::api::internal::{RunState, SessionState};
 use crate::api::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 use parking_lot::Mutex;
@@ -36,7 +36,15 @@ impl std::str::FromStr for SyncMode {
     }
 }
 
-type Job = (WriteBatch, tokio::sync::oneshot::Sender<Result<(), String>>);
+/// A batch with its number and where its outcome goes.
+type Job = (
+    u64,
+    WriteBatch,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// How long a commit waits for another process's lock on the database file before it fails.
+pub const DEFAULT_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Counters of the writer, to see group commit at work.
 #[derive(Debug, Default)]
@@ -50,7 +58,10 @@ pub struct WriterStats {
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
     stats: std::sync::Arc<WriterStats>,
-    sender: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The writer's channel and the number of the last batch sent into it (one lock, so that
+    /// numbers follow the order batches reach the writer).
+    sender: Mutex<(Option<mpsc::Sender<Job>>, u64)>,
+    durability: tokio::sync::watch::Receiver<Durability>,
     reader: Mutex<Connection>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
@@ -170,7 +181,11 @@ fn add_close_column(
     Ok(())
 }
 
-fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
+fn open_connection(
+    path: &Path,
+    sync: SyncMode,
+    busy_timeout: std::time::Duration,
+) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -181,7 +196,7 @@ fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError
         SyncMode::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", sync_value)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_timeout(busy_timeout)?;
     // Checkpoint less often than the default 1,000 pages: a page changed by many commits is then
     // copied into the database once, not once per checkpoint.
     conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
@@ -191,28 +206,40 @@ fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError
 impl SqliteStore {
     /// Opens (creating if needed) the store under `data_dir`.
     pub fn open(data_dir: &Path, sync: SyncMode) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, sync, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// Like [`SqliteStore::open`], with how long a commit may wait for another process's lock on
+    /// the database file before it fails (and stops the store).
+    pub fn open_with(
+        data_dir: &Path,
+        sync: SyncMode,
+        busy_timeout: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
             path: data_dir.display().to_string(),
             source,
         })?;
         let path = data_dir.join("tether.db");
-        let mut writer_conn = open_connection(&path, sync)?;
+        let mut writer_conn = open_connection(&path, sync, busy_timeout)?;
         writer_conn.execute_batch(SCHEMA)?;
         migrate(&mut writer_conn)?;
-        let reader = open_connection(&path, sync)?;
+        let reader = open_connection(&path, sync, busy_timeout)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = std::sync::Arc::new(WriterStats::default());
         let writer_stats = stats.clone();
+        let (durable_tx, durability) = tokio::sync::watch::channel(Durability::default());
         let handle = std::thread::Builder::new()
             .name("tether-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, &writer_stats))
+            .spawn(move || writer_loop(writer_conn, rx, &writer_stats, durable_tx))
             .map_err(|source| StoreError::Io {
                 path: path.display().to_string(),
                 source,
             })?;
         Ok(SqliteStore {
             stats,
-            sender: Mutex::new(Some(tx)),
+            sender: Mutex::new((Some(tx), 0)),
+            durability,
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(handle)),
             path,
@@ -258,7 +285,7 @@ impl SqliteStore {
 
     /// Stops the writer after it has committed everything already submitted.
     pub fn close(&self) {
-        self.sender.lock().take();
+        self.sender.lock().0.take();
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
@@ -271,9 +298,15 @@ impl Drop for SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, stats: &WriterStats) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    stats: &WriterStats,
+    durable: tokio::sync::watch::Sender<Durability>,
+) {
     // Bounded so one transaction never grows without limit under a flood of requests.
     const MAX_JOBS_PER_COMMIT: usize = 2048;
+    let mut failed: Option<std::sync::Arc<str>> = None;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_JOBS_PER_COMMIT {
@@ -282,9 +315,21 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, stats: &WriterStat
                 Err(_) => break,
             }
         }
+        if let Some(why) = &failed {
+            // Every batch after a failed one builds on state that was never written: none of
+            // them may land, or a restart would find a history with holes.
+            for (_, _, reply) in jobs {
+                let _ = reply.send(Err(format!(
+                    "not written: an earlier commit failed ({why})"
+                )));
+            }
+            continue;
+        }
         let started = std::time::Instant::now();
         let outcome = commit_jobs(&mut conn, &jobs).map_err(|e| e.to_string());
+        let last_seq = jobs.last().map(|(seq, _, _)| *seq).unwrap_or(0);
         if outcome.is_ok() {
+            durable.send_modify(|d| d.seq = last_seq);
             use std::sync::atomic::Ordering::Relaxed;
             stats.transactions.fetch_add(1, Relaxed);
             stats.batches.fetch_add(jobs.len() as u64, Relaxed);
@@ -297,9 +342,12 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, stats: &WriterStat
             metrics::counter!("tether_store_commit_failures_total").increment(1);
         }
         if let Err(e) = &outcome {
-            tracing::error!(error = %e, batches = jobs.len(), "commit failed");
+            tracing::error!(error = %e, batches = jobs.len(), "commit failed; the store accepts no more writes");
+            let why: std::sync::Arc<str> = e.as_str().into();
+            durable.send_modify(|d| d.failed = Some(why.clone()));
+            failed = Some(why);
         }
-        for (_, reply) in jobs {
+        for (_, _, reply) in jobs {
             let _ = reply.send(outcome.clone());
         }
     }
@@ -334,7 +382,7 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
         let mut put_event = tx.prepare_cached(
             "INSERT OR REPLACE INTO events(run_id, event_id, event) VALUES (?1, ?2, ?3)",
         )?;
-        for (batch, _) in jobs {
+        for (_, batch, _) in jobs {
             for write in &batch.writes {
                 match write {
                     Write::Namespace(info) => {
@@ -411,36 +459,65 @@ fn read_history(conn: &Connection, run_id: &str) -> Result<Vec<HistoryEvent>, St
     Ok(events)
 }
 
-impl SqliteStore {
-    fn sessions_of(&self, namespace: &str, limit: usize) -> Result<Vec<SessionState>, StoreError> {
-        let conn = self.reader.lock();
-        let rows: Vec<Vec<u8>> = conn
-            .prepare_cached(
-                "SELECT state FROM sessions WHERE namespace = ?1 ORDER BY created_ms DESC LIMIT ?2",
-            )?
-            .query_map(params![namespace, limit.max(1) as i64], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        rows.iter()
-            .map(|b| Ok(SessionState::decode(b.as_slice())?))
-            .collect()
-    }
-}
-
 impl Store for SqliteStore {
     fn list_sessions(
         &self,
         namespace: &str,
+        after: Option<(i64, String)>,
         limit: usize,
     ) -> Result<Vec<SessionState>, StoreError> {
-        self.sessions_of(namespace, limit)
+        let conn = self.reader.lock();
+        let limit = limit.max(1) as i64;
+        // Newest first, ties broken by id, so that a page boundary is exact.
+        let rows: Vec<Vec<u8>> = match after {
+            None => conn
+                .prepare_cached(
+                    "SELECT state FROM sessions WHERE namespace = ?1
+                     ORDER BY created_ms DESC, session_id DESC LIMIT ?2",
+                )?
+                .query_map(params![namespace, limit], |r| r.get(0))?
+                .collect::<Result<_, _>>()?,
+            Some((created_ms, session_id)) => conn
+                .prepare_cached(
+                    "SELECT state FROM sessions WHERE namespace = ?1
+                     AND (created_ms, session_id) < (?2, ?3)
+                     ORDER BY created_ms DESC, session_id DESC LIMIT ?4",
+                )?
+                .query_map(params![namespace, created_ms, session_id, limit], |r| {
+                    r.get(0)
+                })?
+                .collect::<Result<_, _>>()?,
+        };
+        rows.iter()
+            .map(|b| Ok(SessionState::decode(b.as_slice())?))
+            .collect()
     }
 
-    fn submit(&self, batch: WriteBatch) -> CommitReceiver {
+    fn load_session(&self, session_id: &str) -> Result<Option<SessionState>, StoreError> {
+        let conn = self.reader.lock();
+        let bytes: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT state FROM sessions WHERE session_id = ?1")?
+            .query_row(params![session_id], |r| r.get(0))
+            .optional()?;
+        bytes
+            .map(|b| Ok(SessionState::decode(b.as_slice())?))
+            .transpose()
+    }
+
+    fn submit(&self, batch: WriteBatch) -> Commit {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sender = self.sender.lock();
-        match sender.as_ref() {
+        let mut sender = self.sender.lock();
+        sender.1 += 1;
+        let seq = sender.1;
+        if let Some(why) = &self.durability.borrow().failed {
+            let _ = tx.send(Err(format!(
+                "not written: an earlier commit failed ({why})"
+            )));
+            return Commit { seq, done: rx };
+        }
+        match sender.0.as_ref() {
             Some(s) => {
-                if let Err(mpsc::SendError((_, reply))) = s.send((batch, tx)) {
+                if let Err(mpsc::SendError((_, _, reply))) = s.send((seq, batch, tx)) {
                     let _ = reply.send(Err(StoreError::WriterGone.to_string()));
                 }
             }
@@ -448,7 +525,11 @@ impl Store for SqliteStore {
                 let _ = tx.send(Err(StoreError::WriterGone.to_string()));
             }
         }
-        rx
+        Commit { seq, done: rx }
+    }
+
+    fn durability(&self) -> tokio::sync::watch::Receiver<Durability> {
+        self.durability.clone()
     }
 
     fn recover(&self) -> Result<Recovered, StoreError> {
@@ -550,24 +631,33 @@ impl Store for SqliteStore {
         let conn = self.reader.lock();
         let limit = filter.limit.max(1) as i64;
         let standalone = filter.standalone_activity as i64;
-        let rows: Vec<Vec<u8>> = match filter.status {
-            Some(status) => conn
-                .prepare_cached(
-                    "SELECT state FROM runs WHERE namespace = ?1 AND standalone = ?2 AND status = ?3
-                     ORDER BY start_ms DESC LIMIT ?4",
-                )?
-                .query_map(params![filter.namespace, standalone, status, limit], |r| {
-                    r.get(0)
-                })?
-                .collect::<Result<_, _>>()?,
-            None => conn
-                .prepare_cached(
-                    "SELECT state FROM runs WHERE namespace = ?1 AND standalone = ?2
-                     ORDER BY start_ms DESC LIMIT ?3",
-                )?
-                .query_map(params![filter.namespace, standalone, limit], |r| r.get(0))?
-                .collect::<Result<_, _>>()?,
-        };
+        // A status of -1 matches every row: one statement serves both filters. Newest first,
+        // ties broken by run id, so that a page boundary is exact.
+        let status = filter.status.unwrap_or(-1);
+        let (after_ms, after_id) = filter
+            .after
+            .clone()
+            // (i64::MAX, "") sorts after every row: the first page.
+            .unwrap_or((i64::MAX, String::new()));
+        let rows: Vec<Vec<u8>> = conn
+            .prepare_cached(
+                "SELECT state FROM runs WHERE namespace = ?1 AND standalone = ?2
+                 AND (?3 = -1 OR status = ?3)
+                 AND (start_ms, run_id) < (?4, ?5)
+                 ORDER BY start_ms DESC, run_id DESC LIMIT ?6",
+            )?
+            .query_map(
+                params![
+                    filter.namespace,
+                    standalone,
+                    status,
+                    after_ms,
+                    after_id,
+                    limit
+                ],
+                |r| r.get(0),
+            )?
+            .collect::<Result<_, _>>()?;
         rows.into_iter().map(decode_run).collect()
     }
 }
@@ -640,6 +730,7 @@ mod tests {
                     run_ids: vec!["old".into(), "open".into()],
                 }],
             })
+            .done
             .await
             .unwrap()
             .unwrap();
@@ -655,11 +746,12 @@ mod tests {
                     session_ids: vec!["s-old".into(), "s-open".into()],
                 }],
             })
+            .done
             .await
             .unwrap()
             .unwrap();
         let left: Vec<String> = store
-            .list_sessions("default", 10)
+            .list_sessions("default", None, 10)
             .unwrap()
             .into_iter()
             .filter_map(|s| s.info.map(|i| i.session_id))
@@ -690,7 +782,7 @@ mod tests {
                     },
                 ],
             };
-            store.submit(batch).await.unwrap().unwrap();
+            store.submit(batch).done.await.unwrap().unwrap();
         }
         let store = SqliteStore::open(dir.path(), SyncMode::Full).unwrap();
         let recovered = store.recover().unwrap();
@@ -715,7 +807,7 @@ mod tests {
             })
             .collect();
         for r in receivers {
-            r.await.unwrap().unwrap();
+            r.done.await.unwrap().unwrap();
         }
         assert_eq!(store.recover().unwrap().open_runs.len(), 500);
         let (transactions, batches) = store.stats();
@@ -724,5 +816,46 @@ mod tests {
             transactions < batches,
             "group commit: {batches} batches took {transactions} transactions"
         );
+    }
+
+    #[tokio::test]
+    async fn the_first_failed_commit_stops_every_later_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with(
+            dir.path(),
+            SyncMode::Normal,
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap();
+        let put = |id: &str| WriteBatch {
+            writes: vec![Write::Run {
+                state: Box::new(run(id, ExecutionStatus::Running)),
+            }],
+        };
+        store.submit(put("before")).done.await.unwrap().unwrap();
+        // Another process holds the write lock longer than the busy timeout.
+        let other = Connection::open(dir.path().join("tether.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let failed = store.submit(put("during"));
+        let behind = store.submit(put("behind"));
+        assert!(failed.done.await.unwrap().is_err());
+        other.execute_batch("ROLLBACK").unwrap();
+        // The lock is gone, but nothing after the failure may land.
+        assert!(behind.done.await.unwrap().is_err());
+        let later = store.submit(put("later"));
+        assert!(later.done.await.unwrap().is_err());
+        let durability = store.durability().borrow().clone();
+        assert_eq!(durability.seq, 1, "only the first batch is durable");
+        assert!(durability.failed.is_some());
+        drop(store);
+        let store = SqliteStore::open(dir.path(), SyncMode::Normal).unwrap();
+        let ids: Vec<String> = store
+            .recover()
+            .unwrap()
+            .open_runs
+            .into_iter()
+            .map(|(s, _)| s.run_id)
+            .collect();
+        assert_eq!(ids, vec!["before"]);
     }
 }

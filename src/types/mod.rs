@@ -9,6 +9,55 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
 /// The namespace that always exists.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// Longest duration (timeout, timer, interval, retention) accepted on the wire: 100 years, in
+/// milliseconds. Anything longer is a mistake, and deadlines stay far from overflowing.
+pub const MAX_DURATION_MS: u64 = 100 * 365 * 24 * 3_600_000;
+/// Most bytes of the caller's input an error message quotes.
+pub const MAX_QUOTED_INPUT: usize = 120;
+
+/// Refuses a duration above [`MAX_DURATION_MS`], naming the field.
+pub fn check_duration_ms(field: &str, ms: u64) -> Result<(), String> {
+    if ms > MAX_DURATION_MS {
+        return Err(format!(
+            "{field} is {ms} ms; the most is {MAX_DURATION_MS} ms (100 years); use 0 where the \
+             field allows no limit"
+        ));
+    }
+    Ok(())
+}
+
+/// A duration as wire milliseconds for a field that must hold a limit: clamped to
+/// [`MAX_DURATION_MS`] (so `Duration::MAX` means "as long as allowed"), and at least 1 ms for
+/// a non-zero duration (0 would mean "not set").
+pub fn duration_ms(d: std::time::Duration) -> u64 {
+    if d.is_zero() {
+        return 0;
+    }
+    (d.as_millis().min(MAX_DURATION_MS as u128) as u64).max(1)
+}
+
+/// A duration as wire milliseconds for a field where 0 means "no limit": `Duration::MAX` (or
+/// anything past [`MAX_DURATION_MS`]) becomes 0.
+pub fn limit_ms(d: std::time::Duration) -> u64 {
+    if d.as_millis() > MAX_DURATION_MS as u128 {
+        0
+    } else {
+        duration_ms(d)
+    }
+}
+
+/// At most `max` bytes of `text` (cut at a character boundary), marked when cut, for quoting
+/// the caller's input in an error without echoing all of it.
+pub fn quote_prefix(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
 
 /// Why a name or id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -150,6 +199,30 @@ mod tests {
             validate_name("queue", "a\nb"),
             Err(NameError::ControlChar { at: 1, .. })
         ));
+    }
+
+    #[test]
+    fn durations_are_bounded_and_duration_max_means_no_limit() {
+        use std::time::Duration;
+        assert!(check_duration_ms("run_timeout_ms", MAX_DURATION_MS).is_ok());
+        let e = check_duration_ms("run_timeout_ms", u64::MAX).unwrap_err();
+        assert!(
+            e.starts_with("run_timeout_ms is 18446744073709551615 ms"),
+            "{e}"
+        );
+        assert_eq!(duration_ms(Duration::MAX), MAX_DURATION_MS);
+        assert_eq!(duration_ms(Duration::from_micros(10)), 1);
+        assert_eq!(duration_ms(Duration::ZERO), 0);
+        assert_eq!(limit_ms(Duration::MAX), 0);
+        assert_eq!(limit_ms(Duration::from_secs(2)), 2_000);
+    }
+
+    #[test]
+    fn quotes_are_cut_at_a_character_boundary() {
+        assert_eq!(quote_prefix("short", 10), "short");
+        let cut = quote_prefix(&"é".repeat(100), 5);
+        assert!(cut.starts_with("éé…"), "{cut}");
+        assert!(cut.ends_with("(200 bytes in all)"), "{cut}");
     }
 
     #[test]

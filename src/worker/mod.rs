@@ -2,6 +2,10 @@
 //! sticky queue), runs activities with bounded concurrency and heartbeats, keeps workflows it ran
 //! in a bounded sticky cache, and shuts down gracefully.
 
+mod identity;
+
+pub use identity::{default_state_dir, IdentityError};
+
 use crate::activity::{ActivityContext, ActivityError, ActivityInfo, CancelReason};
 use crate::api::pb::{self, tether_service_client::TetherServiceClient};
 use crate::client::Client;
@@ -25,48 +29,20 @@ use tonic::transport::Channel;
 /// Sticky queues are named with this prefix, so tools can tell them from real task queues.
 pub const STICKY_QUEUE_PREFIX: &str = "__sticky/";
 
-/// The default worker identity: `HOSTNAME-ID`, where ID is generated once and kept in
-/// `$TETHER_STATE_DIR/worker-id` (default `~/.local/state/tether/worker-id`), so a restarted
-/// worker is recognised as the same one. Several workers in one process need explicit identities.
-pub fn default_worker_identity() -> String {
-    let dir = std::env::var_os("TETHER_STATE_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/state/tether"))
-        });
-    match dir {
-        Some(dir) => identity_in(&dir),
-        None => crate::client::default_identity(),
-    }
-}
-
-/// `HOSTNAME-ID` with ID kept in `dir/worker-id` (created on first use).
-fn identity_in(dir: &std::path::Path) -> String {
-    let host = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
-    let path = dir.join("worker-id");
-    let id = match std::fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => text.trim().to_string(),
-        _ => {
-            let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-            let written = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, &id));
-            if let Err(e) = written {
-                tracing::warn!(path = %path.display(), error = %e, "could not persist the worker id; using HOSTNAME:PID");
-                return crate::client::default_identity();
-            }
-            id
-        }
-    };
-    format!("{host}-{id}")
-}
-
 /// Worker settings. Defaults are written on each field.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Task queue to poll. Required.
     pub task_queue: String,
-    /// Identity reported to the server. Default (when empty): [`default_worker_identity`], stable
-    /// across restarts of this worker.
+    /// Identity reported to the server. Default (when empty): `HOSTNAME-ID`, where HOSTNAME is
+    /// a declared inventory's host name (else the host's) and ID is kept in the state directory
+    /// per configuration, so a restarted worker gets its identity (and its sessions) back and
+    /// two workers on one host never share one. Whatever it is, one live process holds it at a
+    /// time (see the README, "Worker identity").
     pub identity: String,
+    /// Where the identity lock files live. Default: `$TETHER_STATE_DIR`, else
+    /// `~/.local/state/tether`; None keeps nothing (the default identity is then new each start).
+    pub state_dir: Option<std::path::PathBuf>,
     /// Most activities running at once. Default 100.
     pub max_concurrent_activities: usize,
     /// Most workflow tasks processed at once. Default 10.
@@ -90,6 +66,7 @@ impl WorkerOptions {
         WorkerOptions {
             task_queue: task_queue.into(),
             identity: String::new(),
+            state_dir: default_state_dir(),
             max_concurrent_activities: 100,
             max_concurrent_workflow_tasks: 10,
             max_cached_workflows: 1000,
@@ -115,6 +92,12 @@ impl WorkerOptions {
     /// Sets the identity.
     pub fn identity(mut self, identity: impl Into<String>) -> Self {
         self.identity = identity.into();
+        self
+    }
+
+    /// Sets where the identity lock files live (None: nowhere).
+    pub fn state_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.state_dir = dir;
         self
     }
 
@@ -158,6 +141,9 @@ pub enum WorkerError {
     /// The options are invalid.
     #[error("invalid worker options: {0}")]
     InvalidOptions(String),
+    /// Another live process on this host holds the identity.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 type ActivityFn = Arc<
@@ -234,16 +220,20 @@ impl Worker {
         self
     }
 
-    /// Starts the worker in the background.
+    /// Starts the worker in the background. Fails at once when another live process on this
+    /// host holds the identity.
     pub fn start(self) -> Result<WorkerHandle, WorkerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let inner = self.into_inner()?;
+        let (inner, lease) = self.into_inner()?;
         let identity = inner.options.identity.clone();
-        let task = tokio::spawn(inner.run(stop_rx));
+        let instance_id = inner.instance_id.clone();
+        let task = tokio::spawn(inner.run(stop_tx.clone(), stop_rx));
         Ok(WorkerHandle {
             stop: stop_tx,
             task: Some(task),
             identity,
+            instance_id,
+            _lease: Some(lease),
         })
     }
 
@@ -255,15 +245,28 @@ impl Worker {
         Ok(())
     }
 
-    fn into_inner(mut self) -> Result<Arc<Inner>, WorkerError> {
+    fn into_inner(mut self) -> Result<(Arc<Inner>, identity::IdentityLease), WorkerError> {
         if self.workflows.is_empty() && self.activities.is_empty() {
             return Err(WorkerError::NothingRegistered);
         }
-        if self.options.identity.is_empty() {
-            self.options.identity = default_worker_identity();
-        }
         crate::types::validate_name("task queue", &self.options.task_queue)
             .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
+        if !self.options.identity.is_empty() {
+            crate::types::validate_name("identity", &self.options.identity)
+                .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
+        }
+        let fingerprint = self.options.capabilities.fingerprint();
+        let hostname = self.options.capabilities.hostname();
+        let lease = identity::acquire(&identity::IdentityRequest {
+            explicit: &self.options.identity,
+            state_dir: self.options.state_dir.as_deref(),
+            server: self.client.address(),
+            namespace: self.client.namespace(),
+            task_queue: &self.options.task_queue,
+            fingerprint: &fingerprint,
+            hostname: &hostname,
+        })?;
+        self.options.identity = lease.identity.clone();
         crate::types::validate_name("identity", &self.options.identity)
             .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
         let sticky_queue = format!(
@@ -272,7 +275,9 @@ impl Worker {
             uuid::Uuid::new_v4().simple()
         );
         let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
-        Ok(Arc::new(Inner {
+        let inner = Arc::new(Inner {
+            instance_id: lease.instance_id.clone(),
+            previous_instance_id: lease.previous_instance_id.clone(),
             outcomes,
             outcomes_rx: Mutex::new(Some(outcomes_rx)),
             rpc: self.client.raw(),
@@ -291,7 +296,8 @@ impl Worker {
             workflows: self.workflows,
             activities: self.activities,
             sticky_queue,
-        }))
+        });
+        Ok((inner, lease))
     }
 }
 
@@ -300,12 +306,21 @@ pub struct WorkerHandle {
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     identity: String,
+    instance_id: String,
+    /// The identity's lock: held while the worker runs, released when it stops or is killed,
+    /// as the kernel releases it when a process dies.
+    _lease: Option<identity::IdentityLease>,
 }
 
 impl WorkerHandle {
     /// The worker's identity.
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// This process's instance id (what the server knows it by, next to the identity).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
     }
 
     /// Stops polling, lets running work finish within the grace period, then fails what is left
@@ -319,6 +334,7 @@ impl WorkerHandle {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        self._lease.take();
     }
 
     /// Stops the worker at once, as if its process died: nothing is reported to the server.
@@ -326,6 +342,7 @@ impl WorkerHandle {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+        self._lease.take();
     }
 }
 
@@ -345,6 +362,10 @@ struct RunningActivity {
 
 struct Inner {
     rpc: TetherServiceClient<Channel>,
+    /// This process's instance id: the server serves the identity's work to it alone.
+    instance_id: String,
+    /// The instance this process replaces (it held the identity's lock before).
+    previous_instance_id: String,
     namespace: String,
     options: WorkerOptions,
     workflows: HashMap<String, WorkflowFactory>,
@@ -402,7 +423,7 @@ async fn poll_backoff(failures: &mut u32) {
 }
 
 impl Inner {
-    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    async fn run(self: Arc<Self>, stopper: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
         let _guard = AbortRunning(self.clone());
         let Some(registration) = self.register_until_done(&mut stop).await else {
             return;
@@ -410,7 +431,7 @@ impl Inner {
         let mut pollers = JoinSet::new();
         pollers.spawn(
             self.clone()
-                .heartbeat_worker(registration.clone(), stop.clone()),
+                .heartbeat_worker(registration.clone(), stopper, stop.clone()),
         );
         if !self.workflows.is_empty() {
             for queue in [self.options.task_queue.clone(), self.sticky_queue.clone()] {
@@ -445,6 +466,9 @@ impl Inner {
         // Pollers stop at once (their in-flight polls are abandoned; the server re-offers any
         // task it was handing over). Workflow tasks in progress are short and finish first.
         while pollers.join_next().await.is_some() {}
+        // Then the server hears of it at once: nothing new is placed or dispatched here, and the
+        // sessions hosted here end now rather than after the liveness timeout.
+        self.deregister().await;
         let total = self.options.max_concurrent_activities as u32;
         let drained = tokio::time::timeout(
             self.options.graceful_shutdown,
@@ -497,6 +521,47 @@ impl Inner {
             task_queues: vec![self.options.task_queue.clone()],
             capabilities: Some(caps),
             max_concurrent_sessions: self.options.max_concurrent_sessions,
+            instance_id: self.instance_id.clone(),
+            previous_instance_id: self.previous_instance_id.clone(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// Tells the server this worker stopped. Its sessions end (with their activities, which
+    /// this worker then stops too: their outcomes would be refused); other running activities
+    /// keep their grace period.
+    async fn deregister(&self) {
+        let reply = self
+            .rpc
+            .clone()
+            .deregister_worker(pb::DeregisterWorkerRequest {
+                namespace: self.namespace.clone(),
+                identity: self.options.identity.clone(),
+                instance_id: self.instance_id.clone(),
+                reason: String::new(),
+            })
+            .await;
+        match reply {
+            Ok(r) => {
+                let ended = r.into_inner().sessions_ended;
+                if !ended.is_empty() {
+                    tracing::info!(sessions = ?ended, "sessions ended with this worker's shutdown");
+                    for r in self.running.lock().values() {
+                        let in_ended = r
+                            .ctx
+                            .info()
+                            .session
+                            .as_ref()
+                            .is_some_and(|s| ended.contains(&s.session_id));
+                        if in_ended {
+                            r.ctx.cancel(CancelReason::WorkerShutdown);
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::warn!(error = %status.message(), code = ?status.code(), "could not tell the server this worker stopped; it will be marked dead after the liveness timeout")
+            }
         }
     }
 
@@ -515,6 +580,15 @@ impl Inner {
             };
             match reply {
                 Ok(r) => return Some(r.into_inner()),
+                Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                    // Another live process holds this identity. Keep trying: when it stops (or
+                    // the server declares it dead) the identity is free.
+                    tracing::error!(error = %status.message(), "worker registration refused; retrying until the identity is free");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = stop.wait_for(|s| *s) => return None,
+                    }
+                }
                 Err(status) => {
                     tracing::warn!(error = %status.message(), code = ?status.code(), "worker registration failed; retrying");
                     tokio::select! {
@@ -530,6 +604,7 @@ impl Inner {
     async fn heartbeat_worker(
         self: Arc<Self>,
         registration: pb::RegisterWorkerResponse,
+        stopper: watch::Sender<bool>,
         mut stop: watch::Receiver<bool>,
     ) {
         let interval = Duration::from_millis(registration.heartbeat_interval_ms.max(100));
@@ -547,11 +622,12 @@ impl Inner {
                     namespace: self.namespace.clone(),
                     identity: self.options.identity.clone(),
                     capabilities: Some(caps.clone()),
+                    instance_id: self.instance_id.clone(),
                 })
                 .await;
             match reply {
                 Ok(r) if r.get_ref().reregister => {
-                    // The server restarted and forgot us.
+                    // The server restarted and forgot us (or marked us dead).
                     let _ = self
                         .rpc
                         .clone()
@@ -559,6 +635,12 @@ impl Inner {
                         .await;
                 }
                 Ok(_) => {}
+                Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                    // Another process took the identity over: this one must not go on.
+                    tracing::error!(error = %status.message(), "this worker lost its identity to another process; stopping");
+                    let _ = stopper.send(true);
+                    return;
+                }
                 Err(status) => {
                     tracing::debug!(error = %status.message(), "worker heartbeat failed")
                 }
@@ -574,7 +656,8 @@ impl Inner {
                 task_queue: queue.clone(),
                 identity: self.options.identity.clone(),
                 sticky_queue: self.sticky_queue.clone(),
-                poll_timeout_ms: self.options.poll_timeout.as_millis() as u64,
+                poll_timeout_ms: crate::types::duration_ms(self.options.poll_timeout),
+                instance_id: self.instance_id.clone(),
             };
             let mut rpc = self.rpc.clone();
             let polled = tokio::select! {
@@ -786,8 +869,9 @@ impl Inner {
                 namespace: self.namespace.clone(),
                 task_queue: self.options.task_queue.clone(),
                 identity: self.options.identity.clone(),
-                poll_timeout_ms: self.options.poll_timeout.as_millis() as u64,
+                poll_timeout_ms: crate::types::duration_ms(self.options.poll_timeout),
                 additional_task_queues: vec![host_queue.clone()],
+                instance_id: self.instance_id.clone(),
             };
             let mut rpc = self.rpc.clone();
             let polled = tokio::select! {
@@ -1250,24 +1334,5 @@ impl Cache {
         }
         self.tick += 1;
         self.entries.insert(run_id, (self.tick, instance));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_identity_is_stable_across_restarts() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = identity_in(dir.path());
-        let second = identity_in(dir.path());
-        assert_eq!(first, second, "a restarted worker keeps its identity");
-        let other = tempfile::tempdir().unwrap();
-        assert_ne!(
-            identity_in(other.path()),
-            first,
-            "another host state gets another id"
-        );
     }
 }

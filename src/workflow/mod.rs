@@ -346,7 +346,7 @@ impl WorkflowContext {
         ctx.commands.push(pb::Command {
             kind: Some(command::Kind::StartTimer(pb::StartTimerCommand {
                 seq,
-                duration_ms: duration.as_millis() as u64,
+                duration_ms: crate::types::duration_ms(duration),
             })),
         });
         TimerFuture {
@@ -508,6 +508,7 @@ fn session_options_from(info: &pb::SessionInfo) -> crate::client::SessionOptions
         execution_timeout: ms(o.execution_timeout_ms),
         liveness_timeout: ms(o.liveness_timeout_ms),
         worker: None,
+        idle_timeout: ms(o.idle_timeout_ms),
     }
 }
 

@@ -117,3 +117,79 @@ pub async fn assert_no_task_failures(handle: &tether::client::WorkflowHandle) {
         d.last_workflow_task_failure
     );
 }
+
+/// The `tether` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+/// A `tether server` (or `tether dev`) child process, killed when dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+    /// The server's stderr lines after the "listening" one.
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Waits for a stderr line containing `text`; returns it.
+    pub fn wait_for_line(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("the server printed no line with {text:?}: {e}"),
+            }
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush, exactly what a crash leaves behind.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tether ARGS` (with `--listen 127.0.0.1:0` unless ARGS name a listen address) and
+/// reads the bound address from its stderr.
+pub fn spawn_server(args: &[&str]) -> ServerProcess {
+    use std::io::{BufRead, BufReader};
+    let mut command = std::process::Command::new(BIN);
+    command.args(args);
+    if !args.contains(&"--listen") {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("tether server listening on ") {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send(addr);
+            } else {
+                let _ = lines_tx.send(line);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server printed its address");
+    ServerProcess { child, addr, lines }
+}

@@ -1,0 +1,148 @@
+//! kill -9 of the server while work runs: an attempt that a live worker still runs is never
+//! handed out again, inside a session or not, and what was really lost is retried as a new
+//! attempt.
+
+mod common;
+
+use common::{eventually, spawn_server, within, ServerProcess};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tether::activity::{ActivityContext, ActivityError};
+use tether::caps::{CapabilitySource, Inventory};
+use tether::client::{ActivityOptions, Client, SessionOptions, StandaloneActivityOptions};
+use tether::worker::{Worker, WorkerOptions};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Every execution an activity saw: (attempt, how many copies ran at that moment).
+#[derive(Default)]
+struct Executions {
+    running: AtomicUsize,
+    seen: Mutex<Vec<(u32, usize)>>,
+}
+
+fn server(dir: &std::path::Path, listen: &str) -> ServerProcess {
+    spawn_server(&[
+        "server",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--sync",
+        "full",
+        "--listen",
+        listen,
+    ])
+}
+
+fn worker(client: &Client, identity: &str, executions: Arc<Executions>) -> Worker {
+    let inventory = Inventory::parse(
+        "hostname = \"crash-box\"\n[[gpu]]\nname = \"NVIDIA A100\"\nmemory = \"80GiB\"\ncount = 2\n",
+        "test",
+    )
+    .unwrap();
+    let mut w = Worker::new(
+        client.clone(),
+        WorkerOptions::new("crash-q")
+            .identity(identity)
+            .capabilities(CapabilitySource::detect().with_inventory(inventory))
+            .graceful_shutdown(Duration::from_secs(1)),
+    );
+    w.register_activity("slow", move |ctx: ActivityContext, ms: u64| {
+        let executions = executions.clone();
+        async move {
+            let copies = executions.running.fetch_add(1, Ordering::SeqCst) + 1;
+            executions.seen.lock().push((ctx.info().attempt, copies));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            executions.running.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, ActivityError>(ctx.info().attempt)
+        }
+    });
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_attempt_is_not_handed_out_again_after_a_server_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = server(dir.path(), "127.0.0.1:0");
+    let addr = first.addr.clone();
+    let client = Client::connect(addr.clone()).await.unwrap();
+    let executions = Arc::new(Executions::default());
+    let handle = worker(&client, "crash-w", executions.clone())
+        .start()
+        .unwrap();
+    let activity = client
+        .start_activity(
+            "slow",
+            &4_000u64,
+            StandaloneActivityOptions {
+                options: ActivityOptions::default().start_to_close(Duration::from_secs(60)),
+                ..StandaloneActivityOptions::new("crash-1", "crash-q")
+            },
+        )
+        .await
+        .unwrap();
+    eventually(T, "the attempt runs", || async {
+        (executions.running.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    first.kill_9();
+    let _second = server(dir.path(), &addr);
+    let attempt: u32 = within(T, "the activity's result", activity.result())
+        .await
+        .unwrap();
+    let seen = executions.seen.lock().clone();
+    assert_eq!(
+        seen,
+        vec![(1, 1)],
+        "the attempt that kept running was started again: {seen:?}"
+    );
+    assert_eq!(attempt, 1);
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_attempt_runs_once_across_a_crash_and_keeps_its_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = server(dir.path(), "127.0.0.1:0");
+    let addr = first.addr.clone();
+    let client = Client::connect(addr.clone()).await.unwrap();
+    let executions = Arc::new(Executions::default());
+    let handle = worker(&client, "crash-s", executions.clone())
+        .start()
+        .unwrap();
+    let session = within(
+        T,
+        "session",
+        client.create_session(SessionOptions {
+            gpus: 2,
+            ..SessionOptions::new("crash-q")
+        }),
+    )
+    .await
+    .unwrap();
+    let in_session = {
+        let session = session.clone();
+        tokio::spawn(async move {
+            session
+                .execute_activity::<_, u32>("slow", &4_000u64, ActivityOptions::default())
+                .await
+        })
+    };
+    eventually(T, "the session attempt runs", || async {
+        (executions.running.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    first.kill_9();
+    let _second = server(dir.path(), &addr);
+    let attempt = within(T, "session activity", in_session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(attempt, 1);
+    let seen = executions.seen.lock().clone();
+    assert_eq!(seen, vec![(1, 1)], "two copies on the same GPUs: {seen:?}");
+    let info = client.describe_session(session.id()).await.unwrap();
+    assert_eq!(info.activities_run, 1, "{info:?}");
+    handle.shutdown().await;
+}
