@@ -336,7 +336,7 @@ fn cli_commands_print_data_and_clear_errors() {
     assert_eq!(queue["activity_backlog"], 1);
     assert_eq!(ok_json(addr, &["workers", "list"]), Value::Array(vec![]));
 
-    let unreachable = tether("127.0.0.1:1", &["workflow", "list"]);
+    let unreachable = tether("127.0.0.1:1", &["--retry-for", "1s", "workflow", "list"]);
     assert_eq!(unreachable.status.code(), Some(1));
     assert!(
         stderr(&unreachable).contains("could not connect to 127.0.0.1:1"),

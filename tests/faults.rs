@@ -465,3 +465,620 @@ async fn a_repeated_create_session_waits_on_the_server() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_stops_every_later_acknowledgement_and_a_restart_continues() {
+    let mut env = TestEnv::start_with(tether::server::ServerConfig {
+        store_busy_timeout: Duration::from_millis(300),
+        ..common::test_config()
+    })
+    .await;
+    let handle = env
+        .client
+        .start_workflow("t", &(), WorkflowOptions::new("failing-disk", "fd-q"))
+        .await
+        .unwrap();
+    handle.signal("before", &1).await.unwrap();
+    let mut rpc = env.client.raw();
+    let signal = |name: &'static str| {
+        let mut rpc = rpc.clone();
+        async move {
+            rpc.signal_workflow(pb::SignalWorkflowRequest {
+                namespace: "default".into(),
+                workflow_id: "failing-disk".into(),
+                signal_name: name.into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    // Another process holds the database longer than the busy timeout: this commit fails...
+    let lock = WriteLock::take(env.dir.path());
+    let failing = tokio::spawn(signal("during"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...and one queued behind it must not land on top of it once the lock is gone.
+    let behind = tokio::spawn(signal("behind"));
+    let failed = within(T, "failing signal", failing).await.unwrap();
+    lock.release();
+    let behind = within(T, "queued signal", behind).await.unwrap();
+    for (what, outcome) in [("failed", failed), ("queued", behind)] {
+        let status = outcome.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{what}: {}",
+            status.message()
+        );
+    }
+    // Everything is refused now, reads too, saying why.
+    let later = signal("later").await.unwrap_err();
+    assert_eq!(later.code(), tonic::Code::Unavailable);
+    assert!(
+        later.message().contains("storage failed"),
+        "{}",
+        later.message()
+    );
+    let read = rpc
+        .describe_workflow(pb::DescribeWorkflowRequest {
+            namespace: "default".into(),
+            workflow_id: "failing-disk".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(read.code(), tonic::Code::Unavailable);
+    // After a restart the state is the durable one, without holes, and the run goes on.
+    env.restart().await;
+    let events = handle.history().await.unwrap();
+    let ids: Vec<u64> = events.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "no holes");
+    let signals: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.attributes {
+            Some(pb::history_event::Attributes::WorkflowSignaled(s)) => Some(s.signal_name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(signals, vec!["before"], "only what was acknowledged");
+    let mut rpc = env.client.raw();
+    let task = poll_workflow_task(&mut rpc, "fd-q").await;
+    rpc.complete_workflow_task(complete_request(task.task_token, vec![complete_workflow()]))
+        .await
+        .unwrap();
+    let done = handle.outcome().await.unwrap();
+    assert_eq!(done.status, pb::ExecutionStatus::Completed as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_past_the_maximum_are_refused_naming_the_field() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    for (field, ms) in [
+        ("run_timeout_ms", u64::MAX),
+        ("task_timeout_ms", 1u64 << 63),
+    ] {
+        let mut req = pb::StartWorkflowRequest {
+            namespace: "default".into(),
+            workflow_id: format!("long-{field}"),
+            workflow_type: "t".into(),
+            task_queue: "long-q".into(),
+            ..Default::default()
+        };
+        if field == "run_timeout_ms" {
+            req.run_timeout_ms = ms;
+        } else {
+            req.task_timeout_ms = ms;
+        }
+        let err = rpc.start_workflow(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    let options = |set: fn(&mut pb::ActivityOptions)| {
+        let mut o = pb::ActivityOptions {
+            start_to_close_timeout_ms: 1_000,
+            ..Default::default()
+        };
+        set(&mut o);
+        o
+    };
+    type SetOption = fn(&mut pb::ActivityOptions);
+    let cases: [(&str, SetOption); 5] = [
+        ("start_to_close_timeout_ms", |o| {
+            o.start_to_close_timeout_ms = u64::MAX
+        }),
+        ("schedule_to_close_timeout_ms", |o| {
+            o.schedule_to_close_timeout_ms = 1 << 63
+        }),
+        ("schedule_to_start_timeout_ms", |o| {
+            o.schedule_to_start_timeout_ms = u64::MAX
+        }),
+        ("heartbeat_timeout_ms", |o| {
+            o.heartbeat_timeout_ms = u64::MAX
+        }),
+        ("initial_interval_ms", |o| {
+            o.retry_policy = Some(pb::RetryPolicy {
+                initial_interval_ms: u64::MAX,
+                ..Default::default()
+            })
+        }),
+    ];
+    for (field, set) in cases {
+        let err = rpc
+            .start_activity(pb::StartActivityRequest {
+                namespace: "default".into(),
+                activity_id: format!("long-{field}"),
+                activity_type: "a".into(),
+                task_queue: "long-q".into(),
+                options: Some(options(set)),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}");
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    // A timer far past the maximum is refused with the completion; the run is not stuck.
+    env.client
+        .start_workflow("t", &(), WorkflowOptions::new("long-timer", "long-q"))
+        .await
+        .unwrap();
+    let task = poll_workflow_task(&mut rpc, "long-q").await;
+    let err = rpc
+        .complete_workflow_task(complete_request(
+            task.task_token.clone(),
+            vec![pb::command::Kind::StartTimer(pb::StartTimerCommand {
+                seq: 1,
+                duration_ms: 1 << 63,
+            })],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("duration_ms"), "{}", err.message());
+    rpc.complete_workflow_task(complete_request(task.task_token, vec![complete_workflow()]))
+        .await
+        .unwrap();
+    let err = rpc
+        .create_session(pb::CreateSessionRequest {
+            namespace: "default".into(),
+            options: Some(pb::SessionOptions {
+                task_queue: "long-q".into(),
+                execution_timeout_ms: u64::MAX,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("execution_timeout_ms"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_max_from_the_sdk_means_no_limit_where_there_may_be_none() {
+    let env = TestEnv::start().await;
+    let mut w = env.worker("max-q", "max-w");
+    w.register_activity(
+        "echo",
+        |_ctx: tether::activity::ActivityContext, x: u32| async move {
+            Ok::<_, tether::activity::ActivityError>(x)
+        },
+    );
+    let worker = w.start().unwrap();
+    let options = tether::client::StandaloneActivityOptions {
+        options: tether::client::ActivityOptions::default()
+            .start_to_close(Duration::MAX)
+            .schedule_to_close(Duration::MAX)
+            .schedule_to_start(Duration::MAX)
+            .heartbeat(Duration::MAX),
+        ..tether::client::StandaloneActivityOptions::new("max-1", "max-q")
+    };
+    let out: u32 = within(
+        T,
+        "activity",
+        env.client.execute_activity("echo", &7u32, options),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out, 7, "Duration::MAX did not expire at once");
+    let workflow = env
+        .client
+        .start_workflow(
+            "never",
+            &(),
+            WorkflowOptions {
+                run_timeout: Some(Duration::MAX),
+                ..WorkflowOptions::new("max-wf", "max-q")
+            },
+        )
+        .await
+        .unwrap();
+    let d = workflow.describe().await.unwrap();
+    assert_eq!(d.info.unwrap().status, pb::ExecutionStatus::Running as i32);
+    workflow.terminate("done").await.unwrap();
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_registrations_are_refused_and_worker_lists_page() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    let register =
+        |identity: String, caps: pb::Capabilities, queues: usize| pb::RegisterWorkerRequest {
+            namespace: "default".into(),
+            identity: identity.clone(),
+            instance_id: format!("{identity}-process"),
+            task_queues: (0..queues).map(|i| format!("q{i}")).collect(),
+            capabilities: Some(caps),
+            ..Default::default()
+        };
+    let huge_label = pb::Capabilities {
+        labels: [("big".to_string(), "x".repeat(10 * 1024 * 1024))].into(),
+        ..Default::default()
+    };
+    let many_gpus = pb::Capabilities {
+        gpus: (0..100_000)
+            .map(|i| pb::GpuDevice {
+                index: i,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for (what, caps, queues) in [
+        ("1024 bytes", huge_label, 1),
+        ("GPUs", many_gpus, 1),
+        ("task queues", pb::Capabilities::default(), 100_000),
+    ] {
+        let err = rpc
+            .register_worker(register("greedy".into(), caps, queues))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}");
+        assert!(err.message().contains(what), "{what}: {}", err.message());
+        assert!(err.message().len() < 1_024);
+    }
+    assert!(
+        env.client.list_workers().await.unwrap().is_empty(),
+        "nothing registered"
+    );
+    for i in 0..250 {
+        rpc.register_worker(register(format!("w{i:03}"), pb::Capabilities::default(), 1))
+            .await
+            .unwrap();
+    }
+    let first = rpc
+        .list_workers(pb::ListWorkersRequest {
+            namespace: "default".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.workers.len(), 100);
+    assert!(!first.next_page_token.is_empty());
+    let all = env.client.list_workers().await.unwrap();
+    assert_eq!(all.len(), 250, "every page is followed");
+    let mut ids: Vec<&str> = all.iter().map(|w| w.identity.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 250, "no worker is listed twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_signal_or_start_with_its_request_id_happens_once() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    let start = pb::StartWorkflowRequest {
+        namespace: "default".into(),
+        workflow_id: "retried".into(),
+        workflow_type: "t".into(),
+        task_queue: "retry-q".into(),
+        request_id: "start-1".into(),
+        ..Default::default()
+    };
+    let run = rpc
+        .start_workflow(start.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let again = rpc
+        .start_workflow(start.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    assert_eq!(run, again, "the retry gets the run its first try started");
+    let other = rpc
+        .start_workflow(pb::StartWorkflowRequest {
+            request_id: "start-2".into(),
+            ..start
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::AlreadyExists);
+    let signal = pb::SignalWorkflowRequest {
+        namespace: "default".into(),
+        workflow_id: "retried".into(),
+        signal_name: "once".into(),
+        request_id: "sig-1".into(),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        rpc.signal_workflow(signal.clone()).await.unwrap();
+    }
+    let events = env
+        .client
+        .workflow_handle("retried", "")
+        .history()
+        .await
+        .unwrap();
+    let delivered = common::event_kinds(&events)
+        .iter()
+        .filter(|k| **k == "WorkflowSignaled")
+        .count();
+    assert_eq!(delivered, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waits_for_a_server_that_is_starting_and_rides_out_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let connecting = {
+        let url = format!("http://{listen}");
+        tokio::spawn(async move {
+            tether::client::Client::connect_with(
+                url,
+                tether::client::ClientOptions {
+                    retry_for: Duration::from_secs(20),
+                    ..Default::default()
+                },
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let server = tether::server::LocalServer::start(&listen, dir.path(), common::test_config())
+        .await
+        .unwrap();
+    let client = within(T, "connect", connecting).await.unwrap().unwrap();
+    let handle = client
+        .start_workflow("t", &(), WorkflowOptions::new("rides-out", "ride-q"))
+        .await
+        .unwrap();
+    // The server goes away and comes back while the client waits for the result.
+    server.stop().await.unwrap();
+    let waiting = {
+        let handle = handle.clone();
+        tokio::spawn(async move { handle.outcome().await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server = tether::server::LocalServer::start(&listen, dir.path(), common::test_config())
+        .await
+        .unwrap();
+    handle.signal("hello", &"again").await.unwrap();
+    let mut rpc = client.raw();
+    let task = poll_workflow_task(&mut rpc, "ride-q").await;
+    rpc.complete_workflow_task(complete_request(task.task_token, vec![complete_workflow()]))
+        .await
+        .unwrap();
+    let outcome = within(T, "outcome", waiting).await.unwrap().unwrap();
+    assert_eq!(outcome.status, pb::ExecutionStatus::Completed as i32);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_sessions_and_finished_waits_leave_nothing_behind() {
+    let env = TestEnv::start().await;
+    let server = env.server.as_ref().unwrap();
+    let before = server.stats();
+    let mut rpc = env.client.raw();
+    rpc.register_worker(pb::RegisterWorkerRequest {
+        namespace: "default".into(),
+        identity: "host-1".into(),
+        instance_id: "host-1-process".into(),
+        task_queues: vec!["leak-q".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..200 {
+        let info = rpc
+            .create_session(pb::CreateSessionRequest {
+                namespace: "default".into(),
+                options: Some(pb::SessionOptions {
+                    task_queue: "leak-q".into(),
+                    ..Default::default()
+                }),
+                session_id: format!("leak-{i}"),
+                wait_ms: 1_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
+        assert_eq!(info.state, "open");
+        rpc.complete_session(pb::CompleteSessionRequest {
+            namespace: "default".into(),
+            session_id: info.session_id,
+        })
+        .await
+        .unwrap();
+    }
+    // Result waits on an open run that time out.
+    env.client
+        .start_workflow("t", &(), WorkflowOptions::new("waited-on", "leak-q"))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let r = rpc
+            .get_workflow_result(pb::GetWorkflowResultRequest {
+                namespace: "default".into(),
+                workflow_id: "waited-on".into(),
+                wait_ms: 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, pb::ExecutionStatus::Running as i32);
+    }
+    let after = eventually(T, "the closed sessions are gone", || async {
+        let s = server.stats();
+        (s.sessions == 0).then_some(s)
+    })
+    .await;
+    assert_eq!(after.result_waiters, 0, "{after:?}");
+    assert_eq!(after.session_waiters, 0, "{after:?}");
+    // The one open run holds its workflow task timeout at most; no session timers remain.
+    assert!(
+        after.timers <= before.timers + 1,
+        "timers left armed: {before:?} -> {after:?}"
+    );
+}
+
+async fn session_owned_by_a_workflow(env: &TestEnv, id: &str) -> pb::SessionInfo {
+    let mut rpc = env.client.raw();
+    rpc.register_worker(pb::RegisterWorkerRequest {
+        namespace: "default".into(),
+        identity: format!("{id}-host"),
+        instance_id: format!("{id}-process"),
+        task_queues: vec![format!("{id}-q")],
+        capabilities: Some(gpus_caps(&format!("{id}-host"), 2)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.client
+        .start_workflow("t", &(), WorkflowOptions::new(id, format!("{id}-q")))
+        .await
+        .unwrap();
+    let task = poll_workflow_task(&mut rpc, &format!("{id}-q")).await;
+    let session_id = format!("{id}-session");
+    rpc.complete_workflow_task(complete_request(
+        task.task_token,
+        vec![pb::command::Kind::CreateSession(pb::CreateSessionCommand {
+            seq: 1,
+            session_id: session_id.clone(),
+            options: Some(pb::SessionOptions {
+                gpus: 2,
+                ..Default::default()
+            }),
+        })],
+    ))
+    .await
+    .unwrap();
+    eventually(T, "the workflow's session is placed", || async {
+        let s = env.client.describe_session(&session_id).await.ok()?;
+        (s.state == "open").then_some(s)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_never_outlives_its_workflow_run() {
+    let env = TestEnv::start().await;
+    for how in ["terminate", "complete"] {
+        let id = format!("owner-{how}");
+        let session = session_owned_by_a_workflow(&env, &id).await;
+        assert_eq!(session.gpus.len(), 2);
+        let handle = env.client.workflow_handle(&id, "");
+        match how {
+            "terminate" => handle.terminate("operator").await.unwrap(),
+            _ => {
+                // The workflow returns without completing its session.
+                let mut rpc = env.client.raw();
+                handle.signal("finish", &()).await.unwrap();
+                let task = poll_workflow_task(&mut rpc, &format!("{id}-q")).await;
+                rpc.complete_workflow_task(complete_request(
+                    task.task_token,
+                    vec![complete_workflow()],
+                ))
+                .await
+                .unwrap();
+            }
+        }
+        // Closed by the same transaction: no waiting.
+        let closed = env
+            .client
+            .describe_session(&session.session_id)
+            .await
+            .unwrap();
+        assert_ne!(closed.state, "open", "{how}: {closed:?}");
+        assert!(closed.reason.contains("closed"), "{how}: {}", closed.reason);
+        // Its GPUs are free again: a new session gets both.
+        let again = within(
+            T,
+            "a new session",
+            env.client.create_session(tether::client::SessionOptions {
+                gpus: 2,
+                ..tether::client::SessionOptions::new(format!("{id}-q"))
+            }),
+        )
+        .await
+        .unwrap();
+        again.complete().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_can_end_any_session_and_idle_client_sessions_end_by_themselves() {
+    let env = TestEnv::start().await;
+    let session = session_owned_by_a_workflow(&env, "stuck").await;
+    let ended = env
+        .client
+        .terminate_session(&session.session_id, "GPU needed elsewhere")
+        .await
+        .unwrap();
+    assert_eq!(ended.state, "terminated");
+    assert!(
+        ended.reason.contains("GPU needed elsewhere"),
+        "{}",
+        ended.reason
+    );
+    // The owning workflow is told.
+    let mut rpc = env.client.raw();
+    let task = poll_workflow_task(&mut rpc, "stuck-q").await;
+    assert!(
+        common::event_kinds(&task.events).contains(&"SessionEnded"),
+        "{:?}",
+        common::event_kinds(&task.events)
+    );
+    // Ending it again says how it ended.
+    let again = env
+        .client
+        .terminate_session(&session.session_id, "")
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Some(tonic::Code::FailedPrecondition));
+    // A client's session that nobody uses ends after its idle timeout.
+    let idle = within(
+        T,
+        "client session",
+        env.client.create_session(tether::client::SessionOptions {
+            gpus: 1,
+            idle_timeout: Some(Duration::from_millis(1_500)),
+            ..tether::client::SessionOptions::new("stuck-q")
+        }),
+    )
+    .await
+    .unwrap();
+    let timed_out = eventually(T, "the idle session ends", || async {
+        let s = env.client.describe_session(idle.id()).await.ok()?;
+        (s.state != "open").then_some(s)
+    })
+    .await;
+    assert_eq!(timed_out.state, "timed_out");
+    assert!(timed_out.reason.contains("idle"), "{}", timed_out.reason);
+}

@@ -301,9 +301,11 @@ async fn duplicate_workflow_id_is_refused_with_the_running_run() {
         .unwrap();
     match err {
         ClientError::AlreadyStarted {
+            what,
             workflow_id,
             run_id,
         } => {
+            assert_eq!(what, "workflow");
             assert_eq!(workflow_id, "dup");
             assert_eq!(run_id, first.run_id);
         }
@@ -397,14 +399,17 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    // An activity without any timeout.
+    // An activity with an attempt timeout past the longest allowed.
     let err = rpc
         .start_activity(pb::StartActivityRequest {
             namespace: "default".into(),
             activity_id: "a".into(),
             activity_type: "t".into(),
             task_queue: "q".into(),
-            options: Some(pb::ActivityOptions::default()),
+            options: Some(pb::ActivityOptions {
+                start_to_close_timeout_ms: u64::MAX,
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await

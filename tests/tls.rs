@@ -369,3 +369,93 @@ async fn access_rules_cannot_be_swapped_in_where_authorization_is_off() {
     // Still open to everyone, as it started.
     env.client.list_namespaces().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_identity_is_bound_to_its_certificate() {
+    let ca = DevCa::new("test CA").unwrap();
+    let (cert, key) = ca.server_cert(&[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let access = tether::server::auth::Access::parse(
+        r#"
+        [[grant]]
+        identity = "gpu-7"
+        namespace = "default"
+        roles = ["worker"]
+        [[grant]]
+        identity = "pool"
+        namespace = "default"
+        roles = ["worker"]
+        worker_identities = ["batch-*"]
+        "#,
+        "test",
+    )
+    .unwrap();
+    let config = ServerConfig {
+        tls: Some(ServerTls {
+            cert_pem: cert.into_bytes(),
+            key_pem: key.into_bytes(),
+            client_ca_pem: Some(ca.cert_pem.clone().into_bytes()),
+        }),
+        access: Some(std::sync::Arc::new(access)),
+        ..common::test_config()
+    };
+    let server = LocalServer::start("127.0.0.1:0", dir.path(), config)
+        .await
+        .unwrap();
+    let pki = Pki {
+        ca,
+        server,
+        _dir: dir,
+    };
+    let as_ = |name: &str| pki.ca.client_cert(name, None).unwrap();
+    let register = |identity: &str| tether::api::pb::RegisterWorkerRequest {
+        namespace: "default".into(),
+        identity: identity.into(),
+        instance_id: format!("{identity}-process"),
+        task_queues: vec!["q".into()],
+        ..Default::default()
+    };
+    let gpu7 = connect(&pki, Some(as_("gpu-7"))).await.unwrap();
+    let mut rpc = gpu7.raw();
+    // Its own name, and its name followed by "-...", as the default identity is.
+    rpc.register_worker(register("gpu-7")).await.unwrap();
+    rpc.register_worker(register("gpu-7-3f2a9c1e"))
+        .await
+        .unwrap();
+    // Another worker's identity, its host queue, its polls: refused.
+    let err = rpc.register_worker(register("gpu-9")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("identity \"gpu-7\" may not act as worker \"gpu-9\""),
+        "{}",
+        err.message()
+    );
+    let err = rpc
+        .poll_activity_task(tether::api::pb::PollActivityTaskRequest {
+            namespace: "default".into(),
+            task_queue: "host/gpu-9".into(),
+            identity: "gpu-9".into(),
+            poll_timeout_ms: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = rpc
+        .worker_heartbeat(tether::api::pb::WorkerHeartbeatRequest {
+            namespace: "default".into(),
+            identity: "gpu-9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    // A grant that lists identities allows those, and only those.
+    let pool = connect(&pki, Some(as_("pool"))).await.unwrap();
+    let mut rpc = pool.raw();
+    rpc.register_worker(register("batch-17")).await.unwrap();
+    let err = rpc.register_worker(register("pool")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("\"batch-*\""), "{}", err.message());
+}

@@ -33,14 +33,20 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Global {
-    /// Server address (host:port or http://host:port).
+    /// Server address for client commands (host:port or http://host:port; env TETHER_ADDRESS,
+    /// default 127.0.0.1:7233). `tether server` and `tether dev` listen on --listen instead.
+    #[arg(long, global = true)]
+    address: Option<String>,
+    /// How long a client command keeps trying while the server cannot be reached (it is
+    /// starting or restarting): connecting, and calls that are safe to repeat.
     #[arg(
         long,
         global = true,
-        env = "TETHER_ADDRESS",
-        default_value = "127.0.0.1:7233"
+        env = "TETHER_RETRY_FOR",
+        default_value = "5s",
+        value_parser = parse_duration
     )]
-    address: String,
+    retry_for: Duration,
     /// Namespace to work in.
     #[arg(
         long,
@@ -70,6 +76,95 @@ struct Global {
     /// Codec server (http://host:port) that decodes payloads for display, instead of --keys.
     #[arg(long, global = true, env = "TETHER_CODEC_SERVER")]
     codec_server: Option<String>,
+}
+
+/// Where client commands connect when neither --address nor TETHER_ADDRESS says.
+const DEFAULT_ADDRESS: &str = "127.0.0.1:7233";
+
+impl Global {
+    /// The server client commands connect to.
+    fn server_address(&self) -> String {
+        self.address
+            .clone()
+            .or_else(|| {
+                std::env::var("TETHER_ADDRESS")
+                    .ok()
+                    .filter(|a| !a.is_empty())
+            })
+            .unwrap_or_else(|| DEFAULT_ADDRESS.to_string())
+    }
+}
+
+/// Prints a line of data on stdout. A reader that went away (`tether ... | head`) ends the
+/// command quietly, as it would any Unix tool, instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(&format!($($arg)*))
+    };
+}
+
+fn emit(line: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(line.as_bytes())
+        .and_then(|_| stdout.write_all(b"\n"));
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: could not write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Input for a command: JSON text (--input), or a file of it (--input-file; `-` reads stdin).
+#[derive(Args, Clone, Default)]
+struct InputArgs {
+    /// Input as JSON text.
+    #[arg(long, conflicts_with = "input_file")]
+    input: Option<String>,
+    /// Read the input (JSON) from this file; `-` reads it from stdin.
+    #[arg(long, value_name = "PATH")]
+    input_file: Option<PathBuf>,
+}
+
+impl InputArgs {
+    /// The JSON text given, if any.
+    fn text(&self) -> Result<Option<String>> {
+        if let Some(text) = &self.input {
+            return Ok(Some(text.clone()));
+        }
+        let Some(path) = &self.input_file else {
+            return Ok(None);
+        };
+        let text = if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("reading the input from stdin")?;
+            text
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--input-file {}", path.display()))?
+        };
+        Ok(Some(text))
+    }
+
+    fn payload(&self) -> Result<Option<pb::Payload>> {
+        parse_json_input(self.text()?.as_deref())
+    }
+
+    fn value(&self) -> Result<Value> {
+        Ok(match self.text()? {
+            Some(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "the input is not valid JSON: {:?}",
+                    tether::types::quote_prefix(&text, 80)
+                )
+            })?,
+            None => Value::Null,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -142,7 +237,7 @@ enum CertsCmd {
 enum SessionCmd {
     /// List sessions: open and waiting ones, or all with --all.
     List {
-        /// Include completed, failed and timed-out sessions.
+        /// Include completed, failed, timed-out and terminated sessions.
         #[arg(long)]
         all: bool,
     },
@@ -150,6 +245,15 @@ enum SessionCmd {
     Describe {
         /// The session id.
         session_id: String,
+    },
+    /// End a session at once: its GPUs and units are freed, its pending activities fail with
+    /// SessionFailed, and the workflow that owns it is told.
+    Terminate {
+        /// The session id.
+        session_id: String,
+        /// Why (shown with the session and to its owner).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -230,6 +334,13 @@ struct ServerOptionsArgs {
     /// Most requests per second from one caller (certificate identity, else address); 0 = off.
     #[arg(long, default_value_t = 100_000)]
     max_requests_per_second: u32,
+    /// Largest encoded size of one run's history, in bytes; appends past it are refused.
+    #[arg(long, default_value_t = tether::server::DEFAULT_MAX_HISTORY_BYTES)]
+    max_history_bytes: u64,
+    /// How long a commit waits for another process's lock on the database before it fails
+    /// (the server then refuses every request and exits, to be restarted).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    store_busy_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -302,9 +413,8 @@ enum WorkflowCmd {
         /// Workflow id (default: a random uuid).
         #[arg(long)]
         id: Option<String>,
-        /// Input as JSON text.
-        #[arg(long)]
-        input: Option<String>,
+        #[command(flatten)]
+        input: InputArgs,
         /// End the run if it takes longer than this (e.g. 1h).
         #[arg(long, value_parser = parse_duration)]
         run_timeout: Option<Duration>,
@@ -334,9 +444,8 @@ enum WorkflowCmd {
         /// Signal name.
         #[arg(long)]
         name: String,
-        /// Signal input as JSON text.
-        #[arg(long)]
-        input: Option<String>,
+        #[command(flatten)]
+        input: InputArgs,
     },
     /// Ask a workflow to cancel (it may clean up first).
     Cancel {
@@ -378,15 +487,18 @@ enum ActivityCmd {
         /// Activity id (default: a random uuid).
         #[arg(long)]
         id: Option<String>,
-        /// Input as JSON text.
-        #[arg(long)]
-        input: Option<String>,
+        #[command(flatten)]
+        input: InputArgs,
         /// Limit on one attempt.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         start_to_close: Duration,
         /// Limit on all attempts together.
         #[arg(long, value_parser = parse_duration)]
         schedule_to_close: Option<Duration>,
+        /// Limit on waiting in the queue for a worker that can take it (not retried). Without
+        /// it, work no worker can take waits until one can.
+        #[arg(long, value_parser = parse_duration)]
+        schedule_to_start: Option<Duration>,
         /// Most attempts (0 = unlimited).
         #[arg(long, default_value_t = 0)]
         max_attempts: u32,
@@ -400,6 +512,52 @@ enum ActivityCmd {
         #[arg(long)]
         worker: Option<String>,
     },
+    /// Wait for a standalone activity's result.
+    Result {
+        #[command(flatten)]
+        activity: ActivityRef,
+    },
+    /// Show a standalone activity's state: attempt, worker, last failure, result.
+    Describe {
+        #[command(flatten)]
+        activity: ActivityRef,
+    },
+    /// List standalone activities, newest first.
+    List {
+        /// Only those with this status: running, completed, failed, canceled, terminated,
+        /// timed_out.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Ask a standalone activity to cancel (a running attempt is told through its heartbeats).
+    Cancel {
+        #[command(flatten)]
+        activity: ActivityRef,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a standalone activity at once.
+    Terminate {
+        #[command(flatten)]
+        activity: ActivityRef,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Args)]
+struct ActivityRef {
+    /// Activity id.
+    #[arg(long = "id", short = 'a')]
+    activity_id: String,
+    /// Run id (default: the latest run).
+    #[arg(long, default_value = "")]
+    run_id: String,
 }
 
 #[derive(Subcommand)]
@@ -664,26 +822,31 @@ fn worker_json(w: &pb::WorkerInfo) -> Value {
 fn print_caps(c: &pb::Capabilities) {
     use tether::caps::requirements::human_bytes;
     let h = c.host.clone().unwrap_or_default();
-    println!(
+    out!(
         "host:          {} ({}, kernel {}, {})",
-        h.hostname, h.os, h.kernel, h.arch
+        h.hostname,
+        h.os,
+        h.kernel,
+        h.arch
     );
-    println!(
+    out!(
         "cpu:           {} ({} logical, {} physical cores)",
-        h.cpu_model, h.logical_cores, h.physical_cores
+        h.cpu_model,
+        h.logical_cores,
+        h.physical_cores
     );
-    println!(
+    out!(
         "memory:        {} total, {} available",
         human_bytes(h.memory_total_bytes),
         human_bytes(h.memory_available_bytes)
     );
-    println!(
+    out!(
         "disk:          {} free at {}",
         human_bytes(h.disk_free_bytes),
         h.work_dir
     );
     if c.gpus.is_empty() {
-        println!(
+        out!(
             "gpus:          none ({})",
             if c.gpu_note.is_empty() {
                 "no devices"
@@ -693,13 +856,14 @@ fn print_caps(c: &pb::Capabilities) {
         );
     } else {
         if !c.gpu_driver_version.is_empty() {
-            println!(
+            out!(
                 "gpu driver:    {} (CUDA {})",
-                c.gpu_driver_version, c.cuda_driver_version
+                c.gpu_driver_version,
+                c.cuda_driver_version
             );
         }
         for g in &c.gpus {
-            println!(
+            out!(
                 "GPU {}: {} (UUID: {}) {}, compute {}.{}, source: {}",
                 g.index,
                 g.name,
@@ -711,7 +875,7 @@ fn print_caps(c: &pb::Capabilities) {
             );
         }
         if !c.gpu_note.is_empty() {
-            println!("               {}", c.gpu_note);
+            out!("               {}", c.gpu_note);
         }
     }
     let ifaces: Vec<String> = c
@@ -719,8 +883,8 @@ fn print_caps(c: &pb::Capabilities) {
         .iter()
         .map(|i| format!("{} {}", i.name, i.addresses.join(" ")))
         .collect();
-    println!("interfaces:    {}", ifaces.join("; "));
-    println!(
+    out!("interfaces:    {}", ifaces.join("; "));
+    out!(
         "network:       {}",
         if c.network.is_empty() {
             "-".to_string()
@@ -728,7 +892,7 @@ fn print_caps(c: &pb::Capabilities) {
             c.network.join(", ")
         }
     );
-    println!(
+    out!(
         "credentials:   {}",
         if c.credentials.is_empty() {
             "-".to_string()
@@ -737,7 +901,7 @@ fn print_caps(c: &pb::Capabilities) {
         }
     );
     let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!(
+    out!(
         "labels:        {}",
         if labels.is_empty() {
             "-".to_string()
@@ -750,7 +914,7 @@ fn print_caps(c: &pb::Capabilities) {
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    println!(
+    out!(
         "resources:     {}",
         if res.is_empty() {
             "-".to_string()
@@ -807,7 +971,7 @@ async fn decode_for_display(g: &Global, payloads: Vec<&mut pb::Payload>) -> Resu
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+    out!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
 async fn connect(g: &Global) -> Result<Client> {
@@ -822,10 +986,11 @@ async fn connect(g: &Global) -> Result<Client> {
         None
     };
     Ok(Client::connect_with(
-        g.address.clone(),
+        g.server_address(),
         ClientOptions {
             namespace: g.namespace.clone(),
             tls,
+            retry_for: g.retry_for,
             ..Default::default()
         },
     )
@@ -878,6 +1043,8 @@ fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
         max_pending_activities: o.max_pending_activities,
         max_requests_per_second: o.max_requests_per_second,
         metrics: o.metrics_listen.is_some(),
+        max_history_bytes: o.max_history_bytes,
+        store_busy_timeout: o.store_busy_timeout,
         ..ServerConfig::default()
     })
 }
@@ -906,23 +1073,42 @@ async fn serve(
     if let Some((addr, _)) = &metrics {
         eprintln!("metrics on http://{addr}/metrics");
     }
-    match access_file {
-        Some(path) => {
-            eprintln!(
-                "access rules from {}; send SIGHUP to reload them",
-                path.display()
-            );
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = reload_access_on_hangup(&server, path) => {}
-            }
+    if let Some(path) = access_file {
+        eprintln!(
+            "access rules from {}; send SIGHUP to reload them",
+            path.display()
+        );
+    }
+    let reload = async {
+        match access_file {
+            Some(path) => reload_access_on_hangup(&server, path).await,
+            None => std::future::pending().await,
         }
-        None => shutdown_signal().await,
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = reload => {}
+        failure = server.storage_failed() => {
+            // Nothing can be written any more, and nothing after the failed write was
+            // acknowledged: stop, so that a supervisor restarts the server, which recovers
+            // from the last durable state. Callers meanwhile are told UNAVAILABLE.
+            eprintln!(
+                "error: storage failed ({}); every request is refused; exiting so the server \
+                 can be restarted from the last durable state",
+                failure.reason
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = server.stop().await;
+            std::process::exit(STORAGE_FAILED_EXIT);
+        }
     }
     eprintln!("shutting down");
     server.stop().await?;
     Ok(())
 }
+
+/// The exit status of a server whose store failed a write.
+const STORAGE_FAILED_EXIT: i32 = 3;
 
 /// Installs the Prometheus recorder and serves `GET /metrics` on `addr` (port 0: any free port).
 async fn start_metrics(addr: &str) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
@@ -1026,23 +1212,52 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let json = cli.global.json;
     match run(cli).await {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One report, on stderr: as JSON under --json, so a script reads it the same way
+            // it reads data.
+            let code = e
+                .downcast_ref::<tether::client::ClientError>()
+                .and_then(|c| c.code())
+                .map(tether::client::code_name);
+            if json {
+                eprintln!(
+                    "{}",
+                    json!({"error": {"message": format!("{e:#}"), "code": code}})
+                );
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::exit(1);
         }
     }
+}
+
+/// `tether server` and `tether dev` listen on --listen; an --address there is a mistake for
+/// it, and silently listening elsewhere would hide that.
+fn refuse_address_for_servers(g: &Global, command: &str) -> Result<()> {
+    if let Some(address) = &g.address {
+        bail!(
+            "tether {command} listens on --listen (default 127.0.0.1:7233); --address names the \
+             server that client commands connect to. To listen on {address}, pass --listen \
+             {address}"
+        );
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<i32> {
     let g = cli.global;
     match cli.command {
         Command::Server(args) => {
+            refuse_address_for_servers(&g, "server")?;
             let config = server_config(&args.options)?;
             serve(&args.options, &args.data_dir, config).await?;
         }
         Command::Dev(args) => {
+            refuse_address_for_servers(&g, "dev")?;
             let config = server_config(&args.options)?;
             match &args.data_dir {
                 Some(dir) => serve(&args.options, dir, config).await?,
@@ -1067,7 +1282,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     if g.json {
                         print_json(&json!({ "namespace": name, "retention": retention }));
                     } else {
-                        println!("namespace {name} created (closed runs kept {retention})");
+                        out!("namespace {name} created (closed runs kept {retention})");
                     }
                 }
                 NamespaceCmd::Update {
@@ -1087,7 +1302,7 @@ async fn run(cli: Cli) -> Result<i32> {
                             &json!({"name": n.name, "description": n.description, "retention": retention}),
                         );
                     } else {
-                        println!(
+                        out!(
                             "namespace {} updated (closed runs kept {retention})",
                             n.name
                         );
@@ -1102,9 +1317,9 @@ async fn run(cli: Cli) -> Result<i32> {
                                 .collect(),
                         ));
                     } else {
-                        println!("{:<24} {:<10} DESCRIPTION", "NAME", "RETENTION");
+                        out!("{:<24} {:<10} DESCRIPTION", "NAME", "RETENTION");
                         for n in list {
-                            println!(
+                            out!(
                                 "{:<24} {:<10} {}",
                                 n.name,
                                 retention_text(n.retention_ms),
@@ -1116,76 +1331,7 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Workflow(cmd) => return workflow_cmd(&g, cmd).await,
-        Command::Activity(ActivityCmd::Execute {
-            activity_type,
-            task_queue,
-            id,
-            input,
-            start_to_close,
-            schedule_to_close,
-            max_attempts,
-            no_wait,
-            requirements,
-            worker,
-        }) => {
-            let requirements = tether::caps::Requirements::parse(&requirements)
-                .map_err(|e| anyhow::anyhow!("--requirements: {e}"))?;
-            let client = connect(&g).await?;
-            let input: Value = match input {
-                Some(text) => serde_json::from_str(&text)
-                    .with_context(|| format!("--input is not valid JSON: {text:?}"))?,
-                None => Value::Null,
-            };
-            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let mut options = StandaloneActivityOptions::new(id.clone(), task_queue);
-            options.options = ActivityOptions {
-                start_to_close: Some(start_to_close),
-                schedule_to_close,
-                retry: RetryPolicy {
-                    maximum_attempts: max_attempts,
-                    ..Default::default()
-                },
-                requirements,
-                worker,
-                ..Default::default()
-            };
-            let handle = client
-                .start_activity(&activity_type, &input, options)
-                .await?;
-            eprintln!("started activity {id} (run {})", handle.run_id);
-            if no_wait {
-                if g.json {
-                    print_json(&json!({"activity_id": id, "run_id": handle.run_id}));
-                } else {
-                    println!("{id} {}", handle.run_id);
-                }
-                return Ok(0);
-            }
-            match handle.result::<Value>().await {
-                Ok(v) => {
-                    if g.json {
-                        print_json(
-                            &json!({"activity_id": id, "run_id": handle.run_id, "status": "completed", "result": v}),
-                        );
-                    } else {
-                        println!("{v}");
-                    }
-                }
-                Err(tether::client::ClientError::Failed {
-                    status, failure, ..
-                }) => {
-                    if g.json {
-                        print_json(
-                            &json!({"activity_id": id, "run_id": handle.run_id, "status": status.short_name(), "failure": failure_json(Some(&failure))}),
-                        );
-                    } else {
-                        eprintln!("activity {id} {}: {}", status.short_name(), failure.message);
-                    }
-                    return Ok(2);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Command::Activity(cmd) => return activity_cmd(&g, cmd).await,
         Command::Queue(QueueCmd::Describe { task_queue }) => {
             let client = connect(&g).await?;
             let q = client.describe_task_queue(&task_queue).await?;
@@ -1194,24 +1340,39 @@ async fn run(cli: Cli) -> Result<i32> {
                     "task_queue": task_queue,
                     "workflow_backlog": q.workflow_backlog,
                     "activity_backlog": q.activity_backlog,
-                    "pollers": q.pollers.iter().map(|p| json!({"identity": p.identity, "kind": p.kind, "last_poll": time_text(p.last_poll_ms)})).collect::<Vec<_>>(),
+                    "pollers": q.pollers.iter().map(|p| json!({"identity": p.identity, "kind": p.kind, "state": p.state, "last_poll": time_text(p.last_poll_ms)})).collect::<Vec<_>>(),
                     "requirement_backlogs": q.requirement_backlogs.iter().map(|b| json!({
                         "requirements": b.requirements, "tasks": b.tasks,
                         "unplaceable": b.unplaceable, "explanation": b.explanation,
                     })).collect::<Vec<_>>(),
                 }));
             } else {
-                println!("task queue:        {task_queue}");
-                println!("workflow backlog:  {}", q.workflow_backlog);
-                println!("activity backlog:  {}", q.activity_backlog);
-                println!("pollers:");
-                for p in q.pollers {
-                    println!(
-                        "  {:<32} {:<9} last poll {}",
+                out!("task queue:        {task_queue}");
+                out!("workflow backlog:  {}", q.workflow_backlog);
+                out!("activity backlog:  {}", q.activity_backlog);
+                out!("pollers:");
+                for p in &q.pollers {
+                    out!(
+                        "  {:<32} {:<9} {:<13} last poll {}",
                         p.identity,
                         p.kind,
+                        p.state,
                         time_text(p.last_poll_ms)
                     );
+                }
+                if !q.requirement_backlogs.is_empty() {
+                    out!("waiting activities by requirements:");
+                    for b in &q.requirement_backlogs {
+                        let reqs = if b.requirements.is_empty() {
+                            "(none)"
+                        } else {
+                            b.requirements.as_str()
+                        };
+                        out!("  {:>6}  {reqs}", b.tasks);
+                        if b.unplaceable {
+                            out!("          unplaceable: {}", b.explanation);
+                        }
+                    }
                 }
             }
         }
@@ -1221,13 +1382,16 @@ async fn run(cli: Cli) -> Result<i32> {
             if g.json {
                 print_json(&Value::Array(workers.iter().map(worker_json).collect()));
             } else {
-                println!(
+                out!(
                     "{:<32} {:<13} {:<26} {:<6} TASK QUEUES",
-                    "IDENTITY", "STATE", "LAST SEEN", "GPUS"
+                    "IDENTITY",
+                    "STATE",
+                    "LAST SEEN",
+                    "GPUS"
                 );
                 for w in workers {
                     let gpus = w.capabilities.as_ref().map(|c| c.gpus.len()).unwrap_or(0);
-                    println!(
+                    out!(
                         "{:<32} {:<13} {:<26} {:<6} {}",
                         w.identity,
                         w.state,
@@ -1254,12 +1418,12 @@ async fn run(cli: Cli) -> Result<i32> {
             if g.json {
                 print_json(&worker_json(&w));
             } else {
-                println!("identity:      {}", w.identity);
-                println!("state:         {}", w.state);
-                println!("registered:    {}", time_text(w.registered_ms));
-                println!("last seen:     {}", time_text(w.last_seen_ms));
-                println!("task queues:   {}", w.task_queues.join(", "));
-                println!("host queue:    {}", w.host_queue);
+                out!("identity:      {}", w.identity);
+                out!("state:         {}", w.state);
+                out!("registered:    {}", time_text(w.registered_ms));
+                out!("last seen:     {}", time_text(w.last_seen_ms));
+                out!("task queues:   {}", w.task_queues.join(", "));
+                out!("host queue:    {}", w.host_queue);
                 if let Some(caps) = &w.capabilities {
                     print_caps(caps);
                 }
@@ -1268,30 +1432,33 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Session(cmd) => {
             let client = connect(&g).await?;
             match cmd {
+                SessionCmd::Terminate { session_id, reason } => {
+                    let s = client.terminate_session(&session_id, &reason).await?;
+                    if g.json {
+                        print_json(&session_json(&s));
+                    } else {
+                        out!("session {} terminated: {}", s.session_id, s.reason);
+                    }
+                }
                 SessionCmd::List { all } => {
-                    let sessions = client
-                        .raw()
-                        .list_sessions(pb::ListSessionsRequest {
-                            namespace: g.namespace.clone(),
-                            include_closed: all,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(tether::client::ClientError::from)?
-                        .into_inner()
-                        .sessions;
+                    let sessions = client.list_sessions(all).await?;
                     if g.json {
                         print_json(&Value::Array(sessions.iter().map(session_json).collect()));
                     } else {
-                        println!(
+                        out!(
                             "{:<40} {:<10} {:<16} {:<10} {:>8} {:>5}  OWNER",
-                            "SESSION", "STATE", "WORKER", "GPUS", "AGE(s)", "ACTS"
+                            "SESSION",
+                            "STATE",
+                            "WORKER",
+                            "GPUS",
+                            "AGE(s)",
+                            "ACTS"
                         );
                         for s in sessions {
                             let v = session_json(&s);
                             let gpus: Vec<String> =
                                 s.gpus.iter().map(|g| g.index.to_string()).collect();
-                            println!(
+                            out!(
                                 "{:<40} {:<10} {:<16} {:<10} {:>8} {:>5}  {}",
                                 s.session_id,
                                 s.state,
@@ -1310,33 +1477,34 @@ async fn run(cli: Cli) -> Result<i32> {
                         print_json(&session_json(&s));
                     } else {
                         let v = session_json(&s);
-                        println!("session:         {}", s.session_id);
-                        println!("state:           {}", s.state);
-                        println!("owner:           {}", s.owner);
-                        println!(
+                        out!("session:         {}", s.session_id);
+                        out!("state:           {}", s.state);
+                        out!("owner:           {}", s.owner);
+                        out!(
                             "worker:          {} (host {})",
-                            s.worker_identity, s.hostname
+                            s.worker_identity,
+                            s.hostname
                         );
                         for gpu in &s.gpus {
-                            println!("gpu:             {} {} ({})", gpu.index, gpu.name, gpu.uuid);
+                            out!("gpu:             {} {} ({})", gpu.index, gpu.name, gpu.uuid);
                         }
                         for (k, n) in &s.resources {
-                            println!("resource:        {k}={n}");
+                            out!("resource:        {k}={n}");
                         }
-                        println!(
+                        out!(
                             "requirements:    {}",
                             v["requirements"].as_str().unwrap_or("")
                         );
-                        println!("created:         {}", time_text(s.created_ms));
-                        println!("age:             {} s", v["age_seconds"]);
-                        println!("activities run:  {}", s.activities_run);
+                        out!("created:         {}", time_text(s.created_ms));
+                        out!("age:             {} s", v["age_seconds"]);
+                        out!("activities run:  {}", s.activities_run);
                         if !s.reason.is_empty() {
                             let label = if s.state == "creating" {
                                 "waiting because"
                             } else {
                                 "reason"
                             };
-                            println!("{label}: {}", s.reason);
+                            out!("{label}: {}", s.reason);
                         }
                     }
                 }
@@ -1368,8 +1536,9 @@ async fn run(cli: Cli) -> Result<i32> {
             codec::server::serve(listener, dc, shutdown_signal()).await?;
         }
         Command::Keygen { id } => {
-            println!("# tether payload keys: KEY_ID = 64 hex characters; the first (or `active = ID`) encrypts");
-            println!("{id} = {}", codec::AesGcmCodec::generate_key_hex());
+            // Loadable as it is, and appended to an existing file (`>> keys.txt`) for rotation.
+            out!("# tether payload key {id} (the first key, or the one named by active = ID, encrypts)");
+            out!("{id} = {}", codec::AesGcmCodec::generate_key_hex());
         }
         Command::Certs(CertsCmd::Dev { out, clients }) => {
             let names: Vec<&str> = clients.iter().map(String::as_str).collect();
@@ -1383,7 +1552,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 ));
             } else {
                 for f in &files {
-                    println!("{}", f.display());
+                    out!("{}", f.display());
                 }
                 eprintln!(
                     "try it:\n  tether server --data-dir DIR --tls-cert {0}/server.pem --tls-key {0}/server.key --client-ca {0}/ca.pem\n  tether --tls-ca {0}/ca.pem --tls-cert {0}/client.pem --tls-key {0}/client.key namespace list",
@@ -1424,7 +1593,7 @@ fn print_outcome(g: &Global, workflow_id: &str, outcome: &pb::GetWorkflowResultR
             "failure": failure_json(outcome.failure.as_ref()),
         }));
     } else if status == pb::ExecutionStatus::Completed {
-        println!("{}", codec::display_payload(outcome.result.as_ref()));
+        out!("{}", codec::display_payload(outcome.result.as_ref()));
     } else {
         eprintln!(
             "workflow {workflow_id} {}: {}",
@@ -1458,7 +1627,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             let mut options = WorkflowOptions::new(id.clone(), task_queue);
             options.run_timeout = run_timeout;
             let handle = client
-                .start_workflow_raw(&workflow_type, parse_json_input(input.as_deref())?, options)
+                .start_workflow_raw(&workflow_type, input.payload()?, options)
                 .await?;
             if wait {
                 eprintln!(
@@ -1471,7 +1640,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"workflow_id": id, "run_id": handle.run_id}));
             } else {
-                println!("workflow id: {id}\nrun id:      {}", handle.run_id);
+                out!("workflow id: {id}\nrun id:      {}", handle.run_id);
             }
         }
         WorkflowCmd::Result { run } => {
@@ -1512,27 +1681,30 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                 v["failure"] = failure_json(d.failure.as_ref());
                 print_json(&v);
             } else {
-                println!("workflow id:     {}", info.workflow_id);
-                println!("run id:          {}", info.run_id);
-                println!("kind:            {}", info.kind);
-                println!("type:            {}", info.workflow_type);
-                println!("task queue:      {}", info.task_queue);
-                println!("status:          {}", status_name(info.status));
-                println!("started:         {}", time_text(info.start_ms));
-                println!("closed:          {}", time_text(info.close_ms));
-                println!("history length:  {}", info.history_length);
-                println!("pending timers:  {}", d.pending_timers);
-                println!("task failures:   {}", d.workflow_task_failures);
+                out!("workflow id:     {}", info.workflow_id);
+                out!("run id:          {}", info.run_id);
+                out!("kind:            {}", info.kind);
+                out!("type:            {}", info.workflow_type);
+                out!("task queue:      {}", info.task_queue);
+                out!("status:          {}", status_name(info.status));
+                out!("started:         {}", time_text(info.start_ms));
+                out!("closed:          {}", time_text(info.close_ms));
+                out!("history length:  {}", info.history_length);
+                out!("pending timers:  {}", d.pending_timers);
+                out!("task failures:   {}", d.workflow_task_failures);
                 if let Some(f) = &d.last_workflow_task_failure {
-                    println!(
+                    out!(
                         "last workflow task failure ({}, attempt {}, worker {}):\n  {}",
-                        f.cause, f.attempt, f.identity, f.message
+                        f.cause,
+                        f.attempt,
+                        f.identity,
+                        f.message
                     );
                 }
                 if !d.pending_activities.is_empty() {
-                    println!("pending activities:");
+                    out!("pending activities:");
                     for a in &d.pending_activities {
-                        println!(
+                        out!(
                             "  #{:<3} {:<20} {:<16} attempt {:<3} queue {:<16} worker {}{}",
                             a.seq,
                             a.activity_type,
@@ -1548,13 +1720,13 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                     }
                 }
                 if d.result.is_some() {
-                    println!(
+                    out!(
                         "result:          {}",
                         codec::display_payload(d.result.as_ref())
                     );
                 }
                 if let Some(f) = &d.failure {
-                    println!("failure:         {}", f.message);
+                    out!("failure:         {}", f.message);
                 }
             }
         }
@@ -1569,7 +1741,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             } else {
                 for e in &events {
                     let v = event_json(e);
-                    println!(
+                    out!(
                         "{:>4}  {}  {:<28} {}",
                         e.event_id,
                         time_text(e.time_ms),
@@ -1580,24 +1752,15 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             }
         }
         WorkflowCmd::Signal { run, name, input } => {
-            let payload = parse_json_input(input.as_deref())?;
+            let value = input.value()?;
             client
-                .raw()
-                .signal_workflow(pb::SignalWorkflowRequest {
-                    namespace: g.namespace.clone(),
-                    workflow_id: run.workflow_id.clone(),
-                    run_id: run.run_id,
-                    signal_name: name.clone(),
-                    input: payload,
-                    identity: client.identity().to_string(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(tether::client::ClientError::from)?;
+                .workflow_handle(&run.workflow_id, &run.run_id)
+                .signal(&name, &value)
+                .await?;
             if g.json {
                 print_json(&json!({"signaled": run.workflow_id, "signal": name}));
             } else {
-                println!("signal {name} sent to {}", run.workflow_id);
+                out!("signal {name} sent to {}", run.workflow_id);
             }
         }
         WorkflowCmd::Cancel { run, reason } => {
@@ -1608,7 +1771,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"cancel_requested": run.workflow_id}));
             } else {
-                println!("cancellation requested for {}", run.workflow_id);
+                out!("cancellation requested for {}", run.workflow_id);
             }
         }
         WorkflowCmd::Terminate { run, reason } => {
@@ -1619,7 +1782,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"terminated": run.workflow_id}));
             } else {
-                println!("terminated {}", run.workflow_id);
+                out!("terminated {}", run.workflow_id);
             }
         }
         WorkflowCmd::List { status, limit } => {
@@ -1633,12 +1796,15 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             if g.json {
                 print_json(&Value::Array(runs.iter().map(execution_json).collect()));
             } else {
-                println!(
+                out!(
                     "{:<36} {:<20} {:<11} {:<26} RUN ID",
-                    "WORKFLOW ID", "TYPE", "STATUS", "STARTED"
+                    "WORKFLOW ID",
+                    "TYPE",
+                    "STATUS",
+                    "STARTED"
                 );
                 for r in runs {
-                    println!(
+                    out!(
                         "{:<36} {:<20} {:<11} {:<26} {}",
                         r.workflow_id,
                         r.workflow_type,
@@ -1651,4 +1817,210 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Prints a standalone activity's outcome; the exit code says whether it completed.
+fn print_activity_outcome(g: &Global, id: &str, outcome: &pb::GetWorkflowResultResponse) -> i32 {
+    let status = pb::ExecutionStatus::try_from(outcome.status).unwrap_or_default();
+    if g.json {
+        print_json(&json!({
+            "activity_id": id,
+            "run_id": outcome.run_id,
+            "status": status.short_name(),
+            "result": payload_json(outcome.result.as_ref()),
+            "failure": failure_json(outcome.failure.as_ref()),
+        }));
+    } else if status == pb::ExecutionStatus::Completed {
+        out!("{}", codec::display_payload(outcome.result.as_ref()));
+    } else {
+        eprintln!(
+            "activity {id} {}: {}",
+            status.short_name(),
+            outcome
+                .failure
+                .as_ref()
+                .map(|f| f.message.as_str())
+                .unwrap_or("")
+        );
+    }
+    if status == pb::ExecutionStatus::Completed {
+        0
+    } else {
+        2
+    }
+}
+
+async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
+    match cmd {
+        ActivityCmd::Execute {
+            activity_type,
+            task_queue,
+            id,
+            input,
+            start_to_close,
+            schedule_to_close,
+            schedule_to_start,
+            max_attempts,
+            no_wait,
+            requirements,
+            worker,
+        } => {
+            let requirements = tether::caps::Requirements::parse(&requirements)
+                .map_err(|e| anyhow::anyhow!("--requirements: {e}"))?;
+            let input = input.value()?;
+            let client = connect(g).await?;
+            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let mut options = StandaloneActivityOptions::new(id.clone(), task_queue);
+            options.options = ActivityOptions {
+                start_to_close: Some(start_to_close),
+                schedule_to_close,
+                schedule_to_start,
+                retry: RetryPolicy {
+                    maximum_attempts: max_attempts,
+                    ..Default::default()
+                },
+                requirements,
+                worker,
+                ..Default::default()
+            };
+            let handle = client
+                .start_activity(&activity_type, &input, options)
+                .await?;
+            eprintln!("started activity {id} (run {})", handle.run_id);
+            if !handle.placement_note.is_empty() {
+                eprintln!(
+                    "waiting: {}{}",
+                    handle.placement_note,
+                    if schedule_to_start.is_none() {
+                        " (give --schedule-to-start to stop waiting after a while)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if no_wait {
+                if g.json {
+                    print_json(&json!({"activity_id": id, "run_id": handle.run_id}));
+                } else {
+                    out!("{id} {}", handle.run_id);
+                }
+                return Ok(0);
+            }
+            let mut outcome = handle.outcome().await?;
+            decode_for_display(g, outcome.result.iter_mut().collect()).await?;
+            Ok(print_activity_outcome(g, &id, &outcome))
+        }
+        ActivityCmd::Result { activity } => {
+            let client = connect(g).await?;
+            let mut outcome = client
+                .activity_handle(&activity.activity_id, &activity.run_id)
+                .outcome()
+                .await?;
+            decode_for_display(g, outcome.result.iter_mut().collect()).await?;
+            Ok(print_activity_outcome(g, &activity.activity_id, &outcome))
+        }
+        ActivityCmd::Describe { activity } => {
+            let client = connect(g).await?;
+            let mut d = client
+                .activity_handle(&activity.activity_id, &activity.run_id)
+                .describe()
+                .await?;
+            decode_for_display(g, d.result.iter_mut().collect()).await?;
+            let info = d.info.clone().unwrap_or_default();
+            let pending = d.pending_activities.first();
+            if g.json {
+                let mut v = execution_json(&info);
+                v["attempt"] = json!(pending.map(|a| a.attempt));
+                v["state"] = json!(pending.map(|a| a.state.clone()));
+                v["last_worker"] = json!(pending.map(|a| a.last_worker.clone()));
+                v["last_failure"] = failure_json(pending.and_then(|a| a.last_failure.as_ref()));
+                v["result"] = payload_json(d.result.as_ref());
+                v["failure"] = failure_json(d.failure.as_ref());
+                print_json(&v);
+            } else {
+                out!("activity id:     {}", info.workflow_id);
+                out!("run id:          {}", info.run_id);
+                out!("type:            {}", info.workflow_type);
+                out!("task queue:      {}", info.task_queue);
+                out!("status:          {}", status_name(info.status));
+                out!("started:         {}", time_text(info.start_ms));
+                out!("closed:          {}", time_text(info.close_ms));
+                if let Some(a) = pending {
+                    out!("attempt:         {} ({})", a.attempt, a.state);
+                    out!("worker:          {}", a.last_worker);
+                    if let Some(f) = &a.last_failure {
+                        out!("last failure:    {}", f.message);
+                    }
+                }
+                if d.result.is_some() {
+                    out!(
+                        "result:          {}",
+                        codec::display_payload(d.result.as_ref())
+                    );
+                }
+                if let Some(f) = &d.failure {
+                    out!("failure:         {}", f.message);
+                }
+            }
+            Ok(0)
+        }
+        ActivityCmd::List { status, limit } => {
+            let status = match status {
+                None => None,
+                Some(s) => Some(pb::ExecutionStatus::from_short_name(&s).with_context(|| {
+                    format!("--status {s:?} is not known: use running, completed, failed, canceled, terminated or timed_out")
+                })?),
+            };
+            let client = connect(g).await?;
+            let runs = client.list_workflows(status, limit, true).await?;
+            if g.json {
+                print_json(&Value::Array(runs.iter().map(execution_json).collect()));
+            } else {
+                out!(
+                    "{:<36} {:<20} {:<11} {:<26} RUN ID",
+                    "ACTIVITY ID",
+                    "TYPE",
+                    "STATUS",
+                    "STARTED"
+                );
+                for r in runs {
+                    out!(
+                        "{:<36} {:<20} {:<11} {:<26} {}",
+                        r.workflow_id,
+                        r.workflow_type,
+                        status_name(r.status),
+                        time_text(r.start_ms),
+                        r.run_id
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ActivityCmd::Cancel { activity, reason } => {
+            let client = connect(g).await?;
+            client
+                .activity_handle(&activity.activity_id, &activity.run_id)
+                .cancel(&reason)
+                .await?;
+            if g.json {
+                print_json(&json!({"cancel_requested": activity.activity_id}));
+            } else {
+                out!("cancellation requested for {}", activity.activity_id);
+            }
+            Ok(0)
+        }
+        ActivityCmd::Terminate { activity, reason } => {
+            let client = connect(g).await?;
+            client
+                .activity_handle(&activity.activity_id, &activity.run_id)
+                .terminate(&reason)
+                .await?;
+            if g.json {
+                print_json(&json!({"terminated": activity.activity_id}));
+            } else {
+                out!("terminated {}", activity.activity_id);
+            }
+            Ok(0)
+        }
+    }
 }

@@ -24,12 +24,16 @@ pub enum ClientError {
         /// What went wrong.
         reason: String,
     },
-    /// The server refused or failed the call.
-    #[error("{}: {}", .0.code(), .0.message())]
-    Rpc(#[from] tonic::Status),
-    /// The workflow id is already running.
-    #[error("workflow id {workflow_id:?} is already running as run {run_id}")]
+    /// The server refused or failed the call: its gRPC code, and its message (what was wrong
+    /// and what to do). Not chained as a source: the message is all there is to it, and an
+    /// error report that prints sources would print it twice.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Rpc(tonic::Status),
+    /// The id is already running (`what`: workflow or activity).
+    #[error("{what} id {workflow_id:?} is already running as run {run_id}")]
     AlreadyStarted {
+        /// Workflow or activity.
+        what: &'static str,
         /// Id.
         workflow_id: String,
         /// The running run.
@@ -50,6 +54,36 @@ pub enum ClientError {
     /// A value could not be converted.
     #[error(transparent)]
     Convert(#[from] ConvertError),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Rpc(status)
+    }
+}
+
+/// The canonical name of a gRPC code (`NOT_FOUND`), as other gRPC tools print it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 impl ClientError {
@@ -115,12 +149,11 @@ fn unreachable_now(e: &(dyn std::error::Error + 'static)) -> bool {
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
+            // Refused: nothing listens (yet). A reset or an abort means something answered and
+            // hung up (a TLS server refusing the client): trying again would not help.
             return matches!(
                 io.kind(),
                 ConnectionRefused
-                    | ConnectionReset
-                    | ConnectionAborted
-                    | NotConnected
                     | TimedOut
                     | AddrNotAvailable
                     | HostUnreachable
@@ -288,14 +321,16 @@ impl Client {
         let mut tries = 0u32;
         loop {
             tries += 1;
-            match call(self.raw()).await {
+            // Boxed: the call's future is large, and a caller that keeps many calls in flight
+            // (or their join handles) should not carry it inline in every one of its own.
+            match Box::pin(call(self.raw())).await {
                 Err(status)
                     if is_transient(&status) && std::time::Instant::now() + backoff < deadline =>
                 {
                     if tries == 1 {
                         tracing::warn!(error = %status.message(), code = ?status.code(), "the server cannot be reached; retrying for up to {:?}", self.options.retry_for);
                     }
-                    tokio::time::sleep(backoff).await;
+                    Box::pin(tokio::time::sleep(backoff)).await;
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }
                 other => return other,
@@ -455,7 +490,7 @@ impl Client {
                 workflow_id: options.id,
                 run_id: resp.into_inner().run_id,
             }),
-            Err(status) => Err(start_error(status, options.id)),
+            Err(status) => Err(start_error(status, options.id, "workflow")),
         }
     }
 
@@ -474,6 +509,7 @@ impl Client {
             client: self.clone(),
             activity_id: activity_id.into(),
             run_id: run_id.into(),
+            placement_note: String::new(),
         }
     }
 
@@ -559,7 +595,7 @@ impl Client {
             .await;
         let reply = match started {
             Ok(r) => r.into_inner(),
-            Err(status) => return Err(start_error(status, options.id)),
+            Err(status) => return Err(start_error(status, options.id, "activity")),
         };
         if !reply.placement_note.is_empty() {
             tracing::warn!(
@@ -572,6 +608,7 @@ impl Client {
             client: self.clone(),
             activity_id: options.id,
             run_id: reply.run_id,
+            placement_note: reply.placement_note,
         };
         Ok((handle, reply.outcome))
     }
@@ -833,7 +870,7 @@ impl StandaloneActivityOptions {
 }
 
 /// Turns a refused start into an error; ALREADY_EXISTS carries the running run's id.
-fn start_error(status: tonic::Status, id: String) -> ClientError {
+fn start_error(status: tonic::Status, id: String, what: &'static str) -> ClientError {
     if status.code() != tonic::Code::AlreadyExists {
         return status.into();
     }
@@ -844,6 +881,7 @@ fn start_error(status: tonic::Status, id: String) -> ClientError {
         .unwrap_or_default()
         .to_string();
     ClientError::AlreadyStarted {
+        what,
         workflow_id: id,
         run_id,
     }
@@ -878,6 +916,8 @@ pub struct ActivityHandle {
     pub activity_id: String,
     /// Run id.
     pub run_id: String,
+    /// Why no live worker could take it when it started ("" when one could): it waits.
+    pub placement_note: String,
 }
 
 impl ActivityHandle {

@@ -97,14 +97,19 @@ impl AesGcmCodec {
     pub fn parse(text: &str) -> Result<Self, CodecError> {
         let mut keys: Vec<(String, [u8; 32])> = Vec::new();
         let mut active = None;
-        for raw in text.split(['\n', ';']) {
-            let line = raw.split('#').next().unwrap_or("").trim();
+        // Comments go first: a comment may hold anything, `;` included.
+        let entries = text.lines().enumerate().flat_map(|(n, raw)| {
+            let line = raw.split('#').next().unwrap_or("");
+            line.split(';').map(move |entry| (n + 1, entry.trim()))
+        });
+        for (line_number, line) in entries {
             if line.is_empty() {
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {
+                // The line is not quoted: it may be (part of) a secret.
                 return Err(CodecError::BadKeys(format!(
-                    "expected KEY_ID = HEX, found {line:?}"
+                    "line {line_number} is not `KEY_ID = 64 hex characters` (nor `active = KEY_ID`)"
                 )));
             };
             let (k, v) = (k.trim(), v.trim());
@@ -147,6 +152,13 @@ impl AesGcmCodec {
     /// The key new payloads are encrypted with.
     pub fn active_key_id(&self) -> &str {
         &self.active
+    }
+
+    /// Every key id it holds (it decrypts with any of them), sorted.
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.keys.keys().cloned().collect();
+        ids.sort();
+        ids
     }
 }
 

@@ -86,6 +86,8 @@ struct Txn {
     extra: Vec<Write>,
     /// Attempts dispatched inside the transaction to parked polls, handed over after the commit.
     handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
+    /// Hand-outs (and take-backs) of runs not otherwise written in this transaction.
+    started: Vec<Write>,
 }
 
 /// Where a completion's worker wants its next activity tasks from (taken in the completion's
@@ -519,6 +521,13 @@ impl Engine {
         let mut batch = WriteBatch {
             writes: std::mem::take(&mut txn.extra),
         };
+        // A run written whole carries its hand-outs already.
+        batch
+            .writes
+            .extend(txn.started.drain(..).filter(|w| match w {
+                Write::Started { run_id, .. } => !txn.touched.contains(run_id),
+                _ => true,
+            }));
         for run_id in &txn.touched {
             let Some(entry) = st.runs.get_mut(run_id) else {
                 continue;
@@ -615,33 +624,43 @@ impl Engine {
         if txn.fx.tasks.is_empty() || self.storage_failed.load(Ordering::Relaxed) {
             return;
         }
-        for (key, task, requirements) in std::mem::take(&mut txn.fx.tasks) {
-            if let TaskRef::Activity {
+        let tasks = std::mem::take(&mut txn.fx.tasks);
+        for (key, task, requirements) in tasks {
+            if key.kind != TaskKind::Activity {
+                // Workflow tasks are handed out without a commit of their own: they must not
+                // be seen before the write that caused them is durable (apply_effects).
+                txn.fx.tasks.push((key, task, requirements));
+                continue;
+            }
+            // Every hand-out of an activity attempt commits before the worker sees it, and
+            // commits are ordered: the task may go in the backlog right away.
+            let Some((claim, task)) = self.matcher.claim_or_enqueue(&key, task, &requirements)
+            else {
+                continue;
+            };
+            let TaskRef::Activity {
                 run_id,
                 scheduled_event_id,
                 attempt,
             } = &task
-            {
-                if let Some(claim) = self.matcher.claim_waiter(&key, &requirements) {
-                    let dispatched = self.dispatch_locked(
-                        st,
-                        run_id,
-                        *scheduled_event_id,
-                        *attempt,
-                        &claim.identity,
-                        &claim.instance,
-                        now,
-                        txn,
-                    );
-                    match dispatched {
-                        Some(response) => txn.handovers.push((claim, response)),
-                        // Stale already: nothing to hand over, the poll waits on.
-                        None => self.matcher.unclaim(claim),
-                    }
-                    continue;
-                }
+            else {
+                continue;
+            };
+            let dispatched = self.dispatch_locked(
+                st,
+                run_id,
+                *scheduled_event_id,
+                *attempt,
+                &claim.identity,
+                &claim.instance,
+                now,
+                txn,
+            );
+            match dispatched {
+                Some(response) => txn.handovers.push((claim, response)),
+                // Stale already: nothing to hand over, the poll waits on.
+                None => self.matcher.unclaim(claim),
             }
-            txn.fx.tasks.push((key, task, requirements));
         }
     }
 
@@ -687,7 +706,20 @@ impl Engine {
             now,
             &mut txn.fx,
         )?;
-        txn.touched.insert(run_id.to_string());
+        // Durable before the worker sees it, as a small row rather than the run's whole state.
+        txn.started.push(Write::Started {
+            run_id: run_id.to_string(),
+            scheduled_event_id,
+            attempt,
+            dispatch: entry
+                .rt
+                .started_activities
+                .get(&scheduled_event_id)
+                .map_or(0, |s| s.dispatch),
+            started_ms: now,
+            worker: identity.to_string(),
+            instance: instance.to_string(),
+        });
         if let Some(info) = session {
             info.activities_run += 1;
             info.last_used_ms = now;
@@ -726,7 +758,15 @@ impl Engine {
                         attempt = token.attempt,
                         "attempt taken back: its poll ended before it was delivered"
                     );
-                    txn.touched.insert(token.run_id.clone());
+                    txn.started.push(Write::Started {
+                        run_id: token.run_id.clone(),
+                        scheduled_event_id: token.scheduled_event_id,
+                        attempt: token.attempt,
+                        dispatch: token.dispatch,
+                        started_ms: 0,
+                        worker: String::new(),
+                        instance: String::new(),
+                    });
                     if let Some(session) = &response.session {
                         if let Some(info) = st
                             .sessions
@@ -2022,6 +2062,7 @@ impl Engine {
                         .activities
                         .get(&token.scheduled_event_id)
                         .and_then(|a| a.options.as_ref())
+                        .filter(|o| !o.session_id.is_empty())
                         .map(|o| o.session_id.clone())
                         .unwrap_or_default();
                     match outcome.outcome {
@@ -3004,6 +3045,15 @@ impl Engine {
         let act = self
             .matcher
             .stats(&QueueKey::new(namespace, queue, TaskKind::Activity));
+        let state_of = |identity: &str| -> String {
+            match self.matcher.worker(namespace, identity) {
+                Some(w) if w.stopped => "stopped",
+                Some(w) if w.alive => "alive",
+                Some(_) => "dead",
+                None => "unregistered",
+            }
+            .into()
+        };
         let mut pollers: Vec<pb::PollerInfo> = wf
             .pollers
             .iter()
@@ -3011,11 +3061,13 @@ impl Engine {
                 identity: id.clone(),
                 kind: TaskKind::Workflow.name().into(),
                 last_poll_ms: *t,
+                state: state_of(id),
             })
             .chain(act.pollers.iter().map(|(id, t)| pb::PollerInfo {
                 identity: id.clone(),
                 kind: TaskKind::Activity.name().into(),
                 last_poll_ms: *t,
+                state: state_of(id),
             }))
             .collect();
         pollers.sort_by(|a, b| (&a.identity, &a.kind).cmp(&(&b.identity, &b.kind)));

@@ -178,13 +178,6 @@ fn check_capabilities(caps: Option<&pb::Capabilities>) -> Result<(), Status> {
         }
         Ok(())
     };
-    let size = prost::Message::encoded_len(c);
-    if size > TOTAL_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "the worker's capabilities take {size} bytes; at most {TOTAL_BYTES} bytes may be \
-             registered"
-        )));
-    }
     if c.gpus.len() > GPUS {
         return too_many("GPUs", c.gpus.len(), GPUS);
     }
@@ -233,6 +226,14 @@ fn check_capabilities(caps: Option<&pb::Capabilities>) -> Result<(), Status> {
     }
     for v in [&c.gpu_driver_version, &c.cuda_driver_version, &c.gpu_note] {
         long("GPU fact", v)?;
+    }
+    // Last: each count and string within bounds can still add up.
+    let size = prost::Message::encoded_len(c);
+    if size > TOTAL_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the worker's capabilities take {size} bytes; at most {TOTAL_BYTES} bytes may be \
+             registered"
+        )));
     }
     Ok(())
 }

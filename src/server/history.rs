@@ -15,6 +15,9 @@ use crate::api::pb::{
 };
 use std::collections::HashMap;
 
+/// The attempt timeout of an activity that sets neither start-to-close nor schedule-to-close
+/// (the SDKs' default too, so every language gets the same).
+pub const DEFAULT_START_TO_CLOSE_MS: u64 = 60_000;
 /// Default workflow-task start-to-close timeout.
 pub const DEFAULT_WORKFLOW_TASK_TIMEOUT_MS: u64 = 10_000;
 /// How long a workflow task waits on a sticky queue before any worker may take it.
@@ -199,10 +202,7 @@ pub fn normalize_activity_options(
         check_duration("retry_policy.maximum_interval_ms", r.maximum_interval_ms)?;
     }
     if o.start_to_close_timeout_ms == 0 && o.schedule_to_close_timeout_ms == 0 {
-        return Err(EngineError::InvalidArgument(
-            "an activity needs start_to_close_timeout or schedule_to_close_timeout; set at least one"
-                .into(),
-        ));
+        o.start_to_close_timeout_ms = DEFAULT_START_TO_CLOSE_MS;
     }
     if o.start_to_close_timeout_ms == 0 {
         o.start_to_close_timeout_ms = o.schedule_to_close_timeout_ms;
@@ -1662,18 +1662,12 @@ impl RunEntry {
         fx: &mut Effects,
     ) -> Result<(), EngineError> {
         self.check_activity(token, identity)?;
-        let event = Attributes::ActivityTaskCompleted(pb::ActivityTaskCompleted {
-            seq: 0,
-            scheduled_event_id: token.scheduled_event_id,
-            result,
-            attempt: token.attempt,
-            identity: identity.to_string(),
-        });
-        let size = prost::Message::encoded_len(&HistoryEvent {
-            event_id: u64::MAX,
-            time_ms: now,
-            attributes: Some(event.clone()),
-        }) as u64;
+        // The event's size, near enough: its payload and identity, and room for its numbers.
+        let size = result
+            .as_ref()
+            .map_or(0, |r| prost::Message::encoded_len(r) as u64)
+            + identity.len() as u64
+            + 64;
         if !self.history_has_room(size) {
             // Refusing the report would only make the worker run the activity again and again:
             // the workflow hears of it as a failure it can act on instead.
@@ -1689,11 +1683,16 @@ impl RunEntry {
             return Ok(());
         }
         let a = self.remove_activity(token.scheduled_event_id);
-        let Attributes::ActivityTaskCompleted(mut completed) = event else {
-            unreachable!("built above")
-        };
-        completed.seq = a.seq;
-        self.append(Attributes::ActivityTaskCompleted(completed), now);
+        self.append(
+            Attributes::ActivityTaskCompleted(pb::ActivityTaskCompleted {
+                seq: a.seq,
+                scheduled_event_id: a.scheduled_event_id,
+                result,
+                attempt: token.attempt,
+                identity: identity.to_string(),
+            }),
+            now,
+        );
         self.after_activity_outcome(ExecutionStatus::Completed, now, fx);
         Ok(())
     }
@@ -2456,8 +2455,11 @@ mod tests {
     }
 
     #[test]
-    fn options_need_a_timeout_and_get_defaults() {
-        assert!(normalize_activity_options(None, "q").is_err());
+    fn options_get_defaults_and_a_timeout_when_none_is_given() {
+        // Neither attempt timeout given: the same 60 s the SDKs apply.
+        let o = normalize_activity_options(None, "q").unwrap();
+        assert_eq!(o.start_to_close_timeout_ms, DEFAULT_START_TO_CLOSE_MS);
+        assert_eq!(o.schedule_to_close_timeout_ms, 0);
         let o = normalize_activity_options(
             Some(ActivityOptions {
                 schedule_to_close_timeout_ms: 5_000,

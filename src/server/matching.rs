@@ -383,8 +383,34 @@ impl Matcher {
     pub fn claim_waiter(&self, key: &QueueKey, requirements: &str) -> Option<ClaimedPoll> {
         let mut st = self.state.lock();
         let class = st.class_id(requirements);
+        Self::claim_locked(&mut st, key, class)
+    }
+
+    /// Like [`Matcher::claim_waiter`], and when no parked poll can take the task, puts it in
+    /// the backlog (one lock, one look at the waiting polls). Only for tasks whose every
+    /// hand-out is made durable before the worker sees it (activity attempts): such a task may
+    /// be visible before the transaction that created it commits, since its hand-out commits
+    /// after it.
+    pub fn claim_or_enqueue(
+        &self,
+        key: &QueueKey,
+        task: TaskRef,
+        requirements: &str,
+    ) -> Option<(ClaimedPoll, TaskRef)> {
+        let mut st = self.state.lock();
+        let class = st.class_id(requirements);
+        match Self::claim_locked(&mut st, key, class) {
+            Some(claimed) => Some((claimed, task)),
+            None => {
+                Self::offer(&mut st, key, task, class, false);
+                None
+            }
+        }
+    }
+
+    fn claim_locked(st: &mut State, key: &QueueKey, class: ClassId) -> Option<ClaimedPoll> {
         loop {
-            let index = Self::best_waiter(&mut st, key, class)?;
+            let index = Self::best_waiter(st, key, class)?;
             let queue = st.queues.get_mut(key).expect("queue exists");
             let waiter = queue.waiting.remove(index).expect("index valid");
             let sender = waiter.tx.lock().take();
@@ -433,14 +459,14 @@ impl Matcher {
     fn best_waiter(st: &mut State, key: &QueueKey, class: ClassId) -> Option<usize> {
         let has_preferences = !st.classes[class].reqs.soft.is_empty();
         let candidates: Vec<(usize, String)> = match st.queues.get(key) {
-            Some(q) => q
+            Some(q) if !q.waiting.is_empty() => q
                 .waiting
                 .iter()
                 .enumerate()
                 .filter(|(_, w)| !w.is_closed())
                 .map(|(i, w)| (i, w.identity.clone()))
                 .collect(),
-            None => Vec::new(),
+            _ => return None,
         };
         let mut chosen: Option<(usize, u64)> = None;
         for (i, identity) in candidates {
@@ -989,9 +1015,11 @@ impl Matcher {
         now_ms: i64,
         liveness: Duration,
     ) -> String {
-        let explained = self.explain(namespace, queue, requirements);
-        if !explained.is_empty() {
-            return explained;
+        if !requirements.is_empty() {
+            let explained = self.explain(namespace, queue, requirements);
+            if !explained.is_empty() {
+                return explained;
+            }
         }
         let st = self.state.lock();
         let key = QueueKey::new(namespace, queue, TaskKind::Activity);

@@ -55,6 +55,25 @@ pub enum Write {
         /// The runs.
         run_ids: Vec<String>,
     },
+    /// Record who runs an attempt (or, with `started_ms` 0, that hand-out `dispatch` was taken
+    /// back). A small row of its own, so that a hand-out does not rewrite the run's whole
+    /// state; recovery folds it into the run's state (the higher `dispatch` wins).
+    Started {
+        /// The run.
+        run_id: String,
+        /// The activity.
+        scheduled_event_id: u64,
+        /// Its attempt.
+        attempt: u32,
+        /// Which hand-out.
+        dispatch: u64,
+        /// When it was handed out (0: taken back).
+        started_ms: i64,
+        /// The worker.
+        worker: String,
+        /// Its process.
+        instance: String,
+    },
     /// Append history events to a run.
     Events {
         /// The run.

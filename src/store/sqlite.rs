@@ -94,6 +94,16 @@ CREATE TABLE IF NOT EXISTS sessions (
     closed_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_by_ns ON sessions(namespace, created_ms);
+CREATE TABLE IF NOT EXISTS started (
+    run_id TEXT NOT NULL,
+    scheduled_event_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    dispatch INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    PRIMARY KEY (run_id, scheduled_event_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     event_id INTEGER NOT NULL,
@@ -382,6 +392,13 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
         let mut put_event = tx.prepare_cached(
             "INSERT OR REPLACE INTO events(run_id, event_id, event) VALUES (?1, ?2, ?3)",
         )?;
+        let mut put_started = tx.prepare_cached(
+            "INSERT OR REPLACE INTO started(run_id, scheduled_event_id, attempt, dispatch,
+                                            started_ms, worker, instance)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        // A closed run's hand-outs are over: its rows go with its close.
+        let mut del_started = tx.prepare_cached("DELETE FROM started WHERE run_id = ?1")?;
         for (_, batch, _) in jobs {
             for write in &batch.writes {
                 match write {
@@ -389,6 +406,9 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                         put_ns.execute(params![info.name, info.encode_to_vec()])?;
                     }
                     Write::Run { state } => {
+                        if state.status != ExecutionStatus::Running as i32 {
+                            del_started.execute(params![state.run_id])?;
+                        }
                         put_run.execute(params![
                             state.run_id,
                             state.namespace,
@@ -425,7 +445,27 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                         for run_id in run_ids {
                             del_events.execute(params![run_id])?;
                             del_run.execute(params![run_id])?;
+                            del_started.execute(params![run_id])?;
                         }
+                    }
+                    Write::Started {
+                        run_id,
+                        scheduled_event_id,
+                        attempt,
+                        dispatch,
+                        started_ms,
+                        worker,
+                        instance,
+                    } => {
+                        put_started.execute(params![
+                            run_id,
+                            *scheduled_event_id as i64,
+                            attempt,
+                            *dispatch as i64,
+                            started_ms,
+                            worker,
+                            instance
+                        ])?;
                     }
                     Write::Events { run_id, events } => {
                         for event in events {
@@ -446,6 +486,47 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
 
 fn decode_run(bytes: Vec<u8>) -> Result<RunState, StoreError> {
     Ok(RunState::decode(bytes.as_slice())?)
+}
+
+/// Folds a run's hand-out rows into its state: for the current attempt of an activity, the
+/// newest record of who runs it (by hand-out number; a take-back of the same hand-out wins
+/// over the hand-out) replaces what the state says.
+fn apply_started_rows(conn: &Connection, state: &mut RunState) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT scheduled_event_id, attempt, dispatch, started_ms, worker, instance
+         FROM started WHERE run_id = ?1",
+    )?;
+    let rows = stmt.query_map(params![state.run_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, u32>(1)?,
+            r.get::<_, i64>(2)? as u64,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, String>(5)?,
+        ))
+    })?;
+    for row in rows {
+        let (sched, attempt, dispatch, started_ms, worker, instance) = row?;
+        let Some(a) = state.activities.get_mut(&sched) else {
+            continue;
+        };
+        if a.attempt != attempt || a.backoff_until_ms > 0 {
+            continue;
+        }
+        let newer =
+            dispatch > a.started_dispatch || (dispatch == a.started_dispatch && started_ms == 0);
+        if newer {
+            a.started_dispatch = if started_ms == 0 { 0 } else { dispatch };
+            a.started_ms = started_ms;
+            a.started_worker = worker;
+            a.started_instance = instance;
+            if started_ms > 0 {
+                a.last_worker = a.started_worker.clone();
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_history(conn: &Connection, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError> {
@@ -550,8 +631,9 @@ impl Store for SqliteStore {
         for row in rows {
             states.push(decode_run(row?)?);
         }
-        for state in states {
+        for mut state in states {
             let history = read_history(&conn, &state.run_id)?;
+            apply_started_rows(&conn, &mut state)?;
             out.open_runs.push((state, history));
         }
         let mut stmt = conn.prepare("SELECT state FROM sessions WHERE open = 1")?;
