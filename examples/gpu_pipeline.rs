@@ -83,7 +83,7 @@ async fn pipeline(ctx: WorkflowContext, _: ()) -> Result<PipelineReport, Workflo
                 session.complete();
                 return Ok(PipelineReport { steps, failovers });
             }
-            Err(WorkflowError::Activity(f)) if f.error_type == "SessionFailed" && failovers < 2 => {
+            Err(e) if e.is_session_failure() && failovers < 2 => {
                 failovers += 1;
                 session = ctx
                     .recreate_session(&session, RecreatePolicy::SameHostOrFailover)

@@ -26,3 +26,9 @@ pub mod tls;
 pub mod types;
 pub mod worker;
 pub mod workflow;
+
+// The README's Rust examples are whole programs; compiling them with the doctests keeps what a
+// reader pastes building.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExamples;

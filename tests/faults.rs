@@ -655,6 +655,30 @@ async fn durations_past_the_maximum_are_refused_naming_the_field() {
         "{}",
         err.message()
     );
+    // No attempt timeout at all on the wire: the documented 60 s, as the SDKs apply.
+    rpc.start_activity(pb::StartActivityRequest {
+        namespace: "default".into(),
+        activity_id: "no-timeouts".into(),
+        activity_type: "a".into(),
+        task_queue: "long-q".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let events = env
+        .client
+        .workflow_handle("no-timeouts", "")
+        .history()
+        .await
+        .unwrap();
+    let scheduled = events
+        .iter()
+        .find_map(|e| match &e.attributes {
+            Some(pb::history_event::Attributes::ActivityTaskScheduled(a)) => a.options.clone(),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(scheduled.start_to_close_timeout_ms, 60_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

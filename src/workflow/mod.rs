@@ -37,11 +37,15 @@ pub enum ActivityFailureKind {
     TimedOut,
     /// It was cancelled.
     Cancelled,
+    /// It ran in a session that ended without the workflow completing it (its worker died or
+    /// shut down, its GPUs vanished, an operator terminated it): not retried anywhere else. The
+    /// workflow decides, e.g. with [`WorkflowContext::recreate_session`].
+    SessionFailed,
 }
 
 /// An activity's final failure, delivered to the workflow.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("activity {activity_type} {}: {message}", match kind { ActivityFailureKind::Failed => "failed", ActivityFailureKind::TimedOut => "timed out", ActivityFailureKind::Cancelled => "was cancelled" })]
+#[error("activity {activity_type} {}: {message}", match kind { ActivityFailureKind::Failed => "failed", ActivityFailureKind::TimedOut => "timed out", ActivityFailureKind::Cancelled => "was cancelled", ActivityFailureKind::SessionFailed => "lost its session" })]
 pub struct ActivityFailure {
     /// How it ended.
     pub kind: ActivityFailureKind,
@@ -86,6 +90,16 @@ pub enum WorkflowError {
 }
 
 impl WorkflowError {
+    /// Whether the error is a session's end: an activity in it failed with
+    /// [`ActivityFailureKind::SessionFailed`], or the session could not be created.
+    pub fn is_session_failure(&self) -> bool {
+        match self {
+            WorkflowError::Activity(f) => f.kind == ActivityFailureKind::SessionFailed,
+            WorkflowError::Session(_) => true,
+            _ => false,
+        }
+    }
+
     /// An application failure with a message.
     pub fn failed(message: impl Into<String>) -> Self {
         WorkflowError::Failed {
@@ -117,6 +131,17 @@ impl WorkflowError {
 impl From<ConvertError> for WorkflowError {
     fn from(e: ConvertError) -> Self {
         WorkflowError::Convert(e.to_string())
+    }
+}
+
+/// Requirements written in a workflow (`Requirements::parse(..)?`) that do not parse fail the
+/// workflow with the parser's message (column and caret included).
+impl From<crate::caps::ParseError> for WorkflowError {
+    fn from(e: crate::caps::ParseError) -> Self {
+        WorkflowError::Failed {
+            message: e.to_string(),
+            error_type: "InvalidRequirements".into(),
+        }
     }
 }
 
@@ -189,8 +214,16 @@ impl RunCtx {
                 self.activity_results.insert(e.seq, Ok(e.result.clone()));
             }
             A::ActivityTaskFailed(e) => {
+                let session_failed = e
+                    .failure
+                    .as_ref()
+                    .is_some_and(|f| f.error_type == "SessionFailed");
                 let mut f = failure(
-                    ActivityFailureKind::Failed,
+                    if session_failed {
+                        ActivityFailureKind::SessionFailed
+                    } else {
+                        ActivityFailureKind::Failed
+                    },
                     &e.failure,
                     &self.activity_types,
                     e.seq,
