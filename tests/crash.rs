@@ -36,6 +36,16 @@ fn server(dir: &std::path::Path, listen: &str) -> ServerProcess {
 }
 
 fn worker(client: &Client, identity: &str, executions: Arc<Executions>) -> Worker {
+    worker_in(client, identity, executions, None)
+}
+
+/// A worker keeping its identity lock files in `state` (None: nowhere).
+fn worker_in(
+    client: &Client,
+    identity: &str,
+    executions: Arc<Executions>,
+    state: Option<&std::path::Path>,
+) -> Worker {
     let inventory = Inventory::parse(
         "hostname = \"crash-box\"\n[[gpu]]\nname = \"NVIDIA A100\"\nmemory = \"80GiB\"\ncount = 2\n",
         "test",
@@ -46,6 +56,7 @@ fn worker(client: &Client, identity: &str, executions: Arc<Executions>) -> Worke
         WorkerOptions::new("crash-q")
             .identity(identity)
             .capabilities(CapabilitySource::detect().with_inventory(inventory))
+            .state_dir(state.map(|s| s.to_path_buf()))
             .graceful_shutdown(Duration::from_secs(1)),
     );
     w.register_activity("slow", move |ctx: ActivityContext, ms: u64| {
@@ -145,4 +156,53 @@ async fn a_session_attempt_runs_once_across_a_crash_and_keeps_its_count() {
     let info = client.describe_session(session.id()).await.unwrap();
     assert_eq!(info.activities_run, 1, "{info:?}");
     handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_lost_with_its_worker_is_retried_as_a_new_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let first = server(dir.path(), "127.0.0.1:0");
+    let addr = first.addr.clone();
+    let client = Client::connect(addr.clone()).await.unwrap();
+    let executions = Arc::new(Executions::default());
+    // Both processes of "lost-w" share the host's state directory, as a restart would.
+    let make =
+        |executions: Arc<Executions>| worker_in(&client, "lost-w", executions, Some(state.path()));
+    let handle = make(executions.clone()).start().unwrap();
+    let activity = client
+        .start_activity(
+            "slow",
+            &1_500u64,
+            StandaloneActivityOptions {
+                options: ActivityOptions::default().start_to_close(Duration::from_secs(60)),
+                ..StandaloneActivityOptions::new("lost-1", "crash-q")
+            },
+        )
+        .await
+        .unwrap();
+    eventually(T, "the attempt runs", || async {
+        (executions.running.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    // The machine goes down: server and worker both die.
+    handle.kill();
+    first.kill_9();
+    executions.running.store(0, Ordering::SeqCst);
+    let _second = server(dir.path(), &addr);
+    // The worker's process starts again: the attempt its old process ran is lost, and retried
+    // at once as attempt 2 (not after the 60 s start-to-close timeout).
+    let restarted = make(executions.clone()).start().unwrap();
+    let attempt: u32 = within(
+        Duration::from_secs(20),
+        "the retried activity",
+        activity.result(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(attempt, 2);
+    let seen = executions.seen.lock().clone();
+    assert_eq!(seen.first(), Some(&(1, 1)));
+    assert_eq!(seen.last(), Some(&(2, 1)), "{seen:?}");
+    restarted.shutdown().await;
 }
