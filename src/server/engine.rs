@@ -130,6 +130,19 @@ impl Drop for GiveBackOnDrop<'_> {
     }
 }
 
+/// A standalone activity just started.
+#[derive(Debug, Clone)]
+pub struct StartedActivity {
+    /// Its run.
+    pub run_id: String,
+    /// Its first attempt went straight to a waiting worker.
+    pub handed_over: bool,
+    /// The queue it waits on.
+    pub queue: String,
+    /// Its requirements (canonical).
+    pub requirements: String,
+}
+
 /// Why the store stopped taking writes, once it did.
 #[derive(Debug, Clone)]
 pub struct StorageFailure {
@@ -521,11 +534,13 @@ impl Engine {
         let mut batch = WriteBatch {
             writes: std::mem::take(&mut txn.extra),
         };
-        // A run written whole carries its hand-outs already.
+        // A run written whole carries its hand-outs already (not a session's count, though).
         batch
             .writes
             .extend(txn.started.drain(..).filter(|w| match w {
-                Write::Started { run_id, .. } => !txn.touched.contains(run_id),
+                Write::Started {
+                    run_id, session_id, ..
+                } => !session_id.is_empty() || !txn.touched.contains(run_id),
                 _ => true,
             }));
         for run_id in &txn.touched {
@@ -706,26 +721,33 @@ impl Engine {
             now,
             &mut txn.fx,
         )?;
-        // Durable before the worker sees it, as a small row rather than the run's whole state.
+        let dispatch = entry
+            .rt
+            .started_activities
+            .get(&scheduled_event_id)
+            .map_or(0, |s| s.dispatch);
+        let (session_id, session_activities_run) = match session {
+            Some(info) => {
+                info.activities_run += 1;
+                info.last_used_ms = now;
+                response.session = Some(info.clone());
+                (session_id, info.activities_run)
+            }
+            None => (String::new(), 0),
+        };
+        // Durable before the worker sees it, as a small row rather than the run's (and the
+        // session's) whole state.
         txn.started.push(Write::Started {
             run_id: run_id.to_string(),
             scheduled_event_id,
             attempt,
-            dispatch: entry
-                .rt
-                .started_activities
-                .get(&scheduled_event_id)
-                .map_or(0, |s| s.dispatch),
+            dispatch,
             started_ms: now,
             worker: identity.to_string(),
             instance: instance.to_string(),
+            session_id,
+            session_activities_run,
         });
-        if let Some(info) = session {
-            info.activities_run += 1;
-            info.last_used_ms = now;
-            response.session = Some(info.clone());
-            txn.touched_sessions.insert(session_id);
-        }
         Some(response)
     }
 
@@ -758,6 +780,8 @@ impl Engine {
                         attempt = token.attempt,
                         "attempt taken back: its poll ended before it was delivered"
                     );
+                    // The session's count is of hand-outs, this one included: it stays.
+                    let session = response.session.as_ref();
                     txn.started.push(Write::Started {
                         run_id: token.run_id.clone(),
                         scheduled_event_id: token.scheduled_event_id,
@@ -766,17 +790,9 @@ impl Engine {
                         started_ms: 0,
                         worker: String::new(),
                         instance: String::new(),
+                        session_id: session.map(|s| s.session_id.clone()).unwrap_or_default(),
+                        session_activities_run: session.map_or(0, |s| s.activities_run),
                     });
-                    if let Some(session) = &response.session {
-                        if let Some(info) = st
-                            .sessions
-                            .get_mut(&session.session_id)
-                            .and_then(|s| s.info.as_mut())
-                        {
-                            info.activities_run = info.activities_run.saturating_sub(1);
-                            txn.touched_sessions.insert(session.session_id.clone());
-                        }
-                    }
                 }
                 self.commit_locked(&mut st, &mut txn)
             };
@@ -1161,12 +1177,11 @@ impl Engine {
         Ok((run_id, handed_over))
     }
 
-    /// Starts a standalone activity. Returns its run id and, when no live worker can take it
-    /// now, why (it waits for one).
+    /// Starts a standalone activity.
     pub async fn start_activity(
         &self,
         req: pb::StartActivityRequest,
-    ) -> Result<(String, String), EngineError> {
+    ) -> Result<StartedActivity, EngineError> {
         self.check_healthy()?;
         let mut options = req.options.clone().unwrap_or_default();
         if !options.session_id.is_empty() {
@@ -1211,18 +1226,24 @@ impl Engine {
                 },
             )
             .await?;
-        let note = if handed_over {
-            String::new()
-        } else {
-            self.matcher.placement_note(
-                &req.namespace,
-                &queue,
-                &requirements,
-                now_ms(),
-                self.config.worker_liveness_timeout,
-            )
-        };
-        Ok((run_id, note))
+        Ok(StartedActivity {
+            run_id,
+            handed_over,
+            queue,
+            requirements,
+        })
+    }
+
+    /// Why an activity started on `queue` with `requirements` waits instead of being taken:
+    /// no live worker satisfies its requirements, or none polls the queue ("" when one can).
+    pub fn placement_note(&self, namespace: &str, queue: &str, requirements: &str) -> String {
+        self.matcher.placement_note(
+            namespace,
+            queue,
+            requirements,
+            now_ms(),
+            self.config.worker_liveness_timeout,
+        )
     }
 
     /// Delivers a signal to a running workflow. A signal whose request id the run already

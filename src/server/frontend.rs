@@ -552,7 +552,8 @@ impl TetherService for Frontend {
             req.activity_id.clone(),
             Duration::from_millis(req.wait_ms),
         );
-        let (run_id, placement_note) = self.engine.start_activity(req).await?;
+        let started = self.engine.start_activity(req).await?;
+        let run_id = started.run_id;
         let mut outcome = None;
         if !wait.is_zero() {
             let o = self
@@ -563,6 +564,13 @@ impl TetherService for Frontend {
                 outcome = Some(o);
             }
         }
+        // Only when the caller is left waiting does it need to hear why.
+        let placement_note = if started.handed_over || outcome.is_some() {
+            String::new()
+        } else {
+            self.engine
+                .placement_note(&namespace, &started.queue, &started.requirements)
+        };
         ok(pb::StartActivityResponse {
             run_id,
             outcome,

@@ -222,9 +222,60 @@ impl WorkerRecord {
     }
 }
 
+/// Registered workers by namespace, then identity: looked up with borrowed names, so that the
+/// checks on every poll and dispatch allocate nothing.
+#[derive(Default)]
+struct Workers(HashMap<String, HashMap<String, WorkerRecord>>);
+
+impl Workers {
+    fn get(&self, namespace: &str, identity: &str) -> Option<&WorkerRecord> {
+        self.0.get(namespace)?.get(identity)
+    }
+
+    fn get_mut(&mut self, namespace: &str, identity: &str) -> Option<&mut WorkerRecord> {
+        self.0.get_mut(namespace)?.get_mut(identity)
+    }
+
+    fn insert(&mut self, record: WorkerRecord) {
+        self.0
+            .entry(record.namespace.clone())
+            .or_default()
+            .insert(record.identity.clone(), record);
+    }
+
+    fn remove(&mut self, namespace: &str, identity: &str) {
+        if let Some(of) = self.0.get_mut(namespace) {
+            of.remove(identity);
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &WorkerRecord> {
+        self.0.values().flat_map(|m| m.values())
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut WorkerRecord> {
+        self.0.values_mut().flat_map(|m| m.values_mut())
+    }
+
+    fn in_namespace(&self, namespace: &str) -> impl Iterator<Item = &WorkerRecord> {
+        self.0.get(namespace).into_iter().flat_map(|m| m.values())
+    }
+
+    fn len(&self) -> usize {
+        self.0.values().map(|m| m.len()).sum()
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&WorkerRecord) -> bool) {
+        for of in self.0.values_mut() {
+            of.retain(|_, w| keep(w));
+        }
+        self.0.retain(|_, of| !of.is_empty());
+    }
+}
+
 struct State {
     queues: HashMap<QueueKey, Queue>,
-    workers: HashMap<(String, String), WorkerRecord>,
+    workers: Workers,
     classes: Vec<Class>,
     class_ids: HashMap<String, ClassId>,
     /// Arrival numbers of new tasks count up from the middle of the range; tasks put back at the
@@ -237,7 +288,7 @@ impl Default for State {
     fn default() -> Self {
         State {
             queues: HashMap::new(),
-            workers: HashMap::new(),
+            workers: Workers::default(),
             classes: vec![Class {
                 text: String::new(),
                 reqs: Requirements::default(),
@@ -267,8 +318,7 @@ impl State {
 
     /// Some(score) when `identity` may take tasks of `class`.
     fn eligibility(&mut self, namespace: &str, identity: &str, class: ClassId) -> Option<u64> {
-        let key = (namespace.to_string(), identity.to_string());
-        let worker = self.workers.get_mut(&key);
+        let worker = self.workers.get_mut(namespace, identity);
         if class == 0 {
             // No requirements: any live poller, registered or not.
             return match worker {
@@ -549,10 +599,7 @@ impl Matcher {
         }
         // A poll is a sign of life (of the process that holds the identity: the engine refuses
         // polls from any other before they get here), but a stopped worker stays stopped.
-        if let Some(w) = st
-            .workers
-            .get_mut(&(key.namespace.clone(), identity.to_string()))
-        {
+        if let Some(w) = st.workers.get_mut(&key.namespace, identity) {
             if !w.stopped {
                 w.last_seen_ms = now_ms;
                 w.alive = true;
@@ -571,7 +618,7 @@ impl Matcher {
         if queue.len == 0 {
             return None;
         }
-        let worker = workers.get_mut(&(key.namespace.clone(), identity.to_string()));
+        let worker = workers.get_mut(&key.namespace, identity);
         // The oldest task among the classes this worker satisfies. Walk whichever is shorter:
         // the worker's eligible classes, or the queue's non-empty classes in arrival order.
         let (seq, class) = match worker {
@@ -765,8 +812,7 @@ impl Matcher {
         now_ms: i64,
     ) {
         let mut st = self.state.lock();
-        st.workers
-            .remove(&(namespace.to_string(), identity.to_string()));
+        st.workers.remove(namespace, identity);
         drop(st);
         let _ = self.register_instance(
             Registration {
@@ -792,8 +838,7 @@ impl Matcher {
         liveness: Duration,
     ) -> Result<Registered, String> {
         let mut st = self.state.lock();
-        let key = (r.namespace.clone(), r.identity.clone());
-        let outcome = match st.workers.get(&key) {
+        let outcome = match st.workers.get(&r.namespace, &r.identity) {
             None => Registered::New,
             Some(w) if w.instance_id == r.instance_id => Registered::Again,
             Some(w) => {
@@ -821,26 +866,23 @@ impl Matcher {
                 }
             }
         };
-        st.workers.insert(
-            key,
-            WorkerRecord {
-                namespace: r.namespace,
-                identity: r.identity.clone(),
-                caps: Arc::new(r.caps),
-                task_queues: r.task_queues,
-                registered_ms: now_ms,
-                last_seen_ms: now_ms,
-                alive: true,
-                stopped: false,
-                stop_reason: String::new(),
-                instance_id: r.instance_id,
-                pid: r.pid,
-                max_sessions: r.max_sessions,
-                class_cache: HashMap::new(),
-                evaluated: 0,
-                eligible: Vec::new(),
-            },
-        );
+        st.workers.insert(WorkerRecord {
+            namespace: r.namespace,
+            identity: r.identity.clone(),
+            caps: Arc::new(r.caps),
+            task_queues: r.task_queues,
+            registered_ms: now_ms,
+            last_seen_ms: now_ms,
+            alive: true,
+            stopped: false,
+            stop_reason: String::new(),
+            instance_id: r.instance_id,
+            pid: r.pid,
+            max_sessions: r.max_sessions,
+            class_cache: HashMap::new(),
+            evaluated: 0,
+            eligible: Vec::new(),
+        });
         Ok(outcome)
     }
 
@@ -854,10 +896,7 @@ impl Matcher {
         reason: &str,
     ) -> bool {
         let mut st = self.state.lock();
-        let Some(w) = st
-            .workers
-            .get_mut(&(namespace.to_string(), identity.to_string()))
-        else {
+        let Some(w) = st.workers.get_mut(namespace, identity) else {
             return false;
         };
         if w.instance_id != instance {
@@ -874,7 +913,7 @@ impl Matcher {
         self.state
             .lock()
             .workers
-            .get(&(namespace.to_string(), identity.to_string()))
+            .get(namespace, identity)
             .map(|w| w.instance_id.clone())
     }
 
@@ -888,10 +927,7 @@ impl Matcher {
         now_ms: i64,
     ) -> bool {
         let mut st = self.state.lock();
-        let Some(w) = st
-            .workers
-            .get_mut(&(namespace.to_string(), identity.to_string()))
-        else {
+        let Some(w) = st.workers.get_mut(namespace, identity) else {
             return false;
         };
         if w.stopped {
@@ -943,8 +979,8 @@ impl Matcher {
             q.len > 0 || !q.waiting.is_empty() || !q.pollers.is_empty()
         });
         let workers_before = st.workers.len();
-        st.workers.retain(|(namespace, identity), w| {
-            w.alive || w.last_seen_ms >= before_ms || in_use(namespace, identity)
+        st.workers.retain(|w| {
+            w.alive || w.last_seen_ms >= before_ms || in_use(&w.namespace, &w.identity)
         });
         (
             queues_before - st.queues.len(),
@@ -976,12 +1012,7 @@ impl Matcher {
     /// Registered workers of a namespace.
     pub fn workers_in(&self, namespace: &str) -> Vec<WorkerRecord> {
         let st = self.state.lock();
-        let mut out: Vec<WorkerRecord> = st
-            .workers
-            .values()
-            .filter(|w| w.namespace == namespace)
-            .cloned()
-            .collect();
+        let mut out: Vec<WorkerRecord> = st.workers.in_namespace(namespace).cloned().collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
@@ -992,17 +1023,13 @@ impl Matcher {
         self.state
             .lock()
             .workers
-            .get(&(namespace.to_string(), identity.to_string()))
+            .get(namespace, identity)
             .map(|w| w.last_seen_ms)
     }
 
     /// One registered worker.
     pub fn worker(&self, namespace: &str, identity: &str) -> Option<WorkerRecord> {
-        self.state
-            .lock()
-            .workers
-            .get(&(namespace.to_string(), identity.to_string()))
-            .cloned()
+        self.state.lock().workers.get(namespace, identity).cloned()
     }
 
     /// Why work just put on `queue` waits instead of being taken: no live worker satisfies its
@@ -1026,7 +1053,7 @@ impl Matcher {
         let live_poller = st.queues.get(&key).is_some_and(|q| {
             q.pollers.iter().any(|(identity, seen)| {
                 let recent = (now_ms.saturating_sub(*seen) as u128) <= liveness.as_millis();
-                let registered = st.workers.get(&(namespace.to_string(), identity.clone()));
+                let registered = st.workers.get(namespace, identity);
                 recent && registered.is_none_or(|w| w.alive)
             })
         });
@@ -1052,8 +1079,8 @@ impl Matcher {
         let st = self.state.lock();
         let live: Vec<&WorkerRecord> = st
             .workers
-            .values()
-            .filter(|w| w.namespace == namespace && w.alive)
+            .in_namespace(namespace)
+            .filter(|w| w.alive)
             .collect();
         let on_queue: Vec<&WorkerRecord> = live
             .iter()

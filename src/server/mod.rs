@@ -9,7 +9,7 @@ pub mod matching;
 pub mod sessions;
 pub mod timers;
 
-pub use engine::{Engine, EngineStats, NextTasks, StorageFailure};
+pub use engine::{Engine, EngineStats, NextTasks, StartedActivity, StorageFailure};
 pub use frontend::Frontend;
 
 use crate::api::pb::tether_service_server::TetherServiceServer;

@@ -73,6 +73,12 @@ pub enum Write {
         worker: String,
         /// Its process.
         instance: String,
+        /// The session the activity runs in ("" for none), and the session's count of
+        /// hand-outs with this one: the row outlives the run (until the session closes), so
+        /// the count survives a restart without the session's row being rewritten each time.
+        session_id: String,
+        /// See `session_id`.
+        session_activities_run: u64,
     },
     /// Append history events to a run.
     Events {
