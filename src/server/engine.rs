@@ -534,13 +534,17 @@ impl Engine {
         let mut batch = WriteBatch {
             writes: std::mem::take(&mut txn.extra),
         };
-        // A run written whole carries its hand-outs already (not a session's count, though).
+        // A run written whole carries its hand-outs already; not a session's count, though,
+        // and a take-back must replace the row of the hand-out it takes back.
         batch
             .writes
             .extend(txn.started.drain(..).filter(|w| match w {
                 Write::Started {
-                    run_id, session_id, ..
-                } => !session_id.is_empty() || !txn.touched.contains(run_id),
+                    run_id,
+                    session_id,
+                    started_ms,
+                    ..
+                } => !session_id.is_empty() || *started_ms == 0 || !txn.touched.contains(run_id),
                 _ => true,
             }));
         for run_id in &txn.touched {

@@ -1000,4 +1000,83 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run() {
+        use crate::api::internal::ActivityState;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SyncMode::Normal).unwrap();
+        let mut state = run("r", ExecutionStatus::Running);
+        // Activity 3 is on attempt 2; activity 4 was handed out (dispatch 7) when the run was
+        // last written whole; activity 5 waits in its queue.
+        for (sched, attempt, dispatch) in [(3u64, 2u32, 0u64), (4, 1, 7), (5, 1, 0)] {
+            state.activities.insert(
+                sched,
+                ActivityState {
+                    scheduled_event_id: sched,
+                    attempt,
+                    started_dispatch: dispatch,
+                    started_ms: if dispatch > 0 { 100 } else { 0 },
+                    started_worker: if dispatch > 0 {
+                        "old".into()
+                    } else {
+                        String::new()
+                    },
+                    ..Default::default()
+                },
+            );
+        }
+        let started =
+            |sched: u64, attempt: u32, dispatch: u64, ms: i64, worker: &str| Write::Started {
+                run_id: "r".into(),
+                scheduled_event_id: sched,
+                attempt,
+                dispatch,
+                started_ms: ms,
+                worker: worker.into(),
+                instance: format!("{worker}-process"),
+                session_id: String::new(),
+                session_activities_run: 0,
+            };
+        let writes = vec![
+            Write::Run {
+                state: Box::new(state),
+            },
+            // Attempt 2 of activity 3 is running on w2 (attempt 1's row is long replaced).
+            started(3, 2, 9, 200, "w2"),
+            // An older hand-out of activity 4 than the state knows: the state's wins.
+            started(4, 1, 6, 90, "stale"),
+            // Activity 5 was handed out and taken back (its poll ended first).
+            started(5, 1, 8, 150, "w3"),
+        ];
+        store
+            .submit(WriteBatch { writes })
+            .done
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .submit(WriteBatch {
+                writes: vec![started(5, 1, 8, 0, "")],
+            })
+            .done
+            .await
+            .unwrap()
+            .unwrap();
+        let recovered = store.recover().unwrap();
+        let (state, _) = &recovered.open_runs[0];
+        let a3 = &state.activities[&3];
+        assert_eq!((a3.started_dispatch, a3.started_worker.as_str()), (9, "w2"));
+        let a4 = &state.activities[&4];
+        assert_eq!(
+            (a4.started_dispatch, a4.started_worker.as_str()),
+            (7, "old")
+        );
+        let a5 = &state.activities[&5];
+        assert_eq!(
+            (a5.started_dispatch, a5.started_ms),
+            (0, 0),
+            "taken back: waiting"
+        );
+    }
 }
