@@ -1582,21 +1582,24 @@ async fn run(cli: Cli) -> Result<i32> {
     Ok(0)
 }
 
-fn print_outcome(g: &Global, workflow_id: &str, outcome: &pb::GetWorkflowResultResponse) -> i32 {
+/// Prints a run's outcome (`what`: workflow or activity); the exit code says whether it
+/// completed.
+fn print_outcome(g: &Global, what: &str, id: &str, outcome: &pb::GetWorkflowResultResponse) -> i32 {
     let status = pb::ExecutionStatus::try_from(outcome.status).unwrap_or_default();
     if g.json {
-        print_json(&json!({
-            "workflow_id": workflow_id,
+        let mut v = json!({
             "run_id": outcome.run_id,
             "status": status.short_name(),
             "result": payload_json(outcome.result.as_ref()),
             "failure": failure_json(outcome.failure.as_ref()),
-        }));
+        });
+        v[format!("{what}_id")] = json!(id);
+        print_json(&v);
     } else if status == pb::ExecutionStatus::Completed {
         out!("{}", codec::display_payload(outcome.result.as_ref()));
     } else {
         eprintln!(
-            "workflow {workflow_id} {}: {}",
+            "{what} {id} {}: {}",
             status.short_name(),
             outcome
                 .failure
@@ -1635,7 +1638,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                     handle.run_id
                 );
                 let outcome = handle.outcome().await?;
-                return Ok(print_outcome(g, &id, &outcome));
+                return Ok(print_outcome(g, "workflow", &id, &outcome));
             }
             if g.json {
                 print_json(&json!({"workflow_id": id, "run_id": handle.run_id}));
@@ -1647,7 +1650,7 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             let handle = client.workflow_handle(&run.workflow_id, &run.run_id);
             let mut outcome = handle.outcome().await?;
             decode_for_display(g, outcome.result.iter_mut().collect()).await?;
-            return Ok(print_outcome(g, &run.workflow_id, &outcome));
+            return Ok(print_outcome(g, "workflow", &run.workflow_id, &outcome));
         }
         WorkflowCmd::Describe { run } => {
             let mut d = client
@@ -1786,68 +1789,54 @@ async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             }
         }
         WorkflowCmd::List { status, limit } => {
-            let status = match status {
-                None => None,
-                Some(s) => Some(pb::ExecutionStatus::from_short_name(&s).with_context(|| {
-                    format!("--status {s:?} is not known: use running, completed, failed, canceled, terminated or timed_out")
-                })?),
-            };
-            let runs = client.list_workflows(status, limit, false).await?;
-            if g.json {
-                print_json(&Value::Array(runs.iter().map(execution_json).collect()));
-            } else {
-                out!(
-                    "{:<36} {:<20} {:<11} {:<26} RUN ID",
-                    "WORKFLOW ID",
-                    "TYPE",
-                    "STATUS",
-                    "STARTED"
-                );
-                for r in runs {
-                    out!(
-                        "{:<36} {:<20} {:<11} {:<26} {}",
-                        r.workflow_id,
-                        r.workflow_type,
-                        status_name(r.status),
-                        time_text(r.start_ms),
-                        r.run_id
-                    );
-                }
-            }
+            list_runs(g, &client, status, limit, false).await?;
         }
     }
     Ok(0)
 }
 
-/// Prints a standalone activity's outcome; the exit code says whether it completed.
-fn print_activity_outcome(g: &Global, id: &str, outcome: &pb::GetWorkflowResultResponse) -> i32 {
-    let status = pb::ExecutionStatus::try_from(outcome.status).unwrap_or_default();
+/// `workflow list` and `activity list`: runs newest first, with an optional status filter.
+async fn list_runs(
+    g: &Global,
+    client: &Client,
+    status: Option<String>,
+    limit: u32,
+    activities: bool,
+) -> Result<()> {
+    let status = match status {
+        None => None,
+        Some(s) => Some(pb::ExecutionStatus::from_short_name(&s).with_context(|| {
+            format!("--status {s:?} is not known: use running, completed, failed, canceled, terminated or timed_out")
+        })?),
+    };
+    let runs = client.list_workflows(status, limit, activities).await?;
     if g.json {
-        print_json(&json!({
-            "activity_id": id,
-            "run_id": outcome.run_id,
-            "status": status.short_name(),
-            "result": payload_json(outcome.result.as_ref()),
-            "failure": failure_json(outcome.failure.as_ref()),
-        }));
-    } else if status == pb::ExecutionStatus::Completed {
-        out!("{}", codec::display_payload(outcome.result.as_ref()));
+        print_json(&Value::Array(runs.iter().map(execution_json).collect()));
+        return Ok(());
+    }
+    let id = if activities {
+        "ACTIVITY ID"
     } else {
-        eprintln!(
-            "activity {id} {}: {}",
-            status.short_name(),
-            outcome
-                .failure
-                .as_ref()
-                .map(|f| f.message.as_str())
-                .unwrap_or("")
+        "WORKFLOW ID"
+    };
+    out!(
+        "{:<36} {:<20} {:<11} {:<26} RUN ID",
+        id,
+        "TYPE",
+        "STATUS",
+        "STARTED"
+    );
+    for r in runs {
+        out!(
+            "{:<36} {:<20} {:<11} {:<26} {}",
+            r.workflow_id,
+            r.workflow_type,
+            status_name(r.status),
+            time_text(r.start_ms),
+            r.run_id
         );
     }
-    if status == pb::ExecutionStatus::Completed {
-        0
-    } else {
-        2
-    }
+    Ok(())
 }
 
 async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
@@ -1908,7 +1897,7 @@ async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
             }
             let mut outcome = handle.outcome().await?;
             decode_for_display(g, outcome.result.iter_mut().collect()).await?;
-            Ok(print_activity_outcome(g, &id, &outcome))
+            Ok(print_outcome(g, "activity", &id, &outcome))
         }
         ActivityCmd::Result { activity } => {
             let client = connect(g).await?;
@@ -1917,7 +1906,12 @@ async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
                 .outcome()
                 .await?;
             decode_for_display(g, outcome.result.iter_mut().collect()).await?;
-            Ok(print_activity_outcome(g, &activity.activity_id, &outcome))
+            Ok(print_outcome(
+                g,
+                "activity",
+                &activity.activity_id,
+                &outcome,
+            ))
         }
         ActivityCmd::Describe { activity } => {
             let client = connect(g).await?;
@@ -1965,35 +1959,8 @@ async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
             Ok(0)
         }
         ActivityCmd::List { status, limit } => {
-            let status = match status {
-                None => None,
-                Some(s) => Some(pb::ExecutionStatus::from_short_name(&s).with_context(|| {
-                    format!("--status {s:?} is not known: use running, completed, failed, canceled, terminated or timed_out")
-                })?),
-            };
             let client = connect(g).await?;
-            let runs = client.list_workflows(status, limit, true).await?;
-            if g.json {
-                print_json(&Value::Array(runs.iter().map(execution_json).collect()));
-            } else {
-                out!(
-                    "{:<36} {:<20} {:<11} {:<26} RUN ID",
-                    "ACTIVITY ID",
-                    "TYPE",
-                    "STATUS",
-                    "STARTED"
-                );
-                for r in runs {
-                    out!(
-                        "{:<36} {:<20} {:<11} {:<26} {}",
-                        r.workflow_id,
-                        r.workflow_type,
-                        status_name(r.status),
-                        time_text(r.start_ms),
-                        r.run_id
-                    );
-                }
-            }
+            list_runs(g, &client, status, limit, true).await?;
             Ok(0)
         }
         ActivityCmd::Cancel { activity, reason } => {

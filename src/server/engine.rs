@@ -1570,25 +1570,10 @@ impl Engine {
             }
         };
         if let Some((run_id, rx)) = receiver {
-            let mut shutdown = self.shutdown.subscribe();
-            tokio::select! {
-                outcome = rx => {
-                    if let Ok(outcome) = outcome {
-                        return Ok(outcome);
-                    }
-                }
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
+            if let Some(outcome) = self.wait_for_answer(rx, wait).await? {
+                return Ok(outcome);
             }
-            self.check_healthy()?;
-            // The wait is over: this caller's place among the waiters goes with it.
-            let mut st = self.state.lock();
-            if let Some(waiters) = st.waiters.get_mut(&run_id) {
-                waiters.retain(|w| !w.is_closed());
-                if waiters.is_empty() {
-                    st.waiters.remove(&run_id);
-                }
-            }
+            forget_gone_waiters(&mut self.state.lock().waiters, &run_id);
             return Ok(pb::GetWorkflowResultResponse {
                 run_id,
                 status: ExecutionStatus::Running as i32,
@@ -1602,6 +1587,27 @@ impl Engine {
             result: state.result,
             failure: state.failure,
         })
+    }
+
+    /// Waits up to `wait` for what a waiter list answers (None when the wait ended first, or
+    /// the server is shutting down); UNAVAILABLE if storage failed meanwhile.
+    async fn wait_for_answer<T>(
+        &self,
+        rx: oneshot::Receiver<T>,
+        wait: Duration,
+    ) -> Result<Option<T>, EngineError> {
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::select! {
+            answer = rx => {
+                if let Ok(answer) = answer {
+                    return Ok(Some(answer));
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+        self.check_healthy()?;
+        Ok(None)
     }
 
     // ------------------------------------------------------------------------------------------
@@ -2779,24 +2785,10 @@ impl Engine {
         self.finish(commit, txn).await?;
         if let Some(rx) = waiter {
             let wait = Duration::from_millis(req.wait_ms).min(self.config.long_poll_timeout);
-            let mut shutdown = self.shutdown.subscribe();
-            tokio::select! {
-                info = rx => {
-                    if let Ok(info) = info {
-                        return Ok(info);
-                    }
-                }
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
+            if let Some(info) = self.wait_for_answer(rx, wait).await? {
+                return Ok(info);
             }
-            self.check_healthy()?;
-            let mut st = self.state.lock();
-            if let Some(waiters) = st.session_waiters.get_mut(&session_id) {
-                waiters.retain(|w| !w.is_closed());
-                if waiters.is_empty() {
-                    st.session_waiters.remove(&session_id);
-                }
-            }
+            forget_gone_waiters(&mut self.state.lock().session_waiters, &session_id);
         }
         if let Some(info) = self
             .session_from_store_if_gone(&req.namespace, &session_id)
@@ -3586,6 +3578,17 @@ fn execution_info(s: &RunState) -> pb::ExecutionInfo {
             "workflow"
         }
         .into(),
+    }
+}
+
+/// Drops the senders of callers that stopped waiting (their wait ended), and the list with
+/// the last of them: a wait that times out leaves nothing behind.
+fn forget_gone_waiters<T>(waiters: &mut HashMap<String, Vec<oneshot::Sender<T>>>, key: &str) {
+    if let Some(list) = waiters.get_mut(key) {
+        list.retain(|w| !w.is_closed());
+        if list.is_empty() {
+            waiters.remove(key);
+        }
     }
 }
 

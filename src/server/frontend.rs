@@ -120,6 +120,47 @@ impl Frontend {
         ok(outcome)
     }
 
+    /// Cancels or terminates one run (a workflow's, or a standalone activity's): the role
+    /// (client to cancel, admin to terminate) and the names checked the same way for either.
+    async fn act_on_run(
+        &self,
+        ids: &[String],
+        op: RunOp,
+        run: OneRun<'_>,
+        reason: &str,
+        identity: &str,
+    ) -> Result<(), Status> {
+        let role = match op {
+            RunOp::Cancel => Role::Client,
+            RunOp::Terminate => Role::Admin,
+        };
+        self.allow(ids, run.namespace, role)?;
+        name("namespace", run.namespace)?;
+        name(
+            if run.standalone {
+                "activity id"
+            } else {
+                "workflow id"
+            },
+            run.id,
+        )?;
+        optional_name("run id", run.run_id)?;
+        let (ns, standalone, id, run_id) = (run.namespace, run.standalone, run.id, run.run_id);
+        match op {
+            RunOp::Cancel => {
+                self.engine
+                    .request_cancel(ns, standalone, id, run_id, reason, identity)
+                    .await?
+            }
+            RunOp::Terminate => {
+                self.engine
+                    .terminate(ns, standalone, id, run_id, reason, identity)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
     /// A describe, history or result for an id that may be a workflow's or a standalone
     /// activity's: the workflow first, then the activity of that id.
     async fn either_kind<T, F, Fut>(&self, f: F) -> Result<T, EngineError>
@@ -134,6 +175,21 @@ impl Frontend {
             other => other,
         }
     }
+}
+
+/// What an operator does to a run.
+#[derive(Clone, Copy)]
+enum RunOp {
+    Cancel,
+    Terminate,
+}
+
+/// The run an operator call names.
+struct OneRun<'a> {
+    namespace: &'a str,
+    standalone: bool,
+    id: &'a str,
+    run_id: &'a str,
 }
 
 /// Most list entries in one page, and the default.
@@ -397,20 +453,19 @@ impl TetherService for Frontend {
     ) -> R<pb::RequestCancelWorkflowResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
-        name("namespace", &req.namespace)?;
-        name("workflow id", &req.workflow_id)?;
-        optional_name("run id", &req.run_id)?;
-        self.engine
-            .request_cancel(
-                &req.namespace,
-                false,
-                &req.workflow_id,
-                &req.run_id,
-                &req.reason,
-                &req.identity,
-            )
-            .await?;
+        self.act_on_run(
+            &ids,
+            RunOp::Cancel,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: false,
+                id: &req.workflow_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
         ok(pb::RequestCancelWorkflowResponse {})
     }
 
@@ -420,20 +475,19 @@ impl TetherService for Frontend {
     ) -> R<pb::TerminateWorkflowResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Admin)?;
-        name("namespace", &req.namespace)?;
-        name("workflow id", &req.workflow_id)?;
-        optional_name("run id", &req.run_id)?;
-        self.engine
-            .terminate(
-                &req.namespace,
-                false,
-                &req.workflow_id,
-                &req.run_id,
-                &req.reason,
-                &req.identity,
-            )
-            .await?;
+        self.act_on_run(
+            &ids,
+            RunOp::Terminate,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: false,
+                id: &req.workflow_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
         ok(pb::TerminateWorkflowResponse {})
     }
 
@@ -932,20 +986,19 @@ impl TetherService for Frontend {
     ) -> R<pb::RequestCancelActivityResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
-        name("namespace", &req.namespace)?;
-        name("activity id", &req.activity_id)?;
-        optional_name("run id", &req.run_id)?;
-        self.engine
-            .request_cancel(
-                &req.namespace,
-                true,
-                &req.activity_id,
-                &req.run_id,
-                &req.reason,
-                &req.identity,
-            )
-            .await?;
+        self.act_on_run(
+            &ids,
+            RunOp::Cancel,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: true,
+                id: &req.activity_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
         ok(pb::RequestCancelActivityResponse {})
     }
 
@@ -955,20 +1008,19 @@ impl TetherService for Frontend {
     ) -> R<pb::TerminateActivityResponse> {
         let ids = self.identities(&request);
         let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Admin)?;
-        name("namespace", &req.namespace)?;
-        name("activity id", &req.activity_id)?;
-        optional_name("run id", &req.run_id)?;
-        self.engine
-            .terminate(
-                &req.namespace,
-                true,
-                &req.activity_id,
-                &req.run_id,
-                &req.reason,
-                &req.identity,
-            )
-            .await?;
+        self.act_on_run(
+            &ids,
+            RunOp::Terminate,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: true,
+                id: &req.activity_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
         ok(pb::TerminateActivityResponse {})
     }
 

@@ -240,6 +240,39 @@ fn backoff_ms(policy: &RetryPolicy, next_attempt: u32) -> i64 {
     raw.min(policy.maximum_interval_ms as f64) as i64
 }
 
+/// Arms the timers of a running attempt (`attempt`: scheduled event id, attempt, hand-out):
+/// start-to-close at `start_to_close_at`, and the heartbeat timeout from `now` if it has one.
+fn arm_attempt_timers(
+    fx: &mut Effects,
+    run_id: &str,
+    attempt: (u64, u32, u64),
+    start_to_close_at: i64,
+    options: &ActivityOptions,
+    now: i64,
+) {
+    let (scheduled_event_id, attempt, dispatch) = attempt;
+    fx.timers.push((
+        start_to_close_at,
+        TimerKey::ActivityStartToClose {
+            run_id: run_id.to_string(),
+            scheduled_event_id,
+            attempt,
+            dispatch,
+        },
+    ));
+    if options.heartbeat_timeout_ms > 0 {
+        fx.timers.push((
+            deadline(now, options.heartbeat_timeout_ms),
+            TimerKey::ActivityHeartbeat {
+                run_id: run_id.to_string(),
+                scheduled_event_id,
+                attempt,
+                dispatch,
+            },
+        ));
+    }
+}
+
 /// Forgets who runs an attempt (it ended, or goes back to its queue).
 fn clear_started(a: &mut ActivityState) {
     a.started_ms = 0;
@@ -520,26 +553,16 @@ impl RunEntry {
                         dispatch,
                     },
                 );
-                fx.timers.push((
+                // Start-to-close counts from the hand-out; heartbeats from now (none could
+                // arrive while the server was down).
+                arm_attempt_timers(
+                    fx,
+                    &run_id,
+                    (a.scheduled_event_id, a.attempt, dispatch),
                     deadline(a.started_ms, options.start_to_close_timeout_ms),
-                    TimerKey::ActivityStartToClose {
-                        run_id: run_id.clone(),
-                        scheduled_event_id: a.scheduled_event_id,
-                        attempt: a.attempt,
-                        dispatch,
-                    },
-                ));
-                if options.heartbeat_timeout_ms > 0 {
-                    fx.timers.push((
-                        deadline(now, options.heartbeat_timeout_ms),
-                        TimerKey::ActivityHeartbeat {
-                            run_id: run_id.clone(),
-                            scheduled_event_id: a.scheduled_event_id,
-                            attempt: a.attempt,
-                            dispatch,
-                        },
-                    ));
-                }
+                    &options,
+                    now,
+                );
             } else if a.backoff_until_ms > 0 {
                 fx.timers.push((
                     a.backoff_until_ms,
@@ -1500,26 +1523,14 @@ impl RunEntry {
         let run_id = self.state.run_id.clone();
         let dispatch = next_dispatch();
         a.started_dispatch = dispatch;
-        fx.timers.push((
+        arm_attempt_timers(
+            fx,
+            &run_id,
+            (scheduled_event_id, attempt, dispatch),
             deadline(now, options.start_to_close_timeout_ms),
-            TimerKey::ActivityStartToClose {
-                run_id: run_id.clone(),
-                scheduled_event_id,
-                attempt,
-                dispatch,
-            },
-        ));
-        if options.heartbeat_timeout_ms > 0 {
-            fx.timers.push((
-                deadline(now, options.heartbeat_timeout_ms),
-                TimerKey::ActivityHeartbeat {
-                    run_id: run_id.clone(),
-                    scheduled_event_id,
-                    attempt,
-                    dispatch,
-                },
-            ));
-        }
+            &options,
+            now,
+        );
         let token = pb::TaskToken {
             namespace: self.state.namespace.clone(),
             run_id: run_id.clone(),
