@@ -206,3 +206,97 @@ async fn an_attempt_lost_with_its_worker_is_retried_as_a_new_attempt() {
     assert_eq!(seen.last(), Some(&(2, 1)), "{seen:?}");
     restarted.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_running_when_its_session_completes_finishes_across_a_crash() {
+    use tether::api::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let first = server(dir.path(), "127.0.0.1:0");
+    let addr = first.addr.clone();
+    let client = Client::connect(addr.clone()).await.unwrap();
+    // A worker driven by hand, so the attempt is taken from the queue by a poll of its own
+    // (its hand-out then lives in a hand-out row only, not in a whole write of its run).
+    let mut rpc = client.raw();
+    let host_queue = rpc
+        .register_worker(pb::RegisterWorkerRequest {
+            namespace: "default".into(),
+            identity: "crash-c".into(),
+            task_queues: vec!["crash-q".into()],
+            instance_id: "crash-c-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .host_queue;
+    let session = within(
+        T,
+        "session",
+        client.create_session(SessionOptions::new("crash-q")),
+    )
+    .await
+    .unwrap();
+    let in_session = {
+        let session = session.clone();
+        tokio::spawn(async move {
+            session
+                .execute_activity::<_, u32>("slow", &0u64, ActivityOptions::default())
+                .await
+        })
+    };
+    eventually(T, "the session attempt waits in the host queue", || async {
+        let queue = client.describe_task_queue(&host_queue).await.ok()?;
+        (queue.activity_backlog == 1).then_some(())
+    })
+    .await;
+    let task = eventually(T, "the session attempt is handed out", || {
+        let mut rpc = rpc.clone();
+        let host_queue = host_queue.clone();
+        async move {
+            let task = rpc
+                .poll_activity_task(pb::PollActivityTaskRequest {
+                    namespace: "default".into(),
+                    task_queue: host_queue,
+                    identity: "crash-c".into(),
+                    instance_id: "crash-c-1".into(),
+                    poll_timeout_ms: 1_000,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (!task.task_token.is_empty()).then_some(task)
+        }
+    })
+    .await;
+    // Its owner is done with the session, but lets the running attempt finish; then the
+    // server dies before it does.
+    let closed = session.complete().await.unwrap();
+    assert_eq!(closed.state, "completed");
+    first.kill_9();
+    let _second = server(dir.path(), &addr);
+    let result = client.data_converter().to_payload(&1u32).unwrap();
+    eventually(T, "the attempt's completion is accepted", || {
+        let mut rpc = rpc.clone();
+        let req = pb::CompleteActivityTaskRequest {
+            task_token: task.task_token.clone(),
+            result: Some(result.clone()),
+            identity: "crash-c".into(),
+            ..Default::default()
+        };
+        async move {
+            match rpc.complete_activity_task(req).await {
+                Ok(_) => Some(Ok(())),
+                Err(e) if e.code() == tonic::Code::Unavailable => None,
+                Err(e) => Some(Err(e)),
+            }
+        }
+    })
+    .await
+    .expect("the attempt that ran through the close and the crash may report");
+    let attempt = within(T, "the session activity's result", in_session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(attempt, 1);
+}

@@ -849,6 +849,82 @@ async fn a_retried_signal_or_start_with_its_request_id_happens_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_start_whose_run_already_finished_does_not_run_the_work_again() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    let start = pb::StartActivityRequest {
+        namespace: "default".into(),
+        activity_id: "resent".into(),
+        activity_type: "a".into(),
+        task_queue: "resent-q".into(),
+        request_id: "start-1".into(),
+        options: Some(pb::ActivityOptions {
+            start_to_close_timeout_ms: 10_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let run = rpc
+        .start_activity(start.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let task = rpc
+        .poll_activity_task(pb::PollActivityTaskRequest {
+            namespace: "default".into(),
+            task_queue: "resent-q".into(),
+            identity: "w".into(),
+            poll_timeout_ms: 5_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    rpc.complete_activity_task(pb::CompleteActivityTaskRequest {
+        task_token: task.task_token,
+        identity: "w".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.client
+        .activity_handle("resent", &run)
+        .outcome()
+        .await
+        .unwrap();
+    // The first reply was lost; the client sends the same start again, saying so. It gets the
+    // finished run (and its outcome), and nothing is queued to run again.
+    let again = rpc
+        .start_activity(pb::StartActivityRequest {
+            resent: true,
+            wait_ms: 1_000,
+            ..start.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.run_id, run);
+    assert_eq!(
+        again.outcome.map(|o| o.status),
+        Some(pb::ExecutionStatus::Completed as i32)
+    );
+    let queue = env.client.describe_task_queue("resent-q").await.unwrap();
+    assert_eq!(queue.activity_backlog, 0, "the work was queued again");
+    // Another request for the same id is a new start, as the id is free again.
+    let other = rpc
+        .start_activity(pb::StartActivityRequest {
+            request_id: "start-2".into(),
+            resent: true,
+            ..start
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.run_id, run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_waits_for_a_server_that_is_starting_and_rides_out_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -939,7 +939,7 @@ async fn batched_outcomes_are_judged_one_by_one_and_refill_slots() {
     let next = pb::NextTaskRequest {
         namespace: "default".into(),
         task_queue: "batch".into(),
-        additional_task_queues: vec![],
+        ..Default::default()
     };
 
     // A batch over the size limit is refused whole and changes nothing.

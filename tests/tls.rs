@@ -311,7 +311,7 @@ async fn access_file_grants_roles_per_namespace() {
             next_task: Some(tether::api::pb::NextTaskRequest {
                 namespace: "billing".into(),
                 task_queue: "q".into(),
-                additional_task_queues: vec![],
+                ..Default::default()
             }),
             max_next_tasks: 1,
             ..Default::default()

@@ -477,10 +477,15 @@ impl Client {
             identity: self.options.identity.clone(),
             // A retried start (the reply was lost) is then answered with its own run.
             request_id: uuid::Uuid::new_v4().to_string(),
+            resent: false,
         };
+        let mut sent = false;
         let started = self
             .retrying(|mut rpc| {
-                let req = req.clone();
+                let req = pb::StartWorkflowRequest {
+                    resent: std::mem::replace(&mut sent, true),
+                    ..req.clone()
+                };
                 async move { rpc.start_workflow(req).await }
             })
             .await;
@@ -586,10 +591,15 @@ impl Client {
             identity: self.options.identity.clone(),
             wait_ms: wait.as_millis() as u64,
             request_id: uuid::Uuid::new_v4().to_string(),
+            resent: false,
         };
+        let mut sent = false;
         let started = self
             .retrying(|mut rpc| {
-                let req = req.clone();
+                let req = pb::StartActivityRequest {
+                    resent: std::mem::replace(&mut sent, true),
+                    ..req.clone()
+                };
                 async move { rpc.start_activity(req).await }
             })
             .await;

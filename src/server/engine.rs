@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
@@ -100,9 +100,17 @@ pub struct NextTasks {
     pub queues: Vec<String>,
     /// The worker.
     pub identity: String,
+    /// Its process (`NextTaskRequest.instance_id`).
+    pub instance: String,
     /// Most tasks to take.
     pub max: usize,
 }
+
+/// Each outcome's own result, and the next tasks handed to the worker.
+pub type RespondedActivities = (
+    Vec<Result<(), EngineError>>,
+    Vec<pb::PollActivityTaskResponse>,
+);
 
 /// Attempts dispatched for a caller that may go away before they reach it (its request
 /// future dropped while the commit was under way): given back, and so taken back by the
@@ -127,6 +135,41 @@ impl Drop for GiveBackOnDrop<'_> {
         for response in self.responses.drain(..) {
             self.matcher.give_back(Box::new(response));
         }
+    }
+}
+
+/// What a transaction leaves to do once its commit is durable: offer its tasks, arm its
+/// timers, hand its dispatched attempts over, answer its waiters. The request that made it
+/// awaits it; should that request go away first (its caller disconnected, its deadline
+/// passed), the rest is done on a task of its own, for a durable write's effects are never
+/// skipped (a task nobody offers, or an id nobody frees, waits for a restart).
+struct PendingEffects {
+    engine: Weak<Engine>,
+    commit: Option<Commit>,
+    fx: Option<Effects>,
+    handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
+}
+
+impl Drop for PendingEffects {
+    fn drop(&mut self) {
+        let Some(fx) = self.fx.take() else {
+            return;
+        };
+        let (Some(engine), Ok(runtime)) =
+            (self.engine.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let commit = self.commit.take();
+        let handovers = std::mem::take(&mut self.handovers);
+        runtime.spawn(async move {
+            let txn = Txn {
+                fx,
+                handovers,
+                ..Default::default()
+            };
+            let _ = engine.finish(commit, txn).await;
+        });
     }
 }
 
@@ -170,6 +213,8 @@ pub struct EngineStats {
 
 /// The server's engine: history, matching and timers over a [`Store`].
 pub struct Engine {
+    /// The engine itself, for work that must go on after the request that began it is gone.
+    me: Weak<Engine>,
     state: Mutex<EngineState>,
     store: Arc<dyn Store>,
     matcher: Matcher,
@@ -206,7 +251,8 @@ impl Engine {
             .map_err(|e| EngineError::Unavailable(format!("could not read the store: {e}")))?;
         let (shutdown, _) = watch::channel(false);
         let (storage_failure, _) = watch::channel(None);
-        let engine = Arc::new(Engine {
+        let engine = Arc::new_cyclic(|me| Engine {
+            me: me.clone(),
             access: parking_lot::RwLock::new(config.access.clone()),
             state: Mutex::new(EngineState::default()),
             store,
@@ -236,6 +282,14 @@ impl Engine {
                 txn.extra.push(Write::Namespace(info));
             }
             let count = recovered.open_runs.len();
+            let newest_dispatch = recovered
+                .open_runs
+                .iter()
+                .flat_map(|(state, _)| state.activities.values())
+                .map(|a| a.started_dispatch)
+                .max()
+                .unwrap_or(0);
+            super::history::dispatch_after(newest_dispatch);
             for (state, history) in recovered.open_runs {
                 let had_buffered = !state.buffered.is_empty();
                 let mut entry = RunEntry::new(state, history);
@@ -322,6 +376,19 @@ impl Engine {
             if let Err(e) = self.undispatch(returned).await {
                 tracing::warn!(error = %e, "taking back undelivered attempts failed");
             }
+        }
+    }
+
+    /// Takes back what polls gave back while the server shut down (shutdown itself ends the
+    /// parked polls): called once no request runs any more, before the store closes, so those
+    /// attempts wait in their queues after a restart rather than out their timeouts.
+    pub async fn take_back_remaining(&self) {
+        let returned = self.matcher.take_returned();
+        if returned.is_empty() || self.storage_failed.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self.undispatch(returned).await {
+            tracing::warn!(error = %e, "taking back undelivered attempts at shutdown failed");
         }
     }
 
@@ -657,6 +724,16 @@ impl Engine {
             else {
                 continue;
             };
+            if !self
+                .matcher
+                .may_hold(&key.namespace, &claim.identity, &claim.instance)
+            {
+                // A poll of a process replaced under its identity: it ends empty (its next
+                // call is refused), and the task waits for another.
+                drop(claim);
+                txn.fx.tasks.push((key, task, requirements));
+                continue;
+            }
             let TaskRef::Activity {
                 run_id,
                 scheduled_event_id,
@@ -784,8 +861,14 @@ impl Engine {
                         attempt = token.attempt,
                         "attempt taken back: its poll ended before it was delivered"
                     );
-                    // The session's count is of hand-outs, this one included: it stays.
-                    let session = response.session.as_ref();
+                    // The session's count is of hand-outs, this one included: it stays. Once
+                    // the session is closed, its count is final and the row is the run's alone.
+                    let session = response.session.as_ref().filter(|s| {
+                        st.sessions
+                            .get(&s.session_id)
+                            .and_then(|s| s.info.as_ref())
+                            .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"))
+                    });
                     txn.started.push(Write::Started {
                         run_id: token.run_id.clone(),
                         scheduled_event_id: token.scheduled_event_id,
@@ -805,47 +888,54 @@ impl Engine {
     }
 
     /// Waits for the commit, then applies the effects. Nothing is offered, armed, handed over
-    /// or answered before the writes that caused it are durable.
+    /// or answered before the writes that caused it are durable; and once they are, all of it
+    /// is, even when the request that made them went away meanwhile (see [`PendingEffects`]).
     async fn finish(&self, commit: Option<Commit>, txn: Txn) -> Result<(), EngineError> {
         let Txn { fx, handovers, .. } = txn;
-        if let Some(commit) = commit {
-            let outcome = commit
-                .done
+        let mut pending = PendingEffects {
+            engine: self.me.clone(),
+            commit,
+            fx: Some(fx),
+            handovers,
+        };
+        if let Some(commit) = pending.commit.as_mut() {
+            let outcome = (&mut commit.done)
                 .await
                 .unwrap_or_else(|_| Err("the store's writer stopped".to_string()));
+            pending.commit = None;
             if let Err(e) = outcome {
+                // Nothing of it happens: the claimed polls are dropped, their callers get
+                // nothing.
+                pending.fx = None;
+                pending.handovers.clear();
                 self.fail_storage(&e);
-                // The claimed polls are dropped with `handovers`: their callers get nothing.
                 return Err(EngineError::Unavailable(format!(
                     "the write could not be made durable ({e}); nothing of this request was \
                      acknowledged, and the server refuses every request until it is restarted"
                 )));
             }
         }
-        let undelivered = self.apply_effects(fx, handovers);
-        if !undelivered.is_empty() {
-            self.undispatch(undelivered).await?;
-        }
+        let fx = pending.fx.take().expect("taken only here");
+        self.apply_effects(fx, std::mem::take(&mut pending.handovers));
         Ok(())
     }
 
-    /// Applies what a durable transaction caused; returns the dispatched attempts whose polls
-    /// had ended meanwhile (to be taken back).
+    /// Applies what a durable transaction caused. Attempts dispatched to polls that ended
+    /// meanwhile are given back, to be taken back by [`Engine::take_back_returned`].
     fn apply_effects(
         &self,
         fx: Effects,
         handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
-    ) -> Vec<pb::PollActivityTaskResponse> {
+    ) {
         for (key, task, requirements) in fx.tasks {
             self.matcher.add(&key, task, &requirements);
         }
         if !fx.timers.is_empty() {
             self.timers.arm(fx.timers);
         }
-        let mut undelivered = Vec::new();
         for (claim, response) in handovers {
             if let Err(response) = claim.hand_over(response) {
-                undelivered.push(*response);
+                self.matcher.give_back(response);
             }
         }
         if !fx.sessions_settled.is_empty() {
@@ -898,7 +988,6 @@ impl Engine {
                 }
             }
         }
-        undelivered
     }
 
     fn check_namespace(st: &EngineState, namespace: &str) -> Result<(), EngineError> {
@@ -1108,7 +1197,8 @@ impl Engine {
     // ------------------------------------------------------------------------------------------
 
     /// Starts a workflow run; fails with AlreadyExists if the id is running (unless the running
-    /// run was started by this same request: a retried start).
+    /// run was started by this same request: a retried start; a resent one is also answered
+    /// with the closed run it started).
     pub async fn start_workflow(
         &self,
         req: pb::StartWorkflowRequest,
@@ -1122,6 +1212,7 @@ impl Engine {
                 false,
                 &req.workflow_id,
                 &req.request_id,
+                req.resent,
                 |run_id, now, fx| RunEntry::start_workflow(&req, run_id, now, fx),
             )
             .await?;
@@ -1136,9 +1227,18 @@ impl Engine {
         standalone: bool,
         id: &str,
         request_id: &str,
+        resent: bool,
         make: impl FnOnce(String, i64, &mut Effects) -> RunEntry,
     ) -> Result<(String, bool), EngineError> {
         self.check_healthy()?;
+        if resent {
+            if let Some(run_id) = self
+                .closed_run_started_by(namespace, standalone, id, request_id)
+                .await
+            {
+                return Ok((run_id, true));
+            }
+        }
         let mut txn = Txn::default();
         let started = {
             let mut st = self.state.lock();
@@ -1181,6 +1281,51 @@ impl Engine {
         Ok((run_id, handed_over))
     }
 
+    /// The closed run a start with `request_id` made, if the id's latest run is one: the
+    /// answer to a start resent after its reply was lost and its run finished meanwhile. A
+    /// read of the store, so only for starts that say they are resent.
+    async fn closed_run_started_by(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        request_id: &str,
+    ) -> Option<String> {
+        if request_id.is_empty() {
+            return None;
+        }
+        let latest = self.load_stored(namespace, standalone, id, "").await.ok()?;
+        (latest.start_request_id == request_id && latest.status != ExecutionStatus::Running as i32)
+            .then_some(latest.run_id)
+    }
+
+    /// Whether a start with `request_id` already made a run of `id` (open, or closed when the
+    /// start is resent): then it is answered with that run, whatever changed since.
+    async fn started_already(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        request_id: &str,
+        resent: bool,
+    ) -> bool {
+        if request_id.is_empty() {
+            return false;
+        }
+        let open = {
+            let st = self.state.lock();
+            st.open_ids
+                .get(&(namespace.to_string(), standalone, id.to_string()))
+                .and_then(|run_id| st.runs.get(run_id))
+                .is_some_and(|e| e.state.start_request_id == request_id)
+        };
+        open || (resent
+            && self
+                .closed_run_started_by(namespace, standalone, id, request_id)
+                .await
+                .is_some())
+    }
+
     /// Starts a standalone activity.
     pub async fn start_activity(
         &self,
@@ -1201,7 +1346,19 @@ impl Engine {
                 }
                 open
             };
-            if !open {
+            // A retry of a start that got through is answered with its run, though the
+            // session may have closed since.
+            let retried = !open
+                && self
+                    .started_already(
+                        &req.namespace,
+                        true,
+                        &req.activity_id,
+                        &req.request_id,
+                        req.resent,
+                    )
+                    .await;
+            if !open && !retried {
                 let info = self
                     .describe_session(&req.namespace, &options.session_id)
                     .await?;
@@ -1225,6 +1382,7 @@ impl Engine {
                 true,
                 &req.activity_id,
                 &req.request_id,
+                req.resent,
                 |run_id, now, fx| {
                     RunEntry::start_standalone_activity(&req, options, run_id, now, fx)
                 },
@@ -1654,6 +1812,9 @@ impl Engine {
         identity: &str,
         instance: &str,
     ) -> Result<(), EngineError> {
+        if self.matcher.may_hold(namespace, identity, instance) {
+            return Ok(());
+        }
         match self.matcher.instance_of(namespace, identity) {
             Some(holder) if holder != instance => Err(EngineError::AlreadyExists(format!(
                 "worker identity {identity:?} is registered by another worker process \
@@ -1747,10 +1908,7 @@ impl Engine {
                 response
             };
             if let Some(response) = dispatched {
-                let undelivered = self.apply_effects(std::mem::take(&mut txn.fx), txn.handovers);
-                if !undelivered.is_empty() {
-                    let _ = self.undispatch(undelivered).await;
-                }
+                self.apply_effects(std::mem::take(&mut txn.fx), txn.handovers);
                 return Some(response);
             }
             if remaining.is_zero() {
@@ -1943,6 +2101,19 @@ impl Engine {
         let mut txn = Txn::default();
         let (commit, response) = {
             let mut st = self.state.lock();
+            let Some(entry) = st.runs.get(&run_id) else {
+                return Ok(None);
+            };
+            if let Err(refused) = self.check_poller(&entry.state.namespace, identity, instance) {
+                // Its process was replaced under its identity since the poll began: the task
+                // waits for the process that holds it now.
+                if let Some((key, task, requirements)) =
+                    entry.waiting_activity_task(scheduled_event_id, attempt)
+                {
+                    self.matcher.put_back(&key, task, &requirements);
+                }
+                return Err(refused);
+            }
             let Some(response) = self.dispatch_locked(
                 &mut st,
                 &run_id,
@@ -1979,10 +2150,14 @@ impl Engine {
         if next.max == 0 || self.storage_failed.load(Ordering::Relaxed) || *self.shutdown.borrow() {
             return taken;
         }
-        let instance = self
+        // Only the process that holds the identity gets work under it (a replaced one would
+        // run it where nobody expects it to).
+        if !self
             .matcher
-            .instance_of(&next.namespace, &next.identity)
-            .unwrap_or_default();
+            .may_hold(&next.namespace, &next.identity, &next.instance)
+        {
+            return taken;
+        }
         for queue in &next.queues {
             let key = QueueKey::new(&next.namespace, queue, TaskKind::Activity);
             while taken.len() < next.max {
@@ -2004,7 +2179,7 @@ impl Engine {
                     scheduled_event_id,
                     attempt,
                     &next.identity,
-                    &instance,
+                    &next.instance,
                     now,
                     txn,
                 ) {
@@ -2054,9 +2229,9 @@ impl Engine {
         outcome: pb::ActivityOutcome,
         next: Option<NextTasks>,
     ) -> Result<Option<pb::PollActivityTaskResponse>, EngineError> {
-        let (mut results, mut next_tasks) = self
-            .respond_activities(identity, vec![outcome], next)
-            .await?;
+        // A refused outcome takes no next task: the error would leave it on no worker.
+        let (mut results, mut next_tasks) =
+            self.respond(identity, vec![outcome], next, true).await?;
         results.pop().expect("one outcome, one result")?;
         Ok(next_tasks.pop())
     }
@@ -2070,13 +2245,19 @@ impl Engine {
         identity: &str,
         outcomes: Vec<pb::ActivityOutcome>,
         next: Option<NextTasks>,
-    ) -> Result<
-        (
-            Vec<Result<(), EngineError>>,
-            Vec<pb::PollActivityTaskResponse>,
-        ),
-        EngineError,
-    > {
+    ) -> Result<RespondedActivities, EngineError> {
+        self.respond(identity, outcomes, next, false).await
+    }
+
+    /// [`Engine::respond_activities`]; with `next_only_if_all_applied`, no next task is taken
+    /// when any outcome was refused.
+    async fn respond(
+        &self,
+        identity: &str,
+        outcomes: Vec<pb::ActivityOutcome>,
+        next: Option<NextTasks>,
+        next_only_if_all_applied: bool,
+    ) -> Result<RespondedActivities, EngineError> {
         self.check_healthy()?;
         let now = now_ms();
         let mut txn = Txn::default();
@@ -2126,9 +2307,12 @@ impl Engine {
                 });
                 results.push(applied);
             }
+            let refused = results.iter().any(Result::is_err);
             let next_tasks = match &next {
-                Some(next) => self.take_next_locked(&mut st, next, now, &mut txn),
-                None => Vec::new(),
+                Some(next) if !(refused && next_only_if_all_applied) => {
+                    self.take_next_locked(&mut st, next, now, &mut txn)
+                }
+                _ => Vec::new(),
             };
             (self.commit_locked(&mut st, &mut txn), next_tasks)
         };
@@ -2556,11 +2740,22 @@ impl Engine {
         if state != "completed" {
             tracing::warn!(session_id, state, reason, "session ended");
         }
-        if fail_activities {
-            for (run_id, entry) in st.runs.iter_mut() {
-                if entry.fail_session_activities(session_id, reason, now, &mut txn.fx) {
-                    txn.touched.insert(run_id.clone());
-                }
+        // Closed without failing (its owner completed it): the attempts running in it may
+        // finish, but those never handed out can no longer run anywhere.
+        let never_handed_out = format!("it was {state} before this activity was handed out");
+        for (run_id, entry) in st.runs.iter_mut() {
+            let failed = if fail_activities {
+                entry.fail_session_activities(session_id, reason, now, &mut txn.fx)
+            } else {
+                entry.fail_waiting_session_activities(
+                    session_id,
+                    &never_handed_out,
+                    now,
+                    &mut txn.fx,
+                )
+            };
+            if failed {
+                txn.touched.insert(run_id.clone());
             }
         }
         if was_creating {
@@ -3271,12 +3466,27 @@ impl Engine {
         let mut txn = Txn::default();
         let commit = {
             let mut st = self.state.lock();
-            if registered != super::matching::Registered::Again {
-                // A new process under this identity: whatever an earlier process of it was
-                // running (handed out durably, so this holds across server restarts too) is
-                // gone with that process. Retry it now rather than after its timeouts.
+            // A new process under this identity: whatever an earlier process of it was running
+            // (handed out durably, so this holds across server restarts too) is gone with that
+            // process. Retry it now rather than after its timeouts; but a process that shut
+            // down gracefully may still be finishing its attempts, which stay its own.
+            let keep: Option<Vec<&str>> = match &registered {
+                super::matching::Registered::Again => None,
+                super::matching::Registered::New => Some(vec![&req.instance_id]),
+                super::matching::Registered::Replaced {
+                    previous,
+                    previous_draining,
+                } => Some(if *previous_draining {
+                    vec![&req.instance_id, previous]
+                } else {
+                    vec![&req.instance_id]
+                }),
+            };
+            if let Some(keep) = keep {
                 for (run_id, entry) in st.runs.iter_mut() {
-                    if entry.worker_restarted(&req.identity, &req.instance_id, now, &mut txn.fx) {
+                    if entry.state.namespace == req.namespace
+                        && entry.worker_restarted(&req.identity, &keep, now, &mut txn.fx)
+                    {
                         txn.touched.insert(run_id.clone());
                     }
                 }

@@ -80,6 +80,7 @@ impl Frontend {
                     namespace: n.namespace.clone(),
                     queues,
                     identity: identity.to_string(),
+                    instance: n.instance_id.clone(),
                     max,
                 }))
             }

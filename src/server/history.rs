@@ -29,6 +29,17 @@ const MAX_WORKFLOW_TASK_RETRY_MS: i64 = 10_000;
 /// it starts from the wall clock in microseconds, which no earlier process could have counted
 /// up to. Tokens carry it, so a completion of an earlier hand-out never passes for a later one.
 pub fn next_dispatch() -> u64 {
+    dispatch_counter().fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Makes every later [`next_dispatch`] number greater than `seen` (one recovered from the
+/// store): should the wall clock have stepped back since an earlier server counted, numbers
+/// still only grow.
+pub fn dispatch_after(seen: u64) {
+    dispatch_counter().fetch_max(seen.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn dispatch_counter() -> &'static std::sync::atomic::AtomicU64 {
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
     NEXT.get_or_init(|| {
         let micros = std::time::SystemTime::now()
@@ -37,7 +48,6 @@ pub fn next_dispatch() -> u64 {
             .unwrap_or(1);
         std::sync::atomic::AtomicU64::new(micros)
     })
-    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// An activity attempt that a worker is running. Its hand-out is durable (the attempt's
@@ -271,6 +281,28 @@ fn arm_attempt_timers(
             },
         ));
     }
+}
+
+/// The task that offers attempt `attempt` of activity `a` of run `run_id` to its queue, with
+/// its (canonical) requirements.
+fn activity_task(
+    namespace: &str,
+    run_id: &str,
+    a: &ActivityState,
+    attempt: u32,
+) -> (QueueKey, TaskRef, String) {
+    (
+        QueueKey::new(namespace, &a.task_queue, TaskKind::Activity),
+        TaskRef::Activity {
+            run_id: run_id.to_string(),
+            scheduled_event_id: a.scheduled_event_id,
+            attempt,
+        },
+        a.options
+            .as_ref()
+            .map(|o| o.requirements.clone())
+            .unwrap_or_default(),
+    )
 }
 
 /// Forgets who runs an attempt (it ended, or goes back to its queue).
@@ -536,7 +568,6 @@ impl RunEntry {
         let run_id = self.state.run_id.clone();
         for a in self.state.activities.values() {
             let options = a.options.clone().unwrap_or_default();
-            let requirements = &options.requirements;
             if a.started_ms > 0 {
                 // Handed out before the restart: its worker may well still run it, so it is not
                 // handed out again. It ends as any running attempt does: an outcome, a timeout,
@@ -573,15 +604,8 @@ impl RunEntry {
                     },
                 ));
             } else {
-                fx.tasks.push((
-                    QueueKey::new(&self.state.namespace, &a.task_queue, TaskKind::Activity),
-                    TaskRef::Activity {
-                        run_id: run_id.clone(),
-                        scheduled_event_id: a.scheduled_event_id,
-                        attempt: a.attempt,
-                    },
-                    requirements.clone(),
-                ));
+                fx.tasks
+                    .push(activity_task(&self.state.namespace, &run_id, a, a.attempt));
                 if options.schedule_to_start_timeout_ms > 0 {
                     fx.timers.push((
                         deadline(a.attempt_scheduled_ms, options.schedule_to_start_timeout_ms),
@@ -1452,22 +1476,10 @@ impl RunEntry {
             cancel_requested: self.state.cancel_requested && self.state.standalone_activity,
             ..Default::default()
         };
-        self.state.activities.insert(scheduled_event_id, state);
         let run_id = self.state.run_id.clone();
-        let requirements = &options.requirements;
-        fx.tasks.push((
-            QueueKey::new(
-                &self.state.namespace,
-                &options.task_queue,
-                TaskKind::Activity,
-            ),
-            TaskRef::Activity {
-                run_id: run_id.clone(),
-                scheduled_event_id,
-                attempt: 1,
-            },
-            requirements.clone(),
-        ));
+        fx.tasks
+            .push(activity_task(&self.state.namespace, &run_id, &state, 1));
+        self.state.activities.insert(scheduled_event_id, state);
         if options.schedule_to_start_timeout_ms > 0 {
             fx.timers.push((
                 deadline(now, options.schedule_to_start_timeout_ms),
@@ -1578,6 +1590,28 @@ impl RunEntry {
         Some(response)
     }
 
+    /// The task of attempt `attempt` of an activity, when that attempt waits to be handed out
+    /// (to offer it again after a poll took it but could not be given it).
+    pub fn waiting_activity_task(
+        &self,
+        scheduled_event_id: u64,
+        attempt: u32,
+    ) -> Option<(QueueKey, TaskRef, String)> {
+        if !self.is_open() || self.rt.started_activities.contains_key(&scheduled_event_id) {
+            return None;
+        }
+        let a = self.state.activities.get(&scheduled_event_id)?;
+        if a.attempt != attempt || a.backoff_until_ms > 0 || a.started_ms > 0 {
+            return None;
+        }
+        Some(activity_task(
+            &self.state.namespace,
+            &self.state.run_id,
+            a,
+            attempt,
+        ))
+    }
+
     /// Takes back a hand-out the worker never received (its poll ended before the reply went
     /// out): the attempt waits in its queue again, with the same number, since it never ran.
     /// Returns whether anything changed.
@@ -1601,19 +1635,11 @@ impl RunEntry {
             return false;
         };
         clear_started(a);
-        let requirements = a
-            .options
-            .as_ref()
-            .map(|o| o.requirements.clone())
-            .unwrap_or_default();
-        fx.tasks.push((
-            QueueKey::new(&self.state.namespace, &a.task_queue, TaskKind::Activity),
-            TaskRef::Activity {
-                run_id: self.state.run_id.clone(),
-                scheduled_event_id,
-                attempt,
-            },
-            requirements,
+        fx.tasks.push(activity_task(
+            &self.state.namespace,
+            &self.state.run_id,
+            a,
+            attempt,
         ));
         true
     }
@@ -1901,15 +1927,11 @@ impl RunEntry {
                 a.backoff_until_ms = 0;
                 a.attempt_scheduled_ms = now;
                 let options = a.options.clone().unwrap_or_default();
-                let requirements = &options.requirements;
-                fx.tasks.push((
-                    QueueKey::new(&self.state.namespace, &a.task_queue, TaskKind::Activity),
-                    TaskRef::Activity {
-                        run_id: self.state.run_id.clone(),
-                        scheduled_event_id,
-                        attempt,
-                    },
-                    requirements.clone(),
+                fx.tasks.push(activity_task(
+                    &self.state.namespace,
+                    &self.state.run_id,
+                    a,
+                    attempt,
                 ));
                 if options.schedule_to_start_timeout_ms > 0 {
                     fx.timers.push((
@@ -2029,12 +2051,12 @@ impl RunEntry {
         }
     }
 
-    /// Worker `identity` is now process `instance`: attempts an earlier process of it was
-    /// running are lost with that process, and retried now (as new attempts).
+    /// Worker `identity` is now process `keep[0]`: attempts other processes of it (but those
+    /// in `keep`) were running are lost with them, and retried now (as new attempts).
     pub fn worker_restarted(
         &mut self,
         identity: &str,
-        instance: &str,
+        keep: &[&str],
         now: i64,
         fx: &mut Effects,
     ) -> bool {
@@ -2045,7 +2067,7 @@ impl RunEntry {
             .rt
             .started_activities
             .iter()
-            .filter(|(_, s)| s.worker == identity && s.instance != instance)
+            .filter(|(_, s)| s.worker == identity && !keep.contains(&s.instance.as_str()))
             .map(|(id, _)| *id)
             .collect();
         for id in &lost {
@@ -2069,9 +2091,33 @@ impl RunEntry {
         now: i64,
         fx: &mut Effects,
     ) -> bool {
+        self.fail_activities_in_session(session_id, reason, false, now, fx)
+    }
+
+    /// Fails the activities of a session that closed before they were handed out: they can
+    /// never run (the ones running may still finish). Returns whether anything changed.
+    pub fn fail_waiting_session_activities(
+        &mut self,
+        session_id: &str,
+        reason: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) -> bool {
+        self.fail_activities_in_session(session_id, reason, true, now, fx)
+    }
+
+    fn fail_activities_in_session(
+        &mut self,
+        session_id: &str,
+        reason: &str,
+        waiting_only: bool,
+        now: i64,
+        fx: &mut Effects,
+    ) -> bool {
         if !self.is_open() {
             return false;
         }
+        let started = &self.rt.started_activities;
         let ids: Vec<u64> = self
             .state
             .activities
@@ -2080,6 +2126,7 @@ impl RunEntry {
                 a.options
                     .as_ref()
                     .is_some_and(|o| o.session_id == session_id)
+                    && !(waiting_only && started.contains_key(&a.scheduled_event_id))
             })
             .map(|a| a.scheduled_event_id)
             .collect();

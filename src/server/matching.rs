@@ -125,6 +125,9 @@ pub struct ClaimedPoll {
     key: QueueKey,
     class: ClassId,
     sender: oneshot::Sender<(Handover, ClassId, QueueKey)>,
+    /// Where the sender came from: shared with the poll's entries on its other queues, which
+    /// see it again should the claim be undone.
+    shared: SharedSender,
 }
 
 impl ClaimedPoll {
@@ -370,6 +373,10 @@ pub enum Registered {
     Replaced {
         /// The instance it replaced.
         previous: String,
+        /// The previous instance shut down gracefully and may still be finishing its running
+        /// attempts (nothing says it is gone): those stay its own until they report or time
+        /// out.
+        previous_draining: bool,
     },
 }
 
@@ -471,6 +478,7 @@ impl Matcher {
                     key: key.clone(),
                     class,
                     sender,
+                    shared: waiter.tx,
                 });
             }
         }
@@ -479,11 +487,12 @@ impl Matcher {
     /// Puts a claimed poll back on its queue (its task turned out to be stale).
     pub fn unclaim(&self, claimed: ClaimedPoll) {
         let mut st = self.state.lock();
+        *claimed.shared.lock() = Some(claimed.sender);
         let queue = st.queues.entry(claimed.key).or_default();
         queue.waiting.push_front(Waiter {
             identity: claimed.identity,
             instance: claimed.instance,
-            tx: Arc::new(parking_lot::Mutex::new(Some(claimed.sender))),
+            tx: claimed.shared,
         });
     }
 
@@ -493,10 +502,15 @@ impl Matcher {
         self.returned_notify.notify_one();
     }
 
+    /// Takes the attempts given back so far, without waiting.
+    pub fn take_returned(&self) -> Vec<crate::api::pb::PollActivityTaskResponse> {
+        std::mem::take(&mut *self.returned.lock())
+    }
+
     /// Waits for attempts handed to polls that ended before taking them, and takes them.
     pub async fn returned(&self) -> Vec<crate::api::pb::PollActivityTaskResponse> {
         loop {
-            let taken = std::mem::take(&mut *self.returned.lock());
+            let taken = self.take_returned();
             if !taken.is_empty() {
                 return taken;
             }
@@ -863,9 +877,27 @@ impl Matcher {
                 }
                 Registered::Replaced {
                     previous: w.instance_id.clone(),
+                    previous_draining: w.stopped && !replaces,
                 }
             }
         };
+        if let Registered::Replaced { previous, .. } = &outcome {
+            // The replaced process's parked polls end now (empty): work under this identity
+            // is for the new process, and their next call is refused.
+            let (identity, previous) = (r.identity.as_str(), previous.as_str());
+            for (key, queue) in st.queues.iter_mut() {
+                if key.namespace != r.namespace {
+                    continue;
+                }
+                queue.waiting.retain(|w| {
+                    let theirs = w.identity == identity && w.instance == previous;
+                    if theirs {
+                        w.tx.lock().take();
+                    }
+                    !theirs
+                });
+            }
+        }
         st.workers.insert(WorkerRecord {
             namespace: r.namespace,
             identity: r.identity.clone(),
@@ -906,6 +938,15 @@ impl Matcher {
         w.stopped = true;
         w.stop_reason = reason.to_string();
         true
+    }
+
+    /// Whether process `instance` may take work under `identity`: it holds it, or nobody has
+    /// registered it (a worker that polls before it registers, as after a server restart).
+    pub fn may_hold(&self, namespace: &str, identity: &str, instance: &str) -> bool {
+        let st = self.state.lock();
+        st.workers
+            .get(namespace, identity)
+            .is_none_or(|w| w.instance_id == instance)
     }
 
     /// The instance that holds a registered identity, if any.

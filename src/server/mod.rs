@@ -424,6 +424,7 @@ async fn serve_engine(
     let _ = timers.await;
     let _ = liveness.await;
     let _ = retention.await;
+    engine.take_back_remaining().await;
     result.map_err(ServeError::from)
 }
 

@@ -410,6 +410,13 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
         // parameter is never '' by itself, and would scan the table).
         let mut del_session_started =
             tx.prepare_cached("DELETE FROM started WHERE session_id = ?1 AND session_id != ''")?;
+        // A session's rows of runs still open may record attempts still running (a session its
+        // owner completed lets them finish): they become their run's alone, and go with it.
+        let mut keep_session_started = tx.prepare_cached(
+            "UPDATE started SET session_id = '' WHERE session_id = ?1 AND session_id != ''
+             AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = started.run_id
+                         AND runs.close_ms = 0)",
+        )?;
         for (_, batch, _) in jobs {
             for write in &batch.writes {
                 match write {
@@ -448,6 +455,7 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                         ])?;
                         if !open {
                             // Its final count is in the row just written.
+                            keep_session_started.execute(params![info.session_id])?;
                             del_session_started.execute(params![info.session_id])?;
                         }
                     }
@@ -985,6 +993,9 @@ mod tests {
         for sql in [
             "DELETE FROM started WHERE session_id = ?1 AND session_id != ''",
             "DELETE FROM started WHERE run_id = ?1 AND session_id = ''",
+            "UPDATE started SET session_id = '' WHERE session_id = ?1 AND session_id != ''
+             AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = started.run_id
+                         AND runs.close_ms = 0)",
             "SELECT MAX(session_activities_run) FROM started WHERE session_id = ?1 AND session_id != ''",
         ] {
             let plan: Vec<String> = conn

@@ -978,6 +978,7 @@ impl Inner {
             namespace: self.namespace.clone(),
             task_queue: self.options.task_queue.clone(),
             additional_task_queues: vec![host_queue.to_string()],
+            instance_id: self.instance_id.clone(),
         })
     }
 
