@@ -208,6 +208,29 @@ pub struct Client {
     options: ClientOptions,
     /// The server's address as the client reaches it.
     address: String,
+    request_ids: std::sync::Arc<RequestIds>,
+}
+
+/// Request ids for starts and signals: a random prefix made once per client and a counter, so
+/// that each id is unique without asking the OS for randomness on every call.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        RequestIds {
+            prefix: uuid::Uuid::new_v4().simple().to_string(),
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n}", self.prefix)
+    }
 }
 
 impl Client {
@@ -282,6 +305,7 @@ impl Client {
             rpc,
             options,
             address: address.clone(),
+            request_ids: std::sync::Arc::new(RequestIds::new()),
         };
         // One call now, so that a server that speaks another protocol (TLS to a plaintext
         // client), or refuses the client certificate (which TLS 1.3 only shows on the first
@@ -476,7 +500,7 @@ impl Client {
                 .unwrap_or(0),
             identity: self.options.identity.clone(),
             // A retried start (the reply was lost) is then answered with its own run.
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id: self.request_ids.next(),
             resent: false,
         };
         let mut sent = false;
@@ -590,7 +614,7 @@ impl Client {
             options: Some(options.options.to_proto()),
             identity: self.options.identity.clone(),
             wait_ms: wait.as_millis() as u64,
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id: self.request_ids.next(),
             resent: false,
         };
         let mut sent = false;
@@ -1077,7 +1101,7 @@ impl WorkflowHandle {
             signal_name: signal_name.into(),
             input: Some(self.client.options.data_converter.to_payload(input)?),
             identity: self.client.options.identity.clone(),
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id: self.client.request_ids.next(),
         };
         self.client
             .retrying(|mut rpc| {

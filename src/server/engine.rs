@@ -14,7 +14,7 @@ use crate::api::pb::{self, ExecutionStatus, NamespaceInfo};
 use crate::store::{Commit, RunFilter, Store, Write, WriteBatch};
 use parking_lot::Mutex;
 use prost::Message;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -35,6 +35,9 @@ struct EngineState {
     sessions: HashMap<String, SessionState>,
     /// Run id -> the sessions it owns (created by its workflow), which close with it.
     session_owners: HashMap<String, Vec<String>>,
+    /// Session id -> the runs that scheduled activities in it (some may have closed since):
+    /// where a closing session's activities are, without a look at every run.
+    session_runs: HashMap<String, HashSet<String>>,
     reservations: Reservations,
     /// Callers waiting for a session to be placed (or to fail).
     session_waiters: HashMap<String, Vec<oneshot::Sender<pb::SessionInfo>>>,
@@ -304,6 +307,7 @@ impl Engine {
                 if had_buffered {
                     txn.touched.insert(run_id.clone());
                 }
+                Self::note_session_runs(&mut st.session_runs, &run_id, &entry);
                 st.open_ids.insert(key, run_id.clone());
                 st.runs.insert(run_id, entry);
             }
@@ -1221,6 +1225,23 @@ impl Engine {
 
     /// Creates a run under an id that must not be running already, in one transaction. Returns
     /// the run id and whether its first task went straight to a waiting worker.
+    /// Records which sessions `entry`'s activities were scheduled in, so a closing session
+    /// finds its activities without a look at every run.
+    fn note_session_runs(
+        session_runs: &mut HashMap<String, HashSet<String>>,
+        run_id: &str,
+        entry: &RunEntry,
+    ) {
+        for a in entry.state.activities.values() {
+            if let Some(o) = a.options.as_ref().filter(|o| !o.session_id.is_empty()) {
+                session_runs
+                    .entry(o.session_id.clone())
+                    .or_default()
+                    .insert(run_id.to_string());
+            }
+        }
+    }
+
     async fn start_run(
         &self,
         namespace: &str,
@@ -1264,6 +1285,7 @@ impl Engine {
                 let mut entry = make(run_id.clone(), now_ms(), &mut txn.fx);
                 entry.max_history_bytes = self.config.max_history_bytes;
                 st.open_ids.insert(key, run_id.clone());
+                Self::note_session_runs(&mut st.session_runs, &run_id, &entry);
                 st.runs.insert(run_id.clone(), entry);
                 txn.touched.insert(run_id.clone());
                 Ok((self.commit_locked(&mut st, &mut txn), run_id))
@@ -1993,10 +2015,14 @@ impl Engine {
         let (commit, completion) = {
             let mut st = self.state.lock();
             Self::check_namespace(&st, &token.namespace)?;
+            let mut sessions_used: Vec<String> = Vec::new();
             for c in commands.iter_mut() {
                 if let Some(pb::command::Kind::ScheduleActivity(a)) = c.kind.as_mut() {
                     if let Some(o) = a.options.as_mut() {
                         Self::route_session_activity(&st, o);
+                        if !o.session_id.is_empty() && !sessions_used.contains(&o.session_id) {
+                            sessions_used.push(o.session_id.clone());
+                        }
                     }
                 }
             }
@@ -2012,6 +2038,12 @@ impl Engine {
                 &mut txn.fx,
             )?;
             txn.touched.insert(token.run_id.clone());
+            for session_id in sessions_used {
+                st.session_runs
+                    .entry(session_id)
+                    .or_default()
+                    .insert(token.run_id.clone());
+            }
             Self::fail_activities_of_closed_sessions(&mut st, &token.run_id, now, &mut txn);
             self.apply_session_commands(&mut st, &token.namespace, now, &mut txn);
             (self.commit_locked(&mut st, &mut txn), completion)
@@ -2743,7 +2775,11 @@ impl Engine {
         // Closed without failing (its owner completed it): the attempts running in it may
         // finish, but those never handed out can no longer run anywhere.
         let never_handed_out = format!("it was {state} before this activity was handed out");
-        for (run_id, entry) in st.runs.iter_mut() {
+        let runs = st.session_runs.remove(session_id).unwrap_or_default();
+        for run_id in runs {
+            let Some(entry) = st.runs.get_mut(&run_id) else {
+                continue;
+            };
             let failed = if fail_activities {
                 entry.fail_session_activities(session_id, reason, now, &mut txn.fx)
             } else {
@@ -2755,7 +2791,7 @@ impl Engine {
                 )
             };
             if failed {
-                txn.touched.insert(run_id.clone());
+                txn.touched.insert(run_id);
             }
         }
         if was_creating {
