@@ -91,6 +91,8 @@ struct Txn {
     handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
     /// Hand-outs (and take-backs) of runs not otherwise written in this transaction.
     started: Vec<Write>,
+    /// Sessions closed in this transaction -> the runs that scheduled activities in them.
+    closed_session_runs: HashMap<String, HashSet<String>>,
 }
 
 /// Where a completion's worker wants its next activity tasks from (taken in the completion's
@@ -631,12 +633,27 @@ impl Engine {
             }
             batch.writes.push(Write::Run {
                 state: Box::new(entry.state.clone()),
+                may_own_started: entry.rt.may_own_started,
             });
         }
         for id in &txn.touched_sessions {
+            // The hand-out rows a closed session shares with runs still open become those
+            // runs' own (they may record attempts still running), and go when the runs close.
+            let mut runs_still_open = Vec::new();
+            for run_id in txn.closed_session_runs.remove(id).unwrap_or_default() {
+                if let Some(entry) = st
+                    .runs
+                    .get_mut(&run_id)
+                    .filter(|e| e.state.status == ExecutionStatus::Running as i32)
+                {
+                    entry.rt.may_own_started = true;
+                    runs_still_open.push(run_id);
+                }
+            }
             if let Some(session) = st.sessions.get(id) {
                 batch.writes.push(Write::Session {
                     state: Box::new(session.clone()),
+                    runs_still_open,
                 });
             }
         }
@@ -818,7 +835,10 @@ impl Engine {
                 response.session = Some(info.clone());
                 (session_id, info.activities_run)
             }
-            None => (String::new(), 0),
+            None => {
+                entry.rt.may_own_started = true;
+                (String::new(), 0)
+            }
         };
         // Durable before the worker sees it, as a small row rather than the run's (and the
         // session's) whole state.
@@ -873,6 +893,11 @@ impl Engine {
                             .and_then(|s| s.info.as_ref())
                             .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"))
                     });
+                    if session.is_none() {
+                        if let Some(entry) = st.runs.get_mut(&token.run_id) {
+                            entry.rt.may_own_started = true;
+                        }
+                    }
                     txn.started.push(Write::Started {
                         run_id: token.run_id.clone(),
                         scheduled_event_id: token.scheduled_event_id,
@@ -2776,8 +2801,8 @@ impl Engine {
         // finish, but those never handed out can no longer run anywhere.
         let never_handed_out = format!("it was {state} before this activity was handed out");
         let runs = st.session_runs.remove(session_id).unwrap_or_default();
-        for run_id in runs {
-            let Some(entry) = st.runs.get_mut(&run_id) else {
+        for run_id in &runs {
+            let Some(entry) = st.runs.get_mut(run_id) else {
                 continue;
             };
             let failed = if fail_activities {
@@ -2791,9 +2816,13 @@ impl Engine {
                 )
             };
             if failed {
-                txn.touched.insert(run_id);
+                txn.touched.insert(run_id.clone());
             }
         }
+        txn.closed_session_runs
+            .entry(session_id.to_string())
+            .or_default()
+            .extend(runs);
         if was_creating {
             Self::notify_session_owner(st, &info, Err(reason.to_string()), now, txn);
         } else if was_open && state != "completed" {

@@ -90,6 +90,11 @@ pub struct Runtime {
     pub enqueues: u64,
     /// Last event id sent to the sticky worker (0 = it has nothing cached that we know of).
     pub sticky_sent_up_to: u64,
+    /// Whether the store may hold hand-out rows that are this run's alone (not shared with an
+    /// open session, which deletes those itself when it closes): when false, closing the run
+    /// skips the delete. Set by a hand-out outside a session, by a take-back once its session
+    /// is closed, when a session closes while the run is open, and for every recovered run.
+    pub may_own_started: bool,
 }
 
 /// One execution held in memory: its persisted state, its history and runtime bookkeeping.
@@ -553,6 +558,8 @@ impl RunEntry {
 
     /// Re-offers whatever was pending when the server stopped (start-up only).
     pub fn recover(&mut self, now: i64, fx: &mut Effects) {
+        // Which hand-out rows the store holds is not looked at here: assume some are its own.
+        self.rt.may_own_started = true;
         // A workflow task that was running when the server stopped is gone with the process:
         // whatever arrived meanwhile belongs in the history now.
         self.flush_buffered();

@@ -39,11 +39,19 @@ pub enum Write {
     Run {
         /// The run's state; its ids and status are also written to indexed columns.
         state: Box<RunState>,
+        /// Once the run is closed, its hand-out rows that are its own (not shared with a
+        /// session still open) are deleted with it; false says there are none, and saves the
+        /// look.
+        may_own_started: bool,
     },
     /// Create or replace a session.
     Session {
         /// Its state.
         state: Box<SessionState>,
+        /// When the session is closed: the runs still open that have hand-out rows in it.
+        /// Those rows may record attempts still running (a session its owner completed lets
+        /// them finish), so they become the runs' own; the session's other rows are deleted.
+        runs_still_open: Vec<String>,
     },
     /// Delete closed sessions (retention).
     DeleteSessions {

@@ -413,9 +413,7 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
         // A session's rows of runs still open may record attempts still running (a session its
         // owner completed lets them finish): they become their run's alone, and go with it.
         let mut keep_session_started = tx.prepare_cached(
-            "UPDATE started SET session_id = '' WHERE session_id = ?1 AND session_id != ''
-             AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = started.run_id
-                         AND runs.close_ms = 0)",
+            "UPDATE started SET session_id = '' WHERE run_id = ?1 AND session_id = ?2",
         )?;
         for (_, batch, _) in jobs {
             for write in &batch.writes {
@@ -423,8 +421,11 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                     Write::Namespace(info) => {
                         put_ns.execute(params![info.name, info.encode_to_vec()])?;
                     }
-                    Write::Run { state } => {
-                        if state.status != ExecutionStatus::Running as i32 {
+                    Write::Run {
+                        state,
+                        may_own_started,
+                    } => {
+                        if *may_own_started && state.status != ExecutionStatus::Running as i32 {
                             del_started.execute(params![state.run_id])?;
                         }
                         put_run.execute(params![
@@ -442,7 +443,10 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                             }
                         ])?;
                     }
-                    Write::Session { state } => {
+                    Write::Session {
+                        state,
+                        runs_still_open,
+                    } => {
                         let info = state.info.clone().unwrap_or_default();
                         let open = matches!(info.state.as_str(), "creating" | "open");
                         put_session.execute(params![
@@ -455,7 +459,9 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                         ])?;
                         if !open {
                             // Its final count is in the row just written.
-                            keep_session_started.execute(params![info.session_id])?;
+                            for run_id in runs_still_open {
+                                keep_session_started.execute(params![run_id, info.session_id])?;
+                            }
                             del_session_started.execute(params![info.session_id])?;
                         }
                     }
@@ -892,6 +898,7 @@ mod tests {
                 writes: vec![
                     Write::Run {
                         state: Box::new(run("r1", ExecutionStatus::Running)),
+                        may_own_started: true,
                     },
                     Write::Events {
                         run_id: "r1".into(),
@@ -903,6 +910,7 @@ mod tests {
                     },
                     Write::Run {
                         state: Box::new(run("r2", ExecutionStatus::Completed)),
+                        may_own_started: true,
                     },
                 ],
             };
@@ -926,6 +934,7 @@ mod tests {
                 store.submit(WriteBatch {
                     writes: vec![Write::Run {
                         state: Box::new(run(&format!("r{i}"), ExecutionStatus::Running)),
+                        may_own_started: true,
                     }],
                 })
             })
@@ -954,6 +963,7 @@ mod tests {
         let put = |id: &str| WriteBatch {
             writes: vec![Write::Run {
                 state: Box::new(run(id, ExecutionStatus::Running)),
+                may_own_started: true,
             }],
         };
         store.submit(put("before")).done.await.unwrap().unwrap();
@@ -993,15 +1003,15 @@ mod tests {
         for sql in [
             "DELETE FROM started WHERE session_id = ?1 AND session_id != ''",
             "DELETE FROM started WHERE run_id = ?1 AND session_id = ''",
-            "UPDATE started SET session_id = '' WHERE session_id = ?1 AND session_id != ''
-             AND EXISTS (SELECT 1 FROM runs WHERE runs.run_id = started.run_id
-                         AND runs.close_ms = 0)",
+            "UPDATE started SET session_id = '' WHERE run_id = ?1 AND session_id = ?2",
             "SELECT MAX(session_activities_run) FROM started WHERE session_id = ?1 AND session_id != ''",
         ] {
-            let plan: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap()
-                .query_map(params!["x"], |r| r.get::<_, String>(3))
+            let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let values = vec!["x"; explain.parameter_count()];
+            let plan: Vec<String> = explain
+                .query_map(rusqlite::params_from_iter(values), |r| {
+                    r.get::<_, String>(3)
+                })
                 .unwrap()
                 .collect::<Result<_, _>>()
                 .unwrap();
@@ -1052,6 +1062,7 @@ mod tests {
         let writes = vec![
             Write::Run {
                 state: Box::new(state),
+                may_own_started: true,
             },
             // Attempt 2 of activity 3 is running on w2 (attempt 1's row is long replaced).
             started(3, 2, 9, 200, "w2"),
@@ -1088,6 +1099,105 @@ mod tests {
             (a5.started_dispatch, a5.started_ms),
             (0, 0),
             "taken back: waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_sessions_hand_out_rows_go_with_it_but_those_of_runs_still_open() {
+        use crate::api::pb::SessionInfo;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SyncMode::Normal).unwrap();
+        let session = |state: &str| Write::Session {
+            state: Box::new(SessionState {
+                info: Some(SessionInfo {
+                    session_id: "s".into(),
+                    namespace: "default".into(),
+                    state: state.into(),
+                    created_ms: 1,
+                    closed_ms: if state == "open" { 0 } else { 5 },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            runs_still_open: if state == "open" {
+                Vec::new()
+            } else {
+                vec!["r-running".into()]
+            },
+        };
+        let handed_out = |run_id: &str, count: u64| Write::Started {
+            run_id: run_id.into(),
+            scheduled_event_id: 1,
+            attempt: 1,
+            dispatch: count,
+            started_ms: 10,
+            worker: "w".into(),
+            instance: "w-process".into(),
+            session_id: "s".into(),
+            session_activities_run: count,
+        };
+        let commit = |writes: Vec<Write>| {
+            let done = store.submit(WriteBatch { writes }).done;
+            async move { done.await.unwrap().unwrap() }
+        };
+        commit(vec![
+            session("open"),
+            Write::Run {
+                state: Box::new(run("r-running", ExecutionStatus::Running)),
+                may_own_started: false,
+            },
+            Write::Run {
+                state: Box::new(run("r-done", ExecutionStatus::Running)),
+                may_own_started: false,
+            },
+            handed_out("r-running", 1),
+            handed_out("r-done", 2),
+        ])
+        .await;
+        // r-done closes while the session is open: its row keeps the session's count.
+        commit(vec![Write::Run {
+            state: Box::new(run("r-done", ExecutionStatus::Completed)),
+            may_own_started: false,
+        }])
+        .await;
+        let rows = || -> Vec<(String, String)> {
+            let conn = store.reader.lock();
+            let mut stmt = conn
+                .prepare("SELECT run_id, session_id FROM started ORDER BY run_id")
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(
+            rows(),
+            vec![
+                ("r-done".into(), "s".into()),
+                ("r-running".into(), "s".into())
+            ]
+        );
+        commit(vec![session("completed")]).await;
+        assert_eq!(
+            rows(),
+            vec![("r-running".into(), String::new())],
+            "the closed session's rows are gone, but the one of the run still open, now its own"
+        );
+        let recovered = store.recover().unwrap();
+        let running = recovered
+            .open_runs
+            .iter()
+            .find(|(s, _)| s.run_id == "r-running");
+        assert!(running.is_some(), "{:?}", recovered.open_runs);
+        commit(vec![Write::Run {
+            state: Box::new(run("r-running", ExecutionStatus::Completed)),
+            may_own_started: true,
+        }])
+        .await;
+        assert_eq!(
+            rows(),
+            Vec::<(String, String)>::new(),
+            "its row went with it"
         );
     }
 }
