@@ -13,7 +13,7 @@ use crate::api::pb::{
     self, command, history_event::Attributes, ActivityOptions, ExecutionStatus, Failure,
     FailureKind, HistoryEvent, Payload, RetryPolicy,
 };
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 /// The attempt timeout of an activity that sets neither start-to-close nor schedule-to-close
 /// (the SDKs' default too, so every language gets the same).

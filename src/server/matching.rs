@@ -12,8 +12,9 @@
 
 use crate::api::pb::Capabilities;
 use crate::caps::Requirements;
+use foldhash::{HashMap, HashMapExt};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -296,7 +297,7 @@ impl Default for State {
                 text: String::new(),
                 reqs: Requirements::default(),
             }],
-            class_ids: [(String::new(), 0)].into(),
+            class_ids: [(String::new(), 0)].into_iter().collect(),
             next_seq: 1 << 62,
             front_seq: 1 << 62,
         }

@@ -2,8 +2,9 @@
 //! keeps them in memory in deadline order (rebuilt at start-up) and tells the engine when they are
 //! due. Every firing is checked against the current state, so a stale timer does nothing.
 
+use foldhash::HashMap;
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use tokio::sync::Notify;
 
 /// What a timer is for.
