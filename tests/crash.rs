@@ -300,3 +300,59 @@ async fn an_attempt_running_when_its_session_completes_finishes_across_a_crash()
         .unwrap();
     assert_eq!(attempt, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_hand_out_records_go_when_it_closes_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = server(dir.path(), "127.0.0.1:0");
+    let addr = first.addr.clone();
+    let client = Client::connect(addr.clone()).await.unwrap();
+    let executions = Arc::new(Executions::default());
+    let handle = worker(&client, "rows-w", executions.clone())
+        .start()
+        .unwrap();
+    let session = within(
+        T,
+        "session",
+        client.create_session(SessionOptions::new("crash-q")),
+    )
+    .await
+    .unwrap();
+    // Finished before the crash: their runs are closed, and only their hand-out records
+    // still say which runs the session has records in.
+    for _ in 0..2 {
+        let attempt = within(
+            T,
+            "session activity",
+            session.execute_activity::<_, u32>("slow", &0u64, ActivityOptions::default()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(attempt, 1);
+    }
+    first.kill_9();
+    let _second = server(dir.path(), &addr);
+    let info = within(T, "the session after the restart", session.complete())
+        .await
+        .unwrap();
+    assert_eq!(
+        (info.state.as_str(), info.activities_run),
+        ("completed", 2),
+        "{info:?}"
+    );
+    // Read the server's database directly (WAL: a second reader sees what was committed).
+    let db = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+    let left: Vec<(String, String)> = db
+        .prepare("SELECT run_id, session_id FROM started")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        left,
+        Vec::<(String, String)>::new(),
+        "hand-out records outlived their closed runs and their closed session"
+    );
+    handle.shutdown().await;
+}

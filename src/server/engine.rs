@@ -342,6 +342,29 @@ impl Engine {
                 ));
                 st.sessions.insert(info.session_id.clone(), session);
             }
+            // Hand-out rows kept for sessions: an open session releases them when it closes
+            // (closed runs' rows too, which no open run's state names); rows of a session that
+            // is no longer open should not exist, and are released now.
+            let mut released: HashMap<String, Vec<String>> = HashMap::new();
+            for (session_id, run_id) in recovered.session_rows {
+                if st.sessions.contains_key(&session_id) {
+                    st.session_runs
+                        .entry(session_id)
+                        .or_default()
+                        .insert(run_id);
+                } else {
+                    released.entry(session_id).or_default().push(run_id);
+                }
+            }
+            for (session_id, runs) in released {
+                tracing::warn!(
+                    session_id,
+                    runs = runs.len(),
+                    "hand-out rows of a closed session were left behind; releasing them"
+                );
+                let write = Self::release_session_rows(&mut st, session_id, runs);
+                txn.extra.push(write);
+            }
             tracing::info!(open_runs = count, "recovered state from the store");
             // A session whose owner run closed while it stayed open (stored by an older version)
             // is released now.
@@ -638,24 +661,15 @@ impl Engine {
             });
         }
         for id in &txn.touched_sessions {
-            // The hand-out rows a closed session shares with runs still open become those
-            // runs' own (they may record attempts still running), and go when the runs close.
-            let mut runs_still_open = Vec::new();
-            for run_id in txn.closed_session_runs.remove(id).unwrap_or_default() {
-                if let Some(entry) = st
-                    .runs
-                    .get_mut(&run_id)
-                    .filter(|e| e.state.status == ExecutionStatus::Running as i32)
-                {
-                    entry.rt.may_own_started = true;
-                    runs_still_open.push(run_id);
-                }
-            }
             if let Some(session) = st.sessions.get(id) {
                 batch.writes.push(Write::Session {
                     state: Box::new(session.clone()),
-                    runs_still_open,
                 });
+            }
+            if let Some(runs) = txn.closed_session_runs.remove(id) {
+                batch
+                    .writes
+                    .push(Self::release_session_rows(st, id.clone(), runs));
             }
         }
         if batch.is_empty() {
@@ -664,6 +678,35 @@ impl Engine {
             let commit = self.store.submit(batch);
             st.last_submitted_seq = commit.seq;
             Some(commit)
+        }
+    }
+
+    /// The write that releases a closed session's hand-out rows: those of runs still open
+    /// become the runs' own (they may record attempts still running) and go when the runs
+    /// close; those of closed runs go now.
+    fn release_session_rows(
+        st: &mut EngineState,
+        session_id: String,
+        runs: impl IntoIterator<Item = String>,
+    ) -> Write {
+        let (mut runs_still_open, mut runs_closed) = (Vec::new(), Vec::new());
+        for run_id in runs {
+            match st
+                .runs
+                .get_mut(&run_id)
+                .filter(|e| e.state.status == ExecutionStatus::Running as i32)
+            {
+                Some(entry) => {
+                    entry.rt.may_own_started = true;
+                    runs_still_open.push(run_id);
+                }
+                None => runs_closed.push(run_id),
+            }
+        }
+        Write::ReleaseSessionRows {
+            session_id,
+            runs_still_open,
+            runs_closed,
         }
     }
 

@@ -48,10 +48,19 @@ pub enum Write {
     Session {
         /// Its state.
         state: Box<SessionState>,
-        /// When the session is closed: the runs still open that have hand-out rows in it.
-        /// Those rows may record attempts still running (a session its owner completed lets
-        /// them finish), so they become the runs' own; the session's other rows are deleted.
+    },
+    /// The hand-out rows of a session that closed (its final count is in its own row): those
+    /// of runs still open become the runs' own, as they may record attempts still running (a
+    /// session its owner completed lets them finish); the others are deleted. The engine names
+    /// the runs: it knows which runs scheduled activities in the session (after a restart,
+    /// through [`Recovered::session_rows`]), so no index over the rows' sessions is needed.
+    ReleaseSessionRows {
+        /// The session.
+        session_id: String,
+        /// Runs still open: their rows in the session become theirs alone.
         runs_still_open: Vec<String>,
+        /// Runs closed: their rows in the session are deleted.
+        runs_closed: Vec<String>,
     },
     /// Delete closed sessions (retention).
     DeleteSessions {
@@ -141,6 +150,9 @@ pub struct Recovered {
     pub open_runs: Vec<(RunState, Vec<HistoryEvent>)>,
     /// Sessions that are creating or open.
     pub open_sessions: Vec<SessionState>,
+    /// (session id, run id) of every hand-out row kept for a session: the runs whose rows a
+    /// closing session releases, closed runs included.
+    pub session_rows: Vec<(String, String)>,
 }
 
 /// Filter for [`Store::list_runs`].

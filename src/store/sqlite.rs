@@ -106,7 +106,6 @@ CREATE TABLE IF NOT EXISTS started (
     session_activities_run INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, scheduled_event_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS started_by_session ON started(session_id) WHERE session_id != '';
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     event_id INTEGER NOT NULL,
@@ -139,6 +138,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
                 .unwrap_or(0))
         },
     )?;
+    // Hand-out rows are found by run (the engine names a closing session's runs): an index
+    // by session, made by an older version, would only cost a B-tree write per hand-out.
+    conn.execute_batch("DROP INDEX IF EXISTS started_by_session")?;
     // Only closed rows are indexed by close time: the retention sweep's lookups stay small.
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS runs_by_close ON runs(namespace, close_ms) WHERE close_ms > 0;
@@ -406,12 +408,8 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
         let mut del_started =
             tx.prepare_cached("DELETE FROM started WHERE run_id = ?1 AND session_id = ''")?;
         let mut del_run_started = tx.prepare_cached("DELETE FROM started WHERE run_id = ?1")?;
-        // The `!= ''` term lets SQLite use the partial index (it cannot tell a bound
-        // parameter is never '' by itself, and would scan the table).
         let mut del_session_started =
-            tx.prepare_cached("DELETE FROM started WHERE session_id = ?1 AND session_id != ''")?;
-        // A session's rows of runs still open may record attempts still running (a session its
-        // owner completed lets them finish): they become their run's alone, and go with it.
+            tx.prepare_cached("DELETE FROM started WHERE run_id = ?1 AND session_id = ?2")?;
         let mut keep_session_started = tx.prepare_cached(
             "UPDATE started SET session_id = '' WHERE run_id = ?1 AND session_id = ?2",
         )?;
@@ -443,10 +441,7 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                             }
                         ])?;
                     }
-                    Write::Session {
-                        state,
-                        runs_still_open,
-                    } => {
+                    Write::Session { state } => {
                         let info = state.info.clone().unwrap_or_default();
                         let open = matches!(info.state.as_str(), "creating" | "open");
                         put_session.execute(params![
@@ -457,12 +452,17 @@ fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
                             state.encode_to_vec(),
                             if open { 0 } else { info.closed_ms.max(1) }
                         ])?;
-                        if !open {
-                            // Its final count is in the row just written.
-                            for run_id in runs_still_open {
-                                keep_session_started.execute(params![run_id, info.session_id])?;
-                            }
-                            del_session_started.execute(params![info.session_id])?;
+                    }
+                    Write::ReleaseSessionRows {
+                        session_id,
+                        runs_still_open,
+                        runs_closed,
+                    } => {
+                        for run_id in runs_still_open {
+                            keep_session_started.execute(params![run_id, session_id])?;
+                        }
+                        for run_id in runs_closed {
+                            del_session_started.execute(params![run_id, session_id])?;
                         }
                     }
                     Write::DeleteSessions { session_ids } => {
@@ -676,17 +676,33 @@ impl Store for SqliteStore {
             sessions.push(SessionState::decode(row?.as_slice())?);
         }
         // An open session's count and last use since its row was written are in its
-        // hand-out rows.
-        let mut counts = conn.prepare_cached(
-            "SELECT MAX(session_activities_run), MAX(started_ms) FROM started
-             WHERE session_id = ?1 AND session_id != ''",
+        // hand-out rows. One pass over them: the table holds only the hand-outs of open runs
+        // and of open sessions.
+        let mut per_session: std::collections::HashMap<String, (i64, i64)> = Default::default();
+        let mut stmt = conn.prepare(
+            "SELECT session_id, run_id, MAX(session_activities_run), MAX(started_ms)
+             FROM started WHERE session_id != '' GROUP BY session_id, run_id",
         )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (session_id, run_id, count, used) = row?;
+            let seen = per_session.entry(session_id.clone()).or_default();
+            *seen = (seen.0.max(count), seen.1.max(used));
+            out.session_rows.push((session_id, run_id));
+        }
         for mut session in sessions {
             if let Some(info) = session.info.as_mut() {
-                let (count, used): (Option<i64>, Option<i64>) =
-                    counts.query_row(params![info.session_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                info.activities_run = info.activities_run.max(count.unwrap_or(0) as u64);
-                info.last_used_ms = info.last_used_ms.max(used.unwrap_or(0));
+                if let Some((count, used)) = per_session.get(&info.session_id) {
+                    info.activities_run = info.activities_run.max(*count as u64);
+                    info.last_used_ms = info.last_used_ms.max(*used);
+                }
             }
             out.open_sessions.push(session);
         }
@@ -1001,10 +1017,9 @@ mod tests {
         let store = SqliteStore::open(dir.path(), SyncMode::Normal).unwrap();
         let conn = store.reader.lock();
         for sql in [
-            "DELETE FROM started WHERE session_id = ?1 AND session_id != ''",
+            "DELETE FROM started WHERE run_id = ?1 AND session_id = ?2",
             "DELETE FROM started WHERE run_id = ?1 AND session_id = ''",
             "UPDATE started SET session_id = '' WHERE run_id = ?1 AND session_id = ?2",
-            "SELECT MAX(session_activities_run) FROM started WHERE session_id = ?1 AND session_id != ''",
         ] {
             let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let values = vec!["x"; explain.parameter_count()];
@@ -1119,11 +1134,6 @@ mod tests {
                 }),
                 ..Default::default()
             }),
-            runs_still_open: if state == "open" {
-                Vec::new()
-            } else {
-                vec!["r-running".into()]
-            },
         };
         let handed_out = |run_id: &str, count: u64| Write::Started {
             run_id: run_id.into(),
@@ -1177,7 +1187,32 @@ mod tests {
                 ("r-running".into(), "s".into())
             ]
         );
-        commit(vec![session("completed")]).await;
+        let recovered = store.recover().unwrap();
+        let mut session_rows = recovered.session_rows.clone();
+        session_rows.sort();
+        assert_eq!(
+            session_rows,
+            vec![
+                ("s".to_string(), "r-done".to_string()),
+                ("s".to_string(), "r-running".to_string())
+            ],
+            "a closed run's rows are found for its session too"
+        );
+        let count = recovered.open_sessions[0]
+            .info
+            .as_ref()
+            .unwrap()
+            .activities_run;
+        assert_eq!(count, 2, "the session's count comes from its rows");
+        commit(vec![
+            session("completed"),
+            Write::ReleaseSessionRows {
+                session_id: "s".into(),
+                runs_still_open: vec!["r-running".into()],
+                runs_closed: vec!["r-done".into()],
+            },
+        ])
+        .await;
         assert_eq!(
             rows(),
             vec![("r-running".into(), String::new())],
