@@ -1271,3 +1271,58 @@ async fn a_finished_activity_survives_a_network_blip_without_running_again() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the activity ran again");
     worker.shutdown().await;
 }
+
+#[tokio::test]
+async fn worker_options_that_could_never_run_anything_are_refused_at_start() {
+    use tether::worker::{Worker, WorkerOptions};
+    let env = TestEnv::start().await;
+    let activity_worker = |options: WorkerOptions| {
+        let mut w = Worker::new(env.client.clone(), options);
+        w.register_activity("noop", |_ctx: ActivityContext, v: u32| async move {
+            Ok::<_, ActivityError>(v)
+        });
+        w
+    };
+    let base = || WorkerOptions::new("opts-q").identity("opts-w");
+    // Struct literals: the builder methods raise 0 to 1.
+    match activity_worker(WorkerOptions {
+        max_concurrent_activities: 0,
+        ..base()
+    })
+    .start()
+    {
+        Err(e) => assert!(e.to_string().contains("max_concurrent_activities"), "{e}"),
+        Ok(handle) => {
+            handle.shutdown().await;
+            panic!("a worker with no activity slots started: it would never take an activity");
+        }
+    }
+    let mut w = Worker::new(
+        env.client.clone(),
+        WorkerOptions {
+            max_concurrent_workflow_tasks: 0,
+            ..base()
+        },
+    );
+    w.register_workflow("wf", |_ctx: WorkflowContext, v: u32| async move {
+        Ok::<_, tether::workflow::WorkflowError>(v)
+    });
+    match w.start() {
+        Err(e) => assert!(
+            e.to_string().contains("max_concurrent_workflow_tasks"),
+            "{e}"
+        ),
+        Ok(handle) => {
+            handle.shutdown().await;
+            panic!("a workflow worker with no workflow task slots started");
+        }
+    }
+    // Zero slots of a kind it has nothing registered for is fine.
+    let handle = activity_worker(WorkerOptions {
+        max_concurrent_workflow_tasks: 0,
+        ..base()
+    })
+    .start()
+    .expect("an activity-only worker needs no workflow task slots");
+    handle.shutdown().await;
+}

@@ -43,9 +43,11 @@ pub struct WorkerOptions {
     /// Where the identity lock files live. Default: `$TETHER_STATE_DIR`, else
     /// `~/.local/state/tether`; None keeps nothing (the default identity is then new each start).
     pub state_dir: Option<std::path::PathBuf>,
-    /// Most activities running at once. Default 100.
+    /// Most activities running at once. Default 100; `start` refuses 0 when activities are
+    /// registered.
     pub max_concurrent_activities: usize,
-    /// Most workflow tasks processed at once. Default 10.
+    /// Most workflow tasks processed at once. Default 10; `start` refuses 0 when workflows
+    /// are registered.
     pub max_concurrent_workflow_tasks: usize,
     /// Most workflow runs kept in the sticky cache. Default 1000.
     pub max_cached_workflows: usize,
@@ -75,6 +77,34 @@ impl WorkerOptions {
             capabilities: crate::caps::CapabilitySource::detect(),
             max_concurrent_sessions: 10,
         }
+    }
+
+    /// Refuses settings under which the worker could never do what it was given: no slots
+    /// for the kind of work it has code for (it would poll for nothing, or never poll), a
+    /// malformed task queue or identity. Checked by [`Worker::start`] before anything else.
+    fn check(&self, has_workflows: bool, has_activities: bool) -> Result<(), WorkerError> {
+        let invalid = |what: String| Err(WorkerError::InvalidOptions(what));
+        if has_activities && self.max_concurrent_activities == 0 {
+            return invalid(
+                "max_concurrent_activities is 0, so the worker would never take one of its \
+                 activities; give it at least 1 (default 100)"
+                    .into(),
+            );
+        }
+        if has_workflows && self.max_concurrent_workflow_tasks == 0 {
+            return invalid(
+                "max_concurrent_workflow_tasks is 0, so the worker would never run one of its \
+                 workflows; give it at least 1 (default 10)"
+                    .into(),
+            );
+        }
+        crate::types::validate_name("task queue", &self.task_queue)
+            .or_else(|e| invalid(e.to_string()))?;
+        if !self.identity.is_empty() {
+            crate::types::validate_name("identity", &self.identity)
+                .or_else(|e| invalid(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Sets the session slots.
@@ -249,12 +279,8 @@ impl Worker {
         if self.workflows.is_empty() && self.activities.is_empty() {
             return Err(WorkerError::NothingRegistered);
         }
-        crate::types::validate_name("task queue", &self.options.task_queue)
-            .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
-        if !self.options.identity.is_empty() {
-            crate::types::validate_name("identity", &self.options.identity)
-                .map_err(|e| WorkerError::InvalidOptions(e.to_string()))?;
-        }
+        self.options
+            .check(!self.workflows.is_empty(), !self.activities.is_empty())?;
         let fingerprint = self.options.capabilities.fingerprint();
         let hostname = self.options.capabilities.hostname();
         let lease = identity::acquire(&identity::IdentityRequest {
