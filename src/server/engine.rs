@@ -310,7 +310,6 @@ impl Engine {
                 if had_buffered {
                     txn.touched.insert(run_id.clone());
                 }
-                Self::note_session_runs(&mut st.session_runs, &run_id, &entry);
                 st.open_ids.insert(key, run_id.clone());
                 st.runs.insert(run_id, entry);
             }
@@ -342,6 +341,12 @@ impl Engine {
                 ));
                 st.sessions.insert(info.session_id.clone(), session);
             }
+            // The open sessions' runs, known once both are loaded.
+            let runs = std::mem::take(&mut st.runs);
+            for (run_id, entry) in &runs {
+                Self::note_session_runs(&mut st, run_id, entry);
+            }
+            st.runs = runs;
             // Hand-out rows kept for sessions: an open session releases them when it closes
             // (closed runs' rows too, which no open run's state names); rows of a session that
             // is no longer open should not exist, and are released now.
@@ -931,12 +936,10 @@ impl Engine {
                     );
                     // The session's count is of hand-outs, this one included: it stays. Once
                     // the session is closed, its count is final and the row is the run's alone.
-                    let session = response.session.as_ref().filter(|s| {
-                        st.sessions
-                            .get(&s.session_id)
-                            .and_then(|s| s.info.as_ref())
-                            .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"))
-                    });
+                    let session = response
+                        .session
+                        .as_ref()
+                        .filter(|s| session_is_open(&st.sessions, &s.session_id));
                     if session.is_none() {
                         if let Some(entry) = st.runs.get_mut(&token.run_id) {
                             entry.rt.may_own_started = true;
@@ -1292,17 +1295,21 @@ impl Engine {
         Ok(run_id)
     }
 
-    /// Creates a run under an id that must not be running already, in one transaction. Returns
-    /// the run id and whether its first task went straight to a waiting worker.
-    /// Records which sessions `entry`'s activities were scheduled in, so a closing session
-    /// finds its activities without a look at every run.
-    fn note_session_runs(
-        session_runs: &mut HashMap<String, HashSet<String>>,
-        run_id: &str,
-        entry: &RunEntry,
-    ) {
+    /// Records which open sessions `entry`'s activities were scheduled in, so a closing
+    /// session finds its activities without a look at every run. (An activity scheduled in a
+    /// session that is closed already fails at once: nothing to remember.)
+    fn note_session_runs(st: &mut EngineState, run_id: &str, entry: &RunEntry) {
+        let EngineState {
+            sessions,
+            session_runs,
+            ..
+        } = st;
         for a in entry.state.activities.values() {
-            if let Some(o) = a.options.as_ref().filter(|o| !o.session_id.is_empty()) {
+            if let Some(o) = a
+                .options
+                .as_ref()
+                .filter(|o| session_is_open(sessions, &o.session_id))
+            {
                 session_runs
                     .entry(o.session_id.clone())
                     .or_default()
@@ -1311,6 +1318,8 @@ impl Engine {
         }
     }
 
+    /// Creates a run under an id that must not be running already, in one transaction. Returns
+    /// the run id and whether its first task went straight to a waiting worker.
     async fn start_run(
         &self,
         namespace: &str,
@@ -1354,7 +1363,7 @@ impl Engine {
                 let mut entry = make(run_id.clone(), now_ms(), &mut txn.fx);
                 entry.max_history_bytes = self.config.max_history_bytes;
                 st.open_ids.insert(key, run_id.clone());
-                Self::note_session_runs(&mut st.session_runs, &run_id, &entry);
+                Self::note_session_runs(&mut st, &run_id, &entry);
                 st.runs.insert(run_id.clone(), entry);
                 txn.touched.insert(run_id.clone());
                 Ok((self.commit_locked(&mut st, &mut txn), run_id))
@@ -2108,10 +2117,12 @@ impl Engine {
             )?;
             txn.touched.insert(token.run_id.clone());
             for session_id in sessions_used {
-                st.session_runs
-                    .entry(session_id)
-                    .or_default()
-                    .insert(token.run_id.clone());
+                if session_is_open(&st.sessions, &session_id) {
+                    st.session_runs
+                        .entry(session_id)
+                        .or_default()
+                        .insert(token.run_id.clone());
+                }
             }
             Self::fail_activities_of_closed_sessions(&mut st, &token.run_id, now, &mut txn);
             self.apply_session_commands(&mut st, &token.namespace, now, &mut txn);
@@ -3941,4 +3952,13 @@ fn duration_text(ms: u64) -> String {
         ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
         ms => format!("{ms}ms"),
     }
+}
+
+/// Whether `session_id` is a session still creating or open (a closed one stays in memory
+/// until its close is durable).
+fn session_is_open(sessions: &HashMap<String, SessionState>, session_id: &str) -> bool {
+    sessions
+        .get(session_id)
+        .and_then(|s| s.info.as_ref())
+        .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"))
 }
