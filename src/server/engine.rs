@@ -296,23 +296,7 @@ impl Engine {
                 .max()
                 .unwrap_or(0);
             super::history::dispatch_after(newest_dispatch);
-            for (state, history) in recovered.open_runs {
-                let had_buffered = !state.buffered.is_empty();
-                let mut entry = RunEntry::new(state, history);
-                entry.max_history_bytes = engine.config.max_history_bytes;
-                entry.recover(now, &mut txn.fx);
-                let key = (
-                    entry.state.namespace.clone(),
-                    entry.state.standalone_activity,
-                    entry.state.workflow_id.clone(),
-                );
-                let run_id = entry.state.run_id.clone();
-                if had_buffered {
-                    txn.touched.insert(run_id.clone());
-                }
-                st.open_ids.insert(key, run_id.clone());
-                st.runs.insert(run_id, entry);
-            }
+            // Sessions first: a run records which open sessions its activities are in.
             for session in recovered.open_sessions {
                 let info = session.info.clone().unwrap_or_default();
                 if info.state == "open" {
@@ -341,12 +325,24 @@ impl Engine {
                 ));
                 st.sessions.insert(info.session_id.clone(), session);
             }
-            // The open sessions' runs, known once both are loaded.
-            let runs = std::mem::take(&mut st.runs);
-            for (run_id, entry) in &runs {
-                Self::note_session_runs(&mut st, run_id, entry);
+            for (state, history) in recovered.open_runs {
+                let had_buffered = !state.buffered.is_empty();
+                let mut entry = RunEntry::new(state, history);
+                entry.max_history_bytes = engine.config.max_history_bytes;
+                entry.recover(now, &mut txn.fx);
+                let key = (
+                    entry.state.namespace.clone(),
+                    entry.state.standalone_activity,
+                    entry.state.workflow_id.clone(),
+                );
+                let run_id = entry.state.run_id.clone();
+                if had_buffered {
+                    txn.touched.insert(run_id.clone());
+                }
+                st.open_ids.insert(key, run_id.clone());
+                Self::note_session_runs(&mut st, &run_id, &entry);
+                st.runs.insert(run_id, entry);
             }
-            st.runs = runs;
             // Hand-out rows kept for sessions: an open session releases them when it closes
             // (closed runs' rows too, which no open run's state names); rows of a session that
             // is no longer open should not exist, and are released now.
