@@ -1,31 +1,42 @@
 //! tether: a durable-execution server and Rust worker SDK for fleets of unlike machines.
 //!
-//! The map of the crate:
-//! - [`api`]: the wire contract generated from `proto/` (the only place that knows the wire).
-//! - [`types`]: typed ids, limits and name validation.
+//! This package is a facade over the workspace's crates (see ARCHITECTURE.md); the paths below
+//! are the ones applications use:
+//! - [`api`]: the wire contract generated from `proto/` (`tether-wire`).
+//! - [`types`]: typed ids, limits and name validation (`tether-core`).
 //! - [`caps`]: capability detection (NVML, sysinfo, declared inventories) and requirements.
 //! - [`codec`]: the data converter (JSON payloads), used by clients and workers only.
-//! - [`store`]: the `Store` trait and the embedded SQLite store (WAL, group commit).
-//! - [`server`]: the gRPC frontend, the engine (history state machine, matching, timers).
 //! - [`client`]: start, signal, cancel, terminate, describe workflows; standalone activities.
 //! - [`worker`]: the worker: pollers, the activity executor and the sticky workflow cache.
 //! - [`workflow`]: the deterministic workflow runtime and `WorkflowContext`.
 //! - [`activity`]: `ActivityContext` and typed activity errors.
-//! - [`tls`]: mTLS configuration and development certificates.
+//! - [`tls`]: mTLS configuration (and, with the `cli` feature, development certificates).
+//! - [`server`] and [`store`] (feature `server`, on by default): the gRPC frontend, the engine
+//!   and the embedded SQLite store (`tether-server`).
+//!
+//! An application that only starts and hosts work can depend on `tether-sdk` alone, or on this
+//! package with `default-features = false`: neither compiles the server, the store, HTTP or
+//! the CLI.
 #![warn(missing_docs)]
 
-pub mod activity;
-pub mod api;
-pub mod caps;
-pub mod client;
-pub mod codec;
-pub mod fuzz_checks;
-pub mod server;
-pub mod store;
-pub mod tls;
-pub mod types;
-pub mod worker;
-pub mod workflow;
+pub use tether_core::types;
+pub use tether_sdk::{activity, caps, client, codec, fuzz_checks, worker, workflow};
+pub use tether_wire as api;
+
+/// mTLS configuration: the certificate files servers, clients and workers load, and (with the
+/// `cli` feature) development certificates.
+pub mod tls {
+    #[cfg(feature = "cli")]
+    pub use tether_cli::{write_dev_certs, DevCa};
+    pub use tether_core::tls::*;
+}
+
+#[cfg(feature = "server")]
+pub use tether_server as server;
+
+/// The `Store` trait and the embedded SQLite store (WAL, group commit).
+#[cfg(feature = "server")]
+pub use tether_server::store;
 
 // The README's Rust examples are whole programs; compiling them with the doctests keeps what a
 // reader pastes building.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, within, TestEnv};
+use common::{eventually, within, TestEnv, WriteLock};
 use std::time::{Duration, Instant};
 use tether::api::pb;
 use tether::client::WorkflowOptions;
@@ -55,22 +55,6 @@ fn schedule(seq: u32, activity_type: &str) -> pb::command::Kind {
 
 fn complete_workflow() -> pb::command::Kind {
     pb::command::Kind::CompleteWorkflow(pb::CompleteWorkflowCommand::default())
-}
-
-/// Holds SQLite's write lock on the server's database from another connection, as a second
-/// process (a backup tool, an operator's sqlite3 shell) would: commits wait behind it.
-struct WriteLock(rusqlite::Connection);
-
-impl WriteLock {
-    fn take(dir: &std::path::Path) -> WriteLock {
-        let conn = rusqlite::Connection::open(dir.join("tether.db")).unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        WriteLock(conn)
-    }
-
-    fn release(self) {
-        self.0.execute_batch("ROLLBACK").unwrap();
-    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -178,7 +162,7 @@ async fn describe_finds_a_closed_session_at_any_age() {
                 .unwrap();
             for i in 0..100_050i64 {
                 let id = format!("old-{i:06}");
-                let state = tether::api::internal::SessionState {
+                let state = tether::server::state::SessionState {
                     info: Some(pb::SessionInfo {
                         session_id: id.clone(),
                         namespace: "default".into(),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{eventually, within, TestEnv};
+use common::{eventually, within, TestEnv, WriteLock};
 use std::sync::Arc;
 use std::time::Duration;
 use tether::api::pb;
@@ -351,11 +351,14 @@ async fn a_commit_whose_request_went_away_still_hands_its_task_over() {
     };
     wait_parked(&engine, "w2").await;
     // The start is dispatched to the parked poll inside its own transaction; its caller goes
-    // away while the commit is under way (a disconnect, a deadline).
+    // away while the commit is under way (a disconnect, a deadline). Another connection's write
+    // lock keeps the commit under way for as long as the test needs.
+    let lock = WriteLock::take(dir.path());
     let mut starting =
         Box::pin(engine.start_activity(start_request("default", "orphan", 60_000, 0)));
     assert!(futures::poll!(&mut starting).is_pending());
     drop(starting);
+    lock.release();
     let got = within(Duration::from_secs(5), "the parked poll", parked)
         .await
         .unwrap()

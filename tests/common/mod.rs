@@ -193,3 +193,19 @@ pub fn spawn_server(args: &[&str]) -> ServerProcess {
         .expect("server printed its address");
     ServerProcess { child, addr, lines }
 }
+
+/// Holds SQLite's write lock on the server's database from another connection, as a second
+/// process (a backup tool, an operator's sqlite3 shell) would: commits wait behind it.
+pub struct WriteLock(rusqlite::Connection);
+
+impl WriteLock {
+    pub fn take(dir: &std::path::Path) -> WriteLock {
+        let conn = rusqlite::Connection::open(dir.join("tether.db")).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        WriteLock(conn)
+    }
+
+    pub fn release(self) {
+        self.0.execute_batch("ROLLBACK").unwrap();
+    }
+}

@@ -1,0 +1,1143 @@
+//! gRPC handlers: check every request (names, sizes, required fields) before the engine sees it,
+//! and map engine errors to gRPC statuses with messages that say what was wrong.
+
+use super::auth::Role;
+use super::history::check_payload;
+use super::{Engine, EngineError, NextTasks};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_core::types::validate_name;
+use tether_wire::pb::{self, tether_service_server::TetherService};
+use tonic::{Request, Response, Status};
+
+/// The API implementation.
+pub struct Frontend {
+    engine: Arc<Engine>,
+}
+
+impl Frontend {
+    /// Wraps an engine.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Frontend { engine }
+    }
+
+    /// The caller's certificate identities (only read when authorization is on).
+    fn identities<T>(&self, request: &Request<T>) -> Vec<String> {
+        match self.engine.access() {
+            Some(_) => super::auth::identities_of(request),
+            None => Vec::new(),
+        }
+    }
+
+    fn allow(&self, ids: &[String], namespace: &str, role: Role) -> Result<(), Status> {
+        match self.engine.access() {
+            None => Ok(()),
+            Some(access) => access.check(ids, namespace, role),
+        }
+    }
+
+    /// The worker role in `namespace`, acting as worker `identity`: with authorization on, the
+    /// identity must be one the caller's certificate may use.
+    fn allow_worker(&self, ids: &[String], namespace: &str, identity: &str) -> Result<(), Status> {
+        match self.engine.access() {
+            None => Ok(()),
+            Some(access) => {
+                access.check(ids, namespace, Role::Worker)?;
+                access.check_worker_identity(ids, namespace, identity)
+            }
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        self.engine.max_payload_bytes()
+    }
+
+    /// Where a completion may take its next tasks from: checked like a poll of those queues
+    /// (the worker role in that namespace, and no other worker's host queue).
+    fn next_task_target(
+        &self,
+        ids: &[String],
+        next: &Option<pb::NextTaskRequest>,
+        identity: &str,
+        max: usize,
+    ) -> Result<Option<NextTasks>, Status> {
+        match next {
+            None => Ok(None),
+            Some(n) => {
+                self.allow_worker(ids, &n.namespace, identity)?;
+                name("namespace", &n.namespace)?;
+                let queues: Vec<String> = n
+                    .additional_task_queues
+                    .iter()
+                    .chain(std::iter::once(&n.task_queue))
+                    .cloned()
+                    .collect();
+                for q in &queues {
+                    name("task queue", q)?;
+                    check_host_queue(q, identity)?;
+                }
+                Ok(Some(NextTasks {
+                    namespace: n.namespace.clone(),
+                    queues,
+                    identity: identity.to_string(),
+                    instance: n.instance_id.clone(),
+                    max,
+                }))
+            }
+        }
+    }
+
+    /// GetWorkflowResult and GetActivityResult: the same checks and wait, for either kind.
+    async fn wait_for_result(
+        &self,
+        ids: &[String],
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        wait_ms: u64,
+    ) -> R<pb::GetWorkflowResultResponse> {
+        self.allow(ids, namespace, Role::Client)?;
+        name("namespace", namespace)?;
+        name(
+            if standalone {
+                "activity id"
+            } else {
+                "workflow id"
+            },
+            id,
+        )?;
+        optional_name("run id", run_id)?;
+        let outcome = self
+            .engine
+            .result(
+                namespace,
+                standalone,
+                id,
+                run_id,
+                Duration::from_millis(wait_ms),
+            )
+            .await?;
+        ok(outcome)
+    }
+
+    /// Cancels or terminates one run (a workflow's, or a standalone activity's): the role
+    /// (client to cancel, admin to terminate) and the names checked the same way for either.
+    async fn act_on_run(
+        &self,
+        ids: &[String],
+        op: RunOp,
+        run: OneRun<'_>,
+        reason: &str,
+        identity: &str,
+    ) -> Result<(), Status> {
+        let role = match op {
+            RunOp::Cancel => Role::Client,
+            RunOp::Terminate => Role::Admin,
+        };
+        self.allow(ids, run.namespace, role)?;
+        name("namespace", run.namespace)?;
+        name(
+            if run.standalone {
+                "activity id"
+            } else {
+                "workflow id"
+            },
+            run.id,
+        )?;
+        optional_name("run id", run.run_id)?;
+        let (ns, standalone, id, run_id) = (run.namespace, run.standalone, run.id, run.run_id);
+        match op {
+            RunOp::Cancel => {
+                self.engine
+                    .request_cancel(ns, standalone, id, run_id, reason, identity)
+                    .await?
+            }
+            RunOp::Terminate => {
+                self.engine
+                    .terminate(ns, standalone, id, run_id, reason, identity)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// A describe, history or result for an id that may be a workflow's or a standalone
+    /// activity's: the workflow first, then the activity of that id.
+    async fn either_kind<T, F, Fut>(&self, f: F) -> Result<T, EngineError>
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, EngineError>>,
+    {
+        match f(false).await {
+            Err(EngineError::NotFound(why)) => {
+                f(true).await.map_err(|_| EngineError::NotFound(why))
+            }
+            other => other,
+        }
+    }
+}
+
+/// What an operator does to a run.
+#[derive(Clone, Copy)]
+enum RunOp {
+    Cancel,
+    Terminate,
+}
+
+/// The run an operator call names.
+struct OneRun<'a> {
+    namespace: &'a str,
+    standalone: bool,
+    id: &'a str,
+    run_id: &'a str,
+}
+
+/// Most list entries in one page, and the default.
+const MAX_PAGE_SIZE: u32 = 1_000;
+const DEFAULT_PAGE_SIZE: u32 = 100;
+
+fn page_size(requested: u32) -> usize {
+    if requested == 0 {
+        DEFAULT_PAGE_SIZE as usize
+    } else {
+        requested.min(MAX_PAGE_SIZE) as usize
+    }
+}
+
+/// Bounds on what a worker may register, so that one worker cannot make lists undeliverable
+/// (see `RegisterWorkerRequest` in the proto).
+mod registration_limits {
+    pub const TASK_QUEUES: usize = 64;
+    pub const GPUS: usize = 64;
+    pub const ENTRIES: usize = 256;
+    pub const ADDRESSES: usize = 64;
+    pub const STRING_BYTES: usize = 1024;
+    pub const TOTAL_BYTES: usize = 256 * 1024;
+}
+
+/// Refuses capabilities past the registration limits, naming what was too large.
+fn check_capabilities(caps: Option<&pb::Capabilities>) -> Result<(), Status> {
+    use registration_limits::*;
+    let Some(c) = caps else { return Ok(()) };
+    let too_many = |what: &str, n: usize, max: usize| {
+        Err(Status::invalid_argument(format!(
+            "the worker's capabilities list {n} {what}; at most {max} may be registered"
+        )))
+    };
+    let long = |what: &str, value: &str| -> Result<(), Status> {
+        if value.len() > STRING_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "{what} {:?} is {} bytes; at most {STRING_BYTES} bytes may be registered",
+                tether_core::types::quote_prefix(value, 40),
+                value.len()
+            )));
+        }
+        Ok(())
+    };
+    if c.gpus.len() > GPUS {
+        return too_many("GPUs", c.gpus.len(), GPUS);
+    }
+    for (what, n) in [
+        ("labels", c.labels.len()),
+        ("credentials", c.credentials.len()),
+        ("network capabilities", c.network.len()),
+        ("resources", c.resources.len()),
+        ("network interfaces", c.interfaces.len()),
+    ] {
+        if n > ENTRIES {
+            return too_many(what, n, ENTRIES);
+        }
+    }
+    for (k, v) in &c.labels {
+        long("label name", k)?;
+        long("label value", v)?;
+    }
+    for k in c.resources.keys() {
+        long("resource name", k)?;
+    }
+    for x in c.credentials.iter().chain(&c.network) {
+        long("capability", x)?;
+    }
+    for i in &c.interfaces {
+        long("interface name", &i.name)?;
+        if i.addresses.len() > ADDRESSES {
+            return too_many("addresses on one interface", i.addresses.len(), ADDRESSES);
+        }
+    }
+    for g in &c.gpus {
+        long("GPU name", &g.name)?;
+        long("GPU uuid", &g.uuid)?;
+    }
+    if let Some(h) = &c.host {
+        for v in [
+            &h.hostname,
+            &h.os,
+            &h.kernel,
+            &h.arch,
+            &h.cpu_model,
+            &h.work_dir,
+        ] {
+            long("host fact", v)?;
+        }
+    }
+    for v in [&c.gpu_driver_version, &c.cuda_driver_version, &c.gpu_note] {
+        long("GPU fact", v)?;
+    }
+    // Last: each count and string within bounds can still add up.
+    let size = prost::Message::encoded_len(c);
+    if size > TOTAL_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the worker's capabilities take {size} bytes; at most {TOTAL_BYTES} bytes may be \
+             registered"
+        )));
+    }
+    Ok(())
+}
+
+fn duration(field: &str, ms: u64) -> Result<(), Status> {
+    tether_core::types::check_duration_ms(field, ms).map_err(Status::invalid_argument)
+}
+
+/// The namespace a task token names ("" when it is malformed: the engine then says so).
+fn token_namespace(token: &[u8]) -> String {
+    <pb::TaskToken as prost::Message>::decode(token)
+        .map(|t| t.namespace)
+        .unwrap_or_default()
+}
+
+fn name(what: &'static str, value: &str) -> Result<(), Status> {
+    validate_name(what, value).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn optional_name(what: &'static str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Ok(())
+    } else {
+        name(what, value)
+    }
+}
+
+/// A host queue is its worker's alone: this is what keeps session work on its worker.
+fn check_host_queue(queue: &str, identity: &str) -> Result<(), Status> {
+    if queue.starts_with(super::matching::HOST_QUEUE_PREFIX)
+        && queue != super::matching::host_queue_name(identity)
+    {
+        return Err(Status::permission_denied(format!(
+            "task queue {queue:?} is the host queue of another worker; worker {identity:?} may poll only {:?}",
+            super::matching::host_queue_name(identity)
+        )));
+    }
+    Ok(())
+}
+
+fn payload(what: &str, p: Option<&pb::Payload>, max: usize) -> Result<(), Status> {
+    check_payload(what, p, max).map_err(Status::from)
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+/// Most outcomes one RespondActivityTasks call may carry.
+const MAX_OUTCOMES_PER_BATCH: usize = 1000;
+/// Most tasks one RespondActivityTasks call may ask for.
+const MAX_NEXT_TASKS: u32 = 1000;
+
+fn ok<T>(value: T) -> R<T> {
+    Ok(Response::new(value))
+}
+
+fn status_filter(raw: i32) -> Result<Option<i32>, Status> {
+    match pb::ExecutionStatus::try_from(raw) {
+        Ok(pb::ExecutionStatus::Unspecified) => Ok(None),
+        Ok(s) => Ok(Some(s as i32)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "status {raw} is not a known execution status"
+        ))),
+    }
+}
+
+fn kind_is_activity(kind: &str) -> Result<bool, Status> {
+    match kind {
+        "" | "workflow" => Ok(false),
+        "activity" => Ok(true),
+        other => Err(Status::invalid_argument(format!(
+            "kind {other:?} is not known: use \"workflow\" or \"activity\""
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl TetherService for Frontend {
+    async fn register_namespace(
+        &self,
+        request: Request<pb::RegisterNamespaceRequest>,
+    ) -> R<pb::RegisterNamespaceResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Admin)?;
+        name("namespace", &req.namespace)?;
+        duration("retention_ms", req.retention_ms)?;
+        self.engine
+            .register_namespace(&req.namespace, &req.description, req.retention_ms)
+            .await?;
+        ok(pb::RegisterNamespaceResponse {})
+    }
+
+    async fn update_namespace(
+        &self,
+        request: Request<pb::UpdateNamespaceRequest>,
+    ) -> R<pb::NamespaceInfo> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Admin)?;
+        name("namespace", &req.namespace)?;
+        if let Some(ms) = req.retention_ms {
+            duration("retention_ms", ms)?;
+        }
+        ok(self.engine.update_namespace(req).await?)
+    }
+
+    async fn list_namespaces(
+        &self,
+        request: Request<pb::ListNamespacesRequest>,
+    ) -> R<pb::ListNamespacesResponse> {
+        let ids = self.identities(&request);
+        if let Some(access) = self.engine.access() {
+            if !access.known(&ids) {
+                return Err(Status::permission_denied(
+                    "this identity holds no grant in the access file",
+                ));
+            }
+        }
+        ok(pb::ListNamespacesResponse {
+            namespaces: self.engine.list_namespaces(),
+        })
+    }
+
+    async fn start_workflow(
+        &self,
+        request: Request<pb::StartWorkflowRequest>,
+    ) -> R<pb::StartWorkflowResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        name("workflow type", &req.workflow_type)?;
+        name("task queue", &req.task_queue)?;
+        optional_name("request id", &req.request_id)?;
+        payload("workflow input", req.input.as_ref(), self.max_payload())?;
+        let run_id = self.engine.start_workflow(req).await?;
+        ok(pb::StartWorkflowResponse { run_id })
+    }
+
+    async fn signal_workflow(
+        &self,
+        request: Request<pb::SignalWorkflowRequest>,
+    ) -> R<pb::SignalWorkflowResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        name("signal name", &req.signal_name)?;
+        optional_name("request id", &req.request_id)?;
+        payload("signal input", req.input.as_ref(), self.max_payload())?;
+        self.engine.signal(req).await?;
+        ok(pb::SignalWorkflowResponse {})
+    }
+
+    async fn request_cancel_workflow(
+        &self,
+        request: Request<pb::RequestCancelWorkflowRequest>,
+    ) -> R<pb::RequestCancelWorkflowResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.act_on_run(
+            &ids,
+            RunOp::Cancel,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: false,
+                id: &req.workflow_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
+        ok(pb::RequestCancelWorkflowResponse {})
+    }
+
+    async fn terminate_workflow(
+        &self,
+        request: Request<pb::TerminateWorkflowRequest>,
+    ) -> R<pb::TerminateWorkflowResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.act_on_run(
+            &ids,
+            RunOp::Terminate,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: false,
+                id: &req.workflow_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
+        ok(pb::TerminateWorkflowResponse {})
+    }
+
+    async fn describe_workflow(
+        &self,
+        request: Request<pb::DescribeWorkflowRequest>,
+    ) -> R<pb::DescribeWorkflowResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        // Standalone activities share the describe call: fall back to them by id.
+        let found = self
+            .either_kind(|standalone| {
+                self.engine
+                    .describe(&req.namespace, standalone, &req.workflow_id, &req.run_id)
+            })
+            .await?;
+        ok(found)
+    }
+
+    async fn get_workflow_history(
+        &self,
+        request: Request<pb::GetWorkflowHistoryRequest>,
+    ) -> R<pb::GetWorkflowHistoryResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("workflow id", &req.workflow_id)?;
+        optional_name("run id", &req.run_id)?;
+        let events = self
+            .either_kind(|standalone| {
+                self.engine
+                    .history(&req.namespace, standalone, &req.workflow_id, &req.run_id)
+            })
+            .await?;
+        ok(pb::GetWorkflowHistoryResponse { events })
+    }
+
+    async fn list_workflows(
+        &self,
+        request: Request<pb::ListWorkflowsRequest>,
+    ) -> R<pb::ListWorkflowsResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        let status = status_filter(req.status)?;
+        let standalone = kind_is_activity(&req.kind)?;
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit.min(10_000)
+        } as usize;
+        let (executions, next_page_token) = self
+            .engine
+            .list(&req.namespace, standalone, status, limit, &req.page_token)
+            .await?;
+        ok(pb::ListWorkflowsResponse {
+            executions,
+            next_page_token,
+        })
+    }
+
+    async fn get_workflow_result(
+        &self,
+        request: Request<pb::GetWorkflowResultRequest>,
+    ) -> R<pb::GetWorkflowResultResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        // An id that names a standalone activity gets that activity's result.
+        let found = self
+            .wait_for_result(
+                &ids,
+                &req.namespace,
+                false,
+                &req.workflow_id,
+                &req.run_id,
+                req.wait_ms,
+            )
+            .await;
+        match found {
+            Err(status) if status.code() == tonic::Code::NotFound => self
+                .wait_for_result(
+                    &ids,
+                    &req.namespace,
+                    true,
+                    &req.workflow_id,
+                    &req.run_id,
+                    req.wait_ms,
+                )
+                .await
+                .map_err(|_| status),
+            other => other,
+        }
+    }
+
+    async fn start_activity(
+        &self,
+        request: Request<pb::StartActivityRequest>,
+    ) -> R<pb::StartActivityResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("activity id", &req.activity_id)?;
+        name("activity type", &req.activity_type)?;
+        name("task queue", &req.task_queue)?;
+        optional_name("request id", &req.request_id)?;
+        payload("activity input", req.input.as_ref(), self.max_payload())?;
+        let (namespace, activity_id, wait) = (
+            req.namespace.clone(),
+            req.activity_id.clone(),
+            Duration::from_millis(req.wait_ms),
+        );
+        let started = self.engine.start_activity(req).await?;
+        let run_id = started.run_id;
+        let mut outcome = None;
+        if !wait.is_zero() {
+            let o = self
+                .engine
+                .result(&namespace, true, &activity_id, &run_id, wait)
+                .await?;
+            if o.status != pb::ExecutionStatus::Running as i32 {
+                outcome = Some(o);
+            }
+        }
+        // Only when the caller is left waiting does it need to hear why.
+        let placement_note = if started.handed_over || outcome.is_some() {
+            String::new()
+        } else {
+            self.engine
+                .placement_note(&namespace, &started.queue, &started.requirements)
+        };
+        ok(pb::StartActivityResponse {
+            run_id,
+            outcome,
+            placement_note,
+        })
+    }
+
+    async fn get_activity_result(
+        &self,
+        request: Request<pb::GetActivityResultRequest>,
+    ) -> R<pb::GetWorkflowResultResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.wait_for_result(
+            &ids,
+            &req.namespace,
+            true,
+            &req.activity_id,
+            &req.run_id,
+            req.wait_ms,
+        )
+        .await
+    }
+
+    async fn poll_workflow_task(
+        &self,
+        request: Request<pb::PollWorkflowTaskRequest>,
+    ) -> R<pb::PollWorkflowTaskResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        name("namespace", &req.namespace)?;
+        name("task queue", &req.task_queue)?;
+        optional_name("identity", &req.identity)?;
+        optional_name("sticky queue", &req.sticky_queue)?;
+        ok(self.engine.poll_workflow_task(req).await?)
+    }
+
+    async fn complete_workflow_task(
+        &self,
+        request: Request<pb::CompleteWorkflowTaskRequest>,
+    ) -> R<pb::CompleteWorkflowTaskResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        optional_name("identity", &req.identity)?;
+        optional_name("sticky queue", &req.sticky_queue)?;
+        // Signalling a workflow in another namespace needs the client role there.
+        let own = token_namespace(&req.task_token);
+        for c in &req.commands {
+            if let Some(pb::command::Kind::SignalExternal(sig)) = &c.kind {
+                if !sig.namespace.is_empty() && sig.namespace != own {
+                    self.allow(&ids, &sig.namespace, Role::Client)?;
+                }
+            }
+        }
+        let next = match &req.next_task {
+            None => None,
+            Some(n) => {
+                self.allow(&ids, &n.namespace, Role::Worker)?;
+                name("namespace", &n.namespace)?;
+                for q in &n.task_queues {
+                    name("task queue", q)?;
+                }
+                Some((n.namespace.clone(), n.task_queues.clone()))
+            }
+        };
+        let (identity, sticky_queue) = (req.identity.clone(), req.sticky_queue.clone());
+        self.engine.complete_workflow_task(req).await?;
+        let next_task = match next {
+            Some((namespace, queues)) => {
+                self.engine
+                    .next_workflow_task_now(&namespace, &queues, &identity, &sticky_queue)
+                    .await
+            }
+            None => None,
+        };
+        ok(pb::CompleteWorkflowTaskResponse { next_task })
+    }
+
+    async fn fail_workflow_task(
+        &self,
+        request: Request<pb::FailWorkflowTaskRequest>,
+    ) -> R<pb::FailWorkflowTaskResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
+        self.engine.fail_workflow_task(req).await?;
+        ok(pb::FailWorkflowTaskResponse {})
+    }
+
+    async fn poll_activity_task(
+        &self,
+        request: Request<pb::PollActivityTaskRequest>,
+    ) -> R<pb::PollActivityTaskResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        name("namespace", &req.namespace)?;
+        name("task queue", &req.task_queue)?;
+        optional_name("identity", &req.identity)?;
+        check_host_queue(&req.task_queue, &req.identity)?;
+        for q in &req.additional_task_queues {
+            name("task queue", q)?;
+            check_host_queue(q, &req.identity)?;
+        }
+        ok(self.engine.poll_activity_task(req).await?)
+    }
+
+    async fn heartbeat_activity(
+        &self,
+        request: Request<pb::HeartbeatActivityRequest>,
+    ) -> R<pb::HeartbeatActivityResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        payload(
+            "heartbeat details",
+            req.details.as_ref(),
+            self.max_payload(),
+        )?;
+        let cancel_requested = self.engine.heartbeat(req).await?;
+        ok(pb::HeartbeatActivityResponse { cancel_requested })
+    }
+
+    async fn complete_activity_task(
+        &self,
+        request: Request<pb::CompleteActivityTaskRequest>,
+    ) -> R<pb::CompleteActivityTaskResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        payload("activity result", req.result.as_ref(), self.max_payload())?;
+        let next = self.next_task_target(&ids, &req.next_task, &req.identity, 1)?;
+        let next_task = self.engine.complete_activity(req, next).await?;
+        ok(pb::CompleteActivityTaskResponse { next_task })
+    }
+
+    async fn fail_activity_task(
+        &self,
+        request: Request<pb::FailActivityTaskRequest>,
+    ) -> R<pb::FailActivityTaskResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        if let Some(f) = &req.failure {
+            payload("failure details", f.details.as_ref(), self.max_payload())?;
+        }
+        let next = self.next_task_target(&ids, &req.next_task, &req.identity, 1)?;
+        let next_task = self.engine.fail_activity(req, next).await?;
+        ok(pb::FailActivityTaskResponse { next_task })
+    }
+
+    async fn respond_activity_tasks(
+        &self,
+        request: Request<pb::RespondActivityTasksRequest>,
+    ) -> R<pb::RespondActivityTasksResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        if req.outcomes.len() > MAX_OUTCOMES_PER_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} outcomes in one batch; send at most {MAX_OUTCOMES_PER_BATCH} per call",
+                req.outcomes.len()
+            )));
+        }
+        if req.max_next_tasks > MAX_NEXT_TASKS {
+            return Err(Status::invalid_argument(format!(
+                "max_next_tasks is {}; ask for at most {MAX_NEXT_TASKS}",
+                req.max_next_tasks
+            )));
+        }
+        // Authorization covers the whole batch: a worker sends outcomes only for the namespaces
+        // it serves, so a refusal here means a misconfigured worker, not one stale attempt.
+        let mut namespaces: Vec<String> = req
+            .outcomes
+            .iter()
+            .map(|o| token_namespace(&o.task_token))
+            .collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for namespace in &namespaces {
+            self.allow_worker(&ids, namespace, &req.identity)?;
+        }
+        let next = if req.max_next_tasks > 0 {
+            self.next_task_target(
+                &ids,
+                &req.next_task,
+                &req.identity,
+                req.max_next_tasks as usize,
+            )?
+        } else {
+            None
+        };
+        // Oversized payloads are refused one by one so the rest of the batch still lands.
+        let max = self.max_payload();
+        let mut acks: Vec<Option<Status>> = Vec::with_capacity(req.outcomes.len());
+        let mut accepted = Vec::with_capacity(req.outcomes.len());
+        for outcome in req.outcomes {
+            let checked = match &outcome.outcome {
+                Some(pb::activity_outcome::Outcome::Completed(c)) => {
+                    payload("activity result", c.result.as_ref(), max)
+                }
+                Some(pb::activity_outcome::Outcome::Failed(f)) => {
+                    payload("failure details", f.details.as_ref(), max)
+                }
+                Some(pb::activity_outcome::Outcome::Canceled(c)) => {
+                    payload("cancel details", c.details.as_ref(), max)
+                }
+                None => Ok(()),
+            };
+            match checked {
+                Ok(()) => {
+                    acks.push(None);
+                    accepted.push(outcome);
+                }
+                Err(status) => acks.push(Some(status)),
+            }
+        }
+        let (applied, next_tasks) = self
+            .engine
+            .respond_activities(&req.identity, accepted, next)
+            .await?;
+        let mut applied = applied.into_iter();
+        let acks = acks
+            .into_iter()
+            .map(|refused| {
+                let outcome = match refused {
+                    Some(status) => Err(status),
+                    None => applied
+                        .next()
+                        .expect("one result per accepted outcome")
+                        .map_err(Status::from),
+                };
+                match outcome {
+                    Ok(()) => pb::OutcomeAck::default(),
+                    Err(status) => pb::OutcomeAck {
+                        error: status.message().to_string(),
+                        code: status.code() as i32,
+                    },
+                }
+            })
+            .collect();
+        ok(pb::RespondActivityTasksResponse { acks, next_tasks })
+    }
+
+    async fn report_activity_canceled(
+        &self,
+        request: Request<pb::ReportActivityCanceledRequest>,
+    ) -> R<pb::ReportActivityCanceledResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        payload("cancel details", req.details.as_ref(), self.max_payload())?;
+        self.engine.activity_canceled(req).await?;
+        ok(pb::ReportActivityCanceledResponse {})
+    }
+
+    async fn describe_task_queue(
+        &self,
+        request: Request<pb::DescribeTaskQueueRequest>,
+    ) -> R<pb::DescribeTaskQueueResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("task queue", &req.task_queue)?;
+        ok(self
+            .engine
+            .describe_queue(&req.namespace, &req.task_queue)?)
+    }
+
+    async fn describe_worker(
+        &self,
+        request: Request<pb::DescribeWorkerRequest>,
+    ) -> R<pb::DescribeWorkerResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        ok(pb::DescribeWorkerResponse {
+            worker: Some(self.engine.describe_worker(&req.namespace, &req.identity)?),
+        })
+    }
+
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> R<pb::RegisterWorkerResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        name("instance id", &req.instance_id)
+            .map_err(|e| Status::invalid_argument(format!("{}: every worker process makes a random instance id once at start and sends it with its registration, heartbeats and polls", e.message())))?;
+        optional_name("previous instance id", &req.previous_instance_id)?;
+        if req.task_queues.len() > registration_limits::TASK_QUEUES {
+            return Err(Status::invalid_argument(format!(
+                "the worker polls {} task queues; at most {} may be registered",
+                req.task_queues.len(),
+                registration_limits::TASK_QUEUES
+            )));
+        }
+        for q in &req.task_queues {
+            name("task queue", q)?;
+        }
+        check_capabilities(req.capabilities.as_ref())?;
+        ok(self.engine.register_worker(req).await?)
+    }
+
+    async fn worker_heartbeat(
+        &self,
+        request: Request<pb::WorkerHeartbeatRequest>,
+    ) -> R<pb::WorkerHeartbeatResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        check_capabilities(req.capabilities.as_ref())?;
+        let known = self.engine.worker_heartbeat(req).await?;
+        ok(pb::WorkerHeartbeatResponse { reregister: !known })
+    }
+
+    async fn deregister_worker(
+        &self,
+        request: Request<pb::DeregisterWorkerRequest>,
+    ) -> R<pb::DeregisterWorkerResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        name("namespace", &req.namespace)?;
+        name("identity", &req.identity)?;
+        name("instance id", &req.instance_id)?;
+        let sessions_ended = self.engine.deregister_worker(req).await?;
+        ok(pb::DeregisterWorkerResponse { sessions_ended })
+    }
+
+    async fn describe_activity(
+        &self,
+        request: Request<pb::DescribeActivityRequest>,
+    ) -> R<pb::DescribeWorkflowResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("activity id", &req.activity_id)?;
+        optional_name("run id", &req.run_id)?;
+        ok(self
+            .engine
+            .describe(&req.namespace, true, &req.activity_id, &req.run_id)
+            .await?)
+    }
+
+    async fn request_cancel_activity(
+        &self,
+        request: Request<pb::RequestCancelActivityRequest>,
+    ) -> R<pb::RequestCancelActivityResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.act_on_run(
+            &ids,
+            RunOp::Cancel,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: true,
+                id: &req.activity_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
+        ok(pb::RequestCancelActivityResponse {})
+    }
+
+    async fn terminate_activity(
+        &self,
+        request: Request<pb::TerminateActivityRequest>,
+    ) -> R<pb::TerminateActivityResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.act_on_run(
+            &ids,
+            RunOp::Terminate,
+            OneRun {
+                namespace: &req.namespace,
+                standalone: true,
+                id: &req.activity_id,
+                run_id: &req.run_id,
+            },
+            &req.reason,
+            &req.identity,
+        )
+        .await?;
+        ok(pb::TerminateActivityResponse {})
+    }
+
+    async fn terminate_session(
+        &self,
+        request: Request<pb::TerminateSessionRequest>,
+    ) -> R<pb::TerminateSessionResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("session id", &req.session_id)?;
+        if req.reason.len() > 1024 {
+            return Err(Status::invalid_argument(format!(
+                "reason is {} bytes; give at most 1024",
+                req.reason.len()
+            )));
+        }
+        let session = self
+            .engine
+            .terminate_session(&req.namespace, &req.session_id, &req.reason, &req.identity)
+            .await?;
+        ok(pb::TerminateSessionResponse {
+            session: Some(session),
+        })
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> R<pb::CreateSessionResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        if req.options.is_none() {
+            return Err(Status::invalid_argument(
+                "options are required (at least the task queue whose workers may host the session)",
+            ));
+        }
+        let session = self.engine.create_session(req).await?;
+        ok(pb::CreateSessionResponse {
+            session: Some(session),
+        })
+    }
+
+    async fn complete_session(
+        &self,
+        request: Request<pb::CompleteSessionRequest>,
+    ) -> R<pb::CompleteSessionResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("session id", &req.session_id)?;
+        let session = self
+            .engine
+            .complete_session(&req.namespace, &req.session_id)
+            .await?;
+        ok(pb::CompleteSessionResponse {
+            session: Some(session),
+        })
+    }
+
+    async fn describe_session(
+        &self,
+        request: Request<pb::DescribeSessionRequest>,
+    ) -> R<pb::SessionInfo> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        name("session id", &req.session_id)?;
+        ok(self
+            .engine
+            .describe_session(&req.namespace, &req.session_id)
+            .await?)
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> R<pb::ListSessionsResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        let (sessions, next_page_token) = self
+            .engine
+            .list_sessions(
+                &req.namespace,
+                req.include_closed,
+                page_size(req.page_size),
+                &req.page_token,
+            )
+            .await?;
+        ok(pb::ListSessionsResponse {
+            sessions,
+            next_page_token,
+        })
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> R<pb::ListWorkersResponse> {
+        let ids = self.identities(&request);
+        let req = request.into_inner();
+        self.allow(&ids, &req.namespace, Role::Client)?;
+        name("namespace", &req.namespace)?;
+        let (workers, next_page_token) =
+            self.engine
+                .list_workers(&req.namespace, page_size(req.page_size), &req.page_token)?;
+        ok(pb::ListWorkersResponse {
+            workers,
+            next_page_token,
+        })
+    }
+}
