@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
+        .client_mod_attribute(".", "#[cfg(feature = \"client\")]")
         .btree_map(".")
         .compile_fds(descriptors)?;
     Ok(())

@@ -2,7 +2,6 @@
 //! each side loads. Development certificates are made by the CLI (`tether certs dev`).
 
 use std::path::Path;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -80,16 +79,6 @@ impl ServerTls {
             client_ca_pem: client_ca.map(|p| read_pem(p, "certificate")).transpose()?,
         })
     }
-
-    /// The settings as tonic's server TLS configuration.
-    pub fn to_tonic(&self) -> ServerTlsConfig {
-        let mut config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
-        if let Some(ca) = &self.client_ca_pem {
-            config = config.client_ca_root(Certificate::from_pem(ca));
-        }
-        config
-    }
 }
 
 /// What a client or worker needs to talk TLS (and mTLS) to the server.
@@ -141,20 +130,5 @@ impl ClientTls {
             identity,
             server_name,
         })
-    }
-
-    /// The settings as tonic's client TLS configuration.
-    pub fn to_tonic(&self) -> ClientTlsConfig {
-        let mut config = ClientTlsConfig::new();
-        if let Some(ca) = &self.ca_pem {
-            config = config.ca_certificate(Certificate::from_pem(ca));
-        }
-        if let Some((cert, key)) = &self.identity {
-            config = config.identity(Identity::from_pem(cert, key));
-        }
-        if let Some(name) = &self.server_name {
-            config = config.domain_name(name.clone());
-        }
-        config
     }
 }

@@ -236,6 +236,17 @@ pub enum ServeError {
 
 pub use tether_wire::MAX_GRPC_MESSAGE;
 
+/// The server's TLS files as tonic's configuration (mTLS when a client CA is set).
+fn server_tls_config(tls: &tether_core::tls::ServerTls) -> tonic::transport::ServerTlsConfig {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+    if let Some(ca) = &tls.client_ca_pem {
+        config = config.client_ca_root(Certificate::from_pem(ca));
+    }
+    config
+}
+
 /// Serves the API on `listener` over `store` until `shutdown` resolves.
 pub async fn run(
     listener: tokio::net::TcpListener,
@@ -420,7 +431,7 @@ async fn serve_engine(
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         tether_core::tls::install_crypto_provider();
-        builder = builder.tls_config(tls.to_tonic())?;
+        builder = builder.tls_config(server_tls_config(tls))?;
     }
     let result = builder
         .add_service(service)

@@ -142,6 +142,22 @@ pub fn is_transient(status: &tonic::Status) -> bool {
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// The client's TLS files as tonic's configuration.
+fn client_tls_config(tls: &tether_core::tls::ClientTls) -> tonic::transport::ClientTlsConfig {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &tls.ca_pem {
+        config = config.ca_certificate(Certificate::from_pem(ca));
+    }
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    if let Some(name) = &tls.server_name {
+        config = config.domain_name(name.clone());
+    }
+    config
+}
+
 /// Whether a connection error means "nobody is there (yet)" rather than a setting that will
 /// never work (a TLS failure, a malformed address).
 fn unreachable_now(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -264,12 +280,13 @@ impl Client {
         })?;
         if let Some(tls) = &options.tls {
             tether_core::tls::install_crypto_provider();
-            endpoint = endpoint
-                .tls_config(tls.to_tonic())
-                .map_err(|e| ClientError::Connect {
-                    address: address.clone(),
-                    reason: format!("TLS settings: {e}"),
-                })?;
+            endpoint =
+                endpoint
+                    .tls_config(client_tls_config(tls))
+                    .map_err(|e| ClientError::Connect {
+                        address: address.clone(),
+                        reason: format!("TLS settings: {e}"),
+                    })?;
         }
         let endpoint = endpoint
             .tcp_nodelay(true)
