@@ -3,7 +3,8 @@
 
 use super::auth::Role;
 use super::history::check_payload;
-use super::{Engine, EngineError, NextTasks};
+use crate::engine::{Engine, NextTasks};
+use crate::error::EngineError;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_core::types::validate_name;

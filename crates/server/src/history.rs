@@ -7,7 +7,7 @@
 
 use super::matching::{QueueKey, TaskKind, TaskRef};
 use super::timers::TimerKey;
-use super::EngineError;
+use crate::error::EngineError;
 use crate::state::{ActivityState, RunState, TimerState, WorkflowTaskState};
 use foldhash::HashMap;
 use tether_wire::pb::{

@@ -167,22 +167,20 @@ impl Inventory {
             message: e.to_string(),
         })?;
         for g in &inv.gpu {
-            crate::caps::Requirements::parse(&format!("gpu.memory>={}", g.memory)).map_err(
-                |_| InventoryError::Invalid {
+            tether_core::requirements::Requirements::parse(&format!("gpu.memory>={}", g.memory))
+                .map_err(|_| InventoryError::Invalid {
                     path: path.to_string(),
                     message: format!(
                         "gpu {:?}: memory {:?} needs a unit, e.g. \"40GiB\"",
                         g.name, g.memory
                     ),
-                },
-            )?;
+                })?;
             if let Some(c) = &g.compute {
-                crate::caps::Requirements::parse(&format!("gpu.compute>={c}")).map_err(|_| {
-                    InventoryError::Invalid {
+                tether_core::requirements::Requirements::parse(&format!("gpu.compute>={c}"))
+                    .map_err(|_| InventoryError::Invalid {
                         path: path.to_string(),
                         message: format!("gpu {:?}: compute {c:?} must look like \"8.0\"", g.name),
-                    }
-                })?;
+                    })?;
             }
             if g.count == 0 {
                 return Err(InventoryError::Invalid {
@@ -219,10 +217,12 @@ impl Inventory {
         let mut out = Vec::new();
         let host = self.hostname.clone().unwrap_or_else(|| "declared".into());
         for g in &self.gpu {
-            let bytes = match crate::caps::Requirements::parse(&format!("gpu.memory>={}", g.memory))
-            {
+            let bytes = match tether_core::requirements::Requirements::parse(&format!(
+                "gpu.memory>={}",
+                g.memory
+            )) {
                 Ok(r) => match r.hard[0].value {
-                    crate::caps::requirements::Value::Number(n) => n,
+                    tether_core::requirements::Value::Number(n) => n,
                     _ => 0,
                 },
                 Err(_) => 0,

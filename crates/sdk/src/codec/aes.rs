@@ -2,18 +2,13 @@
 //! written in the payload's metadata so several keys can be held for rotation: encrypt with the
 //! active one, decrypt with any known one.
 
-use super::{CodecError, PayloadCodec};
+use super::payload::{encoding_of, CodecError, PayloadCodec, ENCRYPTED_ENCODING, KEY_ID_KEY};
 use aes_gcm::aead::{Aead, Generate, KeyInit};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use prost::Message;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tether_wire::pb::Payload;
-
-/// Encoding name of encrypted payloads.
-pub const ENCRYPTED_ENCODING: &str = "binary/encrypted";
-/// Metadata key naming the key that encrypted a payload.
-pub const KEY_ID_KEY: &str = "encryption-key-id";
 
 const NONCE_LEN: usize = 12;
 
@@ -182,7 +177,7 @@ impl PayloadCodec for AesGcmCodec {
     }
 
     fn decode(&self, payload: Payload) -> Result<Payload, CodecError> {
-        if super::encoding_of(&payload) != ENCRYPTED_ENCODING {
+        if encoding_of(&payload) != ENCRYPTED_ENCODING {
             return Ok(payload);
         }
         let key_id = payload

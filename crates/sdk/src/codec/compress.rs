@@ -1,7 +1,7 @@
 //! A compression codec (LZ4). Put it before the encryption codec: ciphertext does not compress.
 //! Payloads smaller than a threshold, or that do not shrink, pass through unchanged.
 
-use super::{CodecError, PayloadCodec};
+use super::payload::{encoding_of, CodecError, PayloadCodec};
 use prost::Message;
 use std::collections::BTreeMap;
 use tether_wire::pb::Payload;
@@ -43,7 +43,7 @@ impl PayloadCodec for CompressionCodec {
     }
 
     fn decode(&self, payload: Payload) -> Result<Payload, CodecError> {
-        if super::encoding_of(&payload) != COMPRESSED_ENCODING {
+        if encoding_of(&payload) != COMPRESSED_ENCODING {
             return Ok(payload);
         }
         let bytes = lz4_flex::decompress_size_prepended(&payload.data)

@@ -1,7 +1,8 @@
 //! Visits every payload inside the messages the SDK exchanges with the server, so the codec
 //! chain can be applied at the SDK's edge.
 
-use super::{CodecError, DataConverter};
+use super::converter::DataConverter;
+use super::payload::{from_payload, to_payload, CodecError};
 use tether_wire::pb::{self, command, history_event::Attributes};
 
 fn apply(
@@ -70,8 +71,7 @@ impl DataConverter {
                     message: std::mem::replace(&mut x.message, ENCODED_FAILURE_MESSAGE.into()),
                     error_type: std::mem::take(&mut x.error_type),
                 };
-                let json =
-                    super::to_payload(&attrs).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+                let json = to_payload(&attrs).map_err(|e| CodecError::Corrupt(e.to_string()))?;
                 x.encoded_attributes = Some(self.encode(json)?);
             }
             current = x.cause.as_deref_mut();
@@ -86,7 +86,7 @@ impl DataConverter {
         while let Some(x) = current {
             if let Some(sealed) = x.encoded_attributes.take() {
                 let plain = self.decode(sealed)?;
-                let attrs: FailureAttributes = super::from_payload(Some(&plain))
+                let attrs: FailureAttributes = from_payload(Some(&plain))
                     .map_err(|e| CodecError::Corrupt(format!("encoded failure attributes: {e}")))?;
                 x.message = attrs.message;
                 x.error_type = attrs.error_type;

@@ -1,6 +1,6 @@
 //! One workflow run held by a worker: its future, its context and the replay bookkeeping.
 
-use super::{WorkflowContext, WorkflowError, WorkflowInfo};
+use super::context::{WorkflowContext, WorkflowError, WorkflowInfo};
 use futures::future::BoxFuture;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;

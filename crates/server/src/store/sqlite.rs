@@ -3,7 +3,7 @@
 //! Every batch submitted while the writer is busy joins the next transaction, so one fsync serves
 //! many callers; that is what lets a durable server keep up with thousands of requests a second.
 
-use super::{Commit, Durability, Recovered, RunFilter, Store, StoreError, Write, WriteBatch};
+use super::api::{Commit, Durability, Recovered, RunFilter, Store, StoreError, Write, WriteBatch};
 use crate::state::{RunState, SessionState};
 use parking_lot::Mutex;
 use prost::Message;

@@ -1,0 +1,373 @@
+//! Serving the API: the listener, TLS, the request layers (rate limit, metrics), and
+//! [`LocalServer`], a server in this process over a data directory.
+
+use crate::config::ServerConfig;
+use crate::engine::{Engine, EngineStats, StorageFailure};
+use crate::error::EngineError;
+use crate::frontend::Frontend;
+use crate::store::{SqliteStore, Store};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tether_wire::pb::tether_service_server::TetherServiceServer;
+use tether_wire::MAX_GRPC_MESSAGE;
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The engine could not recover.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The gRPC transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The settings do not fit together.
+    #[error("invalid server settings: {0}")]
+    Config(String),
+    /// Binding the listener failed.
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The server's TLS files as tonic's configuration (mTLS when a client CA is set).
+fn server_tls_config(tls: &tether_core::tls::ServerTls) -> tonic::transport::ServerTlsConfig {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+    if let Some(ca) = &tls.client_ca_pem {
+        config = config.client_ca_root(Certificate::from_pem(ca));
+    }
+    config
+}
+
+/// Serves the API on `listener` over `store` until `shutdown` resolves.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    let tls = config.tls.clone();
+    let engine = Engine::open(store, config).await?;
+    serve_engine(listener, engine, tls, shutdown).await
+}
+
+/// A server started in this process (for `tether dev`, examples and tests).
+pub struct LocalServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
+    store: Arc<SqliteStore>,
+    data_dir: PathBuf,
+    engine: Arc<Engine>,
+}
+
+impl LocalServer {
+    /// Opens the SQLite store in `data_dir` and serves on `listen` (use port 0 for any).
+    pub async fn start(
+        listen: &str,
+        data_dir: &Path,
+        config: ServerConfig,
+    ) -> Result<LocalServer, ServeError> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: listen.to_string(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
+        config.validate().map_err(ServeError::Config)?;
+        let store = Arc::new(SqliteStore::open_with(
+            data_dir,
+            config.sync_mode,
+            config.store_busy_timeout,
+        )?);
+        // Recover before accepting so that start-up errors surface here, not in the task.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) =
+            tokio::sync::oneshot::channel::<Result<Arc<Engine>, ServeError>>();
+        let store_dyn: Arc<dyn Store> = store.clone();
+        let task = tokio::spawn(async move {
+            let engine = match Engine::open(store_dyn, config.clone()).await {
+                Ok(e) => {
+                    let _ = ready_tx.send(Ok(e.clone()));
+                    e
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(ServeError::Engine(e.clone())));
+                    return Err(ServeError::Engine(e));
+                }
+            };
+            serve_engine(listener, engine, config.tls.clone(), async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        let engine = match ready_rx.await {
+            Ok(Ok(engine)) => engine,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(ServeError::Engine(EngineError::Internal(
+                    "server task ended during start-up".into(),
+                )))
+            }
+        };
+        Ok(LocalServer {
+            engine,
+            addr,
+            stop: Some(stop_tx),
+            task: Some(task),
+            store,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for clients and workers.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// What the engine holds in memory now (runs, sessions, timers, waiters).
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    /// Resolves when the store failed a write: from then on every request is refused, and the
+    /// server should be restarted (`tether server` exits).
+    pub async fn storage_failed(&self) -> StorageFailure {
+        self.engine.storage_failed().await
+    }
+
+    /// Puts new access rules in force (e.g. after the access file changed). Refused when the
+    /// server runs without authorization.
+    pub fn replace_access(&self, access: crate::auth::Access) -> Result<(), EngineError> {
+        self.engine.replace_access(access)
+    }
+
+    /// Stops serving and closes the store (everything acknowledged is already durable).
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        self.shutdown().await
+    }
+
+    async fn shutdown(&mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = match self.task.take() {
+            Some(task) => task.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        };
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        result
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn serve_engine(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    tls: Option<tether_core::tls::ServerTls>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let timers = tokio::spawn(engine.clone().run_timers());
+    let liveness = tokio::spawn(engine.clone().run_liveness());
+    let retention = tokio::spawn(engine.clone().run_retention());
+    let limiter = Arc::new(RateLimiter::new(engine.max_requests_per_second()));
+    let service = TetherServiceServer::new(Frontend::new(engine.clone()))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE);
+    let service = tonic::service::interceptor::InterceptedService::new(service, move |req| {
+        limiter.admit(req)
+    });
+    let service = RequestMetrics {
+        inner: service,
+        enabled: engine.metrics_enabled(),
+    };
+    let engine_for_shutdown = engine.clone();
+    let shutdown = async move {
+        shutdown.await;
+        engine_for_shutdown.begin_shutdown();
+    };
+    // With our own listener the builder's nodelay setting does not apply: set it per connection,
+    // or Nagle's algorithm adds ~40 ms to every small reply.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.and_then(|stream| {
+                stream.set_nodelay(true)?;
+                Ok(stream)
+            })
+        },
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        tether_core::tls::install_crypto_provider();
+        builder = builder.tls_config(server_tls_config(tls))?;
+    }
+    let result = builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    engine.begin_shutdown();
+    let _ = timers.await;
+    let _ = liveness.await;
+    let _ = retention.await;
+    engine.take_back_remaining().await;
+    result.map_err(ServeError::from)
+}
+
+/// Counts requests per gRPC method and status code and times them (when metrics are on).
+#[derive(Clone)]
+struct RequestMetrics<S> {
+    inner: S,
+    enabled: bool,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for RequestMetrics<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, ResBody> tonic::codegen::Service<tonic::codegen::http::Request<B>> for RequestMetrics<S>
+where
+    S: tonic::codegen::Service<
+        tonic::codegen::http::Request<B>,
+        Response = tonic::codegen::http::Response<ResBody>,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    // Unboxed when metrics are off: no allocation per request for nothing.
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::BoxFuture<'static, Result<S::Response, S::Error>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if !self.enabled {
+            return futures::future::Either::Left(self.inner.call(req));
+        }
+        let method = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let started = std::time::Instant::now();
+        let reply = self.inner.call(req);
+        futures::future::Either::Right(Box::pin(async move {
+            let reply = reply.await;
+            // Unary replies carry an error's status in the headers (trailers-only response);
+            // a success has it in the trailers, so no header means OK.
+            let code = match &reply {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(tonic::Code::from)
+                    .unwrap_or(tonic::Code::Ok),
+                Err(_) => tonic::Code::Unknown,
+            };
+            // Unknown methods share one label: a caller must not be able to mint series.
+            let method = if code == tonic::Code::Unimplemented {
+                "unknown".to_string()
+            } else {
+                method
+            };
+            metrics::counter!(
+                "tether_requests_total",
+                "method" => method.clone(),
+                "code" => format!("{code:?}")
+            )
+            .increment(1);
+            metrics::histogram!("tether_request_duration_seconds", "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            reply
+        }))
+    }
+}
+
+/// A token bucket per caller (certificate identity, else remote address).
+struct RateLimiter {
+    per_second: u32,
+    buckets: parking_lot::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl RateLimiter {
+    fn new(per_second: u32) -> Self {
+        RateLimiter {
+            per_second,
+            buckets: Default::default(),
+        }
+    }
+
+    fn admit(&self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        // Parsed once here for both the rate limit and authorization.
+        let ids = crate::auth::attach_identities(&mut req);
+        if self.per_second == 0 {
+            return Ok(req);
+        }
+        let who = ids
+            .and_then(|ids| ids.first().cloned())
+            .or_else(|| req.remote_addr().map(|a| a.ip().to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        let now = std::time::Instant::now();
+        let rate = self.per_second as f64;
+        let mut buckets = self.buckets.lock();
+        if buckets.len() > 100_000 {
+            // Forget idle callers so the map cannot grow without bound.
+            buckets.retain(|_, (_, t)| now.duration_since(*t).as_secs() < 60);
+        }
+        let (tokens, last) = buckets.entry(who.clone()).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens < 1.0 {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "caller {who:?} exceeded {} requests per second; slow down and retry",
+                self.per_second
+            )));
+        }
+        *tokens -= 1.0;
+        Ok(req)
+    }
+}

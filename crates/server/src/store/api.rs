@@ -1,0 +1,220 @@
+//! What the engine and every store agree on: the write batches, what recovery reads back, and
+//! the [`Store`] trait itself.
+
+use crate::state::{RunState, SessionState};
+use tether_wire::pb::{HistoryEvent, NamespaceInfo};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Stored bytes did not decode (corruption or a newer format).
+    #[error("stored record could not be decoded: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// The data directory could not be used.
+    #[error("data directory {path}: {source}")]
+    Io {
+        /// The path involved.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The writer thread is gone (the store was closed or a previous commit failed).
+    #[error("the store's writer has stopped; restart the server")]
+    WriterGone,
+}
+
+/// One write inside a batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Create or replace a namespace.
+    Namespace(NamespaceInfo),
+    /// Create or replace the mutable state of a run.
+    Run {
+        /// The run's state; its ids and status are also written to indexed columns.
+        state: Box<RunState>,
+        /// Once the run is closed, its hand-out rows that are its own (not shared with a
+        /// session still open) are deleted with it; false says there are none, and saves the
+        /// look.
+        may_own_started: bool,
+    },
+    /// Create or replace a session.
+    Session {
+        /// Its state.
+        state: Box<SessionState>,
+    },
+    /// The hand-out rows of a session that closed (its final count is in its own row): those
+    /// of runs still open become the runs' own, as they may record attempts still running (a
+    /// session its owner completed lets them finish); the others are deleted. The engine names
+    /// the runs: it knows which runs scheduled activities in the session (after a restart,
+    /// through [`Recovered::session_rows`]), so no index over the rows' sessions is needed.
+    ReleaseSessionRows {
+        /// The session.
+        session_id: String,
+        /// Runs still open: their rows in the session become theirs alone.
+        runs_still_open: Vec<String>,
+        /// Runs closed: their rows in the session are deleted.
+        runs_closed: Vec<String>,
+    },
+    /// Delete closed sessions (retention).
+    DeleteSessions {
+        /// The sessions.
+        session_ids: Vec<String>,
+    },
+    /// Delete closed runs with their history (retention).
+    DeleteRuns {
+        /// The runs.
+        run_ids: Vec<String>,
+    },
+    /// Record who runs an attempt (or, with `started_ms` 0, that hand-out `dispatch` was taken
+    /// back). A small row of its own, so that a hand-out does not rewrite the run's whole
+    /// state; recovery folds it into the run's state (the higher `dispatch` wins).
+    Started {
+        /// The run.
+        run_id: String,
+        /// The activity.
+        scheduled_event_id: u64,
+        /// Its attempt.
+        attempt: u32,
+        /// Which hand-out.
+        dispatch: u64,
+        /// When it was handed out (0: taken back).
+        started_ms: i64,
+        /// The worker.
+        worker: String,
+        /// Its process.
+        instance: String,
+        /// The session the activity runs in ("" for none), and the session's count of
+        /// hand-outs with this one: the row outlives the run (until the session closes), so
+        /// the count survives a restart without the session's row being rewritten each time.
+        session_id: String,
+        /// See `session_id`.
+        session_activities_run: u64,
+    },
+    /// Append history events to a run.
+    Events {
+        /// The run.
+        run_id: String,
+        /// Events in order.
+        events: Vec<HistoryEvent>,
+    },
+}
+
+/// Writes that become durable together, in order with every batch submitted before them.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    /// The writes.
+    pub writes: Vec<Write>,
+}
+
+impl WriteBatch {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// A pending commit: resolves once the batch is durable (or failed).
+pub type CommitReceiver = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
+/// A submitted batch: its place in the order of submissions, and the answer to wait for.
+pub struct Commit {
+    /// Batches are numbered from 1 in submission order.
+    pub seq: u64,
+    /// Resolves once the batch is durable, or with why it never will be.
+    pub done: CommitReceiver,
+}
+
+/// How far the store has got: every batch numbered up to `seq` is durable. Once a commit
+/// failed, `failed` says why, and no later batch is ever made durable.
+#[derive(Debug, Clone, Default)]
+pub struct Durability {
+    /// The highest batch number made durable (every lower one is durable too).
+    pub seq: u64,
+    /// Set for good by the first failed commit.
+    pub failed: Option<std::sync::Arc<str>>,
+}
+
+/// What the server needs at start-up to rebuild its in-memory state.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// All namespaces.
+    pub namespaces: Vec<NamespaceInfo>,
+    /// Every run that is still open, with its history.
+    pub open_runs: Vec<(RunState, Vec<HistoryEvent>)>,
+    /// Sessions that are creating or open.
+    pub open_sessions: Vec<SessionState>,
+    /// (session id, run id) of every hand-out row kept for a session: the runs whose rows a
+    /// closing session releases, closed runs included.
+    pub session_rows: Vec<(String, String)>,
+}
+
+/// Filter for [`Store::list_runs`].
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Namespace to list.
+    pub namespace: String,
+    /// Standalone activities instead of workflows.
+    pub standalone_activity: bool,
+    /// Only this status (raw enum value), if set.
+    pub status: Option<i32>,
+    /// At most this many, newest first.
+    pub limit: usize,
+    /// Only runs that sort after this one, newest first: (start time, run id) of the last run
+    /// of the previous page.
+    pub after: Option<(i64, String)>,
+}
+
+/// The persistence contract of the engine.
+///
+/// `submit` must make batches durable in submission order: the engine relies on it to acknowledge
+/// a request only after its batch (and every earlier one) has committed. The first failed
+/// commit stops the store for good: that batch, every batch queued behind it and every later
+/// one fail, because each is a delta on top of the state the failed one would have made.
+pub trait Store: Send + Sync + 'static {
+    /// Queues a batch; `done` resolves after it is durable.
+    fn submit(&self, batch: WriteBatch) -> Commit;
+    /// Watches how far commits have got (and whether one failed).
+    fn durability(&self) -> tokio::sync::watch::Receiver<Durability>;
+    /// Loads namespaces and open runs (start-up only).
+    fn recover(&self) -> Result<Recovered, StoreError>;
+    /// The state of one run, open or closed.
+    fn load_run(&self, run_id: &str) -> Result<Option<RunState>, StoreError>;
+    /// The most recent run of an id (workflow id, or activity id for standalone activities).
+    fn latest_run(
+        &self,
+        namespace: &str,
+        standalone_activity: bool,
+        id: &str,
+    ) -> Result<Option<RunState>, StoreError>;
+    /// A run's full history.
+    fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError>;
+    /// Runs in a namespace, newest first.
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError>;
+    /// Up to `limit` runs of a namespace that closed before `closed_before_ms`, oldest first.
+    fn expired_runs(
+        &self,
+        namespace: &str,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Up to `limit` sessions of a namespace that closed before `closed_before_ms`, oldest first.
+    fn expired_sessions(
+        &self,
+        namespace: &str,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Sessions of a namespace (closed ones too), newest first, at most `limit`, only those
+    /// that sort after `after` (creation time, session id) when it is given.
+    fn list_sessions(
+        &self,
+        namespace: &str,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<SessionState>, StoreError>;
+    /// One session, open or closed, by id.
+    fn load_session(&self, session_id: &str) -> Result<Option<SessionState>, StoreError>;
+}
