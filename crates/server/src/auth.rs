@@ -19,6 +19,8 @@
 //! or, where the grant lists none, the certificate's own identity or that identity followed by
 //! `-` and anything (`gpu-7` may run as `gpu-7` or `gpu-7-3f2a9c1e`, tether's default form).
 //! Admins may act as any worker.
+//!
+//! Which role each RPC needs, and where its namespace is, is one table: `frontend/access.rs`.
 
 use serde::Deserialize;
 use std::path::Path;

@@ -1,13 +1,16 @@
 //! gRPC handlers: check every request (names, sizes, required fields) before the engine sees it,
 //! and map engine errors to gRPC statuses with messages that say what was wrong.
 
-use super::auth::Role;
-use super::history::check_payload;
+mod access;
+mod checks;
+
+use crate::auth::Role;
 use crate::engine::{Engine, NextTasks};
 use crate::error::EngineError;
+use access::{token_namespace, Guarded, Scope};
+use checks::*;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_core::types::validate_name;
 use tether_wire::pb::{self, tether_service_server::TetherService};
 use tonic::{Request, Response, Status};
 
@@ -22,12 +25,35 @@ impl Frontend {
         Frontend { engine }
     }
 
-    /// The caller's certificate identities (only read when authorization is on).
-    fn identities<T>(&self, request: &Request<T>) -> Vec<String> {
-        match self.engine.access() {
-            Some(_) => super::auth::identities_of(request),
-            None => Vec::new(),
+    /// Applies the authorization table ([`access`]) to a call, before anything else looks at
+    /// it: the role its RPC needs in its namespace, and for worker calls the worker identity it
+    /// acts as. Returns the caller's certificate identities (empty with authorization off) and
+    /// the request.
+    fn admit<T: Guarded>(&self, request: Request<T>) -> Result<(Vec<String>, T), Status> {
+        let Some(access) = self.engine.access() else {
+            return Ok((Vec::new(), request.into_inner()));
+        };
+        let ids = crate::auth::identities_of(&request);
+        let req = request.into_inner();
+        let namespaces = match req.scope() {
+            Scope::AnyGrant => {
+                if !access.known(&ids) {
+                    return Err(Status::permission_denied(
+                        "this identity holds no grant in the access file",
+                    ));
+                }
+                return Ok((ids, req));
+            }
+            Scope::Namespace(namespace) => vec![namespace.to_string()],
+            Scope::Tokens(namespaces) => namespaces,
+        };
+        for namespace in &namespaces {
+            access.check(&ids, namespace, T::ROLE)?;
+            if let Some(identity) = req.acting_as() {
+                access.check_worker_identity(&ids, namespace, identity)?;
+            }
         }
+        Ok((ids, req))
     }
 
     fn allow(&self, ids: &[String], namespace: &str, role: Role) -> Result<(), Status> {
@@ -91,14 +117,12 @@ impl Frontend {
     /// GetWorkflowResult and GetActivityResult: the same checks and wait, for either kind.
     async fn wait_for_result(
         &self,
-        ids: &[String],
         namespace: &str,
         standalone: bool,
         id: &str,
         run_id: &str,
         wait_ms: u64,
     ) -> R<pb::GetWorkflowResultResponse> {
-        self.allow(ids, namespace, Role::Client)?;
         name("namespace", namespace)?;
         name(
             if standalone {
@@ -126,17 +150,11 @@ impl Frontend {
     /// (client to cancel, admin to terminate) and the names checked the same way for either.
     async fn act_on_run(
         &self,
-        ids: &[String],
         op: RunOp,
         run: OneRun<'_>,
         reason: &str,
         identity: &str,
     ) -> Result<(), Status> {
-        let role = match op {
-            RunOp::Cancel => Role::Client,
-            RunOp::Terminate => Role::Admin,
-        };
-        self.allow(ids, run.namespace, role)?;
         name("namespace", run.namespace)?;
         name(
             if run.standalone {
@@ -194,177 +212,10 @@ struct OneRun<'a> {
     run_id: &'a str,
 }
 
-/// Most list entries in one page, and the default.
-const MAX_PAGE_SIZE: u32 = 1_000;
-const DEFAULT_PAGE_SIZE: u32 = 100;
-
-fn page_size(requested: u32) -> usize {
-    if requested == 0 {
-        DEFAULT_PAGE_SIZE as usize
-    } else {
-        requested.min(MAX_PAGE_SIZE) as usize
-    }
-}
-
-/// Bounds on what a worker may register, so that one worker cannot make lists undeliverable
-/// (see `RegisterWorkerRequest` in the proto).
-mod registration_limits {
-    pub const TASK_QUEUES: usize = 64;
-    pub const GPUS: usize = 64;
-    pub const ENTRIES: usize = 256;
-    pub const ADDRESSES: usize = 64;
-    pub const STRING_BYTES: usize = 1024;
-    pub const TOTAL_BYTES: usize = 256 * 1024;
-}
-
-/// Refuses capabilities past the registration limits, naming what was too large.
-fn check_capabilities(caps: Option<&pb::Capabilities>) -> Result<(), Status> {
-    use registration_limits::*;
-    let Some(c) = caps else { return Ok(()) };
-    let too_many = |what: &str, n: usize, max: usize| {
-        Err(Status::invalid_argument(format!(
-            "the worker's capabilities list {n} {what}; at most {max} may be registered"
-        )))
-    };
-    let long = |what: &str, value: &str| -> Result<(), Status> {
-        if value.len() > STRING_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "{what} {:?} is {} bytes; at most {STRING_BYTES} bytes may be registered",
-                tether_core::types::quote_prefix(value, 40),
-                value.len()
-            )));
-        }
-        Ok(())
-    };
-    if c.gpus.len() > GPUS {
-        return too_many("GPUs", c.gpus.len(), GPUS);
-    }
-    for (what, n) in [
-        ("labels", c.labels.len()),
-        ("credentials", c.credentials.len()),
-        ("network capabilities", c.network.len()),
-        ("resources", c.resources.len()),
-        ("network interfaces", c.interfaces.len()),
-    ] {
-        if n > ENTRIES {
-            return too_many(what, n, ENTRIES);
-        }
-    }
-    for (k, v) in &c.labels {
-        long("label name", k)?;
-        long("label value", v)?;
-    }
-    for k in c.resources.keys() {
-        long("resource name", k)?;
-    }
-    for x in c.credentials.iter().chain(&c.network) {
-        long("capability", x)?;
-    }
-    for i in &c.interfaces {
-        long("interface name", &i.name)?;
-        if i.addresses.len() > ADDRESSES {
-            return too_many("addresses on one interface", i.addresses.len(), ADDRESSES);
-        }
-    }
-    for g in &c.gpus {
-        long("GPU name", &g.name)?;
-        long("GPU uuid", &g.uuid)?;
-    }
-    if let Some(h) = &c.host {
-        for v in [
-            &h.hostname,
-            &h.os,
-            &h.kernel,
-            &h.arch,
-            &h.cpu_model,
-            &h.work_dir,
-        ] {
-            long("host fact", v)?;
-        }
-    }
-    for v in [&c.gpu_driver_version, &c.cuda_driver_version, &c.gpu_note] {
-        long("GPU fact", v)?;
-    }
-    // Last: each count and string within bounds can still add up.
-    let size = prost::Message::encoded_len(c);
-    if size > TOTAL_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "the worker's capabilities take {size} bytes; at most {TOTAL_BYTES} bytes may be \
-             registered"
-        )));
-    }
-    Ok(())
-}
-
-fn duration(field: &str, ms: u64) -> Result<(), Status> {
-    tether_core::types::check_duration_ms(field, ms).map_err(Status::invalid_argument)
-}
-
-/// The namespace a task token names ("" when it is malformed: the engine then says so).
-fn token_namespace(token: &[u8]) -> String {
-    <pb::TaskToken as prost::Message>::decode(token)
-        .map(|t| t.namespace)
-        .unwrap_or_default()
-}
-
-fn name(what: &'static str, value: &str) -> Result<(), Status> {
-    validate_name(what, value).map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-fn optional_name(what: &'static str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        Ok(())
-    } else {
-        name(what, value)
-    }
-}
-
-/// A host queue is its worker's alone: this is what keeps session work on its worker.
-fn check_host_queue(queue: &str, identity: &str) -> Result<(), Status> {
-    if queue.starts_with(super::matching::HOST_QUEUE_PREFIX)
-        && queue != super::matching::host_queue_name(identity)
-    {
-        return Err(Status::permission_denied(format!(
-            "task queue {queue:?} is the host queue of another worker; worker {identity:?} may poll only {:?}",
-            super::matching::host_queue_name(identity)
-        )));
-    }
-    Ok(())
-}
-
-fn payload(what: &str, p: Option<&pb::Payload>, max: usize) -> Result<(), Status> {
-    check_payload(what, p, max).map_err(Status::from)
-}
-
 type R<T> = Result<Response<T>, Status>;
-
-/// Most outcomes one RespondActivityTasks call may carry.
-const MAX_OUTCOMES_PER_BATCH: usize = 1000;
-/// Most tasks one RespondActivityTasks call may ask for.
-const MAX_NEXT_TASKS: u32 = 1000;
 
 fn ok<T>(value: T) -> R<T> {
     Ok(Response::new(value))
-}
-
-fn status_filter(raw: i32) -> Result<Option<i32>, Status> {
-    match pb::ExecutionStatus::try_from(raw) {
-        Ok(pb::ExecutionStatus::Unspecified) => Ok(None),
-        Ok(s) => Ok(Some(s as i32)),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "status {raw} is not a known execution status"
-        ))),
-    }
-}
-
-fn kind_is_activity(kind: &str) -> Result<bool, Status> {
-    match kind {
-        "" | "workflow" => Ok(false),
-        "activity" => Ok(true),
-        other => Err(Status::invalid_argument(format!(
-            "kind {other:?} is not known: use \"workflow\" or \"activity\""
-        ))),
-    }
 }
 
 #[tonic::async_trait]
@@ -373,9 +224,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RegisterNamespaceRequest>,
     ) -> R<pb::RegisterNamespaceResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Admin)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         duration("retention_ms", req.retention_ms)?;
         self.engine
@@ -388,9 +237,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::UpdateNamespaceRequest>,
     ) -> R<pb::NamespaceInfo> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Admin)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         if let Some(ms) = req.retention_ms {
             duration("retention_ms", ms)?;
@@ -402,14 +249,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ListNamespacesRequest>,
     ) -> R<pb::ListNamespacesResponse> {
-        let ids = self.identities(&request);
-        if let Some(access) = self.engine.access() {
-            if !access.known(&ids) {
-                return Err(Status::permission_denied(
-                    "this identity holds no grant in the access file",
-                ));
-            }
-        }
+        self.admit(request)?;
         ok(pb::ListNamespacesResponse {
             namespaces: self.engine.list_namespaces(),
         })
@@ -419,9 +259,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::StartWorkflowRequest>,
     ) -> R<pb::StartWorkflowResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         name("workflow type", &req.workflow_type)?;
@@ -436,9 +274,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::SignalWorkflowRequest>,
     ) -> R<pb::SignalWorkflowResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -453,10 +289,8 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RequestCancelWorkflowRequest>,
     ) -> R<pb::RequestCancelWorkflowResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
+        let (_, req) = self.admit(request)?;
         self.act_on_run(
-            &ids,
             RunOp::Cancel,
             OneRun {
                 namespace: &req.namespace,
@@ -475,10 +309,8 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::TerminateWorkflowRequest>,
     ) -> R<pb::TerminateWorkflowResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
+        let (_, req) = self.admit(request)?;
         self.act_on_run(
-            &ids,
             RunOp::Terminate,
             OneRun {
                 namespace: &req.namespace,
@@ -497,9 +329,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeWorkflowRequest>,
     ) -> R<pb::DescribeWorkflowResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -517,9 +347,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::GetWorkflowHistoryRequest>,
     ) -> R<pb::GetWorkflowHistoryResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
@@ -536,9 +364,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ListWorkflowsRequest>,
     ) -> R<pb::ListWorkflowsResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         let status = status_filter(req.status)?;
         let standalone = kind_is_activity(&req.kind)?;
@@ -561,12 +387,10 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::GetWorkflowResultRequest>,
     ) -> R<pb::GetWorkflowResultResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
+        let (_, req) = self.admit(request)?;
         // An id that names a standalone activity gets that activity's result.
         let found = self
             .wait_for_result(
-                &ids,
                 &req.namespace,
                 false,
                 &req.workflow_id,
@@ -577,7 +401,6 @@ impl TetherService for Frontend {
         match found {
             Err(status) if status.code() == tonic::Code::NotFound => self
                 .wait_for_result(
-                    &ids,
                     &req.namespace,
                     true,
                     &req.workflow_id,
@@ -594,9 +417,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::StartActivityRequest>,
     ) -> R<pb::StartActivityResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("activity id", &req.activity_id)?;
         name("activity type", &req.activity_type)?;
@@ -638,10 +459,8 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::GetActivityResultRequest>,
     ) -> R<pb::GetWorkflowResultResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
+        let (_, req) = self.admit(request)?;
         self.wait_for_result(
-            &ids,
             &req.namespace,
             true,
             &req.activity_id,
@@ -655,9 +474,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::PollWorkflowTaskRequest>,
     ) -> R<pb::PollWorkflowTaskResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
@@ -669,9 +486,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CompleteWorkflowTaskRequest>,
     ) -> R<pb::CompleteWorkflowTaskResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        let (ids, req) = self.admit(request)?;
         optional_name("identity", &req.identity)?;
         optional_name("sticky queue", &req.sticky_queue)?;
         // Signalling a workflow in another namespace needs the client role there.
@@ -711,9 +526,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::FailWorkflowTaskRequest>,
     ) -> R<pb::FailWorkflowTaskResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &token_namespace(&req.task_token), Role::Worker)?;
+        let (_, req) = self.admit(request)?;
         self.engine.fail_workflow_task(req).await?;
         ok(pb::FailWorkflowTaskResponse {})
     }
@@ -722,9 +535,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::PollActivityTaskRequest>,
     ) -> R<pb::PollActivityTaskResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
@@ -740,9 +551,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::HeartbeatActivityRequest>,
     ) -> R<pb::HeartbeatActivityResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        let (_, req) = self.admit(request)?;
         payload(
             "heartbeat details",
             req.details.as_ref(),
@@ -756,9 +565,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CompleteActivityTaskRequest>,
     ) -> R<pb::CompleteActivityTaskResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        let (ids, req) = self.admit(request)?;
         payload("activity result", req.result.as_ref(), self.max_payload())?;
         let next = self.next_task_target(&ids, &req.next_task, &req.identity, 1)?;
         let next_task = self.engine.complete_activity(req, next).await?;
@@ -769,9 +576,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::FailActivityTaskRequest>,
     ) -> R<pb::FailActivityTaskResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        let (ids, req) = self.admit(request)?;
         if let Some(f) = &req.failure {
             payload("failure details", f.details.as_ref(), self.max_payload())?;
         }
@@ -784,8 +589,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RespondActivityTasksRequest>,
     ) -> R<pb::RespondActivityTasksResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
+        let (ids, req) = self.admit(request)?;
         if req.outcomes.len() > MAX_OUTCOMES_PER_BATCH {
             return Err(Status::invalid_argument(format!(
                 "{} outcomes in one batch; send at most {MAX_OUTCOMES_PER_BATCH} per call",
@@ -797,18 +601,6 @@ impl TetherService for Frontend {
                 "max_next_tasks is {}; ask for at most {MAX_NEXT_TASKS}",
                 req.max_next_tasks
             )));
-        }
-        // Authorization covers the whole batch: a worker sends outcomes only for the namespaces
-        // it serves, so a refusal here means a misconfigured worker, not one stale attempt.
-        let mut namespaces: Vec<String> = req
-            .outcomes
-            .iter()
-            .map(|o| token_namespace(&o.task_token))
-            .collect();
-        namespaces.sort_unstable();
-        namespaces.dedup();
-        for namespace in &namespaces {
-            self.allow_worker(&ids, namespace, &req.identity)?;
         }
         let next = if req.max_next_tasks > 0 {
             self.next_task_target(
@@ -876,9 +668,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ReportActivityCanceledRequest>,
     ) -> R<pb::ReportActivityCanceledResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &token_namespace(&req.task_token), &req.identity)?;
+        let (_, req) = self.admit(request)?;
         payload("cancel details", req.details.as_ref(), self.max_payload())?;
         self.engine.activity_canceled(req).await?;
         ok(pb::ReportActivityCanceledResponse {})
@@ -888,9 +678,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeTaskQueueRequest>,
     ) -> R<pb::DescribeTaskQueueResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
         ok(self
@@ -902,9 +690,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeWorkerRequest>,
     ) -> R<pb::DescribeWorkerResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         ok(pb::DescribeWorkerResponse {
@@ -916,9 +702,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> R<pb::RegisterWorkerResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         name("instance id", &req.instance_id)
@@ -942,9 +726,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::WorkerHeartbeatRequest>,
     ) -> R<pb::WorkerHeartbeatResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         check_capabilities(req.capabilities.as_ref())?;
@@ -956,9 +738,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> R<pb::DeregisterWorkerResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow_worker(&ids, &req.namespace, &req.identity)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         name("instance id", &req.instance_id)?;
@@ -970,9 +750,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeActivityRequest>,
     ) -> R<pb::DescribeWorkflowResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("activity id", &req.activity_id)?;
         optional_name("run id", &req.run_id)?;
@@ -986,10 +764,8 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::RequestCancelActivityRequest>,
     ) -> R<pb::RequestCancelActivityResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
+        let (_, req) = self.admit(request)?;
         self.act_on_run(
-            &ids,
             RunOp::Cancel,
             OneRun {
                 namespace: &req.namespace,
@@ -1008,10 +784,8 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::TerminateActivityRequest>,
     ) -> R<pb::TerminateActivityResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
+        let (_, req) = self.admit(request)?;
         self.act_on_run(
-            &ids,
             RunOp::Terminate,
             OneRun {
                 namespace: &req.namespace,
@@ -1030,9 +804,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::TerminateSessionRequest>,
     ) -> R<pb::TerminateSessionResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("session id", &req.session_id)?;
         if req.reason.len() > 1024 {
@@ -1054,9 +826,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> R<pb::CreateSessionResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         if req.options.is_none() {
             return Err(Status::invalid_argument(
@@ -1073,9 +843,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::CompleteSessionRequest>,
     ) -> R<pb::CompleteSessionResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("session id", &req.session_id)?;
         let session = self
@@ -1091,9 +859,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::DescribeSessionRequest>,
     ) -> R<pb::SessionInfo> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("session id", &req.session_id)?;
         ok(self
@@ -1106,9 +872,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> R<pb::ListSessionsResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         let (sessions, next_page_token) = self
             .engine
@@ -1129,9 +893,7 @@ impl TetherService for Frontend {
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> R<pb::ListWorkersResponse> {
-        let ids = self.identities(&request);
-        let req = request.into_inner();
-        self.allow(&ids, &req.namespace, Role::Client)?;
+        let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         let (workers, next_page_token) =
             self.engine
