@@ -1,0 +1,241 @@
+//! Signal, cancel and terminate: what a client or another workflow does to an open run.
+
+use super::*;
+
+impl Engine {
+    /// A signal a workflow sent to another (or to itself), applied in the sender's transaction.
+    pub(super) fn deliver_signal(
+        &self,
+        st: &mut EngineState,
+        sig: history::OutgoingSignal,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let target_key = (sig.namespace.clone(), false, sig.workflow_id.clone());
+        let not_running = || {
+            format!(
+                "workflow {:?} is not running in namespace {:?}",
+                sig.workflow_id, sig.namespace
+            )
+        };
+        let failure = if !st.namespaces.contains_key(&sig.namespace) {
+            Some(format!("namespace {:?} does not exist", sig.namespace))
+        } else if let Some(target_id) = st.open_ids.get(&target_key).cloned() {
+            let target = st
+                .runs
+                .get_mut(&target_id)
+                .expect("open id points at a run");
+            let size = sig.input.as_ref().map_or(0, |p| p.data.len() as u64) + 128;
+            if !target.is_open() {
+                // Closing in this very transaction (a run that signals itself as it completes):
+                // nothing may follow its terminal event.
+                Some(not_running())
+            } else if !target.history_has_room(size) {
+                Some(target.history_full("the signal", size).to_string())
+            } else {
+                target.signal(
+                    &sig.signal_name,
+                    sig.input.clone(),
+                    "",
+                    "",
+                    now,
+                    &mut txn.fx,
+                );
+                txn.touched.insert(target_id);
+                None
+            }
+        } else {
+            Some(not_running())
+        };
+        if let Some(source) = st.runs.get_mut(&sig.from_run) {
+            if source.is_open() {
+                let failure = failure.map(|message| pb::Failure {
+                    message,
+                    kind: pb::FailureKind::Application as i32,
+                    error_type: "SignalTargetNotFound".into(),
+                    ..Default::default()
+                });
+                source.signal_external_resolved(sig.seq, failure, now, &mut txn.fx);
+                txn.touched.insert(sig.from_run.clone());
+            }
+        }
+    }
+    /// The open run a mutation (signal, cancel, terminate) names, from memory. None when there
+    /// is none: then [`Engine::not_running`] says why, reading the store outside the lock.
+    pub(super) fn find_open_run(
+        st: &EngineState,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<Option<String>, EngineError> {
+        Self::check_namespace(st, namespace)?;
+        let found = if run_id.is_empty() {
+            st.open_ids
+                .get(&(namespace.to_string(), standalone, id.to_string()))
+                .cloned()
+        } else {
+            Some(run_id.to_string())
+        };
+        Ok(found.filter(|r| {
+            st.runs.get(r).is_some_and(|e| {
+                e.state.namespace == namespace
+                    && e.state.workflow_id == id
+                    && e.state.standalone_activity == standalone
+                    && e.is_open()
+            })
+        }))
+    }
+    /// Why a mutation found no open run: it closed (and how), or never existed.
+    pub(super) async fn not_running(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> EngineError {
+        let what = if standalone { "activity" } else { "workflow" };
+        // A run still closing is in memory: its status is the one it is about to have.
+        let closing = {
+            let st = self.state.lock();
+            live_entry(&st, namespace, standalone, id, run_id)
+                .map(|e| (e.state.run_id.clone(), e.state.status))
+        };
+        let found = match closing {
+            Some(found) => Some(found),
+            None => self
+                .load_stored(namespace, standalone, id, run_id)
+                .await
+                .ok()
+                .map(|s| (s.run_id, s.status)),
+        };
+        match found {
+            Some((run_id, status)) => {
+                let status = ExecutionStatus::try_from(status).unwrap_or_default();
+                EngineError::NotRunning(format!(
+                    "{what} {id:?} (run {run_id}) is not running: it is {}",
+                    status.short_name()
+                ))
+            }
+            None => not_found(namespace, standalone, id, run_id),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Namespaces
+    // ------------------------------------------------------------------------------------------
+    /// Delivers a signal to a running workflow. A signal whose request id the run already
+    /// recorded (a client's retry) is acknowledged without being delivered again.
+    pub async fn signal(&self, req: pb::SignalWorkflowRequest) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        let mut txn = Txn::default();
+        let found = {
+            let mut st = self.state.lock();
+            match Self::find_open_run(&st, &req.namespace, false, &req.workflow_id, &req.run_id)? {
+                None => None,
+                Some(run_id) => {
+                    let entry = st.runs.get_mut(&run_id).expect("open run");
+                    if entry.has_signal_request(&req.request_id) {
+                        let seq = st.last_submitted_seq;
+                        Some(Err(seq))
+                    } else {
+                        let events = entry.state.next_event_id.saturating_sub(1)
+                            + entry.state.buffered.len() as u64;
+                        if events >= self.config.max_history_events {
+                            return Err(EngineError::ResourceExhausted(format!(
+                                "workflow {} has {events} history events; the limit is {}",
+                                req.workflow_id, self.config.max_history_events
+                            )));
+                        }
+                        let size = req
+                            .input
+                            .as_ref()
+                            .map_or(0, |p| prost::Message::encoded_len(p) as u64)
+                            + req.signal_name.len() as u64
+                            + req.identity.len() as u64
+                            + 32;
+                        if !entry.history_has_room(size) {
+                            return Err(entry.history_full("the signal", size));
+                        }
+                        entry.signal(
+                            &req.signal_name,
+                            req.input,
+                            &req.identity,
+                            &req.request_id,
+                            now_ms(),
+                            &mut txn.fx,
+                        );
+                        txn.touched.insert(run_id);
+                        Some(Ok(self.commit_locked(&mut st, &mut txn)))
+                    }
+                }
+            }
+        };
+        match found {
+            None => Err(self
+                .not_running(&req.namespace, false, &req.workflow_id, &req.run_id)
+                .await),
+            // Delivered before: once what recorded it is durable, acknowledge again.
+            Some(Err(seq)) => self.durable(seq).await,
+            Some(Ok(commit)) => self.finish(commit, txn).await,
+        }
+    }
+    /// Asks a workflow (or standalone activity) to cancel.
+    pub async fn request_cancel(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        reason: &str,
+        identity: &str,
+    ) -> Result<(), EngineError> {
+        self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
+            entry.request_cancel(reason, identity, now_ms(), fx)
+        })
+        .await
+    }
+    /// Ends a workflow (or standalone activity) at once.
+    pub async fn terminate(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        reason: &str,
+        identity: &str,
+    ) -> Result<(), EngineError> {
+        self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
+            entry.terminate(reason, identity, now_ms(), fx)
+        })
+        .await
+    }
+    /// Applies `f` to the open run an operator's call names, in one transaction.
+    pub(super) async fn mutate_open_run(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        f: impl FnOnce(&mut RunEntry, &mut Effects),
+    ) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        let mut txn = Txn::default();
+        let commit = {
+            let mut st = self.state.lock();
+            match Self::find_open_run(&st, namespace, standalone, id, run_id)? {
+                None => None,
+                Some(open) => {
+                    let entry = st.runs.get_mut(&open).expect("open run");
+                    f(entry, &mut txn.fx);
+                    txn.touched.insert(open);
+                    Some(self.commit_locked(&mut st, &mut txn))
+                }
+            }
+        };
+        match commit {
+            None => Err(self.not_running(namespace, standalone, id, run_id).await),
+            Some(commit) => self.finish(commit, txn).await,
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Reads: describe, history, list, and results (with their long-poll wait).
+
+use super::*;
+
+impl Engine {
+    /// Finds a run for reading: memory first, then the store.
+    pub(super) async fn snapshot(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<RunSnapshot, EngineError> {
+        self.check_healthy()?;
+        let live = {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            live_entry(&st, namespace, standalone, id, run_id).map(|entry| {
+                (
+                    RunSnapshot {
+                        state: entry.state.clone(),
+                        pending: entry.pending_activities(),
+                    },
+                    st.last_submitted_seq,
+                )
+            })
+        };
+        if let Some((snapshot, seq)) = live {
+            self.durable(seq).await?;
+            return Ok(snapshot);
+        }
+        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        let pending = state
+            .activities
+            .values()
+            .map(|a| pb::PendingActivityInfo {
+                seq: a.seq,
+                scheduled_event_id: a.scheduled_event_id,
+                activity_id: a.activity_id.clone(),
+                activity_type: a.activity_type.clone(),
+                state: if a.started_ms > 0 {
+                    "started"
+                } else if a.backoff_until_ms > 0 {
+                    "backoff"
+                } else {
+                    "scheduled"
+                }
+                .into(),
+                attempt: a.attempt,
+                last_failure: a.last_failure.clone(),
+                last_worker: a.last_worker.clone(),
+                last_heartbeat_ms: 0,
+                next_attempt_ms: a.backoff_until_ms,
+                task_queue: a.task_queue.clone(),
+            })
+            .collect();
+        Ok(RunSnapshot { state, pending })
+    }
+    pub(super) async fn load_stored(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<RunState, EngineError> {
+        let store = self.store.clone();
+        let (ns, idc, rid) = (namespace.to_string(), id.to_string(), run_id.to_string());
+        let found = tokio::task::spawn_blocking(move || {
+            if rid.is_empty() {
+                store.latest_run(&ns, standalone, &idc)
+            } else {
+                store.load_run(&rid)
+            }
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        match found {
+            Some(s)
+                if s.namespace == namespace
+                    && s.workflow_id == id
+                    && s.standalone_activity == standalone =>
+            {
+                Ok(s)
+            }
+            _ => Err(not_found(namespace, standalone, id, run_id)),
+        }
+    }
+    /// Describes a run.
+    pub async fn describe(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<pb::DescribeWorkflowResponse, EngineError> {
+        let snap = self.snapshot(namespace, standalone, id, run_id).await?;
+        let s = snap.state;
+        Ok(pb::DescribeWorkflowResponse {
+            info: Some(execution_info(&s)),
+            pending_activities: snap.pending,
+            pending_timers: s.timers.len() as u32,
+            last_workflow_task_failure: s.last_workflow_task_failure.clone(),
+            result: s.result.clone(),
+            failure: s.failure.clone(),
+            workflow_task_failures: s.workflow_task_failures,
+        })
+    }
+    /// A run's history.
+    pub async fn history(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+    ) -> Result<Vec<pb::HistoryEvent>, EngineError> {
+        self.check_healthy()?;
+        let live = {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            live_entry(&st, namespace, standalone, id, run_id)
+                .map(|entry| (entry.history.clone(), st.last_submitted_seq))
+        };
+        if let Some((history, seq)) = live {
+            self.durable(seq).await?;
+            return Ok(history);
+        }
+        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.history(&state.run_id))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))
+    }
+    /// Lists runs, newest first, a page at a time: returns the page and the token of the next
+    /// one ("" after the last).
+    pub async fn list(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        status: Option<i32>,
+        limit: usize,
+        page_token: &str,
+    ) -> Result<(Vec<pb::ExecutionInfo>, String), EngineError> {
+        self.check_healthy()?;
+        {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+        }
+        let after = parse_page_token(page_token)?;
+        let store = self.store.clone();
+        let filter = RunFilter {
+            namespace: namespace.to_string(),
+            standalone_activity: standalone,
+            status,
+            limit,
+            after,
+        };
+        let runs = tokio::task::spawn_blocking(move || store.list_runs(&filter))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let next = match runs.last() {
+            Some(last) if runs.len() >= limit => page_token_of(last.start_ms, &last.run_id),
+            _ => String::new(),
+        };
+        Ok((runs.iter().map(execution_info).collect(), next))
+    }
+    /// The outcome of a run, waiting up to `wait` for it to close (and for the close to be
+    /// durable): RUNNING only once the wait is over.
+    pub async fn result(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        wait: Duration,
+    ) -> Result<pb::GetWorkflowResultResponse, EngineError> {
+        self.check_healthy()?;
+        let wait = wait.min(self.config.long_poll_timeout);
+        let receiver = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            match live_entry(&st, namespace, standalone, id, run_id) {
+                // A closing run's close is not durable yet: wait for it like for an open one.
+                Some(entry) => {
+                    let r = entry.state.run_id.clone();
+                    if entry.is_open() && wait.is_zero() {
+                        return Ok(pb::GetWorkflowResultResponse {
+                            run_id: r,
+                            status: ExecutionStatus::Running as i32,
+                            ..Default::default()
+                        });
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.entry(r.clone()).or_default().push(tx);
+                    Some((r, rx))
+                }
+                None => None,
+            }
+        };
+        if let Some((run_id, rx)) = receiver {
+            if let Some(outcome) = self.wait_for_answer(rx, wait).await? {
+                return Ok(outcome);
+            }
+            forget_gone_waiters(&mut self.state.lock().waiters, &run_id);
+            return Ok(pb::GetWorkflowResultResponse {
+                run_id,
+                status: ExecutionStatus::Running as i32,
+                ..Default::default()
+            });
+        }
+        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        Ok(pb::GetWorkflowResultResponse {
+            run_id: state.run_id,
+            status: state.status,
+            result: state.result,
+            failure: state.failure,
+        })
+    }
+    /// Waits up to `wait` for what a waiter list answers (None when the wait ended first, or
+    /// the server is shutting down); UNAVAILABLE if storage failed meanwhile.
+    pub(super) async fn wait_for_answer<T>(
+        &self,
+        rx: oneshot::Receiver<T>,
+        wait: Duration,
+    ) -> Result<Option<T>, EngineError> {
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::select! {
+            answer = rx => {
+                if let Ok(answer) = answer {
+                    return Ok(Some(answer));
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+        self.check_healthy()?;
+        Ok(None)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Worker operations
+    // ------------------------------------------------------------------------------------------
+}

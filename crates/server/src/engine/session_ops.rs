@@ -1,0 +1,673 @@
+//! Sessions in the engine: placement, creation, completion and termination, the owner's notification, and what becomes of the activities of a closed session.
+
+use super::*;
+
+impl Engine {
+    /// Tries to place a creating session now. Returns whether it was placed.
+    pub(super) fn try_place(
+        &self,
+        st: &mut EngineState,
+        session_id: &str,
+        now: i64,
+        txn: &mut Txn,
+    ) -> bool {
+        let Some(session) = st.sessions.get(session_id) else {
+            return false;
+        };
+        let info = session.info.clone().unwrap_or_default();
+        if info.state != "creating" {
+            return false;
+        }
+        let options = info.options.clone().unwrap_or_default();
+        let request = sessions::Request {
+            requirements: tether_core::requirements::Requirements::parse(&options.requirements)
+                .unwrap_or_default(),
+            gpus: options.gpus,
+            resources: options.resources.clone().into_iter().collect(),
+            packing: sessions::Packing::parse(&options.packing).unwrap_or_default(),
+        };
+        let workers: Vec<crate::matching::WorkerRecord> = self
+            .matcher
+            .workers_in(&info.namespace)
+            .into_iter()
+            .filter(|w| w.alive && w.task_queues.contains(&options.task_queue))
+            .filter(|w| options.worker.is_empty() || w.identity == options.worker)
+            // A worker silent for longer than the session tolerates is not a candidate, even
+            // before the registry marks it dead.
+            .filter(|w| now - w.last_seen_ms <= options.liveness_timeout_ms.max(1) as i64)
+            .collect();
+        let candidates: Vec<sessions::Candidate<'_>> = workers
+            .iter()
+            .map(|w| sessions::Candidate {
+                identity: &w.identity,
+                caps: &w.caps,
+                max_sessions: if w.max_sessions == 0 {
+                    DEFAULT_MAX_SESSIONS
+                } else {
+                    w.max_sessions
+                },
+            })
+            .collect();
+        let session = st.sessions.get_mut(session_id).expect("checked");
+        let info_mut = session.info.as_mut().expect("has info");
+        match sessions::place(&info.namespace, &request, &candidates, &st.reservations) {
+            Ok(placement) => {
+                st.reservations.reserve(&info.namespace, &placement);
+                let worker = workers.iter().find(|w| w.identity == placement.identity);
+                info_mut.state = "open".into();
+                info_mut.reason.clear();
+                info_mut.worker_identity = placement.identity.clone();
+                info_mut.hostname = worker
+                    .and_then(|w| w.caps.host.as_ref())
+                    .map(|h| h.hostname.clone())
+                    .unwrap_or_default();
+                info_mut.host_queue = crate::matching::host_queue_name(&placement.identity);
+                info_mut.gpus = placement
+                    .gpus
+                    .iter()
+                    .map(|g| pb::ReservedGpu {
+                        index: g.index,
+                        uuid: g.uuid.clone(),
+                        name: g.name.clone(),
+                        memory_total_bytes: g.memory_total_bytes,
+                    })
+                    .collect();
+                info_mut.resources = placement.resources.clone().into_iter().collect();
+                info_mut.last_used_ms = now;
+                tracing::info!(session_id, worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
+                let placed = info_mut.clone();
+                txn.fx.sessions_settled.push(placed.clone());
+                txn.touched_sessions.insert(session_id.to_string());
+                Self::notify_session_owner(st, &placed, Ok(()), now, txn);
+                true
+            }
+            Err(reason) => {
+                if info_mut.reason != reason {
+                    info_mut.reason = reason;
+                    txn.touched_sessions.insert(session_id.to_string());
+                }
+                false
+            }
+        }
+    }
+    /// A workflow that asked for a session learns its placement (or failure) as an event.
+    pub(super) fn notify_session_owner(
+        st: &mut EngineState,
+        info: &pb::SessionInfo,
+        outcome: Result<(), String>,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let Some((run_id, seq)) = owner_run(&info.owner) else {
+            return;
+        };
+        if let Some(entry) = st.runs.get_mut(run_id) {
+            let outcome = outcome
+                .map(|_| info.clone())
+                .map_err(|reason| (info.session_id.clone(), reason));
+            entry.session_resolved(seq, outcome, now, &mut txn.fx);
+            txn.touched.insert(run_id.to_string());
+        }
+    }
+    /// Records a new session (defaults filled in), arms its creation and execution timers and
+    /// tries to place it at once. Returns whether it was placed.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn insert_session(
+        &self,
+        st: &mut EngineState,
+        session_id: &str,
+        namespace: &str,
+        owner: &str,
+        mut options: pb::SessionOptions,
+        now: i64,
+        txn: &mut Txn,
+    ) -> bool {
+        if options.creation_timeout_ms == 0 {
+            options.creation_timeout_ms = DEFAULT_SESSION_CREATION_MS;
+        }
+        if options.execution_timeout_ms == 0 {
+            options.execution_timeout_ms = DEFAULT_SESSION_EXECUTION_MS;
+        }
+        if options.liveness_timeout_ms == 0 {
+            options.liveness_timeout_ms = self.config.worker_liveness_timeout.as_millis() as u64;
+        }
+        if options.idle_timeout_ms == 0 {
+            options.idle_timeout_ms = DEFAULT_SESSION_IDLE_MS;
+        }
+        let creation_deadline_ms = history::deadline(now, options.creation_timeout_ms);
+        let execution_deadline_ms = history::deadline(now, options.execution_timeout_ms);
+        st.sessions.insert(
+            session_id.to_string(),
+            SessionState {
+                info: Some(pb::SessionInfo {
+                    session_id: session_id.to_string(),
+                    namespace: namespace.to_string(),
+                    state: "creating".into(),
+                    options: Some(options),
+                    created_ms: now,
+                    owner: owner.to_string(),
+                    last_used_ms: now,
+                    ..Default::default()
+                }),
+                creation_deadline_ms,
+                execution_deadline_ms,
+            },
+        );
+        if let Some((run_id, _)) = owner_run(owner) {
+            st.session_owners
+                .entry(run_id.to_string())
+                .or_default()
+                .push(session_id.to_string());
+        }
+        txn.touched_sessions.insert(session_id.to_string());
+        txn.fx.timers.push((
+            creation_deadline_ms,
+            TimerKey::SessionCreation {
+                run_id: session_id.to_string(),
+            },
+        ));
+        txn.fx.timers.push((
+            execution_deadline_ms,
+            TimerKey::SessionExpiry {
+                run_id: session_id.to_string(),
+            },
+        ));
+        self.try_place(st, session_id, now, txn)
+    }
+    /// Creates the sessions a workflow task asked for and completes the ones it completed.
+    pub(super) fn apply_session_commands(
+        &self,
+        st: &mut EngineState,
+        namespace: &str,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        for (run_id, seq, session_id, mut options) in std::mem::take(&mut txn.fx.session_requests) {
+            if st.sessions.contains_key(&session_id) {
+                continue;
+            }
+            // Validated with the workflow task's commands; canonical form for the class key.
+            options.requirements =
+                tether_core::requirements::Requirements::parse(&options.requirements)
+                    .map(|r| r.to_string())
+                    .unwrap_or_default();
+            let owner = format!("run:{run_id}:{seq}");
+            self.insert_session(st, &session_id, namespace, &owner, options, now, txn);
+        }
+        for session_id in std::mem::take(&mut txn.fx.session_completions) {
+            let live = st
+                .sessions
+                .get(&session_id)
+                .and_then(|s| s.info.as_ref())
+                .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"));
+            if live {
+                self.close_session(st, &session_id, "completed", "", false, now, txn);
+            }
+        }
+    }
+    pub(super) fn try_place_pending(&self, st: &mut EngineState, now: i64, txn: &mut Txn) {
+        let mut pending: Vec<(i64, String)> = st
+            .sessions
+            .values()
+            .filter_map(|s| s.info.as_ref())
+            .filter(|i| i.state == "creating")
+            .map(|i| (i.created_ms, i.session_id.clone()))
+            .collect();
+        // Oldest first, so an early large request is not starved by later small ones.
+        pending.sort();
+        for (_, id) in pending {
+            self.try_place(st, &id, now, txn);
+        }
+    }
+    /// Ends a session and releases its reservation; with `fail_activities`, its pending
+    /// activities fail with SessionFailed (a session completed by its owner has none left that
+    /// matter: the owner decided it was done).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn close_session(
+        &self,
+        st: &mut EngineState,
+        session_id: &str,
+        state: &str,
+        reason: &str,
+        fail_activities: bool,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let Some(session) = st.sessions.get_mut(session_id) else {
+            return;
+        };
+        let info = session.info.as_mut().expect("has info");
+        let was_open = info.state == "open";
+        let was_creating = info.state == "creating";
+        info.state = state.to_string();
+        info.reason = reason.to_string();
+        info.closed_ms = now;
+        let info = info.clone();
+        if was_open {
+            st.reservations
+                .release(&info.namespace, &placement_of(&info));
+        }
+        if state != "completed" {
+            tracing::warn!(session_id, state, reason, "session ended");
+        }
+        // Closed without failing (its owner completed it): the attempts running in it may
+        // finish, but those never handed out can no longer run anywhere.
+        let never_handed_out = format!("it was {state} before this activity was handed out");
+        let runs = st.session_runs.remove(session_id).unwrap_or_default();
+        for run_id in &runs {
+            let Some(entry) = st.runs.get_mut(run_id) else {
+                continue;
+            };
+            let failed = if fail_activities {
+                entry.fail_session_activities(session_id, reason, now, &mut txn.fx)
+            } else {
+                entry.fail_waiting_session_activities(
+                    session_id,
+                    &never_handed_out,
+                    now,
+                    &mut txn.fx,
+                )
+            };
+            if failed {
+                txn.touched.insert(run_id.clone());
+            }
+        }
+        txn.closed_session_runs
+            .entry(session_id.to_string())
+            .or_default()
+            .extend(runs);
+        if was_creating {
+            Self::notify_session_owner(st, &info, Err(reason.to_string()), now, txn);
+        } else if was_open && state != "completed" {
+            // The owning workflow sees the session's state change, not only its failed activities.
+            if let Some((run_id, _)) = owner_run(&info.owner) {
+                if let Some(entry) = st.runs.get_mut(run_id) {
+                    entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
+                    txn.touched.insert(run_id.to_string());
+                }
+            }
+        }
+        txn.fx.sessions_settled.push(info);
+        txn.touched_sessions.insert(session_id.to_string());
+        // Released resources may let a waiting session in.
+        self.try_place_pending(st, now, txn);
+    }
+    /// Ends the open sessions of a worker whose GPUs they hold no longer exist there (it came
+    /// back with fewer, or other, GPUs).
+    pub(super) fn fail_sessions_on_vanished_gpus(
+        &self,
+        st: &mut EngineState,
+        namespace: &str,
+        identity: &str,
+        caps: &pb::Capabilities,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let vanished: Vec<(String, String)> = st
+            .sessions
+            .values()
+            .filter_map(|s| s.info.as_ref())
+            .filter(|i| {
+                i.state == "open" && i.namespace == namespace && i.worker_identity == identity
+            })
+            .filter_map(|i| {
+                let gone: Vec<String> = i
+                    .gpus
+                    .iter()
+                    .filter(|g| {
+                        !caps.gpus.iter().any(|have| {
+                            have.index == g.index
+                                && (g.uuid.is_empty()
+                                    || have.uuid.is_empty()
+                                    || have.uuid == g.uuid)
+                        })
+                    })
+                    .map(|g| {
+                        if g.uuid.is_empty() {
+                            format!("GPU {}", g.index)
+                        } else {
+                            format!("GPU {} ({})", g.index, g.uuid)
+                        }
+                    })
+                    .collect();
+                (!gone.is_empty()).then(|| {
+                    (
+                        i.session_id.clone(),
+                        format!(
+                            "{} reserved for it vanished from worker {identity} (it now has {} \
+                             GPU(s))",
+                            gone.join(", "),
+                            caps.gpus.len()
+                        ),
+                    )
+                })
+            })
+            .collect();
+        for (session_id, reason) in vanished {
+            self.close_session(st, &session_id, "failed", &reason, true, now, txn);
+        }
+    }
+    /// Creates a session and waits (up to `wait`) for its placement. Asking again for the same
+    /// session id waits the same way (it does not answer at once while the session waits).
+    pub async fn create_session(
+        &self,
+        req: pb::CreateSessionRequest,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        self.check_healthy()?;
+        let mut options = req.options.unwrap_or_default();
+        tether_core::types::validate_name("session task queue", &options.task_queue)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        options.requirements =
+            tether_core::requirements::Requirements::parse(&options.requirements)
+                .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
+                .to_string();
+        sessions::Packing::parse(&options.packing).map_err(EngineError::InvalidArgument)?;
+        history::check_session_durations(&options)?;
+        for name in options.resources.keys() {
+            tether_core::types::validate_name("resource name", name)
+                .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        }
+        let session_id = if req.session_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            tether_core::types::validate_name("session id", &req.session_id)
+                .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+            req.session_id.clone()
+        };
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let (commit, waiter) = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, &req.namespace)?;
+            let existing = st.sessions.get(&session_id).and_then(|s| s.info.clone());
+            let placed_or_closed = match existing {
+                Some(info) => {
+                    // Same id again (a client's retry, or its next wait): idempotent.
+                    if info.namespace != req.namespace {
+                        return Err(EngineError::AlreadyExists(format!(
+                            "session id {session_id:?} is in use"
+                        )));
+                    }
+                    info.state != "creating"
+                }
+                None => self.insert_session(
+                    &mut st,
+                    &session_id,
+                    &req.namespace,
+                    &req.owner,
+                    options,
+                    now,
+                    &mut txn,
+                ),
+            };
+            let waiter = if placed_or_closed || req.wait_ms == 0 {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                st.session_waiters
+                    .entry(session_id.clone())
+                    .or_default()
+                    .push(tx);
+                Some(rx)
+            };
+            (self.commit_locked(&mut st, &mut txn), waiter)
+        };
+        self.finish(commit, txn).await?;
+        if let Some(rx) = waiter {
+            let wait = Duration::from_millis(req.wait_ms).min(self.config.long_poll_timeout);
+            if let Some(info) = self.wait_for_answer(rx, wait).await? {
+                return Ok(info);
+            }
+            forget_gone_waiters(&mut self.state.lock().session_waiters, &session_id);
+        }
+        if let Some(info) = self
+            .session_from_store_if_gone(&req.namespace, &session_id)
+            .await?
+        {
+            return Ok(info);
+        }
+        self.describe_session(&req.namespace, &session_id).await
+    }
+    /// None while the session is in memory; its stored state once it left (closed for good).
+    pub(super) async fn session_from_store_if_gone(
+        &self,
+        namespace: &str,
+        session_id: &str,
+    ) -> Result<Option<pb::SessionInfo>, EngineError> {
+        if self.state.lock().sessions.contains_key(session_id) {
+            return Ok(None);
+        }
+        self.describe_session(namespace, session_id).await.map(Some)
+    }
+    /// Completes a session and releases its reservation.
+    pub async fn complete_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        self.end_session(namespace, session_id, |state| {
+            let reason = if state == "creating" {
+                "completed before it was placed".to_string()
+            } else {
+                String::new()
+            };
+            ("completed", reason, false)
+        })
+        .await
+    }
+    /// Ends any session at once (an operator's call): its reservation is freed, its pending
+    /// activities fail with SessionFailed, its owner workflow is told.
+    pub async fn terminate_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+        reason: &str,
+        identity: &str,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        let reason = match (reason.is_empty(), identity.is_empty()) {
+            (true, true) => "terminated by an operator".to_string(),
+            (true, false) => format!("terminated by {identity}"),
+            (false, true) => format!("terminated: {reason}"),
+            (false, false) => format!("terminated by {identity}: {reason}"),
+        };
+        self.end_session(namespace, session_id, |_| ("terminated", reason, true))
+            .await
+    }
+    /// Closes a live session as `decide` says (state, reason, fail its activities) given its
+    /// current state; a closed one is NotRunning saying how it ended.
+    pub(super) async fn end_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+        decide: impl FnOnce(&str) -> (&'static str, String, bool),
+    ) -> Result<pb::SessionInfo, EngineError> {
+        self.check_healthy()?;
+        let now = now_ms();
+        let mut txn = Txn::default();
+        let done = {
+            let mut st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            let live = st
+                .sessions
+                .get(session_id)
+                .and_then(|s| s.info.as_ref())
+                .filter(|i| {
+                    i.namespace == namespace && matches!(i.state.as_str(), "creating" | "open")
+                })
+                .map(|i| i.state.clone());
+            match live {
+                None => None,
+                Some(current) => {
+                    let (state, reason, fail) = decide(&current);
+                    self.close_session(&mut st, session_id, state, &reason, fail, now, &mut txn);
+                    let info = st.sessions[session_id].info.clone().unwrap_or_default();
+                    Some((self.commit_locked(&mut st, &mut txn), info))
+                }
+            }
+        };
+        let Some((commit, info)) = done else {
+            let stored = self.describe_session(namespace, session_id).await?;
+            return Err(EngineError::NotRunning(format!(
+                "session {session_id} is already {}{}",
+                stored.state,
+                if stored.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", stored.reason)
+                }
+            )));
+        };
+        self.finish(commit, txn).await?;
+        Ok(info)
+    }
+    /// A session, live or closed (looked up by id at any age).
+    pub async fn describe_session(
+        &self,
+        namespace: &str,
+        session_id: &str,
+    ) -> Result<pb::SessionInfo, EngineError> {
+        self.check_healthy()?;
+        let live = {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            st.sessions
+                .get(session_id)
+                .and_then(|s| s.info.clone())
+                .filter(|i| i.namespace == namespace)
+                .map(|i| (i, st.last_submitted_seq))
+        };
+        if let Some((info, seq)) = live {
+            self.durable(seq).await?;
+            return Ok(info);
+        }
+        let store = self.store.clone();
+        let id = session_id.to_string();
+        let found = tokio::task::spawn_blocking(move || store.load_session(&id))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?
+            .and_then(|s| s.info)
+            .filter(|i| i.namespace == namespace);
+        found.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "session {session_id:?} was not found in namespace {namespace:?}"
+            ))
+        })
+    }
+    /// Sessions of a namespace, newest first, a page at a time: live ones, and closed ones too
+    /// when asked. Returns the page and the next page's token ("" after the last).
+    pub async fn list_sessions(
+        &self,
+        namespace: &str,
+        include_closed: bool,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<pb::SessionInfo>, String), EngineError> {
+        self.check_healthy()?;
+        let after = parse_page_token(page_token)?;
+        let before_cursor = |i: &pb::SessionInfo| match &after {
+            None => true,
+            Some((ms, id)) => (i.created_ms, i.session_id.as_str()) < (*ms, id.as_str()),
+        };
+        let (mut page, seq): (Vec<pb::SessionInfo>, u64) = {
+            let st = self.state.lock();
+            Self::check_namespace(&st, namespace)?;
+            let live = st
+                .sessions
+                .values()
+                .filter_map(|s| s.info.clone())
+                .filter(|i| {
+                    i.namespace == namespace
+                        && matches!(i.state.as_str(), "creating" | "open")
+                        && before_cursor(i)
+                })
+                .collect();
+            (live, st.last_submitted_seq)
+        };
+        self.durable(seq).await?;
+        if include_closed {
+            let store = self.store.clone();
+            let ns = namespace.to_string();
+            let after = after.clone();
+            let stored =
+                tokio::task::spawn_blocking(move || store.list_sessions(&ns, after, page_size))
+                    .await
+                    .map_err(|e| EngineError::Internal(e.to_string()))?
+                    .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            for info in stored.into_iter().filter_map(|s| s.info) {
+                // The live copy is newer than what the store holds of an open session.
+                if !page.iter().any(|l| l.session_id == info.session_id) {
+                    page.push(info);
+                }
+            }
+        }
+        page.sort_by(|a, b| (b.created_ms, &b.session_id).cmp(&(a.created_ms, &a.session_id)));
+        let next = if page.len() > page_size {
+            page.truncate(page_size);
+            page.last()
+                .map(|l| page_token_of(l.created_ms, &l.session_id))
+                .unwrap_or_default()
+        } else if include_closed && page.len() == page_size {
+            page.last()
+                .map(|l| page_token_of(l.created_ms, &l.session_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((page, next))
+    }
+    /// Points activities scheduled in a session at its worker's host queue; a session that is not
+    /// open makes them fail at once (checked after they are recorded).
+    pub(super) fn route_session_activity(st: &EngineState, options: &mut pb::ActivityOptions) {
+        if options.session_id.is_empty() {
+            return;
+        }
+        if let Some(info) = st
+            .sessions
+            .get(&options.session_id)
+            .and_then(|s| s.info.as_ref())
+        {
+            if info.state == "open" {
+                options.worker = info.worker_identity.clone();
+            }
+        }
+    }
+    /// Fails activities just scheduled on sessions that are not open.
+    pub(super) fn fail_activities_of_closed_sessions(
+        st: &mut EngineState,
+        run_id: &str,
+        now: i64,
+        txn: &mut Txn,
+    ) {
+        let Some(entry) = st.runs.get(run_id) else {
+            return;
+        };
+        let mut dead: Vec<(String, String)> = Vec::new();
+        for a in entry.state.activities.values() {
+            let Some(sid) = a
+                .options
+                .as_ref()
+                .map(|o| o.session_id.clone())
+                .filter(|s| !s.is_empty())
+            else {
+                continue;
+            };
+            let reason = match st.sessions.get(&sid).and_then(|s| s.info.as_ref()) {
+                Some(i) if i.state == "open" => continue,
+                Some(i) => format!("session is {}: {}", i.state, i.reason),
+                None => "session is not open (unknown or already closed)".to_string(),
+            };
+            if !dead.iter().any(|(s, _)| *s == sid) {
+                dead.push((sid, reason));
+            }
+        }
+        let entry = st.runs.get_mut(run_id).expect("checked");
+        for (sid, reason) in dead {
+            entry.fail_session_activities(&sid, &reason, now, &mut txn.fx);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Operations
+    // ------------------------------------------------------------------------------------------
+}
