@@ -50,6 +50,7 @@ impl Engine {
             }
         }
     }
+
     /// Records a heartbeat; returns whether the activity should cancel.
     pub async fn heartbeat(&self, req: pb::HeartbeatActivityRequest) -> Result<bool, EngineError> {
         let details = req.details;
@@ -66,6 +67,7 @@ impl Engine {
         })
         .await
     }
+
     /// An activity attempt succeeded; returns the next waiting task when one was asked for.
     pub async fn complete_activity(
         &self,
@@ -80,6 +82,7 @@ impl Engine {
         };
         self.respond_one(&req.identity, outcome, next).await
     }
+
     /// One outcome, with the all-or-nothing error of a single call.
     pub(super) async fn respond_one(
         &self,
@@ -93,6 +96,7 @@ impl Engine {
         results.pop().expect("one outcome, one result")?;
         Ok(next_tasks.pop())
     }
+
     /// Several activity outcomes from one worker, applied under one lock and made durable in
     /// one batch, with up to `next.max` waiting tasks dispatched to it in the same batch. Each
     /// outcome is judged on its own (a stale attempt is refused, the others are still
@@ -105,6 +109,7 @@ impl Engine {
     ) -> Result<RespondedActivities, EngineError> {
         self.respond(identity, outcomes, next, false).await
     }
+
     /// [`Engine::respond_activities`]; with `next_only_if_all_applied`, no next task is taken
     /// when any outcome was refused.
     pub(super) async fn respond(
@@ -116,13 +121,11 @@ impl Engine {
     ) -> Result<RespondedActivities, EngineError> {
         self.check_healthy()?;
         let now = now_ms();
-        let mut txn = Txn::default();
         let mut results = Vec::with_capacity(outcomes.len());
-        let (commit, next_tasks) = {
-            let mut st = self.state.lock();
+        let (commit, txn, next_tasks) = self.submit(|st, txn| {
             for outcome in outcomes {
                 let applied = Self::decode_token(&outcome.task_token).and_then(|token| {
-                    Self::check_namespace(&st, &token.namespace)?;
+                    Self::check_namespace(st, &token.namespace)?;
                     let EngineState { runs, sessions, .. } = &mut *st;
                     let entry = open_run(runs, &token.run_id)?;
                     let session_id = entry
@@ -166,16 +169,17 @@ impl Engine {
             let refused = results.iter().any(Result::is_err);
             let next_tasks = match &next {
                 Some(next) if !(refused && next_only_if_all_applied) => {
-                    self.take_next_locked(&mut st, next, now, &mut txn)
+                    self.take_next_locked(st, next, now, txn)
                 }
                 _ => Vec::new(),
             };
-            (self.commit_locked(&mut st, &mut txn), next_tasks)
-        };
+            Ok(next_tasks)
+        })?;
         let mut undo = GiveBackOnDrop::many(&self.matcher, next_tasks);
         self.finish(commit, txn).await?;
         Ok((results, undo.take()))
     }
+
     /// An activity attempt failed; returns the next waiting task when one was asked for.
     pub async fn fail_activity(
         &self,
@@ -193,6 +197,7 @@ impl Engine {
         };
         self.respond_one(&req.identity, outcome, next).await
     }
+
     /// An activity stopped after a cancel request.
     pub async fn activity_canceled(
         &self,

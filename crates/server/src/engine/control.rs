@@ -60,6 +60,7 @@ impl Engine {
             }
         }
     }
+
     /// The open run a mutation (signal, cancel, terminate) names, from memory. None when there
     /// is none: then [`Engine::not_running`] says why, reading the store outside the lock.
     pub(super) fn find_open_run(
@@ -86,6 +87,7 @@ impl Engine {
             })
         }))
     }
+
     /// Why a mutation found no open run: it closed (and how), or never existed.
     pub(super) async fn not_running(
         &self,
@@ -128,58 +130,60 @@ impl Engine {
     /// recorded (a client's retry) is acknowledged without being delivered again.
     pub async fn signal(&self, req: pb::SignalWorkflowRequest) -> Result<(), EngineError> {
         self.check_healthy()?;
-        let mut txn = Txn::default();
-        let found = {
-            let mut st = self.state.lock();
-            match Self::find_open_run(&st, &req.namespace, false, &req.workflow_id, &req.run_id)? {
-                None => None,
-                Some(run_id) => {
-                    let entry = st.runs.get_mut(&run_id).expect("open run");
-                    if entry.has_signal_request(&req.request_id) {
-                        let seq = st.last_submitted_seq;
-                        Some(Err(seq))
-                    } else {
-                        let events = entry.state.next_event_id.saturating_sub(1)
-                            + entry.state.buffered.len() as u64;
-                        if events >= self.config.max_history_events {
-                            return Err(EngineError::ResourceExhausted(format!(
-                                "workflow {} has {events} history events; the limit is {}",
-                                req.workflow_id, self.config.max_history_events
-                            )));
+        let found = self
+            .transact(|st, txn| {
+                match Self::find_open_run(st, &req.namespace, false, &req.workflow_id, &req.run_id)?
+                {
+                    None => Ok(None),
+                    Some(run_id) => {
+                        let entry = st.runs.get_mut(&run_id).expect("open run");
+                        if entry.has_signal_request(&req.request_id) {
+                            let seq = st.last_submitted_seq;
+                            Ok(Some(Err(seq)))
+                        } else {
+                            let events = entry.state.next_event_id.saturating_sub(1)
+                                + entry.state.buffered.len() as u64;
+                            if events >= self.config.max_history_events {
+                                return Err(EngineError::ResourceExhausted(format!(
+                                    "workflow {} has {events} history events; the limit is {}",
+                                    req.workflow_id, self.config.max_history_events
+                                )));
+                            }
+                            let size = req
+                                .input
+                                .as_ref()
+                                .map_or(0, |p| prost::Message::encoded_len(p) as u64)
+                                + req.signal_name.len() as u64
+                                + req.identity.len() as u64
+                                + 32;
+                            if !entry.history_has_room(size) {
+                                return Err(entry.history_full("the signal", size));
+                            }
+                            entry.signal(
+                                &req.signal_name,
+                                req.input,
+                                &req.identity,
+                                &req.request_id,
+                                now_ms(),
+                                &mut txn.fx,
+                            );
+                            txn.touched.insert(run_id);
+                            Ok(Some(Ok(())))
                         }
-                        let size = req
-                            .input
-                            .as_ref()
-                            .map_or(0, |p| prost::Message::encoded_len(p) as u64)
-                            + req.signal_name.len() as u64
-                            + req.identity.len() as u64
-                            + 32;
-                        if !entry.history_has_room(size) {
-                            return Err(entry.history_full("the signal", size));
-                        }
-                        entry.signal(
-                            &req.signal_name,
-                            req.input,
-                            &req.identity,
-                            &req.request_id,
-                            now_ms(),
-                            &mut txn.fx,
-                        );
-                        txn.touched.insert(run_id);
-                        Some(Ok(self.commit_locked(&mut st, &mut txn)))
                     }
                 }
-            }
-        };
+            })
+            .await?;
         match found {
             None => Err(self
                 .not_running(&req.namespace, false, &req.workflow_id, &req.run_id)
                 .await),
             // Delivered before: once what recorded it is durable, acknowledge again.
             Some(Err(seq)) => self.durable(seq).await,
-            Some(Ok(commit)) => self.finish(commit, txn).await,
+            Some(Ok(())) => Ok(()),
         }
     }
+
     /// Asks a workflow (or standalone activity) to cancel.
     pub async fn request_cancel(
         &self,
@@ -195,6 +199,7 @@ impl Engine {
         })
         .await
     }
+
     /// Ends a workflow (or standalone activity) at once.
     pub async fn terminate(
         &self,
@@ -210,6 +215,7 @@ impl Engine {
         })
         .await
     }
+
     /// Applies `f` to the open run an operator's call names, in one transaction.
     pub(super) async fn mutate_open_run(
         &self,
@@ -220,22 +226,25 @@ impl Engine {
         f: impl FnOnce(&mut RunEntry, &mut Effects),
     ) -> Result<(), EngineError> {
         self.check_healthy()?;
-        let mut txn = Txn::default();
-        let commit = {
-            let mut st = self.state.lock();
-            match Self::find_open_run(&st, namespace, standalone, id, run_id)? {
-                None => None,
-                Some(open) => {
-                    let entry = st.runs.get_mut(&open).expect("open run");
-                    f(entry, &mut txn.fx);
-                    txn.touched.insert(open);
-                    Some(self.commit_locked(&mut st, &mut txn))
-                }
-            }
-        };
-        match commit {
-            None => Err(self.not_running(namespace, standalone, id, run_id).await),
-            Some(commit) => self.finish(commit, txn).await,
+        let found = self
+            .transact(|st, txn| {
+                Ok(
+                    match Self::find_open_run(st, namespace, standalone, id, run_id)? {
+                        None => false,
+                        Some(open) => {
+                            let entry = st.runs.get_mut(&open).expect("open run");
+                            f(entry, &mut txn.fx);
+                            txn.touched.insert(open);
+                            true
+                        }
+                    },
+                )
+            })
+            .await?;
+        if found {
+            Ok(())
+        } else {
+            Err(self.not_running(namespace, standalone, id, run_id).await)
         }
     }
 }

@@ -64,6 +64,7 @@ impl Engine {
             }
         }
     }
+
     /// Hands one activity attempt to worker `identity` (process `instance`) inside the current
     /// transaction. None when the task is stale.
     #[allow(clippy::too_many_arguments)]
@@ -138,15 +139,14 @@ impl Engine {
         });
         Some(response)
     }
+
     /// Takes back attempts whose worker never received them: each waits in its queue again.
     pub(super) fn undispatch(
         &self,
         responses: Vec<pb::PollActivityTaskResponse>,
     ) -> futures::future::BoxFuture<'_, Result<(), EngineError>> {
         Box::pin(async move {
-            let mut txn = Txn::default();
-            let commit = {
-                let mut st = self.state.lock();
+            self.transact(|st, txn| {
                 for response in responses {
                     let Ok(token) = Self::decode_token(&response.task_token) else {
                         continue;
@@ -190,11 +190,12 @@ impl Engine {
                         session_activities_run: session.map_or(0, |s| s.activities_run),
                     });
                 }
-                self.commit_locked(&mut st, &mut txn)
-            };
-            self.finish(commit, txn).await
+                Ok(())
+            })
+            .await
         })
     }
+
     /// Dispatches a task a poll took from a backlog, and makes the hand-out durable before the
     /// worker gets it. None when the task was stale.
     pub(super) async fn dispatch_polled(
@@ -211,9 +212,7 @@ impl Engine {
         else {
             return Ok(None);
         };
-        let mut txn = Txn::default();
-        let (commit, response) = {
-            let mut st = self.state.lock();
+        let (commit, txn, response) = self.submit(|st, txn| {
             let Some(entry) = st.runs.get(&run_id) else {
                 return Ok(None);
             };
@@ -228,18 +227,21 @@ impl Engine {
                 return Err(refused);
             }
             let Some(response) = self.dispatch_locked(
-                &mut st,
+                st,
                 &run_id,
                 scheduled_event_id,
                 attempt,
                 identity,
                 instance,
                 now_ms(),
-                &mut txn,
+                txn,
             ) else {
                 return Ok(None);
             };
-            (self.commit_locked(&mut st, &mut txn), response)
+            Ok(Some(response))
+        })?;
+        let Some(response) = response else {
+            return Ok(None);
         };
         // Should the poll's caller go away while the commit is under way, the attempt is taken
         // back instead of waiting out its timeout on a worker that never got it.
@@ -249,6 +251,7 @@ impl Engine {
         finished?;
         Ok(response)
     }
+
     /// Dispatches up to `next.max` waiting tasks to the worker of a completion, inside the
     /// completion's own transaction (one commit for the outcomes and the new hand-outs).
     pub(super) fn take_next_locked(

@@ -268,6 +268,7 @@ impl Engine {
             session_waiters: st.session_waiters.values().map(Vec::len).sum(),
         }
     }
+
     /// Resolves with the first storage failure (never, while the store works).
     pub async fn storage_failed(&self) -> StorageFailure {
         let mut rx = self.storage_failure.subscribe();
@@ -278,14 +279,17 @@ impl Engine {
             Err(_) => std::future::pending().await,
         }
     }
+
     /// The request rate limit per caller (0 = off).
     pub fn max_requests_per_second(&self) -> u32 {
         self.config.max_requests_per_second
     }
+
     /// The access rules in force, if authorization is on.
     pub fn access(&self) -> Option<Arc<crate::auth::Access>> {
         self.access.read().clone()
     }
+
     /// Puts new access rules in force for every request from now on. Authorization cannot be
     /// turned on or off this way: that needs a restart (it depends on client certificates).
     pub fn replace_access(&self, access: crate::auth::Access) -> Result<(), EngineError> {
@@ -300,18 +304,22 @@ impl Engine {
         *current = Some(Arc::new(access));
         Ok(())
     }
+
     /// Whether metrics are recorded.
     pub fn metrics_enabled(&self) -> bool {
         self.config.metrics
     }
+
     /// The payload size limit in force.
     pub fn max_payload_bytes(&self) -> usize {
         self.config.max_payload_bytes
     }
+
     /// Stops parked polls and result waits so the gRPC server can shut down promptly.
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown.send(true);
     }
+
     fn check_healthy(&self) -> Result<(), EngineError> {
         if self.storage_failed.load(Ordering::Relaxed) {
             let failure = self.storage_failure.borrow().clone();
@@ -325,6 +333,7 @@ impl Engine {
         }
         Ok(())
     }
+
     /// The first failed commit stops the engine: nothing is built on a write that failed.
     /// Waiting calls are woken (they answer UNAVAILABLE), and the loops that write stop.
     fn fail_storage(&self, reason: &str) {
@@ -341,6 +350,7 @@ impl Engine {
         }));
         let _ = self.shutdown.send(true);
     }
+
     /// Waits until everything submitted to the store before `seq` is durable, so a read never
     /// shows state that might not be written.
     async fn durable(&self, seq: u64) -> Result<(), EngineError> {
@@ -357,6 +367,35 @@ impl Engine {
             Err(self.check_healthy().unwrap_err())
         }
     }
+
+    /// One transaction, the way an operation changes state: under the state lock `apply`
+    /// changes it and records in the [`Txn`] what it touched and caused; the writes are
+    /// submitted to the store before the lock is released (so commits are in lock order); once
+    /// they are durable the effects are applied (tasks offered, timers armed, waiters woken)
+    /// and `apply`'s value is returned. An error from `apply` submits nothing, so `apply` must
+    /// check before it changes anything.
+    async fn transact<T>(
+        &self,
+        apply: impl FnOnce(&mut EngineState, &mut Txn) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let (commit, txn, value) = self.submit(apply)?;
+        self.finish(commit, txn).await?;
+        Ok(value)
+    }
+
+    /// The locked half of [`Engine::transact`], for the operations that must look at what the
+    /// transaction did (or wait for something else) before they [`Engine::finish`] it.
+    fn submit<T>(
+        &self,
+        apply: impl FnOnce(&mut EngineState, &mut Txn) -> Result<T, EngineError>,
+    ) -> Result<(Option<Commit>, Txn, T), EngineError> {
+        let mut txn = Txn::default();
+        let mut st = self.state.lock();
+        let value = apply(&mut st, &mut txn)?;
+        let commit = self.commit_locked(&mut st, &mut txn);
+        Ok((commit, txn, value))
+    }
+
     /// Turns the touched runs into one ordered write batch and submits it (under the lock, so
     /// batches reach the store in the order they were applied). Before that, everything that
     /// belongs in the same transaction is applied: signals to other workflows, the release of
@@ -450,6 +489,7 @@ impl Engine {
             Some(commit)
         }
     }
+
     /// The write that releases a closed session's hand-out rows: those of runs still open
     /// become the runs' own (they may record attempts still running) and go when the runs
     /// close; those of closed runs go now.
@@ -478,6 +518,7 @@ impl Engine {
             runs_closed,
         }
     }
+
     /// Waits for the commit, then applies the effects. Nothing is offered, armed, handed over
     /// or answered before the writes that caused it are durable; and once they are, all of it
     /// is, even when the request that made them went away meanwhile (see [`PendingEffects`]).
@@ -510,6 +551,7 @@ impl Engine {
         self.apply_effects(fx, std::mem::take(&mut pending.handovers));
         Ok(())
     }
+
     /// Applies what a durable transaction caused. Attempts dispatched to polls that ended
     /// meanwhile are given back, to be taken back by [`Engine::take_back_returned`].
     fn apply_effects(

@@ -10,6 +10,7 @@ impl Engine {
             Err(EngineError::NamespaceNotFound(namespace.to_string()))
         }
     }
+
     /// Creates a namespace.
     pub async fn register_namespace(
         &self,
@@ -19,9 +20,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.check_healthy()?;
         check_retention(retention_ms)?;
-        let mut txn = Txn::default();
-        let commit = {
-            let mut st = self.state.lock();
+        self.transact(|st, txn| {
             if st.namespaces.contains_key(name) {
                 return Err(EngineError::AlreadyExists(format!(
                     "namespace {name:?} already exists"
@@ -35,10 +34,11 @@ impl Engine {
             };
             st.namespaces.insert(name.to_string(), info.clone());
             txn.extra.push(Write::Namespace(info));
-            self.commit_locked(&mut st, &mut txn)
-        };
-        self.finish(commit, txn).await
+            Ok(())
+        })
+        .await
     }
+
     /// Changes a namespace's description and/or retention; returns it as it now is.
     pub async fn update_namespace(
         &self,
@@ -48,25 +48,25 @@ impl Engine {
         if let Some(retention_ms) = req.retention_ms {
             check_retention(retention_ms)?;
         }
-        let mut txn = Txn::default();
-        let (commit, info) = {
-            let mut st = self.state.lock();
-            let Some(info) = st.namespaces.get_mut(&req.namespace) else {
-                return Err(EngineError::NamespaceNotFound(req.namespace));
-            };
-            if let Some(description) = req.description {
-                info.description = description;
-            }
-            if let Some(retention_ms) = req.retention_ms {
-                info.retention_ms = retention_ms;
-            }
-            let info = info.clone();
-            txn.extra.push(Write::Namespace(info.clone()));
-            (self.commit_locked(&mut st, &mut txn), info)
-        };
-        self.finish(commit, txn).await?;
+        let info = self
+            .transact(|st, txn| {
+                let Some(info) = st.namespaces.get_mut(&req.namespace) else {
+                    return Err(EngineError::NamespaceNotFound(req.namespace));
+                };
+                if let Some(description) = req.description {
+                    info.description = description;
+                }
+                if let Some(retention_ms) = req.retention_ms {
+                    info.retention_ms = retention_ms;
+                }
+                let info = info.clone();
+                txn.extra.push(Write::Namespace(info.clone()));
+                Ok(info)
+            })
+            .await?;
         Ok(info)
     }
+
     /// Deletes closed runs (with their history) and closed sessions older than their
     /// namespace's retention, in bounded batches so that other commits are not held up behind
     /// one huge delete. Returns how many runs and sessions were deleted.
@@ -95,6 +95,7 @@ impl Engine {
         }
         Ok((runs, sessions))
     }
+
     /// Finds (`expired`) and deletes (`delete`) closed rows of one kind, batch by batch.
     pub(super) async fn purge(
         &self,
@@ -118,10 +119,12 @@ impl Engine {
                 break;
             }
             let count = ids.len();
-            let commit = self.store.submit(WriteBatch {
-                writes: vec![delete(ids)],
-            });
-            self.finish(Some(commit), Txn::default()).await?;
+            // Closed runs are not in memory: the transaction is the delete alone.
+            self.transact(|_, txn| {
+                txn.extra.push(delete(ids));
+                Ok(())
+            })
+            .await?;
             deleted += count;
             if count < PURGE_BATCH {
                 break;
@@ -129,6 +132,7 @@ impl Engine {
         }
         Ok(deleted)
     }
+
     /// All namespaces.
     pub fn list_namespaces(&self) -> Vec<NamespaceInfo> {
         self.state.lock().namespaces.values().cloned().collect()

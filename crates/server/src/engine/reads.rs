@@ -56,6 +56,7 @@ impl Engine {
             .collect();
         Ok(RunSnapshot { state, pending })
     }
+
     pub(super) async fn load_stored(
         &self,
         namespace: &str,
@@ -86,6 +87,7 @@ impl Engine {
             _ => Err(not_found(namespace, standalone, id, run_id)),
         }
     }
+
     /// Describes a run.
     pub async fn describe(
         &self,
@@ -106,6 +108,7 @@ impl Engine {
             workflow_task_failures: s.workflow_task_failures,
         })
     }
+
     /// A run's history.
     pub async fn history(
         &self,
@@ -132,6 +135,7 @@ impl Engine {
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(e.to_string()))
     }
+
     /// Lists runs, newest first, a page at a time: returns the page and the token of the next
     /// one ("" after the last).
     pub async fn list(
@@ -166,6 +170,7 @@ impl Engine {
         };
         Ok((runs.iter().map(execution_info).collect(), next))
     }
+
     /// The outcome of a run, waiting up to `wait` for it to close (and for the close to be
     /// durable): RUNNING only once the wait is over.
     pub async fn result(
@@ -218,6 +223,7 @@ impl Engine {
             failure: state.failure,
         })
     }
+
     /// Waits up to `wait` for what a waiter list answers (None when the wait ended first, or
     /// the server is shutting down); UNAVAILABLE if storage failed meanwhile.
     pub(super) async fn wait_for_answer<T>(

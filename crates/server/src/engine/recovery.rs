@@ -30,132 +30,132 @@ impl Engine {
             started_ms: now_ms(),
         });
         let now = now_ms();
-        let mut txn = Txn::default();
-        let commit = {
-            let mut st = engine.state.lock();
-            for ns in recovered.namespaces {
-                st.namespaces.insert(ns.name.clone(), ns);
-            }
-            if !st
-                .namespaces
-                .contains_key(tether_core::types::DEFAULT_NAMESPACE)
-            {
-                let info = NamespaceInfo {
-                    name: tether_core::types::DEFAULT_NAMESPACE.into(),
-                    description: "created at first start".into(),
-                    created_ms: now,
-                    retention_ms: 0,
-                };
-                st.namespaces.insert(info.name.clone(), info.clone());
-                txn.extra.push(Write::Namespace(info));
-            }
-            let count = recovered.open_runs.len();
-            let newest_dispatch = recovered
-                .open_runs
-                .iter()
-                .flat_map(|(state, _)| state.activities.values())
-                .map(|a| a.started_dispatch)
-                .max()
-                .unwrap_or(0);
-            crate::history::dispatch_after(newest_dispatch);
-            // Sessions first: a run records which open sessions its activities are in.
-            for session in recovered.open_sessions {
-                let info = session.info.clone().unwrap_or_default();
-                if info.state == "open" {
-                    st.reservations
-                        .reserve(&info.namespace, &placement_of(&info));
+        engine
+            .transact(|st, txn| {
+                for ns in recovered.namespaces {
+                    st.namespaces.insert(ns.name.clone(), ns);
                 }
-                if let Some((run_id, _)) = owner_run(&info.owner) {
-                    st.session_owners
-                        .entry(run_id.to_string())
-                        .or_default()
-                        .push(info.session_id.clone());
+                if !st
+                    .namespaces
+                    .contains_key(tether_core::types::DEFAULT_NAMESPACE)
+                {
+                    let info = NamespaceInfo {
+                        name: tether_core::types::DEFAULT_NAMESPACE.into(),
+                        description: "created at first start".into(),
+                        created_ms: now,
+                        retention_ms: 0,
+                    };
+                    st.namespaces.insert(info.name.clone(), info.clone());
+                    txn.extra.push(Write::Namespace(info));
                 }
-                if session.creation_deadline_ms > 0 && info.state == "creating" {
+                let count = recovered.open_runs.len();
+                let newest_dispatch = recovered
+                    .open_runs
+                    .iter()
+                    .flat_map(|(state, _)| state.activities.values())
+                    .map(|a| a.started_dispatch)
+                    .max()
+                    .unwrap_or(0);
+                crate::history::dispatch_after(newest_dispatch);
+                // Sessions first: a run records which open sessions its activities are in.
+                for session in recovered.open_sessions {
+                    let info = session.info.clone().unwrap_or_default();
+                    if info.state == "open" {
+                        st.reservations
+                            .reserve(&info.namespace, &placement_of(&info));
+                    }
+                    if let Some((run_id, _)) = owner_run(&info.owner) {
+                        st.session_owners
+                            .entry(run_id.to_string())
+                            .or_default()
+                            .push(info.session_id.clone());
+                    }
+                    if session.creation_deadline_ms > 0 && info.state == "creating" {
+                        txn.fx.timers.push((
+                            session.creation_deadline_ms,
+                            TimerKey::SessionCreation {
+                                run_id: info.session_id.clone(),
+                            },
+                        ));
+                    }
                     txn.fx.timers.push((
-                        session.creation_deadline_ms,
-                        TimerKey::SessionCreation {
+                        session.execution_deadline_ms,
+                        TimerKey::SessionExpiry {
                             run_id: info.session_id.clone(),
                         },
                     ));
+                    st.sessions.insert(info.session_id.clone(), session);
                 }
-                txn.fx.timers.push((
-                    session.execution_deadline_ms,
-                    TimerKey::SessionExpiry {
-                        run_id: info.session_id.clone(),
-                    },
-                ));
-                st.sessions.insert(info.session_id.clone(), session);
-            }
-            for (state, history) in recovered.open_runs {
-                let had_buffered = !state.buffered.is_empty();
-                let mut entry = RunEntry::new(state, history);
-                entry.max_history_bytes = engine.config.max_history_bytes;
-                entry.recover(now, &mut txn.fx);
-                let key = (
-                    entry.state.namespace.clone(),
-                    entry.state.standalone_activity,
-                    entry.state.workflow_id.clone(),
-                );
-                let run_id = entry.state.run_id.clone();
-                if had_buffered {
-                    txn.touched.insert(run_id.clone());
+                for (state, history) in recovered.open_runs {
+                    let had_buffered = !state.buffered.is_empty();
+                    let mut entry = RunEntry::new(state, history);
+                    entry.max_history_bytes = engine.config.max_history_bytes;
+                    entry.recover(now, &mut txn.fx);
+                    let key = (
+                        entry.state.namespace.clone(),
+                        entry.state.standalone_activity,
+                        entry.state.workflow_id.clone(),
+                    );
+                    let run_id = entry.state.run_id.clone();
+                    if had_buffered {
+                        txn.touched.insert(run_id.clone());
+                    }
+                    st.open_ids.insert(key, run_id.clone());
+                    Self::note_session_runs(st, &run_id, &entry);
+                    st.runs.insert(run_id, entry);
                 }
-                st.open_ids.insert(key, run_id.clone());
-                Self::note_session_runs(&mut st, &run_id, &entry);
-                st.runs.insert(run_id, entry);
-            }
-            // Hand-out rows kept for sessions: an open session releases them when it closes
-            // (closed runs' rows too, which no open run's state names); rows of a session that
-            // is no longer open should not exist, and are released now.
-            let mut released: HashMap<String, Vec<String>> = HashMap::new();
-            for (session_id, run_id) in recovered.session_rows {
-                if st.sessions.contains_key(&session_id) {
-                    st.session_runs
-                        .entry(session_id)
-                        .or_default()
-                        .insert(run_id);
-                } else {
-                    released.entry(session_id).or_default().push(run_id);
+                // Hand-out rows kept for sessions: an open session releases them when it closes
+                // (closed runs' rows too, which no open run's state names); rows of a session that
+                // is no longer open should not exist, and are released now.
+                let mut released: HashMap<String, Vec<String>> = HashMap::new();
+                for (session_id, run_id) in recovered.session_rows {
+                    if st.sessions.contains_key(&session_id) {
+                        st.session_runs
+                            .entry(session_id)
+                            .or_default()
+                            .insert(run_id);
+                    } else {
+                        released.entry(session_id).or_default().push(run_id);
+                    }
                 }
-            }
-            for (session_id, runs) in released {
-                tracing::warn!(
-                    session_id,
-                    runs = runs.len(),
-                    "hand-out rows of a closed session were left behind; releasing them"
-                );
-                let write = Self::release_session_rows(&mut st, session_id, runs);
-                txn.extra.push(write);
-            }
-            tracing::info!(open_runs = count, "recovered state from the store");
-            // A session whose owner run closed while it stayed open (stored by an older version)
-            // is released now.
-            let orphaned: Vec<String> = st
-                .sessions
-                .values()
-                .filter_map(|s| s.info.as_ref())
-                .filter(|i| owner_run(&i.owner).is_some_and(|(r, _)| !st.runs.contains_key(r)))
-                .map(|i| i.session_id.clone())
-                .collect();
-            for id in orphaned {
-                engine.close_session(
-                    &mut st,
-                    &id,
-                    "completed",
-                    "released: the workflow run that owns it is closed",
-                    true,
-                    now,
-                    &mut txn,
-                );
-            }
-            engine.commit_locked(&mut st, &mut txn)
-        };
-        engine.finish(commit, txn).await?;
+                for (session_id, runs) in released {
+                    tracing::warn!(
+                        session_id,
+                        runs = runs.len(),
+                        "hand-out rows of a closed session were left behind; releasing them"
+                    );
+                    let write = Self::release_session_rows(st, session_id, runs);
+                    txn.extra.push(write);
+                }
+                tracing::info!(open_runs = count, "recovered state from the store");
+                // A session whose owner run closed while it stayed open (stored by an older version)
+                // is released now.
+                let orphaned: Vec<String> = st
+                    .sessions
+                    .values()
+                    .filter_map(|s| s.info.as_ref())
+                    .filter(|i| owner_run(&i.owner).is_some_and(|(r, _)| !st.runs.contains_key(r)))
+                    .map(|i| i.session_id.clone())
+                    .collect();
+                for id in orphaned {
+                    engine.close_session(
+                        st,
+                        &id,
+                        "completed",
+                        "released: the workflow run that owns it is closed",
+                        true,
+                        now,
+                        txn,
+                    );
+                }
+                Ok(())
+            })
+            .await?;
         let returns = engine.clone();
         tokio::spawn(async move { returns.take_back_returned().await });
         Ok(engine)
     }
+
     /// Takes back attempts handed to polls that ended before their caller saw them, for as
     /// long as the engine lives.
     pub(super) async fn take_back_returned(self: Arc<Self>) {
@@ -170,6 +170,7 @@ impl Engine {
             }
         }
     }
+
     /// Takes back what polls gave back while the server shut down (shutdown itself ends the
     /// parked polls): called once no request runs any more, before the store closes, so those
     /// attempts wait in their queues after a restart rather than out their timeouts.

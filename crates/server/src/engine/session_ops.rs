@@ -90,6 +90,7 @@ impl Engine {
             }
         }
     }
+
     /// A workflow that asked for a session learns its placement (or failure) as an event.
     pub(super) fn notify_session_owner(
         st: &mut EngineState,
@@ -109,6 +110,7 @@ impl Engine {
             txn.touched.insert(run_id.to_string());
         }
     }
+
     /// Records a new session (defaults filled in), arms its creation and execution timers and
     /// tries to place it at once. Returns whether it was placed.
     #[allow(clippy::too_many_arguments)]
@@ -174,6 +176,7 @@ impl Engine {
         ));
         self.try_place(st, session_id, now, txn)
     }
+
     /// Creates the sessions a workflow task asked for and completes the ones it completed.
     pub(super) fn apply_session_commands(
         &self,
@@ -205,6 +208,7 @@ impl Engine {
             }
         }
     }
+
     pub(super) fn try_place_pending(&self, st: &mut EngineState, now: i64, txn: &mut Txn) {
         let mut pending: Vec<(i64, String)> = st
             .sessions
@@ -219,6 +223,7 @@ impl Engine {
             self.try_place(st, &id, now, txn);
         }
     }
+
     /// Ends a session and releases its reservation; with `fail_activities`, its pending
     /// activities fail with SessionFailed (a session completed by its owner has none left that
     /// matter: the owner decided it was done).
@@ -292,6 +297,7 @@ impl Engine {
         // Released resources may let a waiting session in.
         self.try_place_pending(st, now, txn);
     }
+
     /// Ends the open sessions of a worker whose GPUs they hold no longer exist there (it came
     /// back with fewer, or other, GPUs).
     pub(super) fn fail_sessions_on_vanished_gpus(
@@ -347,6 +353,7 @@ impl Engine {
             self.close_session(st, &session_id, "failed", &reason, true, now, txn);
         }
     }
+
     /// Creates a session and waits (up to `wait`) for its placement. Asking again for the same
     /// session id waits the same way (it does not answer at once while the session waits).
     pub async fn create_session(
@@ -375,44 +382,43 @@ impl Engine {
             req.session_id.clone()
         };
         let now = now_ms();
-        let mut txn = Txn::default();
-        let (commit, waiter) = {
-            let mut st = self.state.lock();
-            Self::check_namespace(&st, &req.namespace)?;
-            let existing = st.sessions.get(&session_id).and_then(|s| s.info.clone());
-            let placed_or_closed = match existing {
-                Some(info) => {
-                    // Same id again (a client's retry, or its next wait): idempotent.
-                    if info.namespace != req.namespace {
-                        return Err(EngineError::AlreadyExists(format!(
-                            "session id {session_id:?} is in use"
-                        )));
+        let waiter = self
+            .transact(|st, txn| {
+                Self::check_namespace(st, &req.namespace)?;
+                let existing = st.sessions.get(&session_id).and_then(|s| s.info.clone());
+                let placed_or_closed = match existing {
+                    Some(info) => {
+                        // Same id again (a client's retry, or its next wait): idempotent.
+                        if info.namespace != req.namespace {
+                            return Err(EngineError::AlreadyExists(format!(
+                                "session id {session_id:?} is in use"
+                            )));
+                        }
+                        info.state != "creating"
                     }
-                    info.state != "creating"
-                }
-                None => self.insert_session(
-                    &mut st,
-                    &session_id,
-                    &req.namespace,
-                    &req.owner,
-                    options,
-                    now,
-                    &mut txn,
-                ),
-            };
-            let waiter = if placed_or_closed || req.wait_ms == 0 {
-                None
-            } else {
-                let (tx, rx) = oneshot::channel();
-                st.session_waiters
-                    .entry(session_id.clone())
-                    .or_default()
-                    .push(tx);
-                Some(rx)
-            };
-            (self.commit_locked(&mut st, &mut txn), waiter)
-        };
-        self.finish(commit, txn).await?;
+                    None => self.insert_session(
+                        st,
+                        &session_id,
+                        &req.namespace,
+                        &req.owner,
+                        options,
+                        now,
+                        txn,
+                    ),
+                };
+                let waiter = if placed_or_closed || req.wait_ms == 0 {
+                    None
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    st.session_waiters
+                        .entry(session_id.clone())
+                        .or_default()
+                        .push(tx);
+                    Some(rx)
+                };
+                Ok(waiter)
+            })
+            .await?;
         if let Some(rx) = waiter {
             let wait = Duration::from_millis(req.wait_ms).min(self.config.long_poll_timeout);
             if let Some(info) = self.wait_for_answer(rx, wait).await? {
@@ -428,6 +434,7 @@ impl Engine {
         }
         self.describe_session(&req.namespace, &session_id).await
     }
+
     /// None while the session is in memory; its stored state once it left (closed for good).
     pub(super) async fn session_from_store_if_gone(
         &self,
@@ -439,6 +446,7 @@ impl Engine {
         }
         self.describe_session(namespace, session_id).await.map(Some)
     }
+
     /// Completes a session and releases its reservation.
     pub async fn complete_session(
         &self,
@@ -455,6 +463,7 @@ impl Engine {
         })
         .await
     }
+
     /// Ends any session at once (an operator's call): its reservation is freed, its pending
     /// activities fail with SessionFailed, its owner workflow is told.
     pub async fn terminate_session(
@@ -473,6 +482,7 @@ impl Engine {
         self.end_session(namespace, session_id, |_| ("terminated", reason, true))
             .await
     }
+
     /// Closes a live session as `decide` says (state, reason, fail its activities) given its
     /// current state; a closed one is NotRunning saying how it ended.
     pub(super) async fn end_session(
@@ -483,29 +493,29 @@ impl Engine {
     ) -> Result<pb::SessionInfo, EngineError> {
         self.check_healthy()?;
         let now = now_ms();
-        let mut txn = Txn::default();
-        let done = {
-            let mut st = self.state.lock();
-            Self::check_namespace(&st, namespace)?;
-            let live = st
-                .sessions
-                .get(session_id)
-                .and_then(|s| s.info.as_ref())
-                .filter(|i| {
-                    i.namespace == namespace && matches!(i.state.as_str(), "creating" | "open")
+        let done = self
+            .transact(|st, txn| {
+                Self::check_namespace(st, namespace)?;
+                let live = st
+                    .sessions
+                    .get(session_id)
+                    .and_then(|s| s.info.as_ref())
+                    .filter(|i| {
+                        i.namespace == namespace && matches!(i.state.as_str(), "creating" | "open")
+                    })
+                    .map(|i| i.state.clone());
+                Ok(match live {
+                    None => None,
+                    Some(current) => {
+                        let (state, reason, fail) = decide(&current);
+                        self.close_session(st, session_id, state, &reason, fail, now, txn);
+                        let info = st.sessions[session_id].info.clone().unwrap_or_default();
+                        Some(info)
+                    }
                 })
-                .map(|i| i.state.clone());
-            match live {
-                None => None,
-                Some(current) => {
-                    let (state, reason, fail) = decide(&current);
-                    self.close_session(&mut st, session_id, state, &reason, fail, now, &mut txn);
-                    let info = st.sessions[session_id].info.clone().unwrap_or_default();
-                    Some((self.commit_locked(&mut st, &mut txn), info))
-                }
-            }
-        };
-        let Some((commit, info)) = done else {
+            })
+            .await?;
+        let Some(info) = done else {
             let stored = self.describe_session(namespace, session_id).await?;
             return Err(EngineError::NotRunning(format!(
                 "session {session_id} is already {}{}",
@@ -517,9 +527,9 @@ impl Engine {
                 }
             )));
         };
-        self.finish(commit, txn).await?;
         Ok(info)
     }
+
     /// A session, live or closed (looked up by id at any age).
     pub async fn describe_session(
         &self,
@@ -554,6 +564,7 @@ impl Engine {
             ))
         })
     }
+
     /// Sessions of a namespace, newest first, a page at a time: live ones, and closed ones too
     /// when asked. Returns the page and the next page's token ("" after the last).
     pub async fn list_sessions(
@@ -616,6 +627,7 @@ impl Engine {
         };
         Ok((page, next))
     }
+
     /// Points activities scheduled in a session at its worker's host queue; a session that is not
     /// open makes them fail at once (checked after they are recorded).
     pub(super) fn route_session_activity(st: &EngineState, options: &mut pb::ActivityOptions) {
@@ -632,6 +644,7 @@ impl Engine {
             }
         }
     }
+
     /// Fails activities just scheduled on sessions that are not open.
     pub(super) fn fail_activities_of_closed_sessions(
         st: &mut EngineState,

@@ -27,6 +27,7 @@ impl Engine {
             .await?;
         Ok(run_id)
     }
+
     /// Records which open sessions `entry`'s activities were scheduled in, so a closing
     /// session finds its activities without a look at every run. (An activity scheduled in a
     /// session that is closed already fails at once: nothing to remember.)
@@ -49,6 +50,7 @@ impl Engine {
             }
         }
     }
+
     /// Creates a run under an id that must not be running already, in one transaction. Returns
     /// the run id and whether its first task went straight to a waiting worker.
     pub(super) async fn start_run(
@@ -69,10 +71,8 @@ impl Engine {
                 return Ok((run_id, true));
             }
         }
-        let mut txn = Txn::default();
-        let started = {
-            let mut st = self.state.lock();
-            Self::check_namespace(&st, namespace)?;
+        let (commit, txn, started) = self.submit(|st, txn| {
+            Self::check_namespace(st, namespace)?;
             let key = (namespace.to_string(), standalone, id.to_string());
             if let Some(existing) = st.open_ids.get(&key) {
                 let same_request = !request_id.is_empty()
@@ -88,20 +88,20 @@ impl Engine {
                     });
                 }
                 // A retry of a start that got through: the same answer again, once durable.
-                Err((existing.clone(), st.last_submitted_seq))
+                Ok(Err((existing.clone(), st.last_submitted_seq)))
             } else {
                 let run_id = tether_core::types::RunId::generate().to_string();
                 let mut entry = make(run_id.clone(), now_ms(), &mut txn.fx);
                 entry.max_history_bytes = self.config.max_history_bytes;
                 st.open_ids.insert(key, run_id.clone());
-                Self::note_session_runs(&mut st, &run_id, &entry);
+                Self::note_session_runs(st, &run_id, &entry);
                 st.runs.insert(run_id.clone(), entry);
                 txn.touched.insert(run_id.clone());
-                Ok((self.commit_locked(&mut st, &mut txn), run_id))
+                Ok(Ok(run_id))
             }
-        };
-        let (commit, run_id) = match started {
-            Ok(started) => started,
+        })?;
+        let run_id = match started {
+            Ok(run_id) => run_id,
             Err((existing, seq)) => {
                 self.durable(seq).await?;
                 return Ok((existing, true));
@@ -111,6 +111,7 @@ impl Engine {
         self.finish(commit, txn).await?;
         Ok((run_id, handed_over))
     }
+
     /// The closed run a start with `request_id` made, if the id's latest run is one: the
     /// answer to a start resent after its reply was lost and its run finished meanwhile. A
     /// read of the store, so only for starts that say they are resent.
@@ -128,6 +129,7 @@ impl Engine {
         (latest.start_request_id == request_id && latest.status != ExecutionStatus::Running as i32)
             .then_some(latest.run_id)
     }
+
     /// Whether a start with `request_id` already made a run of `id` (open, or closed when the
     /// start is resent): then it is answered with that run, whatever changed since.
     pub(super) async fn started_already(
@@ -154,6 +156,7 @@ impl Engine {
                 .await
                 .is_some())
     }
+
     /// Starts a standalone activity.
     pub async fn start_activity(
         &self,
@@ -223,6 +226,7 @@ impl Engine {
             requirements,
         })
     }
+
     /// Why an activity started on `queue` with `requirements` waits instead of being taken:
     /// no live worker satisfies its requirements, or none polls the queue ("" when one can).
     pub fn placement_note(&self, namespace: &str, queue: &str, requirements: &str) -> String {

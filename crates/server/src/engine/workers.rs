@@ -63,6 +63,7 @@ impl Engine {
             requirement_backlogs,
         })
     }
+
     pub(super) fn worker_info(&self, w: &crate::matching::WorkerRecord) -> pb::WorkerInfo {
         let mut queues: Vec<String> = w.task_queues.clone();
         queues.sort();
@@ -88,6 +89,7 @@ impl Engine {
             stop_reason: w.stop_reason.clone(),
         }
     }
+
     /// Workers of a namespace by identity, a page at a time: registered ones with their state,
     /// plus pollers that never registered. Returns the page and the next page's token.
     pub fn list_workers(
@@ -141,6 +143,7 @@ impl Engine {
         };
         Ok((page, next))
     }
+
     /// One worker.
     pub fn describe_worker(
         &self,
@@ -183,6 +186,7 @@ impl Engine {
             ..Default::default()
         })
     }
+
     /// Registers a worker process; returns its host queue. An identity belongs to one live
     /// process at a time: another process's registration is refused (ALREADY_EXISTS naming the
     /// holder) while the holder lives, unless it says it replaces the holder.
@@ -218,9 +222,7 @@ impl Engine {
             outcome = ?registered,
             "worker registered"
         );
-        let mut txn = Txn::default();
-        let commit = {
-            let mut st = self.state.lock();
+        self.transact(|st, txn| {
             // A new process under this identity: whatever an earlier process of it was running
             // (handed out durably, so this holds across server restarts too) is gone with that
             // process. Retry it now rather than after its timeouts; but a process that shut
@@ -246,19 +248,12 @@ impl Engine {
                     }
                 }
             }
-            self.fail_sessions_on_vanished_gpus(
-                &mut st,
-                &req.namespace,
-                &req.identity,
-                &caps,
-                now,
-                &mut txn,
-            );
+            self.fail_sessions_on_vanished_gpus(st, &req.namespace, &req.identity, &caps, now, txn);
             // A new worker may be able to host sessions that are waiting for a placement.
-            self.try_place_pending(&mut st, now, &mut txn);
-            self.commit_locked(&mut st, &mut txn)
-        };
-        self.finish(commit, txn).await?;
+            self.try_place_pending(st, now, txn);
+            Ok(())
+        })
+        .await?;
         let liveness = self.config.worker_liveness_timeout;
         Ok(pb::RegisterWorkerResponse {
             host_queue: crate::matching::host_queue_name(&req.identity),
@@ -266,6 +261,7 @@ impl Engine {
             liveness_timeout_ms: liveness.as_millis() as u64,
         })
     }
+
     /// Records a worker heartbeat; false when the worker must register again. New capabilities
     /// that lost GPUs end the sessions reserved on them.
     pub async fn worker_heartbeat(
@@ -305,23 +301,22 @@ impl Engine {
         if known && lost_gpus {
             let caps = caps.expect("checked");
             let now = now_ms();
-            let mut txn = Txn::default();
-            let commit = {
-                let mut st = self.state.lock();
+            self.transact(|st, txn| {
                 self.fail_sessions_on_vanished_gpus(
-                    &mut st,
+                    st,
                     &req.namespace,
                     &req.identity,
                     &caps,
                     now,
-                    &mut txn,
+                    txn,
                 );
-                self.commit_locked(&mut st, &mut txn)
-            };
-            self.finish(commit, txn).await?;
+                Ok(())
+            })
+            .await?;
         }
         Ok(known)
     }
+
     /// A worker shut down: it is stopped at once (nothing new is placed on or dispatched to
     /// it), and the sessions it hosts end now with the reason given (default "worker shut
     /// down") instead of after the liveness timeout. Its running attempts may still report.
@@ -352,26 +347,25 @@ impl Engine {
             "worker stopped"
         );
         let now = now_ms();
-        let mut txn = Txn::default();
-        let (commit, ended) = {
-            let mut st = self.state.lock();
-            let ended: Vec<String> = st
-                .sessions
-                .values()
-                .filter_map(|s| s.info.as_ref())
-                .filter(|i| {
-                    i.state == "open"
-                        && i.namespace == req.namespace
-                        && i.worker_identity == req.identity
-                })
-                .map(|i| i.session_id.clone())
-                .collect();
-            for id in &ended {
-                self.close_session(&mut st, id, "failed", &reason, true, now, &mut txn);
-            }
-            (self.commit_locked(&mut st, &mut txn), ended)
-        };
-        self.finish(commit, txn).await?;
+        let ended = self
+            .transact(|st, txn| {
+                let ended: Vec<String> = st
+                    .sessions
+                    .values()
+                    .filter_map(|s| s.info.as_ref())
+                    .filter(|i| {
+                        i.state == "open"
+                            && i.namespace == req.namespace
+                            && i.worker_identity == req.identity
+                    })
+                    .map(|i| i.session_id.clone())
+                    .collect();
+                for id in &ended {
+                    self.close_session(st, id, "failed", &reason, true, now, txn);
+                }
+                Ok(ended)
+            })
+            .await?;
         Ok(ended)
     }
 }

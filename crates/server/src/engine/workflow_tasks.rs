@@ -26,6 +26,7 @@ impl Engine {
             }
         }
     }
+
     pub(super) fn poll_timeout(&self, requested_ms: u64) -> Duration {
         if requested_ms == 0 {
             self.config.long_poll_timeout
@@ -33,6 +34,7 @@ impl Engine {
             Duration::from_millis(requested_ms).min(self.config.long_poll_timeout)
         }
     }
+
     /// A registered identity's work goes to its own process only: a poll from any other is
     /// refused (a second process started with the same identity, or a stale one).
     pub(super) fn check_poller(
@@ -58,6 +60,7 @@ impl Engine {
             _ => Ok(()),
         }
     }
+
     /// Long-polls for a workflow task.
     pub async fn poll_workflow_task(
         &self,
@@ -79,6 +82,7 @@ impl Engine {
         self.check_healthy()?;
         Ok(task.unwrap_or_default())
     }
+
     /// A workflow task waiting right now on one of `queues` (tried in order), if any: lets a
     /// worker that just completed one take the next without a separate poll.
     pub async fn next_workflow_task_now(
@@ -101,6 +105,7 @@ impl Engine {
         }
         None
     }
+
     /// Takes (waiting up to `wait`) the next current workflow task of a queue and dispatches it.
     pub(super) async fn take_workflow_task(
         &self,
@@ -118,23 +123,20 @@ impl Engine {
             let TaskRef::Workflow { run_id } = task else {
                 continue;
             };
-            let mut txn = Txn::default();
-            let dispatched = {
-                let mut st = self.state.lock();
+            let submitted = self.submit(|st, txn| {
                 let response = st.runs.get_mut(&run_id).and_then(|entry| {
                     entry.dispatch_workflow_task(identity, sticky_queue, now_ms(), &mut txn.fx)
                 });
                 if response.is_some() {
-                    // Dispatch may move buffered events into the history. They were durable
-                    // already (as buffered events), so the task need not wait for this write:
-                    // it is ordered before the worker's completion, which is all that matters.
                     txn.touched.insert(run_id.clone());
-                    let _ = self.commit_locked(&mut st, &mut txn);
                 }
-                response
-            };
-            if let Some(response) = dispatched {
-                self.apply_effects(std::mem::take(&mut txn.fx), txn.handovers);
+                Ok(response)
+            });
+            // Dispatch may move buffered events into the history. They were durable already
+            // (as buffered events), so the task need not wait for this write: it is ordered
+            // before the worker's completion, which is all that matters.
+            if let Ok((_not_awaited, txn, Some(response))) = submitted {
+                self.apply_effects(txn.fx, txn.handovers);
                 return Some(response);
             }
             if remaining.is_zero() {
@@ -142,6 +144,7 @@ impl Engine {
             }
         }
     }
+
     /// Refuses a completion that would take a run past the history or pending-activity limits.
     pub(super) fn check_run_limits(
         &self,
@@ -168,6 +171,7 @@ impl Engine {
         }
         Ok(())
     }
+
     pub(super) fn decode_token(bytes: &[u8]) -> Result<pb::TaskToken, EngineError> {
         let token = pb::TaskToken::decode(bytes).map_err(|_| {
             EngineError::InvalidArgument(
@@ -181,6 +185,7 @@ impl Engine {
         }
         Ok(token)
     }
+
     /// Runs `f` on the run a token names, in one transaction.
     pub(super) async fn with_token_run<T>(
         &self,
@@ -189,18 +194,18 @@ impl Engine {
     ) -> Result<T, EngineError> {
         self.check_healthy()?;
         let token = Self::decode_token(token_bytes)?;
-        let mut txn = Txn::default();
-        let (commit, value) = {
-            let mut st = self.state.lock();
-            Self::check_namespace(&st, &token.namespace)?;
-            let entry = open_run(&mut st.runs, &token.run_id)?;
-            let value = f(entry, &token, &mut txn.fx)?;
-            txn.touched.insert(token.run_id.clone());
-            (self.commit_locked(&mut st, &mut txn), value)
-        };
-        self.finish(commit, txn).await?;
+        let value = self
+            .transact(|st, txn| {
+                Self::check_namespace(st, &token.namespace)?;
+                let entry = open_run(&mut st.runs, &token.run_id)?;
+                let value = f(entry, &token, &mut txn.fx)?;
+                txn.touched.insert(token.run_id.clone());
+                Ok(value)
+            })
+            .await?;
         Ok(value)
     }
+
     /// Applies a workflow task's commands.
     pub async fn complete_workflow_task(
         &self,
@@ -211,51 +216,51 @@ impl Engine {
         let token = Self::decode_token(&req.task_token)?;
         let mut commands = req.commands;
         let now = now_ms();
-        let mut txn = Txn::default();
-        let (commit, completion) = {
-            let mut st = self.state.lock();
-            Self::check_namespace(&st, &token.namespace)?;
-            let mut sessions_used: Vec<String> = Vec::new();
-            for c in commands.iter_mut() {
-                if let Some(pb::command::Kind::ScheduleActivity(a)) = c.kind.as_mut() {
-                    if let Some(o) = a.options.as_mut() {
-                        Self::route_session_activity(&st, o);
-                        if !o.session_id.is_empty() && !sessions_used.contains(&o.session_id) {
-                            sessions_used.push(o.session_id.clone());
+        let completion = self
+            .transact(|st, txn| {
+                Self::check_namespace(st, &token.namespace)?;
+                let mut sessions_used: Vec<String> = Vec::new();
+                for c in commands.iter_mut() {
+                    if let Some(pb::command::Kind::ScheduleActivity(a)) = c.kind.as_mut() {
+                        if let Some(o) = a.options.as_mut() {
+                            Self::route_session_activity(st, o);
+                            if !o.session_id.is_empty() && !sessions_used.contains(&o.session_id) {
+                                sessions_used.push(o.session_id.clone());
+                            }
                         }
                     }
                 }
-            }
-            let entry = open_run(&mut st.runs, &token.run_id)?;
-            entry.validate_commands(&commands, max)?;
-            self.check_run_limits(entry, &commands)?;
-            let completion = entry.complete_workflow_task(
-                &token,
-                commands,
-                &req.identity,
-                &req.sticky_queue,
-                now,
-                &mut txn.fx,
-            )?;
-            txn.touched.insert(token.run_id.clone());
-            for session_id in sessions_used {
-                if session_is_open(&st.sessions, &session_id) {
-                    st.session_runs
-                        .entry(session_id)
-                        .or_default()
-                        .insert(token.run_id.clone());
+                let entry = open_run(&mut st.runs, &token.run_id)?;
+                entry.validate_commands(&commands, max)?;
+                self.check_run_limits(entry, &commands)?;
+                let completion = entry.complete_workflow_task(
+                    &token,
+                    commands,
+                    &req.identity,
+                    &req.sticky_queue,
+                    now,
+                    &mut txn.fx,
+                )?;
+                txn.touched.insert(token.run_id.clone());
+                for session_id in sessions_used {
+                    if session_is_open(&st.sessions, &session_id) {
+                        st.session_runs
+                            .entry(session_id)
+                            .or_default()
+                            .insert(token.run_id.clone());
+                    }
                 }
-            }
-            Self::fail_activities_of_closed_sessions(&mut st, &token.run_id, now, &mut txn);
-            self.apply_session_commands(&mut st, &token.namespace, now, &mut txn);
-            (self.commit_locked(&mut st, &mut txn), completion)
-        };
-        self.finish(commit, txn).await?;
+                Self::fail_activities_of_closed_sessions(st, &token.run_id, now, txn);
+                self.apply_session_commands(st, &token.namespace, now, txn);
+                Ok(completion)
+            })
+            .await?;
         match completion {
             WorkflowTaskCompletion::Applied => Ok(()),
             WorkflowTaskCompletion::Rejected(why) => Err(EngineError::Aborted(why)),
         }
     }
+
     /// Records a failed workflow task.
     pub async fn fail_workflow_task(
         &self,

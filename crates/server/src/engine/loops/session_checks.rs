@@ -8,9 +8,7 @@ impl Engine {
     /// waiting.
     pub(super) async fn check_sessions(&self) -> Result<(), EngineError> {
         let now = now_ms();
-        let mut txn = Txn::default();
-        let commit = {
-            let mut st = self.state.lock();
+        self.transact(|st, txn| {
             if st.sessions.is_empty() {
                 return Ok(());
             }
@@ -52,7 +50,7 @@ impl Engine {
                 }
             }
             for (id, reason) in silent {
-                self.close_session(&mut st, &id, "failed", &reason, true, now, &mut txn);
+                self.close_session(st, &id, "failed", &reason, true, now, txn);
             }
             if !idle.is_empty() {
                 // An activity still running in the session is use: only the truly idle close.
@@ -76,12 +74,12 @@ impl Engine {
                          session ends by itself so its reservation cannot leak",
                         duration_text(idle_limit)
                     );
-                    self.close_session(&mut st, &id, "timed_out", &reason, true, now, &mut txn);
+                    self.close_session(st, &id, "timed_out", &reason, true, now, txn);
                 }
             }
-            self.try_place_pending(&mut st, now, &mut txn);
-            self.commit_locked(&mut st, &mut txn)
-        };
-        self.finish(commit, txn).await
+            self.try_place_pending(st, now, txn);
+            Ok(())
+        })
+        .await
     }
 }

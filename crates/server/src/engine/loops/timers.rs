@@ -29,11 +29,10 @@ impl Engine {
             }
         }
     }
+
     pub(super) async fn fire(&self, due: Vec<TimerKey>) -> Result<(), EngineError> {
-        let mut txn = Txn::default();
         let now = now_ms();
-        let commit = {
-            let mut st = self.state.lock();
+        self.transact(|st, txn| {
             for key in due {
                 match &key {
                     TimerKey::SessionCreation { run_id } => {
@@ -47,7 +46,7 @@ impl Engine {
                                 .map(|i| i.reason.clone())
                                 .unwrap_or_default();
                             self.close_session(
-                                &mut st,
+                                st,
                                 run_id,
                                 "failed",
                                 &format!(
@@ -55,7 +54,7 @@ impl Engine {
                                 ),
                                 true,
                                 now,
-                                &mut txn,
+                                txn,
                             );
                         }
                         continue;
@@ -69,13 +68,13 @@ impl Engine {
                         });
                         if live {
                             self.close_session(
-                                &mut st,
+                                st,
                                 run_id,
                                 "timed_out",
                                 "execution timeout reached",
                                 true,
                                 now,
-                                &mut txn,
+                                txn,
                             );
                         }
                         continue;
@@ -128,9 +127,9 @@ impl Engine {
                     txn.touched.insert(key.run_id().to_string());
                 }
             }
-            self.commit_locked(&mut st, &mut txn)
-        };
-        self.finish(commit, txn).await
+            Ok(())
+        })
+        .await
     }
 
     // ------------------------------------------------------------------------------------------
