@@ -152,7 +152,7 @@ pub async fn decode_remote(url: &str, payloads: &[Payload]) -> Result<Vec<Payloa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{AesGcmCodec, DataConverter};
+    use tether_sdk::codec::{AesGcmCodec, DataConverter};
     use std::sync::Arc;
 
     #[tokio::test]

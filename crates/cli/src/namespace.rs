@@ -1,0 +1,75 @@
+//! `tether namespace`: create, update, describe, list.
+
+use crate::args::Global;
+use crate::args::NamespaceCmd;
+use crate::remote::connect;
+use crate::render::print_json;
+use crate::render::retention_text;
+use crate::render::time_text;
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+
+pub(crate) async fn namespace_cmd(g: &Global, cmd: NamespaceCmd) -> Result<i32> {
+    let client = connect(g).await?;
+    match cmd {
+        NamespaceCmd::Create {
+            name,
+            description,
+            retention,
+        } => {
+            client
+                .register_namespace_with_retention(&name, &description, retention)
+                .await?;
+            let retention = retention_text(retention.as_millis() as u64);
+            if g.json {
+                print_json(&json!({ "namespace": name, "retention": retention }));
+            } else {
+                out!("namespace {name} created (closed runs kept {retention})");
+            }
+        }
+        NamespaceCmd::Update {
+            name,
+            description,
+            retention,
+        } => {
+            if description.is_none() && retention.is_none() {
+                bail!("nothing to change: give --description and/or --retention");
+            }
+            let n = client
+                .update_namespace(&name, description.as_deref(), retention)
+                .await?;
+            let retention = retention_text(n.retention_ms);
+            if g.json {
+                print_json(
+                    &json!({"name": n.name, "description": n.description, "retention": retention}),
+                );
+            } else {
+                out!(
+                    "namespace {} updated (closed runs kept {retention})",
+                    n.name
+                );
+            }
+        }
+        NamespaceCmd::List => {
+            let list = client.list_namespaces().await?;
+            if g.json {
+                print_json(&Value::Array(
+                        list.iter()
+                            .map(|n| json!({"name": n.name, "description": n.description, "created": time_text(n.created_ms), "retention": retention_text(n.retention_ms)}))
+                            .collect(),
+                    ));
+            } else {
+                out!("{:<24} {:<10} DESCRIPTION", "NAME", "RETENTION");
+                for n in list {
+                    out!(
+                        "{:<24} {:<10} {}",
+                        n.name,
+                        retention_text(n.retention_ms),
+                        n.description
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}

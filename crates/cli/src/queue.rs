@@ -1,0 +1,56 @@
+//! `tether queue`: what waits in a task queue and who polls it.
+
+use crate::args::Global;
+use crate::args::QueueCmd;
+use crate::remote::connect;
+use crate::render::print_json;
+use crate::render::time_text;
+use anyhow::Result;
+use serde_json::json;
+
+pub(crate) async fn queue_cmd(g: &Global, cmd: QueueCmd) -> Result<i32> {
+    let QueueCmd::Describe { task_queue } = cmd;
+    let client = connect(g).await?;
+    let q = client.describe_task_queue(&task_queue).await?;
+    if g.json {
+        print_json(&json!({
+            "task_queue": task_queue,
+            "workflow_backlog": q.workflow_backlog,
+            "activity_backlog": q.activity_backlog,
+            "pollers": q.pollers.iter().map(|p| json!({"identity": p.identity, "kind": p.kind, "state": p.state, "last_poll": time_text(p.last_poll_ms)})).collect::<Vec<_>>(),
+            "requirement_backlogs": q.requirement_backlogs.iter().map(|b| json!({
+                "requirements": b.requirements, "tasks": b.tasks,
+                "unplaceable": b.unplaceable, "explanation": b.explanation,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        out!("task queue:        {task_queue}");
+        out!("workflow backlog:  {}", q.workflow_backlog);
+        out!("activity backlog:  {}", q.activity_backlog);
+        out!("pollers:");
+        for p in &q.pollers {
+            out!(
+                "  {:<32} {:<9} {:<13} last poll {}",
+                p.identity,
+                p.kind,
+                p.state,
+                time_text(p.last_poll_ms)
+            );
+        }
+        if !q.requirement_backlogs.is_empty() {
+            out!("waiting activities by requirements:");
+            for b in &q.requirement_backlogs {
+                let reqs = if b.requirements.is_empty() {
+                    "(none)"
+                } else {
+                    b.requirements.as_str()
+                };
+                out!("  {:>6}  {reqs}", b.tasks);
+                if b.unplaceable {
+                    out!("          unplaceable: {}", b.explanation);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
