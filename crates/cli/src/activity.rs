@@ -7,8 +7,8 @@ use crate::remote::decode_for_display;
 use crate::render::execution_json;
 use crate::render::failure_json;
 use crate::render::payload_json;
-use crate::render::print_json;
 use crate::render::print_outcome;
+use crate::render::show;
 use crate::render::status_name;
 use crate::render::time_text;
 use crate::workflow::list_runs;
@@ -66,11 +66,9 @@ pub(crate) async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
                 );
             }
             if no_wait {
-                if g.json {
-                    print_json(&json!({"activity_id": id, "run_id": handle.run_id}));
-                } else {
-                    out!("{id} {}", handle.run_id);
-                }
+                let mut text = Vec::new();
+                text.push(format!("{id} {}", handle.run_id));
+                show(g, json!({"activity_id": id, "run_id": handle.run_id}), text);
                 return Ok(0);
             }
             let mut outcome = handle.outcome().await?;
@@ -100,40 +98,38 @@ pub(crate) async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
             decode_for_display(g, d.result.iter_mut().collect()).await?;
             let info = d.info.clone().unwrap_or_default();
             let pending = d.pending_activities.first();
-            if g.json {
-                let mut v = execution_json(&info);
-                v["attempt"] = json!(pending.map(|a| a.attempt));
-                v["state"] = json!(pending.map(|a| a.state.clone()));
-                v["last_worker"] = json!(pending.map(|a| a.last_worker.clone()));
-                v["last_failure"] = failure_json(pending.and_then(|a| a.last_failure.as_ref()));
-                v["result"] = payload_json(d.result.as_ref());
-                v["failure"] = failure_json(d.failure.as_ref());
-                print_json(&v);
-            } else {
-                out!("activity id:     {}", info.workflow_id);
-                out!("run id:          {}", info.run_id);
-                out!("type:            {}", info.workflow_type);
-                out!("task queue:      {}", info.task_queue);
-                out!("status:          {}", status_name(info.status));
-                out!("started:         {}", time_text(info.start_ms));
-                out!("closed:          {}", time_text(info.close_ms));
-                if let Some(a) = pending {
-                    out!("attempt:         {} ({})", a.attempt, a.state);
-                    out!("worker:          {}", a.last_worker);
-                    if let Some(f) = &a.last_failure {
-                        out!("last failure:    {}", f.message);
-                    }
-                }
-                if d.result.is_some() {
-                    out!(
-                        "result:          {}",
-                        codec::display_payload(d.result.as_ref())
-                    );
-                }
-                if let Some(f) = &d.failure {
-                    out!("failure:         {}", f.message);
+            let mut v = execution_json(&info);
+            v["attempt"] = json!(pending.map(|a| a.attempt));
+            v["state"] = json!(pending.map(|a| a.state.clone()));
+            v["last_worker"] = json!(pending.map(|a| a.last_worker.clone()));
+            v["last_failure"] = failure_json(pending.and_then(|a| a.last_failure.as_ref()));
+            v["result"] = payload_json(d.result.as_ref());
+            v["failure"] = failure_json(d.failure.as_ref());
+            let mut text = Vec::new();
+            text.push(format!("activity id:     {}", info.workflow_id));
+            text.push(format!("run id:          {}", info.run_id));
+            text.push(format!("type:            {}", info.workflow_type));
+            text.push(format!("task queue:      {}", info.task_queue));
+            text.push(format!("status:          {}", status_name(info.status)));
+            text.push(format!("started:         {}", time_text(info.start_ms)));
+            text.push(format!("closed:          {}", time_text(info.close_ms)));
+            if let Some(a) = pending {
+                text.push(format!("attempt:         {} ({})", a.attempt, a.state));
+                text.push(format!("worker:          {}", a.last_worker));
+                if let Some(f) = &a.last_failure {
+                    text.push(format!("last failure:    {}", f.message));
                 }
             }
+            if d.result.is_some() {
+                text.push(format!(
+                    "result:          {}",
+                    codec::display_payload(d.result.as_ref())
+                ));
+            }
+            if let Some(f) = &d.failure {
+                text.push(format!("failure:         {}", f.message));
+            }
+            show(g, v, text);
             Ok(0)
         }
         ActivityCmd::List { status, limit } => {
@@ -147,11 +143,12 @@ pub(crate) async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
                 .activity_handle(&activity.activity_id, &activity.run_id)
                 .cancel(&reason)
                 .await?;
-            if g.json {
-                print_json(&json!({"cancel_requested": activity.activity_id}));
-            } else {
-                out!("cancellation requested for {}", activity.activity_id);
-            }
+            let mut text = Vec::new();
+            text.push(format!(
+                "cancellation requested for {}",
+                activity.activity_id
+            ));
+            show(g, json!({"cancel_requested": activity.activity_id}), text);
             Ok(0)
         }
         ActivityCmd::Terminate { activity, reason } => {
@@ -160,11 +157,9 @@ pub(crate) async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
                 .activity_handle(&activity.activity_id, &activity.run_id)
                 .terminate(&reason)
                 .await?;
-            if g.json {
-                print_json(&json!({"terminated": activity.activity_id}));
-            } else {
-                out!("terminated {}", activity.activity_id);
-            }
+            let mut text = Vec::new();
+            text.push(format!("terminated {}", activity.activity_id));
+            show(g, json!({"terminated": activity.activity_id}), text);
             Ok(0)
         }
     }

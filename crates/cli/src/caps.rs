@@ -3,8 +3,8 @@
 use crate::args::CapsArgs;
 use crate::args::Global;
 use crate::render::caps_json;
-use crate::render::print_caps;
-use crate::render::print_json;
+use crate::render::caps_lines;
+use crate::render::show;
 use anyhow::Result;
 
 pub(crate) async fn caps_cmd(g: &Global, args: CapsArgs) -> Result<i32> {
@@ -19,10 +19,8 @@ pub(crate) async fn caps_cmd(g: &Global, args: CapsArgs) -> Result<i32> {
         source = source.resource(k, n);
     }
     let caps = tokio::task::spawn_blocking(move || source.snapshot()).await?;
-    if g.json {
-        print_json(&caps_json(&caps));
-    } else {
-        print_caps(&caps);
-    }
+    let mut text = Vec::new();
+    text.extend(caps_lines(&caps));
+    show(g, caps_json(&caps), text);
     Ok(0)
 }

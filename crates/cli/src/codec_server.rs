@@ -152,8 +152,8 @@ pub async fn decode_remote(url: &str, payloads: &[Payload]) -> Result<Vec<Payloa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_sdk::codec::{AesGcmCodec, DataConverter};
     use std::sync::Arc;
+    use tether_sdk::codec::{AesGcmCodec, DataConverter};
 
     #[tokio::test]
     async fn decodes_over_http_and_refuses_unknown_keys() {

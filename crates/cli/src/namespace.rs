@@ -3,8 +3,8 @@
 use crate::args::Global;
 use crate::args::NamespaceCmd;
 use crate::remote::connect;
-use crate::render::print_json;
 use crate::render::retention_text;
+use crate::render::show;
 use crate::render::time_text;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
@@ -21,11 +21,15 @@ pub(crate) async fn namespace_cmd(g: &Global, cmd: NamespaceCmd) -> Result<i32> 
                 .register_namespace_with_retention(&name, &description, retention)
                 .await?;
             let retention = retention_text(retention.as_millis() as u64);
-            if g.json {
-                print_json(&json!({ "namespace": name, "retention": retention }));
-            } else {
-                out!("namespace {name} created (closed runs kept {retention})");
-            }
+            let mut text = Vec::new();
+            text.push(format!(
+                "namespace {name} created (closed runs kept {retention})"
+            ));
+            show(
+                g,
+                json!({ "namespace": name, "retention": retention }),
+                text,
+            );
         }
         NamespaceCmd::Update {
             name,
@@ -39,36 +43,34 @@ pub(crate) async fn namespace_cmd(g: &Global, cmd: NamespaceCmd) -> Result<i32> 
                 .update_namespace(&name, description.as_deref(), retention)
                 .await?;
             let retention = retention_text(n.retention_ms);
-            if g.json {
-                print_json(
-                    &json!({"name": n.name, "description": n.description, "retention": retention}),
-                );
-            } else {
-                out!(
-                    "namespace {} updated (closed runs kept {retention})",
-                    n.name
-                );
-            }
+            let mut text = Vec::new();
+            text.push(format!(
+                "namespace {} updated (closed runs kept {retention})",
+                n.name
+            ));
+            show(
+                g,
+                json!({"name": n.name, "description": n.description, "retention": retention}),
+                text,
+            );
         }
         NamespaceCmd::List => {
             let list = client.list_namespaces().await?;
-            if g.json {
-                print_json(&Value::Array(
+            let mut text = Vec::new();
+            text.push(format!("{:<24} {:<10} DESCRIPTION", "NAME", "RETENTION"));
+            for n in &list {
+                text.push(format!(
+                    "{:<24} {:<10} {}",
+                    n.name,
+                    retention_text(n.retention_ms),
+                    n.description
+                ));
+            }
+            show(g, Value::Array(
                         list.iter()
                             .map(|n| json!({"name": n.name, "description": n.description, "created": time_text(n.created_ms), "retention": retention_text(n.retention_ms)}))
                             .collect(),
-                    ));
-            } else {
-                out!("{:<24} {:<10} DESCRIPTION", "NAME", "RETENTION");
-                for n in list {
-                    out!(
-                        "{:<24} {:<10} {}",
-                        n.name,
-                        retention_text(n.retention_ms),
-                        n.description
-                    );
-                }
-            }
+                    ), text);
         }
     }
     Ok(0)

@@ -3,7 +3,7 @@
 use crate::args::Global;
 use crate::args::QueueCmd;
 use crate::remote::connect;
-use crate::render::print_json;
+use crate::render::show;
 use crate::render::time_text;
 use anyhow::Result;
 use serde_json::json;
@@ -12,8 +12,37 @@ pub(crate) async fn queue_cmd(g: &Global, cmd: QueueCmd) -> Result<i32> {
     let QueueCmd::Describe { task_queue } = cmd;
     let client = connect(g).await?;
     let q = client.describe_task_queue(&task_queue).await?;
-    if g.json {
-        print_json(&json!({
+    let mut text = Vec::new();
+    text.push(format!("task queue:        {task_queue}"));
+    text.push(format!("workflow backlog:  {}", q.workflow_backlog));
+    text.push(format!("activity backlog:  {}", q.activity_backlog));
+    text.push("pollers:".to_string());
+    for p in &q.pollers {
+        text.push(format!(
+            "  {:<32} {:<9} {:<13} last poll {}",
+            p.identity,
+            p.kind,
+            p.state,
+            time_text(p.last_poll_ms)
+        ));
+    }
+    if !q.requirement_backlogs.is_empty() {
+        text.push("waiting activities by requirements:".to_string());
+        for b in &q.requirement_backlogs {
+            let reqs = if b.requirements.is_empty() {
+                "(none)"
+            } else {
+                b.requirements.as_str()
+            };
+            text.push(format!("  {:>6}  {reqs}", b.tasks));
+            if b.unplaceable {
+                text.push(format!("          unplaceable: {}", b.explanation));
+            }
+        }
+    }
+    show(
+        g,
+        json!({
             "task_queue": task_queue,
             "workflow_backlog": q.workflow_backlog,
             "activity_backlog": q.activity_backlog,
@@ -22,35 +51,8 @@ pub(crate) async fn queue_cmd(g: &Global, cmd: QueueCmd) -> Result<i32> {
                 "requirements": b.requirements, "tasks": b.tasks,
                 "unplaceable": b.unplaceable, "explanation": b.explanation,
             })).collect::<Vec<_>>(),
-        }));
-    } else {
-        out!("task queue:        {task_queue}");
-        out!("workflow backlog:  {}", q.workflow_backlog);
-        out!("activity backlog:  {}", q.activity_backlog);
-        out!("pollers:");
-        for p in &q.pollers {
-            out!(
-                "  {:<32} {:<9} {:<13} last poll {}",
-                p.identity,
-                p.kind,
-                p.state,
-                time_text(p.last_poll_ms)
-            );
-        }
-        if !q.requirement_backlogs.is_empty() {
-            out!("waiting activities by requirements:");
-            for b in &q.requirement_backlogs {
-                let reqs = if b.requirements.is_empty() {
-                    "(none)"
-                } else {
-                    b.requirements.as_str()
-                };
-                out!("  {:>6}  {reqs}", b.tasks);
-                if b.unplaceable {
-                    out!("          unplaceable: {}", b.explanation);
-                }
-            }
-        }
-    }
+        }),
+        text,
+    );
     Ok(0)
 }

@@ -213,51 +213,46 @@ pub(crate) fn worker_json(w: &pb::WorkerInfo) -> Value {
     })
 }
 
-pub(crate) fn print_caps(c: &pb::Capabilities) {
+pub(crate) fn caps_lines(c: &pb::Capabilities) -> Vec<String> {
+    let mut text = Vec::new();
     use tether_sdk::caps::requirements::human_bytes;
     let h = c.host.clone().unwrap_or_default();
-    out!(
+    text.push(format!(
         "host:          {} ({}, kernel {}, {})",
-        h.hostname,
-        h.os,
-        h.kernel,
-        h.arch
-    );
-    out!(
+        h.hostname, h.os, h.kernel, h.arch
+    ));
+    text.push(format!(
         "cpu:           {} ({} logical, {} physical cores)",
-        h.cpu_model,
-        h.logical_cores,
-        h.physical_cores
-    );
-    out!(
+        h.cpu_model, h.logical_cores, h.physical_cores
+    ));
+    text.push(format!(
         "memory:        {} total, {} available",
         human_bytes(h.memory_total_bytes),
         human_bytes(h.memory_available_bytes)
-    );
-    out!(
+    ));
+    text.push(format!(
         "disk:          {} free at {}",
         human_bytes(h.disk_free_bytes),
         h.work_dir
-    );
+    ));
     if c.gpus.is_empty() {
-        out!(
+        text.push(format!(
             "gpus:          none ({})",
             if c.gpu_note.is_empty() {
                 "no devices"
             } else {
                 &c.gpu_note
             }
-        );
+        ));
     } else {
         if !c.gpu_driver_version.is_empty() {
-            out!(
+            text.push(format!(
                 "gpu driver:    {} (CUDA {})",
-                c.gpu_driver_version,
-                c.cuda_driver_version
-            );
+                c.gpu_driver_version, c.cuda_driver_version
+            ));
         }
         for g in &c.gpus {
-            out!(
+            text.push(format!(
                 "GPU {}: {} (UUID: {}) {}, compute {}.{}, source: {}",
                 g.index,
                 g.name,
@@ -266,10 +261,10 @@ pub(crate) fn print_caps(c: &pb::Capabilities) {
                 g.compute_major,
                 g.compute_minor,
                 g.source
-            );
+            ));
         }
         if !c.gpu_note.is_empty() {
-            out!("               {}", c.gpu_note);
+            text.push(format!("               {}", c.gpu_note));
         }
     }
     let ifaces: Vec<String> = c
@@ -277,45 +272,46 @@ pub(crate) fn print_caps(c: &pb::Capabilities) {
         .iter()
         .map(|i| format!("{} {}", i.name, i.addresses.join(" ")))
         .collect();
-    out!("interfaces:    {}", ifaces.join("; "));
-    out!(
+    text.push(format!("interfaces:    {}", ifaces.join("; ")));
+    text.push(format!(
         "network:       {}",
         if c.network.is_empty() {
             "-".to_string()
         } else {
             c.network.join(", ")
         }
-    );
-    out!(
+    ));
+    text.push(format!(
         "credentials:   {}",
         if c.credentials.is_empty() {
             "-".to_string()
         } else {
             c.credentials.join(", ")
         }
-    );
+    ));
     let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    out!(
+    text.push(format!(
         "labels:        {}",
         if labels.is_empty() {
             "-".to_string()
         } else {
             labels.join(", ")
         }
-    );
+    ));
     let res: Vec<String> = c
         .resources
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    out!(
+    text.push(format!(
         "resources:     {}",
         if res.is_empty() {
             "-".to_string()
         } else {
             res.join(", ")
         }
-    );
+    ));
+    text
 }
 
 pub(crate) fn session_json(s: &pb::SessionInfo) -> Value {
@@ -340,6 +336,26 @@ pub(crate) fn session_json(s: &pb::SessionInfo) -> Value {
     })
 }
 
+/// The one way a command shows what it found: under `--json` its data (pretty-printed JSON on
+/// stdout), otherwise its text, a line at a time. Commands build both; none decides by itself.
+pub(crate) fn show(g: &Global, data: Value, text: Vec<String>) {
+    if g.json {
+        print_json(&data);
+    } else {
+        for line in text {
+            emit(&line);
+        }
+    }
+}
+
+/// A remark for a reader, on stderr (a hint, why there is no result); under `--json` a script
+/// gets the data alone.
+pub(crate) fn note(g: &Global, remark: &str) {
+    if !g.json {
+        eprintln!("{remark}");
+    }
+}
+
 pub(crate) fn print_json(v: &Value) {
     out!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
@@ -353,28 +369,26 @@ pub(crate) fn print_outcome(
     outcome: &pb::GetWorkflowResultResponse,
 ) -> i32 {
     let status = pb::ExecutionStatus::try_from(outcome.status).unwrap_or_default();
-    if g.json {
-        let mut v = json!({
-            "run_id": outcome.run_id,
-            "status": status.short_name(),
-            "result": payload_json(outcome.result.as_ref()),
-            "failure": failure_json(outcome.failure.as_ref()),
-        });
-        v[format!("{what}_id")] = json!(id);
-        print_json(&v);
-    } else if status == pb::ExecutionStatus::Completed {
-        out!("{}", codec::display_payload(outcome.result.as_ref()));
+    let mut v = json!({
+        "run_id": outcome.run_id,
+        "status": status.short_name(),
+        "result": payload_json(outcome.result.as_ref()),
+        "failure": failure_json(outcome.failure.as_ref()),
+    });
+    v[format!("{what}_id")] = json!(id);
+    let mut text = Vec::new();
+    if status == pb::ExecutionStatus::Completed {
+        text.push(codec::display_payload(outcome.result.as_ref()));
     } else {
-        eprintln!(
-            "{what} {id} {}: {}",
-            status.short_name(),
-            outcome
-                .failure
-                .as_ref()
-                .map(|f| f.message.as_str())
-                .unwrap_or("")
-        );
+        // Not data: why there is no result goes to stderr, as errors do.
+        let why = outcome
+            .failure
+            .as_ref()
+            .map(|f| f.message.as_str())
+            .unwrap_or("");
+        note(g, &format!("{what} {id} {}: {why}", status.short_name()));
     }
+    show(g, v, text);
     if status == pb::ExecutionStatus::Completed {
         0
     } else {

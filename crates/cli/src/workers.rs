@@ -2,8 +2,8 @@
 
 use crate::args::Global;
 use crate::remote::connect;
-use crate::render::print_caps;
-use crate::render::print_json;
+use crate::render::caps_lines;
+use crate::render::show;
 use crate::render::time_text;
 use crate::render::worker_json;
 use anyhow::Result;
@@ -13,28 +13,27 @@ use tether_wire::pb;
 pub(crate) async fn workers_list(g: &Global) -> Result<i32> {
     let client = connect(g).await?;
     let workers = client.list_workers().await?;
-    if g.json {
-        print_json(&Value::Array(workers.iter().map(worker_json).collect()));
-    } else {
-        out!(
-            "{:<32} {:<13} {:<26} {:<6} TASK QUEUES",
-            "IDENTITY",
-            "STATE",
-            "LAST SEEN",
-            "GPUS"
-        );
-        for w in workers {
-            let gpus = w.capabilities.as_ref().map(|c| c.gpus.len()).unwrap_or(0);
-            out!(
-                "{:<32} {:<13} {:<26} {:<6} {}",
-                w.identity,
-                w.state,
-                time_text(w.last_seen_ms),
-                gpus,
-                w.task_queues.join(",")
-            );
-        }
+    let mut text = Vec::new();
+    text.push(format!(
+        "{:<32} {:<13} {:<26} {:<6} TASK QUEUES",
+        "IDENTITY", "STATE", "LAST SEEN", "GPUS"
+    ));
+    for w in &workers {
+        let gpus = w.capabilities.as_ref().map(|c| c.gpus.len()).unwrap_or(0);
+        text.push(format!(
+            "{:<32} {:<13} {:<26} {:<6} {}",
+            w.identity,
+            w.state,
+            time_text(w.last_seen_ms),
+            gpus,
+            w.task_queues.join(",")
+        ));
     }
+    show(
+        g,
+        Value::Array(workers.iter().map(worker_json).collect()),
+        text,
+    );
     Ok(0)
 }
 
@@ -51,18 +50,16 @@ pub(crate) async fn workers_describe(g: &Global, identity: String) -> Result<i32
         .into_inner()
         .worker
         .unwrap_or_default();
-    if g.json {
-        print_json(&worker_json(&w));
-    } else {
-        out!("identity:      {}", w.identity);
-        out!("state:         {}", w.state);
-        out!("registered:    {}", time_text(w.registered_ms));
-        out!("last seen:     {}", time_text(w.last_seen_ms));
-        out!("task queues:   {}", w.task_queues.join(", "));
-        out!("host queue:    {}", w.host_queue);
-        if let Some(caps) = &w.capabilities {
-            print_caps(caps);
-        }
+    let mut text = Vec::new();
+    text.push(format!("identity:      {}", w.identity));
+    text.push(format!("state:         {}", w.state));
+    text.push(format!("registered:    {}", time_text(w.registered_ms)));
+    text.push(format!("last seen:     {}", time_text(w.last_seen_ms)));
+    text.push(format!("task queues:   {}", w.task_queues.join(", ")));
+    text.push(format!("host queue:    {}", w.host_queue));
+    if let Some(caps) = &w.capabilities {
+        text.extend(caps_lines(caps));
     }
+    show(g, worker_json(&w), text);
     Ok(0)
 }

@@ -8,8 +8,8 @@ use crate::render::event_json;
 use crate::render::execution_json;
 use crate::render::failure_json;
 use crate::render::payload_json;
-use crate::render::print_json;
 use crate::render::print_outcome;
+use crate::render::show;
 use crate::render::status_name;
 use crate::render::time_text;
 use anyhow::{Context, Result};
@@ -43,11 +43,9 @@ pub(crate) async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                 let outcome = handle.outcome().await?;
                 return Ok(print_outcome(g, "workflow", &id, &outcome));
             }
-            if g.json {
-                print_json(&json!({"workflow_id": id, "run_id": handle.run_id}));
-            } else {
-                out!("workflow id: {id}\nrun id:      {}", handle.run_id);
-            }
+            let mut text = Vec::new();
+            text.push(format!("workflow id: {id}\nrun id:      {}", handle.run_id));
+            show(g, json!({"workflow_id": id, "run_id": handle.run_id}), text);
         }
         WorkflowCmd::Result { run } => {
             let handle = client.workflow_handle(&run.workflow_id, &run.run_id);
@@ -62,79 +60,74 @@ pub(crate) async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                 .await?;
             decode_for_display(g, d.result.iter_mut().collect()).await?;
             let info = d.info.clone().unwrap_or_default();
-            if g.json {
-                let mut v = execution_json(&info);
-                v["pending_activities"] = Value::Array(
-                    d.pending_activities
-                        .iter()
-                        .map(|a| json!({
-                            "activity_id": a.activity_id, "activity_type": a.activity_type, "state": a.state,
-                            "attempt": a.attempt, "task_queue": a.task_queue, "last_worker": a.last_worker,
-                            "last_failure": failure_json(a.last_failure.as_ref()),
-                            "next_attempt": if a.next_attempt_ms > 0 { json!(time_text(a.next_attempt_ms)) } else { Value::Null },
-                        }))
-                        .collect(),
-                );
-                v["pending_timers"] = json!(d.pending_timers);
-                v["workflow_task_failures"] = json!(d.workflow_task_failures);
-                v["last_workflow_task_failure"] = match &d.last_workflow_task_failure {
-                    Some(f) => {
-                        json!({"cause": f.cause, "message": f.message, "attempt": f.attempt, "identity": f.identity, "time": time_text(f.time_ms)})
-                    }
-                    None => Value::Null,
-                };
-                v["result"] = payload_json(d.result.as_ref());
-                v["failure"] = failure_json(d.failure.as_ref());
-                print_json(&v);
-            } else {
-                out!("workflow id:     {}", info.workflow_id);
-                out!("run id:          {}", info.run_id);
-                out!("kind:            {}", info.kind);
-                out!("type:            {}", info.workflow_type);
-                out!("task queue:      {}", info.task_queue);
-                out!("status:          {}", status_name(info.status));
-                out!("started:         {}", time_text(info.start_ms));
-                out!("closed:          {}", time_text(info.close_ms));
-                out!("history length:  {}", info.history_length);
-                out!("pending timers:  {}", d.pending_timers);
-                out!("task failures:   {}", d.workflow_task_failures);
-                if let Some(f) = &d.last_workflow_task_failure {
-                    out!(
-                        "last workflow task failure ({}, attempt {}, worker {}):\n  {}",
-                        f.cause,
-                        f.attempt,
-                        f.identity,
-                        f.message
-                    );
+            let mut v = execution_json(&info);
+            v["pending_activities"] = Value::Array(
+                d.pending_activities
+                    .iter()
+                    .map(|a| json!({
+                        "activity_id": a.activity_id, "activity_type": a.activity_type, "state": a.state,
+                        "attempt": a.attempt, "task_queue": a.task_queue, "last_worker": a.last_worker,
+                        "last_failure": failure_json(a.last_failure.as_ref()),
+                        "next_attempt": if a.next_attempt_ms > 0 { json!(time_text(a.next_attempt_ms)) } else { Value::Null },
+                    }))
+                    .collect(),
+            );
+            v["pending_timers"] = json!(d.pending_timers);
+            v["workflow_task_failures"] = json!(d.workflow_task_failures);
+            v["last_workflow_task_failure"] = match &d.last_workflow_task_failure {
+                Some(f) => {
+                    json!({"cause": f.cause, "message": f.message, "attempt": f.attempt, "identity": f.identity, "time": time_text(f.time_ms)})
                 }
-                if !d.pending_activities.is_empty() {
-                    out!("pending activities:");
-                    for a in &d.pending_activities {
-                        out!(
-                            "  #{:<3} {:<20} {:<16} attempt {:<3} queue {:<16} worker {}{}",
-                            a.seq,
-                            a.activity_type,
-                            a.state,
-                            a.attempt,
-                            a.task_queue,
-                            a.last_worker,
-                            a.last_failure
-                                .as_ref()
-                                .map(|f| format!(" (last failure: {})", f.message))
-                                .unwrap_or_default()
-                        );
-                    }
-                }
-                if d.result.is_some() {
-                    out!(
-                        "result:          {}",
-                        codec::display_payload(d.result.as_ref())
-                    );
-                }
-                if let Some(f) = &d.failure {
-                    out!("failure:         {}", f.message);
+                None => Value::Null,
+            };
+            v["result"] = payload_json(d.result.as_ref());
+            v["failure"] = failure_json(d.failure.as_ref());
+            let mut text = Vec::new();
+            text.push(format!("workflow id:     {}", info.workflow_id));
+            text.push(format!("run id:          {}", info.run_id));
+            text.push(format!("kind:            {}", info.kind));
+            text.push(format!("type:            {}", info.workflow_type));
+            text.push(format!("task queue:      {}", info.task_queue));
+            text.push(format!("status:          {}", status_name(info.status)));
+            text.push(format!("started:         {}", time_text(info.start_ms)));
+            text.push(format!("closed:          {}", time_text(info.close_ms)));
+            text.push(format!("history length:  {}", info.history_length));
+            text.push(format!("pending timers:  {}", d.pending_timers));
+            text.push(format!("task failures:   {}", d.workflow_task_failures));
+            if let Some(f) = &d.last_workflow_task_failure {
+                text.push(format!(
+                    "last workflow task failure ({}, attempt {}, worker {}):\n  {}",
+                    f.cause, f.attempt, f.identity, f.message
+                ));
+            }
+            if !d.pending_activities.is_empty() {
+                text.push("pending activities:".to_string());
+                for a in &d.pending_activities {
+                    text.push(format!(
+                        "  #{:<3} {:<20} {:<16} attempt {:<3} queue {:<16} worker {}{}",
+                        a.seq,
+                        a.activity_type,
+                        a.state,
+                        a.attempt,
+                        a.task_queue,
+                        a.last_worker,
+                        a.last_failure
+                            .as_ref()
+                            .map(|f| format!(" (last failure: {})", f.message))
+                            .unwrap_or_default()
+                    ));
                 }
             }
+            if d.result.is_some() {
+                text.push(format!(
+                    "result:          {}",
+                    codec::display_payload(d.result.as_ref())
+                ));
+            }
+            if let Some(f) = &d.failure {
+                text.push(format!("failure:         {}", f.message));
+            }
+            show(g, v, text);
         }
         WorkflowCmd::History { run } => {
             let mut events = client
@@ -142,20 +135,22 @@ pub(crate) async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                 .history()
                 .await?;
             decode_for_display(g, codec::event_payloads_mut(&mut events)).await?;
-            if g.json {
-                print_json(&Value::Array(events.iter().map(event_json).collect()));
-            } else {
-                for e in &events {
-                    let v = event_json(e);
-                    out!(
-                        "{:>4}  {}  {:<28} {}",
-                        e.event_id,
-                        time_text(e.time_ms),
-                        e.kind_name(),
-                        v["details"]
-                    );
-                }
+            let mut text = Vec::new();
+            for e in &events {
+                let v = event_json(e);
+                text.push(format!(
+                    "{:>4}  {}  {:<28} {}",
+                    e.event_id,
+                    time_text(e.time_ms),
+                    e.kind_name(),
+                    v["details"]
+                ));
             }
+            show(
+                g,
+                Value::Array(events.iter().map(event_json).collect()),
+                text,
+            );
         }
         WorkflowCmd::Signal { run, name, input } => {
             let value = input.value()?;
@@ -163,33 +158,31 @@ pub(crate) async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
                 .workflow_handle(&run.workflow_id, &run.run_id)
                 .signal(&name, &value)
                 .await?;
-            if g.json {
-                print_json(&json!({"signaled": run.workflow_id, "signal": name}));
-            } else {
-                out!("signal {name} sent to {}", run.workflow_id);
-            }
+            let mut text = Vec::new();
+            text.push(format!("signal {name} sent to {}", run.workflow_id));
+            show(
+                g,
+                json!({"signaled": run.workflow_id, "signal": name}),
+                text,
+            );
         }
         WorkflowCmd::Cancel { run, reason } => {
             client
                 .workflow_handle(&run.workflow_id, &run.run_id)
                 .cancel(&reason)
                 .await?;
-            if g.json {
-                print_json(&json!({"cancel_requested": run.workflow_id}));
-            } else {
-                out!("cancellation requested for {}", run.workflow_id);
-            }
+            let mut text = Vec::new();
+            text.push(format!("cancellation requested for {}", run.workflow_id));
+            show(g, json!({"cancel_requested": run.workflow_id}), text);
         }
         WorkflowCmd::Terminate { run, reason } => {
             client
                 .workflow_handle(&run.workflow_id, &run.run_id)
                 .terminate(&reason)
                 .await?;
-            if g.json {
-                print_json(&json!({"terminated": run.workflow_id}));
-            } else {
-                out!("terminated {}", run.workflow_id);
-            }
+            let mut text = Vec::new();
+            text.push(format!("terminated {}", run.workflow_id));
+            show(g, json!({"terminated": run.workflow_id}), text);
         }
         WorkflowCmd::List { status, limit } => {
             list_runs(g, &client, status, limit, false).await?;
@@ -213,31 +206,30 @@ pub(crate) async fn list_runs(
         })?),
     };
     let runs = client.list_workflows(status, limit, activities).await?;
-    if g.json {
-        print_json(&Value::Array(runs.iter().map(execution_json).collect()));
-        return Ok(());
-    }
+    let mut text = Vec::new();
     let id = if activities {
         "ACTIVITY ID"
     } else {
         "WORKFLOW ID"
     };
-    out!(
+    text.push(format!(
         "{:<36} {:<20} {:<11} {:<26} RUN ID",
-        id,
-        "TYPE",
-        "STATUS",
-        "STARTED"
-    );
-    for r in runs {
-        out!(
+        id, "TYPE", "STATUS", "STARTED"
+    ));
+    for r in &runs {
+        text.push(format!(
             "{:<36} {:<20} {:<11} {:<26} {}",
             r.workflow_id,
             r.workflow_type,
             status_name(r.status),
             time_text(r.start_ms),
             r.run_id
-        );
+        ));
     }
+    show(
+        g,
+        Value::Array(runs.iter().map(execution_json).collect()),
+        text,
+    );
     Ok(())
 }
