@@ -18,7 +18,6 @@ const NOT_YET_SPLIT: &[&str] = &[
     "crates/core/src/requirements.rs",
     "crates/sdk/src/client/mod.rs",
     "crates/server/src/frontend/mod.rs",
-    "crates/server/src/matching.rs",
     "crates/server/src/store/sqlite.rs",
 ];
 
