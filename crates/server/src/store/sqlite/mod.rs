@@ -3,57 +3,24 @@
 //! Every batch submitted while the writer is busy joins the next transaction, so one fsync serves
 //! many callers; that is what lets a durable server keep up with thousands of requests a second.
 
-use super::api::{Commit, Durability, Recovered, RunFilter, Store, StoreError, Write, WriteBatch};
+mod schema;
+mod writer;
+
+use super::api::{Commit, Durability, Recovered, RunFilter, Store, StoreError, WriteBatch};
 use crate::state::{RunState, SessionState};
 use parking_lot::Mutex;
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
+pub use schema::SyncMode;
+use schema::{decode_run, migrate, open_connection, SCHEMA};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
-
-/// How hard each commit is pushed to disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SyncMode {
-    /// fsync on every commit (`synchronous=FULL`): survives power loss. The default.
-    #[default]
-    Full,
-    /// `synchronous=NORMAL` in WAL mode: survives a crash of the server process (kill -9), but
-    /// the last commits may be lost if the machine itself loses power.
-    Normal,
-}
-
-impl std::str::FromStr for SyncMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "full" => Ok(SyncMode::Full),
-            "normal" => Ok(SyncMode::Normal),
-            other => Err(format!(
-                "unknown sync mode {other:?}: expected \"full\" or \"normal\""
-            )),
-        }
-    }
-}
-
-/// A batch with its number and where its outcome goes.
-type Job = (
-    u64,
-    WriteBatch,
-    tokio::sync::oneshot::Sender<Result<(), String>>,
-);
+pub use writer::WriterStats;
+use writer::{writer_loop, Job};
 
 /// How long a commit waits for another process's lock on the database file before it fails.
 pub const DEFAULT_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Counters of the writer, to see group commit at work.
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    /// Transactions committed.
-    pub transactions: std::sync::atomic::AtomicU64,
-    /// Batches made durable by them.
-    pub batches: std::sync::atomic::AtomicU64,
-}
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -65,157 +32,6 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS namespaces (
-    name TEXT PRIMARY KEY,
-    info BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    namespace TEXT NOT NULL,
-    standalone INTEGER NOT NULL,
-    workflow_id TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    start_ms INTEGER NOT NULL,
-    state BLOB NOT NULL,
-    close_ms INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS runs_by_id ON runs(namespace, standalone, workflow_id, start_ms);
-CREATE INDEX IF NOT EXISTS runs_by_time ON runs(namespace, standalone, start_ms);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    namespace TEXT NOT NULL,
-    open INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL,
-    state BLOB NOT NULL,
-    closed_ms INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS sessions_by_ns ON sessions(namespace, created_ms);
-CREATE TABLE IF NOT EXISTS started (
-    run_id TEXT NOT NULL,
-    scheduled_event_id INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    dispatch INTEGER NOT NULL,
-    started_ms INTEGER NOT NULL,
-    worker TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    session_id TEXT NOT NULL DEFAULT '',
-    session_activities_run INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (run_id, scheduled_event_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT NOT NULL,
-    event_id INTEGER NOT NULL,
-    event BLOB NOT NULL,
-    PRIMARY KEY (run_id, event_id)
-) WITHOUT ROWID;
-";
-
-/// Brings a database made by an older version up to this schema.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    // Closed runs and sessions get their close time from their state, so retention finds them.
-    add_close_column(
-        conn,
-        "runs",
-        "run_id",
-        "close_ms",
-        &format!("status != {}", ExecutionStatus::Running as i32),
-        |state| Ok(decode_run(state)?.close_ms),
-    )?;
-    add_close_column(
-        conn,
-        "sessions",
-        "session_id",
-        "closed_ms",
-        "open = 0",
-        |state| {
-            Ok(SessionState::decode(state.as_slice())?
-                .info
-                .map(|i| i.closed_ms)
-                .unwrap_or(0))
-        },
-    )?;
-    // Hand-out rows are found by run (the engine names a closing session's runs): an index
-    // by session, made by an older version, would only cost a B-tree write per hand-out.
-    conn.execute_batch("DROP INDEX IF EXISTS started_by_session")?;
-    // Only closed rows are indexed by close time: the retention sweep's lookups stay small.
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS runs_by_close ON runs(namespace, close_ms) WHERE close_ms > 0;
-         CREATE INDEX IF NOT EXISTS sessions_by_close ON sessions(namespace, closed_ms)
-             WHERE closed_ms > 0;",
-    )?;
-    Ok(())
-}
-
-/// Adds `column` (a close time, 0 while open) to `table` if it lacks it, filled in for the rows
-/// matching `closed` from their encoded state.
-fn add_close_column(
-    conn: &mut Connection,
-    table: &str,
-    id_column: &str,
-    column: &str,
-    closed: &str,
-    close_time: impl Fn(Vec<u8>) -> Result<i64, StoreError>,
-) -> Result<(), StoreError> {
-    let present = conn
-        .prepare(&format!(
-            "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
-        ))?
-        .exists([])?;
-    if present {
-        return Ok(());
-    }
-    let tx = conn.transaction()?;
-    tx.execute_batch(&format!(
-        "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
-    ))?;
-    let rows: Vec<(String, Vec<u8>)> = tx
-        .prepare(&format!(
-            "SELECT {id_column}, state FROM {table} WHERE {closed}"
-        ))?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    {
-        let mut set = tx.prepare(&format!(
-            "UPDATE {table} SET {column} = ?2 WHERE {id_column} = ?1"
-        ))?;
-        for (id, state) in rows {
-            // Closed is never 0 here: 0 means open to the retention sweep.
-            set.execute(params![id, close_time(state)?.max(1)])?;
-        }
-    }
-    tx.commit()?;
-    tracing::info!(
-        table,
-        column,
-        "store migrated: close time added for retention"
-    );
-    Ok(())
-}
-
-fn open_connection(
-    path: &Path,
-    sync: SyncMode,
-    busy_timeout: std::time::Duration,
-) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        tracing::warn!(mode, "sqlite did not switch to WAL mode");
-    }
-    let sync_value = match sync {
-        SyncMode::Full => "FULL",
-        SyncMode::Normal => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", sync_value)?;
-    conn.busy_timeout(busy_timeout)?;
-    // Checkpoint less often than the default 1,000 pages: a page changed by many commits is then
-    // copied into the database once, not once per checkpoint.
-    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
-    Ok(conn)
 }
 
 impl SqliteStore {
@@ -311,214 +127,6 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-fn writer_loop(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Job>,
-    stats: &WriterStats,
-    durable: tokio::sync::watch::Sender<Durability>,
-) {
-    // Bounded so one transaction never grows without limit under a flood of requests.
-    const MAX_JOBS_PER_COMMIT: usize = 2048;
-    let mut failed: Option<std::sync::Arc<str>> = None;
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_JOBS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        if let Some(why) = &failed {
-            // Every batch after a failed one builds on state that was never written: none of
-            // them may land, or a restart would find a history with holes.
-            for (_, _, reply) in jobs {
-                let _ = reply.send(Err(format!(
-                    "not written: an earlier commit failed ({why})"
-                )));
-            }
-            continue;
-        }
-        let started = std::time::Instant::now();
-        let outcome = commit_jobs(&mut conn, &jobs).map_err(|e| e.to_string());
-        let last_seq = jobs.last().map(|(seq, _, _)| *seq).unwrap_or(0);
-        if outcome.is_ok() {
-            durable.send_modify(|d| d.seq = last_seq);
-            use std::sync::atomic::Ordering::Relaxed;
-            stats.transactions.fetch_add(1, Relaxed);
-            stats.batches.fetch_add(jobs.len() as u64, Relaxed);
-            // No-ops unless a metrics recorder is installed.
-            metrics::counter!("tether_store_commits_total").increment(1);
-            metrics::counter!("tether_store_batches_total").increment(jobs.len() as u64);
-            metrics::histogram!("tether_store_commit_seconds")
-                .record(started.elapsed().as_secs_f64());
-        } else {
-            metrics::counter!("tether_store_commit_failures_total").increment(1);
-        }
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, batches = jobs.len(), "commit failed; the store accepts no more writes");
-            let why: std::sync::Arc<str> = e.as_str().into();
-            durable.send_modify(|d| d.failed = Some(why.clone()));
-            failed = Some(why);
-        }
-        for (_, _, reply) in jobs {
-            let _ = reply.send(outcome.clone());
-        }
-    }
-}
-
-fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
-    let tx = conn.transaction()?;
-    {
-        let mut put_ns =
-            tx.prepare_cached("INSERT OR REPLACE INTO namespaces(name, info) VALUES (?1, ?2)")?;
-        let mut put_run = tx.prepare_cached(
-            // An upsert rather than INSERT OR REPLACE: replacing would delete and re-insert the
-            // row in every index on each state change.
-            "INSERT INTO runs(run_id, namespace, standalone, workflow_id, status, start_ms, state,
-                              close_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, state = excluded.state,
-                                               close_ms = excluded.close_ms",
-        )?;
-        let mut put_session = tx.prepare_cached(
-            "INSERT INTO sessions(session_id, namespace, open, created_ms, state, closed_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(session_id) DO UPDATE SET open = excluded.open, state = excluded.state,
-                                                   closed_ms = excluded.closed_ms",
-        )?;
-        let mut del_events = tx.prepare_cached("DELETE FROM events WHERE run_id = ?1")?;
-        let mut del_session =
-            tx.prepare_cached("DELETE FROM sessions WHERE session_id = ?1 AND closed_ms > 0")?;
-        // Only closed runs: an open run is never deleted, whatever asked for it.
-        let mut del_run =
-            tx.prepare_cached("DELETE FROM runs WHERE run_id = ?1 AND close_ms > 0")?;
-        let mut put_event = tx.prepare_cached(
-            "INSERT OR REPLACE INTO events(run_id, event_id, event) VALUES (?1, ?2, ?3)",
-        )?;
-        let mut put_started = tx.prepare_cached(
-            "INSERT OR REPLACE INTO started(run_id, scheduled_event_id, attempt, dispatch,
-                                            started_ms, worker, instance, session_id,
-                                            session_activities_run)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?;
-        // A closed run's hand-outs are over: its rows go with its close, but for those that
-        // keep a session's count, which go when the session closes.
-        let mut del_started =
-            tx.prepare_cached("DELETE FROM started WHERE run_id = ?1 AND session_id = ''")?;
-        let mut del_run_started = tx.prepare_cached("DELETE FROM started WHERE run_id = ?1")?;
-        let mut del_session_started =
-            tx.prepare_cached("DELETE FROM started WHERE run_id = ?1 AND session_id = ?2")?;
-        let mut keep_session_started = tx.prepare_cached(
-            "UPDATE started SET session_id = '' WHERE run_id = ?1 AND session_id = ?2",
-        )?;
-        for (_, batch, _) in jobs {
-            for write in &batch.writes {
-                match write {
-                    Write::Namespace(info) => {
-                        put_ns.execute(params![info.name, info.encode_to_vec()])?;
-                    }
-                    Write::Run {
-                        state,
-                        may_own_started,
-                    } => {
-                        if *may_own_started && state.status != ExecutionStatus::Running as i32 {
-                            del_started.execute(params![state.run_id])?;
-                        }
-                        put_run.execute(params![
-                            state.run_id,
-                            state.namespace,
-                            state.standalone_activity as i64,
-                            state.workflow_id,
-                            state.status,
-                            state.start_ms,
-                            state.encode_to_vec(),
-                            if state.status == ExecutionStatus::Running as i32 {
-                                0
-                            } else {
-                                state.close_ms.max(1)
-                            }
-                        ])?;
-                    }
-                    Write::Session { state } => {
-                        let info = state.info.clone().unwrap_or_default();
-                        let open = matches!(info.state.as_str(), "creating" | "open");
-                        put_session.execute(params![
-                            info.session_id,
-                            info.namespace,
-                            open as i64,
-                            info.created_ms,
-                            state.encode_to_vec(),
-                            if open { 0 } else { info.closed_ms.max(1) }
-                        ])?;
-                    }
-                    Write::ReleaseSessionRows {
-                        session_id,
-                        runs_still_open,
-                        runs_closed,
-                    } => {
-                        for run_id in runs_still_open {
-                            keep_session_started.execute(params![run_id, session_id])?;
-                        }
-                        for run_id in runs_closed {
-                            del_session_started.execute(params![run_id, session_id])?;
-                        }
-                    }
-                    Write::DeleteSessions { session_ids } => {
-                        for session_id in session_ids {
-                            del_session.execute(params![session_id])?;
-                        }
-                    }
-                    Write::DeleteRuns { run_ids } => {
-                        for run_id in run_ids {
-                            del_events.execute(params![run_id])?;
-                            del_run.execute(params![run_id])?;
-                            del_run_started.execute(params![run_id])?;
-                        }
-                    }
-                    Write::Started {
-                        run_id,
-                        scheduled_event_id,
-                        attempt,
-                        dispatch,
-                        started_ms,
-                        worker,
-                        instance,
-                        session_id,
-                        session_activities_run,
-                    } => {
-                        put_started.execute(params![
-                            run_id,
-                            *scheduled_event_id as i64,
-                            attempt,
-                            *dispatch as i64,
-                            started_ms,
-                            worker,
-                            instance,
-                            session_id,
-                            *session_activities_run as i64
-                        ])?;
-                    }
-                    Write::Events { run_id, events } => {
-                        for event in events {
-                            put_event.execute(params![
-                                run_id,
-                                event.event_id as i64,
-                                event.encode_to_vec()
-                            ])?;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    tx.commit()?;
-    Ok(())
-}
-
-fn decode_run(bytes: Vec<u8>) -> Result<RunState, StoreError> {
-    Ok(RunState::decode(bytes.as_slice())?)
 }
 
 /// Folds a run's hand-out rows into its state: for the current attempt of an activity, the
@@ -811,6 +419,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::api::Write;
 
     fn run(id: &str, status: ExecutionStatus) -> RunState {
         RunState {

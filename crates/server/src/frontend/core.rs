@@ -1,0 +1,224 @@
+//! The frontend itself: the engine it serves, the authorization table applied to each call,
+//! and what several handlers share (results, operator calls on one run, either kind of id).
+
+use super::access::{Guarded, Scope};
+use super::checks::*;
+use crate::auth::Role;
+use crate::engine::{Engine, NextTasks};
+use crate::error::EngineError;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_wire::pb;
+use tonic::{Request, Response, Status};
+
+/// The API implementation.
+pub struct Frontend {
+    pub(super) engine: Arc<Engine>,
+}
+
+impl Frontend {
+    /// Wraps an engine.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Frontend { engine }
+    }
+
+    /// Applies the authorization table ([`access`]) to a call, before anything else looks at
+    /// it: the role its RPC needs in its namespace, and for worker calls the worker identity it
+    /// acts as. Returns the caller's certificate identities (empty with authorization off) and
+    /// the request.
+    pub(super) fn admit<T: Guarded>(
+        &self,
+        request: Request<T>,
+    ) -> Result<(Vec<String>, T), Status> {
+        let Some(access) = self.engine.access() else {
+            return Ok((Vec::new(), request.into_inner()));
+        };
+        let ids = crate::auth::identities_of(&request);
+        let req = request.into_inner();
+        let namespaces = match req.scope() {
+            Scope::AnyGrant => {
+                if !access.known(&ids) {
+                    return Err(Status::permission_denied(
+                        "this identity holds no grant in the access file",
+                    ));
+                }
+                return Ok((ids, req));
+            }
+            Scope::Namespace(namespace) => vec![namespace.to_string()],
+            Scope::Tokens(namespaces) => namespaces,
+        };
+        for namespace in &namespaces {
+            access.check(&ids, namespace, T::ROLE)?;
+            if let Some(identity) = req.acting_as() {
+                access.check_worker_identity(&ids, namespace, identity)?;
+            }
+        }
+        Ok((ids, req))
+    }
+
+    pub(super) fn allow(&self, ids: &[String], namespace: &str, role: Role) -> Result<(), Status> {
+        match self.engine.access() {
+            None => Ok(()),
+            Some(access) => access.check(ids, namespace, role),
+        }
+    }
+
+    /// The worker role in `namespace`, acting as worker `identity`: with authorization on, the
+    /// identity must be one the caller's certificate may use.
+    pub(super) fn allow_worker(
+        &self,
+        ids: &[String],
+        namespace: &str,
+        identity: &str,
+    ) -> Result<(), Status> {
+        match self.engine.access() {
+            None => Ok(()),
+            Some(access) => {
+                access.check(ids, namespace, Role::Worker)?;
+                access.check_worker_identity(ids, namespace, identity)
+            }
+        }
+    }
+
+    pub(super) fn max_payload(&self) -> usize {
+        self.engine.max_payload_bytes()
+    }
+
+    /// Where a completion may take its next tasks from: checked like a poll of those queues
+    /// (the worker role in that namespace, and no other worker's host queue).
+    pub(super) fn next_task_target(
+        &self,
+        ids: &[String],
+        next: &Option<pb::NextTaskRequest>,
+        identity: &str,
+        max: usize,
+    ) -> Result<Option<NextTasks>, Status> {
+        match next {
+            None => Ok(None),
+            Some(n) => {
+                self.allow_worker(ids, &n.namespace, identity)?;
+                name("namespace", &n.namespace)?;
+                let queues: Vec<String> = n
+                    .additional_task_queues
+                    .iter()
+                    .chain(std::iter::once(&n.task_queue))
+                    .cloned()
+                    .collect();
+                for q in &queues {
+                    name("task queue", q)?;
+                    check_host_queue(q, identity)?;
+                }
+                Ok(Some(NextTasks {
+                    namespace: n.namespace.clone(),
+                    queues,
+                    identity: identity.to_string(),
+                    instance: n.instance_id.clone(),
+                    max,
+                }))
+            }
+        }
+    }
+
+    /// GetWorkflowResult and GetActivityResult: the same checks and wait, for either kind.
+    pub(super) async fn wait_for_result(
+        &self,
+        namespace: &str,
+        standalone: bool,
+        id: &str,
+        run_id: &str,
+        wait_ms: u64,
+    ) -> R<pb::GetWorkflowResultResponse> {
+        name("namespace", namespace)?;
+        name(
+            if standalone {
+                "activity id"
+            } else {
+                "workflow id"
+            },
+            id,
+        )?;
+        optional_name("run id", run_id)?;
+        let outcome = self
+            .engine
+            .result(
+                namespace,
+                standalone,
+                id,
+                run_id,
+                Duration::from_millis(wait_ms),
+            )
+            .await?;
+        ok(outcome)
+    }
+
+    /// Cancels or terminates one run (a workflow's, or a standalone activity's): the role
+    /// (client to cancel, admin to terminate) and the names checked the same way for either.
+    pub(super) async fn act_on_run(
+        &self,
+        op: RunOp,
+        run: OneRun<'_>,
+        reason: &str,
+        identity: &str,
+    ) -> Result<(), Status> {
+        name("namespace", run.namespace)?;
+        name(
+            if run.standalone {
+                "activity id"
+            } else {
+                "workflow id"
+            },
+            run.id,
+        )?;
+        optional_name("run id", run.run_id)?;
+        let (ns, standalone, id, run_id) = (run.namespace, run.standalone, run.id, run.run_id);
+        match op {
+            RunOp::Cancel => {
+                self.engine
+                    .request_cancel(ns, standalone, id, run_id, reason, identity)
+                    .await?
+            }
+            RunOp::Terminate => {
+                self.engine
+                    .terminate(ns, standalone, id, run_id, reason, identity)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// A describe, history or result for an id that may be a workflow's or a standalone
+    /// activity's: the workflow first, then the activity of that id.
+    pub(super) async fn either_kind<T, F, Fut>(&self, f: F) -> Result<T, EngineError>
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, EngineError>>,
+    {
+        match f(false).await {
+            Err(EngineError::NotFound(why)) => {
+                f(true).await.map_err(|_| EngineError::NotFound(why))
+            }
+            other => other,
+        }
+    }
+}
+
+/// What an operator does to a run.
+#[derive(Clone, Copy)]
+pub(super) enum RunOp {
+    Cancel,
+    Terminate,
+}
+
+/// The run an operator call names.
+pub(super) struct OneRun<'a> {
+    pub(super) namespace: &'a str,
+    pub(super) standalone: bool,
+    pub(super) id: &'a str,
+    pub(super) run_id: &'a str,
+}
+
+pub(super) type R<T> = Result<Response<T>, Status>;
+
+pub(super) fn ok<T>(value: T) -> R<T> {
+    Ok(Response::new(value))
+}
