@@ -94,7 +94,7 @@ impl Engine {
             // A session activity runs on its session's worker only, and only while it is open
             // (a closed session fails its activities in the same transaction).
             let info = sessions.get_mut(&session_id)?.info.as_mut()?;
-            if info.state != "open" || info.worker_identity != identity {
+            if !sessions::is_in(info, SessionPhase::Open) || info.worker_identity != identity {
                 return None;
             }
             Some(info)

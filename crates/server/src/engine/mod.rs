@@ -18,7 +18,7 @@ use crate::config::ServerConfig;
 use crate::error::EngineError;
 use crate::history::{self, Effects, RunEntry, WorkflowTaskCompletion};
 use crate::matching::{ClaimedPoll, Handover, Matcher, QueueKey, TaskKind, TaskRef};
-use crate::sessions::{self, Placement, Reservations};
+use crate::sessions::{self, OwnerNotice, Placement, Reservations, SessionEnd, SessionPhase};
 use crate::state::RunState;
 use crate::state::SessionState;
 use crate::store::{Commit, RunFilter, Store, Write, WriteBatch};
@@ -421,14 +421,22 @@ impl Engine {
                         .sessions
                         .get(&session_id)
                         .and_then(|s| s.info.as_ref())
-                        .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"));
+                        .is_some_and(sessions::is_live);
                     if live {
                         let status = ExecutionStatus::try_from(status).unwrap_or_default();
                         let reason = format!(
                             "released: workflow run {run_id}, which owns it, closed ({})",
                             status.short_name()
                         );
-                        self.close_session(st, &session_id, "completed", &reason, true, now, txn);
+                        self.close_session(
+                            st,
+                            &session_id,
+                            SessionEnd::Completed,
+                            &reason,
+                            true,
+                            now,
+                            txn,
+                        );
                     }
                 }
             }
@@ -578,7 +586,7 @@ impl Engine {
                         let _ = w.send(info.clone());
                     }
                 }
-                if !matches!(info.state.as_str(), "creating" | "open") {
+                if !sessions::is_live(&info) {
                     // Closed for good: reads go to the store, and its timers have nothing to do.
                     st.sessions.remove(&info.session_id);
                     self.timers.cancel_run(&info.session_id);
@@ -762,5 +770,5 @@ fn session_is_open(sessions: &HashMap<String, SessionState>, session_id: &str) -
     sessions
         .get(session_id)
         .and_then(|s| s.info.as_ref())
-        .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"))
+        .is_some_and(sessions::is_live)
 }

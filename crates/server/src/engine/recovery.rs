@@ -60,7 +60,7 @@ impl Engine {
                 // Sessions first: a run records which open sessions its activities are in.
                 for session in recovered.open_sessions {
                     let info = session.info.clone().unwrap_or_default();
-                    if info.state == "open" {
+                    if sessions::is_in(&info, SessionPhase::Open) {
                         st.reservations
                             .reserve(&info.namespace, &placement_of(&info));
                     }
@@ -70,7 +70,9 @@ impl Engine {
                             .or_default()
                             .push(info.session_id.clone());
                     }
-                    if session.creation_deadline_ms > 0 && info.state == "creating" {
+                    if session.creation_deadline_ms > 0
+                        && sessions::is_in(&info, SessionPhase::Creating)
+                    {
                         txn.fx.timers.push((
                             session.creation_deadline_ms,
                             TimerKey::SessionCreation {
@@ -141,7 +143,7 @@ impl Engine {
                     engine.close_session(
                         st,
                         &id,
-                        "completed",
+                        SessionEnd::Completed,
                         "released: the workflow run that owns it is closed",
                         true,
                         now,

@@ -15,7 +15,7 @@ impl Engine {
             return false;
         };
         let info = session.info.clone().unwrap_or_default();
-        if info.state != "creating" {
+        if !sessions::is_in(&info, SessionPhase::Creating) {
             return false;
         }
         let options = info.options.clone().unwrap_or_default();
@@ -54,7 +54,7 @@ impl Engine {
             Ok(placement) => {
                 st.reservations.reserve(&info.namespace, &placement);
                 let worker = workers.iter().find(|w| w.identity == placement.identity);
-                info_mut.state = "open".into();
+                info_mut.state = SessionPhase::Open.name().into();
                 info_mut.reason.clear();
                 info_mut.worker_identity = placement.identity.clone();
                 info_mut.hostname = worker
@@ -144,7 +144,7 @@ impl Engine {
                 info: Some(pb::SessionInfo {
                     session_id: session_id.to_string(),
                     namespace: namespace.to_string(),
-                    state: "creating".into(),
+                    state: SessionPhase::Creating.name().into(),
                     options: Some(options),
                     created_ms: now,
                     owner: owner.to_string(),
@@ -202,9 +202,9 @@ impl Engine {
                 .sessions
                 .get(&session_id)
                 .and_then(|s| s.info.as_ref())
-                .is_some_and(|i| matches!(i.state.as_str(), "creating" | "open"));
+                .is_some_and(sessions::is_live);
             if live {
-                self.close_session(st, &session_id, "completed", "", false, now, txn);
+                self.close_session(st, &session_id, SessionEnd::Completed, "", false, now, txn);
             }
         }
     }
@@ -214,7 +214,7 @@ impl Engine {
             .sessions
             .values()
             .filter_map(|s| s.info.as_ref())
-            .filter(|i| i.state == "creating")
+            .filter(|i| sessions::is_in(i, SessionPhase::Creating))
             .map(|i| (i.created_ms, i.session_id.clone()))
             .collect();
         // Oldest first, so an early large request is not starved by later small ones.
@@ -232,7 +232,7 @@ impl Engine {
         &self,
         st: &mut EngineState,
         session_id: &str,
-        state: &str,
+        how: SessionEnd,
         reason: &str,
         fail_activities: bool,
         now: i64,
@@ -242,17 +242,21 @@ impl Engine {
             return;
         };
         let info = session.info.as_mut().expect("has info");
-        let was_open = info.state == "open";
-        let was_creating = info.state == "creating";
+        let ending = match SessionPhase::of(info).map(|p| p.end(how)) {
+            Some(Ok(ending)) => ending,
+            // Closed already (or a phase this version does not know): nothing to end.
+            _ => return,
+        };
+        let state = ending.phase.name();
         info.state = state.to_string();
         info.reason = reason.to_string();
         info.closed_ms = now;
         let info = info.clone();
-        if was_open {
+        if ending.release_reservation {
             st.reservations
                 .release(&info.namespace, &placement_of(&info));
         }
-        if state != "completed" {
+        if how != SessionEnd::Completed {
             tracing::warn!(session_id, state, reason, "session ended");
         }
         // Closed without failing (its owner completed it): the attempts running in it may
@@ -281,16 +285,20 @@ impl Engine {
             .entry(session_id.to_string())
             .or_default()
             .extend(runs);
-        if was_creating {
-            Self::notify_session_owner(st, &info, Err(reason.to_string()), now, txn);
-        } else if was_open && state != "completed" {
+        match ending.tell_owner {
+            OwnerNotice::CreationFailed => {
+                Self::notify_session_owner(st, &info, Err(reason.to_string()), now, txn);
+            }
             // The owning workflow sees the session's state change, not only its failed activities.
-            if let Some((run_id, _)) = owner_run(&info.owner) {
-                if let Some(entry) = st.runs.get_mut(run_id) {
-                    entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
-                    txn.touched.insert(run_id.to_string());
+            OwnerNotice::Ended => {
+                if let Some((run_id, _)) = owner_run(&info.owner) {
+                    if let Some(entry) = st.runs.get_mut(run_id) {
+                        entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
+                        txn.touched.insert(run_id.to_string());
+                    }
                 }
             }
+            OwnerNotice::Nothing => {}
         }
         txn.fx.sessions_settled.push(info);
         txn.touched_sessions.insert(session_id.to_string());
@@ -314,7 +322,9 @@ impl Engine {
             .values()
             .filter_map(|s| s.info.as_ref())
             .filter(|i| {
-                i.state == "open" && i.namespace == namespace && i.worker_identity == identity
+                sessions::is_in(i, SessionPhase::Open)
+                    && i.namespace == namespace
+                    && i.worker_identity == identity
             })
             .filter_map(|i| {
                 let gone: Vec<String> = i
@@ -350,7 +360,7 @@ impl Engine {
             })
             .collect();
         for (session_id, reason) in vanished {
-            self.close_session(st, &session_id, "failed", &reason, true, now, txn);
+            self.close_session(st, &session_id, SessionEnd::Failed, &reason, true, now, txn);
         }
     }
 
@@ -394,7 +404,7 @@ impl Engine {
                                 "session id {session_id:?} is in use"
                             )));
                         }
-                        info.state != "creating"
+                        !sessions::is_in(&info, SessionPhase::Creating)
                     }
                     None => self.insert_session(
                         st,
@@ -453,13 +463,13 @@ impl Engine {
         namespace: &str,
         session_id: &str,
     ) -> Result<pb::SessionInfo, EngineError> {
-        self.end_session(namespace, session_id, |state| {
-            let reason = if state == "creating" {
+        self.end_session(namespace, session_id, |phase| {
+            let reason = if phase == SessionPhase::Creating {
                 "completed before it was placed".to_string()
             } else {
                 String::new()
             };
-            ("completed", reason, false)
+            (SessionEnd::Completed, reason, false)
         })
         .await
     }
@@ -479,8 +489,10 @@ impl Engine {
             (false, true) => format!("terminated: {reason}"),
             (false, false) => format!("terminated by {identity}: {reason}"),
         };
-        self.end_session(namespace, session_id, |_| ("terminated", reason, true))
-            .await
+        self.end_session(namespace, session_id, |_| {
+            (SessionEnd::Terminated, reason, true)
+        })
+        .await
     }
 
     /// Closes a live session as `decide` says (state, reason, fail its activities) given its
@@ -489,7 +501,7 @@ impl Engine {
         &self,
         namespace: &str,
         session_id: &str,
-        decide: impl FnOnce(&str) -> (&'static str, String, bool),
+        decide: impl FnOnce(SessionPhase) -> (SessionEnd, String, bool),
     ) -> Result<pb::SessionInfo, EngineError> {
         self.check_healthy()?;
         let now = now_ms();
@@ -500,15 +512,14 @@ impl Engine {
                     .sessions
                     .get(session_id)
                     .and_then(|s| s.info.as_ref())
-                    .filter(|i| {
-                        i.namespace == namespace && matches!(i.state.as_str(), "creating" | "open")
-                    })
-                    .map(|i| i.state.clone());
+                    .filter(|i| i.namespace == namespace)
+                    .and_then(SessionPhase::of)
+                    .filter(|p| p.is_live());
                 Ok(match live {
                     None => None,
                     Some(current) => {
-                        let (state, reason, fail) = decide(&current);
-                        self.close_session(st, session_id, state, &reason, fail, now, txn);
+                        let (how, reason, fail) = decide(current);
+                        self.close_session(st, session_id, how, &reason, fail, now, txn);
                         let info = st.sessions[session_id].info.clone().unwrap_or_default();
                         Some(info)
                     }
@@ -587,11 +598,7 @@ impl Engine {
                 .sessions
                 .values()
                 .filter_map(|s| s.info.clone())
-                .filter(|i| {
-                    i.namespace == namespace
-                        && matches!(i.state.as_str(), "creating" | "open")
-                        && before_cursor(i)
-                })
+                .filter(|i| i.namespace == namespace && sessions::is_live(i) && before_cursor(i))
                 .collect();
             (live, st.last_submitted_seq)
         };
@@ -639,7 +646,7 @@ impl Engine {
             .get(&options.session_id)
             .and_then(|s| s.info.as_ref())
         {
-            if info.state == "open" {
+            if sessions::is_in(info, SessionPhase::Open) {
                 options.worker = info.worker_identity.clone();
             }
         }
@@ -666,7 +673,7 @@ impl Engine {
                 continue;
             };
             let reason = match st.sessions.get(&sid).and_then(|s| s.info.as_ref()) {
-                Some(i) if i.state == "open" => continue,
+                Some(i) if sessions::is_in(i, SessionPhase::Open) => continue,
                 Some(i) => format!("session is {}: {}", i.state, i.reason),
                 None => "session is not open (unknown or already closed)".to_string(),
             };

@@ -171,7 +171,9 @@ impl Engine {
                     .sessions
                     .get(&options.session_id)
                     .and_then(|s| s.info.as_ref())
-                    .is_some_and(|i| i.state == "open" && i.namespace == req.namespace);
+                    .is_some_and(|i| {
+                        sessions::is_in(i, SessionPhase::Open) && i.namespace == req.namespace
+                    });
                 if open {
                     Self::route_session_activity(&st, &mut options);
                 }

@@ -354,14 +354,14 @@ impl Engine {
                     .values()
                     .filter_map(|s| s.info.as_ref())
                     .filter(|i| {
-                        i.state == "open"
+                        sessions::is_in(i, SessionPhase::Open)
                             && i.namespace == req.namespace
                             && i.worker_identity == req.identity
                     })
                     .map(|i| i.session_id.clone())
                     .collect();
                 for id in &ended {
-                    self.close_session(st, id, "failed", &reason, true, now, txn);
+                    self.close_session(st, id, SessionEnd::Failed, &reason, true, now, txn);
                 }
                 Ok(ended)
             })

@@ -32,7 +32,7 @@ impl Engine {
                 metrics::gauge!("tether_runs_open", "namespace" => ns.clone(), "kind" => kind)
                     .set(n as f64);
             }
-            for state in ["creating", "open"] {
+            for state in [SessionPhase::Creating.name(), SessionPhase::Open.name()] {
                 let n = sessions
                     .get(&(ns.clone(), state.to_string()))
                     .copied()

@@ -15,7 +15,7 @@ impl Engine {
             let mut silent: Vec<(String, String)> = Vec::new();
             let mut idle: Vec<(String, u64)> = Vec::new();
             for s in st.sessions.values() {
-                let Some(info) = s.info.as_ref().filter(|i| i.state == "open") else {
+                let Some(info) = s.info.as_ref().filter(|i| sessions::is_in(i, SessionPhase::Open)) else {
                     continue;
                 };
                 let options = info.options.clone().unwrap_or_default();
@@ -50,7 +50,7 @@ impl Engine {
                 }
             }
             for (id, reason) in silent {
-                self.close_session(st, &id, "failed", &reason, true, now, txn);
+                self.close_session(st, &id, SessionEnd::Failed, &reason, true, now, txn);
             }
             if !idle.is_empty() {
                 // An activity still running in the session is use: only the truly idle close.
@@ -74,7 +74,7 @@ impl Engine {
                          session ends by itself so its reservation cannot leak",
                         duration_text(idle_limit)
                     );
-                    self.close_session(st, &id, "timed_out", &reason, true, now, txn);
+                    self.close_session(st, &id, SessionEnd::TimedOut, &reason, true, now, txn);
                 }
             }
             self.try_place_pending(st, now, txn);

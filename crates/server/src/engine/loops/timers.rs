@@ -37,7 +37,9 @@ impl Engine {
                 match &key {
                     TimerKey::SessionCreation { run_id } => {
                         let creating = st.sessions.get(run_id).is_some_and(|s| {
-                            s.info.as_ref().is_some_and(|i| i.state == "creating")
+                            s.info
+                                .as_ref()
+                                .is_some_and(|i| sessions::is_in(i, SessionPhase::Creating))
                         });
                         if creating {
                             let reason = st.sessions[run_id]
@@ -48,7 +50,7 @@ impl Engine {
                             self.close_session(
                                 st,
                                 run_id,
-                                "failed",
+                                SessionEnd::Failed,
                                 &format!(
                                     "no worker could host it before the creation timeout: {reason}"
                                 ),
@@ -62,15 +64,13 @@ impl Engine {
                     TimerKey::SessionExpiry { run_id } => {
                         let live = st.sessions.get(run_id).is_some_and(|s| {
                             s.execution_deadline_ms <= now
-                                && s.info.as_ref().is_some_and(|i| {
-                                    matches!(i.state.as_str(), "creating" | "open")
-                                })
+                                && s.info.as_ref().is_some_and(sessions::is_live)
                         });
                         if live {
                             self.close_session(
                                 st,
                                 run_id,
-                                "timed_out",
+                                SessionEnd::TimedOut,
                                 "execution timeout reached",
                                 true,
                                 now,

@@ -153,7 +153,7 @@ pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), Sto
                     }
                     Write::Session { state } => {
                         let info = state.info.clone().unwrap_or_default();
-                        let open = matches!(info.state.as_str(), "creating" | "open");
+                        let open = crate::sessions::is_live(&info);
                         put_session.execute(params![
                             info.session_id,
                             info.namespace,

@@ -7,6 +7,10 @@
 //! free GPUs behind (keeping large free blocks for large requests), `spread` the most. Concrete
 //! GPU indices and resource units are reserved, and reservations never overlap.
 
+mod phase;
+
+pub use phase::{is_in, is_live, Ending, NotLive, OwnerNotice, SessionEnd, SessionPhase};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tether_core::requirements::Requirements;
 use tether_wire::pb::{Capabilities, GpuDevice};
