@@ -135,14 +135,15 @@ impl SessionPhase {
     }
 }
 
-/// Whether a session's info records a live phase (creating or open).
+/// Whether a session's info records a live phase (creating or open). (Compares names: it is
+/// asked on every hand-out in a session.)
 pub fn is_live(info: &pb::SessionInfo) -> bool {
-    SessionPhase::of(info).is_some_and(SessionPhase::is_live)
+    is_in(info, SessionPhase::Open) || is_in(info, SessionPhase::Creating)
 }
 
 /// Whether a session's info records the phase `phase`.
 pub fn is_in(info: &pb::SessionInfo, phase: SessionPhase) -> bool {
-    SessionPhase::of(info) == Some(phase)
+    info.state == phase.name()
 }
 
 #[cfg(test)]
@@ -187,6 +188,25 @@ mod tests {
             (e.phase, e.release_reservation, e.tell_owner),
             (SessionPhase::Completed, false, OwnerNotice::CreationFailed)
         );
+    }
+
+    #[test]
+    fn the_name_checks_agree_with_the_phase() {
+        for p in SessionPhase::ALL {
+            let info = pb::SessionInfo {
+                state: p.name().into(),
+                ..Default::default()
+            };
+            assert_eq!(is_live(&info), p.is_live(), "{p:?}");
+            assert!(SessionPhase::ALL
+                .iter()
+                .all(|q| is_in(&info, *q) == (*q == p)));
+        }
+        let unknown = pb::SessionInfo {
+            state: "opened".into(),
+            ..Default::default()
+        };
+        assert!(!is_live(&unknown) && SessionPhase::of(&unknown).is_none());
     }
 
     #[test]
