@@ -15,9 +15,9 @@ impl Engine {
             return false;
         };
         let info = session.info.clone().unwrap_or_default();
-        if !sessions::is_in(&info, SessionPhase::Creating) {
+        let Some(Ok(open)) = SessionPhase::of(&info).map(SessionPhase::place) else {
             return false;
-        }
+        };
         let options = info.options.clone().unwrap_or_default();
         let request = sessions::Request {
             requirements: tether_core::requirements::Requirements::parse(&options.requirements)
@@ -54,7 +54,7 @@ impl Engine {
             Ok(placement) => {
                 st.reservations.reserve(&info.namespace, &placement);
                 let worker = workers.iter().find(|w| w.identity == placement.identity);
-                info_mut.state = SessionPhase::Open.name().into();
+                info_mut.state = open.name().into();
                 info_mut.reason.clear();
                 info_mut.worker_identity = placement.identity.clone();
                 info_mut.hostname = worker

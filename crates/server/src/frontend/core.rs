@@ -35,22 +35,20 @@ impl Frontend {
         };
         let ids = crate::auth::identities_of(&request);
         let req = request.into_inner();
-        let namespaces = match req.scope() {
+        let acting_as = req.acting_as();
+        match req.scope() {
             Scope::AnyGrant => {
                 if !access.known(&ids) {
                     return Err(Status::permission_denied(
                         "this identity holds no grant in the access file",
                     ));
                 }
-                return Ok((ids, req));
             }
-            Scope::Namespace(namespace) => vec![namespace.to_string()],
-            Scope::Tokens(namespaces) => namespaces,
-        };
-        for namespace in &namespaces {
-            access.check(&ids, namespace, T::ROLE)?;
-            if let Some(identity) = req.acting_as() {
-                access.check_worker_identity(&ids, namespace, identity)?;
+            Scope::Namespace(namespace) => grant(&access, &ids, namespace, T::ROLE, acting_as)?,
+            Scope::Tokens(namespaces) => {
+                for namespace in &namespaces {
+                    grant(&access, &ids, namespace, T::ROLE, acting_as)?;
+                }
             }
         }
         Ok((ids, req))
@@ -59,7 +57,7 @@ impl Frontend {
     pub(super) fn allow(&self, ids: &[String], namespace: &str, role: Role) -> Result<(), Status> {
         match self.engine.access() {
             None => Ok(()),
-            Some(access) => access.check(ids, namespace, role),
+            Some(access) => grant(&access, ids, namespace, role, None),
         }
     }
 
@@ -73,10 +71,7 @@ impl Frontend {
     ) -> Result<(), Status> {
         match self.engine.access() {
             None => Ok(()),
-            Some(access) => {
-                access.check(ids, namespace, Role::Worker)?;
-                access.check_worker_identity(ids, namespace, identity)
-            }
+            Some(access) => grant(&access, ids, namespace, Role::Worker, Some(identity)),
         }
     }
 
@@ -221,4 +216,19 @@ pub(super) type R<T> = Result<Response<T>, Status>;
 
 pub(super) fn ok<T>(value: T) -> R<T> {
     Ok(Response::new(value))
+}
+
+/// `role` in `namespace`, and, for a call that acts as a worker identity, that identity too.
+fn grant(
+    access: &crate::auth::Access,
+    ids: &[String],
+    namespace: &str,
+    role: Role,
+    acting_as: Option<&str>,
+) -> Result<(), Status> {
+    access.check(ids, namespace, role)?;
+    match acting_as {
+        Some(identity) => access.check_worker_identity(ids, namespace, identity),
+        None => Ok(()),
+    }
 }
