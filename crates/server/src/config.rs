@@ -1,5 +1,6 @@
 //! The server's settings.
 
+use crate::clock::Clock;
 use crate::store::SyncMode;
 use std::time::Duration;
 use tether_wire::MAX_GRPC_MESSAGE;
@@ -41,6 +42,9 @@ pub struct ServerConfig {
     /// How long a commit waits for another process's lock on the database file before it
     /// fails (and the server stops taking writes). Default 10 s.
     pub store_busy_timeout: Duration,
+    /// Where the engine reads the time. Default the system's wall clock; tests of the engine
+    /// run it on tokio's paused time with [`Clock::following_tokio`].
+    pub clock: Clock,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +63,7 @@ impl Default for ServerConfig {
             metrics: false,
             max_history_bytes: DEFAULT_MAX_HISTORY_BYTES,
             store_busy_timeout: crate::store::DEFAULT_BUSY_TIMEOUT,
+            clock: Clock::system(),
         }
     }
 }

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+mod clock;
 mod config;
 mod engine;
 mod error;
@@ -15,6 +16,7 @@ pub mod state;
 pub mod store;
 pub mod timers;
 
+pub use clock::Clock;
 pub use config::{ServerConfig, DEFAULT_MAX_HISTORY_BYTES};
 pub use engine::{Engine, EngineStats, NextTasks, StartedActivity, StorageFailure};
 pub use error::EngineError;

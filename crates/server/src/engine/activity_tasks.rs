@@ -26,7 +26,7 @@ impl Engine {
                 return Ok(Default::default());
             }
             let polled = tokio::select! {
-                task = self.matcher.poll_many(&keys, &req.identity, &req.instance_id, now_ms(), remaining) => task,
+                task = self.matcher.poll_many(&keys, &req.identity, &req.instance_id, self.now_ms(), remaining) => task,
                 _ = shutdown.wait_for(|s| *s) => None,
             };
             match polled {
@@ -60,10 +60,10 @@ impl Engine {
             let token = Self::decode_token(&req.task_token)?;
             let mut st = self.state.lock();
             let entry = open_run(&mut st.runs, &token.run_id)?;
-            return entry.activity_heartbeat(&token, None, &req.identity, now_ms());
+            return entry.activity_heartbeat(&token, None, &req.identity, self.now_ms());
         }
         self.with_token_run(&req.task_token, |entry, token, _fx| {
-            entry.activity_heartbeat(token, details, &req.identity, now_ms())
+            entry.activity_heartbeat(token, details, &req.identity, self.now_ms())
         })
         .await
     }
@@ -120,7 +120,7 @@ impl Engine {
         next_only_if_all_applied: bool,
     ) -> Result<RespondedActivities, EngineError> {
         self.check_healthy()?;
-        let now = now_ms();
+        let now = self.now_ms();
         let mut results = Vec::with_capacity(outcomes.len());
         let (commit, txn, next_tasks) = self.submit(|st, txn| {
             for outcome in outcomes {

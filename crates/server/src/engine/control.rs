@@ -164,7 +164,7 @@ impl Engine {
                                 req.input,
                                 &req.identity,
                                 &req.request_id,
-                                now_ms(),
+                                self.now_ms(),
                                 &mut txn.fx,
                             );
                             txn.touched.insert(run_id);
@@ -195,7 +195,7 @@ impl Engine {
         identity: &str,
     ) -> Result<(), EngineError> {
         self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
-            entry.request_cancel(reason, identity, now_ms(), fx)
+            entry.request_cancel(reason, identity, self.now_ms(), fx)
         })
         .await
     }
@@ -211,7 +211,7 @@ impl Engine {
         identity: &str,
     ) -> Result<(), EngineError> {
         self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
-            entry.terminate(reason, identity, now_ms(), fx)
+            entry.terminate(reason, identity, self.now_ms(), fx)
         })
         .await
     }

@@ -233,7 +233,7 @@ impl Engine {
                 attempt,
                 identity,
                 instance,
-                now_ms(),
+                self.now_ms(),
                 txn,
             ) else {
                 return Ok(None);

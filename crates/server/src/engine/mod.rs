@@ -11,6 +11,8 @@ mod reads;
 mod recovery;
 mod session_ops;
 mod start;
+#[cfg(test)]
+mod tests;
 mod workers;
 mod workflow_tasks;
 
@@ -29,10 +31,10 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
-use tether_wire::now_ms;
+use std::time::Duration;
 use tether_wire::pb::{self, ExecutionStatus, NamespaceInfo};
 use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 
 type IdKey = (String, bool, String);
 
@@ -257,6 +259,11 @@ struct RunSnapshot {
 }
 
 impl Engine {
+    /// The time now, by the engine's clock (see [`ServerConfig::clock`]).
+    fn now_ms(&self) -> i64 {
+        self.config.clock.now_ms()
+    }
+
     /// What the engine holds in memory now.
     pub fn stats(&self) -> EngineStats {
         let st = self.state.lock();
@@ -346,7 +353,7 @@ impl Engine {
         );
         self.storage_failure.send_replace(Some(StorageFailure {
             reason: reason.to_string(),
-            at_ms: now_ms(),
+            at_ms: self.now_ms(),
         }));
         let _ = self.shutdown.send(true);
     }
@@ -401,7 +408,7 @@ impl Engine {
     /// belongs in the same transaction is applied: signals to other workflows, the release of
     /// sessions whose owner closed, and the hand-over of new activity tasks to parked polls.
     fn commit_locked(&self, st: &mut EngineState, txn: &mut Txn) -> Option<Commit> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut closed_seen = 0;
         loop {
             while let Some(sig) = txn.fx.signals.pop() {

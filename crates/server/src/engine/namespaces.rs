@@ -29,7 +29,7 @@ impl Engine {
             let info = NamespaceInfo {
                 name: name.to_string(),
                 description: description.to_string(),
-                created_ms: now_ms(),
+                created_ms: self.now_ms(),
                 retention_ms,
             };
             st.namespaces.insert(name.to_string(), info.clone());

@@ -14,6 +14,7 @@ impl Engine {
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(format!("could not read the store: {e}")))?;
+        let now = config.clock.now_ms();
         let (shutdown, _) = watch::channel(false);
         let (storage_failure, _) = watch::channel(None);
         let engine = Arc::new_cyclic(|me| Engine {
@@ -27,9 +28,8 @@ impl Engine {
             storage_failed: AtomicBool::new(false),
             storage_failure,
             shutdown,
-            started_ms: now_ms(),
+            started_ms: now,
         });
-        let now = now_ms();
         engine
             .transact(|st, txn| {
                 for ns in recovered.namespaces {

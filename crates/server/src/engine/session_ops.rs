@@ -391,7 +391,7 @@ impl Engine {
                 .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
             req.session_id.clone()
         };
-        let now = now_ms();
+        let now = self.now_ms();
         let waiter = self
             .transact(|st, txn| {
                 Self::check_namespace(st, &req.namespace)?;
@@ -504,7 +504,7 @@ impl Engine {
         decide: impl FnOnce(SessionPhase) -> (SessionEnd, String, bool),
     ) -> Result<pb::SessionInfo, EngineError> {
         self.check_healthy()?;
-        let now = now_ms();
+        let now = self.now_ms();
         let done = self
             .transact(|st, txn| {
                 Self::check_namespace(st, namespace)?;

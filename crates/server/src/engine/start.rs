@@ -91,7 +91,7 @@ impl Engine {
                 Ok(Err((existing.clone(), st.last_submitted_seq)))
             } else {
                 let run_id = tether_core::types::RunId::generate().to_string();
-                let mut entry = make(run_id.clone(), now_ms(), &mut txn.fx);
+                let mut entry = make(run_id.clone(), self.now_ms(), &mut txn.fx);
                 entry.max_history_bytes = self.config.max_history_bytes;
                 st.open_ids.insert(key, run_id.clone());
                 Self::note_session_runs(st, &run_id, &entry);
@@ -236,7 +236,7 @@ impl Engine {
             namespace,
             queue,
             requirements,
-            now_ms(),
+            self.now_ms(),
             self.config.worker_liveness_timeout,
         )
     }

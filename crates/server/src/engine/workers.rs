@@ -196,7 +196,7 @@ impl Engine {
     ) -> Result<pb::RegisterWorkerResponse, EngineError> {
         self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), &req.namespace)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let caps = req.capabilities.unwrap_or_default();
         let registered = self
             .matcher
@@ -286,9 +286,12 @@ impl Engine {
             .worker(&req.namespace, &req.identity)
             .map(|w| w.caps.gpus.clone());
         let caps = req.capabilities.clone();
-        let known =
-            self.matcher
-                .heartbeat(&req.namespace, &req.identity, req.capabilities, now_ms());
+        let known = self.matcher.heartbeat(
+            &req.namespace,
+            &req.identity,
+            req.capabilities,
+            self.now_ms(),
+        );
         let lost_gpus = match (&caps, gpus_before) {
             (Some(caps), Some(before)) => before.iter().any(|g| {
                 !caps
@@ -300,7 +303,7 @@ impl Engine {
         };
         if known && lost_gpus {
             let caps = caps.expect("checked");
-            let now = now_ms();
+            let now = self.now_ms();
             self.transact(|st, txn| {
                 self.fail_sessions_on_vanished_gpus(
                     st,
@@ -346,7 +349,7 @@ impl Engine {
             identity = req.identity,
             "worker stopped"
         );
-        let now = now_ms();
+        let now = self.now_ms();
         let ended = self
             .transact(|st, txn| {
                 let ended: Vec<String> = st

@@ -14,7 +14,7 @@ impl Engine {
             return None;
         }
         let handover = tokio::select! {
-            task = self.matcher.poll(key, identity, now_ms(), timeout) => task,
+            task = self.matcher.poll(key, identity, self.now_ms(), timeout) => task,
             _ = shutdown.wait_for(|s| *s) => None,
         };
         match handover? {
@@ -125,7 +125,7 @@ impl Engine {
             };
             let submitted = self.submit(|st, txn| {
                 let response = st.runs.get_mut(&run_id).and_then(|entry| {
-                    entry.dispatch_workflow_task(identity, sticky_queue, now_ms(), &mut txn.fx)
+                    entry.dispatch_workflow_task(identity, sticky_queue, self.now_ms(), &mut txn.fx)
                 });
                 if response.is_some() {
                     txn.touched.insert(run_id.clone());
@@ -215,7 +215,7 @@ impl Engine {
         self.check_healthy()?;
         let token = Self::decode_token(&req.task_token)?;
         let mut commands = req.commands;
-        let now = now_ms();
+        let now = self.now_ms();
         let completion = self
             .transact(|st, txn| {
                 Self::check_namespace(st, &token.namespace)?;
@@ -267,7 +267,14 @@ impl Engine {
         req: pb::FailWorkflowTaskRequest,
     ) -> Result<(), EngineError> {
         self.with_token_run(&req.task_token, |entry, token, fx| {
-            entry.fail_workflow_task(token, &req.cause, req.failure, &req.identity, now_ms(), fx)
+            entry.fail_workflow_task(
+                token,
+                &req.cause,
+                req.failure,
+                &req.identity,
+                self.now_ms(),
+                fx,
+            )
         })
         .await
     }

@@ -218,3 +218,58 @@ pub trait Store: Send + Sync + 'static {
     /// One session, open or closed, by id.
     fn load_session(&self, session_id: &str) -> Result<Option<SessionState>, StoreError>;
 }
+
+/// One hand-out row (see [`Write::Started`]) as a store reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandOutRow {
+    /// The activity.
+    pub scheduled_event_id: u64,
+    /// Its attempt.
+    pub attempt: u32,
+    /// Which hand-out.
+    pub dispatch: u64,
+    /// When it was handed out (0: taken back).
+    pub started_ms: i64,
+    /// The worker.
+    pub worker: String,
+    /// Its process.
+    pub instance: String,
+}
+
+/// Folds a run's hand-out rows into its state at recovery, the same way in every store: for
+/// the current attempt of an activity, the newest record of who runs it (by hand-out number; a
+/// take-back of the same hand-out wins over the hand-out) replaces what the state says. Rows
+/// of attempts since replaced, or of an activity waiting out a retry backoff, change nothing.
+pub fn fold_hand_outs(state: &mut RunState, rows: impl IntoIterator<Item = HandOutRow>) {
+    for row in rows {
+        let Some(a) = state.activities.get_mut(&row.scheduled_event_id) else {
+            continue;
+        };
+        if a.attempt != row.attempt || a.backoff_until_ms > 0 {
+            continue;
+        }
+        let newer = row.dispatch > a.started_dispatch
+            || (row.dispatch == a.started_dispatch && row.started_ms == 0);
+        if newer {
+            a.started_dispatch = if row.started_ms == 0 { 0 } else { row.dispatch };
+            a.started_ms = row.started_ms;
+            a.started_worker = row.worker;
+            a.started_instance = row.instance;
+            if row.started_ms > 0 {
+                a.last_worker = a.started_worker.clone();
+            }
+        }
+    }
+}
+
+/// Brings an open session's count of activities and its last use up to what its hand-out rows
+/// say (they are written without rewriting the session's own row): `rows` are, per run with
+/// rows in the session, the highest count and the latest hand-out time.
+pub fn fold_session_counts(session: &mut SessionState, rows: impl IntoIterator<Item = (u64, i64)>) {
+    if let Some(info) = session.info.as_mut() {
+        for (count, used_ms) in rows {
+            info.activities_run = info.activities_run.max(count);
+            info.last_used_ms = info.last_used_ms.max(used_ms);
+        }
+    }
+}

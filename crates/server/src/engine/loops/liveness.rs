@@ -14,7 +14,7 @@ impl Engine {
                 _ = tokio::time::sleep(tick) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            for (namespace, identity) in self.matcher.expire(now_ms(), timeout) {
+            for (namespace, identity) in self.matcher.expire(self.now_ms(), timeout) {
                 tracing::warn!(
                     namespace,
                     identity,
@@ -29,7 +29,7 @@ impl Engine {
             }
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
-                self.prune_idle(now_ms());
+                self.prune_idle(self.now_ms());
             }
         }
     }

@@ -12,7 +12,7 @@ impl Engine {
                 _ = tokio::time::sleep(self.config.retention_sweep_interval) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            match self.purge_expired(now_ms()).await {
+            match self.purge_expired(self.now_ms()).await {
                 Ok((0, 0)) => {}
                 Ok((runs, sessions)) => {
                     tracing::info!(

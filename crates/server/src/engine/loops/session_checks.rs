@@ -7,7 +7,7 @@ impl Engine {
     /// closes client sessions idle past their idle timeout, and retries placing the ones still
     /// waiting.
     pub(super) async fn check_sessions(&self) -> Result<(), EngineError> {
-        let now = now_ms();
+        let now = self.now_ms();
         self.transact(|st, txn| {
             if st.sessions.is_empty() {
                 return Ok(());

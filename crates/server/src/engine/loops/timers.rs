@@ -10,7 +10,7 @@ impl Engine {
             if *shutdown.borrow() {
                 return;
             }
-            let now = now_ms();
+            let now = self.now_ms();
             let due = self.timers.take_due(now);
             if !due.is_empty() {
                 if let Err(e) = self.fire(due).await {
@@ -31,7 +31,7 @@ impl Engine {
     }
 
     pub(super) async fn fire(&self, due: Vec<TimerKey>) -> Result<(), EngineError> {
-        let now = now_ms();
+        let now = self.now_ms();
         self.transact(|st, txn| {
             for key in due {
                 match &key {

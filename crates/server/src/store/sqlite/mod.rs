@@ -6,7 +6,10 @@
 mod schema;
 mod writer;
 
-use super::api::{Commit, Durability, Recovered, RunFilter, Store, StoreError, WriteBatch};
+use super::api::{
+    fold_hand_outs, fold_session_counts, Commit, Durability, HandOutRow, Recovered, RunFilter,
+    Store, StoreError, WriteBatch,
+};
 use crate::state::{RunState, SessionState};
 use parking_lot::Mutex;
 use prost::Message;
@@ -129,44 +132,25 @@ impl Drop for SqliteStore {
     }
 }
 
-/// Folds a run's hand-out rows into its state: for the current attempt of an activity, the
-/// newest record of who runs it (by hand-out number; a take-back of the same hand-out wins
-/// over the hand-out) replaces what the state says.
+/// Folds a run's hand-out rows into its state (see [`fold_hand_outs`]).
 fn apply_started_rows(conn: &Connection, state: &mut RunState) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT scheduled_event_id, attempt, dispatch, started_ms, worker, instance
          FROM started WHERE run_id = ?1",
     )?;
-    let rows = stmt.query_map(params![state.run_id], |r| {
-        Ok((
-            r.get::<_, i64>(0)? as u64,
-            r.get::<_, u32>(1)?,
-            r.get::<_, i64>(2)? as u64,
-            r.get::<_, i64>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, String>(5)?,
-        ))
-    })?;
-    for row in rows {
-        let (sched, attempt, dispatch, started_ms, worker, instance) = row?;
-        let Some(a) = state.activities.get_mut(&sched) else {
-            continue;
-        };
-        if a.attempt != attempt || a.backoff_until_ms > 0 {
-            continue;
-        }
-        let newer =
-            dispatch > a.started_dispatch || (dispatch == a.started_dispatch && started_ms == 0);
-        if newer {
-            a.started_dispatch = if started_ms == 0 { 0 } else { dispatch };
-            a.started_ms = started_ms;
-            a.started_worker = worker;
-            a.started_instance = instance;
-            if started_ms > 0 {
-                a.last_worker = a.started_worker.clone();
-            }
-        }
-    }
+    let rows = stmt
+        .query_map(params![state.run_id], |r| {
+            Ok(HandOutRow {
+                scheduled_event_id: r.get::<_, i64>(0)? as u64,
+                attempt: r.get(1)?,
+                dispatch: r.get::<_, i64>(2)? as u64,
+                started_ms: r.get(3)?,
+                worker: r.get(4)?,
+                instance: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    fold_hand_outs(state, rows);
     Ok(())
 }
 
@@ -286,7 +270,8 @@ impl Store for SqliteStore {
         // An open session's count and last use since its row was written are in its
         // hand-out rows. One pass over them: the table holds only the hand-outs of open runs
         // and of open sessions.
-        let mut per_session: std::collections::HashMap<String, (i64, i64)> = Default::default();
+        let mut per_session: std::collections::HashMap<String, Vec<(u64, i64)>> =
+            Default::default();
         let mut stmt = conn.prepare(
             "SELECT session_id, run_id, MAX(session_activities_run), MAX(started_ms)
              FROM started WHERE session_id != '' GROUP BY session_id, run_id",
@@ -301,16 +286,16 @@ impl Store for SqliteStore {
         })?;
         for row in rows {
             let (session_id, run_id, count, used) = row?;
-            let seen = per_session.entry(session_id.clone()).or_default();
-            *seen = (seen.0.max(count), seen.1.max(used));
+            per_session
+                .entry(session_id.clone())
+                .or_default()
+                .push((count as u64, used));
             out.session_rows.push((session_id, run_id));
         }
         for mut session in sessions {
-            if let Some(info) = session.info.as_mut() {
-                if let Some((count, used)) = per_session.get(&info.session_id) {
-                    info.activities_run = info.activities_run.max(*count as u64);
-                    info.last_used_ms = info.last_used_ms.max(*used);
-                }
+            let id = session.info.as_ref().map(|i| i.session_id.as_str());
+            if let Some(rows) = id.and_then(|id| per_session.remove(id)) {
+                fold_session_counts(&mut session, rows);
             }
             out.open_sessions.push(session);
         }
@@ -644,86 +629,6 @@ mod tests {
                 "{sql}: {plan:?}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run() {
-        use crate::state::ActivityState;
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), SyncMode::Normal).unwrap();
-        let mut state = run("r", ExecutionStatus::Running);
-        // Activity 3 is on attempt 2; activity 4 was handed out (dispatch 7) when the run was
-        // last written whole; activity 5 waits in its queue.
-        for (sched, attempt, dispatch) in [(3u64, 2u32, 0u64), (4, 1, 7), (5, 1, 0)] {
-            state.activities.insert(
-                sched,
-                ActivityState {
-                    scheduled_event_id: sched,
-                    attempt,
-                    started_dispatch: dispatch,
-                    started_ms: if dispatch > 0 { 100 } else { 0 },
-                    started_worker: if dispatch > 0 {
-                        "old".into()
-                    } else {
-                        String::new()
-                    },
-                    ..Default::default()
-                },
-            );
-        }
-        let started =
-            |sched: u64, attempt: u32, dispatch: u64, ms: i64, worker: &str| Write::Started {
-                run_id: "r".into(),
-                scheduled_event_id: sched,
-                attempt,
-                dispatch,
-                started_ms: ms,
-                worker: worker.into(),
-                instance: format!("{worker}-process"),
-                session_id: String::new(),
-                session_activities_run: 0,
-            };
-        let writes = vec![
-            Write::Run {
-                state: Box::new(state),
-                may_own_started: true,
-            },
-            // Attempt 2 of activity 3 is running on w2 (attempt 1's row is long replaced).
-            started(3, 2, 9, 200, "w2"),
-            // An older hand-out of activity 4 than the state knows: the state's wins.
-            started(4, 1, 6, 90, "stale"),
-            // Activity 5 was handed out and taken back (its poll ended first).
-            started(5, 1, 8, 150, "w3"),
-        ];
-        store
-            .submit(WriteBatch { writes })
-            .done
-            .await
-            .unwrap()
-            .unwrap();
-        store
-            .submit(WriteBatch {
-                writes: vec![started(5, 1, 8, 0, "")],
-            })
-            .done
-            .await
-            .unwrap()
-            .unwrap();
-        let recovered = store.recover().unwrap();
-        let (state, _) = &recovered.open_runs[0];
-        let a3 = &state.activities[&3];
-        assert_eq!((a3.started_dispatch, a3.started_worker.as_str()), (9, "w2"));
-        let a4 = &state.activities[&4];
-        assert_eq!(
-            (a4.started_dispatch, a4.started_worker.as_str()),
-            (7, "old")
-        );
-        let a5 = &state.activities[&5];
-        assert_eq!(
-            (a5.started_dispatch, a5.started_ms),
-            (0, 0),
-            "taken back: waiting"
-        );
     }
 
     #[tokio::test]

@@ -98,7 +98,11 @@ pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), Sto
              ON CONFLICT(session_id) DO UPDATE SET open = excluded.open, state = excluded.state,
                                                    closed_ms = excluded.closed_ms",
         )?;
-        let mut del_events = tx.prepare_cached("DELETE FROM events WHERE run_id = ?1")?;
+        // A run's history and hand-out rows go only with the run itself: only once it closed.
+        let mut del_events = tx.prepare_cached(
+            "DELETE FROM events WHERE run_id = ?1
+             AND EXISTS (SELECT 1 FROM runs WHERE run_id = ?1 AND close_ms > 0)",
+        )?;
         let mut del_session =
             tx.prepare_cached("DELETE FROM sessions WHERE session_id = ?1 AND closed_ms > 0")?;
         // Only closed runs: an open run is never deleted, whatever asked for it.
@@ -117,7 +121,10 @@ pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), Sto
         // keep a session's count, which go when the session closes.
         let mut del_started =
             tx.prepare_cached("DELETE FROM started WHERE run_id = ?1 AND session_id = ''")?;
-        let mut del_run_started = tx.prepare_cached("DELETE FROM started WHERE run_id = ?1")?;
+        let mut del_run_started = tx.prepare_cached(
+            "DELETE FROM started WHERE run_id = ?1
+             AND EXISTS (SELECT 1 FROM runs WHERE run_id = ?1 AND close_ms > 0)",
+        )?;
         let mut del_session_started =
             tx.prepare_cached("DELETE FROM started WHERE run_id = ?1 AND session_id = ?2")?;
         let mut keep_session_started = tx.prepare_cached(
@@ -183,8 +190,8 @@ pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), Sto
                     Write::DeleteRuns { run_ids } => {
                         for run_id in run_ids {
                             del_events.execute(params![run_id])?;
-                            del_run.execute(params![run_id])?;
                             del_run_started.execute(params![run_id])?;
+                            del_run.execute(params![run_id])?;
                         }
                     }
                     Write::Started {

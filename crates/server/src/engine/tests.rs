@@ -1,0 +1,195 @@
+//! The engine alone: no gRPC, no data directory. Each test runs it over the in-memory store
+//! on tokio's paused time (the engine reads the time from [`Clock::following_tokio`]), so a
+//! timeout of a day passes at once and nothing waits on real time.
+
+use super::*;
+use crate::clock::Clock;
+use crate::store::MemoryStore;
+
+/// Longest a test waits for something that must happen, in virtual time.
+const VIRTUAL_DAYS: Duration = Duration::from_secs(3 * 24 * 3600);
+
+async fn engine_over(store: Arc<MemoryStore>) -> Arc<Engine> {
+    let config = ServerConfig {
+        clock: Clock::following_tokio(),
+        ..ServerConfig::default()
+    };
+    let engine = Engine::open(store, config).await.unwrap();
+    tokio::spawn(engine.clone().run_timers());
+    engine
+}
+
+fn start_request(workflow_id: &str, run_timeout_ms: u64) -> pb::StartWorkflowRequest {
+    pb::StartWorkflowRequest {
+        namespace: "default".into(),
+        workflow_id: workflow_id.into(),
+        workflow_type: "wf".into(),
+        task_queue: "q".into(),
+        run_timeout_ms,
+        request_id: uuid::Uuid::now_v7().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Polls until a workflow task comes (each poll ends empty at the long-poll timeout), for at
+/// most [`VIRTUAL_DAYS`] of virtual time.
+async fn next_workflow_task(engine: &Engine) -> pb::PollWorkflowTaskResponse {
+    let deadline = Instant::now() + VIRTUAL_DAYS;
+    while Instant::now() < deadline {
+        let task = engine
+            .poll_workflow_task(pb::PollWorkflowTaskRequest {
+                namespace: "default".into(),
+                task_queue: "q".into(),
+                identity: "w".into(),
+                poll_timeout_ms: 60_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if !task.task_token.is_empty() {
+            return task;
+        }
+    }
+    panic!("no workflow task in {VIRTUAL_DAYS:?} of virtual time");
+}
+
+fn command(kind: pb::command::Kind) -> pb::Command {
+    pb::Command { kind: Some(kind) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_durable_timer_of_a_day_fires_a_day_later_by_the_engines_clock() {
+    let engine = engine_over(Arc::new(MemoryStore::new())).await;
+    let run_id = engine
+        .start_workflow(start_request("sleeper", 0))
+        .await
+        .unwrap();
+    let first = next_workflow_task(&engine).await;
+    assert_eq!(first.run_id, run_id);
+    let day_ms = 24 * 3_600_000;
+    engine
+        .complete_workflow_task(pb::CompleteWorkflowTaskRequest {
+            task_token: first.task_token,
+            identity: "w".into(),
+            commands: vec![command(pb::command::Kind::StartTimer(
+                pb::StartTimerCommand {
+                    seq: 1,
+                    duration_ms: day_ms,
+                },
+            ))],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started_at = engine.now_ms();
+    let second = next_workflow_task(&engine).await;
+    let fired = second
+        .events
+        .iter()
+        .find(|e| {
+            matches!(
+                e.attributes,
+                Some(pb::history_event::Attributes::TimerFired(_))
+            )
+        })
+        .expect("the timer fired");
+    let waited = fired.time_ms - started_at;
+    assert!(
+        (day_ms as i64..day_ms as i64 + 60_000).contains(&waited),
+        "fired {waited} ms after it was started, by the engine's clock"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_past_its_run_timeout_times_out_without_any_worker() {
+    let engine = engine_over(Arc::new(MemoryStore::new())).await;
+    engine
+        .start_workflow(start_request("slow", 3_600_000))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + VIRTUAL_DAYS;
+    let outcome = loop {
+        let outcome = engine
+            .result("default", false, "slow", "", Duration::from_secs(60))
+            .await
+            .unwrap();
+        if outcome.status != ExecutionStatus::Running as i32 || Instant::now() >= deadline {
+            break outcome;
+        }
+    };
+    assert_eq!(outcome.status, ExecutionStatus::TimedOut as i32);
+    assert_eq!(engine.stats().runs, 0, "the closed run left memory");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_no_worker_can_host_fails_at_its_creation_timeout() {
+    let engine = engine_over(Arc::new(MemoryStore::new())).await;
+    let create = |wait_ms| pb::CreateSessionRequest {
+        namespace: "default".into(),
+        session_id: "nowhere".into(),
+        owner: "test".into(),
+        wait_ms,
+        options: Some(pb::SessionOptions {
+            task_queue: "no-workers".into(),
+            creation_timeout_ms: 600_000,
+            ..Default::default()
+        }),
+    };
+    let created = engine.create_session(create(0)).await.unwrap();
+    assert_eq!(created.state, "creating");
+    let deadline = Instant::now() + VIRTUAL_DAYS;
+    let mut info = created.clone();
+    while info.state == "creating" && Instant::now() < deadline {
+        info = engine.create_session(create(60_000)).await.unwrap();
+    }
+    assert_eq!(info.state, "failed", "{info:?}");
+    assert!(info.reason.contains("creation timeout"), "{}", info.reason);
+    let waited = info.closed_ms - created.created_ms;
+    assert!(
+        (600_000..660_000).contains(&waited),
+        "failed {waited} ms after its creation"
+    );
+    assert_eq!(engine.stats().sessions, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_reopened_over_the_same_store_takes_up_the_open_runs() {
+    let store = Arc::new(MemoryStore::new());
+    let first = engine_over(store.clone()).await;
+    let run_id = first
+        .start_workflow(start_request("survivor", 0))
+        .await
+        .unwrap();
+    first.begin_shutdown();
+    drop(first);
+    let second = engine_over(store).await;
+    assert_eq!(second.stats().runs, 1);
+    let task = next_workflow_task(&second).await;
+    assert_eq!(task.run_id, run_id, "its workflow task was offered again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn once_a_commit_fails_every_request_is_refused() {
+    let store = Arc::new(MemoryStore::new());
+    let engine = engine_over(store.clone()).await;
+    engine
+        .start_workflow(start_request("before", 0))
+        .await
+        .unwrap();
+    store.fail_from_now("disk full (injected)");
+    let refused = engine
+        .start_workflow(start_request("after", 0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, EngineError::Unavailable(why) if why.contains("disk full")),
+        "{refused:?}"
+    );
+    let failure = engine.storage_failed().await;
+    assert!(failure.reason.contains("disk full"), "{}", failure.reason);
+    let later = engine
+        .start_workflow(start_request("later", 0))
+        .await
+        .unwrap_err();
+    assert!(matches!(later, EngineError::Unavailable(_)), "{later:?}");
+}

@@ -1,0 +1,466 @@
+//! The contract every [`Store`] keeps, checked against each of them: what the engine relies on
+//! (recovery, hand-out rows, deletes, paging) must not depend on which store it runs on.
+
+use super::api::{Store, Write, WriteBatch};
+use super::{MemoryStore, SqliteStore, SyncMode};
+use crate::state::{RunState, SessionState};
+use tether_wire::pb::{ExecutionStatus, HistoryEvent, SessionInfo};
+
+/// Each check runs once on SQLite (in a fresh directory) and once on the in-memory store.
+macro_rules! contract {
+    ($($check:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = super::SqliteStore::open(dir.path(), super::SyncMode::Normal)
+                        .unwrap();
+                    super::$check(&store).await;
+                }
+            )*
+        }
+        mod in_memory {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    super::$check(&super::MemoryStore::new()).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    recovery_reads_back_open_runs_with_their_history_and_no_closed_one,
+    recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run,
+    a_closed_sessions_rows_are_released_and_the_open_runs_keep_theirs,
+    a_delete_never_removes_an_open_run_its_history_or_an_open_session,
+    runs_and_sessions_page_newest_first_with_exact_boundaries,
+    expired_rows_come_oldest_first_and_only_closed_ones,
+);
+
+async fn commit(store: &dyn Store, writes: Vec<Write>) {
+    store
+        .submit(WriteBatch { writes })
+        .done
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn run(id: &str, status: ExecutionStatus) -> RunState {
+    RunState {
+        namespace: "default".into(),
+        workflow_id: "wf".into(),
+        run_id: id.into(),
+        status: status as i32,
+        start_ms: 1,
+        ..Default::default()
+    }
+}
+
+fn put_run(state: RunState) -> Write {
+    Write::Run {
+        state: Box::new(state),
+        may_own_started: true,
+    }
+}
+
+fn closed(id: &str, close_ms: i64) -> RunState {
+    RunState {
+        close_ms,
+        ..run(id, ExecutionStatus::Completed)
+    }
+}
+
+fn event(event_id: u64) -> HistoryEvent {
+    HistoryEvent {
+        event_id,
+        time_ms: event_id as i64,
+        attributes: None,
+    }
+}
+
+fn session(id: &str, state: &str, created_ms: i64, closed_ms: i64) -> Write {
+    Write::Session {
+        state: Box::new(SessionState {
+            info: Some(SessionInfo {
+                session_id: id.into(),
+                namespace: "default".into(),
+                state: state.into(),
+                created_ms,
+                closed_ms,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn session_ids(sessions: Vec<SessionState>) -> Vec<String> {
+    sessions
+        .into_iter()
+        .filter_map(|s| s.info.map(|i| i.session_id))
+        .collect()
+}
+
+async fn recovery_reads_back_open_runs_with_their_history_and_no_closed_one(store: &dyn Store) {
+    commit(
+        store,
+        vec![
+            put_run(run("r1", ExecutionStatus::Running)),
+            // Out of order and written twice: history comes back by event id, once each.
+            Write::Events {
+                run_id: "r1".into(),
+                events: vec![event(2), event(1)],
+            },
+            Write::Events {
+                run_id: "r1".into(),
+                events: vec![event(2)],
+            },
+            put_run(closed("r2", 9)),
+        ],
+    )
+    .await;
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.open_runs.len(), 1, "only the running run is open");
+    let (state, history) = &recovered.open_runs[0];
+    assert_eq!(state.run_id, "r1");
+    let ids: Vec<u64> = history.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, vec![1, 2]);
+    assert_eq!(store.history("r1").unwrap().len(), 2);
+    assert_eq!(store.load_run("r2").unwrap().unwrap().close_ms, 9);
+    assert!(store.load_run("nope").unwrap().is_none());
+    // The latest run of an id: by start time, then by which was written first.
+    let mut later = run("r3", ExecutionStatus::Running);
+    later.start_ms = 1;
+    commit(store, vec![put_run(later)]).await;
+    let latest = store.latest_run("default", false, "wf").unwrap().unwrap();
+    assert_eq!(latest.run_id, "r3");
+    assert!(store.latest_run("default", true, "wf").unwrap().is_none());
+}
+
+async fn recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run(
+    store: &dyn Store,
+) {
+    use crate::state::ActivityState;
+    let mut state = run("r", ExecutionStatus::Running);
+    // Activity 3 is on attempt 2; activity 4 was handed out (dispatch 7) when the run was
+    // last written whole; activity 5 waits in its queue.
+    for (sched, attempt, dispatch) in [(3u64, 2u32, 0u64), (4, 1, 7), (5, 1, 0)] {
+        state.activities.insert(
+            sched,
+            ActivityState {
+                scheduled_event_id: sched,
+                attempt,
+                started_dispatch: dispatch,
+                started_ms: if dispatch > 0 { 100 } else { 0 },
+                started_worker: if dispatch > 0 {
+                    "old".into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            },
+        );
+    }
+    let started = |sched: u64, attempt: u32, dispatch: u64, ms: i64, worker: &str| Write::Started {
+        run_id: "r".into(),
+        scheduled_event_id: sched,
+        attempt,
+        dispatch,
+        started_ms: ms,
+        worker: worker.into(),
+        instance: format!("{worker}-process"),
+        session_id: String::new(),
+        session_activities_run: 0,
+    };
+    let writes = vec![
+        Write::Run {
+            state: Box::new(state),
+            may_own_started: true,
+        },
+        // Attempt 2 of activity 3 is running on w2 (attempt 1's row is long replaced).
+        started(3, 2, 9, 200, "w2"),
+        // An older hand-out of activity 4 than the state knows: the state's wins.
+        started(4, 1, 6, 90, "stale"),
+        // Activity 5 was handed out and taken back (its poll ended first).
+        started(5, 1, 8, 150, "w3"),
+    ];
+    commit(store, writes).await;
+    commit(store, vec![started(5, 1, 8, 0, "")]).await;
+    let recovered = store.recover().unwrap();
+    let (state, _) = &recovered.open_runs[0];
+    let a3 = &state.activities[&3];
+    assert_eq!((a3.started_dispatch, a3.started_worker.as_str()), (9, "w2"));
+    let a4 = &state.activities[&4];
+    assert_eq!(
+        (a4.started_dispatch, a4.started_worker.as_str()),
+        (7, "old")
+    );
+    let a5 = &state.activities[&5];
+    assert_eq!(
+        (a5.started_dispatch, a5.started_ms),
+        (0, 0),
+        "taken back: waiting"
+    );
+}
+
+async fn a_closed_sessions_rows_are_released_and_the_open_runs_keep_theirs(store: &dyn Store) {
+    use crate::state::ActivityState;
+    let with_activity = |id: &str| {
+        let mut state = run(id, ExecutionStatus::Running);
+        state.activities.insert(
+            1,
+            ActivityState {
+                scheduled_event_id: 1,
+                attempt: 1,
+                ..Default::default()
+            },
+        );
+        Write::Run {
+            state: Box::new(state),
+            may_own_started: false,
+        }
+    };
+    let handed_out = |run_id: &str, count: u64| Write::Started {
+        run_id: run_id.into(),
+        scheduled_event_id: 1,
+        attempt: 1,
+        dispatch: count,
+        started_ms: 10 * count as i64,
+        worker: "w".into(),
+        instance: "w-process".into(),
+        session_id: "s".into(),
+        session_activities_run: count,
+    };
+    commit(
+        store,
+        vec![
+            session("s", "open", 1, 0),
+            with_activity("r-running"),
+            with_activity("r-done"),
+            handed_out("r-running", 1),
+            handed_out("r-done", 2),
+        ],
+    )
+    .await;
+    // r-done closes while the session is open: its row keeps the session's count.
+    commit(
+        store,
+        vec![Write::Run {
+            state: Box::new(closed("r-done", 5)),
+            may_own_started: true,
+        }],
+    )
+    .await;
+    let recovered = store.recover().unwrap();
+    let mut rows = recovered.session_rows.clone();
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![
+            ("s".to_string(), "r-done".to_string()),
+            ("s".to_string(), "r-running".to_string())
+        ],
+        "a closed run's rows are found for its session too"
+    );
+    let info = recovered.open_sessions[0].info.clone().unwrap();
+    assert_eq!(
+        (info.activities_run, info.last_used_ms),
+        (2, 20),
+        "the session's count and last use come from its rows"
+    );
+    commit(
+        store,
+        vec![
+            session("s", "completed", 1, 5),
+            Write::ReleaseSessionRows {
+                session_id: "s".into(),
+                runs_still_open: vec!["r-running".into()],
+                runs_closed: vec!["r-done".into()],
+            },
+        ],
+    )
+    .await;
+    let recovered = store.recover().unwrap();
+    assert!(
+        recovered.session_rows.is_empty(),
+        "{:?}",
+        recovered.session_rows
+    );
+    assert!(recovered.open_sessions.is_empty());
+    let (running, _) = &recovered.open_runs[0];
+    assert_eq!(
+        running.activities[&1].started_dispatch, 1,
+        "the row of the run still open is its own now, and still says who runs its attempt"
+    );
+    // Its row goes when it closes.
+    commit(store, vec![put_run(closed("r-running", 6))]).await;
+    let mut reopened = run("r-running", ExecutionStatus::Running);
+    reopened.activities = running.activities.clone();
+    reopened.activities.get_mut(&1).unwrap().started_dispatch = 0;
+    commit(
+        store,
+        vec![Write::Run {
+            state: Box::new(reopened),
+            may_own_started: false,
+        }],
+    )
+    .await;
+    let recovered = store.recover().unwrap();
+    assert_eq!(
+        recovered.open_runs[0].0.activities[&1].started_dispatch, 0,
+        "no row of it was left to fold"
+    );
+}
+
+async fn a_delete_never_removes_an_open_run_its_history_or_an_open_session(store: &dyn Store) {
+    commit(
+        store,
+        vec![
+            put_run(run("open", ExecutionStatus::Running)),
+            Write::Events {
+                run_id: "open".into(),
+                events: vec![event(1)],
+            },
+            put_run(closed("old", 5)),
+            Write::Events {
+                run_id: "old".into(),
+                events: vec![event(1)],
+            },
+            session("s-open", "open", 1, 0),
+            session("s-old", "completed", 1, 7),
+        ],
+    )
+    .await;
+    commit(
+        store,
+        vec![
+            Write::DeleteRuns {
+                run_ids: vec!["old".into(), "open".into()],
+            },
+            Write::DeleteSessions {
+                session_ids: vec!["s-old".into(), "s-open".into()],
+            },
+        ],
+    )
+    .await;
+    assert!(store.load_run("old").unwrap().is_none());
+    assert!(store.history("old").unwrap().is_empty());
+    assert!(store.load_run("open").unwrap().is_some());
+    assert_eq!(
+        store.history("open").unwrap().len(),
+        1,
+        "an open run keeps its history"
+    );
+    assert!(store.load_session("s-old").unwrap().is_none());
+    assert!(store.load_session("s-open").unwrap().is_some());
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.open_runs[0].1.len(), 1);
+}
+
+async fn runs_and_sessions_page_newest_first_with_exact_boundaries(store: &dyn Store) {
+    use super::api::RunFilter;
+    let mut writes = Vec::new();
+    // Two runs in each millisecond: the page boundary falls between runs of the same time.
+    for i in 0..6 {
+        let mut state = run(&format!("r{i}"), ExecutionStatus::Running);
+        state.start_ms = 100 + i / 2;
+        if i == 3 {
+            state.status = ExecutionStatus::Failed as i32;
+            state.close_ms = 200;
+        }
+        writes.push(put_run(state));
+        writes.push(session(&format!("s{i}"), "open", 100 + i / 2, 0));
+    }
+    let mut elsewhere = run("other-ns", ExecutionStatus::Running);
+    elsewhere.namespace = "other".into();
+    writes.push(put_run(elsewhere));
+    commit(store, writes).await;
+    let page = |after: Option<(i64, String)>, status: Option<i32>| {
+        let runs = store
+            .list_runs(&RunFilter {
+                namespace: "default".into(),
+                standalone_activity: false,
+                status,
+                limit: 3,
+                after,
+            })
+            .unwrap();
+        runs.into_iter()
+            .map(|r| (r.start_ms, r.run_id))
+            .collect::<Vec<_>>()
+    };
+    let first = page(None, None);
+    let ids = |p: &[(i64, String)]| p.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&first), vec!["r5", "r4", "r3"]);
+    let second = page(first.last().cloned(), None);
+    assert_eq!(ids(&second), vec!["r2", "r1", "r0"]);
+    assert!(page(second.last().cloned(), None).is_empty());
+    assert_eq!(
+        ids(&page(None, Some(ExecutionStatus::Failed as i32))),
+        vec!["r3"]
+    );
+    let sessions = session_ids(store.list_sessions("default", None, 4).unwrap());
+    assert_eq!(sessions, vec!["s5", "s4", "s3", "s2"]);
+    let rest = store
+        .list_sessions("default", Some((101, "s2".into())), 4)
+        .unwrap();
+    assert_eq!(session_ids(rest), vec!["s1", "s0"]);
+    assert!(store.list_sessions("other", None, 4).unwrap().is_empty());
+}
+
+async fn expired_rows_come_oldest_first_and_only_closed_ones(store: &dyn Store) {
+    commit(
+        store,
+        vec![
+            put_run(closed("late", 300)),
+            put_run(closed("early", 100)),
+            put_run(closed("middle", 200)),
+            put_run(run("open", ExecutionStatus::Running)),
+            session("s-late", "completed", 1, 300),
+            session("s-early", "failed", 1, 100),
+            session("s-open", "open", 1, 0),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store.expired_runs("default", 300, 10).unwrap(),
+        vec!["early", "middle"]
+    );
+    assert_eq!(
+        store.expired_runs("default", 1_000, 1).unwrap(),
+        vec!["early"]
+    );
+    assert!(store.expired_runs("other", 1_000, 10).unwrap().is_empty());
+    assert_eq!(
+        store.expired_sessions("default", 1_000, 10).unwrap(),
+        vec!["s-early", "s-late"]
+    );
+    assert!(store
+        .expired_sessions("default", 100, 10)
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn once_the_in_memory_store_fails_no_later_batch_is_written() {
+    let store = MemoryStore::new();
+    commit(
+        &store,
+        vec![put_run(run("before", ExecutionStatus::Running))],
+    )
+    .await;
+    store.fail_from_now("the disk is full");
+    let failed = store.submit(WriteBatch {
+        writes: vec![put_run(run("after", ExecutionStatus::Running))],
+    });
+    let why = failed.done.await.unwrap().unwrap_err();
+    assert!(why.contains("the disk is full"), "{why}");
+    let durability = store.durability().borrow().clone();
+    assert_eq!(durability.seq, 1, "only the first batch is durable");
+    assert!(durability.failed.is_some());
+    assert!(store.load_run("after").unwrap().is_none());
+}
