@@ -105,7 +105,8 @@ async fn start_worker(
         client.clone(),
         WorkerOptions::new("gpu-pipeline")
             .identity(identity)
-            .capabilities(caps),
+            .capabilities(caps)
+            .build()?,
     );
     worker.register_workflow("gpu_pipeline", pipeline);
     worker.register_activity("step", step);

@@ -1284,7 +1284,7 @@ async fn worker_options_that_could_never_run_anything_are_refused_at_start() {
         w
     };
     let base = || WorkerOptions::new("opts-q").identity("opts-w");
-    // Struct literals: the builder methods raise 0 to 1.
+    // Struct literals skip `build`: `start` applies the same rules.
     match activity_worker(WorkerOptions {
         max_concurrent_activities: 0,
         ..base()

@@ -1,4 +1,5 @@
-//! Worker settings, checked once at start ([`WorkerOptions`]), and what a worker can fail with.
+//! Worker settings ([`WorkerOptions`]), checked by one set of rules (at `build`, and again at
+//! start), and what a worker can fail with.
 
 use super::identity::{default_state_dir, IdentityError};
 use std::time::Duration;
@@ -17,22 +18,24 @@ pub struct WorkerOptions {
     /// Where the identity lock files live. Default: `$TETHER_STATE_DIR`, else
     /// `~/.local/state/tether`; None keeps nothing (the default identity is then new each start).
     pub state_dir: Option<std::path::PathBuf>,
-    /// Most activities running at once. Default 100; `start` refuses 0 when activities are
-    /// registered.
+    /// Most activities running at once. Default 100; `build` refuses 0, and so does `start`
+    /// when activities are registered.
     pub max_concurrent_activities: usize,
-    /// Most workflow tasks processed at once. Default 10; `start` refuses 0 when workflows
-    /// are registered.
+    /// Most workflow tasks processed at once. Default 10; `build` refuses 0, and so does
+    /// `start` when workflows are registered.
     pub max_concurrent_workflow_tasks: usize,
     /// Most workflow runs kept in the sticky cache. Default 1000.
     pub max_cached_workflows: usize,
     /// On shutdown, how long running activities may finish before they are failed so they retry
     /// elsewhere. Default 10 s.
     pub graceful_shutdown: Duration,
-    /// How long each poll waits on the server (capped by the server's own limit). Default 60 s.
+    /// How long each poll waits on the server (capped by the server's own limit; zero means
+    /// that limit). Default 60 s.
     pub poll_timeout: Duration,
     /// What this worker advertises. Default: detected (NVML, sysinfo), nothing declared.
     pub capabilities: crate::caps::CapabilitySource,
-    /// Most sessions the server places on this worker at once. Default 10.
+    /// Most sessions the server places on this worker at once. Default 10; `build` refuses 0,
+    /// and so does `start` when activities are registered.
     pub max_concurrent_sessions: u32,
 }
 
@@ -53,9 +56,28 @@ impl WorkerOptions {
         }
     }
 
-    /// Refuses settings under which the worker could never do what it was given: no slots
-    /// for the kind of work it has code for (it would poll for nothing, or never poll), a
-    /// malformed task queue or identity. Checked by [`Worker::start`] before anything else.
+    /// The options, checked: what [`Worker::start`](super::Worker::start) would refuse is
+    /// refused here, before anything runs. Settings are checked as for a worker that may run
+    /// both workflows and activities, so no slot count may be 0; a task queue or identity
+    /// the server would not accept is refused with what is wrong with it.
+    ///
+    /// ```
+    /// use tether_sdk::worker::WorkerOptions;
+    /// let options = WorkerOptions::new("gpu-jobs").max_concurrent_activities(4).build();
+    /// assert!(options.is_ok());
+    /// let refused = WorkerOptions::new("gpu-jobs").max_concurrent_activities(0).build();
+    /// assert!(refused.unwrap_err().to_string().contains("max_concurrent_activities is 0"));
+    /// ```
+    pub fn build(self) -> Result<WorkerOptions, WorkerError> {
+        self.check(true, true)?;
+        Ok(self)
+    }
+
+    /// The one set of rules for options, applied by [`WorkerOptions::build`] and again by
+    /// [`Worker::start`](super::Worker::start) (options may be written as a struct literal):
+    /// refuses settings under which the worker could never do what it was given (no slots for
+    /// the kind of work it has code for: it would poll for nothing, or never poll), slot
+    /// counts the server would read as something else, and a malformed task queue or identity.
     pub(super) fn check(
         &self,
         has_workflows: bool,
@@ -76,6 +98,14 @@ impl WorkerOptions {
                     .into(),
             );
         }
+        if has_activities && self.max_concurrent_sessions == 0 {
+            // On the wire 0 means "the server's default", which would place 10 sessions here.
+            return invalid(
+                "max_concurrent_sessions is 0, which the server would read as its default (10); \
+                 give the number of sessions this worker may host at once, at least 1"
+                    .into(),
+            );
+        }
         tether_core::types::validate_name("task queue", &self.task_queue)
             .or_else(|e| invalid(e.to_string()))?;
         if !self.identity.is_empty() {
@@ -85,9 +115,9 @@ impl WorkerOptions {
         Ok(())
     }
 
-    /// Sets the session slots.
+    /// Sets the session slots (at least 1: [`WorkerOptions::build`] refuses 0).
     pub fn max_concurrent_sessions(mut self, n: u32) -> Self {
-        self.max_concurrent_sessions = n.max(1);
+        self.max_concurrent_sessions = n;
         self
     }
 
@@ -109,15 +139,15 @@ impl WorkerOptions {
         self
     }
 
-    /// Sets the activity concurrency.
+    /// Sets the activity concurrency (at least 1: [`WorkerOptions::build`] refuses 0).
     pub fn max_concurrent_activities(mut self, n: usize) -> Self {
-        self.max_concurrent_activities = n.max(1);
+        self.max_concurrent_activities = n;
         self
     }
 
-    /// Sets the workflow task concurrency.
+    /// Sets the workflow task concurrency (at least 1: [`WorkerOptions::build`] refuses 0).
     pub fn max_concurrent_workflow_tasks(mut self, n: usize) -> Self {
-        self.max_concurrent_workflow_tasks = n.max(1);
+        self.max_concurrent_workflow_tasks = n;
         self
     }
 
@@ -152,4 +182,67 @@ pub enum WorkerError {
     /// Another live process on this host holds the identity.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> WorkerOptions {
+        WorkerOptions::new("q").state_dir(None)
+    }
+
+    fn refused(options: WorkerOptions) -> String {
+        match options.build() {
+            Err(WorkerError::InvalidOptions(why)) => why,
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn build_accepts_the_defaults_and_returns_them_unchanged() {
+        let built = options().identity("w-1").build().unwrap();
+        assert_eq!(
+            (built.task_queue.as_str(), built.identity.as_str()),
+            ("q", "w-1")
+        );
+        assert_eq!(
+            (
+                built.max_concurrent_activities,
+                built.max_concurrent_workflow_tasks,
+                built.max_concurrent_sessions
+            ),
+            (100, 10, 10)
+        );
+    }
+
+    #[test]
+    fn build_refuses_a_zero_slot_count_whichever_way_it_was_set() {
+        let zero_activities = refused(options().max_concurrent_activities(0));
+        assert!(
+            zero_activities.contains("max_concurrent_activities is 0"),
+            "{zero_activities}"
+        );
+        let literal = refused(WorkerOptions {
+            max_concurrent_workflow_tasks: 0,
+            ..options()
+        });
+        assert!(
+            literal.contains("max_concurrent_workflow_tasks is 0"),
+            "{literal}"
+        );
+        let sessions = refused(options().max_concurrent_sessions(0));
+        assert!(
+            sessions.contains("max_concurrent_sessions is 0"),
+            "{sessions}"
+        );
+    }
+
+    #[test]
+    fn build_refuses_a_task_queue_or_identity_the_server_would_not_take() {
+        let empty = refused(WorkerOptions::new("").state_dir(None));
+        assert!(empty.contains("task queue"), "{empty}");
+        let control = refused(options().identity("bad\nname"));
+        assert!(control.contains("identity"), "{control}");
+    }
 }
