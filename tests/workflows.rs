@@ -661,3 +661,77 @@ async fn a_workflow_task_completion_hands_back_the_next_waiting_task() {
         assert_eq!(status, pb::ExecutionStatus::Completed as i32, "{id}");
     }
 }
+
+/// Workflow code written against the activation boundary alone, with no future in it: how an
+/// SDK for another language drives workflows on this worker.
+struct DoubleAfterATimer {
+    input: u64,
+}
+
+impl tether::workflow::WorkflowCode for DoubleAfterATimer {
+    fn recorded_side_effects(
+        &mut self,
+        _recorded: std::collections::HashMap<u32, Option<pb::Payload>>,
+    ) {
+    }
+
+    fn activate(
+        &mut self,
+        events: &[&pb::HistoryEvent],
+    ) -> Result<Vec<pb::Command>, tether::workflow::TaskFailure> {
+        use pb::command::Kind;
+        use pb::history_event::Attributes;
+        let mut commands = Vec::new();
+        for event in events {
+            match &event.attributes {
+                Some(Attributes::WorkflowExecutionStarted(started)) => {
+                    self.input =
+                        tether::codec::from_payload(started.input.as_ref()).map_err(|e| {
+                            tether::workflow::TaskFailure {
+                                cause: "bad_input",
+                                message: e.to_string(),
+                            }
+                        })?;
+                    commands.push(pb::Command {
+                        kind: Some(Kind::StartTimer(pb::StartTimerCommand {
+                            seq: 1,
+                            duration_ms: 50,
+                        })),
+                    });
+                }
+                Some(Attributes::TimerFired(_)) => {
+                    let result = tether::codec::to_payload(&(self.input * 2)).unwrap();
+                    commands.push(pb::Command {
+                        kind: Some(Kind::CompleteWorkflow(pb::CompleteWorkflowCommand {
+                            result: Some(result),
+                        })),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(commands)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_code_without_futures_runs_through_the_activation_boundary() {
+    let env = TestEnv::start().await;
+    let mut w = env.worker("q", "w1");
+    w.register_workflow_code("double", |_info| Box::new(DoubleAfterATimer { input: 0 }));
+    let worker = w.start().unwrap();
+    let handle = env
+        .client
+        .start_workflow("double", &21u64, WorkflowOptions::new("double-1", "q"))
+        .await
+        .unwrap();
+    let doubled: u64 = within(T, "result", handle.result()).await.unwrap();
+    assert_eq!(doubled, 42);
+    let kinds = event_kinds(&handle.history().await.unwrap());
+    assert!(
+        kinds.contains(&"TimerStarted") && kinds.contains(&"TimerFired"),
+        "{kinds:?}"
+    );
+    assert_no_task_failures(&handle).await;
+    worker.shutdown().await;
+}

@@ -85,13 +85,13 @@ pub enum TimerKey {
     },
     /// A session still has no placement at its creation deadline.
     SessionCreation {
-        /// Session id (in the run id slot, so lookups by run find nothing).
-        run_id: String,
+        /// The session.
+        session_id: String,
     },
     /// A session reached its execution timeout.
     SessionExpiry {
-        /// Session id.
-        run_id: String,
+        /// The session.
+        session_id: String,
     },
     /// The retry backoff of an activity ended.
     ActivityRetry {
@@ -104,10 +104,31 @@ pub enum TimerKey {
     },
 }
 
+/// What a timer belongs to, and goes with: a run's timers when the run closes, a session's
+/// when the session does. Apart, because a session id is the caller's choice and may read like
+/// a run id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerOwner<'a> {
+    /// A run, by id.
+    Run(&'a str),
+    /// A session, by id.
+    Session(&'a str),
+}
+
 impl TimerKey {
-    /// The run the timer belongs to.
-    pub fn run_id(&self) -> &str {
+    /// What the timer belongs to.
+    pub fn owner(&self) -> TimerOwner<'_> {
         match self {
+            TimerKey::SessionCreation { session_id } | TimerKey::SessionExpiry { session_id } => {
+                TimerOwner::Session(session_id)
+            }
+            _ => TimerOwner::Run(self.run_id().unwrap_or_default()),
+        }
+    }
+
+    /// The run the timer belongs to (none for a session's timers).
+    pub fn run_id(&self) -> Option<&str> {
+        Some(match self {
             TimerKey::WorkflowTimer { run_id, .. }
             | TimerKey::RunTimeout { run_id }
             | TimerKey::WorkflowTaskTimeout { run_id, .. }
@@ -117,10 +138,9 @@ impl TimerKey {
             | TimerKey::ActivityStartToClose { run_id, .. }
             | TimerKey::ActivityHeartbeat { run_id, .. }
             | TimerKey::ActivityScheduleToClose { run_id, .. }
-            | TimerKey::SessionCreation { run_id }
-            | TimerKey::SessionExpiry { run_id }
             | TimerKey::ActivityRetry { run_id, .. } => run_id,
-        }
+            TimerKey::SessionCreation { .. } | TimerKey::SessionExpiry { .. } => return None,
+        })
     }
 }
 
@@ -129,7 +149,33 @@ struct Armed {
     by_time: BTreeSet<(i64, TimerKey)>,
     /// Armed deadlines per run, so a run that closes takes its timers with it instead of leaving
     /// them to fire uselessly (and to pile up under load).
-    by_run: HashMap<String, Vec<(i64, TimerKey)>>,
+    by_run: ByOwner,
+    /// The same per session.
+    by_session: ByOwner,
+}
+
+/// Armed deadlines per owner id.
+type ByOwner = HashMap<String, Vec<(i64, TimerKey)>>;
+
+impl Armed {
+    /// The per-owner index a timer is in, and its owner's id there.
+    fn index_of<'k>(&mut self, key: &'k TimerKey) -> (&mut ByOwner, &'k str) {
+        match key.owner() {
+            TimerOwner::Run(id) => (&mut self.by_run, id),
+            TimerOwner::Session(id) => (&mut self.by_session, id),
+        }
+    }
+
+    /// Drops every timer one owner's index lists.
+    fn cancel(&mut self, owner: TimerOwner<'_>) {
+        let list = match owner {
+            TimerOwner::Run(id) => self.by_run.remove(id),
+            TimerOwner::Session(id) => self.by_session.remove(id),
+        };
+        for entry in list.into_iter().flatten() {
+            self.by_time.remove(&entry);
+        }
+    }
 }
 
 /// The deadlines, ordered by time.
@@ -145,9 +191,9 @@ impl TimerQueue {
         let mut armed = self.armed.lock();
         let before = armed.by_time.first().map(|(t, _)| *t);
         for (at, key) in timers {
-            armed
-                .by_run
-                .entry(key.run_id().to_string())
+            let (index, owner) = armed.index_of(&key);
+            index
+                .entry(owner.to_string())
                 .or_default()
                 .push((at, key.clone()));
             armed.by_time.insert((at, key));
@@ -161,12 +207,12 @@ impl TimerQueue {
 
     /// Drops every timer of a run (it closed).
     pub fn cancel_run(&self, run_id: &str) {
-        let mut armed = self.armed.lock();
-        if let Some(list) = armed.by_run.remove(run_id) {
-            for entry in list {
-                armed.by_time.remove(&entry);
-            }
-        }
+        self.armed.lock().cancel(TimerOwner::Run(run_id));
+    }
+
+    /// Drops every timer of a session (it closed).
+    pub fn cancel_session(&self, session_id: &str) {
+        self.armed.lock().cancel(TimerOwner::Session(session_id));
     }
 
     /// Removes and returns every timer due at `now_ms`.
@@ -178,10 +224,11 @@ impl TimerQueue {
                 break;
             }
             let (at, key) = armed.by_time.pop_first().expect("checked");
-            if let Some(list) = armed.by_run.get_mut(key.run_id()) {
+            let (index, owner) = armed.index_of(&key);
+            if let Some(list) = index.get_mut(owner) {
                 list.retain(|(t, k)| !(*t == at && *k == key));
                 if list.is_empty() {
-                    armed.by_run.remove(key.run_id());
+                    index.remove(owner);
                 }
             }
             due.push(key);
@@ -239,6 +286,22 @@ mod tests {
         q.cancel_run("a");
         assert_eq!(q.len(), 1);
         assert_eq!(q.take_due(100), vec![k("b", 1)]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_session_and_a_run_of_the_same_id_keep_their_timers_apart() {
+        let q = TimerQueue::default();
+        let run = TimerKey::RunTimeout { run_id: "x".into() };
+        let session = TimerKey::SessionExpiry {
+            session_id: "x".into(),
+        };
+        q.arm([(10, run.clone()), (20, session.clone())]);
+        q.cancel_session("x");
+        assert_eq!(q.take_due(100), vec![run.clone()]);
+        q.arm([(10, run), (20, session.clone())]);
+        q.cancel_run("x");
+        assert_eq!(q.take_due(100), vec![session]);
         assert!(q.is_empty());
     }
 }

@@ -4,7 +4,7 @@ use super::cache::Cache;
 use super::options::WorkerOptions;
 use crate::activity::{ActivityContext, ActivityError, CancelReason};
 use crate::codec;
-use crate::workflow::WorkflowFactory;
+use crate::workflow::WorkflowCodeFactory;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -38,7 +38,7 @@ pub(super) struct Inner {
     pub(super) previous_instance_id: String,
     pub(super) namespace: String,
     pub(super) options: WorkerOptions,
-    pub(super) workflows: HashMap<String, WorkflowFactory>,
+    pub(super) workflows: HashMap<String, WorkflowCodeFactory>,
     pub(super) activities: HashMap<String, ActivityFn>,
     pub(super) sticky_queue: String,
     pub(super) workflow_slots: Arc<Semaphore>,

@@ -7,7 +7,10 @@ use super::options::{WorkerError, WorkerOptions};
 use crate::activity::{ActivityContext, ActivityError};
 use crate::client::Client;
 use crate::codec;
-use crate::workflow::{WorkflowContext, WorkflowError, WorkflowFactory};
+use crate::workflow::{
+    FutureCode, WorkflowCode, WorkflowCodeFactory, WorkflowContext, WorkflowError, WorkflowFactory,
+    WorkflowInfo,
+};
 use futures::FutureExt;
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Serialize};
@@ -21,7 +24,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 pub struct Worker {
     pub(super) client: Client,
     pub(super) options: WorkerOptions,
-    pub(super) workflows: HashMap<String, WorkflowFactory>,
+    pub(super) workflows: HashMap<String, WorkflowCodeFactory>,
     pub(super) activities: HashMap<String, ActivityFn>,
 }
 
@@ -54,7 +57,21 @@ impl Worker {
             }
             .boxed()
         });
-        self.workflows.insert(name.to_string(), factory);
+        self.register_workflow_code(name, move |info| {
+            Box::new(FutureCode::new(info, factory.clone()))
+        })
+    }
+
+    /// Registers workflow code that is not a Rust `async fn`: `make` gives the code of each
+    /// run, which the worker then drives one activation at a time (see
+    /// [`WorkflowCode`](crate::workflow::WorkflowCode)): how an SDK in another language runs its
+    /// workflows on this worker. Replay, command matching and non-determinism checks are the
+    /// worker's, as for Rust workflows.
+    pub fn register_workflow_code<F>(&mut self, name: &str, make: F) -> &mut Self
+    where
+        F: Fn(WorkflowInfo) -> Box<dyn WorkflowCode> + Send + Sync + 'static,
+    {
+        self.workflows.insert(name.to_string(), Arc::new(make));
         self
     }
 

@@ -121,16 +121,13 @@ impl Inner {
                         .await;
                     return None;
                 };
-                WorkflowInstance::new(
-                    WorkflowInfo {
-                        namespace: task.namespace.clone(),
-                        workflow_id: task.workflow_id.clone(),
-                        run_id: task.run_id.clone(),
-                        workflow_type: task.workflow_type.clone(),
-                        task_queue: self.options.task_queue.clone(),
-                    },
-                    factory.clone(),
-                )
+                WorkflowInstance::new(factory(WorkflowInfo {
+                    namespace: task.namespace.clone(),
+                    workflow_id: task.workflow_id.clone(),
+                    run_id: task.run_id.clone(),
+                    workflow_type: task.workflow_type.clone(),
+                    task_queue: self.options.task_queue.clone(),
+                }))
             }
         };
         if let Err(e) = self.dc.decode_events(&mut task.events) {

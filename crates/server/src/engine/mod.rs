@@ -20,7 +20,7 @@ use crate::config::ServerConfig;
 use crate::error::EngineError;
 use crate::history::{self, Effects, RunEntry, WorkflowTaskCompletion};
 use crate::matching::{ClaimedPoll, Handover, Matcher, QueueKey, TaskKind, TaskRef};
-use crate::sessions::{self, OwnerNotice, Placement, Reservations, SessionEnd, SessionPhase};
+use crate::sessions::{self, OwnerNotice, Reservations, SessionEnd, SessionOwner, SessionPhase};
 use crate::state::RunState;
 use crate::state::SessionState;
 use crate::store::{Commit, RunFilter, Store, Write, WriteBatch};
@@ -62,10 +62,11 @@ struct EngineState {
     last_submitted_seq: u64,
 }
 
-/// A session's owning run, when a workflow owns it (`run:RUN_ID:SEQ`).
-fn owner_run(owner: &str) -> Option<(&str, u32)> {
-    let (run_id, seq) = owner.strip_prefix("run:")?.rsplit_once(':')?;
-    Some((run_id, seq.parse().ok()?))
+/// A session's owning run, when a workflow owns it.
+fn owner_run(info: &pb::SessionInfo) -> Option<(String, u32)> {
+    SessionOwner::parse(&info.owner)
+        .workflow()
+        .map(|(run_id, seq)| (run_id.as_str().to_string(), seq))
 }
 
 /// A store lookup of closed rows past a cutoff: (namespace, closed before, limit) → ids.
@@ -596,12 +597,12 @@ impl Engine {
                 if !sessions::is_live(&info) {
                     // Closed for good: reads go to the store, and its timers have nothing to do.
                     st.sessions.remove(&info.session_id);
-                    self.timers.cancel_run(&info.session_id);
-                    if let Some((run_id, _)) = owner_run(&info.owner) {
-                        if let Some(owned) = st.session_owners.get_mut(run_id) {
+                    self.timers.cancel_session(&info.session_id);
+                    if let Some((run_id, _)) = owner_run(&info) {
+                        if let Some(owned) = st.session_owners.get_mut(&run_id) {
                             owned.retain(|s| *s != info.session_id);
                             if owned.is_empty() {
-                                st.session_owners.remove(run_id);
+                                st.session_owners.remove(&run_id);
                             }
                         }
                     }
@@ -682,31 +683,10 @@ fn not_found(namespace: &str, standalone: bool, id: &str, run_id: &str) -> Engin
     })
 }
 
-/// The reservation a session's info describes.
-fn placement_of(info: &pb::SessionInfo) -> Placement {
-    Placement {
-        identity: info.worker_identity.clone(),
-        gpus: info
-            .gpus
-            .iter()
-            .map(|g| pb::GpuDevice {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                name: g.name.clone(),
-                memory_total_bytes: g.memory_total_bytes,
-                ..Default::default()
-            })
-            .collect(),
-        resources: info.resources.clone().into_iter().collect(),
-    }
-}
-
 /// Default session creation timeout.
 const DEFAULT_SESSION_CREATION_MS: u64 = 60_000;
 /// Default session execution timeout.
 const DEFAULT_SESSION_EXECUTION_MS: u64 = 24 * 3_600_000;
-/// Default session slots per worker.
-pub const DEFAULT_MAX_SESSIONS: u32 = 10;
 
 fn execution_info(s: &RunState) -> pb::ExecutionInfo {
     pb::ExecutionInfo {

@@ -62,11 +62,11 @@ impl Engine {
                     let info = session.info.clone().unwrap_or_default();
                     if sessions::is_in(&info, SessionPhase::Open) {
                         st.reservations
-                            .reserve(&info.namespace, &placement_of(&info));
+                            .reserve(&info.namespace, &sessions::placement_of(&info));
                     }
-                    if let Some((run_id, _)) = owner_run(&info.owner) {
+                    if let Some((run_id, _)) = owner_run(&info) {
                         st.session_owners
-                            .entry(run_id.to_string())
+                            .entry(run_id)
                             .or_default()
                             .push(info.session_id.clone());
                     }
@@ -76,14 +76,14 @@ impl Engine {
                         txn.fx.timers.push((
                             session.creation_deadline_ms,
                             TimerKey::SessionCreation {
-                                run_id: info.session_id.clone(),
+                                session_id: info.session_id.clone(),
                             },
                         ));
                     }
                     txn.fx.timers.push((
                         session.execution_deadline_ms,
                         TimerKey::SessionExpiry {
-                            run_id: info.session_id.clone(),
+                            session_id: info.session_id.clone(),
                         },
                     ));
                     st.sessions.insert(info.session_id.clone(), session);
@@ -136,7 +136,7 @@ impl Engine {
                     .sessions
                     .values()
                     .filter_map(|s| s.info.as_ref())
-                    .filter(|i| owner_run(&i.owner).is_some_and(|(r, _)| !st.runs.contains_key(r)))
+                    .filter(|i| owner_run(i).is_some_and(|(r, _)| !st.runs.contains_key(&r)))
                     .map(|i| i.session_id.clone())
                     .collect();
                 for id in orphaned {

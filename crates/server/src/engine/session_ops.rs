@@ -19,61 +19,21 @@ impl Engine {
             return false;
         };
         let options = info.options.clone().unwrap_or_default();
-        let request = sessions::Request {
-            requirements: tether_core::requirements::Requirements::parse(&options.requirements)
-                .unwrap_or_default(),
-            gpus: options.gpus,
-            resources: options.resources.clone().into_iter().collect(),
-            packing: sessions::Packing::parse(&options.packing).unwrap_or_default(),
-        };
-        let workers: Vec<crate::matching::WorkerRecord> = self
-            .matcher
-            .workers_in(&info.namespace)
-            .into_iter()
-            .filter(|w| w.alive && w.task_queues.contains(&options.task_queue))
-            .filter(|w| options.worker.is_empty() || w.identity == options.worker)
-            // A worker silent for longer than the session tolerates is not a candidate, even
-            // before the registry marks it dead.
-            .filter(|w| now - w.last_seen_ms <= options.liveness_timeout_ms.max(1) as i64)
-            .collect();
-        let candidates: Vec<sessions::Candidate<'_>> = workers
-            .iter()
-            .map(|w| sessions::Candidate {
-                identity: &w.identity,
-                caps: &w.caps,
-                max_sessions: if w.max_sessions == 0 {
-                    DEFAULT_MAX_SESSIONS
-                } else {
-                    w.max_sessions
-                },
-            })
-            .collect();
+        let request = sessions::request_of(&options);
+        let workers = self.matcher.workers_in(&info.namespace);
+        let candidates = sessions::candidates(&options, &workers, now);
         let session = st.sessions.get_mut(session_id).expect("checked");
         let info_mut = session.info.as_mut().expect("has info");
         match sessions::place(&info.namespace, &request, &candidates, &st.reservations) {
             Ok(placement) => {
                 st.reservations.reserve(&info.namespace, &placement);
-                let worker = workers.iter().find(|w| w.identity == placement.identity);
-                info_mut.state = open.name().into();
-                info_mut.reason.clear();
-                info_mut.worker_identity = placement.identity.clone();
-                info_mut.hostname = worker
+                let hostname = workers
+                    .iter()
+                    .find(|w| w.identity == placement.identity)
                     .and_then(|w| w.caps.host.as_ref())
                     .map(|h| h.hostname.clone())
                     .unwrap_or_default();
-                info_mut.host_queue = crate::matching::host_queue_name(&placement.identity);
-                info_mut.gpus = placement
-                    .gpus
-                    .iter()
-                    .map(|g| pb::ReservedGpu {
-                        index: g.index,
-                        uuid: g.uuid.clone(),
-                        name: g.name.clone(),
-                        memory_total_bytes: g.memory_total_bytes,
-                    })
-                    .collect();
-                info_mut.resources = placement.resources.clone().into_iter().collect();
-                info_mut.last_used_ms = now;
+                sessions::record_placement(info_mut, open, &placement, hostname, now);
                 tracing::info!(session_id, worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
                 let placed = info_mut.clone();
                 txn.fx.sessions_settled.push(placed.clone());
@@ -99,10 +59,10 @@ impl Engine {
         now: i64,
         txn: &mut Txn,
     ) {
-        let Some((run_id, seq)) = owner_run(&info.owner) else {
+        let Some((run_id, seq)) = owner_run(info) else {
             return;
         };
-        if let Some(entry) = st.runs.get_mut(run_id) {
+        if let Some(entry) = st.runs.get_mut(&run_id) {
             let outcome = outcome
                 .map(|_| info.clone())
                 .map_err(|reason| (info.session_id.clone(), reason));
@@ -119,7 +79,7 @@ impl Engine {
         st: &mut EngineState,
         session_id: &str,
         namespace: &str,
-        owner: &str,
+        owner: &SessionOwner,
         mut options: pb::SessionOptions,
         now: i64,
         txn: &mut Txn,
@@ -155,9 +115,9 @@ impl Engine {
                 execution_deadline_ms,
             },
         );
-        if let Some((run_id, _)) = owner_run(owner) {
+        if let Some((run_id, _)) = owner.workflow() {
             st.session_owners
-                .entry(run_id.to_string())
+                .entry(run_id.as_str().to_string())
                 .or_default()
                 .push(session_id.to_string());
         }
@@ -165,13 +125,13 @@ impl Engine {
         txn.fx.timers.push((
             creation_deadline_ms,
             TimerKey::SessionCreation {
-                run_id: session_id.to_string(),
+                session_id: session_id.to_string(),
             },
         ));
         txn.fx.timers.push((
             execution_deadline_ms,
             TimerKey::SessionExpiry {
-                run_id: session_id.to_string(),
+                session_id: session_id.to_string(),
             },
         ));
         self.try_place(st, session_id, now, txn)
@@ -194,7 +154,10 @@ impl Engine {
                 tether_core::requirements::Requirements::parse(&options.requirements)
                     .map(|r| r.to_string())
                     .unwrap_or_default();
-            let owner = format!("run:{run_id}:{seq}");
+            let owner = SessionOwner::Workflow {
+                run_id: tether_core::types::RunId::new(run_id),
+                seq,
+            };
             self.insert_session(st, &session_id, namespace, &owner, options, now, txn);
         }
         for session_id in std::mem::take(&mut txn.fx.session_completions) {
@@ -254,7 +217,7 @@ impl Engine {
         let info = info.clone();
         if ending.release_reservation {
             st.reservations
-                .release(&info.namespace, &placement_of(&info));
+                .release(&info.namespace, &sessions::placement_of(&info));
         }
         if how != SessionEnd::Completed {
             tracing::warn!(session_id, state, reason, "session ended");
@@ -291,8 +254,8 @@ impl Engine {
             }
             // The owning workflow sees the session's state change, not only its failed activities.
             OwnerNotice::Ended => {
-                if let Some((run_id, _)) = owner_run(&info.owner) {
-                    if let Some(entry) = st.runs.get_mut(run_id) {
+                if let Some((run_id, _)) = owner_run(&info) {
+                    if let Some(entry) = st.runs.get_mut(&run_id) {
                         entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
                         txn.touched.insert(run_id.to_string());
                     }
@@ -384,6 +347,7 @@ impl Engine {
             tether_core::types::validate_name("resource name", name)
                 .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
         }
+        let owner = SessionOwner::client(&req.owner).map_err(EngineError::InvalidArgument)?;
         let session_id = if req.session_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {
@@ -410,7 +374,7 @@ impl Engine {
                         st,
                         &session_id,
                         &req.namespace,
-                        &req.owner,
+                        &owner,
                         options,
                         now,
                         txn,

@@ -193,3 +193,74 @@ async fn once_a_commit_fails_every_request_is_refused() {
         .unwrap_err();
     assert!(matches!(later, EngineError::Unavailable(_)), "{later:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_cannot_make_a_session_answer_to_a_workflow_run_it_names() {
+    let engine = engine_over(Arc::new(MemoryStore::new())).await;
+    let run_id = engine
+        .start_workflow(start_request("victim", 0))
+        .await
+        .unwrap();
+    // The text a workflow's own sessions carry as their owner: a client that writes it must
+    // not tie its session to that run (the run would hear of it, and close it when it closes).
+    let refused = engine
+        .create_session(pb::CreateSessionRequest {
+            namespace: "default".into(),
+            owner: format!("run:{run_id}:1"),
+            wait_ms: 0,
+            options: Some(pb::SessionOptions {
+                task_queue: "q".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, EngineError::InvalidArgument(why) if why.contains("owner")),
+        "{refused:?}"
+    );
+    assert_eq!(engine.stats().sessions, 0, "nothing was created");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_named_like_a_run_takes_none_of_the_runs_timers_when_it_closes() {
+    let engine = engine_over(Arc::new(MemoryStore::new())).await;
+    let run_id = engine
+        .start_workflow(start_request("timed", 3_600_000))
+        .await
+        .unwrap();
+    // Session ids are the caller's choice: one may well read like a run id.
+    engine
+        .create_session(pb::CreateSessionRequest {
+            namespace: "default".into(),
+            session_id: run_id.clone(),
+            owner: "client".into(),
+            options: Some(pb::SessionOptions {
+                task_queue: "q".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    engine
+        .terminate_session("default", &run_id, "done with it", "client")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + VIRTUAL_DAYS;
+    let outcome = loop {
+        let outcome = engine
+            .result("default", false, "timed", "", Duration::from_secs(60))
+            .await
+            .unwrap();
+        if outcome.status != ExecutionStatus::Running as i32 || Instant::now() >= deadline {
+            break outcome;
+        }
+    };
+    assert_eq!(
+        outcome.status,
+        ExecutionStatus::TimedOut as i32,
+        "the run's timeout still fired"
+    );
+}

@@ -44,7 +44,7 @@ impl Engine {
                     options.idle_timeout_ms
                 };
                 let used = info.last_used_ms.max(self.started_ms);
-                if owner_run(&info.owner).is_none() && now.saturating_sub(used) > idle_limit as i64
+                if owner_run(info).is_none() && now.saturating_sub(used) > idle_limit as i64
                 {
                     idle.push((info.session_id.clone(), idle_limit));
                 }

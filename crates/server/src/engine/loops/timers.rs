@@ -35,21 +35,21 @@ impl Engine {
         self.transact(|st, txn| {
             for key in due {
                 match &key {
-                    TimerKey::SessionCreation { run_id } => {
-                        let creating = st.sessions.get(run_id).is_some_and(|s| {
+                    TimerKey::SessionCreation { session_id } => {
+                        let creating = st.sessions.get(session_id).is_some_and(|s| {
                             s.info
                                 .as_ref()
                                 .is_some_and(|i| sessions::is_in(i, SessionPhase::Creating))
                         });
                         if creating {
-                            let reason = st.sessions[run_id]
+                            let reason = st.sessions[session_id]
                                 .info
                                 .as_ref()
                                 .map(|i| i.reason.clone())
                                 .unwrap_or_default();
                             self.close_session(
                                 st,
-                                run_id,
+                                session_id,
                                 SessionEnd::Failed,
                                 &format!(
                                     "no worker could host it before the creation timeout: {reason}"
@@ -61,15 +61,15 @@ impl Engine {
                         }
                         continue;
                     }
-                    TimerKey::SessionExpiry { run_id } => {
-                        let live = st.sessions.get(run_id).is_some_and(|s| {
+                    TimerKey::SessionExpiry { session_id } => {
+                        let live = st.sessions.get(session_id).is_some_and(|s| {
                             s.execution_deadline_ms <= now
                                 && s.info.as_ref().is_some_and(sessions::is_live)
                         });
                         if live {
                             self.close_session(
                                 st,
-                                run_id,
+                                session_id,
                                 SessionEnd::TimedOut,
                                 "execution timeout reached",
                                 true,
@@ -81,7 +81,7 @@ impl Engine {
                     }
                     _ => {}
                 }
-                let Some(entry) = st.runs.get_mut(key.run_id()) else {
+                let Some(entry) = key.run_id().and_then(|r| st.runs.get_mut(r)) else {
                     continue;
                 };
                 let changed = match &key {
@@ -124,7 +124,7 @@ impl Engine {
                     _ => entry.activity_timer(&key, "", now, &mut txn.fx),
                 };
                 if changed {
-                    txn.touched.insert(key.run_id().to_string());
+                    txn.touched.insert(entry.state.run_id.clone());
                 }
             }
             Ok(())

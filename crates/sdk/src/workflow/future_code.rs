@@ -1,8 +1,12 @@
-//! One workflow run held by a worker: its future, its context and the replay bookkeeping.
+//! Workflow code written in Rust: an `async fn` driven as a [`WorkflowCode`]. The future is
+//! polled with its own waker (never with tokio), one activation at a time: the activation's
+//! events are applied to the context, the future is polled until no branch can make progress,
+//! and the commands it issued through the context go back to the replayer.
 
 use super::context::{WorkflowContext, WorkflowError, WorkflowInfo};
+use super::replay::{TaskFailure, WorkflowCode};
 use futures::future::BoxFuture;
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,15 +23,6 @@ pub(crate) type WorkflowFactory = Arc<
 /// What a workflow function returns, already encoded.
 pub(crate) type WorkflowOutcome = Result<Option<pb::Payload>, WorkflowError>;
 
-/// Why a workflow task could not be completed.
-#[derive(Debug, Clone)]
-pub(crate) struct TaskFailure {
-    /// `nondeterminism`, `panic` or `unknown_workflow_type`.
-    pub cause: &'static str,
-    /// What happened.
-    pub message: String,
-}
-
 struct WakeFlag(AtomicBool);
 
 impl Wake for WakeFlag {
@@ -36,236 +31,45 @@ impl Wake for WakeFlag {
     }
 }
 
-/// A workflow run in the worker's cache.
-pub(crate) struct WorkflowInstance {
+/// One run of a Rust workflow: its context and its future (made at the run's start event).
+pub(crate) struct FutureCode {
     ctx: WorkflowContext,
     factory: WorkflowFactory,
     future: Option<BoxFuture<'static, WorkflowOutcome>>,
     flag: Arc<WakeFlag>,
     waker: Waker,
-    /// Commands issued by the code that history has not echoed yet.
-    unmatched: VecDeque<pb::Command>,
-    /// The last event this instance has processed.
-    pub last_event_id: u64,
-    /// The code returned; its terminal command was issued.
+    /// The future returned (it is never polled again).
     finished: bool,
-    /// Activations this instance has run. Each WorkflowTaskCompleted event in history closes
-    /// one activation; the ones this instance ran live are already done when their event comes.
-    activations: u64,
-    /// WorkflowTaskCompleted events seen.
-    completions_seen: u64,
 }
 
-fn describe_command(c: &pb::Command) -> String {
-    match &c.kind {
-        Some(command::Kind::ScheduleActivity(a)) => {
-            format!(
-                "ScheduleActivity(seq {}, type {:?})",
-                a.seq, a.activity_type
-            )
-        }
-        Some(command::Kind::StartTimer(t)) => format!("StartTimer(seq {})", t.seq),
-        Some(command::Kind::CancelTimer(t)) => format!("CancelTimer(seq {})", t.seq),
-        Some(command::Kind::RequestCancelActivity(r)) => {
-            format!("RequestCancelActivity(seq {})", r.seq)
-        }
-        Some(command::Kind::RecordMarker(m)) => format!("SideEffect(seq {})", m.seq),
-        Some(command::Kind::SignalExternal(s)) => {
-            format!(
-                "SignalWorkflow(seq {}, {:?} -> {:?})",
-                s.seq, s.signal_name, s.workflow_id
-            )
-        }
-        Some(command::Kind::CreateSession(c)) => format!("CreateSession(seq {})", c.seq),
-        Some(command::Kind::CompleteSession(c)) => format!("CompleteSession(seq {})", c.seq),
-        Some(command::Kind::CompleteWorkflow(_)) => "CompleteWorkflow".into(),
-        Some(command::Kind::FailWorkflow(_)) => "FailWorkflow".into(),
-        Some(command::Kind::CancelWorkflow(_)) => "CancelWorkflow".into(),
-        None => "empty command".into(),
-    }
-}
-
-fn describe_event(a: &Attributes) -> String {
-    match a {
-        Attributes::ActivityTaskScheduled(e) => {
-            format!(
-                "ActivityTaskScheduled(seq {}, type {:?})",
-                e.seq, e.activity_type
-            )
-        }
-        Attributes::TimerStarted(e) => format!("TimerStarted(seq {})", e.seq),
-        Attributes::TimerCanceled(e) => format!("TimerCanceled(seq {})", e.seq),
-        Attributes::ActivityCancelRequested(e) => format!("ActivityCancelRequested(seq {})", e.seq),
-        Attributes::MarkerRecorded(e) => format!("MarkerRecorded(seq {})", e.seq),
-        Attributes::SessionCreateRequested(e) => format!("SessionCreateRequested(seq {})", e.seq),
-        Attributes::SessionCompleteRequested(e) => {
-            format!("SessionCompleteRequested(seq {})", e.seq)
-        }
-        Attributes::SignalExternalInitiated(e) => format!(
-            "SignalExternalInitiated(seq {}, {:?} -> {:?})",
-            e.seq, e.signal_name, e.workflow_id
-        ),
-        other => pb::HistoryEvent {
-            event_id: 0,
-            time_ms: 0,
-            attributes: Some(other.clone()),
-        }
-        .kind_name()
-        .to_string(),
-    }
-}
-
-/// Whether the event records a command (as opposed to something that happened to the workflow).
-fn is_command_event(a: &Attributes) -> bool {
-    matches!(
-        a,
-        Attributes::ActivityTaskScheduled(_)
-            | Attributes::TimerStarted(_)
-            | Attributes::TimerCanceled(_)
-            | Attributes::ActivityCancelRequested(_)
-            | Attributes::MarkerRecorded(_)
-            | Attributes::SignalExternalInitiated(_)
-            | Attributes::SessionCreateRequested(_)
-            | Attributes::SessionCompleteRequested(_)
-            | Attributes::WorkflowExecutionCompleted(_)
-            | Attributes::WorkflowExecutionFailed(_)
-            | Attributes::WorkflowExecutionCanceled(_)
-    )
-}
-
-fn command_matches(c: &pb::Command, a: &Attributes) -> bool {
-    match (&c.kind, a) {
-        (Some(command::Kind::ScheduleActivity(c)), Attributes::ActivityTaskScheduled(e)) => {
-            c.seq == e.seq && c.activity_type == e.activity_type
-        }
-        (Some(command::Kind::StartTimer(c)), Attributes::TimerStarted(e)) => c.seq == e.seq,
-        (Some(command::Kind::CancelTimer(c)), Attributes::TimerCanceled(e)) => c.seq == e.seq,
-        (Some(command::Kind::RequestCancelActivity(c)), Attributes::ActivityCancelRequested(e)) => {
-            c.seq == e.seq
-        }
-        (Some(command::Kind::RecordMarker(c)), Attributes::MarkerRecorded(e)) => c.seq == e.seq,
-        (Some(command::Kind::SignalExternal(c)), Attributes::SignalExternalInitiated(e)) => {
-            c.seq == e.seq && c.workflow_id == e.workflow_id && c.signal_name == e.signal_name
-        }
-        (Some(command::Kind::CreateSession(c)), Attributes::SessionCreateRequested(e)) => {
-            c.seq == e.seq && c.session_id == e.session_id
-        }
-        (Some(command::Kind::CompleteSession(c)), Attributes::SessionCompleteRequested(e)) => {
-            c.seq == e.seq && c.session_id == e.session_id
-        }
-        (Some(command::Kind::CompleteWorkflow(_)), Attributes::WorkflowExecutionCompleted(_))
-        | (Some(command::Kind::FailWorkflow(_)), Attributes::WorkflowExecutionFailed(_))
-        | (Some(command::Kind::CancelWorkflow(_)), Attributes::WorkflowExecutionCanceled(_)) => {
-            true
-        }
-        _ => false,
-    }
-}
-
-fn nondeterminism(message: String) -> TaskFailure {
-    TaskFailure {
-        cause: "nondeterminism",
-        message,
-    }
-}
-
-impl WorkflowInstance {
+impl FutureCode {
     pub(crate) fn new(info: WorkflowInfo, factory: WorkflowFactory) -> Self {
         let flag = Arc::new(WakeFlag(AtomicBool::new(false)));
-        WorkflowInstance {
+        FutureCode {
             ctx: WorkflowContext::new(info),
             factory,
             future: None,
             waker: Waker::from(flag.clone()),
             flag,
-            unmatched: VecDeque::new(),
-            last_event_id: 0,
             finished: false,
-            activations: 0,
-            completions_seen: 0,
         }
     }
+}
 
-    /// Whether the workflow code has returned.
-    pub(crate) fn finished(&self) -> bool {
-        self.finished
+impl WorkflowCode for FutureCode {
+    fn recorded_side_effects(&mut self, recorded: HashMap<u32, Option<pb::Payload>>) {
+        self.ctx.inner.lock().recorded_markers = recorded;
     }
 
-    /// Processes the events of one workflow task (a full history or only new events) and
-    /// returns the new commands.
-    pub(crate) fn process(
-        &mut self,
-        events: &[pb::HistoryEvent],
-    ) -> Result<Vec<pb::Command>, TaskFailure> {
-        {
-            let mut ctx = self.ctx.inner.lock();
-            for e in events {
-                if let Some(Attributes::MarkerRecorded(m)) = &e.attributes {
-                    if e.event_id > self.last_event_id {
-                        ctx.recorded_markers.insert(m.seq, m.data.clone());
-                    }
-                }
-            }
-        }
-        let mut pending: Vec<&pb::HistoryEvent> = Vec::new();
-        for event in events {
-            if event.event_id <= self.last_event_id {
-                continue;
-            }
-            self.last_event_id = event.event_id;
-            let Some(attrs) = &event.attributes else {
-                continue;
-            };
-            match attrs {
-                Attributes::WorkflowTaskCompleted(_) => {
-                    self.completions_seen += 1;
-                    if self.completions_seen > self.activations {
-                        // Replaying an activation this instance has not run yet.
-                        self.check_all_matched()?;
-                        self.activate(&pending)?;
-                    }
-                    pending.clear();
-                }
-                a if is_command_event(a) => {
-                    let Some(cmd) = self.unmatched.pop_front() else {
-                        return Err(nondeterminism(format!(
-                            "history has {} (event {}) but the workflow code did not issue it",
-                            describe_event(a),
-                            event.event_id
-                        )));
-                    };
-                    if !command_matches(&cmd, a) {
-                        return Err(nondeterminism(format!(
-                            "history has {} (event {}) where the workflow code now issues {}",
-                            describe_event(a),
-                            event.event_id,
-                            describe_command(&cmd)
-                        )));
-                    }
-                }
-                _ => pending.push(event),
-            }
-        }
-        self.check_all_matched()?;
-        let before = self.unmatched.len();
-        self.activate(&pending)?;
-        self.ctx.inner.lock().recorded_markers.clear();
-        Ok(self.unmatched.iter().skip(before).cloned().collect())
+    fn activate(&mut self, events: &[&pb::HistoryEvent]) -> Result<Vec<pb::Command>, TaskFailure> {
+        self.run_activation(events)?;
+        Ok(std::mem::take(&mut self.ctx.inner.lock().commands))
     }
+}
 
-    fn check_all_matched(&self) -> Result<(), TaskFailure> {
-        match self.unmatched.front() {
-            None => Ok(()),
-            Some(cmd) => Err(nondeterminism(format!(
-                "the workflow code issues {} which history does not have at this point",
-                describe_command(cmd)
-            ))),
-        }
-    }
-
+impl FutureCode {
     /// Applies the events of one activation and runs the code until it can make no progress.
-    fn activate(&mut self, events: &[&pb::HistoryEvent]) -> Result<(), TaskFailure> {
-        self.activations += 1;
+    fn run_activation(&mut self, events: &[&pb::HistoryEvent]) -> Result<(), TaskFailure> {
         {
             let mut ctx = self.ctx.inner.lock();
             for e in events {
@@ -336,8 +140,6 @@ impl WorkflowInstance {
                 }
             }
         }
-        let issued: Vec<pb::Command> = std::mem::take(&mut self.ctx.inner.lock().commands);
-        self.unmatched.extend(issued);
         Ok(())
     }
 }
@@ -347,6 +149,7 @@ mod tests {
     use super::*;
     use crate::client::ActivityOptions;
     use crate::codec;
+    use crate::workflow::replay::WorkflowInstance;
     use futures::FutureExt;
 
     fn ev(id: u64, attrs: Attributes) -> pb::HistoryEvent {
@@ -416,11 +219,14 @@ mod tests {
             workflow_type: "wf".into(),
             task_queue: "q".into(),
         };
-        WorkflowInstance::new(info, factory)
+        WorkflowInstance::new(Box::new(FutureCode::new(info, factory)))
     }
 
     fn kinds(commands: &[pb::Command]) -> Vec<String> {
-        commands.iter().map(describe_command).collect()
+        commands
+            .iter()
+            .map(crate::workflow::replay::describe_command)
+            .collect()
     }
 
     #[test]
@@ -516,7 +322,7 @@ mod tests {
             workflow_type: "wf".into(),
             task_queue: "q".into(),
         };
-        let mut wf = WorkflowInstance::new(info, factory);
+        let mut wf = WorkflowInstance::new(Box::new(FutureCode::new(info, factory)));
         let err = wf.process(&[started(1)]).expect_err("must fail");
         assert_eq!(err.cause, "panic");
         assert!(err.message.contains("boom"));
