@@ -28,7 +28,7 @@ fn setup(workers: usize, classes: usize) -> (Matcher, QueueKey) {
         m.add(
             &key,
             TaskRef::Activity {
-                run_id: format!("stuck-{c}"),
+                run_id: format!("stuck-{c}").into(),
                 scheduled_event_id: 0,
                 attempt: 1,
             },

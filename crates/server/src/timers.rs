@@ -5,6 +5,7 @@
 use foldhash::HashMap;
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
+use tether_core::types::{RunId, SessionId};
 use tokio::sync::Notify;
 
 /// What a timer is for.
@@ -13,40 +14,40 @@ pub enum TimerKey {
     /// A workflow's durable timer (`ctx.sleep`).
     WorkflowTimer {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Timer sequence number.
         seq: u32,
     },
     /// The whole run's timeout.
     RunTimeout {
         /// Run.
-        run_id: String,
+        run_id: RunId,
     },
     /// A running workflow task took too long.
     WorkflowTaskTimeout {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Which dispatch.
         dispatch: u64,
     },
     /// A failed workflow task may be offered again.
     WorkflowTaskRetry {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// The attempt to offer.
         attempt: u32,
     },
     /// Nobody took a task from a sticky queue in time.
     StickyScheduleToStart {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Which enqueue.
         enqueue: u64,
     },
     /// An activity attempt waited too long on its queue.
     ActivityScheduleToStart {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Activity.
         scheduled_event_id: u64,
         /// Attempt.
@@ -55,7 +56,7 @@ pub enum TimerKey {
     /// An activity attempt ran too long.
     ActivityStartToClose {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Activity.
         scheduled_event_id: u64,
         /// Attempt.
@@ -67,7 +68,7 @@ pub enum TimerKey {
     /// An activity attempt stopped heartbeating.
     ActivityHeartbeat {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Activity.
         scheduled_event_id: u64,
         /// Attempt.
@@ -79,24 +80,24 @@ pub enum TimerKey {
     /// The activity as a whole ran out of time.
     ActivityScheduleToClose {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Activity.
         scheduled_event_id: u64,
     },
     /// A session still has no placement at its creation deadline.
     SessionCreation {
         /// The session.
-        session_id: String,
+        session_id: SessionId,
     },
     /// A session reached its execution timeout.
     SessionExpiry {
         /// The session.
-        session_id: String,
+        session_id: SessionId,
     },
     /// The retry backoff of an activity ended.
     ActivityRetry {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// Activity.
         scheduled_event_id: u64,
         /// The attempt to offer.
@@ -120,14 +121,14 @@ impl TimerKey {
     pub fn owner(&self) -> TimerOwner<'_> {
         match self {
             TimerKey::SessionCreation { session_id } | TimerKey::SessionExpiry { session_id } => {
-                TimerOwner::Session(session_id)
+                TimerOwner::Session(session_id.as_str())
             }
-            _ => TimerOwner::Run(self.run_id().unwrap_or_default()),
+            _ => TimerOwner::Run(self.run_id().map(RunId::as_str).unwrap_or_default()),
         }
     }
 
     /// The run the timer belongs to (none for a session's timers).
-    pub fn run_id(&self) -> Option<&str> {
+    pub fn run_id(&self) -> Option<&RunId> {
         Some(match self {
             TimerKey::WorkflowTimer { run_id, .. }
             | TimerKey::RunTimeout { run_id }

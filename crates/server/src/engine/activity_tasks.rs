@@ -161,7 +161,7 @@ impl Engine {
                             info.last_used_ms = now;
                         }
                     }
-                    txn.touched.insert(token.run_id);
+                    txn.touched.insert(token.run_id.into());
                     Ok(())
                 });
                 results.push(applied);

@@ -69,14 +69,14 @@ impl Engine {
         standalone: bool,
         id: &str,
         run_id: &str,
-    ) -> Result<Option<String>, EngineError> {
+    ) -> Result<Option<RunId>, EngineError> {
         Self::check_namespace(st, namespace)?;
         let found = if run_id.is_empty() {
             st.open_ids
                 .get(&(namespace.to_string(), standalone, id.to_string()))
                 .cloned()
         } else {
-            Some(run_id.to_string())
+            Some(RunId::from(run_id))
         };
         Ok(found.filter(|r| {
             st.runs.get(r).is_some_and(|e| {

@@ -49,7 +49,7 @@ impl Engine {
             };
             let dispatched = self.dispatch_locked(
                 st,
-                run_id,
+                run_id.as_str(),
                 *scheduled_event_id,
                 *attempt,
                 &claim.identity,
@@ -117,17 +117,17 @@ impl Engine {
                 info.activities_run += 1;
                 info.last_used_ms = now;
                 response.session = Some(info.clone());
-                (session_id, info.activities_run)
+                (Some(SessionId::from(session_id)), info.activities_run)
             }
             None => {
                 entry.rt.may_own_started = true;
-                (String::new(), 0)
+                (None, 0)
             }
         };
         // Durable before the worker sees it, as a small row rather than the run's (and the
         // session's) whole state.
         txn.started.push(Write::Started {
-            run_id: run_id.to_string(),
+            run_id: RunId::from(run_id),
             scheduled_event_id,
             attempt,
             dispatch,
@@ -179,14 +179,14 @@ impl Engine {
                         }
                     }
                     txn.started.push(Write::Started {
-                        run_id: token.run_id.clone(),
+                        run_id: token.run_id.clone().into(),
                         scheduled_event_id: token.scheduled_event_id,
                         attempt: token.attempt,
                         dispatch: token.dispatch,
                         started_ms: 0,
                         worker: String::new(),
                         instance: String::new(),
-                        session_id: session.map(|s| s.session_id.clone()).unwrap_or_default(),
+                        session_id: session.map(|s| SessionId::from(s.session_id.as_str())),
                         session_activities_run: session.map_or(0, |s| s.activities_run),
                     });
                 }
@@ -228,7 +228,7 @@ impl Engine {
             }
             let Some(response) = self.dispatch_locked(
                 st,
-                &run_id,
+                run_id.as_str(),
                 scheduled_event_id,
                 attempt,
                 identity,
@@ -290,7 +290,7 @@ impl Engine {
                 // A stale entry (its run closed, its attempt moved on) is just skipped.
                 if let Some(response) = self.dispatch_locked(
                     st,
-                    &run_id,
+                    run_id.as_str(),
                     scheduled_event_id,
                     attempt,
                     &next.identity,

@@ -32,46 +32,48 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tether_core::types::{RunId, SessionId};
 use tether_wire::pb::{self, ExecutionStatus, NamespaceInfo};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+/// (namespace, standalone activity, workflow or activity id).
 type IdKey = (String, bool, String);
 
 #[derive(Default)]
 struct EngineState {
     namespaces: BTreeMap<String, NamespaceInfo>,
     /// Open runs, and closed ones until their close is durable.
-    runs: HashMap<String, RunEntry>,
+    runs: HashMap<RunId, RunEntry>,
     /// (namespace, standalone activity, id) -> run id of the open run.
-    open_ids: HashMap<IdKey, String>,
+    open_ids: HashMap<IdKey, RunId>,
     /// Callers waiting for a run to close.
-    waiters: HashMap<String, Vec<oneshot::Sender<pb::GetWorkflowResultResponse>>>,
+    waiters: HashMap<RunId, Vec<oneshot::Sender<pb::GetWorkflowResultResponse>>>,
     /// Sessions that are creating or open (closed ones until their close is durable).
-    sessions: HashMap<String, SessionState>,
+    sessions: HashMap<SessionId, SessionState>,
     /// Run id -> the sessions it owns (created by its workflow), which close with it.
-    session_owners: HashMap<String, Vec<String>>,
+    session_owners: HashMap<RunId, Vec<SessionId>>,
     /// Session id -> the runs that scheduled activities in it (some may have closed since):
     /// where a closing session's activities are, without a look at every run.
-    session_runs: HashMap<String, HashSet<String>>,
+    session_runs: HashMap<SessionId, HashSet<RunId>>,
     reservations: Reservations,
     /// Callers waiting for a session to be placed (or to fail).
-    session_waiters: HashMap<String, Vec<oneshot::Sender<pb::SessionInfo>>>,
+    session_waiters: HashMap<SessionId, Vec<oneshot::Sender<pb::SessionInfo>>>,
     /// The number of the last batch submitted to the store: a read waits until it is durable,
     /// so it never shows state that might not be written.
     last_submitted_seq: u64,
 }
 
 /// A session's owning run, when a workflow owns it.
-fn owner_run(info: &pb::SessionInfo) -> Option<(String, u32)> {
+fn owner_run(info: &pb::SessionInfo) -> Option<(RunId, u32)> {
     SessionOwner::parse(&info.owner)
         .workflow()
-        .map(|(run_id, seq)| (run_id.as_str().to_string(), seq))
+        .map(|(run_id, seq)| (run_id.clone(), seq))
 }
 
 /// A store lookup of closed rows past a cutoff: (namespace, closed before, limit) → ids.
-type ExpiredLookup =
-    fn(&dyn Store, &str, i64, usize) -> Result<Vec<String>, crate::store::StoreError>;
+type ExpiredLookup<Id> =
+    fn(&dyn Store, &str, i64, usize) -> Result<Vec<Id>, crate::store::StoreError>;
 
 /// Most expired runs deleted in one commit, and batches per namespace per sweep.
 const PURGE_BATCH: usize = 2_000;
@@ -101,15 +103,15 @@ const DEFAULT_SESSION_IDLE_MS: u64 = 10 * 60_000;
 #[derive(Default)]
 struct Txn {
     fx: Effects,
-    touched: BTreeSet<String>,
-    touched_sessions: BTreeSet<String>,
+    touched: BTreeSet<RunId>,
+    touched_sessions: BTreeSet<SessionId>,
     extra: Vec<Write>,
     /// Attempts dispatched inside the transaction to parked polls, handed over after the commit.
     handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
     /// Hand-outs (and take-backs) of runs not otherwise written in this transaction.
     started: Vec<Write>,
     /// Sessions closed in this transaction -> the runs that scheduled activities in them.
-    closed_session_runs: HashMap<String, HashSet<String>>,
+    closed_session_runs: HashMap<SessionId, HashSet<RunId>>,
 }
 
 /// Where a completion's worker wants its next activity tasks from (taken in the completion's
@@ -417,7 +419,7 @@ impl Engine {
             }
             // A session never outlives its owner: it closes in the transaction that closes the
             // run, and its reservation is freed with it.
-            let closed: Vec<(String, i32)> = txn.fx.closed[closed_seen..]
+            let closed: Vec<(RunId, i32)> = txn.fx.closed[closed_seen..]
                 .iter()
                 .map(|c| (c.run_id.clone(), c.outcome.status))
                 .collect();
@@ -466,7 +468,7 @@ impl Engine {
                     session_id,
                     started_ms,
                     ..
-                } => !session_id.is_empty() || *started_ms == 0 || !txn.touched.contains(run_id),
+                } => session_id.is_some() || *started_ms == 0 || !txn.touched.contains(run_id),
                 _ => true,
             }));
         for run_id in &txn.touched {
@@ -511,8 +513,8 @@ impl Engine {
     /// close; those of closed runs go now.
     fn release_session_rows(
         st: &mut EngineState,
-        session_id: String,
-        runs: impl IntoIterator<Item = String>,
+        session_id: SessionId,
+        runs: impl IntoIterator<Item = RunId>,
     ) -> Write {
         let (mut runs_still_open, mut runs_closed) = (Vec::new(), Vec::new());
         for run_id in runs {
@@ -632,7 +634,7 @@ impl Engine {
                 // Reads of this run now go to the store, and its timers have nothing left to do.
                 if st.runs.get(&closed.run_id).is_some_and(|e| !e.is_open()) {
                     st.runs.remove(&closed.run_id);
-                    self.timers.cancel_run(&closed.run_id);
+                    self.timers.cancel_run(closed.run_id.as_str());
                 }
             }
         }
@@ -641,7 +643,7 @@ impl Engine {
 
 /// The open run a task token names; a closed (or unknown) one makes the token stale.
 fn open_run<'a>(
-    runs: &'a mut HashMap<String, RunEntry>,
+    runs: &'a mut HashMap<RunId, RunEntry>,
     run_id: &str,
 ) -> Result<&'a mut RunEntry, EngineError> {
     runs.get_mut(run_id).ok_or_else(|| {
@@ -710,7 +712,10 @@ fn execution_info(s: &RunState) -> pb::ExecutionInfo {
 
 /// Drops the senders of callers that stopped waiting (their wait ended), and the list with
 /// the last of them: a wait that times out leaves nothing behind.
-fn forget_gone_waiters<T>(waiters: &mut HashMap<String, Vec<oneshot::Sender<T>>>, key: &str) {
+fn forget_gone_waiters<K, T>(waiters: &mut HashMap<K, Vec<oneshot::Sender<T>>>, key: &str)
+where
+    K: std::hash::Hash + Eq + std::borrow::Borrow<str>,
+{
     if let Some(list) = waiters.get_mut(key) {
         list.retain(|w| !w.is_closed());
         if list.is_empty() {
@@ -753,7 +758,7 @@ fn duration_text(ms: u64) -> String {
 
 /// Whether `session_id` is a session still creating or open (a closed one stays in memory
 /// until its close is durable).
-fn session_is_open(sessions: &HashMap<String, SessionState>, session_id: &str) -> bool {
+fn session_is_open(sessions: &HashMap<SessionId, SessionState>, session_id: &str) -> bool {
     sessions
         .get(session_id)
         .and_then(|s| s.info.as_ref())

@@ -97,12 +97,12 @@ impl Engine {
     }
 
     /// Finds (`expired`) and deletes (`delete`) closed rows of one kind, batch by batch.
-    pub(super) async fn purge(
+    pub(super) async fn purge<Id: Send + 'static>(
         &self,
         namespace: &str,
         closed_before_ms: i64,
-        expired: ExpiredLookup,
-        delete: fn(Vec<String>) -> Write,
+        expired: ExpiredLookup<Id>,
+        delete: fn(Vec<Id>) -> Write,
     ) -> Result<usize, EngineError> {
         let mut deleted = 0;
         for _ in 0..PURGE_BATCHES_PER_SWEEP {

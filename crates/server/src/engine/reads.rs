@@ -70,7 +70,7 @@ impl Engine {
             if rid.is_empty() {
                 store.latest_run(&ns, standalone, &idc)
             } else {
-                store.load_run(&rid)
+                store.load_run(&RunId::from(rid))
             }
         })
         .await
@@ -130,7 +130,7 @@ impl Engine {
         }
         let state = self.load_stored(namespace, standalone, id, run_id).await?;
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.history(&state.run_id))
+        tokio::task::spawn_blocking(move || store.history(&RunId::from(state.run_id)))
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(e.to_string()))
@@ -158,7 +158,7 @@ impl Engine {
             standalone_activity: standalone,
             status,
             limit,
-            after,
+            after: after.map(|(ms, id)| (ms, RunId::from(id))),
         };
         let runs = tokio::task::spawn_blocking(move || store.list_runs(&filter))
             .await
@@ -198,7 +198,7 @@ impl Engine {
                         });
                     }
                     let (tx, rx) = oneshot::channel();
-                    st.waiters.entry(r.clone()).or_default().push(tx);
+                    st.waiters.entry(r.clone().into()).or_default().push(tx);
                     Some((r, rx))
                 }
                 None => None,

@@ -68,7 +68,7 @@ impl Engine {
                         st.session_owners
                             .entry(run_id)
                             .or_default()
-                            .push(info.session_id.clone());
+                            .push(info.session_id.clone().into());
                     }
                     if session.creation_deadline_ms > 0
                         && sessions::is_in(&info, SessionPhase::Creating)
@@ -76,17 +76,17 @@ impl Engine {
                         txn.fx.timers.push((
                             session.creation_deadline_ms,
                             TimerKey::SessionCreation {
-                                session_id: info.session_id.clone(),
+                                session_id: info.session_id.clone().into(),
                             },
                         ));
                     }
                     txn.fx.timers.push((
                         session.execution_deadline_ms,
                         TimerKey::SessionExpiry {
-                            session_id: info.session_id.clone(),
+                            session_id: info.session_id.clone().into(),
                         },
                     ));
-                    st.sessions.insert(info.session_id.clone(), session);
+                    st.sessions.insert(info.session_id.clone().into(), session);
                 }
                 for (state, history) in recovered.open_runs {
                     let had_buffered = !state.buffered.is_empty();
@@ -100,16 +100,16 @@ impl Engine {
                     );
                     let run_id = entry.state.run_id.clone();
                     if had_buffered {
-                        txn.touched.insert(run_id.clone());
+                        txn.touched.insert(run_id.clone().into());
                     }
-                    st.open_ids.insert(key, run_id.clone());
+                    st.open_ids.insert(key, run_id.clone().into());
                     Self::note_session_runs(st, &run_id, &entry);
-                    st.runs.insert(run_id, entry);
+                    st.runs.insert(run_id.into(), entry);
                 }
                 // Hand-out rows kept for sessions: an open session releases them when it closes
                 // (closed runs' rows too, which no open run's state names); rows of a session that
                 // is no longer open should not exist, and are released now.
-                let mut released: HashMap<String, Vec<String>> = HashMap::new();
+                let mut released: HashMap<SessionId, Vec<RunId>> = HashMap::new();
                 for (session_id, run_id) in recovered.session_rows {
                     if st.sessions.contains_key(&session_id) {
                         st.session_runs
@@ -122,7 +122,7 @@ impl Engine {
                 }
                 for (session_id, runs) in released {
                     tracing::warn!(
-                        session_id,
+                        session_id = session_id.as_str(),
                         runs = runs.len(),
                         "hand-out rows of a closed session were left behind; releasing them"
                     );
@@ -142,7 +142,7 @@ impl Engine {
                 for id in orphaned {
                     engine.close_session(
                         st,
-                        &id,
+                        &SessionId::from(id),
                         SessionEnd::Completed,
                         "released: the workflow run that owns it is closed",
                         true,

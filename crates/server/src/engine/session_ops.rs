@@ -37,14 +37,14 @@ impl Engine {
                 tracing::info!(session_id, worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
                 let placed = info_mut.clone();
                 txn.fx.sessions_settled.push(placed.clone());
-                txn.touched_sessions.insert(session_id.to_string());
+                txn.touched_sessions.insert(session_id.to_string().into());
                 Self::notify_session_owner(st, &placed, Ok(()), now, txn);
                 true
             }
             Err(reason) => {
                 if info_mut.reason != reason {
                     info_mut.reason = reason;
-                    txn.touched_sessions.insert(session_id.to_string());
+                    txn.touched_sessions.insert(session_id.to_string().into());
                 }
                 false
             }
@@ -67,7 +67,7 @@ impl Engine {
                 .map(|_| info.clone())
                 .map_err(|reason| (info.session_id.clone(), reason));
             entry.session_resolved(seq, outcome, now, &mut txn.fx);
-            txn.touched.insert(run_id.to_string());
+            txn.touched.insert(run_id.to_string().into());
         }
     }
 
@@ -99,7 +99,7 @@ impl Engine {
         let creation_deadline_ms = history::deadline(now, options.creation_timeout_ms);
         let execution_deadline_ms = history::deadline(now, options.execution_timeout_ms);
         st.sessions.insert(
-            session_id.to_string(),
+            session_id.to_string().into(),
             SessionState {
                 info: Some(pb::SessionInfo {
                     session_id: session_id.to_string(),
@@ -117,21 +117,21 @@ impl Engine {
         );
         if let Some((run_id, _)) = owner.workflow() {
             st.session_owners
-                .entry(run_id.as_str().to_string())
+                .entry(run_id.as_str().to_string().into())
                 .or_default()
-                .push(session_id.to_string());
+                .push(session_id.to_string().into());
         }
-        txn.touched_sessions.insert(session_id.to_string());
+        txn.touched_sessions.insert(session_id.to_string().into());
         txn.fx.timers.push((
             creation_deadline_ms,
             TimerKey::SessionCreation {
-                session_id: session_id.to_string(),
+                session_id: session_id.to_string().into(),
             },
         ));
         txn.fx.timers.push((
             execution_deadline_ms,
             TimerKey::SessionExpiry {
-                session_id: session_id.to_string(),
+                session_id: session_id.to_string().into(),
             },
         ));
         self.try_place(st, session_id, now, txn)
@@ -158,7 +158,15 @@ impl Engine {
                 run_id: tether_core::types::RunId::new(run_id),
                 seq,
             };
-            self.insert_session(st, &session_id, namespace, &owner, options, now, txn);
+            self.insert_session(
+                st,
+                session_id.as_str(),
+                namespace,
+                &owner,
+                options,
+                now,
+                txn,
+            );
         }
         for session_id in std::mem::take(&mut txn.fx.session_completions) {
             let live = st
@@ -194,7 +202,7 @@ impl Engine {
     pub(super) fn close_session(
         &self,
         st: &mut EngineState,
-        session_id: &str,
+        session_id: &SessionId,
         how: SessionEnd,
         reason: &str,
         fail_activities: bool,
@@ -220,7 +228,12 @@ impl Engine {
                 .release(&info.namespace, &sessions::placement_of(&info));
         }
         if how != SessionEnd::Completed {
-            tracing::warn!(session_id, state, reason, "session ended");
+            tracing::warn!(
+                session_id = session_id.as_str(),
+                state,
+                reason,
+                "session ended"
+            );
         }
         // Closed without failing (its owner completed it): the attempts running in it may
         // finish, but those never handed out can no longer run anywhere.
@@ -231,10 +244,10 @@ impl Engine {
                 continue;
             };
             let failed = if fail_activities {
-                entry.fail_session_activities(session_id, reason, now, &mut txn.fx)
+                entry.fail_session_activities(session_id.as_str(), reason, now, &mut txn.fx)
             } else {
                 entry.fail_waiting_session_activities(
-                    session_id,
+                    session_id.as_str(),
                     &never_handed_out,
                     now,
                     &mut txn.fx,
@@ -245,7 +258,7 @@ impl Engine {
             }
         }
         txn.closed_session_runs
-            .entry(session_id.to_string())
+            .entry(session_id.to_string().into())
             .or_default()
             .extend(runs);
         match ending.tell_owner {
@@ -257,14 +270,14 @@ impl Engine {
                 if let Some((run_id, _)) = owner_run(&info) {
                     if let Some(entry) = st.runs.get_mut(&run_id) {
                         entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
-                        txn.touched.insert(run_id.to_string());
+                        txn.touched.insert(run_id.to_string().into());
                     }
                 }
             }
             OwnerNotice::Nothing => {}
         }
         txn.fx.sessions_settled.push(info);
-        txn.touched_sessions.insert(session_id.to_string());
+        txn.touched_sessions.insert(session_id.to_string().into());
         // Released resources may let a waiting session in.
         self.try_place_pending(st, now, txn);
     }
@@ -323,7 +336,15 @@ impl Engine {
             })
             .collect();
         for (session_id, reason) in vanished {
-            self.close_session(st, &session_id, SessionEnd::Failed, &reason, true, now, txn);
+            self.close_session(
+                st,
+                &SessionId::from(session_id),
+                SessionEnd::Failed,
+                &reason,
+                true,
+                now,
+                txn,
+            );
         }
     }
 
@@ -385,7 +406,7 @@ impl Engine {
                 } else {
                     let (tx, rx) = oneshot::channel();
                     st.session_waiters
-                        .entry(session_id.clone())
+                        .entry(session_id.clone().into())
                         .or_default()
                         .push(tx);
                     Some(rx)
@@ -483,7 +504,15 @@ impl Engine {
                     None => None,
                     Some(current) => {
                         let (how, reason, fail) = decide(current);
-                        self.close_session(st, session_id, how, &reason, fail, now, txn);
+                        self.close_session(
+                            st,
+                            &SessionId::from(session_id),
+                            how,
+                            &reason,
+                            fail,
+                            now,
+                            txn,
+                        );
                         let info = st.sessions[session_id].info.clone().unwrap_or_default();
                         Some(info)
                     }
@@ -527,7 +556,7 @@ impl Engine {
         }
         let store = self.store.clone();
         let id = session_id.to_string();
-        let found = tokio::task::spawn_blocking(move || store.load_session(&id))
+        let found = tokio::task::spawn_blocking(move || store.load_session(&SessionId::from(id)))
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(e.to_string()))?
@@ -571,11 +600,16 @@ impl Engine {
             let store = self.store.clone();
             let ns = namespace.to_string();
             let after = after.clone();
-            let stored =
-                tokio::task::spawn_blocking(move || store.list_sessions(&ns, after, page_size))
-                    .await
-                    .map_err(|e| EngineError::Internal(e.to_string()))?
-                    .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            let stored = tokio::task::spawn_blocking(move || {
+                store.list_sessions(
+                    &ns,
+                    after.map(|(ms, id)| (ms, SessionId::from(id))),
+                    page_size,
+                )
+            })
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
             for info in stored.into_iter().filter_map(|s| s.info) {
                 // The live copy is newer than what the store holds of an open session.
                 if !page.iter().any(|l| l.session_id == info.session_id) {

@@ -44,9 +44,9 @@ impl Engine {
                 .filter(|o| session_is_open(sessions, &o.session_id))
             {
                 session_runs
-                    .entry(o.session_id.clone())
+                    .entry(o.session_id.clone().into())
                     .or_default()
-                    .insert(run_id.to_string());
+                    .insert(run_id.to_string().into());
             }
         }
     }
@@ -83,7 +83,7 @@ impl Engine {
                 if !same_request {
                     return Err(EngineError::WorkflowAlreadyStarted {
                         workflow_id: id.to_string(),
-                        run_id: existing.clone(),
+                        run_id: existing.clone().into(),
                         standalone,
                     });
                 }
@@ -93,10 +93,10 @@ impl Engine {
                 let run_id = tether_core::types::RunId::generate().to_string();
                 let mut entry = make(run_id.clone(), self.now_ms(), &mut txn.fx);
                 entry.max_history_bytes = self.config.max_history_bytes;
-                st.open_ids.insert(key, run_id.clone());
+                st.open_ids.insert(key, run_id.clone().into());
                 Self::note_session_runs(st, &run_id, &entry);
-                st.runs.insert(run_id.clone(), entry);
-                txn.touched.insert(run_id.clone());
+                st.runs.insert(run_id.clone().into(), entry);
+                txn.touched.insert(run_id.clone().into());
                 Ok(Ok(run_id))
             }
         })?;
@@ -104,7 +104,7 @@ impl Engine {
             Ok(run_id) => run_id,
             Err((existing, seq)) => {
                 self.durable(seq).await?;
-                return Ok((existing, true));
+                return Ok((existing.into(), true));
             }
         };
         let handed_over = !txn.handovers.is_empty();

@@ -364,7 +364,15 @@ impl Engine {
                     .map(|i| i.session_id.clone())
                     .collect();
                 for id in &ended {
-                    self.close_session(st, id, SessionEnd::Failed, &reason, true, now, txn);
+                    self.close_session(
+                        st,
+                        &SessionId::from(id.as_str()),
+                        SessionEnd::Failed,
+                        &reason,
+                        true,
+                        now,
+                        txn,
+                    );
                 }
                 Ok(ended)
             })

@@ -199,7 +199,7 @@ impl Engine {
                 Self::check_namespace(st, &token.namespace)?;
                 let entry = open_run(&mut st.runs, &token.run_id)?;
                 let value = f(entry, &token, &mut txn.fx)?;
-                txn.touched.insert(token.run_id.clone());
+                txn.touched.insert(token.run_id.clone().into());
                 Ok(value)
             })
             .await?;
@@ -241,13 +241,13 @@ impl Engine {
                     now,
                     &mut txn.fx,
                 )?;
-                txn.touched.insert(token.run_id.clone());
+                txn.touched.insert(token.run_id.clone().into());
                 for session_id in sessions_used {
                     if session_is_open(&st.sessions, &session_id) {
                         st.session_runs
-                            .entry(session_id)
+                            .entry(session_id.into())
                             .or_default()
-                            .insert(token.run_id.clone());
+                            .insert(token.run_id.clone().into());
                     }
                 }
                 Self::fail_activities_of_closed_sessions(st, &token.run_id, now, txn);

@@ -41,7 +41,7 @@ impl RunEntry {
             cancel_requested: self.state.cancel_requested && self.state.standalone_activity,
             ..Default::default()
         };
-        let run_id = self.state.run_id.clone();
+        let run_id = self.run_id();
         fx.tasks
             .push(activity_task(&self.state.namespace, &run_id, &state, 1));
         self.state.activities.insert(scheduled_event_id, state);
@@ -97,7 +97,7 @@ impl RunEntry {
                 options.schedule_to_close_timeout_ms,
             ));
         }
-        let run_id = self.state.run_id.clone();
+        let run_id = RunId::from(self.state.run_id.as_str());
         let dispatch = next_dispatch();
         a.started_dispatch = dispatch;
         arm_attempt_timers(
@@ -110,7 +110,7 @@ impl RunEntry {
         );
         let token = pb::TaskToken {
             namespace: self.state.namespace.clone(),
-            run_id: run_id.clone(),
+            run_id: run_id.as_str().to_string(),
             scheduled_event_id,
             attempt,
             dispatch,
@@ -127,7 +127,7 @@ impl RunEntry {
             } else {
                 self.state.workflow_id.clone()
             },
-            run_id,
+            run_id: run_id.into(),
             start_to_close_timeout_ms: options.start_to_close_timeout_ms,
             heartbeat_timeout_ms: options.heartbeat_timeout_ms,
             scheduled_ms: a.attempt_scheduled_ms,
@@ -171,7 +171,7 @@ impl RunEntry {
         }
         Some(activity_task(
             &self.state.namespace,
-            &self.state.run_id,
+            &self.run_id(),
             a,
             attempt,
         ))
@@ -202,7 +202,7 @@ impl RunEntry {
         clear_started(a);
         fx.tasks.push(activity_task(
             &self.state.namespace,
-            &self.state.run_id,
+            &RunId::from(self.state.run_id.as_str()),
             a,
             attempt,
         ));
@@ -384,7 +384,7 @@ impl RunEntry {
             fx.timers.push((
                 a.backoff_until_ms,
                 TimerKey::ActivityRetry {
-                    run_id: self.state.run_id.clone(),
+                    run_id: self.run_id(),
                     scheduled_event_id,
                     attempt: next_attempt,
                 },
@@ -503,7 +503,7 @@ impl RunEntry {
                 let options = a.options.clone().unwrap_or_default();
                 fx.tasks.push(activity_task(
                     &self.state.namespace,
-                    &self.state.run_id,
+                    &RunId::from(self.state.run_id.as_str()),
                     a,
                     attempt,
                 ));
@@ -511,7 +511,7 @@ impl RunEntry {
                     fx.timers.push((
                         deadline(now, options.schedule_to_start_timeout_ms),
                         TimerKey::ActivityScheduleToStart {
-                            run_id: self.state.run_id.clone(),
+                            run_id: self.run_id(),
                             scheduled_event_id,
                             attempt,
                         },

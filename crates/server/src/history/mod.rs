@@ -16,6 +16,7 @@ use crate::matching::{QueueKey, TaskKind, TaskRef};
 use crate::state::{ActivityState, RunState, TimerState, WorkflowTaskState};
 use crate::timers::TimerKey;
 use foldhash::HashMap;
+use tether_core::types::{RunId, SessionId};
 use tether_wire::pb::{
     self, command, history_event::Attributes, ActivityOptions, ExecutionStatus, Failure,
     FailureKind, HistoryEvent, Payload, RetryPolicy,
@@ -136,7 +137,7 @@ const REMEMBERED_SIGNAL_REQUESTS: usize = 1_000;
 #[derive(Debug, Clone)]
 pub struct Closed {
     /// The run.
-    pub run_id: String,
+    pub run_id: RunId,
     /// Its outcome.
     pub outcome: pb::GetWorkflowResultResponse,
 }
@@ -145,7 +146,7 @@ pub struct Closed {
 #[derive(Debug, Clone)]
 pub struct OutgoingSignal {
     /// Sending run.
-    pub from_run: String,
+    pub from_run: RunId,
     /// Sequence number of the command.
     pub seq: u32,
     /// Target.
@@ -172,9 +173,9 @@ pub struct Effects {
     /// Sessions that left the `creating` state (their waiters are answered after the commit).
     pub sessions_settled: Vec<pb::SessionInfo>,
     /// Sessions a workflow asked for: (run id, seq, session id, options).
-    pub session_requests: Vec<(String, u32, String, pb::SessionOptions)>,
+    pub session_requests: Vec<(RunId, u32, SessionId, pb::SessionOptions)>,
     /// Sessions a workflow completed.
-    pub session_completions: Vec<String>,
+    pub session_completions: Vec<SessionId>,
 }
 
 /// `from` plus `ms`, saturating: a deadline far in the future stays far in the future instead of
@@ -265,7 +266,7 @@ fn backoff_ms(policy: &RetryPolicy, next_attempt: u32) -> i64 {
 /// start-to-close at `start_to_close_at`, and the heartbeat timeout from `now` if it has one.
 fn arm_attempt_timers(
     fx: &mut Effects,
-    run_id: &str,
+    run_id: &RunId,
     attempt: (u64, u32, u64),
     start_to_close_at: i64,
     options: &ActivityOptions,
@@ -275,7 +276,7 @@ fn arm_attempt_timers(
     fx.timers.push((
         start_to_close_at,
         TimerKey::ActivityStartToClose {
-            run_id: run_id.to_string(),
+            run_id: run_id.clone(),
             scheduled_event_id,
             attempt,
             dispatch,
@@ -285,7 +286,7 @@ fn arm_attempt_timers(
         fx.timers.push((
             deadline(now, options.heartbeat_timeout_ms),
             TimerKey::ActivityHeartbeat {
-                run_id: run_id.to_string(),
+                run_id: run_id.clone(),
                 scheduled_event_id,
                 attempt,
                 dispatch,
@@ -298,14 +299,14 @@ fn arm_attempt_timers(
 /// its (canonical) requirements.
 fn activity_task(
     namespace: &str,
-    run_id: &str,
+    run_id: &RunId,
     a: &ActivityState,
     attempt: u32,
 ) -> (QueueKey, TaskRef, String) {
     (
         QueueKey::new(namespace, &a.task_queue, TaskKind::Activity),
         TaskRef::Activity {
-            run_id: run_id.to_string(),
+            run_id: run_id.clone(),
             scheduled_event_id: a.scheduled_event_id,
             attempt,
         },
@@ -331,6 +332,13 @@ fn timeout_failure(timeout_type: &str, last: Option<&Failure>) -> Failure {
         timeout_type: timeout_type.to_string(),
         cause: last.map(|f| Box::new(f.clone())),
         ..Default::default()
+    }
+}
+
+impl RunEntry {
+    /// The run's id, typed.
+    pub fn run_id(&self) -> RunId {
+        RunId::from(self.state.run_id.as_str())
     }
 }
 
@@ -518,7 +526,7 @@ impl RunEntry {
         self.state.buffered.clear();
         self.rt = Runtime::default();
         fx.closed.push(Closed {
-            run_id: self.state.run_id.clone(),
+            run_id: self.run_id(),
             outcome,
         });
     }

@@ -48,7 +48,7 @@ impl RunEntry {
             fx.timers.push((
                 deadline(now, req.run_timeout_ms),
                 TimerKey::RunTimeout {
-                    run_id: entry.state.run_id.clone(),
+                    run_id: entry.run_id(),
                 },
             ));
         }
@@ -104,12 +104,12 @@ impl RunEntry {
             fx.tasks.push((
                 self.workflow_queue(),
                 TaskRef::Workflow {
-                    run_id: self.state.run_id.clone(),
+                    run_id: self.run_id(),
                 },
                 String::new(),
             ));
         }
-        let run_id = self.state.run_id.clone();
+        let run_id = self.run_id();
         for a in self.state.activities.values() {
             let options = a.options.clone().unwrap_or_default();
             if a.started_ms > 0 {

@@ -18,7 +18,7 @@ impl RunEntry {
     pub(super) fn enqueue_workflow_task(&mut self, now: i64, fx: &mut Effects) {
         self.rt.enqueues += 1;
         let task = TaskRef::Workflow {
-            run_id: self.state.run_id.clone(),
+            run_id: self.run_id(),
         };
         if !self.state.sticky_queue.is_empty() && self.rt.sticky_sent_up_to > 0 {
             let key = QueueKey::new(
@@ -30,7 +30,7 @@ impl RunEntry {
             fx.timers.push((
                 now.saturating_add(STICKY_SCHEDULE_TO_START_MS),
                 TimerKey::StickyScheduleToStart {
-                    run_id: self.state.run_id.clone(),
+                    run_id: self.run_id(),
                     enqueue: self.rt.enqueues,
                 },
             ));
@@ -61,7 +61,7 @@ impl RunEntry {
         fx.timers.push((
             deadline(now, self.state.task_timeout_ms),
             TimerKey::WorkflowTaskTimeout {
-                run_id: self.state.run_id.clone(),
+                run_id: self.run_id(),
                 dispatch,
             },
         ));
@@ -300,7 +300,7 @@ impl RunEntry {
                     fx.timers.push((
                         fire_at_ms,
                         TimerKey::WorkflowTimer {
-                            run_id: self.state.run_id.clone(),
+                            run_id: self.run_id(),
                             seq: t.seq,
                         },
                     ));
@@ -345,7 +345,7 @@ impl RunEntry {
                         now,
                     );
                     fx.signals.push(OutgoingSignal {
-                        from_run: self.state.run_id.clone(),
+                        from_run: self.run_id(),
                         seq: s.seq,
                         namespace: if s.namespace.is_empty() {
                             self.state.namespace.clone()
@@ -370,12 +370,8 @@ impl RunEntry {
                         }),
                         now,
                     );
-                    fx.session_requests.push((
-                        self.state.run_id.clone(),
-                        c.seq,
-                        c.session_id,
-                        options,
-                    ));
+                    fx.session_requests
+                        .push((self.run_id(), c.seq, c.session_id.into(), options));
                 }
                 command::Kind::CompleteSession(c) => {
                     self.push_attr(
@@ -385,7 +381,7 @@ impl RunEntry {
                         }),
                         now,
                     );
-                    fx.session_completions.push(c.session_id);
+                    fx.session_completions.push(c.session_id.into());
                 }
                 command::Kind::CompleteWorkflow(c) => {
                     terminal = Some((
@@ -476,7 +472,7 @@ impl RunEntry {
         fx.timers.push((
             now + delay,
             TimerKey::WorkflowTaskRetry {
-                run_id: self.state.run_id.clone(),
+                run_id: self.run_id(),
                 attempt,
             },
         ));
@@ -510,7 +506,7 @@ impl RunEntry {
             fx.tasks.push((
                 self.workflow_queue(),
                 TaskRef::Workflow {
-                    run_id: self.state.run_id.clone(),
+                    run_id: self.run_id(),
                 },
                 String::new(),
             ));
@@ -530,7 +526,7 @@ impl RunEntry {
             fx.tasks.push((
                 self.workflow_queue(),
                 TaskRef::Workflow {
-                    run_id: self.state.run_id.clone(),
+                    run_id: self.run_id(),
                 },
                 String::new(),
             ));

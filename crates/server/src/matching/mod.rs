@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tether_core::requirements::Requirements;
+use tether_core::types::RunId;
 use tether_wire::pb::Capabilities;
 use tokio::sync::oneshot;
 
@@ -69,12 +70,12 @@ pub enum TaskRef {
     /// The pending workflow task of a run.
     Workflow {
         /// Run.
-        run_id: String,
+        run_id: RunId,
     },
     /// One attempt of an activity.
     Activity {
         /// Run.
-        run_id: String,
+        run_id: RunId,
         /// The activity's scheduled event id.
         scheduled_event_id: u64,
         /// Attempt.

@@ -2,6 +2,7 @@
 //! the [`Store`] trait itself.
 
 use crate::state::{RunState, SessionState};
+use tether_core::types::{RunId, SessionId};
 use tether_wire::pb::{HistoryEvent, NamespaceInfo};
 
 /// Why the store failed.
@@ -52,28 +53,28 @@ pub enum Write {
     /// through [`Recovered::session_rows`]), so no index over the rows' sessions is needed.
     ReleaseSessionRows {
         /// The session.
-        session_id: String,
+        session_id: SessionId,
         /// Runs still open: their rows in the session become theirs alone.
-        runs_still_open: Vec<String>,
+        runs_still_open: Vec<RunId>,
         /// Runs closed: their rows in the session are deleted.
-        runs_closed: Vec<String>,
+        runs_closed: Vec<RunId>,
     },
     /// Delete closed sessions (retention).
     DeleteSessions {
         /// The sessions.
-        session_ids: Vec<String>,
+        session_ids: Vec<SessionId>,
     },
     /// Delete closed runs with their history (retention).
     DeleteRuns {
         /// The runs.
-        run_ids: Vec<String>,
+        run_ids: Vec<RunId>,
     },
     /// Record who runs an attempt (or, with `started_ms` 0, that hand-out `dispatch` was taken
     /// back). A small row of its own, so that a hand-out does not rewrite the run's whole
     /// state; recovery folds it into the run's state (the higher `dispatch` wins).
     Started {
         /// The run.
-        run_id: String,
+        run_id: RunId,
         /// The activity.
         scheduled_event_id: u64,
         /// Its attempt.
@@ -86,17 +87,17 @@ pub enum Write {
         worker: String,
         /// Its process.
         instance: String,
-        /// The session the activity runs in ("" for none), and the session's count of
-        /// hand-outs with this one: the row outlives the run (until the session closes), so
-        /// the count survives a restart without the session's row being rewritten each time.
-        session_id: String,
+        /// The session the activity runs in, and the session's count of hand-outs with this
+        /// one: the row outlives the run (until the session closes), so the count survives a
+        /// restart without the session's row being rewritten each time.
+        session_id: Option<SessionId>,
         /// See `session_id`.
         session_activities_run: u64,
     },
     /// Append history events to a run.
     Events {
         /// The run.
-        run_id: String,
+        run_id: RunId,
         /// Events in order.
         events: Vec<HistoryEvent>,
     },
@@ -148,7 +149,7 @@ pub struct Recovered {
     pub open_sessions: Vec<SessionState>,
     /// (session id, run id) of every hand-out row kept for a session: the runs whose rows a
     /// closing session releases, closed runs included.
-    pub session_rows: Vec<(String, String)>,
+    pub session_rows: Vec<(SessionId, RunId)>,
 }
 
 /// Filter for [`Store::list_runs`].
@@ -164,7 +165,7 @@ pub struct RunFilter {
     pub limit: usize,
     /// Only runs that sort after this one, newest first: (start time, run id) of the last run
     /// of the previous page.
-    pub after: Option<(i64, String)>,
+    pub after: Option<(i64, RunId)>,
 }
 
 /// The persistence contract of the engine.
@@ -181,7 +182,7 @@ pub trait Store: Send + Sync + 'static {
     /// Loads namespaces and open runs (start-up only).
     fn recover(&self) -> Result<Recovered, StoreError>;
     /// The state of one run, open or closed.
-    fn load_run(&self, run_id: &str) -> Result<Option<RunState>, StoreError>;
+    fn load_run(&self, run_id: &RunId) -> Result<Option<RunState>, StoreError>;
     /// The most recent run of an id (workflow id, or activity id for standalone activities).
     fn latest_run(
         &self,
@@ -190,7 +191,7 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
     ) -> Result<Option<RunState>, StoreError>;
     /// A run's full history.
-    fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError>;
+    fn history(&self, run_id: &RunId) -> Result<Vec<HistoryEvent>, StoreError>;
     /// Runs in a namespace, newest first.
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError>;
     /// Up to `limit` runs of a namespace that closed before `closed_before_ms`, oldest first.
@@ -199,24 +200,24 @@ pub trait Store: Send + Sync + 'static {
         namespace: &str,
         closed_before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<RunId>, StoreError>;
     /// Up to `limit` sessions of a namespace that closed before `closed_before_ms`, oldest first.
     fn expired_sessions(
         &self,
         namespace: &str,
         closed_before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<SessionId>, StoreError>;
     /// Sessions of a namespace (closed ones too), newest first, at most `limit`, only those
     /// that sort after `after` (creation time, session id) when it is given.
     fn list_sessions(
         &self,
         namespace: &str,
-        after: Option<(i64, String)>,
+        after: Option<(i64, SessionId)>,
         limit: usize,
     ) -> Result<Vec<SessionState>, StoreError>;
     /// One session, open or closed, by id.
-    fn load_session(&self, session_id: &str) -> Result<Option<SessionState>, StoreError>;
+    fn load_session(&self, session_id: &SessionId) -> Result<Option<SessionState>, StoreError>;
 }
 
 /// One hand-out row (see [`Write::Started`]) as a store reads it back.

@@ -129,9 +129,9 @@ async fn recovery_reads_back_open_runs_with_their_history_and_no_closed_one(stor
     assert_eq!(state.run_id, "r1");
     let ids: Vec<u64> = history.iter().map(|e| e.event_id).collect();
     assert_eq!(ids, vec![1, 2]);
-    assert_eq!(store.history("r1").unwrap().len(), 2);
-    assert_eq!(store.load_run("r2").unwrap().unwrap().close_ms, 9);
-    assert!(store.load_run("nope").unwrap().is_none());
+    assert_eq!(store.history(&"r1".into()).unwrap().len(), 2);
+    assert_eq!(store.load_run(&"r2".into()).unwrap().unwrap().close_ms, 9);
+    assert!(store.load_run(&"nope".into()).unwrap().is_none());
     // The latest run of an id: by start time, then by which was written first.
     let mut later = run("r3", ExecutionStatus::Running);
     later.start_ms = 1;
@@ -173,7 +173,7 @@ async fn recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run
         started_ms: ms,
         worker: worker.into(),
         instance: format!("{worker}-process"),
-        session_id: String::new(),
+        session_id: None,
         session_activities_run: 0,
     };
     let writes = vec![
@@ -232,7 +232,7 @@ async fn a_closed_sessions_rows_are_released_and_the_open_runs_keep_theirs(store
         started_ms: 10 * count as i64,
         worker: "w".into(),
         instance: "w-process".into(),
-        session_id: "s".into(),
+        session_id: Some("s".into()),
         session_activities_run: count,
     };
     commit(
@@ -261,8 +261,8 @@ async fn a_closed_sessions_rows_are_released_and_the_open_runs_keep_theirs(store
     assert_eq!(
         rows,
         vec![
-            ("s".to_string(), "r-done".to_string()),
-            ("s".to_string(), "r-running".to_string())
+            ("s".into(), "r-done".into()),
+            ("s".into(), "r-running".into())
         ],
         "a closed run's rows are found for its session too"
     );
@@ -347,16 +347,16 @@ async fn a_delete_never_removes_an_open_run_its_history_or_an_open_session(store
         ],
     )
     .await;
-    assert!(store.load_run("old").unwrap().is_none());
-    assert!(store.history("old").unwrap().is_empty());
-    assert!(store.load_run("open").unwrap().is_some());
+    assert!(store.load_run(&"old".into()).unwrap().is_none());
+    assert!(store.history(&"old".into()).unwrap().is_empty());
+    assert!(store.load_run(&"open".into()).unwrap().is_some());
     assert_eq!(
-        store.history("open").unwrap().len(),
+        store.history(&"open".into()).unwrap().len(),
         1,
         "an open run keeps its history"
     );
-    assert!(store.load_session("s-old").unwrap().is_none());
-    assert!(store.load_session("s-open").unwrap().is_some());
+    assert!(store.load_session(&"s-old".into()).unwrap().is_none());
+    assert!(store.load_session(&"s-open".into()).unwrap().is_some());
     let recovered = store.recover().unwrap();
     assert_eq!(recovered.open_runs[0].1.len(), 1);
 }
@@ -386,7 +386,7 @@ async fn runs_and_sessions_page_newest_first_with_exact_boundaries(store: &dyn S
                 standalone_activity: false,
                 status,
                 limit: 3,
-                after,
+                after: after.map(|(ms, id)| (ms, id.into())),
             })
             .unwrap();
         runs.into_iter()
@@ -462,5 +462,5 @@ async fn once_the_in_memory_store_fails_no_later_batch_is_written() {
     let durability = store.durability().borrow().clone();
     assert_eq!(durability.seq, 1, "only the first batch is durable");
     assert!(durability.failed.is_some());
-    assert!(store.load_run("after").unwrap().is_none());
+    assert!(store.load_run(&"after".into()).unwrap().is_none());
 }

@@ -17,6 +17,7 @@ use foldhash::HashMap;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tether_core::types::{RunId, SessionId};
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 
 /// In-memory [`Store`], for tests only (see the module's documentation).
@@ -28,12 +29,12 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Tables {
     namespaces: BTreeMap<String, NamespaceInfo>,
-    runs: HashMap<String, StoredRun>,
+    runs: HashMap<RunId, StoredRun>,
     /// Run id -> its events by event id.
-    events: HashMap<String, BTreeMap<u64, HistoryEvent>>,
-    sessions: HashMap<String, StoredSession>,
+    events: HashMap<RunId, BTreeMap<u64, HistoryEvent>>,
+    sessions: HashMap<SessionId, StoredSession>,
     /// (run id, activity) -> the newest hand-out row.
-    started: BTreeMap<(String, u64), StartedRow>,
+    started: BTreeMap<(RunId, u64), StartedRow>,
     /// Batches submitted so far.
     submitted: u64,
     /// Order of first insertion, the tie-break of runs that started in the same millisecond.
@@ -59,7 +60,7 @@ struct StoredSession {
 
 struct StartedRow {
     row: HandOutRow,
-    session_id: String,
+    session_id: Option<SessionId>,
     session_activities_run: u64,
 }
 
@@ -102,20 +103,22 @@ impl Tables {
             } => {
                 let open = state.status == ExecutionStatus::Running as i32;
                 if may_own_started && !open {
-                    self.started.retain(|(run_id, _), r| {
-                        *run_id != state.run_id || !r.session_id.is_empty()
-                    });
+                    self.started
+                        .retain(|(run_id, _), r| *run_id != state.run_id || r.session_id.is_some());
                 }
                 let close_ms = if open { 0 } else { state.close_ms.max(1) };
                 let next_row = &mut self.next_row;
-                let stored = self.runs.entry(state.run_id.clone()).or_insert_with(|| {
-                    *next_row += 1;
-                    StoredRun {
-                        state: RunState::default(),
-                        row: *next_row,
-                        close_ms: 0,
-                    }
-                });
+                let stored = self
+                    .runs
+                    .entry(RunId::from(state.run_id.as_str()))
+                    .or_insert_with(|| {
+                        *next_row += 1;
+                        StoredRun {
+                            state: RunState::default(),
+                            row: *next_row,
+                            close_ms: 0,
+                        }
+                    });
                 stored.state = *state;
                 stored.close_ms = close_ms;
             }
@@ -128,7 +131,7 @@ impl Tables {
                 };
                 let stored = self
                     .sessions
-                    .entry(info.session_id.clone())
+                    .entry(SessionId::from(info.session_id.as_str()))
                     .or_insert_with(|| StoredSession {
                         state: SessionState::default(),
                         created_ms: info.created_ms,
@@ -144,14 +147,15 @@ impl Tables {
             } => {
                 for run_id in runs_still_open {
                     for ((_, _), r) in self.started.range_mut(run_rows(&run_id)) {
-                        if r.session_id == session_id {
-                            r.session_id.clear();
+                        if r.session_id.as_ref() == Some(&session_id) {
+                            r.session_id = None;
                         }
                     }
                 }
                 for run_id in runs_closed {
-                    self.started
-                        .retain(|(run, _), r| *run != run_id || r.session_id != session_id);
+                    self.started.retain(|(run, _), r| {
+                        *run != run_id || r.session_id.as_ref() != Some(&session_id)
+                    });
                 }
             }
             Write::DeleteSessions { session_ids } => {
@@ -207,7 +211,7 @@ impl Tables {
         }
     }
 
-    fn history(&self, run_id: &str) -> Vec<HistoryEvent> {
+    fn history(&self, run_id: &RunId) -> Vec<HistoryEvent> {
         self.events
             .get(run_id)
             .map(|e| e.values().cloned().collect())
@@ -215,24 +219,24 @@ impl Tables {
     }
 
     /// Ids of up to `limit` closed rows of a namespace closed before `before_ms`, oldest first.
-    fn closed_before<'a>(
-        rows: impl Iterator<Item = (&'a str, i64)>,
+    fn closed_before<'a, Id: Ord + Clone + 'a>(
+        rows: impl Iterator<Item = (&'a Id, i64)>,
         before_ms: i64,
         limit: usize,
-    ) -> Vec<String> {
-        let mut closed: Vec<(i64, &str)> = rows
+    ) -> Vec<Id> {
+        let mut closed: Vec<(i64, &Id)> = rows
             .filter(|(_, closed_ms)| *closed_ms > 0 && *closed_ms < before_ms)
             .map(|(id, closed_ms)| (closed_ms, id))
             .collect();
         closed.sort();
         closed.truncate(limit);
-        closed.into_iter().map(|(_, id)| id.to_string()).collect()
+        closed.into_iter().map(|(_, id)| id.clone()).collect()
     }
 }
 
 /// The key range of one run's hand-out rows.
-fn run_rows(run_id: &str) -> std::ops::RangeInclusive<(String, u64)> {
-    (run_id.to_string(), 0)..=(run_id.to_string(), u64::MAX)
+fn run_rows(run_id: &RunId) -> std::ops::RangeInclusive<(RunId, u64)> {
+    (run_id.clone(), 0)..=(run_id.clone(), u64::MAX)
 }
 
 impl Store for MemoryStore {
@@ -280,11 +284,11 @@ impl Store for MemoryStore {
         // Per (session, run): the highest count and the latest hand-out.
         let mut per_session_run: BTreeMap<(&str, &str), (u64, i64)> = BTreeMap::new();
         for ((run_id, _), r) in &tables.started {
-            if r.session_id.is_empty() {
+            let Some(session_id) = &r.session_id else {
                 continue;
-            }
+            };
             let seen = per_session_run
-                .entry((r.session_id.as_str(), run_id.as_str()))
+                .entry((session_id.as_str(), run_id.as_str()))
                 .or_default();
             *seen = (
                 seen.0.max(r.session_activities_run),
@@ -293,7 +297,7 @@ impl Store for MemoryStore {
         }
         for (session_id, run_id) in per_session_run.keys() {
             out.session_rows
-                .push((session_id.to_string(), run_id.to_string()));
+                .push((SessionId::from(*session_id), RunId::from(*run_id)));
         }
         for (session_id, stored) in &tables.sessions {
             if stored.closed_ms > 0 {
@@ -310,7 +314,7 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    fn load_run(&self, run_id: &str) -> Result<Option<RunState>, StoreError> {
+    fn load_run(&self, run_id: &RunId) -> Result<Option<RunState>, StoreError> {
         Ok(self.tables.lock().runs.get(run_id).map(|r| r.state.clone()))
     }
 
@@ -333,7 +337,7 @@ impl Store for MemoryStore {
             .map(|r| r.state.clone()))
     }
 
-    fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError> {
+    fn history(&self, run_id: &RunId) -> Result<Vec<HistoryEvent>, StoreError> {
         Ok(self.tables.lock().history(run_id))
     }
 
@@ -363,13 +367,13 @@ impl Store for MemoryStore {
         namespace: &str,
         closed_before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<RunId>, StoreError> {
         let tables = self.tables.lock();
         let rows = tables
             .runs
             .iter()
             .filter(|(_, r)| r.state.namespace == namespace)
-            .map(|(id, r)| (id.as_str(), r.close_ms));
+            .map(|(id, r)| (id, r.close_ms));
         Ok(Tables::closed_before(rows, closed_before_ms, limit))
     }
 
@@ -378,7 +382,7 @@ impl Store for MemoryStore {
         namespace: &str,
         closed_before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<SessionId>, StoreError> {
         let tables = self.tables.lock();
         let rows = tables
             .sessions
@@ -389,14 +393,14 @@ impl Store for MemoryStore {
                     .as_ref()
                     .is_some_and(|i| i.namespace == namespace)
             })
-            .map(|(id, s)| (id.as_str(), s.closed_ms));
+            .map(|(id, s)| (id, s.closed_ms));
         Ok(Tables::closed_before(rows, closed_before_ms, limit))
     }
 
     fn list_sessions(
         &self,
         namespace: &str,
-        after: Option<(i64, String)>,
+        after: Option<(i64, SessionId)>,
         limit: usize,
     ) -> Result<Vec<SessionState>, StoreError> {
         let tables = self.tables.lock();
@@ -421,7 +425,7 @@ impl Store for MemoryStore {
         Ok(sessions.into_iter().map(|(_, _, s)| s.clone()).collect())
     }
 
-    fn load_session(&self, session_id: &str) -> Result<Option<SessionState>, StoreError> {
+    fn load_session(&self, session_id: &SessionId) -> Result<Option<SessionState>, StoreError> {
         Ok(self
             .tables
             .lock()

@@ -50,7 +50,7 @@ impl Engine {
                 }
             }
             for (id, reason) in silent {
-                self.close_session(st, &id, SessionEnd::Failed, &reason, true, now, txn);
+                self.close_session(st, &SessionId::from(id), SessionEnd::Failed, &reason, true, now, txn);
             }
             if !idle.is_empty() {
                 // An activity still running in the session is use: only the truly idle close.
@@ -74,7 +74,7 @@ impl Engine {
                          session ends by itself so its reservation cannot leak",
                         duration_text(idle_limit)
                     );
-                    self.close_session(st, &id, SessionEnd::TimedOut, &reason, true, now, txn);
+                    self.close_session(st, &SessionId::from(id), SessionEnd::TimedOut, &reason, true, now, txn);
                 }
             }
             self.try_place_pending(st, now, txn);

@@ -124,7 +124,7 @@ impl Engine {
                     _ => entry.activity_timer(&key, "", now, &mut txn.fx),
                 };
                 if changed {
-                    txn.touched.insert(entry.state.run_id.clone());
+                    txn.touched.insert(entry.state.run_id.clone().into());
                 }
             }
             Ok(())

@@ -18,6 +18,7 @@ pub use schema::SyncMode;
 use schema::{decode_run, migrate, open_connection, SCHEMA};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use tether_core::types::{RunId, SessionId};
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 pub use writer::WriterStats;
 use writer::{writer_loop, Job};
@@ -169,7 +170,7 @@ impl Store for SqliteStore {
     fn list_sessions(
         &self,
         namespace: &str,
-        after: Option<(i64, String)>,
+        after: Option<(i64, SessionId)>,
         limit: usize,
     ) -> Result<Vec<SessionState>, StoreError> {
         let conn = self.reader.lock();
@@ -189,9 +190,10 @@ impl Store for SqliteStore {
                      AND (created_ms, session_id) < (?2, ?3)
                      ORDER BY created_ms DESC, session_id DESC LIMIT ?4",
                 )?
-                .query_map(params![namespace, created_ms, session_id, limit], |r| {
-                    r.get(0)
-                })?
+                .query_map(
+                    params![namespace, created_ms, session_id.as_str(), limit],
+                    |r| r.get(0),
+                )?
                 .collect::<Result<_, _>>()?,
         };
         rows.iter()
@@ -199,11 +201,11 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    fn load_session(&self, session_id: &str) -> Result<Option<SessionState>, StoreError> {
+    fn load_session(&self, session_id: &SessionId) -> Result<Option<SessionState>, StoreError> {
         let conn = self.reader.lock();
         let bytes: Option<Vec<u8>> = conn
             .prepare_cached("SELECT state FROM sessions WHERE session_id = ?1")?
-            .query_row(params![session_id], |r| r.get(0))
+            .query_row(params![session_id.as_str()], |r| r.get(0))
             .optional()?;
         bytes
             .map(|b| Ok(SessionState::decode(b.as_slice())?))
@@ -290,7 +292,8 @@ impl Store for SqliteStore {
                 .entry(session_id.clone())
                 .or_default()
                 .push((count as u64, used));
-            out.session_rows.push((session_id, run_id));
+            out.session_rows
+                .push((SessionId::from(session_id), RunId::from(run_id)));
         }
         for mut session in sessions {
             let id = session.info.as_ref().map(|i| i.session_id.as_str());
@@ -302,11 +305,11 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn load_run(&self, run_id: &str) -> Result<Option<RunState>, StoreError> {
+    fn load_run(&self, run_id: &RunId) -> Result<Option<RunState>, StoreError> {
         let conn = self.reader.lock();
         let bytes: Option<Vec<u8>> = conn
             .prepare_cached("SELECT state FROM runs WHERE run_id = ?1")?
-            .query_row(params![run_id], |r| r.get(0))
+            .query_row(params![run_id.as_str()], |r| r.get(0))
             .optional()?;
         bytes.map(decode_run).transpose()
     }
@@ -330,8 +333,8 @@ impl Store for SqliteStore {
         bytes.map(decode_run).transpose()
     }
 
-    fn history(&self, run_id: &str) -> Result<Vec<HistoryEvent>, StoreError> {
-        read_history(&self.reader.lock(), run_id)
+    fn history(&self, run_id: &RunId) -> Result<Vec<HistoryEvent>, StoreError> {
+        read_history(&self.reader.lock(), run_id.as_str())
     }
 
     fn expired_runs(
@@ -339,15 +342,16 @@ impl Store for SqliteStore {
         namespace: &str,
         closed_before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
-        self.closed_before(
+    ) -> Result<Vec<RunId>, StoreError> {
+        let ids = self.closed_before(
             "runs",
             "run_id",
             "close_ms",
             namespace,
             closed_before_ms,
             limit,
-        )
+        )?;
+        Ok(ids.into_iter().map(RunId::from).collect())
     }
 
     fn expired_sessions(
@@ -355,15 +359,16 @@ impl Store for SqliteStore {
         namespace: &str,
         closed_before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
-        self.closed_before(
+    ) -> Result<Vec<SessionId>, StoreError> {
+        let ids = self.closed_before(
             "sessions",
             "session_id",
             "closed_ms",
             namespace,
             closed_before_ms,
             limit,
-        )
+        )?;
+        Ok(ids.into_iter().map(SessionId::from).collect())
     }
 
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError> {
@@ -377,7 +382,7 @@ impl Store for SqliteStore {
             .after
             .clone()
             // (i64::MAX, "") sorts after every row: the first page.
-            .unwrap_or((i64::MAX, String::new()));
+            .unwrap_or((i64::MAX, RunId::default()));
         let rows: Vec<Vec<u8>> = conn
             .prepare_cached(
                 "SELECT state FROM runs WHERE namespace = ?1 AND standalone = ?2
@@ -391,7 +396,7 @@ impl Store for SqliteStore {
                     standalone,
                     status,
                     after_ms,
-                    after_id,
+                    after_id.as_str(),
                     limit
                 ],
                 |r| r.get(0),
@@ -474,8 +479,8 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(store.load_run("old").unwrap().is_none());
-        assert!(store.load_run("open").unwrap().is_some());
+        assert!(store.load_run(&"old".into()).unwrap().is_none());
+        assert!(store.load_run(&"open".into()).unwrap().is_some());
         assert_eq!(
             store.expired_sessions("default", 701, 10).unwrap(),
             vec!["s-old"]
@@ -530,7 +535,7 @@ mod tests {
         let recovered = store.recover().unwrap();
         assert_eq!(recovered.open_runs.len(), 1, "only the running run is open");
         assert_eq!(recovered.open_runs[0].1.len(), 1);
-        assert!(store.load_run("r2").unwrap().is_some());
+        assert!(store.load_run(&"r2".into()).unwrap().is_some());
         assert!(store.latest_run("default", false, "wf").unwrap().is_some());
     }
 
@@ -657,7 +662,7 @@ mod tests {
             started_ms: 10,
             worker: "w".into(),
             instance: "w-process".into(),
-            session_id: "s".into(),
+            session_id: Some("s".into()),
             session_activities_run: count,
         };
         let commit = |writes: Vec<Write>| {
@@ -707,8 +712,8 @@ mod tests {
         assert_eq!(
             session_rows,
             vec![
-                ("s".to_string(), "r-done".to_string()),
-                ("s".to_string(), "r-running".to_string())
+                ("s".into(), "r-done".into()),
+                ("s".into(), "r-running".into())
             ],
             "a closed run's rows are found for its session too"
         );

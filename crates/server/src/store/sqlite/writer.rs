@@ -176,22 +176,24 @@ pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), Sto
                         runs_closed,
                     } => {
                         for run_id in runs_still_open {
-                            keep_session_started.execute(params![run_id, session_id])?;
+                            keep_session_started
+                                .execute(params![run_id.as_str(), session_id.as_str()])?;
                         }
                         for run_id in runs_closed {
-                            del_session_started.execute(params![run_id, session_id])?;
+                            del_session_started
+                                .execute(params![run_id.as_str(), session_id.as_str()])?;
                         }
                     }
                     Write::DeleteSessions { session_ids } => {
                         for session_id in session_ids {
-                            del_session.execute(params![session_id])?;
+                            del_session.execute(params![session_id.as_str()])?;
                         }
                     }
                     Write::DeleteRuns { run_ids } => {
                         for run_id in run_ids {
-                            del_events.execute(params![run_id])?;
-                            del_run_started.execute(params![run_id])?;
-                            del_run.execute(params![run_id])?;
+                            del_events.execute(params![run_id.as_str()])?;
+                            del_run_started.execute(params![run_id.as_str()])?;
+                            del_run.execute(params![run_id.as_str()])?;
                         }
                     }
                     Write::Started {
@@ -206,21 +208,21 @@ pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), Sto
                         session_activities_run,
                     } => {
                         put_started.execute(params![
-                            run_id,
+                            run_id.as_str(),
                             *scheduled_event_id as i64,
                             attempt,
                             *dispatch as i64,
                             started_ms,
                             worker,
                             instance,
-                            session_id,
+                            session_id.as_ref().map_or("", |s| s.as_str()),
                             *session_activities_run as i64
                         ])?;
                     }
                     Write::Events { run_id, events } => {
                         for event in events {
                             put_event.execute(params![
-                                run_id,
+                                run_id.as_str(),
                                 event.event_id as i64,
                                 event.encode_to_vec()
                             ])?;
