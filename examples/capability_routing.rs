@@ -43,7 +43,7 @@ async fn start_worker(
                     key.len()
                 ));
             }
-            Ok(ctx.info().worker_identity.clone())
+            Ok(ctx.info().worker_identity.to_string())
         });
     }
     Ok(worker.start()?)

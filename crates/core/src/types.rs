@@ -174,6 +174,15 @@ macro_rules! string_id {
             }
         }
 
+        // An id reads as the text it is (`&id` where a `&str` is asked for); the other way, text
+        // becomes an id only through `From`, `new` or a checked `parse`.
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0

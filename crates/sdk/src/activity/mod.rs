@@ -107,25 +107,25 @@ impl From<codec::ConvertError> for ActivityError {
 #[derive(Debug, Clone)]
 pub struct ActivityInfo {
     /// Namespace.
-    pub namespace: String,
+    pub namespace: tether_core::types::Namespace,
     /// Activity id.
-    pub activity_id: String,
+    pub activity_id: tether_core::types::ActivityId,
     /// Activity type.
     pub activity_type: String,
     /// 1 for the first attempt.
     pub attempt: u32,
     /// The workflow that scheduled it (empty for a standalone activity).
-    pub workflow_id: String,
+    pub workflow_id: tether_core::types::WorkflowId,
     /// The run that scheduled it.
-    pub run_id: String,
+    pub run_id: tether_core::types::RunId,
     /// Task queue it was polled from.
-    pub task_queue: String,
+    pub task_queue: tether_core::types::TaskQueue,
     /// Heartbeat timeout, if any.
     pub heartbeat_timeout: Option<Duration>,
     /// When this attempt must end (ms since the epoch).
     pub deadline_ms: i64,
     /// The identity of the worker running it.
-    pub worker_identity: String,
+    pub worker_identity: tether_core::types::WorkerId,
     /// The session it runs in, with the reservation (None outside sessions).
     pub session: Option<pb::SessionInfo>,
 }

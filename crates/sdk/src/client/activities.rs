@@ -34,9 +34,9 @@ pub(super) fn decode_outcome<O: DeserializeOwned>(
 pub struct ActivityHandle {
     pub(super) client: Client,
     /// Activity id.
-    pub activity_id: String,
+    pub activity_id: tether_core::types::ActivityId,
     /// Run id.
-    pub run_id: String,
+    pub run_id: tether_core::types::RunId,
     /// Why no live worker could take it when it started ("" when one could): it waits.
     pub placement_note: String,
 }
@@ -53,8 +53,8 @@ impl ActivityHandle {
     pub async fn outcome(&self) -> Result<pb::GetWorkflowResultResponse, ClientError> {
         let req = pb::GetActivityResultRequest {
             namespace: self.client.options.namespace.clone(),
-            activity_id: self.activity_id.clone(),
-            run_id: self.run_id.clone(),
+            activity_id: self.activity_id.clone().into(),
+            run_id: self.run_id.clone().into(),
             wait_ms: RESULT_WAIT.as_millis() as u64,
         };
         loop {
@@ -76,8 +76,8 @@ impl ActivityHandle {
     pub async fn describe(&self) -> Result<pb::DescribeWorkflowResponse, ClientError> {
         let req = pb::DescribeActivityRequest {
             namespace: self.client.options.namespace.clone(),
-            activity_id: self.activity_id.clone(),
-            run_id: self.run_id.clone(),
+            activity_id: self.activity_id.clone().into(),
+            run_id: self.run_id.clone().into(),
         };
         Ok(self
             .client
@@ -94,8 +94,8 @@ impl ActivityHandle {
     pub async fn cancel(&self, reason: &str) -> Result<(), ClientError> {
         let req = pb::RequestCancelActivityRequest {
             namespace: self.client.options.namespace.clone(),
-            activity_id: self.activity_id.clone(),
-            run_id: self.run_id.clone(),
+            activity_id: self.activity_id.clone().into(),
+            run_id: self.run_id.clone().into(),
             reason: reason.into(),
             identity: self.client.options.identity.clone(),
         };
@@ -114,8 +114,8 @@ impl ActivityHandle {
             .raw()
             .terminate_activity(pb::TerminateActivityRequest {
                 namespace: self.client.options.namespace.clone(),
-                activity_id: self.activity_id.clone(),
-                run_id: self.run_id.clone(),
+                activity_id: self.activity_id.clone().into(),
+                run_id: self.run_id.clone().into(),
                 reason: reason.into(),
                 identity: self.client.options.identity.clone(),
             })
@@ -157,9 +157,9 @@ impl Client {
     ) -> Result<(ActivityHandle, Option<pb::GetWorkflowResultResponse>), ClientError> {
         let req = pb::StartActivityRequest {
             namespace: self.options.namespace.clone(),
-            activity_id: options.id.clone(),
+            activity_id: options.id.clone().into(),
             activity_type: activity_type.into(),
-            task_queue: options.task_queue.clone(),
+            task_queue: options.task_queue.clone().into(),
             input: Some(self.options.data_converter.to_payload(input)?),
             options: Some(options.options.to_proto()),
             identity: self.options.identity.clone(),
@@ -179,11 +179,11 @@ impl Client {
             .await;
         let reply = match started {
             Ok(r) => r.into_inner(),
-            Err(status) => return Err(start_error(status, options.id, "activity")),
+            Err(status) => return Err(start_error(status, options.id.into(), "activity")),
         };
         if !reply.placement_note.is_empty() {
             tracing::warn!(
-                activity_id = options.id,
+                activity_id = options.id.as_str(),
                 why = reply.placement_note,
                 "no worker can take the activity now; it waits"
             );
@@ -191,7 +191,7 @@ impl Client {
         let handle = ActivityHandle {
             client: self.clone(),
             activity_id: options.id,
-            run_id: reply.run_id,
+            run_id: reply.run_id.into(),
             placement_note: reply.placement_note,
         };
         Ok((handle, reply.outcome))

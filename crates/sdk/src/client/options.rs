@@ -40,9 +40,9 @@ impl Default for ClientOptions {
 #[derive(Debug, Clone)]
 pub struct WorkflowOptions {
     /// Workflow id (unique among running workflows of the namespace). Required.
-    pub id: String,
+    pub id: tether_core::types::WorkflowId,
     /// Task queue the workflow's tasks go to. Required.
-    pub task_queue: String,
+    pub task_queue: tether_core::types::TaskQueue,
     /// Run timeout. Default: none.
     pub run_timeout: Option<Duration>,
     /// Workflow task timeout. Default 10 s.
@@ -51,7 +51,7 @@ pub struct WorkflowOptions {
 
 impl WorkflowOptions {
     /// Options with the given id and task queue and defaults for the rest.
-    pub fn new(id: impl Into<String>, task_queue: impl Into<String>) -> Self {
+    pub fn new(id: impl Into<tether_core::types::WorkflowId>, task_queue: impl Into<tether_core::types::TaskQueue>) -> Self {
         WorkflowOptions {
             id: id.into(),
             task_queue: task_queue.into(),
@@ -204,16 +204,16 @@ impl RetryPolicy {
 #[derive(Debug, Clone)]
 pub struct StandaloneActivityOptions {
     /// Activity id (unique among running standalone activities of the namespace). Required.
-    pub id: String,
+    pub id: tether_core::types::ActivityId,
     /// Task queue. Required.
-    pub task_queue: String,
+    pub task_queue: tether_core::types::TaskQueue,
     /// Timeouts and retries.
     pub options: ActivityOptions,
 }
 
 impl StandaloneActivityOptions {
     /// Options with defaults for timeouts and retries.
-    pub fn new(id: impl Into<String>, task_queue: impl Into<String>) -> Self {
+    pub fn new(id: impl Into<tether_core::types::ActivityId>, task_queue: impl Into<tether_core::types::TaskQueue>) -> Self {
         StandaloneActivityOptions {
             id: id.into(),
             task_queue: task_queue.into(),

@@ -13,9 +13,9 @@ use tether_wire::pb::{self};
 pub struct WorkflowHandle {
     pub(super) client: Client,
     /// Workflow id.
-    pub workflow_id: String,
+    pub workflow_id: tether_core::types::WorkflowId,
     /// Run id (empty = the current run).
-    pub run_id: String,
+    pub run_id: tether_core::types::RunId,
 }
 
 impl std::fmt::Debug for WorkflowHandle {
@@ -39,8 +39,8 @@ impl WorkflowHandle {
     pub async fn outcome(&self) -> Result<pb::GetWorkflowResultResponse, ClientError> {
         let req = pb::GetWorkflowResultRequest {
             namespace: self.client.options.namespace.clone(),
-            workflow_id: self.workflow_id.clone(),
-            run_id: self.run_id.clone(),
+            workflow_id: self.workflow_id.clone().into(),
+            run_id: self.run_id.clone().into(),
             wait_ms: RESULT_WAIT.as_millis() as u64,
         };
         loop {
@@ -67,8 +67,8 @@ impl WorkflowHandle {
     ) -> Result<(), ClientError> {
         let req = pb::SignalWorkflowRequest {
             namespace: self.client.options.namespace.clone(),
-            workflow_id: self.workflow_id.clone(),
-            run_id: self.run_id.clone(),
+            workflow_id: self.workflow_id.clone().into(),
+            run_id: self.run_id.clone().into(),
             signal_name: signal_name.into(),
             input: Some(self.client.options.data_converter.to_payload(input)?),
             identity: self.client.options.identity.clone(),
@@ -87,8 +87,8 @@ impl WorkflowHandle {
     pub async fn cancel(&self, reason: &str) -> Result<(), ClientError> {
         let req = pb::RequestCancelWorkflowRequest {
             namespace: self.client.options.namespace.clone(),
-            workflow_id: self.workflow_id.clone(),
-            run_id: self.run_id.clone(),
+            workflow_id: self.workflow_id.clone().into(),
+            run_id: self.run_id.clone().into(),
             reason: reason.into(),
             identity: self.client.options.identity.clone(),
         };
@@ -107,8 +107,8 @@ impl WorkflowHandle {
             .raw()
             .terminate_workflow(pb::TerminateWorkflowRequest {
                 namespace: self.client.options.namespace.clone(),
-                workflow_id: self.workflow_id.clone(),
-                run_id: self.run_id.clone(),
+                workflow_id: self.workflow_id.clone().into(),
+                run_id: self.run_id.clone().into(),
                 reason: reason.into(),
                 identity: self.client.options.identity.clone(),
             })
@@ -120,8 +120,8 @@ impl WorkflowHandle {
     pub async fn describe(&self) -> Result<pb::DescribeWorkflowResponse, ClientError> {
         let req = pb::DescribeWorkflowRequest {
             namespace: self.client.options.namespace.clone(),
-            workflow_id: self.workflow_id.clone(),
-            run_id: self.run_id.clone(),
+            workflow_id: self.workflow_id.clone().into(),
+            run_id: self.run_id.clone().into(),
         };
         Ok(self
             .client
@@ -137,8 +137,8 @@ impl WorkflowHandle {
     pub async fn history(&self) -> Result<Vec<pb::HistoryEvent>, ClientError> {
         let req = pb::GetWorkflowHistoryRequest {
             namespace: self.client.options.namespace.clone(),
-            workflow_id: self.workflow_id.clone(),
-            run_id: self.run_id.clone(),
+            workflow_id: self.workflow_id.clone().into(),
+            run_id: self.run_id.clone().into(),
         };
         Ok(self
             .client
@@ -180,9 +180,9 @@ impl Client {
             .map_err(codec::ConvertError::from)?;
         let req = pb::StartWorkflowRequest {
             namespace: self.options.namespace.clone(),
-            workflow_id: options.id.clone(),
+            workflow_id: options.id.clone().into(),
             workflow_type: workflow_type.into(),
-            task_queue: options.task_queue,
+            task_queue: options.task_queue.into(),
             input,
             run_timeout_ms: options
                 .run_timeout
@@ -211,9 +211,9 @@ impl Client {
             Ok(resp) => Ok(WorkflowHandle {
                 client: self.clone(),
                 workflow_id: options.id,
-                run_id: resp.into_inner().run_id,
+                run_id: resp.into_inner().run_id.into(),
             }),
-            Err(status) => Err(start_error(status, options.id, "workflow")),
+            Err(status) => Err(start_error(status, options.id.into(), "workflow")),
         }
     }
 

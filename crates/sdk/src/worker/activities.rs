@@ -75,7 +75,7 @@ impl Inner {
             };
             let request = pb::PollActivityTaskRequest {
                 namespace: self.namespace.clone(),
-                task_queue: self.options.task_queue.clone(),
+                task_queue: self.options.task_queue.clone().into(),
                 identity: self.options.identity.clone(),
                 poll_timeout_ms: tether_core::types::duration_ms(self.options.poll_timeout),
                 additional_task_queues: vec![host_queue.clone()],
@@ -106,17 +106,17 @@ impl Inner {
 
     pub(super) fn context_for(&self, task: &pb::PollActivityTaskResponse) -> ActivityContext {
         let info = ActivityInfo {
-            namespace: task.namespace.clone(),
-            activity_id: task.activity_id.clone(),
+            namespace: task.namespace.clone().into(),
+            activity_id: task.activity_id.clone().into(),
             activity_type: task.activity_type.clone(),
             attempt: task.attempt,
-            workflow_id: task.workflow_id.clone(),
-            run_id: task.run_id.clone(),
+            workflow_id: task.workflow_id.clone().into(),
+            run_id: task.run_id.clone().into(),
             task_queue: self.options.task_queue.clone(),
             heartbeat_timeout: (task.heartbeat_timeout_ms > 0)
                 .then(|| Duration::from_millis(task.heartbeat_timeout_ms)),
             deadline_ms: task.deadline_ms,
-            worker_identity: self.options.identity.clone(),
+            worker_identity: self.options.identity.clone().into(),
             session: task.session.clone(),
         };
         ActivityContext::new(
@@ -184,7 +184,7 @@ impl Inner {
         }
         Some(pb::NextTaskRequest {
             namespace: self.namespace.clone(),
-            task_queue: self.options.task_queue.clone(),
+            task_queue: self.options.task_queue.clone().into(),
             additional_task_queues: vec![host_queue.to_string()],
             instance_id: self.instance_id.clone(),
         })

@@ -8,7 +8,7 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Task queue to poll. Required.
-    pub task_queue: String,
+    pub task_queue: tether_core::types::TaskQueue,
     /// Identity reported to the server. Default (when empty): `HOSTNAME-ID`, where HOSTNAME is
     /// a declared inventory's host name (else the host's) and ID is kept in the state directory
     /// per configuration, so a restarted worker gets its identity (and its sessions) back and
@@ -41,7 +41,7 @@ pub struct WorkerOptions {
 
 impl WorkerOptions {
     /// Options for a task queue with defaults for everything else.
-    pub fn new(task_queue: impl Into<String>) -> Self {
+    pub fn new(task_queue: impl Into<tether_core::types::TaskQueue>) -> Self {
         WorkerOptions {
             task_queue: task_queue.into(),
             identity: String::new(),

@@ -19,7 +19,7 @@ impl Inner {
         pb::RegisterWorkerRequest {
             namespace: self.namespace.clone(),
             identity: self.options.identity.clone(),
-            task_queues: vec![self.options.task_queue.clone()],
+            task_queues: vec![self.options.task_queue.clone().into()],
             capabilities: Some(caps),
             max_concurrent_sessions: self.options.max_concurrent_sessions,
             instance_id: self.instance_id.clone(),

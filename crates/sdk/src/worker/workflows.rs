@@ -122,9 +122,9 @@ impl Inner {
                     return None;
                 };
                 WorkflowInstance::new(factory(WorkflowInfo {
-                    namespace: task.namespace.clone(),
-                    workflow_id: task.workflow_id.clone(),
-                    run_id: task.run_id.clone(),
+                    namespace: task.namespace.clone().into(),
+                    workflow_id: task.workflow_id.clone().into(),
+                    run_id: task.run_id.clone().into(),
                     workflow_type: task.workflow_type.clone(),
                     task_queue: self.options.task_queue.clone(),
                 }))
@@ -151,7 +151,7 @@ impl Inner {
                         namespace: self.namespace.clone(),
                         task_queues: vec![
                             self.sticky_queue.clone(),
-                            self.options.task_queue.clone(),
+                            self.options.task_queue.clone().into(),
                         ],
                     }),
                 };

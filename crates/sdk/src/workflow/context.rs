@@ -136,15 +136,15 @@ impl From<crate::caps::ParseError> for WorkflowError {
 #[derive(Debug, Clone)]
 pub struct WorkflowInfo {
     /// Namespace.
-    pub namespace: String,
+    pub namespace: tether_core::types::Namespace,
     /// Workflow id.
-    pub workflow_id: String,
+    pub workflow_id: tether_core::types::WorkflowId,
     /// Run id.
-    pub run_id: String,
+    pub run_id: tether_core::types::RunId,
     /// Workflow type.
     pub workflow_type: String,
     /// Task queue.
-    pub task_queue: String,
+    pub task_queue: tether_core::types::TaskQueue,
 }
 
 /// Activity outcome delivered by history.
