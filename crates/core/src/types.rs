@@ -109,7 +109,7 @@ pub fn validate_name(what: &'static str, value: &str) -> Result<(), NameError> {
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
         #[serde(transparent)]
         pub struct $name(String);
 
@@ -125,6 +125,13 @@ macro_rules! string_id {
             /// True for the empty id ("none", where the wire allows it).
             pub fn is_empty(&self) -> bool {
                 self.0.is_empty()
+            }
+        }
+
+        // Shown as the quoted text it is, so messages read the same as with plain strings.
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
             }
         }
 
@@ -151,6 +158,12 @@ macro_rules! string_id {
         impl From<String> for $name {
             fn from(s: String) -> Self {
                 Self(s)
+            }
+        }
+
+        impl From<&String> for $name {
+            fn from(s: &String) -> Self {
+                Self(s.clone())
             }
         }
 
@@ -262,6 +275,23 @@ impl RunId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_reads_as_its_text_but_text_is_no_id_without_a_conversion() {
+        let run = RunId::from("0190-a");
+        assert_eq!(format!("{run} {run:?}"), "0190-a \"0190-a\"");
+        assert_eq!(run, "0190-a");
+        assert_eq!(run.len(), 6, "derefs to str");
+        let mut by_run: std::collections::HashMap<RunId, u32> = Default::default();
+        by_run.insert(run.clone(), 1);
+        assert_eq!(by_run.get("0190-a"), Some(&1), "looked up by text");
+        assert_eq!(by_run.get(&"0190-a".to_string()), Some(&1));
+        assert!(
+            "bad\nid".parse::<SessionId>().is_err(),
+            "parsing checks the name"
+        );
+        assert_eq!(String::from(run), "0190-a");
+    }
 
     #[test]
     fn names_are_checked() {

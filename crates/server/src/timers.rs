@@ -207,12 +207,12 @@ impl TimerQueue {
     }
 
     /// Drops every timer of a run (it closed).
-    pub fn cancel_run(&self, run_id: &str) {
+    pub fn cancel_run(&self, run_id: &RunId) {
         self.armed.lock().cancel(TimerOwner::Run(run_id));
     }
 
     /// Drops every timer of a session (it closed).
-    pub fn cancel_session(&self, session_id: &str) {
+    pub fn cancel_session(&self, session_id: &SessionId) {
         self.armed.lock().cancel(TimerOwner::Session(session_id));
     }
 
@@ -284,7 +284,7 @@ mod tests {
             seq,
         };
         q.arm([(10, k("a", 1)), (20, k("a", 2)), (15, k("b", 1))]);
-        q.cancel_run("a");
+        q.cancel_run(&RunId::from("a"));
         assert_eq!(q.len(), 1);
         assert_eq!(q.take_due(100), vec![k("b", 1)]);
         assert!(q.is_empty());
@@ -298,10 +298,10 @@ mod tests {
             session_id: "x".into(),
         };
         q.arm([(10, run.clone()), (20, session.clone())]);
-        q.cancel_session("x");
+        q.cancel_session(&SessionId::from("x"));
         assert_eq!(q.take_due(100), vec![run.clone()]);
         q.arm([(10, run), (20, session.clone())]);
-        q.cancel_run("x");
+        q.cancel_run(&RunId::from("x"));
         assert_eq!(q.take_due(100), vec![session]);
         assert!(q.is_empty());
     }

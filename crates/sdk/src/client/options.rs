@@ -51,7 +51,10 @@ pub struct WorkflowOptions {
 
 impl WorkflowOptions {
     /// Options with the given id and task queue and defaults for the rest.
-    pub fn new(id: impl Into<tether_core::types::WorkflowId>, task_queue: impl Into<tether_core::types::TaskQueue>) -> Self {
+    pub fn new(
+        id: impl Into<tether_core::types::WorkflowId>,
+        task_queue: impl Into<tether_core::types::TaskQueue>,
+    ) -> Self {
         WorkflowOptions {
             id: id.into(),
             task_queue: task_queue.into(),
@@ -213,7 +216,10 @@ pub struct StandaloneActivityOptions {
 
 impl StandaloneActivityOptions {
     /// Options with defaults for timeouts and retries.
-    pub fn new(id: impl Into<tether_core::types::ActivityId>, task_queue: impl Into<tether_core::types::TaskQueue>) -> Self {
+    pub fn new(
+        id: impl Into<tether_core::types::ActivityId>,
+        task_queue: impl Into<tether_core::types::TaskQueue>,
+    ) -> Self {
         StandaloneActivityOptions {
             id: id.into(),
             task_queue: task_queue.into(),

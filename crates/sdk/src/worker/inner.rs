@@ -100,7 +100,10 @@ impl Inner {
                 .heartbeat_worker(registration.clone(), stopper, stop.clone()),
         );
         if !self.workflows.is_empty() {
-            for queue in [self.options.task_queue.to_string(), self.sticky_queue.clone()] {
+            for queue in [
+                self.options.task_queue.to_string(),
+                self.sticky_queue.clone(),
+            ] {
                 for _ in 0..2 {
                     pollers.spawn(self.clone().workflow_poller(queue.clone(), stop.clone()));
                 }

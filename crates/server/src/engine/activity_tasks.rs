@@ -59,7 +59,7 @@ impl Engine {
             self.check_healthy()?;
             let token = Self::decode_token(&req.task_token)?;
             let mut st = self.state.lock();
-            let entry = open_run(&mut st.runs, &token.run_id)?;
+            let entry = open_run(&mut st.runs, &RunId::from(&token.run_id))?;
             return entry.activity_heartbeat(&token, None, &req.identity, self.now_ms());
         }
         self.with_token_run(&req.task_token, |entry, token, _fx| {
@@ -127,7 +127,7 @@ impl Engine {
                 let applied = Self::decode_token(&outcome.task_token).and_then(|token| {
                     Self::check_namespace(st, &token.namespace)?;
                     let EngineState { runs, sessions, .. } = &mut *st;
-                    let entry = open_run(runs, &token.run_id)?;
+                    let entry = open_run(runs, &RunId::from(&token.run_id))?;
                     let session_id = entry
                         .state
                         .activities

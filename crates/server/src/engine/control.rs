@@ -68,7 +68,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
     ) -> Result<Option<RunId>, EngineError> {
         Self::check_namespace(st, namespace)?;
         let found = if run_id.is_empty() {
@@ -76,7 +76,7 @@ impl Engine {
                 .get(&(namespace.to_string(), standalone, id.to_string()))
                 .cloned()
         } else {
-            Some(RunId::from(run_id))
+            Some(run_id.clone())
         };
         Ok(found.filter(|r| {
             st.runs.get(r).is_some_and(|e| {
@@ -94,7 +94,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
     ) -> EngineError {
         let what = if standalone { "activity" } else { "workflow" };
         // A run still closing is in memory: its status is the one it is about to have.
@@ -132,8 +132,13 @@ impl Engine {
         self.check_healthy()?;
         let found = self
             .transact(|st, txn| {
-                match Self::find_open_run(st, &req.namespace, false, &req.workflow_id, &req.run_id)?
-                {
+                match Self::find_open_run(
+                    st,
+                    &req.namespace,
+                    false,
+                    &req.workflow_id,
+                    &RunId::from(&req.run_id),
+                )? {
                     None => Ok(None),
                     Some(run_id) => {
                         let entry = st.runs.get_mut(&run_id).expect("open run");
@@ -176,7 +181,12 @@ impl Engine {
             .await?;
         match found {
             None => Err(self
-                .not_running(&req.namespace, false, &req.workflow_id, &req.run_id)
+                .not_running(
+                    &req.namespace,
+                    false,
+                    &req.workflow_id,
+                    &RunId::from(&req.run_id),
+                )
                 .await),
             // Delivered before: once what recorded it is durable, acknowledge again.
             Some(Err(seq)) => self.durable(seq).await,
@@ -190,7 +200,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
         reason: &str,
         identity: &str,
     ) -> Result<(), EngineError> {
@@ -206,7 +216,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
         reason: &str,
         identity: &str,
     ) -> Result<(), EngineError> {
@@ -222,7 +232,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
         f: impl FnOnce(&mut RunEntry, &mut Effects),
     ) -> Result<(), EngineError> {
         self.check_healthy()?;

@@ -49,7 +49,7 @@ impl Engine {
             };
             let dispatched = self.dispatch_locked(
                 st,
-                run_id.as_str(),
+                &RunId::from(run_id.as_str()),
                 *scheduled_event_id,
                 *attempt,
                 &claim.identity,
@@ -71,7 +71,7 @@ impl Engine {
     pub(super) fn dispatch_locked(
         &self,
         st: &mut EngineState,
-        run_id: &str,
+        run_id: &RunId,
         scheduled_event_id: u64,
         attempt: u32,
         identity: &str,
@@ -127,7 +127,7 @@ impl Engine {
         // Durable before the worker sees it, as a small row rather than the run's (and the
         // session's) whole state.
         txn.started.push(Write::Started {
-            run_id: RunId::from(run_id),
+            run_id: run_id.clone(),
             scheduled_event_id,
             attempt,
             dispatch,
@@ -172,7 +172,7 @@ impl Engine {
                     let session = response
                         .session
                         .as_ref()
-                        .filter(|s| session_is_open(&st.sessions, &s.session_id));
+                        .filter(|s| session_is_open(&st.sessions, &SessionId::from(&s.session_id)));
                     if session.is_none() {
                         if let Some(entry) = st.runs.get_mut(&token.run_id) {
                             entry.rt.may_own_started = true;
@@ -228,7 +228,7 @@ impl Engine {
             }
             let Some(response) = self.dispatch_locked(
                 st,
-                run_id.as_str(),
+                &RunId::from(run_id.as_str()),
                 scheduled_event_id,
                 attempt,
                 identity,
@@ -290,7 +290,7 @@ impl Engine {
                 // A stale entry (its run closed, its attempt moved on) is just skipped.
                 if let Some(response) = self.dispatch_locked(
                     st,
-                    run_id.as_str(),
+                    &RunId::from(run_id.as_str()),
                     scheduled_event_id,
                     attempt,
                     &next.identity,

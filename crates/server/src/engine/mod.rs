@@ -599,7 +599,8 @@ impl Engine {
                 if !sessions::is_live(&info) {
                     // Closed for good: reads go to the store, and its timers have nothing to do.
                     st.sessions.remove(&info.session_id);
-                    self.timers.cancel_session(&info.session_id);
+                    self.timers
+                        .cancel_session(&SessionId::from(&info.session_id));
                     if let Some((run_id, _)) = owner_run(&info) {
                         if let Some(owned) = st.session_owners.get_mut(&run_id) {
                             owned.retain(|s| *s != info.session_id);
@@ -634,7 +635,7 @@ impl Engine {
                 // Reads of this run now go to the store, and its timers have nothing left to do.
                 if st.runs.get(&closed.run_id).is_some_and(|e| !e.is_open()) {
                     st.runs.remove(&closed.run_id);
-                    self.timers.cancel_run(closed.run_id.as_str());
+                    self.timers.cancel_run(&RunId::from(closed.run_id.as_str()));
                 }
             }
         }
@@ -644,7 +645,7 @@ impl Engine {
 /// The open run a task token names; a closed (or unknown) one makes the token stale.
 fn open_run<'a>(
     runs: &'a mut HashMap<RunId, RunEntry>,
-    run_id: &str,
+    run_id: &RunId,
 ) -> Result<&'a mut RunEntry, EngineError> {
     runs.get_mut(run_id).ok_or_else(|| {
         EngineError::StaleTask(format!(
@@ -660,7 +661,7 @@ fn live_entry<'a>(
     namespace: &str,
     standalone: bool,
     id: &str,
-    run_id: &str,
+    run_id: &RunId,
 ) -> Option<&'a RunEntry> {
     let entry = if run_id.is_empty() {
         st.open_ids
@@ -676,7 +677,7 @@ fn live_entry<'a>(
     })
 }
 
-fn not_found(namespace: &str, standalone: bool, id: &str, run_id: &str) -> EngineError {
+fn not_found(namespace: &str, standalone: bool, id: &str, run_id: &RunId) -> EngineError {
     let what = if standalone { "activity" } else { "workflow" };
     EngineError::NotFound(if run_id.is_empty() {
         format!("{what} {id:?} was not found in namespace {namespace:?}")
@@ -758,7 +759,7 @@ fn duration_text(ms: u64) -> String {
 
 /// Whether `session_id` is a session still creating or open (a closed one stays in memory
 /// until its close is durable).
-fn session_is_open(sessions: &HashMap<SessionId, SessionState>, session_id: &str) -> bool {
+fn session_is_open(sessions: &HashMap<SessionId, SessionState>, session_id: &SessionId) -> bool {
     sessions
         .get(session_id)
         .and_then(|s| s.info.as_ref())

@@ -9,7 +9,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
     ) -> Result<RunSnapshot, EngineError> {
         self.check_healthy()?;
         let live = {
@@ -62,7 +62,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
     ) -> Result<RunState, EngineError> {
         let store = self.store.clone();
         let (ns, idc, rid) = (namespace.to_string(), id.to_string(), run_id.to_string());
@@ -94,7 +94,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
     ) -> Result<pb::DescribeWorkflowResponse, EngineError> {
         let snap = self.snapshot(namespace, standalone, id, run_id).await?;
         let s = snap.state;
@@ -115,7 +115,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
     ) -> Result<Vec<pb::HistoryEvent>, EngineError> {
         self.check_healthy()?;
         let live = {
@@ -178,7 +178,7 @@ impl Engine {
         namespace: &str,
         standalone: bool,
         id: &str,
-        run_id: &str,
+        run_id: &RunId,
         wait: Duration,
     ) -> Result<pb::GetWorkflowResultResponse, EngineError> {
         self.check_healthy()?;

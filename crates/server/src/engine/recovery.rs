@@ -103,7 +103,7 @@ impl Engine {
                         txn.touched.insert(run_id.clone().into());
                     }
                     st.open_ids.insert(key, run_id.clone().into());
-                    Self::note_session_runs(st, &run_id, &entry);
+                    Self::note_session_runs(st, &RunId::from(&run_id), &entry);
                     st.runs.insert(run_id.into(), entry);
                 }
                 // Hand-out rows kept for sessions: an open session releases them when it closes

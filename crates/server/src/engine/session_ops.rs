@@ -7,7 +7,7 @@ impl Engine {
     pub(super) fn try_place(
         &self,
         st: &mut EngineState,
-        session_id: &str,
+        session_id: &SessionId,
         now: i64,
         txn: &mut Txn,
     ) -> bool {
@@ -34,7 +34,7 @@ impl Engine {
                     .map(|h| h.hostname.clone())
                     .unwrap_or_default();
                 sessions::record_placement(info_mut, open, &placement, hostname, now);
-                tracing::info!(session_id, worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
+                tracing::info!(session_id = session_id.as_str(), worker = placement.identity, gpus = ?info_mut.gpus.iter().map(|g| g.index).collect::<Vec<_>>(), "session placed");
                 let placed = info_mut.clone();
                 txn.fx.sessions_settled.push(placed.clone());
                 txn.touched_sessions.insert(session_id.to_string().into());
@@ -77,7 +77,7 @@ impl Engine {
     pub(super) fn insert_session(
         &self,
         st: &mut EngineState,
-        session_id: &str,
+        session_id: &SessionId,
         namespace: &str,
         owner: &SessionOwner,
         mut options: pb::SessionOptions,
@@ -160,7 +160,7 @@ impl Engine {
             };
             self.insert_session(
                 st,
-                session_id.as_str(),
+                &SessionId::from(session_id.as_str()),
                 namespace,
                 &owner,
                 options,
@@ -191,7 +191,7 @@ impl Engine {
         // Oldest first, so an early large request is not starved by later small ones.
         pending.sort();
         for (_, id) in pending {
-            self.try_place(st, &id, now, txn);
+            self.try_place(st, &SessionId::from(&id), now, txn);
         }
     }
 
@@ -244,10 +244,15 @@ impl Engine {
                 continue;
             };
             let failed = if fail_activities {
-                entry.fail_session_activities(session_id.as_str(), reason, now, &mut txn.fx)
+                entry.fail_session_activities(
+                    &SessionId::from(session_id.as_str()),
+                    reason,
+                    now,
+                    &mut txn.fx,
+                )
             } else {
                 entry.fail_waiting_session_activities(
-                    session_id.as_str(),
+                    &SessionId::from(session_id.as_str()),
                     &never_handed_out,
                     now,
                     &mut txn.fx,
@@ -269,7 +274,13 @@ impl Engine {
             OwnerNotice::Ended => {
                 if let Some((run_id, _)) = owner_run(&info) {
                     if let Some(entry) = st.runs.get_mut(&run_id) {
-                        entry.session_ended(&info.session_id, state, reason, now, &mut txn.fx);
+                        entry.session_ended(
+                            &SessionId::from(&info.session_id),
+                            state,
+                            reason,
+                            now,
+                            &mut txn.fx,
+                        );
                         txn.touched.insert(run_id.to_string().into());
                     }
                 }
@@ -393,7 +404,7 @@ impl Engine {
                     }
                     None => self.insert_session(
                         st,
-                        &session_id,
+                        &SessionId::from(&session_id),
                         &req.namespace,
                         &owner,
                         options,
@@ -422,19 +433,20 @@ impl Engine {
             forget_gone_waiters(&mut self.state.lock().session_waiters, &session_id);
         }
         if let Some(info) = self
-            .session_from_store_if_gone(&req.namespace, &session_id)
+            .session_from_store_if_gone(&req.namespace, &SessionId::from(&session_id))
             .await?
         {
             return Ok(info);
         }
-        self.describe_session(&req.namespace, &session_id).await
+        self.describe_session(&req.namespace, &SessionId::from(&session_id))
+            .await
     }
 
     /// None while the session is in memory; its stored state once it left (closed for good).
     pub(super) async fn session_from_store_if_gone(
         &self,
         namespace: &str,
-        session_id: &str,
+        session_id: &SessionId,
     ) -> Result<Option<pb::SessionInfo>, EngineError> {
         if self.state.lock().sessions.contains_key(session_id) {
             return Ok(None);
@@ -446,7 +458,7 @@ impl Engine {
     pub async fn complete_session(
         &self,
         namespace: &str,
-        session_id: &str,
+        session_id: &SessionId,
     ) -> Result<pb::SessionInfo, EngineError> {
         self.end_session(namespace, session_id, |phase| {
             let reason = if phase == SessionPhase::Creating {
@@ -464,7 +476,7 @@ impl Engine {
     pub async fn terminate_session(
         &self,
         namespace: &str,
-        session_id: &str,
+        session_id: &SessionId,
         reason: &str,
         identity: &str,
     ) -> Result<pb::SessionInfo, EngineError> {
@@ -485,7 +497,7 @@ impl Engine {
     pub(super) async fn end_session(
         &self,
         namespace: &str,
-        session_id: &str,
+        session_id: &SessionId,
         decide: impl FnOnce(SessionPhase) -> (SessionEnd, String, bool),
     ) -> Result<pb::SessionInfo, EngineError> {
         self.check_healthy()?;
@@ -504,15 +516,7 @@ impl Engine {
                     None => None,
                     Some(current) => {
                         let (how, reason, fail) = decide(current);
-                        self.close_session(
-                            st,
-                            &SessionId::from(session_id),
-                            how,
-                            &reason,
-                            fail,
-                            now,
-                            txn,
-                        );
+                        self.close_session(st, session_id, how, &reason, fail, now, txn);
                         let info = st.sessions[session_id].info.clone().unwrap_or_default();
                         Some(info)
                     }
@@ -538,7 +542,7 @@ impl Engine {
     pub async fn describe_session(
         &self,
         namespace: &str,
-        session_id: &str,
+        session_id: &SessionId,
     ) -> Result<pb::SessionInfo, EngineError> {
         self.check_healthy()?;
         let live = {
@@ -653,7 +657,7 @@ impl Engine {
     /// Fails activities just scheduled on sessions that are not open.
     pub(super) fn fail_activities_of_closed_sessions(
         st: &mut EngineState,
-        run_id: &str,
+        run_id: &RunId,
         now: i64,
         txn: &mut Txn,
     ) {
@@ -681,7 +685,7 @@ impl Engine {
         }
         let entry = st.runs.get_mut(run_id).expect("checked");
         for (sid, reason) in dead {
-            entry.fail_session_activities(&sid, &reason, now, &mut txn.fx);
+            entry.fail_session_activities(&SessionId::from(&sid), &reason, now, &mut txn.fx);
         }
     }
 

@@ -31,7 +31,7 @@ impl Engine {
     /// Records which open sessions `entry`'s activities were scheduled in, so a closing
     /// session finds its activities without a look at every run. (An activity scheduled in a
     /// session that is closed already fails at once: nothing to remember.)
-    pub(super) fn note_session_runs(st: &mut EngineState, run_id: &str, entry: &RunEntry) {
+    pub(super) fn note_session_runs(st: &mut EngineState, run_id: &RunId, entry: &RunEntry) {
         let EngineState {
             sessions,
             session_runs,
@@ -41,7 +41,7 @@ impl Engine {
             if let Some(o) = a
                 .options
                 .as_ref()
-                .filter(|o| session_is_open(sessions, &o.session_id))
+                .filter(|o| session_is_open(sessions, &SessionId::from(&o.session_id)))
             {
                 session_runs
                     .entry(o.session_id.clone().into())
@@ -94,7 +94,7 @@ impl Engine {
                 let mut entry = make(run_id.clone(), self.now_ms(), &mut txn.fx);
                 entry.max_history_bytes = self.config.max_history_bytes;
                 st.open_ids.insert(key, run_id.clone().into());
-                Self::note_session_runs(st, &run_id, &entry);
+                Self::note_session_runs(st, &RunId::from(&run_id), &entry);
                 st.runs.insert(run_id.clone().into(), entry);
                 txn.touched.insert(run_id.clone().into());
                 Ok(Ok(run_id))
@@ -125,7 +125,10 @@ impl Engine {
         if request_id.is_empty() {
             return None;
         }
-        let latest = self.load_stored(namespace, standalone, id, "").await.ok()?;
+        let latest = self
+            .load_stored(namespace, standalone, id, &RunId::from(""))
+            .await
+            .ok()?;
         (latest.start_request_id == request_id && latest.status != ExecutionStatus::Running as i32)
             .then_some(latest.run_id)
     }
@@ -193,7 +196,7 @@ impl Engine {
                     .await;
             if !open && !retried {
                 let info = self
-                    .describe_session(&req.namespace, &options.session_id)
+                    .describe_session(&req.namespace, &SessionId::from(&options.session_id))
                     .await?;
                 return Err(EngineError::NotRunning(format!(
                     "session {} is {}{}",

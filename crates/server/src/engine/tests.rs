@@ -110,7 +110,13 @@ async fn a_run_past_its_run_timeout_times_out_without_any_worker() {
     let deadline = Instant::now() + VIRTUAL_DAYS;
     let outcome = loop {
         let outcome = engine
-            .result("default", false, "slow", "", Duration::from_secs(60))
+            .result(
+                "default",
+                false,
+                "slow",
+                &RunId::from(""),
+                Duration::from_secs(60),
+            )
             .await
             .unwrap();
         if outcome.status != ExecutionStatus::Running as i32 || Instant::now() >= deadline {
@@ -245,13 +251,24 @@ async fn a_session_named_like_a_run_takes_none_of_the_runs_timers_when_it_closes
         .await
         .unwrap();
     engine
-        .terminate_session("default", &run_id, "done with it", "client")
+        .terminate_session(
+            "default",
+            &SessionId::from(&run_id),
+            "done with it",
+            "client",
+        )
         .await
         .unwrap();
     let deadline = Instant::now() + VIRTUAL_DAYS;
     let outcome = loop {
         let outcome = engine
-            .result("default", false, "timed", "", Duration::from_secs(60))
+            .result(
+                "default",
+                false,
+                "timed",
+                &RunId::from(""),
+                Duration::from_secs(60),
+            )
             .await
             .unwrap();
         if outcome.status != ExecutionStatus::Running as i32 || Instant::now() >= deadline {

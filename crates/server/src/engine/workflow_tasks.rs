@@ -197,7 +197,7 @@ impl Engine {
         let value = self
             .transact(|st, txn| {
                 Self::check_namespace(st, &token.namespace)?;
-                let entry = open_run(&mut st.runs, &token.run_id)?;
+                let entry = open_run(&mut st.runs, &RunId::from(&token.run_id))?;
                 let value = f(entry, &token, &mut txn.fx)?;
                 txn.touched.insert(token.run_id.clone().into());
                 Ok(value)
@@ -230,7 +230,7 @@ impl Engine {
                         }
                     }
                 }
-                let entry = open_run(&mut st.runs, &token.run_id)?;
+                let entry = open_run(&mut st.runs, &RunId::from(&token.run_id))?;
                 entry.validate_commands(&commands, max)?;
                 self.check_run_limits(entry, &commands)?;
                 let completion = entry.complete_workflow_task(
@@ -243,14 +243,14 @@ impl Engine {
                 )?;
                 txn.touched.insert(token.run_id.clone().into());
                 for session_id in sessions_used {
-                    if session_is_open(&st.sessions, &session_id) {
+                    if session_is_open(&st.sessions, &SessionId::from(&session_id)) {
                         st.session_runs
                             .entry(session_id.into())
                             .or_default()
                             .insert(token.run_id.clone().into());
                     }
                 }
-                Self::fail_activities_of_closed_sessions(st, &token.run_id, now, txn);
+                Self::fail_activities_of_closed_sessions(st, &RunId::from(&token.run_id), now, txn);
                 self.apply_session_commands(st, &token.namespace, now, txn);
                 Ok(completion)
             })

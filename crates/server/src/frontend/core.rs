@@ -8,6 +8,7 @@ use crate::engine::{Engine, NextTasks};
 use crate::error::EngineError;
 use std::sync::Arc;
 use std::time::Duration;
+use tether_core::types::RunId;
 use tether_wire::pb;
 use tonic::{Request, Response, Status};
 
@@ -139,7 +140,7 @@ impl Frontend {
                 namespace,
                 standalone,
                 id,
-                run_id,
+                &RunId::from(run_id),
                 Duration::from_millis(wait_ms),
             )
             .await?;
@@ -169,12 +170,12 @@ impl Frontend {
         match op {
             RunOp::Cancel => {
                 self.engine
-                    .request_cancel(ns, standalone, id, run_id, reason, identity)
+                    .request_cancel(ns, standalone, id, &RunId::from(run_id), reason, identity)
                     .await?
             }
             RunOp::Terminate => {
                 self.engine
-                    .terminate(ns, standalone, id, run_id, reason, identity)
+                    .terminate(ns, standalone, id, &RunId::from(run_id), reason, identity)
                     .await?
             }
         }

@@ -9,6 +9,7 @@ use crate::auth::Role;
 use access::token_namespace;
 use checks::*;
 use std::time::Duration;
+use tether_core::types::{RunId, SessionId};
 use tether_wire::pb::{self, tether_service_server::TetherService};
 use tonic::{Request, Status};
 
@@ -131,10 +132,11 @@ impl TetherService for Frontend {
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
         // Standalone activities share the describe call: fall back to them by id.
+        let run_id = RunId::from(&req.run_id);
         let found = self
             .either_kind(|standalone| {
                 self.engine
-                    .describe(&req.namespace, standalone, &req.workflow_id, &req.run_id)
+                    .describe(&req.namespace, standalone, &req.workflow_id, &run_id)
             })
             .await?;
         ok(found)
@@ -148,10 +150,11 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
+        let run_id = RunId::from(&req.run_id);
         let events = self
             .either_kind(|standalone| {
                 self.engine
-                    .history(&req.namespace, standalone, &req.workflow_id, &req.run_id)
+                    .history(&req.namespace, standalone, &req.workflow_id, &run_id)
             })
             .await?;
         ok(pb::GetWorkflowHistoryResponse { events })
@@ -232,7 +235,7 @@ impl TetherService for Frontend {
         if !wait.is_zero() {
             let o = self
                 .engine
-                .result(&namespace, true, &activity_id, &run_id, wait)
+                .result(&namespace, true, &activity_id, &RunId::from(&run_id), wait)
                 .await?;
             if o.status != pb::ExecutionStatus::Running as i32 {
                 outcome = Some(o);
@@ -553,7 +556,12 @@ impl TetherService for Frontend {
         optional_name("run id", &req.run_id)?;
         ok(self
             .engine
-            .describe(&req.namespace, true, &req.activity_id, &req.run_id)
+            .describe(
+                &req.namespace,
+                true,
+                &req.activity_id,
+                &RunId::from(&req.run_id),
+            )
             .await?)
     }
 
@@ -612,7 +620,12 @@ impl TetherService for Frontend {
         }
         let session = self
             .engine
-            .terminate_session(&req.namespace, &req.session_id, &req.reason, &req.identity)
+            .terminate_session(
+                &req.namespace,
+                &SessionId::from(&req.session_id),
+                &req.reason,
+                &req.identity,
+            )
             .await?;
         ok(pb::TerminateSessionResponse {
             session: Some(session),
@@ -645,7 +658,7 @@ impl TetherService for Frontend {
         name("session id", &req.session_id)?;
         let session = self
             .engine
-            .complete_session(&req.namespace, &req.session_id)
+            .complete_session(&req.namespace, &SessionId::from(&req.session_id))
             .await?;
         ok(pb::CompleteSessionResponse {
             session: Some(session),
@@ -661,7 +674,7 @@ impl TetherService for Frontend {
         name("session id", &req.session_id)?;
         ok(self
             .engine
-            .describe_session(&req.namespace, &req.session_id)
+            .describe_session(&req.namespace, &SessionId::from(&req.session_id))
             .await?)
     }
 

@@ -32,7 +32,7 @@ impl RunEntry {
     /// Tells the workflow that a session it owns ended without it completing it.
     pub fn session_ended(
         &mut self,
-        session_id: &str,
+        session_id: &SessionId,
         state: &str,
         reason: &str,
         now: i64,
@@ -56,7 +56,7 @@ impl RunEntry {
     /// Returns whether anything changed.
     pub fn fail_session_activities(
         &mut self,
-        session_id: &str,
+        session_id: &SessionId,
         reason: &str,
         now: i64,
         fx: &mut Effects,
@@ -68,7 +68,7 @@ impl RunEntry {
     /// never run (the ones running may still finish). Returns whether anything changed.
     pub fn fail_waiting_session_activities(
         &mut self,
-        session_id: &str,
+        session_id: &SessionId,
         reason: &str,
         now: i64,
         fx: &mut Effects,
@@ -78,7 +78,7 @@ impl RunEntry {
 
     pub(super) fn fail_activities_in_session(
         &mut self,
-        session_id: &str,
+        session_id: &SessionId,
         reason: &str,
         waiting_only: bool,
         now: i64,
@@ -95,7 +95,7 @@ impl RunEntry {
             .filter(|a| {
                 a.options
                     .as_ref()
-                    .is_some_and(|o| o.session_id == session_id)
+                    .is_some_and(|o| o.session_id == *session_id)
                     && !(waiting_only && started.contains_key(&a.scheduled_event_id))
             })
             .map(|a| a.scheduled_event_id)
