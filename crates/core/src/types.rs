@@ -285,7 +285,8 @@ mod tests {
         let mut by_run: std::collections::HashMap<RunId, u32> = Default::default();
         by_run.insert(run.clone(), 1);
         assert_eq!(by_run.get("0190-a"), Some(&1), "looked up by text");
-        assert_eq!(by_run.get(&"0190-a".to_string()), Some(&1));
+        let wire_text: String = "0190-a".into();
+        assert_eq!(by_run.get(&wire_text), Some(&1));
         assert!(
             "bad\nid".parse::<SessionId>().is_err(),
             "parsing checks the name"
