@@ -18,7 +18,9 @@ pub mod timers;
 
 pub use clock::Clock;
 pub use config::{ServerConfig, DEFAULT_MAX_HISTORY_BYTES};
-pub use engine::{Engine, EngineStats, NextTasks, StartedActivity, StorageFailure};
+pub use engine::{
+    Engine, EngineStats, NextTasks, RunSelector, RunTarget, StartedActivity, StorageFailure,
+};
 pub use error::EngineError;
 pub use frontend::Frontend;
 pub use serve::{run, LocalServer, ServeError};

@@ -65,11 +65,9 @@ impl Engine {
     /// is none: then [`Engine::not_running`] says why, reading the store outside the lock.
     pub(super) fn find_open_run(
         st: &EngineState,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
+        run: &RunSelector,
     ) -> Result<Option<RunId>, EngineError> {
+        let (namespace, standalone, id, run_id) = run.parts();
         Self::check_namespace(st, namespace)?;
         let found = if run_id.is_empty() {
             st.open_ids
@@ -89,24 +87,18 @@ impl Engine {
     }
 
     /// Why a mutation found no open run: it closed (and how), or never existed.
-    pub(super) async fn not_running(
-        &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
-    ) -> EngineError {
+    pub(super) async fn not_running(&self, run: &RunSelector) -> EngineError {
+        let (_, standalone, id, _) = run.parts();
         let what = if standalone { "activity" } else { "workflow" };
         // A run still closing is in memory: its status is the one it is about to have.
         let closing = {
             let st = self.state.lock();
-            live_entry(&st, namespace, standalone, id, run_id)
-                .map(|e| (e.state.run_id.clone(), e.state.status))
+            live_entry(&st, run).map(|e| (e.state.run_id.clone(), e.state.status))
         };
         let found = match closing {
             Some(found) => Some(found),
             None => self
-                .load_stored(namespace, standalone, id, run_id)
+                .load_stored(run)
                 .await
                 .ok()
                 .map(|s| (s.run_id, s.status)),
@@ -119,7 +111,7 @@ impl Engine {
                     status.short_name()
                 ))
             }
-            None => not_found(namespace, standalone, id, run_id),
+            None => not_found(run),
         }
     }
 
@@ -130,64 +122,50 @@ impl Engine {
     /// recorded (a client's retry) is acknowledged without being delivered again.
     pub async fn signal(&self, req: pb::SignalWorkflowRequest) -> Result<(), EngineError> {
         self.check_healthy()?;
+        let run = RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id);
         let found = self
-            .transact(|st, txn| {
-                match Self::find_open_run(
-                    st,
-                    &req.namespace,
-                    false,
-                    &req.workflow_id,
-                    &RunId::from(&req.run_id),
-                )? {
-                    None => Ok(None),
-                    Some(run_id) => {
-                        let entry = st.runs.get_mut(&run_id).expect("open run");
-                        if entry.has_signal_request(&req.request_id) {
-                            let seq = st.last_submitted_seq;
-                            Ok(Some(Err(seq)))
-                        } else {
-                            let events = entry.state.next_event_id.saturating_sub(1)
-                                + entry.state.buffered.len() as u64;
-                            if events >= self.config.max_history_events {
-                                return Err(EngineError::ResourceExhausted(format!(
-                                    "workflow {} has {events} history events; the limit is {}",
-                                    req.workflow_id, self.config.max_history_events
-                                )));
-                            }
-                            let size = req
-                                .input
-                                .as_ref()
-                                .map_or(0, |p| prost::Message::encoded_len(p) as u64)
-                                + req.signal_name.len() as u64
-                                + req.identity.len() as u64
-                                + 32;
-                            if !entry.history_has_room(size) {
-                                return Err(entry.history_full("the signal", size));
-                            }
-                            entry.signal(
-                                &req.signal_name,
-                                req.input,
-                                &req.identity,
-                                &req.request_id,
-                                self.now_ms(),
-                                &mut txn.fx,
-                            );
-                            txn.touched.insert(run_id);
-                            Ok(Some(Ok(())))
+            .transact(|st, txn| match Self::find_open_run(st, &run)? {
+                None => Ok(None),
+                Some(run_id) => {
+                    let entry = st.runs.get_mut(&run_id).expect("open run");
+                    if entry.has_signal_request(&req.request_id) {
+                        let seq = st.last_submitted_seq;
+                        Ok(Some(Err(seq)))
+                    } else {
+                        let events = entry.state.next_event_id.saturating_sub(1)
+                            + entry.state.buffered.len() as u64;
+                        if events >= self.config.max_history_events {
+                            return Err(EngineError::ResourceExhausted(format!(
+                                "workflow {} has {events} history events; the limit is {}",
+                                req.workflow_id, self.config.max_history_events
+                            )));
                         }
+                        let size = req
+                            .input
+                            .as_ref()
+                            .map_or(0, |p| prost::Message::encoded_len(p) as u64)
+                            + req.signal_name.len() as u64
+                            + req.identity.len() as u64
+                            + 32;
+                        if !entry.history_has_room(size) {
+                            return Err(entry.history_full("the signal", size));
+                        }
+                        entry.signal(
+                            &req.signal_name,
+                            req.input,
+                            &req.identity,
+                            &req.request_id,
+                            self.now_ms(),
+                            &mut txn.fx,
+                        );
+                        txn.touched.insert(run_id);
+                        Ok(Some(Ok(())))
                     }
                 }
             })
             .await?;
         match found {
-            None => Err(self
-                .not_running(
-                    &req.namespace,
-                    false,
-                    &req.workflow_id,
-                    &RunId::from(&req.run_id),
-                )
-                .await),
+            None => Err(self.not_running(&run).await),
             // Delivered before: once what recorded it is durable, acknowledge again.
             Some(Err(seq)) => self.durable(seq).await,
             Some(Ok(())) => Ok(()),
@@ -197,14 +175,11 @@ impl Engine {
     /// Asks a workflow (or standalone activity) to cancel.
     pub async fn request_cancel(
         &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
+        run: &RunSelector,
         reason: &str,
         identity: &str,
     ) -> Result<(), EngineError> {
-        self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
+        self.mutate_open_run(run, |entry, fx| {
             entry.request_cancel(reason, identity, self.now_ms(), fx)
         })
         .await
@@ -213,14 +188,11 @@ impl Engine {
     /// Ends a workflow (or standalone activity) at once.
     pub async fn terminate(
         &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
+        run: &RunSelector,
         reason: &str,
         identity: &str,
     ) -> Result<(), EngineError> {
-        self.mutate_open_run(namespace, standalone, id, run_id, |entry, fx| {
+        self.mutate_open_run(run, |entry, fx| {
             entry.terminate(reason, identity, self.now_ms(), fx)
         })
         .await
@@ -229,32 +201,27 @@ impl Engine {
     /// Applies `f` to the open run an operator's call names, in one transaction.
     pub(super) async fn mutate_open_run(
         &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
+        run: &RunSelector,
         f: impl FnOnce(&mut RunEntry, &mut Effects),
     ) -> Result<(), EngineError> {
         self.check_healthy()?;
         let found = self
             .transact(|st, txn| {
-                Ok(
-                    match Self::find_open_run(st, namespace, standalone, id, run_id)? {
-                        None => false,
-                        Some(open) => {
-                            let entry = st.runs.get_mut(&open).expect("open run");
-                            f(entry, &mut txn.fx);
-                            txn.touched.insert(open);
-                            true
-                        }
-                    },
-                )
+                Ok(match Self::find_open_run(st, run)? {
+                    None => false,
+                    Some(open) => {
+                        let entry = st.runs.get_mut(&open).expect("open run");
+                        f(entry, &mut txn.fx);
+                        txn.touched.insert(open);
+                        true
+                    }
+                })
             })
             .await?;
         if found {
             Ok(())
         } else {
-            Err(self.not_running(namespace, standalone, id, run_id).await)
+            Err(self.not_running(run).await)
         }
     }
 }

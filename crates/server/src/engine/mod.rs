@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tether_core::types::{RunId, SessionId};
+use tether_core::types::{ActivityId, Namespace, RunId, SessionId, WorkflowId};
 use tether_wire::pb::{self, ExecutionStatus, NamespaceInfo};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -253,6 +253,64 @@ pub struct Engine {
     /// The access rules in force (None: authorization off). Replaceable while running, so an
     /// operator can change grants without a restart.
     access: parking_lot::RwLock<Option<Arc<crate::auth::Access>>>,
+}
+
+/// Which run a read or an operator's request names: the current run of a workflow (or of a
+/// standalone activity) by its id, or one run of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSelector {
+    /// The namespace.
+    pub namespace: Namespace,
+    /// Whose runs.
+    pub target: RunTarget,
+    /// One run; empty for the current (latest) one.
+    pub run_id: RunId,
+}
+
+/// Whose runs a [`RunSelector`] names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunTarget {
+    /// A workflow, by id.
+    Workflow(WorkflowId),
+    /// A standalone activity, by id.
+    Activity(ActivityId),
+}
+
+impl RunSelector {
+    /// A workflow's run (`run_id` empty: its current one).
+    pub fn workflow(
+        namespace: impl Into<Namespace>,
+        workflow_id: impl Into<WorkflowId>,
+        run_id: impl Into<RunId>,
+    ) -> RunSelector {
+        RunSelector {
+            namespace: namespace.into(),
+            target: RunTarget::Workflow(workflow_id.into()),
+            run_id: run_id.into(),
+        }
+    }
+
+    /// A standalone activity's run (`run_id` empty: its current one).
+    pub fn activity(
+        namespace: impl Into<Namespace>,
+        activity_id: impl Into<ActivityId>,
+        run_id: impl Into<RunId>,
+    ) -> RunSelector {
+        RunSelector {
+            namespace: namespace.into(),
+            target: RunTarget::Activity(activity_id.into()),
+            run_id: run_id.into(),
+        }
+    }
+
+    /// (namespace, standalone activity, id, run id), as a run's state keeps them.
+    fn parts(&self) -> (&str, bool, &str, &RunId) {
+        let (standalone, id) = match &self.target {
+            RunTarget::Workflow(id) => (false, id.as_str()),
+            RunTarget::Activity(id) => (true, id.as_str()),
+        };
+        (&self.namespace, standalone, id, &self.run_id)
+    }
 }
 
 /// A run found for a read: either the live in-memory entry's snapshot or the stored state.
@@ -656,13 +714,8 @@ fn open_run<'a>(
 
 /// The run held in memory (open, or closing) that a read names: the current run of `id`, or the
 /// run `run_id` if it belongs to `id`.
-fn live_entry<'a>(
-    st: &'a EngineState,
-    namespace: &str,
-    standalone: bool,
-    id: &str,
-    run_id: &RunId,
-) -> Option<&'a RunEntry> {
+fn live_entry<'a>(st: &'a EngineState, run: &RunSelector) -> Option<&'a RunEntry> {
+    let (namespace, standalone, id, run_id) = run.parts();
     let entry = if run_id.is_empty() {
         st.open_ids
             .get(&(namespace.to_string(), standalone, id.to_string()))
@@ -677,7 +730,8 @@ fn live_entry<'a>(
     })
 }
 
-fn not_found(namespace: &str, standalone: bool, id: &str, run_id: &RunId) -> EngineError {
+fn not_found(run: &RunSelector) -> EngineError {
+    let (namespace, standalone, id, run_id) = run.parts();
     let what = if standalone { "activity" } else { "workflow" };
     EngineError::NotFound(if run_id.is_empty() {
         format!("{what} {id:?} was not found in namespace {namespace:?}")

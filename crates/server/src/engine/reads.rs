@@ -4,18 +4,13 @@ use super::*;
 
 impl Engine {
     /// Finds a run for reading: memory first, then the store.
-    pub(super) async fn snapshot(
-        &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
-    ) -> Result<RunSnapshot, EngineError> {
+    pub(super) async fn snapshot(&self, run: &RunSelector) -> Result<RunSnapshot, EngineError> {
+        let (namespace, _, _, _) = run.parts();
         self.check_healthy()?;
         let live = {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            live_entry(&st, namespace, standalone, id, run_id).map(|entry| {
+            live_entry(&st, run).map(|entry| {
                 (
                     RunSnapshot {
                         state: entry.state.clone(),
@@ -29,7 +24,7 @@ impl Engine {
             self.durable(seq).await?;
             return Ok(snapshot);
         }
-        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        let state = self.load_stored(run).await?;
         let pending = state
             .activities
             .values()
@@ -57,13 +52,8 @@ impl Engine {
         Ok(RunSnapshot { state, pending })
     }
 
-    pub(super) async fn load_stored(
-        &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
-    ) -> Result<RunState, EngineError> {
+    pub(super) async fn load_stored(&self, run: &RunSelector) -> Result<RunState, EngineError> {
+        let (namespace, standalone, id, run_id) = run.parts();
         let store = self.store.clone();
         let (ns, idc, rid) = (namespace.to_string(), id.to_string(), run_id.to_string());
         let found = tokio::task::spawn_blocking(move || {
@@ -84,19 +74,16 @@ impl Engine {
             {
                 Ok(s)
             }
-            _ => Err(not_found(namespace, standalone, id, run_id)),
+            _ => Err(not_found(run)),
         }
     }
 
     /// Describes a run.
     pub async fn describe(
         &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
+        run: &RunSelector,
     ) -> Result<pb::DescribeWorkflowResponse, EngineError> {
-        let snap = self.snapshot(namespace, standalone, id, run_id).await?;
+        let snap = self.snapshot(run).await?;
         let s = snap.state;
         Ok(pb::DescribeWorkflowResponse {
             info: Some(execution_info(&s)),
@@ -110,25 +97,19 @@ impl Engine {
     }
 
     /// A run's history.
-    pub async fn history(
-        &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
-    ) -> Result<Vec<pb::HistoryEvent>, EngineError> {
+    pub async fn history(&self, run: &RunSelector) -> Result<Vec<pb::HistoryEvent>, EngineError> {
+        let (namespace, _, _, _) = run.parts();
         self.check_healthy()?;
         let live = {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            live_entry(&st, namespace, standalone, id, run_id)
-                .map(|entry| (entry.history.clone(), st.last_submitted_seq))
+            live_entry(&st, run).map(|entry| (entry.history.clone(), st.last_submitted_seq))
         };
         if let Some((history, seq)) = live {
             self.durable(seq).await?;
             return Ok(history);
         }
-        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        let state = self.load_stored(run).await?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.history(&RunId::from(state.run_id)))
             .await
@@ -175,18 +156,16 @@ impl Engine {
     /// durable): RUNNING only once the wait is over.
     pub async fn result(
         &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &RunId,
+        run: &RunSelector,
         wait: Duration,
     ) -> Result<pb::GetWorkflowResultResponse, EngineError> {
+        let (namespace, _, _, _) = run.parts();
         self.check_healthy()?;
         let wait = wait.min(self.config.long_poll_timeout);
         let receiver = {
             let mut st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
-            match live_entry(&st, namespace, standalone, id, run_id) {
+            match live_entry(&st, run) {
                 // A closing run's close is not durable yet: wait for it like for an open one.
                 Some(entry) => {
                     let r = entry.state.run_id.clone();
@@ -215,7 +194,7 @@ impl Engine {
                 ..Default::default()
             });
         }
-        let state = self.load_stored(namespace, standalone, id, run_id).await?;
+        let state = self.load_stored(run).await?;
         Ok(pb::GetWorkflowResultResponse {
             run_id: state.run_id,
             status: state.status,

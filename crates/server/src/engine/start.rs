@@ -126,7 +126,11 @@ impl Engine {
             return None;
         }
         let latest = self
-            .load_stored(namespace, standalone, id, &RunId::from(""))
+            .load_stored(&if standalone {
+                RunSelector::activity(namespace, id, "")
+            } else {
+                RunSelector::workflow(namespace, id, "")
+            })
             .await
             .ok()?;
         (latest.start_request_id == request_id && latest.status != ExecutionStatus::Running as i32)

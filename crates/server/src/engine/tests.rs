@@ -111,10 +111,7 @@ async fn a_run_past_its_run_timeout_times_out_without_any_worker() {
     let outcome = loop {
         let outcome = engine
             .result(
-                "default",
-                false,
-                "slow",
-                &RunId::from(""),
+                &RunSelector::workflow("default", "slow", ""),
                 Duration::from_secs(60),
             )
             .await
@@ -263,10 +260,7 @@ async fn a_session_named_like_a_run_takes_none_of_the_runs_timers_when_it_closes
     let outcome = loop {
         let outcome = engine
             .result(
-                "default",
-                false,
-                "timed",
-                &RunId::from(""),
+                &RunSelector::workflow("default", "timed", ""),
                 Duration::from_secs(60),
             )
             .await

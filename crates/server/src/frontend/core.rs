@@ -4,11 +4,10 @@
 use super::access::{Guarded, Scope};
 use super::checks::*;
 use crate::auth::Role;
-use crate::engine::{Engine, NextTasks};
+use crate::engine::{Engine, NextTasks, RunSelector, RunTarget};
 use crate::error::EngineError;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_core::types::RunId;
 use tether_wire::pb;
 use tonic::{Request, Response, Status};
 
@@ -118,31 +117,13 @@ impl Frontend {
     /// GetWorkflowResult and GetActivityResult: the same checks and wait, for either kind.
     pub(super) async fn wait_for_result(
         &self,
-        namespace: &str,
-        standalone: bool,
-        id: &str,
-        run_id: &str,
+        run: &RunSelector,
         wait_ms: u64,
     ) -> R<pb::GetWorkflowResultResponse> {
-        name("namespace", namespace)?;
-        name(
-            if standalone {
-                "activity id"
-            } else {
-                "workflow id"
-            },
-            id,
-        )?;
-        optional_name("run id", run_id)?;
+        check_selector(run)?;
         let outcome = self
             .engine
-            .result(
-                namespace,
-                standalone,
-                id,
-                &RunId::from(run_id),
-                Duration::from_millis(wait_ms),
-            )
+            .result(run, Duration::from_millis(wait_ms))
             .await?;
         ok(outcome)
     }
@@ -152,46 +133,33 @@ impl Frontend {
     pub(super) async fn act_on_run(
         &self,
         op: RunOp,
-        run: OneRun<'_>,
+        run: RunSelector,
         reason: &str,
         identity: &str,
     ) -> Result<(), Status> {
-        name("namespace", run.namespace)?;
-        name(
-            if run.standalone {
-                "activity id"
-            } else {
-                "workflow id"
-            },
-            run.id,
-        )?;
-        optional_name("run id", run.run_id)?;
-        let (ns, standalone, id, run_id) = (run.namespace, run.standalone, run.id, run.run_id);
+        check_selector(&run)?;
         match op {
-            RunOp::Cancel => {
-                self.engine
-                    .request_cancel(ns, standalone, id, &RunId::from(run_id), reason, identity)
-                    .await?
-            }
-            RunOp::Terminate => {
-                self.engine
-                    .terminate(ns, standalone, id, &RunId::from(run_id), reason, identity)
-                    .await?
-            }
+            RunOp::Cancel => self.engine.request_cancel(&run, reason, identity).await?,
+            RunOp::Terminate => self.engine.terminate(&run, reason, identity).await?,
         }
         Ok(())
     }
 
     /// A describe, history or result for an id that may be a workflow's or a standalone
     /// activity's: the workflow first, then the activity of that id.
-    pub(super) async fn either_kind<T, F, Fut>(&self, f: F) -> Result<T, EngineError>
+    pub(super) async fn either_kind<'s, T, F, Fut>(
+        &self,
+        workflow: &'s RunSelector,
+        activity: &'s RunSelector,
+        f: F,
+    ) -> Result<T, EngineError>
     where
-        F: Fn(bool) -> Fut,
+        F: Fn(&'s RunSelector) -> Fut,
         Fut: std::future::Future<Output = Result<T, EngineError>>,
     {
-        match f(false).await {
+        match f(workflow).await {
             Err(EngineError::NotFound(why)) => {
-                f(true).await.map_err(|_| EngineError::NotFound(why))
+                f(activity).await.map_err(|_| EngineError::NotFound(why))
             }
             other => other,
         }
@@ -205,12 +173,14 @@ pub(super) enum RunOp {
     Terminate,
 }
 
-/// The run an operator call names.
-pub(super) struct OneRun<'a> {
-    pub(super) namespace: &'a str,
-    pub(super) standalone: bool,
-    pub(super) id: &'a str,
-    pub(super) run_id: &'a str,
+/// The names a selector carries, checked as the wire gave them.
+fn check_selector(run: &RunSelector) -> Result<(), Status> {
+    name("namespace", &run.namespace)?;
+    match &run.target {
+        RunTarget::Workflow(id) => name("workflow id", id)?,
+        RunTarget::Activity(id) => name("activity id", id)?,
+    }
+    optional_name("run id", &run.run_id)
 }
 
 pub(super) type R<T> = Result<Response<T>, Status>;

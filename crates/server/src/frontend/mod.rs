@@ -6,15 +6,16 @@ mod checks;
 mod core;
 
 use crate::auth::Role;
+use crate::engine::RunSelector;
 use access::token_namespace;
 use checks::*;
 use std::time::Duration;
-use tether_core::types::{RunId, SessionId};
+use tether_core::types::SessionId;
 use tether_wire::pb::{self, tether_service_server::TetherService};
 use tonic::{Request, Status};
 
 pub use self::core::Frontend;
-use self::core::{ok, OneRun, RunOp, R};
+use self::core::{ok, RunOp, R};
 
 #[tonic::async_trait]
 impl TetherService for Frontend {
@@ -90,12 +91,7 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         self.act_on_run(
             RunOp::Cancel,
-            OneRun {
-                namespace: &req.namespace,
-                standalone: false,
-                id: &req.workflow_id,
-                run_id: &req.run_id,
-            },
+            RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id),
             &req.reason,
             &req.identity,
         )
@@ -110,12 +106,7 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         self.act_on_run(
             RunOp::Terminate,
-            OneRun {
-                namespace: &req.namespace,
-                standalone: false,
-                id: &req.workflow_id,
-                run_id: &req.run_id,
-            },
+            RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id),
             &req.reason,
             &req.identity,
         )
@@ -132,12 +123,10 @@ impl TetherService for Frontend {
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
         // Standalone activities share the describe call: fall back to them by id.
-        let run_id = RunId::from(&req.run_id);
+        let workflow = RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id);
+        let activity = RunSelector::activity(&req.namespace, &req.workflow_id, &req.run_id);
         let found = self
-            .either_kind(|standalone| {
-                self.engine
-                    .describe(&req.namespace, standalone, &req.workflow_id, &run_id)
-            })
+            .either_kind(&workflow, &activity, |run| self.engine.describe(run))
             .await?;
         ok(found)
     }
@@ -150,12 +139,10 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("workflow id", &req.workflow_id)?;
         optional_name("run id", &req.run_id)?;
-        let run_id = RunId::from(&req.run_id);
+        let workflow = RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id);
+        let activity = RunSelector::activity(&req.namespace, &req.workflow_id, &req.run_id);
         let events = self
-            .either_kind(|standalone| {
-                self.engine
-                    .history(&req.namespace, standalone, &req.workflow_id, &run_id)
-            })
+            .either_kind(&workflow, &activity, |run| self.engine.history(run))
             .await?;
         ok(pb::GetWorkflowHistoryResponse { events })
     }
@@ -189,26 +176,15 @@ impl TetherService for Frontend {
     ) -> R<pb::GetWorkflowResultResponse> {
         let (_, req) = self.admit(request)?;
         // An id that names a standalone activity gets that activity's result.
-        let found = self
-            .wait_for_result(
-                &req.namespace,
-                false,
-                &req.workflow_id,
-                &req.run_id,
-                req.wait_ms,
-            )
-            .await;
+        let workflow = RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id);
+        let found = self.wait_for_result(&workflow, req.wait_ms).await;
         match found {
-            Err(status) if status.code() == tonic::Code::NotFound => self
-                .wait_for_result(
-                    &req.namespace,
-                    true,
-                    &req.workflow_id,
-                    &req.run_id,
-                    req.wait_ms,
-                )
-                .await
-                .map_err(|_| status),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let activity = RunSelector::activity(&req.namespace, &req.workflow_id, &req.run_id);
+                self.wait_for_result(&activity, req.wait_ms)
+                    .await
+                    .map_err(|_| status)
+            }
             other => other,
         }
     }
@@ -235,7 +211,10 @@ impl TetherService for Frontend {
         if !wait.is_zero() {
             let o = self
                 .engine
-                .result(&namespace, true, &activity_id, &RunId::from(&run_id), wait)
+                .result(
+                    &RunSelector::activity(&namespace, activity_id, &run_id),
+                    wait,
+                )
                 .await?;
             if o.status != pb::ExecutionStatus::Running as i32 {
                 outcome = Some(o);
@@ -260,14 +239,8 @@ impl TetherService for Frontend {
         request: Request<pb::GetActivityResultRequest>,
     ) -> R<pb::GetWorkflowResultResponse> {
         let (_, req) = self.admit(request)?;
-        self.wait_for_result(
-            &req.namespace,
-            true,
-            &req.activity_id,
-            &req.run_id,
-            req.wait_ms,
-        )
-        .await
+        let run = RunSelector::activity(&req.namespace, &req.activity_id, &req.run_id);
+        self.wait_for_result(&run, req.wait_ms).await
     }
 
     async fn poll_workflow_task(
@@ -556,12 +529,11 @@ impl TetherService for Frontend {
         optional_name("run id", &req.run_id)?;
         ok(self
             .engine
-            .describe(
+            .describe(&RunSelector::activity(
                 &req.namespace,
-                true,
                 &req.activity_id,
-                &RunId::from(&req.run_id),
-            )
+                &req.run_id,
+            ))
             .await?)
     }
 
@@ -572,12 +544,7 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         self.act_on_run(
             RunOp::Cancel,
-            OneRun {
-                namespace: &req.namespace,
-                standalone: true,
-                id: &req.activity_id,
-                run_id: &req.run_id,
-            },
+            RunSelector::activity(&req.namespace, &req.activity_id, &req.run_id),
             &req.reason,
             &req.identity,
         )
@@ -592,12 +559,7 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         self.act_on_run(
             RunOp::Terminate,
-            OneRun {
-                namespace: &req.namespace,
-                standalone: true,
-                id: &req.activity_id,
-                run_id: &req.run_id,
-            },
+            RunSelector::activity(&req.namespace, &req.activity_id, &req.run_id),
             &req.reason,
             &req.identity,
         )
