@@ -103,7 +103,7 @@ impl Engine {
     /// recorded); the outer error is for the batch as a whole (store unavailable).
     pub async fn respond_activities(
         &self,
-        identity: &str,
+        identity: &WorkerId,
         outcomes: Vec<pb::ActivityOutcome>,
         next: Option<NextTasks>,
     ) -> Result<RespondedActivities, EngineError> {

@@ -32,7 +32,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tether_core::types::{ActivityId, Namespace, RunId, SessionId, WorkflowId};
+use tether_core::types::{
+    ActivityId, Namespace, RunId, SessionId, TaskQueue, WorkerId, WorkflowId,
+};
 use tether_wire::pb::{self, ExecutionStatus, NamespaceInfo};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;

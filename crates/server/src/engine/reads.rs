@@ -121,7 +121,7 @@ impl Engine {
     /// one ("" after the last).
     pub async fn list(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         standalone: bool,
         status: Option<i32>,
         limit: usize,

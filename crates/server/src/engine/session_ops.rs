@@ -438,8 +438,11 @@ impl Engine {
         {
             return Ok(info);
         }
-        self.describe_session(&req.namespace, &SessionId::from(&session_id))
-            .await
+        self.describe_session(
+            &Namespace::from(&req.namespace),
+            &SessionId::from(&session_id),
+        )
+        .await
     }
 
     /// None while the session is in memory; its stored state once it left (closed for good).
@@ -451,13 +454,15 @@ impl Engine {
         if self.state.lock().sessions.contains_key(session_id) {
             return Ok(None);
         }
-        self.describe_session(namespace, session_id).await.map(Some)
+        self.describe_session(&Namespace::from(namespace), session_id)
+            .await
+            .map(Some)
     }
 
     /// Completes a session and releases its reservation.
     pub async fn complete_session(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         session_id: &SessionId,
     ) -> Result<pb::SessionInfo, EngineError> {
         self.end_session(namespace, session_id, |phase| {
@@ -475,7 +480,7 @@ impl Engine {
     /// activities fail with SessionFailed, its owner workflow is told.
     pub async fn terminate_session(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         session_id: &SessionId,
         reason: &str,
         identity: &str,
@@ -524,7 +529,9 @@ impl Engine {
             })
             .await?;
         let Some(info) = done else {
-            let stored = self.describe_session(namespace, session_id).await?;
+            let stored = self
+                .describe_session(&Namespace::from(namespace), session_id)
+                .await?;
             return Err(EngineError::NotRunning(format!(
                 "session {session_id} is already {}{}",
                 stored.state,
@@ -541,7 +548,7 @@ impl Engine {
     /// A session, live or closed (looked up by id at any age).
     pub async fn describe_session(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         session_id: &SessionId,
     ) -> Result<pb::SessionInfo, EngineError> {
         self.check_healthy()?;
@@ -551,7 +558,7 @@ impl Engine {
             st.sessions
                 .get(session_id)
                 .and_then(|s| s.info.clone())
-                .filter(|i| i.namespace == namespace)
+                .filter(|i| i.namespace == *namespace)
                 .map(|i| (i, st.last_submitted_seq))
         };
         if let Some((info, seq)) = live {
@@ -565,7 +572,7 @@ impl Engine {
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Unavailable(e.to_string()))?
             .and_then(|s| s.info)
-            .filter(|i| i.namespace == namespace);
+            .filter(|i| i.namespace == *namespace);
         found.ok_or_else(|| {
             EngineError::NotFound(format!(
                 "session {session_id:?} was not found in namespace {namespace:?}"
@@ -577,7 +584,7 @@ impl Engine {
     /// when asked. Returns the page and the next page's token ("" after the last).
     pub async fn list_sessions(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         include_closed: bool,
         page_size: usize,
         page_token: &str,
@@ -595,7 +602,7 @@ impl Engine {
                 .sessions
                 .values()
                 .filter_map(|s| s.info.clone())
-                .filter(|i| i.namespace == namespace && sessions::is_live(i) && before_cursor(i))
+                .filter(|i| i.namespace == *namespace && sessions::is_live(i) && before_cursor(i))
                 .collect();
             (live, st.last_submitted_seq)
         };

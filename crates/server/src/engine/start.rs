@@ -200,7 +200,10 @@ impl Engine {
                     .await;
             if !open && !retried {
                 let info = self
-                    .describe_session(&req.namespace, &SessionId::from(&options.session_id))
+                    .describe_session(
+                        &Namespace::from(&req.namespace),
+                        &SessionId::from(&options.session_id),
+                    )
                     .await?;
                 return Err(EngineError::NotRunning(format!(
                     "session {} is {}{}",
@@ -238,7 +241,12 @@ impl Engine {
 
     /// Why an activity started on `queue` with `requirements` waits instead of being taken:
     /// no live worker satisfies its requirements, or none polls the queue ("" when one can).
-    pub fn placement_note(&self, namespace: &str, queue: &str, requirements: &str) -> String {
+    pub fn placement_note(
+        &self,
+        namespace: &Namespace,
+        queue: &TaskQueue,
+        requirements: &str,
+    ) -> String {
         self.matcher.placement_note(
             namespace,
             queue,

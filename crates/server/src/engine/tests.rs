@@ -249,7 +249,7 @@ async fn a_session_named_like_a_run_takes_none_of_the_runs_timers_when_it_closes
         .unwrap();
     engine
         .terminate_session(
-            "default",
+            &Namespace::from("default"),
             &SessionId::from(&run_id),
             "done with it",
             "client",

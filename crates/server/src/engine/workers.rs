@@ -6,8 +6,8 @@ impl Engine {
     /// Backlog, pollers and per-requirement backlogs of a task queue.
     pub fn describe_queue(
         &self,
-        namespace: &str,
-        queue: &str,
+        namespace: &Namespace,
+        queue: &TaskQueue,
     ) -> Result<pb::DescribeTaskQueueResponse, EngineError> {
         Self::check_namespace(&self.state.lock(), namespace)?;
         let wf = self
@@ -94,7 +94,7 @@ impl Engine {
     /// plus pollers that never registered. Returns the page and the next page's token.
     pub fn list_workers(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         page_size: usize,
         page_token: &str,
     ) -> Result<(Vec<pb::WorkerInfo>, String), EngineError> {
@@ -147,8 +147,8 @@ impl Engine {
     /// One worker.
     pub fn describe_worker(
         &self,
-        namespace: &str,
-        identity: &str,
+        namespace: &Namespace,
+        identity: &WorkerId,
     ) -> Result<pb::WorkerInfo, EngineError> {
         self.check_healthy()?;
         Self::check_namespace(&self.state.lock(), namespace)?;

@@ -87,9 +87,9 @@ impl Engine {
     /// worker that just completed one take the next without a separate poll.
     pub async fn next_workflow_task_now(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         queues: &[String],
-        identity: &str,
+        identity: &WorkerId,
         sticky_queue: &str,
     ) -> Option<pb::PollWorkflowTaskResponse> {
         if self.check_healthy().is_err() {

@@ -10,7 +10,7 @@ use crate::engine::RunSelector;
 use access::token_namespace;
 use checks::*;
 use std::time::Duration;
-use tether_core::types::SessionId;
+use tether_core::types::{Namespace, SessionId, TaskQueue, WorkerId};
 use tether_wire::pb::{self, tether_service_server::TetherService};
 use tonic::{Request, Status};
 
@@ -162,7 +162,13 @@ impl TetherService for Frontend {
         } as usize;
         let (executions, next_page_token) = self
             .engine
-            .list(&req.namespace, standalone, status, limit, &req.page_token)
+            .list(
+                &Namespace::from(&req.namespace),
+                standalone,
+                status,
+                limit,
+                &req.page_token,
+            )
             .await?;
         ok(pb::ListWorkflowsResponse {
             executions,
@@ -224,8 +230,11 @@ impl TetherService for Frontend {
         let placement_note = if started.handed_over || outcome.is_some() {
             String::new()
         } else {
-            self.engine
-                .placement_note(&namespace, &started.queue, &started.requirements)
+            self.engine.placement_note(
+                &Namespace::from(&namespace),
+                &TaskQueue::from(&started.queue),
+                &started.requirements,
+            )
         };
         ok(pb::StartActivityResponse {
             run_id,
@@ -287,7 +296,12 @@ impl TetherService for Frontend {
         let next_task = match next {
             Some((namespace, queues)) => {
                 self.engine
-                    .next_workflow_task_now(&namespace, &queues, &identity, &sticky_queue)
+                    .next_workflow_task_now(
+                        &Namespace::from(namespace),
+                        &queues,
+                        &WorkerId::from(identity),
+                        &sticky_queue,
+                    )
                     .await
             }
             None => None,
@@ -412,7 +426,7 @@ impl TetherService for Frontend {
         }
         let (applied, next_tasks) = self
             .engine
-            .respond_activities(&req.identity, accepted, next)
+            .respond_activities(&WorkerId::from(&req.identity), accepted, next)
             .await?;
         let mut applied = applied.into_iter();
         let acks = acks
@@ -454,9 +468,10 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
-        ok(self
-            .engine
-            .describe_queue(&req.namespace, &req.task_queue)?)
+        ok(self.engine.describe_queue(
+            &Namespace::from(&req.namespace),
+            &TaskQueue::from(&req.task_queue),
+        )?)
     }
 
     async fn describe_worker(
@@ -467,7 +482,10 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         ok(pb::DescribeWorkerResponse {
-            worker: Some(self.engine.describe_worker(&req.namespace, &req.identity)?),
+            worker: Some(self.engine.describe_worker(
+                &Namespace::from(&req.namespace),
+                &WorkerId::from(&req.identity),
+            )?),
         })
     }
 
@@ -583,7 +601,7 @@ impl TetherService for Frontend {
         let session = self
             .engine
             .terminate_session(
-                &req.namespace,
+                &Namespace::from(&req.namespace),
                 &SessionId::from(&req.session_id),
                 &req.reason,
                 &req.identity,
@@ -620,7 +638,10 @@ impl TetherService for Frontend {
         name("session id", &req.session_id)?;
         let session = self
             .engine
-            .complete_session(&req.namespace, &SessionId::from(&req.session_id))
+            .complete_session(
+                &Namespace::from(&req.namespace),
+                &SessionId::from(&req.session_id),
+            )
             .await?;
         ok(pb::CompleteSessionResponse {
             session: Some(session),
@@ -636,7 +657,10 @@ impl TetherService for Frontend {
         name("session id", &req.session_id)?;
         ok(self
             .engine
-            .describe_session(&req.namespace, &SessionId::from(&req.session_id))
+            .describe_session(
+                &Namespace::from(&req.namespace),
+                &SessionId::from(&req.session_id),
+            )
             .await?)
     }
 
@@ -649,7 +673,7 @@ impl TetherService for Frontend {
         let (sessions, next_page_token) = self
             .engine
             .list_sessions(
-                &req.namespace,
+                &Namespace::from(&req.namespace),
                 req.include_closed,
                 page_size(req.page_size),
                 &req.page_token,
@@ -667,9 +691,11 @@ impl TetherService for Frontend {
     ) -> R<pb::ListWorkersResponse> {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
-        let (workers, next_page_token) =
-            self.engine
-                .list_workers(&req.namespace, page_size(req.page_size), &req.page_token)?;
+        let (workers, next_page_token) = self.engine.list_workers(
+            &Namespace::from(&req.namespace),
+            page_size(req.page_size),
+            &req.page_token,
+        )?;
         ok(pb::ListWorkersResponse {
             workers,
             next_page_token,
