@@ -326,7 +326,9 @@ async fn open_engine(dir: &std::path::Path) -> (Arc<Engine>, Arc<SqliteStore>) {
 
 async fn wait_parked(engine: &Engine, identity: &str) {
     eventually(T, "the poll is parked", || async {
-        let queue = engine.describe_queue(&"default".into(), &"h-q".into()).ok()?;
+        let queue = engine
+            .describe_queue(&"default".into(), &"h-q".into())
+            .ok()?;
         queue
             .pollers
             .iter()

@@ -34,8 +34,8 @@ pub struct WorkerOptions {
     pub poll_timeout: Duration,
     /// What this worker advertises. Default: detected (NVML, sysinfo), nothing declared.
     pub capabilities: crate::caps::CapabilitySource,
-    /// Most sessions the server places on this worker at once. Default 10; `build` refuses 0,
-    /// and so does `start` when activities are registered.
+    /// Most sessions the server places on this worker at once. Default 10; `build` and `start`
+    /// refuse 0 (which the server would read as its default).
     pub max_concurrent_sessions: u32,
 }
 
@@ -98,8 +98,9 @@ impl WorkerOptions {
                     .into(),
             );
         }
-        if has_activities && self.max_concurrent_sessions == 0 {
-            // On the wire 0 means "the server's default", which would place 10 sessions here.
+        if self.max_concurrent_sessions == 0 {
+            // On the wire 0 means "the server's default", which would place 10 sessions here
+            // (a worker with only workflows registered is a candidate too: it polls the queue).
             return invalid(
                 "max_concurrent_sessions is 0, which the server would read as its default (10); \
                  give the number of sessions this worker may host at once, at least 1"

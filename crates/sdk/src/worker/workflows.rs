@@ -1,7 +1,7 @@
 //! The workflow poller: takes workflow tasks (sticky queue first), activates cached or replayed runs, answers with their commands.
 
 use super::inner::{poll_backoff, Inner};
-use crate::workflow::{WorkflowInfo, WorkflowInstance};
+use crate::workflow::{panic_failure, WorkflowInfo, WorkflowInstance};
 use std::sync::Arc;
 use tether_wire::pb::{self};
 use tokio::sync::watch;
@@ -121,13 +121,24 @@ impl Inner {
                         .await;
                     return None;
                 };
-                WorkflowInstance::new(factory(WorkflowInfo {
+                let info = WorkflowInfo {
                     namespace: task.namespace.clone().into(),
                     workflow_id: task.workflow_id.clone().into(),
                     run_id: task.run_id.clone().into(),
                     workflow_type: task.workflow_type.clone(),
                     task_queue: self.options.task_queue.clone(),
-                }))
+                };
+                // Code registered from another language may panic as it is made: that fails
+                // the task, as a panic while it runs does.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory(info))) {
+                    Ok(code) => WorkflowInstance::new(code),
+                    Err(panic) => {
+                        let failure = panic_failure(panic);
+                        self.fail_workflow_task(&task, failure.cause, failure.message)
+                            .await;
+                        return None;
+                    }
+                }
             }
         };
         if let Err(e) = self.dc.decode_events(&mut task.events) {

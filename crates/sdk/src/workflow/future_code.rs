@@ -7,7 +7,6 @@ use super::context::{WorkflowContext, WorkflowError, WorkflowInfo};
 use super::replay::{TaskFailure, WorkflowCode};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -97,22 +96,10 @@ impl FutureCode {
                 if !self.flag.0.swap(false, Ordering::SeqCst) {
                     break;
                 }
-                let polled =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)));
-                match polled {
-                    Err(panic) => {
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "workflow code panicked".into());
-                        return Err(TaskFailure {
-                            cause: "panic",
-                            message: format!("workflow code panicked: {message}"),
-                        });
-                    }
-                    Ok(Poll::Pending) => {}
-                    Ok(Poll::Ready(outcome)) => {
+                // A panic unwinds to the replayer, which fails the task with it.
+                match fut.as_mut().poll(&mut cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(outcome) => {
                         self.finished = true;
                         let cancel_requested = self.ctx.inner.lock().cancel_requested;
                         let kind = match outcome {

@@ -26,7 +26,7 @@ pub use context::{
     WorkflowContext, WorkflowError, WorkflowInfo,
 };
 pub(crate) use future_code::{FutureCode, WorkflowFactory};
-pub(crate) use replay::WorkflowInstance;
+pub(crate) use replay::{panic_failure, WorkflowInstance};
 pub use replay::{TaskFailure, WorkflowCode};
 
 /// Makes the code of one run of a workflow type, from the run's facts.

@@ -263,10 +263,28 @@ impl WorkflowInstance {
         if self.finished {
             return Ok(());
         }
-        let issued = self.code.activate(events)?;
+        // Whatever the code is written in, a panic in it fails the task (and the run is
+        // replayed from history next time) instead of unwinding through the worker's poller.
+        let code = &mut self.code;
+        let issued =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| code.activate(events)))
+                .map_err(panic_failure)??;
         self.finished = issued.iter().any(is_terminal);
         self.unmatched.extend(issued);
         Ok(())
+    }
+}
+
+/// The task failure for a panic in workflow code, with the panic's message when it has one.
+pub(crate) fn panic_failure(panic: Box<dyn std::any::Any + Send>) -> TaskFailure {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "workflow code panicked".into());
+    TaskFailure {
+        cause: "panic",
+        message: format!("workflow code panicked: {message}"),
     }
 }
 
@@ -393,6 +411,31 @@ mod tests {
         assert!(
             failure.message.contains("TimerStarted(seq 1)")
                 && failure.message.contains("StartTimer(seq 2)"),
+            "{}",
+            failure.message
+        );
+    }
+
+    struct Panicking;
+
+    impl WorkflowCode for Panicking {
+        fn recorded_side_effects(&mut self, _recorded: HashMap<u32, Option<pb::Payload>>) {}
+
+        fn activate(
+            &mut self,
+            _events: &[&pb::HistoryEvent],
+        ) -> Result<Vec<pb::Command>, TaskFailure> {
+            panic!("the code blew up");
+        }
+    }
+
+    #[test]
+    fn a_panic_in_code_that_is_no_rust_future_fails_the_task() {
+        let mut run = WorkflowInstance::new(Box::new(Panicking));
+        let failure = run.process(&history()[..1]).unwrap_err();
+        assert_eq!(failure.cause, "panic");
+        assert!(
+            failure.message.contains("the code blew up"),
             "{}",
             failure.message
         );

@@ -317,13 +317,34 @@ async fn a_closed_sessions_rows_are_released_and_the_open_runs_keep_theirs(store
 }
 
 async fn a_delete_never_removes_an_open_run_its_history_or_an_open_session(store: &dyn Store) {
+    let mut open = run("open", ExecutionStatus::Running);
+    open.activities.insert(
+        1,
+        crate::state::ActivityState {
+            scheduled_event_id: 1,
+            attempt: 1,
+            ..Default::default()
+        },
+    );
     commit(
         store,
         vec![
-            put_run(run("open", ExecutionStatus::Running)),
+            put_run(open),
             Write::Events {
                 run_id: "open".into(),
                 events: vec![event(1)],
+            },
+            // Who runs its activity: a row of its own.
+            Write::Started {
+                run_id: "open".into(),
+                scheduled_event_id: 1,
+                attempt: 1,
+                dispatch: 3,
+                started_ms: 10,
+                worker: "w".into(),
+                instance: "w-process".into(),
+                session_id: None,
+                session_activities_run: 0,
             },
             put_run(closed("old", 5)),
             Write::Events {
@@ -358,7 +379,16 @@ async fn a_delete_never_removes_an_open_run_its_history_or_an_open_session(store
     assert!(store.load_session(&"s-old".into()).unwrap().is_none());
     assert!(store.load_session(&"s-open".into()).unwrap().is_some());
     let recovered = store.recover().unwrap();
-    assert_eq!(recovered.open_runs[0].1.len(), 1);
+    let (state, history) = &recovered.open_runs[0];
+    assert_eq!(history.len(), 1);
+    assert_eq!(
+        (
+            state.activities[&1].started_dispatch,
+            state.activities[&1].started_worker.as_str()
+        ),
+        (3, "w"),
+        "an open run keeps its hand-out rows"
+    );
 }
 
 async fn runs_and_sessions_page_newest_first_with_exact_boundaries(store: &dyn Store) {

@@ -52,6 +52,8 @@ struct StoredRun {
 
 struct StoredSession {
     state: SessionState,
+    /// Order of first insertion (recovery hands sessions back in it, as SQLite does).
+    row: u64,
     /// As first written (a session keeps its place in the listing).
     created_ms: i64,
     /// 0 while the session is creating or open.
@@ -129,13 +131,18 @@ impl Tables {
                 } else {
                     info.closed_ms.max(1)
                 };
+                let next_row = &mut self.next_row;
                 let stored = self
                     .sessions
                     .entry(SessionId::from(info.session_id.as_str()))
-                    .or_insert_with(|| StoredSession {
-                        state: SessionState::default(),
-                        created_ms: info.created_ms,
-                        closed_ms: 0,
+                    .or_insert_with(|| {
+                        *next_row += 1;
+                        StoredSession {
+                            state: SessionState::default(),
+                            row: *next_row,
+                            created_ms: info.created_ms,
+                            closed_ms: 0,
+                        }
                     });
                 stored.state = *state;
                 stored.closed_ms = closed_ms;
@@ -269,10 +276,14 @@ impl Store for MemoryStore {
             namespaces: tables.namespaces.values().cloned().collect(),
             ..Default::default()
         };
-        for (run_id, stored) in &tables.runs {
-            if stored.close_ms > 0 || stored.state.status != ExecutionStatus::Running as i32 {
-                continue;
-            }
+        // In the order the rows were first written, as SQLite hands them back.
+        let mut open_runs: Vec<(&RunId, &StoredRun)> = tables
+            .runs
+            .iter()
+            .filter(|(_, r)| r.close_ms == 0 && r.state.status == ExecutionStatus::Running as i32)
+            .collect();
+        open_runs.sort_by_key(|(_, r)| r.row);
+        for (run_id, stored) in open_runs {
             let mut state = stored.state.clone();
             let rows = tables
                 .started
@@ -299,10 +310,13 @@ impl Store for MemoryStore {
             out.session_rows
                 .push((SessionId::from(*session_id), RunId::from(*run_id)));
         }
-        for (session_id, stored) in &tables.sessions {
-            if stored.closed_ms > 0 {
-                continue;
-            }
+        let mut open_sessions: Vec<(&SessionId, &StoredSession)> = tables
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.closed_ms == 0)
+            .collect();
+        open_sessions.sort_by_key(|(_, s)| s.row);
+        for (session_id, stored) in open_sessions {
             let mut session = stored.state.clone();
             let rows = per_session_run
                 .range((session_id.as_str(), "")..)
