@@ -75,7 +75,7 @@ fn owner_run(info: &pb::SessionInfo) -> Option<(RunId, u32)> {
 
 /// A store lookup of closed rows past a cutoff: (namespace, closed before, limit) → ids.
 type ExpiredLookup<Id> =
-    fn(&dyn Store, &str, i64, usize) -> Result<Vec<Id>, crate::store::StoreError>;
+    fn(&dyn Store, &Namespace, i64, usize) -> Result<Vec<Id>, crate::store::StoreError>;
 
 /// Most expired runs deleted in one commit, and batches per namespace per sweep.
 const PURGE_BATCH: usize = 2_000;

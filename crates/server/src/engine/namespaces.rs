@@ -108,7 +108,7 @@ impl Engine {
         for _ in 0..PURGE_BATCHES_PER_SWEEP {
             self.check_healthy()?;
             let store = self.store.clone();
-            let ns = namespace.to_string();
+            let ns = Namespace::from(namespace);
             let ids = tokio::task::spawn_blocking(move || {
                 expired(store.as_ref(), &ns, closed_before_ms, PURGE_BATCH)
             })

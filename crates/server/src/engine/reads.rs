@@ -55,12 +55,12 @@ impl Engine {
     pub(super) async fn load_stored(&self, run: &RunSelector) -> Result<RunState, EngineError> {
         let (namespace, standalone, id, run_id) = run.parts();
         let store = self.store.clone();
-        let (ns, idc, rid) = (namespace.to_string(), id.to_string(), run_id.to_string());
+        let (ns, idc, rid) = (Namespace::from(namespace), id.to_string(), run_id.clone());
         let found = tokio::task::spawn_blocking(move || {
             if rid.is_empty() {
                 store.latest_run(&ns, standalone, &idc)
             } else {
-                store.load_run(&RunId::from(rid))
+                store.load_run(&rid)
             }
         })
         .await
@@ -135,7 +135,7 @@ impl Engine {
         let after = parse_page_token(page_token)?;
         let store = self.store.clone();
         let filter = RunFilter {
-            namespace: namespace.to_string(),
+            namespace: namespace.clone(),
             standalone_activity: standalone,
             status,
             limit,

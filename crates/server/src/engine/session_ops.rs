@@ -609,7 +609,7 @@ impl Engine {
         self.durable(seq).await?;
         if include_closed {
             let store = self.store.clone();
-            let ns = namespace.to_string();
+            let ns = namespace.clone();
             let after = after.clone();
             let stored = tokio::task::spawn_blocking(move || {
                 store.list_sessions(

@@ -2,7 +2,7 @@
 //! the [`Store`] trait itself.
 
 use crate::state::{RunState, SessionState};
-use tether_core::types::{RunId, SessionId};
+use tether_core::types::{Namespace, RunId, SessionId};
 use tether_wire::pb::{HistoryEvent, NamespaceInfo};
 
 /// Why the store failed.
@@ -156,7 +156,7 @@ pub struct Recovered {
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     /// Namespace to list.
-    pub namespace: String,
+    pub namespace: Namespace,
     /// Standalone activities instead of workflows.
     pub standalone_activity: bool,
     /// Only this status (raw enum value), if set.
@@ -186,7 +186,7 @@ pub trait Store: Send + Sync + 'static {
     /// The most recent run of an id (workflow id, or activity id for standalone activities).
     fn latest_run(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         standalone_activity: bool,
         id: &str,
     ) -> Result<Option<RunState>, StoreError>;
@@ -197,14 +197,14 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` runs of a namespace that closed before `closed_before_ms`, oldest first.
     fn expired_runs(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError>;
     /// Up to `limit` sessions of a namespace that closed before `closed_before_ms`, oldest first.
     fn expired_sessions(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError>;
@@ -212,7 +212,7 @@ pub trait Store: Send + Sync + 'static {
     /// that sort after `after` (creation time, session id) when it is given.
     fn list_sessions(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         after: Option<(i64, SessionId)>,
         limit: usize,
     ) -> Result<Vec<SessionState>, StoreError>;

@@ -136,9 +136,15 @@ async fn recovery_reads_back_open_runs_with_their_history_and_no_closed_one(stor
     let mut later = run("r3", ExecutionStatus::Running);
     later.start_ms = 1;
     commit(store, vec![put_run(later)]).await;
-    let latest = store.latest_run("default", false, "wf").unwrap().unwrap();
+    let latest = store
+        .latest_run(&"default".into(), false, "wf")
+        .unwrap()
+        .unwrap();
     assert_eq!(latest.run_id, "r3");
-    assert!(store.latest_run("default", true, "wf").unwrap().is_none());
+    assert!(store
+        .latest_run(&"default".into(), true, "wf")
+        .unwrap()
+        .is_none());
 }
 
 async fn recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run(
@@ -433,13 +439,16 @@ async fn runs_and_sessions_page_newest_first_with_exact_boundaries(store: &dyn S
         ids(&page(None, Some(ExecutionStatus::Failed as i32))),
         vec!["r3"]
     );
-    let sessions = session_ids(store.list_sessions("default", None, 4).unwrap());
+    let sessions = session_ids(store.list_sessions(&"default".into(), None, 4).unwrap());
     assert_eq!(sessions, vec!["s5", "s4", "s3", "s2"]);
     let rest = store
-        .list_sessions("default", Some((101, "s2".into())), 4)
+        .list_sessions(&"default".into(), Some((101, "s2".into())), 4)
         .unwrap();
     assert_eq!(session_ids(rest), vec!["s1", "s0"]);
-    assert!(store.list_sessions("other", None, 4).unwrap().is_empty());
+    assert!(store
+        .list_sessions(&"other".into(), None, 4)
+        .unwrap()
+        .is_empty());
 }
 
 async fn expired_rows_come_oldest_first_and_only_closed_ones(store: &dyn Store) {
@@ -457,20 +466,25 @@ async fn expired_rows_come_oldest_first_and_only_closed_ones(store: &dyn Store) 
     )
     .await;
     assert_eq!(
-        store.expired_runs("default", 300, 10).unwrap(),
+        store.expired_runs(&"default".into(), 300, 10).unwrap(),
         vec!["early", "middle"]
     );
     assert_eq!(
-        store.expired_runs("default", 1_000, 1).unwrap(),
+        store.expired_runs(&"default".into(), 1_000, 1).unwrap(),
         vec!["early"]
     );
-    assert!(store.expired_runs("other", 1_000, 10).unwrap().is_empty());
+    assert!(store
+        .expired_runs(&"other".into(), 1_000, 10)
+        .unwrap()
+        .is_empty());
     assert_eq!(
-        store.expired_sessions("default", 1_000, 10).unwrap(),
+        store
+            .expired_sessions(&"default".into(), 1_000, 10)
+            .unwrap(),
         vec!["s-early", "s-late"]
     );
     assert!(store
-        .expired_sessions("default", 100, 10)
+        .expired_sessions(&"default".into(), 100, 10)
         .unwrap()
         .is_empty());
 }

@@ -17,7 +17,7 @@ use foldhash::HashMap;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tether_core::types::{RunId, SessionId};
+use tether_core::types::{Namespace, RunId, SessionId};
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 
 /// In-memory [`Store`], for tests only (see the module's documentation).
@@ -334,7 +334,7 @@ impl Store for MemoryStore {
 
     fn latest_run(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         standalone_activity: bool,
         id: &str,
     ) -> Result<Option<RunState>, StoreError> {
@@ -343,7 +343,7 @@ impl Store for MemoryStore {
             .runs
             .values()
             .filter(|r| {
-                r.state.namespace == namespace
+                r.state.namespace == *namespace
                     && r.state.standalone_activity == standalone_activity
                     && r.state.workflow_id == id
             })
@@ -378,7 +378,7 @@ impl Store for MemoryStore {
 
     fn expired_runs(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError> {
@@ -386,14 +386,14 @@ impl Store for MemoryStore {
         let rows = tables
             .runs
             .iter()
-            .filter(|(_, r)| r.state.namespace == namespace)
+            .filter(|(_, r)| r.state.namespace == *namespace)
             .map(|(id, r)| (id, r.close_ms));
         Ok(Tables::closed_before(rows, closed_before_ms, limit))
     }
 
     fn expired_sessions(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError> {
@@ -405,7 +405,7 @@ impl Store for MemoryStore {
                 s.state
                     .info
                     .as_ref()
-                    .is_some_and(|i| i.namespace == namespace)
+                    .is_some_and(|i| i.namespace == *namespace)
             })
             .map(|(id, s)| (id, s.closed_ms));
         Ok(Tables::closed_before(rows, closed_before_ms, limit))
@@ -413,7 +413,7 @@ impl Store for MemoryStore {
 
     fn list_sessions(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         after: Option<(i64, SessionId)>,
         limit: usize,
     ) -> Result<Vec<SessionState>, StoreError> {
@@ -425,7 +425,7 @@ impl Store for MemoryStore {
                 s.state
                     .info
                     .as_ref()
-                    .is_some_and(|i| i.namespace == namespace)
+                    .is_some_and(|i| i.namespace == *namespace)
             })
             .map(|(id, s)| (s.created_ms, id.as_str(), &s.state))
             .filter(|(created_ms, id, _)| {

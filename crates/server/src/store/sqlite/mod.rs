@@ -18,7 +18,7 @@ pub use schema::SyncMode;
 use schema::{decode_run, migrate, open_connection, SCHEMA};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use tether_core::types::{RunId, SessionId};
+use tether_core::types::{Namespace, RunId, SessionId};
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 pub use writer::WriterStats;
 use writer::{writer_loop, Job};
@@ -169,7 +169,7 @@ fn read_history(conn: &Connection, run_id: &str) -> Result<Vec<HistoryEvent>, St
 impl Store for SqliteStore {
     fn list_sessions(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         after: Option<(i64, SessionId)>,
         limit: usize,
     ) -> Result<Vec<SessionState>, StoreError> {
@@ -182,7 +182,7 @@ impl Store for SqliteStore {
                     "SELECT state FROM sessions WHERE namespace = ?1
                      ORDER BY created_ms DESC, session_id DESC LIMIT ?2",
                 )?
-                .query_map(params![namespace, limit], |r| r.get(0))?
+                .query_map(params![namespace.as_str(), limit], |r| r.get(0))?
                 .collect::<Result<_, _>>()?,
             Some((created_ms, session_id)) => conn
                 .prepare_cached(
@@ -191,7 +191,7 @@ impl Store for SqliteStore {
                      ORDER BY created_ms DESC, session_id DESC LIMIT ?4",
                 )?
                 .query_map(
-                    params![namespace, created_ms, session_id.as_str(), limit],
+                    params![namespace.as_str(), created_ms, session_id.as_str(), limit],
                     |r| r.get(0),
                 )?
                 .collect::<Result<_, _>>()?,
@@ -316,7 +316,7 @@ impl Store for SqliteStore {
 
     fn latest_run(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         standalone_activity: bool,
         id: &str,
     ) -> Result<Option<RunState>, StoreError> {
@@ -326,7 +326,7 @@ impl Store for SqliteStore {
                 "SELECT state FROM runs WHERE namespace = ?1 AND standalone = ?2 AND workflow_id = ?3
                  ORDER BY start_ms DESC, rowid DESC LIMIT 1",
             )?
-            .query_row(params![namespace, standalone_activity as i64, id], |r| {
+            .query_row(params![namespace.as_str(), standalone_activity as i64, id], |r| {
                 r.get(0)
             })
             .optional()?;
@@ -339,7 +339,7 @@ impl Store for SqliteStore {
 
     fn expired_runs(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError> {
@@ -356,7 +356,7 @@ impl Store for SqliteStore {
 
     fn expired_sessions(
         &self,
-        namespace: &str,
+        namespace: &Namespace,
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError> {
@@ -392,7 +392,7 @@ impl Store for SqliteStore {
             )?
             .query_map(
                 params![
-                    filter.namespace,
+                    filter.namespace.as_str(),
                     standalone,
                     status,
                     after_ms,
@@ -466,8 +466,14 @@ mod tests {
             }
         }
         let store = SqliteStore::open(dir.path(), SyncMode::Normal).unwrap();
-        assert!(store.expired_runs("default", 500, 10).unwrap().is_empty());
-        assert_eq!(store.expired_runs("default", 501, 10).unwrap(), vec!["old"]);
+        assert!(store
+            .expired_runs(&"default".into(), 500, 10)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store.expired_runs(&"default".into(), 501, 10).unwrap(),
+            vec!["old"]
+        );
         // Even when told to, a delete never removes an open run.
         store
             .submit(WriteBatch {
@@ -482,7 +488,7 @@ mod tests {
         assert!(store.load_run(&"old".into()).unwrap().is_none());
         assert!(store.load_run(&"open".into()).unwrap().is_some());
         assert_eq!(
-            store.expired_sessions("default", 701, 10).unwrap(),
+            store.expired_sessions(&"default".into(), 701, 10).unwrap(),
             vec!["s-old"]
         );
         store
@@ -496,7 +502,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let left: Vec<String> = store
-            .list_sessions("default", None, 10)
+            .list_sessions(&"default".into(), None, 10)
             .unwrap()
             .into_iter()
             .filter_map(|s| s.info.map(|i| i.session_id))
@@ -536,7 +542,10 @@ mod tests {
         assert_eq!(recovered.open_runs.len(), 1, "only the running run is open");
         assert_eq!(recovered.open_runs[0].1.len(), 1);
         assert!(store.load_run(&"r2".into()).unwrap().is_some());
-        assert!(store.latest_run("default", false, "wf").unwrap().is_some());
+        assert!(store
+            .latest_run(&"default".into(), false, "wf")
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test]
