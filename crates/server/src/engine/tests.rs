@@ -53,6 +53,24 @@ async fn next_workflow_task(engine: &Engine) -> pb::PollWorkflowTaskResponse {
     panic!("no workflow task in {VIRTUAL_DAYS:?} of virtual time");
 }
 
+/// The outcome of a workflow's current run once it closed (each wait ends at the long-poll
+/// timeout), or RUNNING after [`VIRTUAL_DAYS`] of virtual time.
+async fn outcome_once_closed(engine: &Engine, workflow_id: &str) -> pb::GetWorkflowResultResponse {
+    let deadline = Instant::now() + VIRTUAL_DAYS;
+    loop {
+        let outcome = engine
+            .result(
+                &RunSelector::workflow("default", workflow_id, ""),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        if outcome.status != ExecutionStatus::Running as i32 || Instant::now() >= deadline {
+            return outcome;
+        }
+    }
+}
+
 fn command(kind: pb::command::Kind) -> pb::Command {
     pb::Command { kind: Some(kind) }
 }
@@ -107,19 +125,7 @@ async fn a_run_past_its_run_timeout_times_out_without_any_worker() {
         .start_workflow(start_request("slow", 3_600_000))
         .await
         .unwrap();
-    let deadline = Instant::now() + VIRTUAL_DAYS;
-    let outcome = loop {
-        let outcome = engine
-            .result(
-                &RunSelector::workflow("default", "slow", ""),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        if outcome.status != ExecutionStatus::Running as i32 || Instant::now() >= deadline {
-            break outcome;
-        }
-    };
+    let outcome = outcome_once_closed(&engine, "slow").await;
     assert_eq!(outcome.status, ExecutionStatus::TimedOut as i32);
     assert_eq!(engine.stats().runs, 0, "the closed run left memory");
 }
@@ -256,19 +262,7 @@ async fn a_session_named_like_a_run_takes_none_of_the_runs_timers_when_it_closes
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + VIRTUAL_DAYS;
-    let outcome = loop {
-        let outcome = engine
-            .result(
-                &RunSelector::workflow("default", "timed", ""),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        if outcome.status != ExecutionStatus::Running as i32 || Instant::now() >= deadline {
-            break outcome;
-        }
-    };
+    let outcome = outcome_once_closed(&engine, "timed").await;
     assert_eq!(
         outcome.status,
         ExecutionStatus::TimedOut as i32,
