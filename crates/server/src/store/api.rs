@@ -22,9 +22,22 @@ pub enum StoreError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// PostgreSQL reported an error, or could not be reached.
+    #[error("postgres: {0}")]
+    Postgres(String),
     /// The writer thread is gone (the store was closed or a previous commit failed).
     #[error("the store's writer has stopped; restart the server")]
     WriterGone,
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own message (with its severity and code) says more than the driver's.
+        StoreError::Postgres(match e.as_db_error() {
+            Some(db) => format!("{db} (SQLSTATE {})", db.code().code()),
+            None => e.to_string(),
+        })
+    }
 }
 
 /// One write inside a batch.

@@ -2,11 +2,12 @@
 //! (recovery, hand-out rows, deletes, paging) must not depend on which store it runs on.
 
 use super::api::{Store, Write, WriteBatch};
-use super::{MemoryStore, SqliteStore, SyncMode};
+use super::{MemoryStore, PostgresStore, SqliteStore, SyncMode, TestCluster};
 use crate::state::{RunState, SessionState};
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, SessionInfo};
 
-/// Each check runs once on SQLite (in a fresh directory) and once on the in-memory store.
+/// Each check runs on SQLite (in a fresh directory), on the in-memory store, and on PostgreSQL
+/// (a cluster the test starts, a fresh database per check).
 macro_rules! contract {
     ($($check:ident),* $(,)?) => {
         mod on_sqlite {
@@ -27,6 +28,24 @@ macro_rules! contract {
                     super::$check(&super::MemoryStore::new()).await;
                 }
             )*
+        }
+        mod on_postgres {
+            /// One cluster for every check (starting one costs a second or two); it stops when
+            /// the test ends, passed or failed.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn every_check() {
+                let cluster = super::TestCluster::start()
+                    .unwrap_or_else(|e| panic!("these tests need PostgreSQL: {e}"));
+                $(
+                    let url = cluster
+                        .create_database(stringify!($check))
+                        .await
+                        .unwrap_or_else(|e| panic!("{}: {e}", stringify!($check)));
+                    let store = super::PostgresStore::connect(&url)
+                        .unwrap_or_else(|e| panic!("{}: {e}", stringify!($check)));
+                    super::$check(&store).await;
+                )*
+            }
         }
     };
 }

@@ -5,11 +5,14 @@
 mod api;
 #[cfg(test)]
 mod contract;
+mod group_commit;
 mod memory;
+mod postgres;
 mod sqlite;
 
 pub use api::{
     Commit, CommitReceiver, Durability, Recovered, RunFilter, Store, StoreError, Write, WriteBatch,
 };
 pub use memory::MemoryStore;
+pub use postgres::{PostgresStore, TestCluster};
 pub use sqlite::{SqliteStore, SyncMode, DEFAULT_BUSY_TIMEOUT};

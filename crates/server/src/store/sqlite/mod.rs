@@ -10,6 +10,7 @@ use super::api::{
     fold_hand_outs, fold_session_counts, Commit, Durability, HandOutRow, Recovered, RunFilter,
     Store, StoreError, WriteBatch,
 };
+use super::group_commit::GroupCommit;
 use crate::state::{RunState, SessionState};
 use parking_lot::Mutex;
 use prost::Message;
@@ -17,24 +18,17 @@ use rusqlite::{params, Connection, OptionalExtension};
 pub use schema::SyncMode;
 use schema::{decode_run, migrate, open_connection, SCHEMA};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use tether_core::types::{Namespace, RunId, SessionId};
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
-pub use writer::WriterStats;
-use writer::{writer_loop, Job};
+use writer::commit_jobs;
 
 /// How long a commit waits for another process's lock on the database file before it fails.
 pub const DEFAULT_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
-    stats: std::sync::Arc<WriterStats>,
-    /// The writer's channel and the number of the last batch sent into it (one lock, so that
-    /// numbers follow the order batches reach the writer).
-    sender: Mutex<(Option<mpsc::Sender<Job>>, u64)>,
-    durability: tokio::sync::watch::Receiver<Durability>,
+    writer: GroupCommit,
     reader: Mutex<Connection>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
 }
 
@@ -60,34 +54,23 @@ impl SqliteStore {
         writer_conn.execute_batch(SCHEMA)?;
         migrate(&mut writer_conn)?;
         let reader = open_connection(&path, sync, busy_timeout)?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        let stats = std::sync::Arc::new(WriterStats::default());
-        let writer_stats = stats.clone();
-        let (durable_tx, durability) = tokio::sync::watch::channel(Durability::default());
-        let handle = std::thread::Builder::new()
-            .name("tether-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, &writer_stats, durable_tx))
-            .map_err(|source| StoreError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let writer = GroupCommit::start("tether-store-writer", move |jobs| {
+            commit_jobs(&mut writer_conn, jobs)
+        })
+        .map_err(|source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Ok(SqliteStore {
-            stats,
-            sender: Mutex::new((Some(tx), 0)),
-            durability,
+            writer,
             reader: Mutex::new(reader),
-            writer: Mutex::new(Some(handle)),
             path,
         })
     }
 
     /// How many transactions and batches the writer has committed.
     pub fn stats(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (
-            self.stats.transactions.load(Relaxed),
-            self.stats.batches.load(Relaxed),
-        )
+        self.writer.stats()
     }
 
     /// Ids of up to `limit` rows of `table` in `namespace` closed before `before_ms`, oldest
@@ -120,10 +103,7 @@ impl SqliteStore {
 
     /// Stops the writer after it has committed everything already submitted.
     pub fn close(&self) {
-        self.sender.lock().0.take();
-        if let Some(handle) = self.writer.lock().take() {
-            let _ = handle.join();
-        }
+        self.writer.close();
     }
 }
 
@@ -213,31 +193,11 @@ impl Store for SqliteStore {
     }
 
     fn submit(&self, batch: WriteBatch) -> Commit {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut sender = self.sender.lock();
-        sender.1 += 1;
-        let seq = sender.1;
-        if let Some(why) = &self.durability.borrow().failed {
-            let _ = tx.send(Err(format!(
-                "not written: an earlier commit failed ({why})"
-            )));
-            return Commit { seq, done: rx };
-        }
-        match sender.0.as_ref() {
-            Some(s) => {
-                if let Err(mpsc::SendError((_, _, reply))) = s.send((seq, batch, tx)) {
-                    let _ = reply.send(Err(StoreError::WriterGone.to_string()));
-                }
-            }
-            None => {
-                let _ = tx.send(Err(StoreError::WriterGone.to_string()));
-            }
-        }
-        Commit { seq, done: rx }
+        self.writer.submit(batch)
     }
 
     fn durability(&self) -> tokio::sync::watch::Receiver<Durability> {
-        self.durability.clone()
+        self.writer.durability()
     }
 
     fn recover(&self) -> Result<Recovered, StoreError> {

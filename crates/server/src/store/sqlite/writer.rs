@@ -1,82 +1,11 @@
-//! The writer thread: every batch submitted while it is busy joins the next transaction, so one
-//! fsync serves many callers.
+//! One group of batches as one SQLite transaction (the writer thread and its queue are
+//! `store::group_commit`'s).
 
-use crate::store::api::{Durability, StoreError, Write, WriteBatch};
+use crate::store::api::{StoreError, Write};
+use crate::store::group_commit::Job;
 use prost::Message;
 use rusqlite::{params, Connection};
-use std::sync::mpsc;
 use tether_wire::pb::ExecutionStatus;
-
-/// A batch with its number and where its outcome goes.
-pub(super) type Job = (
-    u64,
-    WriteBatch,
-    tokio::sync::oneshot::Sender<Result<(), String>>,
-);
-
-/// Counters of the writer, to see group commit at work.
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    /// Transactions committed.
-    pub transactions: std::sync::atomic::AtomicU64,
-    /// Batches made durable by them.
-    pub batches: std::sync::atomic::AtomicU64,
-}
-
-pub(super) fn writer_loop(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Job>,
-    stats: &WriterStats,
-    durable: tokio::sync::watch::Sender<Durability>,
-) {
-    // Bounded so one transaction never grows without limit under a flood of requests.
-    const MAX_JOBS_PER_COMMIT: usize = 2048;
-    let mut failed: Option<std::sync::Arc<str>> = None;
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_JOBS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        if let Some(why) = &failed {
-            // Every batch after a failed one builds on state that was never written: none of
-            // them may land, or a restart would find a history with holes.
-            for (_, _, reply) in jobs {
-                let _ = reply.send(Err(format!(
-                    "not written: an earlier commit failed ({why})"
-                )));
-            }
-            continue;
-        }
-        let started = std::time::Instant::now();
-        let outcome = commit_jobs(&mut conn, &jobs).map_err(|e| e.to_string());
-        let last_seq = jobs.last().map(|(seq, _, _)| *seq).unwrap_or(0);
-        if outcome.is_ok() {
-            durable.send_modify(|d| d.seq = last_seq);
-            use std::sync::atomic::Ordering::Relaxed;
-            stats.transactions.fetch_add(1, Relaxed);
-            stats.batches.fetch_add(jobs.len() as u64, Relaxed);
-            // No-ops unless a metrics recorder is installed.
-            metrics::counter!("tether_store_commits_total").increment(1);
-            metrics::counter!("tether_store_batches_total").increment(jobs.len() as u64);
-            metrics::histogram!("tether_store_commit_seconds")
-                .record(started.elapsed().as_secs_f64());
-        } else {
-            metrics::counter!("tether_store_commit_failures_total").increment(1);
-        }
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, batches = jobs.len(), "commit failed; the store accepts no more writes");
-            let why: std::sync::Arc<str> = e.as_str().into();
-            durable.send_modify(|d| d.failed = Some(why.clone()));
-            failed = Some(why);
-        }
-        for (_, _, reply) in jobs {
-            let _ = reply.send(outcome.clone());
-        }
-    }
-}
 
 pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;

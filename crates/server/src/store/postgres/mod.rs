@@ -1,0 +1,570 @@
+//! The PostgreSQL store: the same rows and the same contract as the SQLite store (the tests in
+//! `store::contract` run against both), on a shared database that several servers can reach.
+//!
+//! The driver is async (tokio-postgres, with a deadpool pool of connections) while the
+//! [`Store`] trait is synchronous: the store runs its own small tokio runtime, and each call
+//! hands its query to that runtime and waits for the answer. Writes go through the same group
+//! commit as SQLite's (`store::group_commit`): one PostgreSQL transaction per group of batches,
+//! acknowledged only after `COMMIT` returns.
+
+mod cluster;
+mod schema;
+
+pub use cluster::TestCluster;
+
+use super::api::{
+    fold_hand_outs, fold_session_counts, Commit, Durability, HandOutRow, Recovered, RunFilter,
+    Store, StoreError, Write, WriteBatch,
+};
+use super::group_commit::{GroupCommit, Job};
+use crate::state::{RunState, SessionState};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use prost::Message;
+use std::collections::HashMap;
+use std::future::Future;
+use tether_core::types::{Namespace, RunId, SessionId};
+use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+/// Connections the pool keeps for reads (the writer takes one more).
+const POOL_SIZE: usize = 8;
+
+/// PostgreSQL-backed [`Store`].
+pub struct PostgresStore {
+    /// Taken only on drop (shut down in the background: the store may be dropped inside
+    /// another runtime, where a blocking shutdown is not allowed).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    writer: GroupCommit,
+}
+
+impl PostgresStore {
+    /// Connects to the database `url` names (`postgres://user@host:port/database`), creates or
+    /// migrates its tables, and starts the writer.
+    pub fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Postgres(format!(
+                "{} is not a PostgreSQL URL ({e}); give postgres://USER@HOST:PORT/DATABASE",
+                redact(url)
+            ))
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tether-postgres")
+            .enable_all()
+            .build()
+            .map_err(|source| StoreError::Io {
+                path: "the PostgreSQL store's runtime".into(),
+                source,
+            })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE + 1)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Postgres(e.to_string()))?;
+        let setup = pool.clone();
+        run_on(&runtime, async move {
+            let client = setup.get().await.map_err(pool_error)?;
+            client.batch_execute(schema::SCHEMA).await?;
+            Ok(())
+        })
+        .map_err(|e| match e {
+            StoreError::Postgres(why) => StoreError::Postgres(format!(
+                "could not reach or set up the database at {}: {why}",
+                redact(url)
+            )),
+            other => other,
+        })?;
+        let handle = runtime.handle().clone();
+        let writer_pool = pool.clone();
+        let writer = GroupCommit::start("tether-postgres-writer", move |jobs| {
+            handle.block_on(commit_jobs(&writer_pool, jobs))
+        })
+        .map_err(|source| StoreError::Io {
+            path: "the PostgreSQL store's writer".into(),
+            source,
+        })?;
+        Ok(PostgresStore {
+            runtime: Some(runtime),
+            pool,
+            writer,
+        })
+    }
+
+    /// How many transactions and batches the writer has committed.
+    pub fn stats(&self) -> (u64, u64) {
+        self.writer.stats()
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("taken only on drop")
+    }
+
+    /// Runs a query on the store's runtime and waits for it. Called from threads that may
+    /// be inside another runtime (the engine's blocking pool, tests): the wait is a plain
+    /// blocking one, never a nested `block_on`.
+    fn query<T, F, Fut>(&self, run: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        run_on(self.runtime(), async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            run(client).await
+        })
+    }
+
+    /// Ids of up to `limit` rows of `table` in `namespace` closed before `before_ms`, oldest
+    /// first (served by the partial close-time indexes).
+    fn closed_before(
+        &self,
+        table: &'static str,
+        id_column: &'static str,
+        column: &'static str,
+        namespace: &Namespace,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let namespace = namespace.to_string();
+        self.query(move |client| async move {
+            let sql = format!(
+                "SELECT {id_column} FROM {table}
+                 WHERE namespace = $1 AND {column} > 0 AND {column} < $2
+                 ORDER BY {column}, {id_column} LIMIT $3"
+            );
+            let rows = client
+                .query(&sql, &[&namespace, &before_ms, &(limit as i64)])
+                .await?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        })
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.writer.close();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Runs `work` on `runtime` from a thread that may itself be in a runtime, and waits.
+fn run_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    rx.recv().map_err(|_| StoreError::WriterGone)?
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Postgres(format!("no connection to the database: {e}"))
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A group of batches as one transaction, in order.
+async fn commit_jobs(pool: &Pool, jobs: &[Job]) -> Result<(), StoreError> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await?;
+    let put_namespace = tx.prepare_cached(schema::PUT_NAMESPACE).await?;
+    let put_run = tx.prepare_cached(schema::PUT_RUN).await?;
+    let put_session = tx.prepare_cached(schema::PUT_SESSION).await?;
+    let delete_own_started = tx.prepare_cached(schema::DELETE_OWN_STARTED).await?;
+    let keep_session_started = tx.prepare_cached(schema::KEEP_SESSION_STARTED).await?;
+    let delete_session_started = tx.prepare_cached(schema::DELETE_SESSION_STARTED).await?;
+    let delete_session = tx.prepare_cached(schema::DELETE_SESSION).await?;
+    let delete_run_events = tx.prepare_cached(schema::DELETE_RUN_EVENTS).await?;
+    let delete_run_started = tx.prepare_cached(schema::DELETE_RUN_STARTED).await?;
+    let delete_run = tx.prepare_cached(schema::DELETE_RUN).await?;
+    let put_started = tx.prepare_cached(schema::PUT_STARTED).await?;
+    let put_event = tx.prepare_cached(schema::PUT_EVENT).await?;
+    for (_, batch, _) in jobs {
+        for write in &batch.writes {
+            match write {
+                Write::Namespace(info) => {
+                    tx.execute(&put_namespace, &[&info.name, &info.encode_to_vec()])
+                        .await?;
+                }
+                Write::Run {
+                    state,
+                    may_own_started,
+                } => {
+                    let open = state.status == ExecutionStatus::Running as i32;
+                    if *may_own_started && !open {
+                        tx.execute(&delete_own_started, &[&state.run_id]).await?;
+                    }
+                    let close_ms = if open { 0 } else { state.close_ms.max(1) };
+                    let params: [&(dyn ToSql + Sync); 8] = [
+                        &state.run_id,
+                        &state.namespace,
+                        &state.standalone_activity,
+                        &state.workflow_id,
+                        &state.status,
+                        &state.start_ms,
+                        &state.encode_to_vec(),
+                        &close_ms,
+                    ];
+                    tx.execute(&put_run, &params).await?;
+                }
+                Write::Session { state } => {
+                    let info = state.info.clone().unwrap_or_default();
+                    let open = crate::sessions::is_live(&info);
+                    let closed_ms = if open { 0 } else { info.closed_ms.max(1) };
+                    let params: [&(dyn ToSql + Sync); 6] = [
+                        &info.session_id,
+                        &info.namespace,
+                        &open,
+                        &info.created_ms,
+                        &state.encode_to_vec(),
+                        &closed_ms,
+                    ];
+                    tx.execute(&put_session, &params).await?;
+                }
+                Write::ReleaseSessionRows {
+                    session_id,
+                    runs_still_open,
+                    runs_closed,
+                } => {
+                    for run_id in runs_still_open {
+                        tx.execute(
+                            &keep_session_started,
+                            &[&run_id.as_str(), &session_id.as_str()],
+                        )
+                        .await?;
+                    }
+                    for run_id in runs_closed {
+                        tx.execute(
+                            &delete_session_started,
+                            &[&run_id.as_str(), &session_id.as_str()],
+                        )
+                        .await?;
+                    }
+                }
+                Write::DeleteSessions { session_ids } => {
+                    for session_id in session_ids {
+                        tx.execute(&delete_session, &[&session_id.as_str()]).await?;
+                    }
+                }
+                Write::DeleteRuns { run_ids } => {
+                    for run_id in run_ids {
+                        let id: &(dyn ToSql + Sync) = &run_id.as_str();
+                        tx.execute(&delete_run_events, &[id]).await?;
+                        tx.execute(&delete_run_started, &[id]).await?;
+                        tx.execute(&delete_run, &[id]).await?;
+                    }
+                }
+                Write::Started {
+                    run_id,
+                    scheduled_event_id,
+                    attempt,
+                    dispatch,
+                    started_ms,
+                    worker,
+                    instance,
+                    session_id,
+                    session_activities_run,
+                } => {
+                    let params: [&(dyn ToSql + Sync); 9] = [
+                        &run_id.as_str(),
+                        &(*scheduled_event_id as i64),
+                        &(*attempt as i32),
+                        &(*dispatch as i64),
+                        started_ms,
+                        worker,
+                        instance,
+                        &session_id.as_ref().map_or("", |s| s.as_str()),
+                        &(*session_activities_run as i64),
+                    ];
+                    tx.execute(&put_started, &params).await?;
+                }
+                Write::Events { run_id, events } => {
+                    for event in events {
+                        let params: [&(dyn ToSql + Sync); 3] = [
+                            &run_id.as_str(),
+                            &(event.event_id as i64),
+                            &event.encode_to_vec(),
+                        ];
+                        tx.execute(&put_event, &params).await?;
+                    }
+                }
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn decode_run(bytes: &[u8]) -> Result<RunState, StoreError> {
+    Ok(RunState::decode(bytes)?)
+}
+
+fn decode_session(bytes: &[u8]) -> Result<SessionState, StoreError> {
+    Ok(SessionState::decode(bytes)?)
+}
+
+async fn read_history(
+    client: &deadpool_postgres::Object,
+    run_id: &str,
+) -> Result<Vec<HistoryEvent>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT event FROM events WHERE run_id = $1 ORDER BY event_id",
+            &[&run_id],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok(HistoryEvent::decode(r.get::<_, &[u8]>(0))?))
+        .collect()
+}
+
+impl Store for PostgresStore {
+    fn submit(&self, batch: WriteBatch) -> Commit {
+        self.writer.submit(batch)
+    }
+
+    fn durability(&self) -> tokio::sync::watch::Receiver<Durability> {
+        self.writer.durability()
+    }
+
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        self.query(move |client| async move {
+            let mut out = Recovered::default();
+            for row in client
+                .query("SELECT info FROM namespaces ORDER BY name", &[])
+                .await?
+            {
+                out.namespaces
+                    .push(NamespaceInfo::decode(row.get::<_, &[u8]>(0))?);
+            }
+            let runs = client
+                .query(
+                    "SELECT state FROM runs WHERE close_ms = 0 AND status = $1 ORDER BY row_order",
+                    &[&(ExecutionStatus::Running as i32)],
+                )
+                .await?;
+            for row in runs {
+                let mut state = decode_run(row.get(0))?;
+                let history = read_history(&client, &state.run_id).await?;
+                let hand_outs = client
+                    .query(
+                        "SELECT scheduled_event_id, attempt, dispatch, started_ms, worker, instance
+                         FROM started WHERE run_id = $1",
+                        &[&state.run_id],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| HandOutRow {
+                        scheduled_event_id: r.get::<_, i64>(0) as u64,
+                        attempt: r.get::<_, i32>(1) as u32,
+                        dispatch: r.get::<_, i64>(2) as u64,
+                        started_ms: r.get(3),
+                        worker: r.get(4),
+                        instance: r.get(5),
+                    })
+                    .collect::<Vec<_>>();
+                fold_hand_outs(&mut state, hand_outs);
+                out.open_runs.push((state, history));
+            }
+            // An open session's count and last use since its row was written are in its
+            // hand-out rows.
+            let mut per_session: HashMap<String, Vec<(u64, i64)>> = HashMap::new();
+            let rows = client
+                .query(
+                    "SELECT session_id, run_id, MAX(session_activities_run), MAX(started_ms)
+                     FROM started WHERE session_id <> '' GROUP BY session_id, run_id
+                     ORDER BY session_id, run_id",
+                    &[],
+                )
+                .await?;
+            for row in rows {
+                let (session_id, run_id): (String, String) = (row.get(0), row.get(1));
+                per_session
+                    .entry(session_id.clone())
+                    .or_default()
+                    .push((row.get::<_, i64>(2) as u64, row.get::<_, i64>(3)));
+                out.session_rows
+                    .push((SessionId::from(session_id), RunId::from(run_id)));
+            }
+            let sessions = client
+                .query(
+                    "SELECT state FROM sessions WHERE open ORDER BY row_order",
+                    &[],
+                )
+                .await?;
+            for row in sessions {
+                let mut session = decode_session(row.get(0))?;
+                let id = session.info.as_ref().map(|i| i.session_id.clone());
+                if let Some(rows) = id.and_then(|id| per_session.remove(&id)) {
+                    fold_session_counts(&mut session, rows);
+                }
+                out.open_sessions.push(session);
+            }
+            Ok(out)
+        })
+    }
+
+    fn load_run(&self, run_id: &RunId) -> Result<Option<RunState>, StoreError> {
+        let run_id = run_id.to_string();
+        self.query(move |client| async move {
+            let row = client
+                .query_opt("SELECT state FROM runs WHERE run_id = $1", &[&run_id])
+                .await?;
+            row.map(|r| decode_run(r.get(0))).transpose()
+        })
+    }
+
+    fn latest_run(
+        &self,
+        namespace: &Namespace,
+        standalone_activity: bool,
+        id: &str,
+    ) -> Result<Option<RunState>, StoreError> {
+        let (namespace, id) = (namespace.to_string(), id.to_string());
+        self.query(move |client| async move {
+            let row = client
+                .query_opt(
+                    "SELECT state FROM runs
+                     WHERE namespace = $1 AND standalone = $2 AND workflow_id = $3
+                     ORDER BY start_ms DESC, row_order DESC LIMIT 1",
+                    &[&namespace, &standalone_activity, &id],
+                )
+                .await?;
+            row.map(|r| decode_run(r.get(0))).transpose()
+        })
+    }
+
+    fn history(&self, run_id: &RunId) -> Result<Vec<HistoryEvent>, StoreError> {
+        let run_id = run_id.to_string();
+        self.query(move |client| async move { read_history(&client, &run_id).await })
+    }
+
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError> {
+        let filter = filter.clone();
+        self.query(move |client| async move {
+            // A status of -1 matches every row; (i64::MAX, "") sorts after every row.
+            let status = filter.status.unwrap_or(-1);
+            let (after_ms, after_id) = filter
+                .after
+                .map(|(ms, id)| (ms, id.to_string()))
+                .unwrap_or((i64::MAX, String::new()));
+            let params: [&(dyn ToSql + Sync); 6] = [
+                &filter.namespace.as_str(),
+                &filter.standalone_activity,
+                &status,
+                &after_ms,
+                &after_id,
+                &(filter.limit.max(1) as i64),
+            ];
+            let rows = client
+                .query(
+                    "SELECT state FROM runs WHERE namespace = $1 AND standalone = $2
+                     AND ($3 = -1 OR status = $3)
+                     AND (start_ms, run_id) < ($4, $5)
+                     ORDER BY start_ms DESC, run_id DESC LIMIT $6",
+                    &params,
+                )
+                .await?;
+            rows.iter().map(|r| decode_run(r.get(0))).collect()
+        })
+    }
+
+    fn expired_runs(
+        &self,
+        namespace: &Namespace,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<RunId>, StoreError> {
+        let ids = self.closed_before(
+            "runs",
+            "run_id",
+            "close_ms",
+            namespace,
+            closed_before_ms,
+            limit,
+        )?;
+        Ok(ids.into_iter().map(RunId::from).collect())
+    }
+
+    fn expired_sessions(
+        &self,
+        namespace: &Namespace,
+        closed_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        let ids = self.closed_before(
+            "sessions",
+            "session_id",
+            "closed_ms",
+            namespace,
+            closed_before_ms,
+            limit,
+        )?;
+        Ok(ids.into_iter().map(SessionId::from).collect())
+    }
+
+    fn list_sessions(
+        &self,
+        namespace: &Namespace,
+        after: Option<(i64, SessionId)>,
+        limit: usize,
+    ) -> Result<Vec<SessionState>, StoreError> {
+        let namespace = namespace.to_string();
+        self.query(move |client| async move {
+            // Newest first, ties broken by id, so that a page boundary is exact.
+            let (after_ms, after_id) = after
+                .map(|(ms, id)| (ms, id.to_string()))
+                .unwrap_or((i64::MAX, String::new()));
+            let params: [&(dyn ToSql + Sync); 4] =
+                [&namespace, &after_ms, &after_id, &(limit.max(1) as i64)];
+            let rows = client
+                .query(
+                    "SELECT state FROM sessions WHERE namespace = $1
+                     AND (created_ms, session_id) < ($2, $3)
+                     ORDER BY created_ms DESC, session_id DESC LIMIT $4",
+                    &params,
+                )
+                .await?;
+            rows.iter().map(|r| decode_session(r.get(0))).collect()
+        })
+    }
+
+    fn load_session(&self, session_id: &SessionId) -> Result<Option<SessionState>, StoreError> {
+        let session_id = session_id.to_string();
+        self.query(move |client| async move {
+            let row = client
+                .query_opt(
+                    "SELECT state FROM sessions WHERE session_id = $1",
+                    &[&session_id],
+                )
+                .await?;
+            row.map(|r| decode_session(r.get(0))).transpose()
+        })
+    }
+}

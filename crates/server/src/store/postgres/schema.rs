@@ -1,0 +1,98 @@
+//! The PostgreSQL tables: the same rows as the SQLite store's, with PostgreSQL's types. Ids
+//! compare bytewise (`COLLATE "C"`), as they do in SQLite and in memory, so that listings page
+//! the same way whatever the database's locale.
+
+/// Creates what is missing; safe to run at every start.
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS namespaces (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    info BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT COLLATE "C" PRIMARY KEY,
+    -- Order of first insertion: the tie-break of runs that started in the same millisecond.
+    row_order BIGSERIAL NOT NULL,
+    namespace TEXT COLLATE "C" NOT NULL,
+    standalone BOOLEAN NOT NULL,
+    workflow_id TEXT COLLATE "C" NOT NULL,
+    status INTEGER NOT NULL,
+    start_ms BIGINT NOT NULL,
+    state BYTEA NOT NULL,
+    close_ms BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_id ON runs (namespace, standalone, workflow_id, start_ms);
+CREATE INDEX IF NOT EXISTS runs_by_time ON runs (namespace, standalone, start_ms, run_id);
+CREATE INDEX IF NOT EXISTS runs_open ON runs (row_order) WHERE close_ms = 0;
+CREATE INDEX IF NOT EXISTS runs_closed ON runs (namespace, close_ms) WHERE close_ms > 0;
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT COLLATE "C" PRIMARY KEY,
+    row_order BIGSERIAL NOT NULL,
+    namespace TEXT COLLATE "C" NOT NULL,
+    open BOOLEAN NOT NULL,
+    created_ms BIGINT NOT NULL,
+    state BYTEA NOT NULL,
+    closed_ms BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_ns ON sessions (namespace, created_ms, session_id);
+CREATE INDEX IF NOT EXISTS sessions_closed ON sessions (namespace, closed_ms) WHERE closed_ms > 0;
+CREATE TABLE IF NOT EXISTS started (
+    run_id TEXT COLLATE "C" NOT NULL,
+    scheduled_event_id BIGINT NOT NULL,
+    attempt INTEGER NOT NULL,
+    dispatch BIGINT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    worker TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    session_id TEXT COLLATE "C" NOT NULL DEFAULT '',
+    session_activities_run BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, scheduled_event_id)
+);
+CREATE INDEX IF NOT EXISTS started_in_sessions ON started (session_id) WHERE session_id <> '';
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT COLLATE "C" NOT NULL,
+    event_id BIGINT NOT NULL,
+    event BYTEA NOT NULL,
+    PRIMARY KEY (run_id, event_id)
+);
+"#;
+
+pub(super) const PUT_NAMESPACE: &str = "INSERT INTO namespaces (name, info) VALUES ($1, $2)
+     ON CONFLICT (name) DO UPDATE SET info = EXCLUDED.info";
+pub(super) const PUT_RUN: &str =
+    "INSERT INTO runs (run_id, namespace, standalone, workflow_id, status, start_ms, state, close_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, state = EXCLUDED.state,
+                                        close_ms = EXCLUDED.close_ms";
+pub(super) const PUT_SESSION: &str =
+    "INSERT INTO sessions (session_id, namespace, open, created_ms, state, closed_ms)
+     VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (session_id) DO UPDATE SET open = EXCLUDED.open, state = EXCLUDED.state,
+                                            closed_ms = EXCLUDED.closed_ms";
+/// A closed run's own hand-out rows (not those that keep a session's count).
+pub(super) const DELETE_OWN_STARTED: &str =
+    "DELETE FROM started WHERE run_id = $1 AND session_id = ''";
+pub(super) const KEEP_SESSION_STARTED: &str =
+    "UPDATE started SET session_id = '' WHERE run_id = $1 AND session_id = $2";
+pub(super) const DELETE_SESSION_STARTED: &str =
+    "DELETE FROM started WHERE run_id = $1 AND session_id = $2";
+/// Only closed sessions and runs are ever deleted, whatever asked for it; a run's history and
+/// hand-out rows go only with the run.
+pub(super) const DELETE_SESSION: &str =
+    "DELETE FROM sessions WHERE session_id = $1 AND closed_ms > 0";
+pub(super) const DELETE_RUN_EVENTS: &str = "DELETE FROM events WHERE run_id = $1
+     AND EXISTS (SELECT 1 FROM runs WHERE run_id = $1 AND close_ms > 0)";
+pub(super) const DELETE_RUN_STARTED: &str = "DELETE FROM started WHERE run_id = $1
+     AND EXISTS (SELECT 1 FROM runs WHERE run_id = $1 AND close_ms > 0)";
+pub(super) const DELETE_RUN: &str = "DELETE FROM runs WHERE run_id = $1 AND close_ms > 0";
+pub(super) const PUT_STARTED: &str =
+    "INSERT INTO started (run_id, scheduled_event_id, attempt, dispatch, started_ms, worker,
+                          instance, session_id, session_activities_run)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+     ON CONFLICT (run_id, scheduled_event_id) DO UPDATE SET
+         attempt = EXCLUDED.attempt, dispatch = EXCLUDED.dispatch,
+         started_ms = EXCLUDED.started_ms, worker = EXCLUDED.worker,
+         instance = EXCLUDED.instance, session_id = EXCLUDED.session_id,
+         session_activities_run = EXCLUDED.session_activities_run";
+pub(super) const PUT_EVENT: &str =
+    "INSERT INTO events (run_id, event_id, event) VALUES ($1, $2, $3)
+     ON CONFLICT (run_id, event_id) DO UPDATE SET event = EXCLUDED.event";
