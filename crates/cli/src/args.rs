@@ -316,9 +316,14 @@ pub(crate) struct ServerOptionsArgs {
 
 #[derive(Args)]
 pub(crate) struct ServerArgs {
-    /// Directory for the embedded SQLite store (created if missing).
+    /// Directory for the embedded SQLite store (created if missing). Give this or
+    /// --database-url.
     #[arg(long)]
-    pub(crate) data_dir: PathBuf,
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Keep state in PostgreSQL instead: postgres://USER[:PASSWORD]@HOST:PORT/DATABASE (the
+    /// tables are created or migrated at start). Also read from TETHER_DATABASE_URL.
+    #[arg(long, env = "TETHER_DATABASE_URL", conflicts_with = "data_dir")]
+    pub(crate) database_url: Option<String>,
     #[command(flatten)]
     pub(crate) options: ServerOptionsArgs,
 }

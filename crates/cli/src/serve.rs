@@ -6,7 +6,7 @@ use crate::args::ServerArgs;
 use crate::args::ServerOptionsArgs;
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
-use tether_server::{LocalServer, ServerConfig};
+use tether_server::{LocalServer, ServerConfig, StoreLocation};
 
 pub(crate) fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
     if o.max_payload_bytes == 0 {
@@ -62,7 +62,7 @@ pub(crate) fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
 
 pub(crate) async fn serve(
     o: &ServerOptionsArgs,
-    data_dir: &std::path::Path,
+    location: StoreLocation,
     config: ServerConfig,
 ) -> Result<()> {
     let listen = &o.listen;
@@ -72,14 +72,17 @@ pub(crate) async fn serve(
         Some(addr) => Some(start_metrics(addr).await?),
         None => None,
     };
-    let server = LocalServer::start(listen, data_dir, config)
+    let server = LocalServer::start_on(listen, location.clone(), config)
         .await
-        .with_context(|| format!("starting the server on {listen}"))?;
-    tracing::info!(address = %server.addr(), data_dir = %data_dir.display(), "tether server listening");
+        .with_context(|| format!("starting the server on {listen} ({location})"))?;
+    tracing::info!(address = %server.addr(), store = %location, "tether server listening");
+    let data = match &location {
+        StoreLocation::Sqlite(dir) => format!("data in {}", dir.display()),
+        other => format!("data in {other}"),
+    };
     eprintln!(
-        "tether server listening on {} (data in {}); Ctrl-C to stop",
-        server.addr(),
-        data_dir.display()
+        "tether server listening on {} ({data}); Ctrl-C to stop",
+        server.addr()
     );
     if let Some((addr, _)) = &metrics {
         eprintln!("metrics on http://{addr}/metrics");
@@ -226,7 +229,15 @@ pub(crate) fn refuse_address_for_servers(g: &Global, command: &str) -> Result<()
 pub(crate) async fn server_cmd(g: &Global, args: ServerArgs) -> Result<i32> {
     refuse_address_for_servers(g, "server")?;
     let config = server_config(&args.options)?;
-    serve(&args.options, &args.data_dir, config).await?;
+    let location = match (args.data_dir, args.database_url) {
+        (_, Some(url)) => StoreLocation::Postgres(url),
+        (Some(dir), None) => StoreLocation::Sqlite(dir),
+        (None, None) => bail!(
+            "tether server needs a store: --data-dir DIR (embedded SQLite) or --database-url \
+             postgres://USER@HOST:PORT/DATABASE (PostgreSQL)"
+        ),
+    };
+    serve(&args.options, location, config).await?;
     Ok(0)
 }
 
@@ -234,10 +245,11 @@ pub(crate) async fn dev_cmd(g: &Global, args: DevArgs) -> Result<i32> {
     refuse_address_for_servers(g, "dev")?;
     let config = server_config(&args.options)?;
     match &args.data_dir {
-        Some(dir) => serve(&args.options, dir, config).await?,
+        Some(dir) => serve(&args.options, StoreLocation::Sqlite(dir.clone()), config).await?,
         None => {
             let dir = tempfile::Builder::new().prefix("tether-dev-").tempdir()?;
-            serve(&args.options, dir.path(), config).await?;
+            let location = StoreLocation::Sqlite(dir.path().to_path_buf());
+            serve(&args.options, location, config).await?;
         }
     }
     Ok(0)

@@ -23,5 +23,5 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use frontend::Frontend;
-pub use serve::{run, LocalServer, ServeError};
+pub use serve::{run, LocalServer, ServeError, StoreLocation};
 pub use tether_wire::{MAX_GRPC_MESSAGE, RUN_ID_METADATA};

@@ -5,7 +5,7 @@ use crate::config::ServerConfig;
 use crate::engine::{Engine, EngineStats, StorageFailure};
 use crate::error::EngineError;
 use crate::frontend::Frontend;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,13 +62,37 @@ pub async fn run(
     serve_engine(listener, engine, tls, shutdown).await
 }
 
-/// A server started in this process (for `tether dev`, examples and tests).
+/// Where a server keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded SQLite store in this directory (created if missing).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by URL (`postgres://USER@HOST:PORT/DATABASE`).
+    Postgres(String),
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(dir) => write!(f, "SQLite in {}", dir.display()),
+            StoreLocation::Postgres(url) => {
+                write!(
+                    f,
+                    "PostgreSQL at {}",
+                    crate::store::redact_database_url(url)
+                )
+            }
+        }
+    }
+}
+
+/// A server started in this process (for `tether dev`, `tether server`, examples and tests).
 pub struct LocalServer {
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
-    store: Arc<SqliteStore>,
-    data_dir: PathBuf,
+    store: Arc<dyn Store>,
+    location: StoreLocation,
     engine: Arc<Engine>,
 }
 
@@ -77,6 +101,20 @@ impl LocalServer {
     pub async fn start(
         listen: &str,
         data_dir: &Path,
+        config: ServerConfig,
+    ) -> Result<LocalServer, ServeError> {
+        Self::start_on(
+            listen,
+            StoreLocation::Sqlite(data_dir.to_path_buf()),
+            config,
+        )
+        .await
+    }
+
+    /// Opens the store at `location` and serves on `listen` (use port 0 for any).
+    pub async fn start_on(
+        listen: &str,
+        location: StoreLocation,
         config: ServerConfig,
     ) -> Result<LocalServer, ServeError> {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -90,16 +128,26 @@ impl LocalServer {
             source,
         })?;
         config.validate().map_err(ServeError::Config)?;
-        let store = Arc::new(SqliteStore::open_with(
-            data_dir,
-            config.sync_mode,
-            config.store_busy_timeout,
-        )?);
+        let store: Arc<dyn Store> = match &location {
+            StoreLocation::Sqlite(dir) => Arc::new(SqliteStore::open_with(
+                dir,
+                config.sync_mode,
+                config.store_busy_timeout,
+            )?),
+            StoreLocation::Postgres(url) => {
+                // Connecting blocks until the database answers (or fails to).
+                let url = url.clone();
+                let connected = tokio::task::spawn_blocking(move || PostgresStore::connect(&url))
+                    .await
+                    .map_err(|e| ServeError::Engine(EngineError::Internal(e.to_string())))?;
+                Arc::new(connected?)
+            }
+        };
         // Recover before accepting so that start-up errors surface here, not in the task.
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) =
             tokio::sync::oneshot::channel::<Result<Arc<Engine>, ServeError>>();
-        let store_dyn: Arc<dyn Store> = store.clone();
+        let store_dyn = store.clone();
         let task = tokio::spawn(async move {
             let engine = match Engine::open(store_dyn, config.clone()).await {
                 Ok(e) => {
@@ -131,7 +179,7 @@ impl LocalServer {
             stop: Some(stop_tx),
             task: Some(task),
             store,
-            data_dir: data_dir.to_path_buf(),
+            location,
         })
     }
 
@@ -145,9 +193,9 @@ impl LocalServer {
         format!("http://{}", self.addr)
     }
 
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+    /// Where it keeps its state.
+    pub fn location(&self) -> &StoreLocation {
+        &self.location
     }
 
     /// What the engine holds in memory now (runs, sessions, timers, waiters).

@@ -231,6 +231,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<SessionState>, StoreError>;
     /// One session, open or closed, by id.
     fn load_session(&self, session_id: &SessionId) -> Result<Option<SessionState>, StoreError>;
+    /// Stops the writer once everything already submitted is committed (a server shutting
+    /// down). Nothing by default: a store with no writer of its own has nothing to stop.
+    fn close(&self) {}
 }
 
 /// One hand-out row (see [`Write::Started`]) as a store reads it back.

@@ -14,5 +14,5 @@ pub use api::{
     Commit, CommitReceiver, Durability, Recovered, RunFilter, Store, StoreError, Write, WriteBatch,
 };
 pub use memory::MemoryStore;
-pub use postgres::{PostgresStore, TestCluster};
+pub use postgres::{redact as redact_database_url, PostgresStore, TestCluster};
 pub use sqlite::{SqliteStore, SyncMode, DEFAULT_BUSY_TIMEOUT};

@@ -175,8 +175,8 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Postgres(format!("no connection to the database: {e}"))
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let credentials = &url[scheme + 3..at];
@@ -347,6 +347,10 @@ async fn read_history(
 impl Store for PostgresStore {
     fn submit(&self, batch: WriteBatch) -> Commit {
         self.writer.submit(batch)
+    }
+
+    fn close(&self) {
+        self.writer.close();
     }
 
     fn durability(&self) -> tokio::sync::watch::Receiver<Durability> {

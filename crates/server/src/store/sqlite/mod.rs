@@ -196,6 +196,10 @@ impl Store for SqliteStore {
         self.writer.submit(batch)
     }
 
+    fn close(&self) {
+        SqliteStore::close(self);
+    }
+
     fn durability(&self) -> tokio::sync::watch::Receiver<Durability> {
         self.writer.durability()
     }
