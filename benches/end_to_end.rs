@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether::activity::{ActivityContext, ActivityError};
 use tether::client::{ActivityOptions, Client, StandaloneActivityOptions, WorkflowOptions};
-use tether::server::{LocalServer, ServerConfig};
-use tether::store::SyncMode;
+use tether::server::{LocalServer, ServerConfig, StoreLocation};
+use tether::store::{SyncMode, TestCluster};
 use tether::worker::{Worker, WorkerOptions};
 use tether::workflow::{WorkflowContext, WorkflowError};
 
@@ -134,7 +134,24 @@ async fn run() -> anyhow::Result<()> {
         sync_mode: sync,
         ..Default::default()
     };
-    let server = LocalServer::start("127.0.0.1:0", dir.path(), config).await?;
+    // TETHER_BENCH_STORE=postgres: the same workloads on PostgreSQL, on a cluster this bench
+    // starts itself (PostgreSQL's default durability: fsync and synchronous_commit on).
+    let on_postgres = std::env::var("TETHER_BENCH_STORE").as_deref() == Ok("postgres");
+    let cluster = if on_postgres {
+        Some(TestCluster::start_durable().map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
+    let location = match &cluster {
+        Some(cluster) => StoreLocation::Postgres(
+            cluster
+                .create_database("bench")
+                .await
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => StoreLocation::Sqlite(dir.path().to_path_buf()),
+    };
+    let server = LocalServer::start_on("127.0.0.1:0", location, config).await?;
     let worker_client = Client::connect(server.url()).await?;
     let client = Client::connect(server.url()).await?;
     let mut options = WorkerOptions::new("bench").identity("bench-worker");
@@ -161,11 +178,12 @@ async fn run() -> anyhow::Result<()> {
     eprintln!("warming up...");
     w1_activities(&client, 200.min(n_w1), in_flight, "warm").await;
 
-    let sync_name = match sync {
-        SyncMode::Full => "synchronous=FULL (fsync per group commit)",
-        SyncMode::Normal => "synchronous=NORMAL",
+    let store_name = match (on_postgres, sync) {
+        (true, _) => "PostgreSQL, synchronous_commit=on",
+        (false, SyncMode::Full) => "embedded SQLite, synchronous=FULL (fsync per group commit)",
+        (false, SyncMode::Normal) => "embedded SQLite, synchronous=NORMAL",
     };
-    println!("tether end-to-end benchmark (embedded SQLite, {sync_name}; server, 1 worker with {slots} activity slots, client in one process)");
+    println!("tether end-to-end benchmark ({store_name}; server, 1 worker with {slots} activity slots, client in one process)");
     let w1a = w1_activities(&client, n_w1, in_flight, "w1").await;
     println!("W1  standalone activities: {n_w1} tasks, {in_flight} in flight: {w1a:.0} tasks/s");
     let w1w = w1_workflows(&client, n_w1_wf, in_flight, "w1wf").await;
@@ -176,7 +194,7 @@ async fn run() -> anyhow::Result<()> {
         p50.as_secs_f64() * 1e3,
         p99.as_secs_f64() * 1e3
     );
-    println!("rerun: cargo bench --bench end_to_end   (sizes: TETHER_BENCH_W1, TETHER_BENCH_W1_WF, TETHER_BENCH_W2, TETHER_BENCH_SLOTS; TETHER_BENCH_SYNC=normal)");
+    println!("rerun: cargo bench --bench end_to_end   (sizes: TETHER_BENCH_W1, TETHER_BENCH_W1_WF, TETHER_BENCH_W2, TETHER_BENCH_SLOTS; TETHER_BENCH_SYNC=normal; TETHER_BENCH_STORE=postgres)");
     worker.shutdown().await;
     server.stop().await?;
     Ok(())

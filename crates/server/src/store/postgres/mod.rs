@@ -189,136 +189,183 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// A group of batches as one transaction, in order.
+/// One statement of a transaction, with its values.
+type Planned = (tokio_postgres::Statement, Vec<Box<dyn ToSql + Sync + Send>>);
+
+/// A group of batches as one transaction, in order. Its statements are pipelined: all are sent
+/// before the first answer is awaited (PostgreSQL runs them in the order sent), so a group costs
+/// a few round trips, not one per row.
 async fn commit_jobs(pool: &Pool, jobs: &[Job]) -> Result<(), StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await?;
-    let put_namespace = tx.prepare_cached(schema::PUT_NAMESPACE).await?;
-    let put_run = tx.prepare_cached(schema::PUT_RUN).await?;
-    let put_session = tx.prepare_cached(schema::PUT_SESSION).await?;
-    let delete_own_started = tx.prepare_cached(schema::DELETE_OWN_STARTED).await?;
-    let keep_session_started = tx.prepare_cached(schema::KEEP_SESSION_STARTED).await?;
-    let delete_session_started = tx.prepare_cached(schema::DELETE_SESSION_STARTED).await?;
-    let delete_session = tx.prepare_cached(schema::DELETE_SESSION).await?;
-    let delete_run_events = tx.prepare_cached(schema::DELETE_RUN_EVENTS).await?;
-    let delete_run_started = tx.prepare_cached(schema::DELETE_RUN_STARTED).await?;
-    let delete_run = tx.prepare_cached(schema::DELETE_RUN).await?;
-    let put_started = tx.prepare_cached(schema::PUT_STARTED).await?;
-    let put_event = tx.prepare_cached(schema::PUT_EVENT).await?;
+    let statements = Statements::prepare(&tx).await?;
+    let mut plan: Vec<Planned> = Vec::new();
     for (_, batch, _) in jobs {
         for write in &batch.writes {
-            match write {
-                Write::Namespace(info) => {
-                    tx.execute(&put_namespace, &[&info.name, &info.encode_to_vec()])
-                        .await?;
+            statements.plan(write, &mut plan);
+        }
+    }
+    futures::future::try_join_all(plan.iter().map(|(statement, values)| {
+        tx.execute_raw(
+            statement,
+            values.iter().map(|v| &**v as &(dyn ToSql + Sync)),
+        )
+    }))
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The prepared statements a transaction uses (cached per connection by deadpool).
+struct Statements {
+    put_namespace: tokio_postgres::Statement,
+    put_run: tokio_postgres::Statement,
+    put_session: tokio_postgres::Statement,
+    delete_own_started: tokio_postgres::Statement,
+    keep_session_started: tokio_postgres::Statement,
+    delete_session_started: tokio_postgres::Statement,
+    delete_session: tokio_postgres::Statement,
+    delete_run_events: tokio_postgres::Statement,
+    delete_run_started: tokio_postgres::Statement,
+    delete_run: tokio_postgres::Statement,
+    put_started: tokio_postgres::Statement,
+    put_event: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(tx: &deadpool_postgres::Transaction<'_>) -> Result<Statements, StoreError> {
+        Ok(Statements {
+            put_namespace: tx.prepare_cached(schema::PUT_NAMESPACE).await?,
+            put_run: tx.prepare_cached(schema::PUT_RUN).await?,
+            put_session: tx.prepare_cached(schema::PUT_SESSION).await?,
+            delete_own_started: tx.prepare_cached(schema::DELETE_OWN_STARTED).await?,
+            keep_session_started: tx.prepare_cached(schema::KEEP_SESSION_STARTED).await?,
+            delete_session_started: tx.prepare_cached(schema::DELETE_SESSION_STARTED).await?,
+            delete_session: tx.prepare_cached(schema::DELETE_SESSION).await?,
+            delete_run_events: tx.prepare_cached(schema::DELETE_RUN_EVENTS).await?,
+            delete_run_started: tx.prepare_cached(schema::DELETE_RUN_STARTED).await?,
+            delete_run: tx.prepare_cached(schema::DELETE_RUN).await?,
+            put_started: tx.prepare_cached(schema::PUT_STARTED).await?,
+            put_event: tx.prepare_cached(schema::PUT_EVENT).await?,
+        })
+    }
+
+    /// The statements one write takes, appended in order.
+    fn plan(&self, write: &Write, plan: &mut Vec<Planned>) {
+        let text = |s: &str| -> Box<dyn ToSql + Sync + Send> { Box::new(s.to_string()) };
+        match write {
+            Write::Namespace(info) => plan.push((
+                self.put_namespace.clone(),
+                vec![text(&info.name), Box::new(info.encode_to_vec())],
+            )),
+            Write::Run {
+                state,
+                may_own_started,
+            } => {
+                let open = state.status == ExecutionStatus::Running as i32;
+                if *may_own_started && !open {
+                    plan.push((self.delete_own_started.clone(), vec![text(&state.run_id)]));
                 }
-                Write::Run {
-                    state,
-                    may_own_started,
-                } => {
-                    let open = state.status == ExecutionStatus::Running as i32;
-                    if *may_own_started && !open {
-                        tx.execute(&delete_own_started, &[&state.run_id]).await?;
-                    }
-                    let close_ms = if open { 0 } else { state.close_ms.max(1) };
-                    let params: [&(dyn ToSql + Sync); 8] = [
-                        &state.run_id,
-                        &state.namespace,
-                        &state.standalone_activity,
-                        &state.workflow_id,
-                        &state.status,
-                        &state.start_ms,
-                        &state.encode_to_vec(),
-                        &close_ms,
-                    ];
-                    tx.execute(&put_run, &params).await?;
+                let close_ms = if open { 0 } else { state.close_ms.max(1) };
+                plan.push((
+                    self.put_run.clone(),
+                    vec![
+                        text(&state.run_id),
+                        text(&state.namespace),
+                        Box::new(state.standalone_activity),
+                        text(&state.workflow_id),
+                        Box::new(state.status),
+                        Box::new(state.start_ms),
+                        Box::new(state.encode_to_vec()),
+                        Box::new(close_ms),
+                    ],
+                ));
+            }
+            Write::Session { state } => {
+                let info = state.info.clone().unwrap_or_default();
+                let open = crate::sessions::is_live(&info);
+                let closed_ms = if open { 0 } else { info.closed_ms.max(1) };
+                plan.push((
+                    self.put_session.clone(),
+                    vec![
+                        text(&info.session_id),
+                        text(&info.namespace),
+                        Box::new(open),
+                        Box::new(info.created_ms),
+                        Box::new(state.encode_to_vec()),
+                        Box::new(closed_ms),
+                    ],
+                ));
+            }
+            Write::ReleaseSessionRows {
+                session_id,
+                runs_still_open,
+                runs_closed,
+            } => {
+                for run_id in runs_still_open {
+                    plan.push((
+                        self.keep_session_started.clone(),
+                        vec![text(run_id), text(session_id)],
+                    ));
                 }
-                Write::Session { state } => {
-                    let info = state.info.clone().unwrap_or_default();
-                    let open = crate::sessions::is_live(&info);
-                    let closed_ms = if open { 0 } else { info.closed_ms.max(1) };
-                    let params: [&(dyn ToSql + Sync); 6] = [
-                        &info.session_id,
-                        &info.namespace,
-                        &open,
-                        &info.created_ms,
-                        &state.encode_to_vec(),
-                        &closed_ms,
-                    ];
-                    tx.execute(&put_session, &params).await?;
+                for run_id in runs_closed {
+                    plan.push((
+                        self.delete_session_started.clone(),
+                        vec![text(run_id), text(session_id)],
+                    ));
                 }
-                Write::ReleaseSessionRows {
-                    session_id,
-                    runs_still_open,
-                    runs_closed,
-                } => {
-                    for run_id in runs_still_open {
-                        tx.execute(
-                            &keep_session_started,
-                            &[&run_id.as_str(), &session_id.as_str()],
-                        )
-                        .await?;
-                    }
-                    for run_id in runs_closed {
-                        tx.execute(
-                            &delete_session_started,
-                            &[&run_id.as_str(), &session_id.as_str()],
-                        )
-                        .await?;
-                    }
+            }
+            Write::DeleteSessions { session_ids } => {
+                for session_id in session_ids {
+                    plan.push((self.delete_session.clone(), vec![text(session_id)]));
                 }
-                Write::DeleteSessions { session_ids } => {
-                    for session_id in session_ids {
-                        tx.execute(&delete_session, &[&session_id.as_str()]).await?;
-                    }
+            }
+            Write::DeleteRuns { run_ids } => {
+                // Events and hand-out rows first: their deletes look for the closed run.
+                for run_id in run_ids {
+                    plan.push((self.delete_run_events.clone(), vec![text(run_id)]));
+                    plan.push((self.delete_run_started.clone(), vec![text(run_id)]));
+                    plan.push((self.delete_run.clone(), vec![text(run_id)]));
                 }
-                Write::DeleteRuns { run_ids } => {
-                    for run_id in run_ids {
-                        let id: &(dyn ToSql + Sync) = &run_id.as_str();
-                        tx.execute(&delete_run_events, &[id]).await?;
-                        tx.execute(&delete_run_started, &[id]).await?;
-                        tx.execute(&delete_run, &[id]).await?;
-                    }
-                }
-                Write::Started {
-                    run_id,
-                    scheduled_event_id,
-                    attempt,
-                    dispatch,
-                    started_ms,
-                    worker,
-                    instance,
-                    session_id,
-                    session_activities_run,
-                } => {
-                    let params: [&(dyn ToSql + Sync); 9] = [
-                        &run_id.as_str(),
-                        &(*scheduled_event_id as i64),
-                        &(*attempt as i32),
-                        &(*dispatch as i64),
-                        started_ms,
-                        worker,
-                        instance,
-                        &session_id.as_ref().map_or("", |s| s.as_str()),
-                        &(*session_activities_run as i64),
-                    ];
-                    tx.execute(&put_started, &params).await?;
-                }
-                Write::Events { run_id, events } => {
-                    for event in events {
-                        let params: [&(dyn ToSql + Sync); 3] = [
-                            &run_id.as_str(),
-                            &(event.event_id as i64),
-                            &event.encode_to_vec(),
-                        ];
-                        tx.execute(&put_event, &params).await?;
-                    }
+            }
+            Write::Started {
+                run_id,
+                scheduled_event_id,
+                attempt,
+                dispatch,
+                started_ms,
+                worker,
+                instance,
+                session_id,
+                session_activities_run,
+            } => plan.push((
+                self.put_started.clone(),
+                vec![
+                    text(run_id),
+                    Box::new(*scheduled_event_id as i64),
+                    Box::new(*attempt as i32),
+                    Box::new(*dispatch as i64),
+                    Box::new(*started_ms),
+                    text(worker),
+                    text(instance),
+                    text(session_id.as_ref().map_or("", |s| s.as_str())),
+                    Box::new(*session_activities_run as i64),
+                ],
+            )),
+            Write::Events { run_id, events } => {
+                for event in events {
+                    plan.push((
+                        self.put_event.clone(),
+                        vec![
+                            text(run_id),
+                            Box::new(event.event_id as i64),
+                            Box::new(event.encode_to_vec()),
+                        ],
+                    ));
                 }
             }
         }
     }
-    tx.commit().await?;
-    Ok(())
 }
 
 fn decode_run(bytes: &[u8]) -> Result<RunState, StoreError> {
