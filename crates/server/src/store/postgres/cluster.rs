@@ -41,10 +41,15 @@ impl TestCluster {
             }
         }
         let as_postgres_user = running_as_root();
-        let dir = tempfile::Builder::new()
-            .prefix("tether-pg-")
-            .tempdir()
-            .map_err(|e| format!("could not make a directory for PostgreSQL: {e}"))?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("tether-pg-");
+        // The postgres user must reach the directory: under root's own TMPDIR it may not.
+        let dir = if as_postgres_user {
+            builder.tempdir_in("/tmp")
+        } else {
+            builder.tempdir()
+        }
+        .map_err(|e| format!("could not make a directory for PostgreSQL: {e}"))?;
         if as_postgres_user {
             // The cluster's files must belong to the user that runs it.
             run(
