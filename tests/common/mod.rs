@@ -1,20 +1,58 @@
 //! The one harness every integration test uses: an in-process server on an ephemeral loopback
-//! port over a temporary data directory, plus helpers to build clients and workers.
+//! port, plus helpers to build clients and workers.
+//!
+//! The server's store depends on the test target: a target whose name ends in `_on_postgres`
+//! (the same test file built a second time, declared in Cargo.toml) runs every server on
+//! PostgreSQL, one throwaway cluster per test binary and a fresh database per [`TestEnv`];
+//! every other target runs on SQLite in a temporary directory.
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tether::client::{Client, ClientOptions};
-use tether::server::{LocalServer, ServerConfig};
-use tether::store::SyncMode;
+use tether::server::{LocalServer, ServerConfig, StoreLocation};
+use tether::store::{SyncMode, TestCluster};
 use tether::worker::{Worker, WorkerOptions};
 
 pub struct TestEnv {
     pub server: Option<LocalServer>,
+    /// The SQLite data directory (unused, but kept, on PostgreSQL).
     pub dir: tempfile::TempDir,
+    pub location: StoreLocation,
     pub client: Client,
     pub listen: String,
     pub config: ServerConfig,
+}
+
+/// Whether this test binary runs its servers on PostgreSQL.
+pub fn on_postgres() -> bool {
+    env!("CARGO_CRATE_NAME").ends_with("_on_postgres")
+}
+
+/// Where a new test server keeps its state: a fresh SQLite directory, or a fresh database on
+/// this binary's cluster.
+async fn new_location(dir: &std::path::Path) -> StoreLocation {
+    if !on_postgres() {
+        return StoreLocation::Sqlite(dir.to_path_buf());
+    }
+    static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
+    static DATABASES: AtomicUsize = AtomicUsize::new(0);
+    let cluster = CLUSTER.get_or_init(|| {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("these tests need PostgreSQL: {e}"));
+        cluster
+            .stop_when_this_process_exits()
+            .unwrap_or_else(|e| panic!("{e}"));
+        cluster
+    });
+    let name = format!("test_{}", DATABASES.fetch_add(1, Ordering::Relaxed));
+    let url = cluster
+        .create_database(&name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    StoreLocation::Postgres(url)
 }
 
 pub fn test_config() -> ServerConfig {
@@ -32,7 +70,8 @@ impl TestEnv {
 
     pub async fn start_with(config: ServerConfig) -> TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
-        let server = LocalServer::start("127.0.0.1:0", dir.path(), config.clone())
+        let location = new_location(dir.path()).await;
+        let server = LocalServer::start_on("127.0.0.1:0", location.clone(), config.clone())
             .await
             .expect("server starts");
         let listen = server.addr().to_string();
@@ -48,6 +87,7 @@ impl TestEnv {
         TestEnv {
             server: Some(server),
             dir,
+            location,
             client,
             listen,
             config,
@@ -59,14 +99,15 @@ impl TestEnv {
     }
 
     /// Stops the server (everything acknowledged is durable) and starts a new one on the same
-    /// data directory and address.
+    /// store and address.
     pub async fn restart(&mut self) {
         if let Some(server) = self.server.take() {
             server.stop().await.expect("server stops cleanly");
         }
-        let server = LocalServer::start(&self.listen, self.dir.path(), self.config.clone())
-            .await
-            .expect("server restarts on the same data dir");
+        let server =
+            LocalServer::start_on(&self.listen, self.location.clone(), self.config.clone())
+                .await
+                .expect("server restarts on the same store");
         self.server = Some(server);
     }
 

@@ -106,6 +106,33 @@ impl TestCluster {
         Ok(cluster)
     }
 
+    /// Makes sure the cluster stops when this process ends, however it ends (a cluster kept in
+    /// a `static` is never dropped): a small shell process waits for this one to be gone, then
+    /// stops the cluster and deletes its directory.
+    pub fn stop_when_this_process_exits(&self) -> Result<(), String> {
+        let data = self.dir.path().join("data");
+        let runuser = if self.as_postgres_user {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
+             {runuser}pg_ctl -D '{data}' -m immediate -w stop >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            data = path_str(&data)?,
+            dir = path_str(self.dir.path())?,
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(|_| ())
+            .map_err(|e| format!("could not start the cluster's watchdog: {e}"))
+    }
+
     /// The port it listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
