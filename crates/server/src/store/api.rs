@@ -236,6 +236,31 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self) {}
 }
 
+/// Where a table keeps the close time of its rows, for the retention lookups
+/// ([`Store::expired_runs`], [`Store::expired_sessions`]) of the SQL stores.
+pub struct ClosedRows {
+    /// The table.
+    pub table: &'static str,
+    /// Its id column.
+    pub id: &'static str,
+    /// Its close-time column (0 while open).
+    pub closed_at: &'static str,
+}
+
+/// Closed runs.
+pub const CLOSED_RUNS: ClosedRows = ClosedRows {
+    table: "runs",
+    id: "run_id",
+    closed_at: "close_ms",
+};
+
+/// Closed sessions.
+pub const CLOSED_SESSIONS: ClosedRows = ClosedRows {
+    table: "sessions",
+    id: "session_id",
+    closed_at: "closed_ms",
+};
+
 /// One hand-out row (see [`Write::Started`]) as a store reads it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandOutRow {

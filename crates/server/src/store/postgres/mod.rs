@@ -13,8 +13,8 @@ mod schema;
 pub use cluster::TestCluster;
 
 use super::api::{
-    fold_hand_outs, fold_session_counts, Commit, Durability, HandOutRow, Recovered, RunFilter,
-    Store, StoreError, Write, WriteBatch,
+    fold_hand_outs, fold_session_counts, ClosedRows, Commit, Durability, HandOutRow, Recovered,
+    RunFilter, Store, StoreError, Write, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
 };
 use super::group_commit::{GroupCommit, Job};
 use crate::state::{RunState, SessionState};
@@ -126,26 +126,32 @@ impl PostgresStore {
 
     /// Ids of up to `limit` rows of `table` in `namespace` closed before `before_ms`, oldest
     /// first (served by the partial close-time indexes).
-    fn closed_before(
+    fn closed_before<Id: From<String> + Send + 'static>(
         &self,
-        table: &'static str,
-        id_column: &'static str,
-        column: &'static str,
+        rows: &ClosedRows,
         namespace: &Namespace,
         before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Id>, StoreError> {
+        let ClosedRows {
+            table,
+            id,
+            closed_at,
+        } = rows;
+        let sql = format!(
+            "SELECT {id} FROM {table}
+             WHERE namespace = $1 AND {closed_at} > 0 AND {closed_at} < $2
+             ORDER BY {closed_at}, {id} LIMIT $3"
+        );
         let namespace = namespace.to_string();
         self.query(move |client| async move {
-            let sql = format!(
-                "SELECT {id_column} FROM {table}
-                 WHERE namespace = $1 AND {column} > 0 AND {column} < $2
-                 ORDER BY {column}, {id_column} LIMIT $3"
-            );
             let rows = client
                 .query(&sql, &[&namespace, &before_ms, &(limit as i64)])
                 .await?;
-            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            Ok(rows
+                .iter()
+                .map(|r| Id::from(r.get::<_, String>(0)))
+                .collect())
         })
     }
 }
@@ -552,15 +558,7 @@ impl Store for PostgresStore {
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError> {
-        let ids = self.closed_before(
-            "runs",
-            "run_id",
-            "close_ms",
-            namespace,
-            closed_before_ms,
-            limit,
-        )?;
-        Ok(ids.into_iter().map(RunId::from).collect())
+        self.closed_before(&CLOSED_RUNS, namespace, closed_before_ms, limit)
     }
 
     fn expired_sessions(
@@ -569,15 +567,7 @@ impl Store for PostgresStore {
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError> {
-        let ids = self.closed_before(
-            "sessions",
-            "session_id",
-            "closed_ms",
-            namespace,
-            closed_before_ms,
-            limit,
-        )?;
-        Ok(ids.into_iter().map(SessionId::from).collect())
+        self.closed_before(&CLOSED_SESSIONS, namespace, closed_before_ms, limit)
     }
 
     fn list_sessions(

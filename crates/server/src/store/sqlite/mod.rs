@@ -7,8 +7,8 @@ mod schema;
 mod writer;
 
 use super::api::{
-    fold_hand_outs, fold_session_counts, Commit, Durability, HandOutRow, Recovered, RunFilter,
-    Store, StoreError, WriteBatch,
+    fold_hand_outs, fold_session_counts, ClosedRows, Commit, Durability, HandOutRow, Recovered,
+    RunFilter, Store, StoreError, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
 };
 use super::group_commit::GroupCommit;
 use crate::state::{RunState, SessionState};
@@ -75,25 +75,28 @@ impl SqliteStore {
 
     /// Ids of up to `limit` rows of `table` in `namespace` closed before `before_ms`, oldest
     /// first (served by the partial close-time indexes).
-    fn closed_before(
+    fn closed_before<Id: From<String>>(
         &self,
-        table: &str,
-        id_column: &str,
-        column: &str,
+        rows: &ClosedRows,
         namespace: &str,
         before_ms: i64,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Id>, StoreError> {
+        let ClosedRows {
+            table,
+            id,
+            closed_at,
+        } = rows;
         let conn = self.reader.lock();
-        let ids = conn
+        let ids: Vec<String> = conn
             .prepare_cached(&format!(
-                "SELECT {id_column} FROM {table}
-                 WHERE namespace = ?1 AND {column} > 0 AND {column} < ?2
-                 ORDER BY {column} LIMIT ?3"
+                "SELECT {id} FROM {table}
+                 WHERE namespace = ?1 AND {closed_at} > 0 AND {closed_at} < ?2
+                 ORDER BY {closed_at} LIMIT ?3"
             ))?
             .query_map(params![namespace, before_ms, limit as i64], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        Ok(ids)
+        Ok(ids.into_iter().map(Id::from).collect())
     }
 
     /// The database file.
@@ -307,15 +310,7 @@ impl Store for SqliteStore {
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError> {
-        let ids = self.closed_before(
-            "runs",
-            "run_id",
-            "close_ms",
-            namespace,
-            closed_before_ms,
-            limit,
-        )?;
-        Ok(ids.into_iter().map(RunId::from).collect())
+        self.closed_before(&CLOSED_RUNS, namespace, closed_before_ms, limit)
     }
 
     fn expired_sessions(
@@ -324,15 +319,7 @@ impl Store for SqliteStore {
         closed_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError> {
-        let ids = self.closed_before(
-            "sessions",
-            "session_id",
-            "closed_ms",
-            namespace,
-            closed_before_ms,
-            limit,
-        )?;
-        Ok(ids.into_iter().map(SessionId::from).collect())
+        self.closed_before(&CLOSED_SESSIONS, namespace, closed_before_ms, limit)
     }
 
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunState>, StoreError> {
