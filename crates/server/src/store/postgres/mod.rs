@@ -198,28 +198,38 @@ pub fn redact(url: &str) -> String {
 /// One statement of a transaction, with its values.
 type Planned = (tokio_postgres::Statement, Vec<Box<dyn ToSql + Sync + Send>>);
 
-/// A group of batches as one transaction, in order. Its statements are pipelined: all are sent
-/// before the first answer is awaited (PostgreSQL runs them in the order sent), so a group costs
-/// a few round trips, not one per row.
+/// A group of batches as one transaction, in order. `BEGIN`, every statement and `COMMIT` are
+/// pipelined: all are sent before the first answer is awaited, and PostgreSQL runs them in the
+/// order sent, so a group costs one round trip (and one WAL flush), not one per row. A statement
+/// that fails aborts the transaction, and PostgreSQL answers the `COMMIT` behind it with a
+/// rollback: nothing of the group is written, and its error is what this returns.
 async fn commit_jobs(pool: &Pool, jobs: &[Job]) -> Result<(), StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await?;
-    let statements = Statements::prepare(&tx).await?;
+    let client = pool.get().await.map_err(pool_error)?;
+    let statements = Statements::prepare(&client).await?;
     let mut plan: Vec<Planned> = Vec::new();
     for (_, batch, _) in jobs {
         for write in &batch.writes {
             statements.plan(write, &mut plan);
         }
     }
-    futures::future::try_join_all(plan.iter().map(|(statement, values)| {
-        tx.execute_raw(
+    let writes = futures::future::try_join_all(plan.iter().map(|(statement, values)| {
+        client.execute_raw(
             statement,
             values.iter().map(|v| &**v as &(dyn ToSql + Sync)),
         )
-    }))
-    .await?;
-    tx.commit().await?;
-    Ok(())
+    }));
+    let outcome = futures::try_join!(client.batch_execute("BEGIN"), writes, async {
+        client.batch_execute("COMMIT").await
+    });
+    match outcome {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // Answers may still be on their way: this connection goes, rather than back to
+            // the pool (the store stops at its first failed commit anyway).
+            drop(deadpool_postgres::Object::take(client));
+            Err(e.into())
+        }
+    }
 }
 
 /// The prepared statements a transaction uses (cached per connection by deadpool).
@@ -239,7 +249,7 @@ struct Statements {
 }
 
 impl Statements {
-    async fn prepare(tx: &deadpool_postgres::Transaction<'_>) -> Result<Statements, StoreError> {
+    async fn prepare(tx: &deadpool_postgres::Object) -> Result<Statements, StoreError> {
         Ok(Statements {
             put_namespace: tx.prepare_cached(schema::PUT_NAMESPACE).await?,
             put_run: tx.prepare_cached(schema::PUT_RUN).await?,
@@ -607,5 +617,68 @@ impl Store for PostgresStore {
                 .await?;
             row.map(|r| decode_session(r.get(0))).transpose()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(id: &str) -> Write {
+        Write::Run {
+            state: Box::new(RunState {
+                namespace: "default".into(),
+                workflow_id: "wf".into(),
+                run_id: id.into(),
+                status: ExecutionStatus::Running as i32,
+                start_ms: 1,
+                ..Default::default()
+            }),
+            may_own_started: false,
+        }
+    }
+
+    fn event_of(run_id: &str) -> Write {
+        Write::Events {
+            run_id: run_id.into(),
+            events: vec![HistoryEvent {
+                event_id: 1,
+                time_ms: 1,
+                attributes: None,
+            }],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_that_fails_half_way_writes_nothing_and_stops_the_store() {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
+        let url = cluster.create_database("half_way").await.unwrap();
+        let store = PostgresStore::connect(&url).unwrap();
+        let batch = |writes| WriteBatch { writes };
+        store
+            .submit(batch(vec![running("before"), event_of("before")]))
+            .done
+            .await
+            .unwrap()
+            .unwrap();
+        // Another client takes the events table away: the group's second statement fails.
+        let (other, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        other.batch_execute("DROP TABLE events").await.unwrap();
+        let failed = store.submit(batch(vec![running("during"), event_of("during")]));
+        let why = failed.done.await.unwrap().unwrap_err();
+        assert!(why.contains("events"), "{why}");
+        assert!(
+            store.load_run(&"during".into()).unwrap().is_none(),
+            "the run written before the failing statement was rolled back with it"
+        );
+        assert!(store.load_run(&"before".into()).unwrap().is_some());
+        let later = store.submit(batch(vec![running("later")]));
+        assert!(
+            later.done.await.unwrap().is_err(),
+            "nothing lands after a failure"
+        );
+        assert!(store.durability().borrow().failed.is_some());
     }
 }
