@@ -171,7 +171,7 @@ impl RunEntry {
         }
         Some(activity_task(
             &self.state.namespace,
-            &self.run_id(),
+            &self.state.run_id,
             a,
             attempt,
         ))
@@ -202,7 +202,7 @@ impl RunEntry {
         clear_started(a);
         fx.tasks.push(activity_task(
             &self.state.namespace,
-            &RunId::from(self.state.run_id.as_str()),
+            &self.state.run_id,
             a,
             attempt,
         ));
@@ -503,7 +503,7 @@ impl RunEntry {
                 let options = a.options.clone().unwrap_or_default();
                 fx.tasks.push(activity_task(
                     &self.state.namespace,
-                    &RunId::from(self.state.run_id.as_str()),
+                    &self.state.run_id,
                     a,
                     attempt,
                 ));

@@ -299,14 +299,14 @@ fn arm_attempt_timers(
 /// its (canonical) requirements.
 fn activity_task(
     namespace: &str,
-    run_id: &RunId,
+    run_id: &str,
     a: &ActivityState,
     attempt: u32,
 ) -> (QueueKey, TaskRef, String) {
     (
         QueueKey::new(namespace, &a.task_queue, TaskKind::Activity),
         TaskRef::Activity {
-            run_id: run_id.clone(),
+            run_id: RunId::from(run_id),
             scheduled_event_id: a.scheduled_event_id,
             attempt,
         },
