@@ -11,7 +11,7 @@ use tether::client::WorkflowOptions;
 
 const T: Duration = Duration::from_secs(30);
 
-type Rpc = pb::tether_service_client::TetherServiceClient<tonic::transport::Channel>;
+type Rpc = tether_sdk::client::Rpc;
 
 async fn poll_workflow_task(rpc: &mut Rpc, queue: &str) -> pb::PollWorkflowTaskResponse {
     rpc.poll_workflow_task(pb::PollWorkflowTaskRequest {

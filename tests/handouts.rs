@@ -11,9 +11,8 @@ use std::time::Duration;
 use tether::api::pb;
 use tether::server::{Engine, ServerConfig};
 use tether::store::{SqliteStore, SyncMode};
-use tonic::transport::Channel;
 
-type Rpc = pb::tether_service_client::TetherServiceClient<Channel>;
+type Rpc = tether_sdk::client::Rpc;
 
 const T: Duration = Duration::from_secs(20);
 

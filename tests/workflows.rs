@@ -540,7 +540,7 @@ async fn single_workflow_slot_still_serves_both_queues() {
 /// Polls one workflow task the way a worker would, as identity "raw" (tests that play the
 /// worker's side by hand).
 async fn poll_workflow_task_raw(
-    rpc: &mut pb::tether_service_client::TetherServiceClient<tonic::transport::Channel>,
+    rpc: &mut tether_sdk::client::Rpc,
     queue: &str,
 ) -> pb::PollWorkflowTaskResponse {
     rpc.poll_workflow_task(pb::PollWorkflowTaskRequest {

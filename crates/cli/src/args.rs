@@ -164,6 +164,9 @@ pub(crate) enum Command {
     /// Inspect sessions (a worker and resources reserved for a sequence of activities).
     #[command(subcommand)]
     Session(SessionCmd),
+    /// Inspect the cluster of server replicas (on PostgreSQL).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Make certificates for trying mTLS.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -324,6 +327,19 @@ pub(crate) struct ServerArgs {
     /// tables are created or migrated at start). Also read from TETHER_DATABASE_URL.
     #[arg(long, env = "TETHER_DATABASE_URL", conflicts_with = "data_dir")]
     pub(crate) database_url: Option<String>,
+    /// With --database-url: this replica's id in the cluster (default: HOST:PORT, the host name
+    /// and the listening port). Servers on one database share its namespaces, each held by one
+    /// of them.
+    #[arg(long, requires = "database_url")]
+    pub(crate) replica_id: Option<String>,
+    /// With --database-url: where clients and the other replicas reach this one
+    /// (http://HOST:PORT; default: the --listen address, which must then not be 0.0.0.0).
+    #[arg(long, requires = "database_url")]
+    pub(crate) advertise_address: Option<String>,
+    /// With --database-url: a replica that has not renewed its leases for this long loses its
+    /// namespaces to the others (e.g. 8s, 2s).
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub(crate) lease_timeout: Duration,
     #[command(flatten)]
     pub(crate) options: ServerOptionsArgs,
 }
@@ -544,6 +560,13 @@ pub(crate) enum QueueCmd {
         #[arg(long)]
         task_queue: String,
     },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ClusterCmd {
+    /// The replicas, their addresses and heartbeats, and which namespaces each holds (with
+    /// lease epochs and ages).
+    Status,
 }
 
 #[derive(Subcommand)]

@@ -14,6 +14,7 @@ mod activity;
 mod args;
 mod caps;
 mod certs;
+mod cluster;
 mod codec;
 mod codec_server;
 mod dev_certs;
@@ -29,7 +30,7 @@ mod workflow;
 pub use dev_certs::{write_dev_certs, DevCa};
 
 use anyhow::Result;
-use args::{CertsCmd, Cli, Command, WorkersCmd};
+use args::{CertsCmd, Cli, ClusterCmd, Command, WorkersCmd};
 use clap::Parser;
 use serde_json::json;
 
@@ -83,6 +84,7 @@ async fn run(cli: Cli) -> Result<i32> {
             workers::workers_describe(&g, identity).await
         }
         Command::Session(cmd) => session::session_cmd(&g, cmd).await,
+        Command::Cluster(ClusterCmd::Status) => cluster::cluster_status(&g).await,
         Command::CodecServer {
             keys,
             listen,

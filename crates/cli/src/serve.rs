@@ -228,7 +228,27 @@ pub(crate) fn refuse_address_for_servers(g: &Global, command: &str) -> Result<()
 
 pub(crate) async fn server_cmd(g: &Global, args: ServerArgs) -> Result<i32> {
     refuse_address_for_servers(g, "server")?;
-    let config = server_config(&args.options)?;
+    let mut config = server_config(&args.options)?;
+    config.replica = tether_server::cluster::ReplicaConfig {
+        id: args.replica_id.unwrap_or_default(),
+        advertise_address: match args.advertise_address {
+            Some(address) => address,
+            None if args.options.listen.starts_with("0.0.0.0")
+                || args.options.listen.starts_with("[::]") =>
+            {
+                if args.database_url.is_some() {
+                    bail!(
+                        "--listen {} is every interface, which is no address for the other \
+                         replicas to send clients to; give --advertise-address http://HOST:PORT",
+                        args.options.listen
+                    );
+                }
+                String::new()
+            }
+            None => String::new(),
+        },
+        lease_timeout: args.lease_timeout,
+    };
     let location = match (args.data_dir, args.database_url) {
         (_, Some(url)) => StoreLocation::Postgres(url),
         (Some(dir), None) => StoreLocation::Sqlite(dir),

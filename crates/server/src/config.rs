@@ -45,6 +45,9 @@ pub struct ServerConfig {
     /// Where the engine reads the time. Default the system's wall clock; tests of the engine
     /// run it on tokio's paused time with [`Clock::following_tokio`].
     pub clock: Clock,
+    /// How this server takes part in a cluster of replicas (on PostgreSQL only; SQLite is one
+    /// server's alone).
+    pub replica: ReplicaConfig,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             max_history_bytes: DEFAULT_MAX_HISTORY_BYTES,
             store_busy_timeout: crate::store::DEFAULT_BUSY_TIMEOUT,
             clock: Clock::system(),
+            replica: ReplicaConfig::default(),
         }
     }
 }
@@ -93,6 +97,56 @@ impl ServerConfig {
                 self.max_history_bytes
             ));
         }
+        self.replica.validate()
+    }
+}
+
+/// How a server takes part in a cluster (used with PostgreSQL).
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// This replica's id, unique in the cluster. Default (empty): `HOST:PORT`, the host's name
+    /// and the port it listens on (a restart on the same port is the same replica).
+    pub id: String,
+    /// Where clients and workers reach this replica (`http://HOST:PORT`), recorded for the
+    /// other replicas to redirect to. Default (empty): the address it listens on.
+    pub advertise_address: String,
+    /// A replica that has not renewed its leases for this long loses them, and another
+    /// replica takes its namespaces over. Default 8 s.
+    pub lease_timeout: Duration,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            id: String::new(),
+            advertise_address: String::new(),
+            lease_timeout: Duration::from_secs(8),
+        }
+    }
+}
+
+impl ReplicaConfig {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.lease_timeout < Duration::from_secs(1)
+            || self.lease_timeout > Duration::from_secs(600)
+        {
+            return Err(format!(
+                "a lease timeout of {:?} is out of range; give between 1 s and 10 min (default 8 s)",
+                self.lease_timeout
+            ));
+        }
+        if self.id.len() > 200 || self.id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "replica id {:?} must be at most 200 characters, without spaces",
+                self.id
+            ));
+        }
         Ok(())
+    }
+
+    /// How often leases are renewed and the cluster read: often enough that a lease is
+    /// renewed several times within its timeout, and a lapsed one taken over soon after.
+    pub fn tick(&self) -> Duration {
+        (self.lease_timeout / 8).clamp(Duration::from_millis(100), Duration::from_secs(1))
     }
 }

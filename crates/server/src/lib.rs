@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod clock;
+pub mod cluster;
 mod config;
 mod engine;
 mod error;
@@ -19,7 +20,8 @@ pub mod timers;
 pub use clock::Clock;
 pub use config::{ServerConfig, DEFAULT_MAX_HISTORY_BYTES};
 pub use engine::{
-    Engine, EngineStats, NextTasks, RunSelector, RunTarget, StartedActivity, StorageFailure,
+    Engine, EngineStats, ForeignSignals, NextTasks, RunSelector, RunTarget, StartedActivity,
+    StorageFailure,
 };
 pub use error::EngineError;
 pub use frontend::Frontend;

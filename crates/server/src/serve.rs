@@ -1,6 +1,7 @@
 //! Serving the API: the listener, TLS, the request layers (rate limit, metrics), and
 //! [`LocalServer`], a server in this process over a data directory.
 
+use crate::cluster::Replica;
 use crate::config::ServerConfig;
 use crate::engine::{Engine, EngineStats, StorageFailure};
 use crate::error::EngineError;
@@ -57,9 +58,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
-    let tls = config.tls.clone();
-    let engine = Engine::open(store, config).await?;
-    serve_engine(listener, engine, tls, shutdown).await
+    let engine = Engine::open(store, config.clone()).await?;
+    serve(listener, Served::One(engine), config, shutdown).await
 }
 
 /// Where a server keeps its state.
@@ -93,7 +93,15 @@ pub struct LocalServer {
     task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
     store: Arc<dyn Store>,
     location: StoreLocation,
-    engine: Arc<Engine>,
+    serving: Served,
+}
+
+/// What a server serves: one engine for every namespace, or (on PostgreSQL) a cluster replica's
+/// engines of the namespaces it holds.
+#[derive(Clone)]
+enum Served {
+    One(Arc<Engine>),
+    Replica(Arc<Replica>),
 }
 
 impl LocalServer {
@@ -128,6 +136,7 @@ impl LocalServer {
             source,
         })?;
         config.validate().map_err(ServeError::Config)?;
+        let mut postgres = None;
         let store: Arc<dyn Store> = match &location {
             StoreLocation::Sqlite(dir) => Arc::new(SqliteStore::open_with(
                 dir,
@@ -140,41 +149,31 @@ impl LocalServer {
                 let connected = tokio::task::spawn_blocking(move || PostgresStore::connect(&url))
                     .await
                     .map_err(|e| ServeError::Engine(EngineError::Internal(e.to_string())))?;
-                Arc::new(connected?)
+                let connected = Arc::new(connected?);
+                postgres = Some(connected.clone());
+                connected
             }
         };
         // Recover before accepting so that start-up errors surface here, not in the task.
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) =
-            tokio::sync::oneshot::channel::<Result<Arc<Engine>, ServeError>>();
-        let store_dyn = store.clone();
-        let task = tokio::spawn(async move {
-            let engine = match Engine::open(store_dyn, config.clone()).await {
-                Ok(e) => {
-                    let _ = ready_tx.send(Ok(e.clone()));
-                    e
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(ServeError::Engine(e.clone())));
-                    return Err(ServeError::Engine(e));
-                }
-            };
-            serve_engine(listener, engine, config.tls.clone(), async move {
-                let _ = stop_rx.await;
-            })
-            .await
-        });
-        let engine = match ready_rx.await {
-            Ok(Ok(engine)) => engine,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(ServeError::Engine(EngineError::Internal(
-                    "server task ended during start-up".into(),
-                )))
-            }
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
         };
+        // On PostgreSQL every server is a cluster replica, a lone one included: the leases
+        // are what keeps two servers on one database from both writing a namespace.
+        let serving = match postgres {
+            None => Served::One(Engine::open(store.clone(), config.clone()).await?),
+            Some(shared) => Served::Replica(
+                Replica::start(shared, config.clone(), &format!("{scheme}://{addr}")).await?,
+            ),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, serving.clone(), config, async move {
+            let _ = stop_rx.await;
+        }));
         Ok(LocalServer {
-            engine,
+            serving,
             addr,
             stop: Some(stop_tx),
             task: Some(task),
@@ -200,19 +199,37 @@ impl LocalServer {
 
     /// What the engine holds in memory now (runs, sessions, timers, waiters).
     pub fn stats(&self) -> EngineStats {
-        self.engine.stats()
+        match &self.serving {
+            Served::One(engine) => engine.stats(),
+            Served::Replica(replica) => replica.stats(),
+        }
+    }
+
+    /// The cluster replica this server is, when it runs on PostgreSQL.
+    pub fn replica(&self) -> Option<&Arc<Replica>> {
+        match &self.serving {
+            Served::One(_) => None,
+            Served::Replica(replica) => Some(replica),
+        }
     }
 
     /// Resolves when the store failed a write: from then on every request is refused, and the
-    /// server should be restarted (`tether server` exits).
+    /// server should be restarted (`tether server` exits). Never, for a cluster replica: a
+    /// namespace whose write failed is reopened from the database, by this replica or another.
     pub async fn storage_failed(&self) -> StorageFailure {
-        self.engine.storage_failed().await
+        match &self.serving {
+            Served::One(engine) => engine.storage_failed().await,
+            Served::Replica(_) => std::future::pending().await,
+        }
     }
 
     /// Puts new access rules in force (e.g. after the access file changed). Refused when the
     /// server runs without authorization.
     pub fn replace_access(&self, access: crate::auth::Access) -> Result<(), EngineError> {
-        self.engine.replace_access(access)
+        match &self.serving {
+            Served::One(engine) => engine.replace_access(access),
+            Served::Replica(replica) => replica.replace_access(access),
+        }
     }
 
     /// Stops serving and closes the store (everything acknowledged is already durable).
@@ -242,17 +259,28 @@ impl Drop for LocalServer {
     }
 }
 
-async fn serve_engine(
+/// Serves the API (and a lone engine's loops) until `shutdown` resolves.
+async fn serve(
     listener: tokio::net::TcpListener,
-    engine: Arc<Engine>,
-    tls: Option<tether_core::tls::ServerTls>,
+    serving: Served,
+    config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let timers = tokio::spawn(engine.clone().run_timers());
-    let liveness = tokio::spawn(engine.clone().run_liveness());
-    let retention = tokio::spawn(engine.clone().run_retention());
-    let limiter = Arc::new(RateLimiter::new(engine.max_requests_per_second()));
-    let service = TetherServiceServer::new(Frontend::new(engine.clone()))
+    let tls = config.tls.clone();
+    let (frontend, engine_loops) = match &serving {
+        Served::One(engine) => (
+            Frontend::new(engine.clone()),
+            vec![
+                tokio::spawn(engine.clone().run_timers()),
+                tokio::spawn(engine.clone().run_liveness()),
+                tokio::spawn(engine.clone().run_retention()),
+            ],
+        ),
+        // A replica runs each namespace's loops with its engine.
+        Served::Replica(replica) => (Frontend::for_replica(replica.clone()), Vec::new()),
+    };
+    let limiter = Arc::new(RateLimiter::new(config.max_requests_per_second));
+    let service = TetherServiceServer::new(frontend)
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
     let service = tonic::service::interceptor::InterceptedService::new(service, move |req| {
@@ -260,12 +288,16 @@ async fn serve_engine(
     });
     let service = RequestMetrics {
         inner: service,
-        enabled: engine.metrics_enabled(),
+        enabled: config.metrics,
     };
-    let engine_for_shutdown = engine.clone();
+    let serving_for_shutdown = serving.clone();
     let shutdown = async move {
         shutdown.await;
-        engine_for_shutdown.begin_shutdown();
+        match &serving_for_shutdown {
+            Served::One(engine) => engine.begin_shutdown(),
+            // Parked calls end as each engine stops, after the listener stops taking calls.
+            Served::Replica(replica) => replica.begin_stop(),
+        }
     };
     // With our own listener the builder's nodelay setting does not apply: set it per connection,
     // or Nagle's algorithm adds ~40 ms to every small reply.
@@ -287,11 +319,16 @@ async fn serve_engine(
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
-    engine.begin_shutdown();
-    let _ = timers.await;
-    let _ = liveness.await;
-    let _ = retention.await;
-    engine.take_back_remaining().await;
+    match &serving {
+        Served::One(engine) => {
+            engine.begin_shutdown();
+            for task in engine_loops {
+                let _ = task.await;
+            }
+            engine.take_back_remaining().await;
+        }
+        Served::Replica(replica) => replica.stop().await,
+    }
     result.map_err(ServeError::from)
 }
 

@@ -11,6 +11,11 @@ pub fn host_queue_name(identity: &str) -> String {
     format!("{HOST_QUEUE_PREFIX}{identity}")
 }
 
+/// Metadata key carrying, on an UNAVAILABLE reply from a cluster replica that does not hold
+/// the call's namespace, the address of the replica that does: the SDK resends the call there
+/// (nothing of it was done where it was refused).
+pub const OWNER_METADATA: &str = "tether-owner";
+
 /// Metadata key carrying the running run's id on an ALREADY_EXISTS reply to a start.
 pub const RUN_ID_METADATA: &str = "tether-run-id";
 

@@ -2,10 +2,10 @@
 
 use super::error::{is_transient, ClientError};
 use super::options::ClientOptions;
+use super::routing::{endpoint_for, unreachable_now, ChannelMaker, Routed, Router};
 use crate::codec::{self};
 use std::time::Duration;
 use tether_wire::pb::{self, tether_service_client::TetherServiceClient};
-use tonic::transport::{Channel, Endpoint};
 
 /// Largest message the client sends or accepts: the server's own limit, so whatever history
 /// the server accepted can be delivered here.
@@ -19,51 +19,24 @@ pub(super) const RETRY_FIRST: Duration = Duration::from_millis(50);
 
 pub(super) const RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// The client's TLS files as tonic's configuration.
-pub(super) fn client_tls_config(
-    tls: &tether_core::tls::ClientTls,
-) -> tonic::transport::ClientTlsConfig {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let mut config = ClientTlsConfig::new();
-    if let Some(ca) = &tls.ca_pem {
-        config = config.ca_certificate(Certificate::from_pem(ca));
-    }
-    if let Some((cert, key)) = &tls.identity {
-        config = config.identity(Identity::from_pem(cert, key));
-    }
-    if let Some(name) = &tls.server_name {
-        config = config.domain_name(name.clone());
-    }
-    config
+/// The generated client over the routing transport: what [`Client::raw`] gives.
+pub type Rpc = TetherServiceClient<Routed>;
+
+/// A generated client whose calls are for `namespace`.
+fn routed_client(router: &std::sync::Arc<Router>, namespace: &str) -> Rpc {
+    TetherServiceClient::new(Routed {
+        router: router.clone(),
+        namespace: namespace.into(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE)
 }
 
-/// Whether a connection error means "nobody is there (yet)" rather than a setting that will
-/// never work (a TLS failure, a malformed address).
-pub(super) fn unreachable_now(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            // Refused: nothing listens (yet). A reset or an abort means something answered and
-            // hung up (a TLS server refusing the client): trying again would not help.
-            return matches!(
-                io.kind(),
-                ConnectionRefused
-                    | TimedOut
-                    | AddrNotAvailable
-                    | HostUnreachable
-                    | NetworkUnreachable
-            );
-        }
-        cause = c.source();
-    }
-    false
-}
-
-/// A connection to a tether server.
+/// A connection to a tether server (or to the replicas of a cluster).
 #[derive(Clone)]
 pub struct Client {
-    pub(super) rpc: TetherServiceClient<Channel>,
+    pub(super) rpc: Rpc,
+    pub(super) router: std::sync::Arc<Router>,
     pub(super) options: ClientOptions,
     /// The server's address as the client reaches it.
     pub(super) address: String,
@@ -108,64 +81,96 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client, ClientError> {
         let address = address.into();
-        let scheme = if options.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let url = match address.split_once("://") {
-            Some((_, rest)) => format!("{scheme}://{rest}"),
-            None => format!("{scheme}://{address}"),
-        };
-        let mut endpoint = Endpoint::from_shared(url).map_err(|e| ClientError::Connect {
-            address: address.clone(),
-            reason: e.to_string(),
-        })?;
-        if let Some(tls) = &options.tls {
-            tether_core::tls::install_crypto_provider();
-            endpoint =
-                endpoint
-                    .tls_config(client_tls_config(tls))
-                    .map_err(|e| ClientError::Connect {
-                        address: address.clone(),
-                        reason: format!("TLS settings: {e}"),
-                    })?;
+        // Several replicas of a cluster: "host1:7233,host2:7233". Calls go to whichever holds
+        // their namespace (see `routing`).
+        let addresses: Vec<String> = address
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addresses.is_empty() {
+            return Err(ClientError::Connect {
+                address,
+                reason:
+                    "no server address given; pass HOST:PORT (or several, comma-separated, for \
+                         the replicas of a cluster)"
+                        .into(),
+            });
         }
-        let endpoint = endpoint
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10));
+        let mut endpoints = Vec::with_capacity(addresses.len());
+        for a in &addresses {
+            let endpoint =
+                endpoint_for(a, options.tls.as_ref()).map_err(|reason| ClientError::Connect {
+                    address: a.clone(),
+                    reason,
+                })?;
+            endpoints.push(endpoint);
+        }
         let deadline = std::time::Instant::now() + options.retry_for;
         let mut backoff = RETRY_FIRST;
         let mut told = false;
-        let channel = loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
-                Err(e) if unreachable_now(&e) && std::time::Instant::now() + backoff < deadline => {
-                    if !told {
-                        tracing::warn!(address, error = %e, "the server is not reachable yet; trying again for up to {:?}", options.retry_for);
-                        told = true;
+        // The first address that answers is where calls go first; the others connect when
+        // a call needs them.
+        let (first, channel) = 'connected: loop {
+            let mut last_unreachable = None;
+            for (i, endpoint) in endpoints.iter().enumerate() {
+                match endpoint.connect().await {
+                    Ok(channel) => break 'connected (i, channel),
+                    Err(e) if unreachable_now(&e) => last_unreachable = Some((i, e)),
+                    Err(e) => {
+                        return Err(ClientError::Connect {
+                            address: addresses[i].clone(),
+                            reason: format!(
+                                "{e}{} (is the server running? start one with `tether dev`)",
+                                std::error::Error::source(&e)
+                                    .map(|s| format!(": {s}"))
+                                    .unwrap_or_default()
+                            ),
+                        })
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-                Err(e) => {
-                    return Err(ClientError::Connect {
-                        address: address.clone(),
-                        reason: format!(
-                            "{e}{} (is the server running? start one with `tether dev`)",
-                            std::error::Error::source(&e)
-                                .map(|s| format!(": {s}"))
-                                .unwrap_or_default()
-                        ),
-                    })
                 }
             }
+            let (i, e) = last_unreachable.expect("every address failed one way or the other");
+            if std::time::Instant::now() + backoff >= deadline {
+                return Err(ClientError::Connect {
+                    address: addresses[i].clone(),
+                    reason: format!(
+                        "{e}{} (is the server running? start one with `tether dev`)",
+                        std::error::Error::source(&e)
+                            .map(|s| format!(": {s}"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            if !told {
+                tracing::warn!(address, error = %e, "the server is not reachable yet; trying again for up to {:?}", options.retry_for);
+                told = true;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
         };
-        let rpc = TetherServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let given = addresses
+            .iter()
+            .zip(endpoints)
+            .enumerate()
+            .map(|(i, (a, endpoint))| {
+                let c = if i == first {
+                    channel.clone()
+                } else {
+                    endpoint.connect_lazy()
+                };
+                (a.clone(), c)
+            })
+            .collect();
+        let tls = options.tls.clone();
+        let make: ChannelMaker = std::sync::Arc::new(move |a: &str| {
+            endpoint_for(a, tls.as_ref()).map(|e| e.connect_lazy())
+        });
+        let router = std::sync::Arc::new(Router::new(given, first, make));
+        let rpc = routed_client(&router, &options.namespace);
         let client = Client {
             rpc,
+            router,
             options,
             address: address.clone(),
             request_ids: std::sync::Arc::new(RequestIds::new()),
@@ -200,7 +205,7 @@ impl Client {
     /// be reached, for up to `retry_for`.
     pub(crate) async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
     where
-        F: FnMut(TetherServiceClient<Channel>) -> Fut,
+        F: FnMut(Rpc) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let deadline = std::time::Instant::now() + self.options.retry_for;
@@ -229,6 +234,7 @@ impl Client {
     pub fn with_namespace(&self, namespace: impl Into<String>) -> Client {
         let mut c = self.clone();
         c.options.namespace = namespace.into();
+        c.rpc = routed_client(&c.router, &c.options.namespace);
         c
     }
 
@@ -263,7 +269,7 @@ impl Client {
     }
 
     /// The raw gRPC client, for calls this type does not wrap.
-    pub fn raw(&self) -> TetherServiceClient<Channel> {
+    pub fn raw(&self) -> Rpc {
         self.rpc.clone()
     }
 

@@ -5,15 +5,17 @@ mod activities;
 mod connect;
 mod error;
 mod options;
+mod routing;
 mod sessions;
 mod workflows;
 
 pub use activities::ActivityHandle;
-pub use connect::Client;
+pub use connect::{Client, Rpc};
 pub use error::{code_name, is_transient, ClientError};
 pub use options::{
     default_identity, ActivityOptions, ClientOptions, RetryPolicy, SessionOptions,
     StandaloneActivityOptions, WorkflowOptions, DEFAULT_START_TO_CLOSE,
 };
+pub use routing::Routed;
 pub use sessions::Session;
 pub use workflows::WorkflowHandle;

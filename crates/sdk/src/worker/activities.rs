@@ -7,12 +7,11 @@ use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_wire::pb::{self, tether_service_client::TetherServiceClient};
+use tether_wire::pb;
 use tokio::sync::{oneshot, watch};
-use tonic::transport::Channel;
 
 pub(super) async fn heartbeat_loop(
-    mut rpc: TetherServiceClient<Channel>,
+    mut rpc: crate::client::Rpc,
     dc: codec::DataConverter,
     ctx: ActivityContext,
     token: Vec<u8>,

@@ -10,10 +10,9 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_wire::pb::{self, tether_service_client::TetherServiceClient};
+use tether_wire::pb;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 pub(super) type ActivityFn = Arc<
     dyn Fn(
@@ -31,7 +30,7 @@ pub(super) struct RunningActivity {
 }
 
 pub(super) struct Inner {
-    pub(super) rpc: TetherServiceClient<Channel>,
+    pub(super) rpc: crate::client::Rpc,
     /// This process's instance id: the server serves the identity's work to it alone.
     pub(super) instance_id: String,
     /// The instance this process replaces (it held the identity's lock before).

@@ -61,6 +61,52 @@ impl Engine {
         }
     }
 
+    /// Hands signals to other namespaces to the replica, and resolves each in its sender's
+    /// history when delivered (or refused). Never lost: an unresolved one is sent again when
+    /// the sender's namespace is next opened, under the same request id.
+    pub(super) fn send_foreign_signals(&self, signals: Vec<history::OutgoingSignal>) {
+        let Some(foreign) = self.foreign.clone() else {
+            return;
+        };
+        for sig in signals {
+            let request_id = format!("signal-external:{}:{}", sig.from_run, sig.seq);
+            let (from_run, seq) = (sig.from_run.clone(), sig.seq);
+            let delivery = foreign.deliver(sig, request_id);
+            let engine = self.me.clone();
+            tokio::spawn(async move {
+                let failure = delivery.await;
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                let resolved = engine
+                    .transact(|st, txn| {
+                        if let Some(source) = st.runs.get_mut(&from_run) {
+                            if source.is_open() && !source.signal_external_is_resolved(seq) {
+                                let failure = failure.map(|message| pb::Failure {
+                                    message,
+                                    kind: pb::FailureKind::Application as i32,
+                                    error_type: "SignalTargetNotFound".into(),
+                                    ..Default::default()
+                                });
+                                source.signal_external_resolved(
+                                    seq,
+                                    failure,
+                                    engine.now_ms(),
+                                    &mut txn.fx,
+                                );
+                                txn.touched.insert(from_run.clone());
+                            }
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = resolved {
+                    tracing::warn!(run = %from_run, seq, error = %e, "a signal to another namespace was delivered but its resolution not written; it is resolved when the namespace is next opened");
+                }
+            });
+        }
+    }
+
     /// The open run a mutation (signal, cancel, terminate) names, from memory. None when there
     /// is none: then [`Engine::not_running`] says why, reading the store outside the lock.
     pub(super) fn find_open_run(

@@ -255,6 +255,23 @@ pub struct Engine {
     /// The access rules in force (None: authorization off). Replaceable while running, so an
     /// operator can change grants without a restart.
     access: parking_lot::RwLock<Option<Arc<crate::auth::Access>>>,
+    /// The one namespace this engine serves (a cluster replica's engine), or None for all.
+    scope: Option<Namespace>,
+    /// Delivers signals to namespaces this engine does not serve (set on a replica's engines).
+    foreign: Option<Arc<dyn ForeignSignals>>,
+}
+
+/// Where a scoped engine's signals to other namespaces go: the replica that runs it, which
+/// finds the engine serving the target (in this process or another replica) and delivers it
+/// there. The outcome (None, or why it failed) is then resolved in the sender's history.
+pub trait ForeignSignals: Send + Sync + 'static {
+    /// Delivers `signal`, with `request_id` so a redelivery after a restart is not applied
+    /// twice; retries while the target's namespace is between replicas.
+    fn deliver(
+        &self,
+        signal: history::OutgoingSignal,
+        request_id: String,
+    ) -> futures::future::BoxFuture<'static, Option<String>>;
 }
 
 /// Which run a read or an operator's request names: the current run of a workflow (or of a
@@ -342,9 +359,10 @@ impl Engine {
     /// Resolves with the first storage failure (never, while the store works).
     pub async fn storage_failed(&self) -> StorageFailure {
         let mut rx = self.storage_failure.subscribe();
-        let failure = rx.wait_for(|f| f.is_some()).await;
+        // Cloned out at once: the watch's guard must not live across an await.
+        let failure = rx.wait_for(|f| f.is_some()).await.map(|f| f.clone());
         match failure {
-            Ok(f) => f.clone().expect("waited for it"),
+            Ok(f) => f.expect("waited for it"),
             // The engine is gone: it never failed.
             Err(_) => std::future::pending().await,
         }
@@ -475,7 +493,15 @@ impl Engine {
         let mut closed_seen = 0;
         loop {
             while let Some(sig) = txn.fx.signals.pop() {
-                self.deliver_signal(st, sig, now, txn);
+                if self
+                    .scope
+                    .as_ref()
+                    .is_some_and(|own| **own != sig.namespace)
+                {
+                    txn.fx.foreign_signals.push(sig);
+                } else {
+                    self.deliver_signal(st, sig, now, txn);
+                }
             }
             // A session never outlives its owner: it closes in the transaction that closes the
             // run, and its reservation is freed with it.
@@ -639,6 +665,9 @@ impl Engine {
     ) {
         for (key, task, requirements) in fx.tasks {
             self.matcher.add(&key, task, &requirements);
+        }
+        if !fx.foreign_signals.is_empty() {
+            self.send_foreign_signals(fx.foreign_signals);
         }
         if !fx.timers.is_empty() {
             self.timers.arm(fx.timers);

@@ -9,6 +9,30 @@ impl Engine {
         store: Arc<dyn Store>,
         config: ServerConfig,
     ) -> Result<Arc<Engine>, EngineError> {
+        Self::open_scoped(store, config, None).await
+    }
+
+    /// Opens the engine of one namespace (a cluster replica's, over a store that reads and
+    /// writes that namespace alone): the same recovery, but it creates no other namespace.
+    pub async fn open_namespace(
+        store: Arc<dyn Store>,
+        config: ServerConfig,
+        namespace: &Namespace,
+        foreign: Arc<dyn ForeignSignals>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        Self::open_scoped(store, config, Some((namespace, foreign))).await
+    }
+
+    async fn open_scoped(
+        store: Arc<dyn Store>,
+        config: ServerConfig,
+        scope: Option<(&Namespace, Arc<dyn ForeignSignals>)>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let only = scope.as_ref().map(|(n, _)| *n);
+        // The default namespace exists from the first start; an engine of another namespace
+        // must not write it (its row is its own engine's).
+        let creates_default =
+            only.is_none_or(|n| n.as_str() == tether_core::types::DEFAULT_NAMESPACE);
         let store_for_recovery = store.clone();
         let recovered = tokio::task::spawn_blocking(move || store_for_recovery.recover())
             .await
@@ -29,15 +53,18 @@ impl Engine {
             storage_failure,
             shutdown,
             started_ms: now,
+            scope: only.cloned(),
+            foreign: scope.as_ref().map(|(_, f)| f.clone()),
         });
         engine
             .transact(|st, txn| {
                 for ns in recovered.namespaces {
                     st.namespaces.insert(ns.name.clone(), ns);
                 }
-                if !st
-                    .namespaces
-                    .contains_key(tether_core::types::DEFAULT_NAMESPACE)
+                if creates_default
+                    && !st
+                        .namespaces
+                        .contains_key(tether_core::types::DEFAULT_NAMESPACE)
                 {
                     let info = NamespaceInfo {
                         name: tether_core::types::DEFAULT_NAMESPACE.into(),
@@ -93,6 +120,18 @@ impl Engine {
                     let mut entry = RunEntry::new(state, history);
                     entry.max_history_bytes = engine.config.max_history_bytes;
                     entry.recover(now, &mut txn.fx);
+                    if engine.scope.is_some() {
+                        // Signals to other namespaces not resolved when the namespace was last
+                        // served: sent again (the request id keeps them from landing twice).
+                        txn.fx.foreign_signals.extend(
+                            entry.unresolved_external_signals().into_iter().filter(|s| {
+                                engine
+                                    .scope
+                                    .as_ref()
+                                    .is_some_and(|own| **own != s.namespace)
+                            }),
+                        );
+                    }
                     let key = (
                         entry.state.namespace.clone(),
                         entry.state.standalone_activity,
@@ -171,6 +210,13 @@ impl Engine {
                 tracing::warn!(error = %e, "taking back undelivered attempts failed");
             }
         }
+    }
+
+    /// Waits until every batch this engine submitted is durable (or failed): an engine handing
+    /// its namespace to another replica calls it before it gives up the lease.
+    pub async fn quiesce(&self) -> Result<(), EngineError> {
+        let seq = self.state.lock().last_submitted_seq;
+        self.durable(seq).await
     }
 
     /// Takes back what polls gave back while the server shut down (shutdown itself ends the

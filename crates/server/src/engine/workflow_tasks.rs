@@ -172,7 +172,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn decode_token(bytes: &[u8]) -> Result<pb::TaskToken, EngineError> {
+    pub(crate) fn decode_token(bytes: &[u8]) -> Result<pb::TaskToken, EngineError> {
         let token = pb::TaskToken::decode(bytes).map_err(|_| {
             EngineError::InvalidArgument(
                 "task token is malformed; pass the token the poll returned".into(),

@@ -131,6 +131,8 @@ table! {
     "TerminateSession": TerminateSessionRequest => Client in namespace;
     "DescribeSession": DescribeSessionRequest => Client in namespace;
     "ListSessions": ListSessionsRequest => Client in namespace;
+    // The cluster's shape (replicas, addresses, leases): any grant may see it.
+    "DescribeCluster": DescribeClusterRequest => Client in none;
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
-//! The frontend itself: the engine it serves, the authorization table applied to each call,
-//! and what several handlers share (results, operator calls on one run, either kind of id).
+//! The frontend itself: the engine (or, on a cluster replica, the engine of each namespace) it
+//! serves, the authorization table applied to each call, and what several handlers share
+//! (results, operator calls on one run, either kind of id).
 
 use super::access::{Guarded, Scope};
 use super::checks::*;
 use crate::auth::Role;
+use crate::cluster::Replica;
 use crate::engine::{Engine, NextTasks, RunSelector, RunTarget};
 use crate::error::EngineError;
 use std::sync::Arc;
@@ -11,15 +13,60 @@ use std::time::Duration;
 use tether_wire::pb;
 use tonic::{Request, Response, Status};
 
+/// What the frontend serves.
+pub(super) enum Serving {
+    /// One engine, every namespace (a server on SQLite).
+    One(Arc<Engine>),
+    /// A cluster replica: the engines of the namespaces it holds; other namespaces' calls are
+    /// answered with where their holder is.
+    Replica(Arc<Replica>),
+}
+
 /// The API implementation.
 pub struct Frontend {
-    pub(super) engine: Arc<Engine>,
+    pub(super) serving: Serving,
 }
 
 impl Frontend {
     /// Wraps an engine.
     pub fn new(engine: Arc<Engine>) -> Self {
-        Frontend { engine }
+        Frontend {
+            serving: Serving::One(engine),
+        }
+    }
+
+    /// Serves as a cluster replica.
+    pub fn for_replica(replica: Arc<Replica>) -> Self {
+        Frontend {
+            serving: Serving::Replica(replica),
+        }
+    }
+
+    /// The engine that serves `namespace`, or the status that says where to go instead.
+    pub(super) async fn engine(&self, namespace: &str) -> Result<Arc<Engine>, Status> {
+        match &self.serving {
+            Serving::One(engine) => Ok(engine.clone()),
+            Serving::Replica(replica) => replica.engine_for(namespace).await,
+        }
+    }
+
+    /// The engine of the namespace a task token names; a malformed token is refused here as
+    /// the engine would refuse it.
+    pub(super) async fn token_engine(&self, token: &[u8]) -> Result<Arc<Engine>, Status> {
+        match &self.serving {
+            Serving::One(engine) => Ok(engine.clone()),
+            Serving::Replica(_) => {
+                let token = Engine::decode_token(token)?;
+                self.engine(&token.namespace).await
+            }
+        }
+    }
+
+    fn access(&self) -> Option<Arc<crate::auth::Access>> {
+        match &self.serving {
+            Serving::One(engine) => engine.access(),
+            Serving::Replica(replica) => replica.access(),
+        }
     }
 
     /// Applies the authorization table ([`access`]) to a call, before anything else looks at
@@ -30,7 +77,7 @@ impl Frontend {
         &self,
         request: Request<T>,
     ) -> Result<(Vec<String>, T), Status> {
-        let Some(access) = self.engine.access() else {
+        let Some(access) = self.access() else {
             return Ok((Vec::new(), request.into_inner()));
         };
         let ids = crate::auth::identities_of(&request);
@@ -55,7 +102,7 @@ impl Frontend {
     }
 
     pub(super) fn allow(&self, ids: &[String], namespace: &str, role: Role) -> Result<(), Status> {
-        match self.engine.access() {
+        match self.access() {
             None => Ok(()),
             Some(access) => grant(&access, ids, namespace, role, None),
         }
@@ -69,14 +116,17 @@ impl Frontend {
         namespace: &str,
         identity: &str,
     ) -> Result<(), Status> {
-        match self.engine.access() {
+        match self.access() {
             None => Ok(()),
             Some(access) => grant(&access, ids, namespace, Role::Worker, Some(identity)),
         }
     }
 
     pub(super) fn max_payload(&self) -> usize {
-        self.engine.max_payload_bytes()
+        match &self.serving {
+            Serving::One(engine) => engine.max_payload_bytes(),
+            Serving::Replica(replica) => replica.config().max_payload_bytes,
+        }
     }
 
     /// Where a completion may take its next tasks from: checked like a poll of those queues
@@ -122,7 +172,8 @@ impl Frontend {
     ) -> R<pb::GetWorkflowResultResponse> {
         check_selector(run)?;
         let outcome = self
-            .engine
+            .engine(&run.namespace)
+            .await?
             .result(run, Duration::from_millis(wait_ms))
             .await?;
         ok(outcome)
@@ -138,9 +189,10 @@ impl Frontend {
         identity: &str,
     ) -> Result<(), Status> {
         check_selector(&run)?;
+        let engine = self.engine(&run.namespace).await?;
         match op {
-            RunOp::Cancel => self.engine.request_cancel(&run, reason, identity).await?,
-            RunOp::Terminate => self.engine.terminate(&run, reason, identity).await?,
+            RunOp::Cancel => engine.request_cancel(&run, reason, identity).await?,
+            RunOp::Terminate => engine.terminate(&run, reason, identity).await?,
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use tether_wire::pb::{self, tether_service_server::TetherService};
 use tonic::{Request, Status};
 
 pub use self::core::Frontend;
-use self::core::{ok, RunOp, R};
+use self::core::{ok, RunOp, Serving, R};
 
 #[tonic::async_trait]
 impl TetherService for Frontend {
@@ -26,7 +26,11 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         duration("retention_ms", req.retention_ms)?;
-        self.engine
+        let engine = match &self.serving {
+            Serving::One(engine) => engine.clone(),
+            Serving::Replica(replica) => replica.engine_for_new_namespace(&req.namespace).await?,
+        };
+        engine
             .register_namespace(&req.namespace, &req.description, req.retention_ms)
             .await?;
         ok(pb::RegisterNamespaceResponse {})
@@ -41,7 +45,8 @@ impl TetherService for Frontend {
         if let Some(ms) = req.retention_ms {
             duration("retention_ms", ms)?;
         }
-        ok(self.engine.update_namespace(req).await?)
+        let engine = self.engine(&req.namespace).await?;
+        ok(engine.update_namespace(req).await?)
     }
 
     async fn list_namespaces(
@@ -49,9 +54,11 @@ impl TetherService for Frontend {
         request: Request<pb::ListNamespacesRequest>,
     ) -> R<pb::ListNamespacesResponse> {
         self.admit(request)?;
-        ok(pb::ListNamespacesResponse {
-            namespaces: self.engine.list_namespaces(),
-        })
+        let namespaces = match &self.serving {
+            Serving::One(engine) => engine.list_namespaces(),
+            Serving::Replica(replica) => replica.list_namespaces().await?,
+        };
+        ok(pb::ListNamespacesResponse { namespaces })
     }
 
     async fn start_workflow(
@@ -65,7 +72,8 @@ impl TetherService for Frontend {
         name("task queue", &req.task_queue)?;
         optional_name("request id", &req.request_id)?;
         payload("workflow input", req.input.as_ref(), self.max_payload())?;
-        let run_id = self.engine.start_workflow(req).await?;
+        let engine = self.engine(&req.namespace).await?;
+        let run_id = engine.start_workflow(req).await?;
         ok(pb::StartWorkflowResponse { run_id })
     }
 
@@ -80,7 +88,8 @@ impl TetherService for Frontend {
         name("signal name", &req.signal_name)?;
         optional_name("request id", &req.request_id)?;
         payload("signal input", req.input.as_ref(), self.max_payload())?;
-        self.engine.signal(req).await?;
+        let engine = self.engine(&req.namespace).await?;
+        engine.signal(req).await?;
         ok(pb::SignalWorkflowResponse {})
     }
 
@@ -125,8 +134,9 @@ impl TetherService for Frontend {
         // Standalone activities share the describe call: fall back to them by id.
         let workflow = RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id);
         let activity = RunSelector::activity(&req.namespace, &req.workflow_id, &req.run_id);
+        let engine = self.engine(&req.namespace).await?;
         let found = self
-            .either_kind(&workflow, &activity, |run| self.engine.describe(run))
+            .either_kind(&workflow, &activity, |run| engine.describe(run))
             .await?;
         ok(found)
     }
@@ -141,8 +151,9 @@ impl TetherService for Frontend {
         optional_name("run id", &req.run_id)?;
         let workflow = RunSelector::workflow(&req.namespace, &req.workflow_id, &req.run_id);
         let activity = RunSelector::activity(&req.namespace, &req.workflow_id, &req.run_id);
+        let engine = self.engine(&req.namespace).await?;
         let events = self
-            .either_kind(&workflow, &activity, |run| self.engine.history(run))
+            .either_kind(&workflow, &activity, |run| engine.history(run))
             .await?;
         ok(pb::GetWorkflowHistoryResponse { events })
     }
@@ -160,8 +171,8 @@ impl TetherService for Frontend {
         } else {
             req.limit.min(10_000)
         } as usize;
-        let (executions, next_page_token) = self
-            .engine
+        let engine = self.engine(&req.namespace).await?;
+        let (executions, next_page_token) = engine
             .list(
                 &Namespace::from(&req.namespace),
                 standalone,
@@ -211,12 +222,12 @@ impl TetherService for Frontend {
             req.activity_id.clone(),
             Duration::from_millis(req.wait_ms),
         );
-        let started = self.engine.start_activity(req).await?;
+        let engine = self.engine(&req.namespace).await?;
+        let started = engine.start_activity(req).await?;
         let run_id = started.run_id;
         let mut outcome = None;
         if !wait.is_zero() {
-            let o = self
-                .engine
+            let o = engine
                 .result(
                     &RunSelector::activity(&namespace, activity_id, &run_id),
                     wait,
@@ -230,7 +241,7 @@ impl TetherService for Frontend {
         let placement_note = if started.handed_over || outcome.is_some() {
             String::new()
         } else {
-            self.engine.placement_note(
+            engine.placement_note(
                 &Namespace::from(&namespace),
                 &TaskQueue::from(&started.queue),
                 &started.requirements,
@@ -261,7 +272,8 @@ impl TetherService for Frontend {
         name("task queue", &req.task_queue)?;
         optional_name("identity", &req.identity)?;
         optional_name("sticky queue", &req.sticky_queue)?;
-        ok(self.engine.poll_workflow_task(req).await?)
+        let engine = self.engine(&req.namespace).await?;
+        ok(engine.poll_workflow_task(req).await?)
     }
 
     async fn complete_workflow_task(
@@ -292,18 +304,24 @@ impl TetherService for Frontend {
             }
         };
         let (identity, sticky_queue) = (req.identity.clone(), req.sticky_queue.clone());
-        self.engine.complete_workflow_task(req).await?;
+        let engine = self.token_engine(&req.task_token).await?;
+        engine.complete_workflow_task(req).await?;
         let next_task = match next {
-            Some((namespace, queues)) => {
-                self.engine
-                    .next_workflow_task_now(
-                        &Namespace::from(namespace),
-                        &queues,
-                        &WorkerId::from(identity),
-                        &sticky_queue,
-                    )
-                    .await
-            }
+            // The next task is a convenience: where its namespace is served elsewhere, the
+            // worker's next poll goes there.
+            Some((namespace, queues)) => match self.engine(&namespace).await {
+                Ok(next_engine) => {
+                    next_engine
+                        .next_workflow_task_now(
+                            &Namespace::from(namespace),
+                            &queues,
+                            &WorkerId::from(identity),
+                            &sticky_queue,
+                        )
+                        .await
+                }
+                Err(_) => None,
+            },
             None => None,
         };
         ok(pb::CompleteWorkflowTaskResponse { next_task })
@@ -314,7 +332,8 @@ impl TetherService for Frontend {
         request: Request<pb::FailWorkflowTaskRequest>,
     ) -> R<pb::FailWorkflowTaskResponse> {
         let (_, req) = self.admit(request)?;
-        self.engine.fail_workflow_task(req).await?;
+        let engine = self.token_engine(&req.task_token).await?;
+        engine.fail_workflow_task(req).await?;
         ok(pb::FailWorkflowTaskResponse {})
     }
 
@@ -331,7 +350,8 @@ impl TetherService for Frontend {
             name("task queue", q)?;
             check_host_queue(q, &req.identity)?;
         }
-        ok(self.engine.poll_activity_task(req).await?)
+        let engine = self.engine(&req.namespace).await?;
+        ok(engine.poll_activity_task(req).await?)
     }
 
     async fn heartbeat_activity(
@@ -344,7 +364,8 @@ impl TetherService for Frontend {
             req.details.as_ref(),
             self.max_payload(),
         )?;
-        let cancel_requested = self.engine.heartbeat(req).await?;
+        let engine = self.token_engine(&req.task_token).await?;
+        let cancel_requested = engine.heartbeat(req).await?;
         ok(pb::HeartbeatActivityResponse { cancel_requested })
     }
 
@@ -355,7 +376,8 @@ impl TetherService for Frontend {
         let (ids, req) = self.admit(request)?;
         payload("activity result", req.result.as_ref(), self.max_payload())?;
         let next = self.next_task_target(&ids, &req.next_task, &req.identity, 1)?;
-        let next_task = self.engine.complete_activity(req, next).await?;
+        let engine = self.token_engine(&req.task_token).await?;
+        let next_task = engine.complete_activity(req, next).await?;
         ok(pb::CompleteActivityTaskResponse { next_task })
     }
 
@@ -368,7 +390,8 @@ impl TetherService for Frontend {
             payload("failure details", f.details.as_ref(), self.max_payload())?;
         }
         let next = self.next_task_target(&ids, &req.next_task, &req.identity, 1)?;
-        let next_task = self.engine.fail_activity(req, next).await?;
+        let engine = self.token_engine(&req.task_token).await?;
+        let next_task = engine.fail_activity(req, next).await?;
         ok(pb::FailActivityTaskResponse { next_task })
     }
 
@@ -424,8 +447,43 @@ impl TetherService for Frontend {
                 Err(status) => acks.push(Some(status)),
             }
         }
-        let (applied, next_tasks) = self
-            .engine
+        // A batch is one worker's, and a worker serves one namespace: the first outcome's (or
+        // the next tasks') namespace says which engine takes it.
+        let namespace = accepted
+            .iter()
+            .find_map(|o| crate::engine::Engine::decode_token(&o.task_token).ok())
+            .map(|token| token.namespace)
+            .or_else(|| next.as_ref().map(|n| n.namespace.clone()));
+        let engine = match (&self.serving, namespace) {
+            (Serving::One(engine), _) => engine.clone(),
+            (Serving::Replica(_), Some(namespace)) => self.engine(&namespace).await?,
+            (Serving::Replica(_), None) => {
+                // No outcome names a run (and no next tasks are asked for): each is refused
+                // as an engine would refuse it.
+                let mut malformed = accepted.iter().map(|o| {
+                    crate::engine::Engine::decode_token(&o.task_token)
+                        .err()
+                        .map(Status::from)
+                        .unwrap_or_else(|| Status::internal("a decodable token was missed"))
+                });
+                let acks = acks
+                    .into_iter()
+                    .map(|refused| refused.or_else(|| malformed.next()))
+                    .map(|status| {
+                        let status = status.unwrap_or_else(|| Status::internal("no outcome"));
+                        pb::OutcomeAck {
+                            error: status.message().to_string(),
+                            code: status.code() as i32,
+                        }
+                    })
+                    .collect();
+                return ok(pb::RespondActivityTasksResponse {
+                    acks,
+                    next_tasks: Vec::new(),
+                });
+            }
+        };
+        let (applied, next_tasks) = engine
             .respond_activities(&WorkerId::from(&req.identity), accepted, next)
             .await?;
         let mut applied = applied.into_iter();
@@ -457,7 +515,8 @@ impl TetherService for Frontend {
     ) -> R<pb::ReportActivityCanceledResponse> {
         let (_, req) = self.admit(request)?;
         payload("cancel details", req.details.as_ref(), self.max_payload())?;
-        self.engine.activity_canceled(req).await?;
+        let engine = self.token_engine(&req.task_token).await?;
+        engine.activity_canceled(req).await?;
         ok(pb::ReportActivityCanceledResponse {})
     }
 
@@ -468,7 +527,8 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("task queue", &req.task_queue)?;
-        ok(self.engine.describe_queue(
+        let engine = self.engine(&req.namespace).await?;
+        ok(engine.describe_queue(
             &Namespace::from(&req.namespace),
             &TaskQueue::from(&req.task_queue),
         )?)
@@ -481,8 +541,9 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
+        let engine = self.engine(&req.namespace).await?;
         ok(pb::DescribeWorkerResponse {
-            worker: Some(self.engine.describe_worker(
+            worker: Some(engine.describe_worker(
                 &Namespace::from(&req.namespace),
                 &WorkerId::from(&req.identity),
             )?),
@@ -510,7 +571,8 @@ impl TetherService for Frontend {
             name("task queue", q)?;
         }
         check_capabilities(req.capabilities.as_ref())?;
-        ok(self.engine.register_worker(req).await?)
+        let engine = self.engine(&req.namespace).await?;
+        ok(engine.register_worker(req).await?)
     }
 
     async fn worker_heartbeat(
@@ -521,7 +583,8 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         check_capabilities(req.capabilities.as_ref())?;
-        let known = self.engine.worker_heartbeat(req).await?;
+        let engine = self.engine(&req.namespace).await?;
+        let known = engine.worker_heartbeat(req).await?;
         ok(pb::WorkerHeartbeatResponse { reregister: !known })
     }
 
@@ -533,7 +596,8 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("identity", &req.identity)?;
         name("instance id", &req.instance_id)?;
-        let sessions_ended = self.engine.deregister_worker(req).await?;
+        let engine = self.engine(&req.namespace).await?;
+        let sessions_ended = engine.deregister_worker(req).await?;
         ok(pb::DeregisterWorkerResponse { sessions_ended })
     }
 
@@ -545,8 +609,8 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         name("activity id", &req.activity_id)?;
         optional_name("run id", &req.run_id)?;
-        ok(self
-            .engine
+        let engine = self.engine(&req.namespace).await?;
+        ok(engine
             .describe(&RunSelector::activity(
                 &req.namespace,
                 &req.activity_id,
@@ -598,8 +662,8 @@ impl TetherService for Frontend {
                 req.reason.len()
             )));
         }
-        let session = self
-            .engine
+        let engine = self.engine(&req.namespace).await?;
+        let session = engine
             .terminate_session(
                 &Namespace::from(&req.namespace),
                 &SessionId::from(&req.session_id),
@@ -623,7 +687,8 @@ impl TetherService for Frontend {
                 "options are required (at least the task queue whose workers may host the session)",
             ));
         }
-        let session = self.engine.create_session(req).await?;
+        let engine = self.engine(&req.namespace).await?;
+        let session = engine.create_session(req).await?;
         ok(pb::CreateSessionResponse {
             session: Some(session),
         })
@@ -636,8 +701,8 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("session id", &req.session_id)?;
-        let session = self
-            .engine
+        let engine = self.engine(&req.namespace).await?;
+        let session = engine
             .complete_session(
                 &Namespace::from(&req.namespace),
                 &SessionId::from(&req.session_id),
@@ -655,8 +720,8 @@ impl TetherService for Frontend {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
         name("session id", &req.session_id)?;
-        ok(self
-            .engine
+        let engine = self.engine(&req.namespace).await?;
+        ok(engine
             .describe_session(
                 &Namespace::from(&req.namespace),
                 &SessionId::from(&req.session_id),
@@ -670,8 +735,8 @@ impl TetherService for Frontend {
     ) -> R<pb::ListSessionsResponse> {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
-        let (sessions, next_page_token) = self
-            .engine
+        let engine = self.engine(&req.namespace).await?;
+        let (sessions, next_page_token) = engine
             .list_sessions(
                 &Namespace::from(&req.namespace),
                 req.include_closed,
@@ -685,13 +750,38 @@ impl TetherService for Frontend {
         })
     }
 
+    async fn describe_cluster(
+        &self,
+        request: Request<pb::DescribeClusterRequest>,
+    ) -> R<pb::DescribeClusterResponse> {
+        self.admit(request)?;
+        match &self.serving {
+            Serving::Replica(replica) => ok(replica.describe().await?),
+            Serving::One(engine) => ok(pb::DescribeClusterResponse {
+                store: "sqlite".into(),
+                replicas: Vec::new(),
+                leases: engine
+                    .list_namespaces()
+                    .into_iter()
+                    .map(|ns| pb::LeaseInfo {
+                        namespace: ns.name,
+                        ..Default::default()
+                    })
+                    .collect(),
+                lease_timeout_ms: 0,
+                answered_by: String::new(),
+            }),
+        }
+    }
+
     async fn list_workers(
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> R<pb::ListWorkersResponse> {
         let (_, req) = self.admit(request)?;
         name("namespace", &req.namespace)?;
-        let (workers, next_page_token) = self.engine.list_workers(
+        let engine = self.engine(&req.namespace).await?;
+        let (workers, next_page_token) = engine.list_workers(
             &Namespace::from(&req.namespace),
             page_size(req.page_size),
             &req.page_token,

@@ -42,6 +42,13 @@ impl RunEntry {
         self.schedule_workflow_task(now, fx);
     }
 
+    /// Whether the signal sent by command `seq` is resolved in the history already.
+    pub fn signal_external_is_resolved(&self, seq: u32) -> bool {
+        self.history.iter().any(|e| {
+            matches!(&e.attributes, Some(Attributes::SignalExternalResolved(r)) if r.seq == seq)
+        })
+    }
+
     /// Records the outcome of a signal this run sent to another workflow.
     pub fn signal_external_resolved(
         &mut self,

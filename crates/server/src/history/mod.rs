@@ -170,6 +170,10 @@ pub struct Effects {
     pub closed: Vec<Closed>,
     /// Signals to other workflows (applied by the engine in the same transaction).
     pub signals: Vec<OutgoingSignal>,
+    /// Signals to workflows of namespaces another engine serves (a cluster replica's engine
+    /// holds one namespace): delivered once the transaction is durable, then resolved in the
+    /// sender's history.
+    pub foreign_signals: Vec<OutgoingSignal>,
     /// Sessions that left the `creating` state (their waiters are answered after the commit).
     pub sessions_settled: Vec<pb::SessionInfo>,
     /// Sessions a workflow asked for: (run id, seq, session id, options).

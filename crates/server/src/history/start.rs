@@ -93,6 +93,40 @@ impl RunEntry {
         entry
     }
 
+    /// The signals this run sent to other workflows that are not resolved in its history yet
+    /// (sent to another namespace's engine when the server stopped).
+    pub fn unresolved_external_signals(&self) -> Vec<super::OutgoingSignal> {
+        use tether_wire::pb::history_event::Attributes;
+        let resolved: std::collections::HashSet<u32> = self
+            .history
+            .iter()
+            .filter_map(|e| match &e.attributes {
+                Some(Attributes::SignalExternalResolved(r)) => Some(r.seq),
+                _ => None,
+            })
+            .collect();
+        self.history
+            .iter()
+            .filter_map(|e| match &e.attributes {
+                Some(Attributes::SignalExternalInitiated(s)) if !resolved.contains(&s.seq) => {
+                    Some(super::OutgoingSignal {
+                        from_run: self.run_id(),
+                        seq: s.seq,
+                        namespace: if s.namespace.is_empty() {
+                            self.state.namespace.clone()
+                        } else {
+                            s.namespace.clone()
+                        },
+                        workflow_id: s.workflow_id.clone(),
+                        signal_name: s.signal_name.clone(),
+                        input: s.input.clone(),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Re-offers whatever was pending when the server stopped (start-up only).
     pub fn recover(&mut self, now: i64, fx: &mut Effects) {
         // Which hand-out rows the store holds is not looked at here: assume some are its own.

@@ -116,6 +116,20 @@ pub enum Write {
     },
 }
 
+/// The namespace lease a cluster replica writes under: the transaction that commits the batch
+/// checks, before anything else, that `owner` still holds `namespace` at `epoch` with time
+/// left, and locks the lease row until it commits, so a takeover (which bumps the epoch) is
+/// ordered after it. A replica that lost the lease commits nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The replica.
+    pub owner: std::sync::Arc<str>,
+    /// The namespace.
+    pub namespace: Namespace,
+    /// The lease's epoch when the replica took it.
+    pub epoch: i64,
+}
+
 /// Writes that become durable together, in order with every batch submitted before them.
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
@@ -313,5 +327,67 @@ pub fn fold_session_counts(session: &mut SessionState, rows: impl IntoIterator<I
             info.activities_run = info.activities_run.max(count);
             info.last_used_ms = info.last_used_ms.max(used_ms);
         }
+    }
+}
+
+// The cluster's rows (PostgreSQL only), as the replicas read them.
+
+/// A replica as the database knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRow {
+    /// Its id.
+    pub replica_id: String,
+    /// Where clients reach it.
+    pub address: String,
+    /// Milliseconds since it last renewed (its heartbeat).
+    pub seen_ms_ago: i64,
+    /// Milliseconds since it started.
+    pub up_ms: i64,
+}
+
+/// A namespace's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// The namespace.
+    pub namespace: String,
+    /// The replica holding it ("" when none does).
+    pub owner: String,
+    /// Bumped by every takeover.
+    pub epoch: i64,
+    /// Milliseconds since the owner took it.
+    pub held_ms: i64,
+    /// Milliseconds since the owner last renewed it.
+    pub renewed_ms_ago: i64,
+    /// Milliseconds until it lapses (negative: it has lapsed).
+    pub expires_in_ms: i64,
+}
+
+impl LeaseRow {
+    /// Whether some replica holds it now.
+    pub fn is_held(&self) -> bool {
+        !self.owner.is_empty() && self.expires_in_ms > 0
+    }
+}
+
+/// Replicas and leases, as one read saw them.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Every replica that registered, newest heartbeat first.
+    pub replicas: Vec<ReplicaRow>,
+    /// Every namespace's lease, by namespace.
+    pub leases: Vec<LeaseRow>,
+}
+
+impl ClusterView {
+    /// The address of the replica that holds `namespace` now, if one does.
+    pub fn owner_address(&self, namespace: &str) -> Option<&str> {
+        let lease = self
+            .leases
+            .iter()
+            .find(|l| l.namespace == namespace && l.is_held())?;
+        self.replicas
+            .iter()
+            .find(|r| r.replica_id == lease.owner)
+            .map(|r| r.address.as_str())
     }
 }

@@ -3,18 +3,25 @@
 //! its next transaction, so one durable commit (an fsync) serves many callers. The first failed
 //! commit stops it for good: that batch, every batch queued behind it and every later one fail,
 //! for each is a delta on top of state the failed one would have made.
+//!
+//! Batches of a cluster replica carry a [`Fence`]: the namespace lease they are written under.
+//! A failed group then stops only what it touched: every later batch under one of its fences
+//! fails (it builds on the writes that failed), while other namespaces, and the same namespace
+//! under a new lease (its engine reopened from what is durable), go on.
 
-use super::api::{Commit, Durability, StoreError, WriteBatch};
+use super::api::{Commit, Durability, Fence, StoreError, WriteBatch};
 use parking_lot::Mutex;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 
-/// A batch with its number and where its outcome goes.
-pub(super) type Job = (
-    u64,
-    WriteBatch,
-    tokio::sync::oneshot::Sender<Result<(), String>>,
-);
+/// A batch with its number, the lease it is written under, and where its outcome goes.
+pub(super) struct Job {
+    pub(super) seq: u64,
+    pub(super) batch: WriteBatch,
+    pub(super) fence: Option<Fence>,
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
 
 /// Counters of the writer, to see group commit at work.
 #[derive(Debug, Default)]
@@ -59,6 +66,11 @@ impl GroupCommit {
 
     /// Queues a batch; its `done` resolves once it is durable, or with why it never will be.
     pub(super) fn submit(&self, batch: WriteBatch) -> Commit {
+        self.submit_fenced(batch, None)
+    }
+
+    /// Queues a batch written under `fence` (see the module's comment).
+    pub(super) fn submit_fenced(&self, batch: WriteBatch, fence: Option<Fence>) -> Commit {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut sender = self.sender.lock();
         sender.1 += 1;
@@ -71,8 +83,14 @@ impl GroupCommit {
         }
         match sender.0.as_ref() {
             Some(s) => {
-                if let Err(mpsc::SendError((_, _, reply))) = s.send((seq, batch, tx)) {
-                    let _ = reply.send(Err(StoreError::WriterGone.to_string()));
+                let job = Job {
+                    seq,
+                    batch,
+                    fence,
+                    reply: tx,
+                };
+                if let Err(mpsc::SendError(job)) = s.send(job) {
+                    let _ = job.reply.send(Err(StoreError::WriterGone.to_string()));
                 }
             }
             None => {
@@ -113,6 +131,8 @@ fn writer_loop(
     // Bounded so one transaction never grows without limit under a flood of requests.
     const MAX_JOBS_PER_COMMIT: usize = 2048;
     let mut failed: Option<Arc<str>> = None;
+    // Leases under which a commit failed: what comes after under them must fail too.
+    let mut failed_fences: HashSet<Fence> = HashSet::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_JOBS_PER_COMMIT {
@@ -124,16 +144,36 @@ fn writer_loop(
         if let Some(why) = &failed {
             // Every batch after a failed one builds on state that was never written: none of
             // them may land, or a restart would find a history with holes.
-            for (_, _, reply) in jobs {
-                let _ = reply.send(Err(format!(
+            for job in jobs {
+                let _ = job.reply.send(Err(format!(
                     "not written: an earlier commit failed ({why})"
                 )));
             }
             continue;
         }
+        let last_seq = jobs.last().map(|job| job.seq).unwrap_or(0);
+        if !failed_fences.is_empty() {
+            let (refused, kept): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| {
+                job.fence
+                    .as_ref()
+                    .is_some_and(|f| failed_fences.contains(f))
+            });
+            for job in refused {
+                let fence = job.fence.as_ref().expect("partitioned on it");
+                let _ = job.reply.send(Err(format!(
+                    "not written: an earlier commit in namespace {} under lease epoch {} failed",
+                    fence.namespace, fence.epoch
+                )));
+            }
+            jobs = kept;
+            if jobs.is_empty() {
+                durable.send_modify(|d| d.seq = d.seq.max(last_seq));
+                continue;
+            }
+        }
         let started = std::time::Instant::now();
         let outcome = commit(&jobs).map_err(|e| e.to_string());
-        let last_seq = jobs.last().map(|(seq, _, _)| *seq).unwrap_or(0);
+        let all_fenced = jobs.iter().all(|job| job.fence.is_some());
         if outcome.is_ok() {
             durable.send_modify(|d| d.seq = last_seq);
             stats.transactions.fetch_add(1, Relaxed);
@@ -146,14 +186,25 @@ fn writer_loop(
         } else {
             metrics::counter!("tether_store_commit_failures_total").increment(1);
         }
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, batches = jobs.len(), "commit failed; the store accepts no more writes");
-            let why: Arc<str> = e.as_str().into();
-            durable.send_modify(|d| d.failed = Some(why.clone()));
-            failed = Some(why);
+        match &outcome {
+            Err(e) if all_fenced => {
+                // Only the namespaces in this group are stopped; their engines reopen from
+                // what is durable. The numbering moves on: every batch up to here is durable
+                // or has been told it never will be.
+                tracing::warn!(error = %e, batches = jobs.len(), "a fenced commit failed; its namespaces take no more writes under their current leases");
+                failed_fences.extend(jobs.iter().filter_map(|job| job.fence.clone()));
+                durable.send_modify(|d| d.seq = d.seq.max(last_seq));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batches = jobs.len(), "commit failed; the store accepts no more writes");
+                let why: Arc<str> = e.as_str().into();
+                durable.send_modify(|d| d.failed = Some(why.clone()));
+                failed = Some(why);
+            }
+            Ok(()) => {}
         }
-        for (_, _, reply) in jobs {
-            let _ = reply.send(outcome.clone());
+        for job in jobs {
+            let _ = job.reply.send(outcome.clone());
         }
     }
 }

@@ -2,8 +2,13 @@
 //! compare bytewise (`COLLATE "C"`), as they do in SQLite and in memory, so that listings page
 //! the same way whatever the database's locale.
 
-/// Creates what is missing; safe to run at every start.
+/// Creates what is missing; safe to run at every start, by several replicas at once (the
+/// advisory lock makes them take turns: concurrent `CREATE ... IF NOT EXISTS` can collide).
 pub(super) const SCHEMA: &str = r#"
+BEGIN;
+SELECT pg_advisory_xact_lock(7233001);
+-- "already exists, skipping" at every start is noise in the server's log.
+SET LOCAL client_min_messages = warning;
 CREATE TABLE IF NOT EXISTS namespaces (
     name TEXT COLLATE "C" PRIMARY KEY,
     info BYTEA NOT NULL
@@ -54,6 +59,45 @@ CREATE TABLE IF NOT EXISTS events (
     event BYTEA NOT NULL,
     PRIMARY KEY (run_id, event_id)
 );
+-- Server replicas, and where clients reach them.
+CREATE TABLE IF NOT EXISTS replicas (
+    replica_id TEXT COLLATE "C" PRIMARY KEY,
+    address TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    seen_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- One row per namespace: which replica owns it, under which epoch, until when (by the
+-- database's clock, so replicas' clocks need not agree). A takeover bumps the epoch.
+CREATE TABLE IF NOT EXISTS leases (
+    namespace TEXT COLLATE "C" PRIMARY KEY,
+    owner TEXT COLLATE "C" NOT NULL DEFAULT '',
+    epoch BIGINT NOT NULL DEFAULT 0,
+    acquired_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    renewed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity'
+);
+-- The first statement of every fenced transaction: the leases it writes under must still be
+-- the writer's, at the epochs it took them, with time left. The rows stay locked (shared)
+-- until the transaction ends, so a takeover's update waits for it and sees its writes.
+CREATE OR REPLACE FUNCTION tether_fence(holder TEXT, names TEXT[], epochs BIGINT[])
+RETURNS VOID LANGUAGE plpgsql AS $fence$
+DECLARE
+    lost TEXT;
+BEGIN
+    PERFORM 1 FROM leases WHERE namespace = ANY(names) ORDER BY namespace FOR SHARE;
+    SELECT string_agg(format('%s (epoch %s)', f.name, f.epoch), ', ') INTO lost
+    FROM unnest(names, epochs) AS f(name, epoch)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM leases l
+        WHERE l.namespace = f.name AND l.owner = holder AND l.epoch = f.epoch
+          AND l.expires_at > clock_timestamp());
+    IF lost IS NOT NULL THEN
+        RAISE EXCEPTION 'replica % no longer holds the lease of namespace %', holder, lost
+            USING ERRCODE = 'TL001';
+    END IF;
+END
+$fence$;
+COMMIT;
 "#;
 
 pub(super) const PUT_NAMESPACE: &str = "INSERT INTO namespaces (name, info) VALUES ($1, $2)
@@ -96,3 +140,6 @@ pub(super) const PUT_STARTED: &str =
 pub(super) const PUT_EVENT: &str =
     "INSERT INTO events (run_id, event_id, event) VALUES ($1, $2, $3)
      ON CONFLICT (run_id, event_id) DO UPDATE SET event = EXCLUDED.event";
+
+/// The statement every fenced transaction begins with (see `SCHEMA`).
+pub(super) const FENCE: &str = "SELECT tether_fence($1, $2, $3)";

@@ -59,7 +59,7 @@ pub(super) fn commit_jobs(conn: &mut Connection, jobs: &[Job]) -> Result<(), Sto
         let mut keep_session_started = tx.prepare_cached(
             "UPDATE started SET session_id = '' WHERE run_id = ?1 AND session_id = ?2",
         )?;
-        for (_, batch, _) in jobs {
+        for Job { batch, .. } in jobs {
             for write in &batch.writes {
                 match write {
                     Write::Namespace(info) => {

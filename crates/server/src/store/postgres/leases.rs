@@ -1,0 +1,188 @@
+//! The cluster's rows: replicas and where they listen, and one lease per namespace (its owner,
+//! epoch and expiry, all by the database's clock). What a replica does with them is in
+//! `crate::cluster`; here is only how they are read and changed, each change one statement
+//! whose condition makes it safe when replicas race.
+
+use super::{PostgresStore, StoreError};
+use crate::store::api::{ClusterView, LeaseRow, ReplicaRow};
+use tether_core::types::Namespace;
+
+impl PostgresStore {
+    /// Records (or refreshes) a replica and its address.
+    pub fn register_replica(&self, replica_id: &str, address: &str) -> Result<(), StoreError> {
+        let (id, address) = (replica_id.to_string(), address.to_string());
+        self.query(move |client| async move {
+            client
+                .execute(
+                    "INSERT INTO replicas (replica_id, address) VALUES ($1, $2)
+                     ON CONFLICT (replica_id) DO UPDATE SET address = EXCLUDED.address,
+                         started_at = now(), seen_at = now()",
+                    &[&id, &address],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// The replica's heartbeat and the renewal of every lease it still holds (one that lapsed
+    /// is not renewed: another replica may be taking it over). Returns (namespace, epoch) of
+    /// the leases renewed.
+    pub fn renew_leases(
+        &self,
+        replica_id: &str,
+        lease_ms: u64,
+    ) -> Result<Vec<(Namespace, i64)>, StoreError> {
+        let id = replica_id.to_string();
+        let lease_ms = lease_ms as i64;
+        self.query(move |client| async move {
+            client
+                .execute(
+                    "UPDATE replicas SET seen_at = now() WHERE replica_id = $1",
+                    &[&id],
+                )
+                .await?;
+            let rows = client
+                .query(
+                    "UPDATE leases SET renewed_at = clock_timestamp(),
+                         expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
+                     WHERE owner = $1 AND expires_at > clock_timestamp()
+                     RETURNING namespace, epoch",
+                    &[&id, &lease_ms],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| (Namespace::from(r.get::<_, String>(0)), r.get(1)))
+                .collect())
+        })
+    }
+
+    /// Takes `namespace`'s lease if it has lapsed (or is free, or is already this replica's:
+    /// an engine that failed is reopened under a new epoch). Returns the new epoch, or None
+    /// when another replica holds it.
+    pub fn claim_lease(
+        &self,
+        replica_id: &str,
+        namespace: &Namespace,
+        lease_ms: u64,
+    ) -> Result<Option<i64>, StoreError> {
+        let (id, namespace) = (replica_id.to_string(), namespace.to_string());
+        let lease_ms = lease_ms as i64;
+        self.query(move |client| async move {
+            // A namespace created before leases existed gets its row here.
+            client
+                .execute(
+                    "INSERT INTO leases (namespace) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&namespace],
+                )
+                .await?;
+            let row = client
+                .query_opt(
+                    "UPDATE leases SET owner = $1, epoch = epoch + 1,
+                         acquired_at = clock_timestamp(), renewed_at = clock_timestamp(),
+                         expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
+                     WHERE namespace = $2 AND (expires_at <= clock_timestamp() OR owner = $1)
+                     RETURNING epoch",
+                    &[&id, &namespace, &lease_ms],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    /// Gives a lease up (a replica shedding load, or stopping): the next claim needs no wait.
+    /// Only the holder at `epoch` can.
+    pub fn release_lease(
+        &self,
+        replica_id: &str,
+        namespace: &Namespace,
+        epoch: i64,
+    ) -> Result<bool, StoreError> {
+        let (id, namespace) = (replica_id.to_string(), namespace.to_string());
+        self.query(move |client| async move {
+            let n = client
+                .execute(
+                    "UPDATE leases SET owner = '', expires_at = '-infinity'
+                     WHERE namespace = $2 AND owner = $1 AND epoch = $3",
+                    &[&id, &namespace, &epoch],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Replicas and leases now. Every namespace has a lease row afterwards (those created by
+    /// a server without leases, or by a replica that died before it took theirs, get one).
+    pub fn cluster_view(&self) -> Result<ClusterView, StoreError> {
+        self.query(move |client| async move {
+            // The default namespace exists from the first start: its engine creates its row.
+            client
+                .execute(
+                    "INSERT INTO leases (namespace) SELECT name FROM namespaces
+                     UNION SELECT $1 ON CONFLICT DO NOTHING",
+                    &[&tether_core::types::DEFAULT_NAMESPACE],
+                )
+                .await?;
+            let ms = |column: &str| format!("(EXTRACT(EPOCH FROM ({column})) * 1000)::BIGINT");
+            let replicas = client
+                .query(
+                    &format!(
+                        "SELECT replica_id, address, {}, {} FROM replicas ORDER BY seen_at DESC",
+                        ms("clock_timestamp() - seen_at"),
+                        ms("clock_timestamp() - started_at"),
+                    ),
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| ReplicaRow {
+                    replica_id: r.get(0),
+                    address: r.get(1),
+                    seen_ms_ago: r.get(2),
+                    up_ms: r.get(3),
+                })
+                .collect();
+            let leases = client
+                .query(
+                    &format!(
+                        "SELECT namespace, owner, epoch, {}, {},
+                                CASE WHEN expires_at = '-infinity' THEN -1 ELSE {} END
+                         FROM leases ORDER BY namespace",
+                        ms("clock_timestamp() - acquired_at"),
+                        ms("clock_timestamp() - renewed_at"),
+                        ms("expires_at - clock_timestamp()"),
+                    ),
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| LeaseRow {
+                    namespace: r.get(0),
+                    owner: r.get(1),
+                    epoch: r.get(2),
+                    held_ms: r.get(3),
+                    renewed_ms_ago: r.get(4),
+                    expires_in_ms: r.get(5),
+                })
+                .collect();
+            Ok(ClusterView { replicas, leases })
+        })
+    }
+
+    /// Every namespace (for a replica asked to list them: it holds only its own in memory).
+    pub fn namespaces(&self) -> Result<Vec<tether_wire::pb::NamespaceInfo>, StoreError> {
+        use prost::Message;
+        self.query(move |client| async move {
+            client
+                .query("SELECT info FROM namespaces ORDER BY name", &[])
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(tether_wire::pb::NamespaceInfo::decode(
+                        r.get::<_, &[u8]>(0),
+                    )?)
+                })
+                .collect()
+        })
+    }
+}
