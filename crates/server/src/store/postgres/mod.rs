@@ -709,6 +709,107 @@ mod tests {
         }
     }
 
+    fn running_in(namespace: &str, id: &str) -> Write {
+        match running(id) {
+            Write::Run {
+                mut state,
+                may_own_started,
+            } => {
+                state.namespace = namespace.into();
+                Write::Run {
+                    state,
+                    may_own_started,
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    fn fence(owner: &str, namespace: &str, epoch: i64) -> Fence {
+        Fence {
+            owner: owner.into(),
+            namespace: namespace.into(),
+            epoch,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_under_a_lost_lease_lands_nothing_and_other_namespaces_go_on() {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
+        let url = cluster.create_database("fencing").await.unwrap();
+        let store = PostgresStore::connect(&url).unwrap();
+        let (a, b) = (Namespace::from("ns-a"), Namespace::from("ns-b"));
+        // The store's calls block on its own runtime, so a test may make them from here.
+        let epoch_a = store.claim_lease("r1", &a, 60_000).unwrap().unwrap();
+        let epoch_b = store.claim_lease("r1", &b, 60_000).unwrap().unwrap();
+        let write = |ns: &str, id: &str, f: Fence| {
+            store
+                .submit_fenced(
+                    WriteBatch {
+                        writes: vec![running_in(ns, id)],
+                    },
+                    f,
+                )
+                .done
+        };
+        write("ns-a", "before", fence("r1", "ns-a", epoch_a))
+            .await
+            .unwrap()
+            .unwrap();
+        // Another replica takes ns-a over (its lease lapsed, as a paused replica's does).
+        let (other, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        other
+            .batch_execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE namespace = 'ns-a'")
+            .await
+            .unwrap();
+        let epoch_new = store
+            .claim_lease("r2", &a, 60_000)
+            .unwrap()
+            .expect("a lapsed lease can be taken over");
+        assert_eq!(epoch_new, epoch_a + 1);
+        let refused = write("ns-a", "after", fence("r1", "ns-a", epoch_a))
+            .await
+            .unwrap();
+        let why = refused.unwrap_err();
+        assert!(why.contains("no longer holds the lease"), "{why}");
+        assert!(
+            store.load_run(&"after".into()).unwrap().is_none(),
+            "nothing of it landed"
+        );
+        // The old holder's other namespace goes on; its later writes to ns-a fail too (each
+        // builds on the one that failed), while the new holder's land.
+        write("ns-b", "other", fence("r1", "ns-b", epoch_b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(write("ns-a", "later", fence("r1", "ns-a", epoch_a))
+            .await
+            .unwrap()
+            .is_err());
+        write("ns-a", "new-holder", fence("r2", "ns-a", epoch_new))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.load_run(&"later".into()).unwrap().is_none());
+        assert!(store.load_run(&"new-holder".into()).unwrap().is_some());
+        // A lease that lapsed with nobody taking it over refuses its old holder's writes too.
+        other
+            .batch_execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE namespace = 'ns-b'")
+            .await
+            .unwrap();
+        assert!(write("ns-b", "lapsed", fence("r1", "ns-b", epoch_b))
+            .await
+            .unwrap()
+            .is_err());
+        assert!(store.load_run(&"lapsed".into()).unwrap().is_none());
+        assert!(
+            store.durability().borrow().failed.is_none(),
+            "the store itself goes on"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_that_fails_half_way_writes_nothing_and_stops_the_store() {
         let cluster =
