@@ -586,7 +586,7 @@ impl Replica {
             }
         };
         if let Some(held) = held {
-            tracing::warn!(replica = %self.id, %namespace, epoch, reason, "the namespace's engine stopped on a failed write; it is reopened from the database if this replica still holds the lease");
+            tracing::warn!(replica = %self.id, %namespace, epoch, reason, "a write under the namespace's lease failed: stepping down; the namespace is reopened from the database, here if this replica still holds the lease");
             // The watcher that called this is one of the loops: not awaited.
             held.engine.begin_shutdown();
         }
@@ -654,6 +654,15 @@ impl ForeignSignals for SignalRelay {
                         .get(tether_wire::OWNER_METADATA)
                         .and_then(|v| v.to_str().ok())
                     {
+                        Some(_) if replica.config.tls.is_some() => {
+                            // Replica-to-replica calls have no client certificate of their own
+                            // yet: refused plainly rather than retried forever.
+                            return Some(format!(
+                                "namespace {:?} is served by another replica, and signals \
+                                 between replicas of a cluster on TLS are not supported yet",
+                                signal.namespace
+                            ));
+                        }
                         Some(address) => replica.signal_at(address, request.clone()).await,
                         None => Err(status),
                     },

@@ -414,6 +414,15 @@ impl Engine {
             let (reason, at) = failure
                 .map(|f| (f.reason, f.at_ms))
                 .unwrap_or_else(|| ("unknown".into(), 0));
+            if let Some(namespace) = &self.scope {
+                // A cluster replica's engine: the namespace is reopened from what is durable,
+                // here or on another replica, and the caller's retry reaches it there.
+                return Err(EngineError::Unavailable(format!(
+                    "this replica stopped serving namespace {namespace:?} at a write that \
+                     failed ({reason}); nothing after it was acknowledged; retry: the \
+                     namespace is reopened from the database, here or on another replica"
+                )));
+            }
             return Err(EngineError::Unavailable(format!(
                 "storage failed at {at} ms since the epoch ({reason}); nothing after that write \
                  was acknowledged; restart the server to recover from the last durable state"
@@ -428,10 +437,17 @@ impl Engine {
         if self.storage_failed.swap(true, Ordering::SeqCst) {
             return;
         }
-        tracing::error!(
-            reason,
-            "a commit failed: every request is refused until the server is restarted"
-        );
+        match &self.scope {
+            Some(namespace) => tracing::warn!(
+                reason,
+                %namespace,
+                "a commit failed: this namespace's engine stops, and is reopened from the database"
+            ),
+            None => tracing::error!(
+                reason,
+                "a commit failed: every request is refused until the server is restarted"
+            ),
+        }
         self.storage_failure.send_replace(Some(StorageFailure {
             reason: reason.to_string(),
             at_ms: self.now_ms(),
@@ -645,10 +661,7 @@ impl Engine {
                 pending.fx = None;
                 pending.handovers.clear();
                 self.fail_storage(&e);
-                return Err(EngineError::Unavailable(format!(
-                    "the write could not be made durable ({e}); nothing of this request was \
-                     acknowledged, and the server refuses every request until it is restarted"
-                )));
+                return Err(self.check_healthy().unwrap_err());
             }
         }
         let fx = pending.fx.take().expect("taken only here");

@@ -76,7 +76,17 @@ impl PostgresStore {
                     &[&namespace],
                 )
                 .await?;
-            let row = client
+            // The namespace's advisory lock, exclusively: the old holder's transactions that
+            // passed the fence finish first, and none after this one passes it (see
+            // `tether_fence`).
+            let mut client = client;
+            let tx = client.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(7233, hashtext($1))",
+                &[&namespace],
+            )
+            .await?;
+            let row = tx
                 .query_opt(
                     "UPDATE leases SET owner = $1, epoch = epoch + 1,
                          acquired_at = clock_timestamp(), renewed_at = clock_timestamp(),
@@ -86,6 +96,7 @@ impl PostgresStore {
                     &[&id, &namespace, &lease_ms],
                 )
                 .await?;
+            tx.commit().await?;
             Ok(row.map(|r| r.get(0)))
         })
     }
@@ -100,13 +111,21 @@ impl PostgresStore {
     ) -> Result<bool, StoreError> {
         let (id, namespace) = (replica_id.to_string(), namespace.to_string());
         self.query(move |client| async move {
-            let n = client
+            let mut client = client;
+            let tx = client.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(7233, hashtext($1))",
+                &[&namespace],
+            )
+            .await?;
+            let n = tx
                 .execute(
                     "UPDATE leases SET owner = '', expires_at = '-infinity'
                      WHERE namespace = $2 AND owner = $1 AND epoch = $3",
                     &[&id, &namespace, &epoch],
                 )
                 .await?;
+            tx.commit().await?;
             Ok(n == 1)
         })
     }

@@ -811,6 +811,65 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_takeover_waits_for_the_transaction_that_passed_the_fence() {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
+        let url = cluster.create_database("fence_order").await.unwrap();
+        let store = std::sync::Arc::new(PostgresStore::connect(&url).unwrap());
+        let ns = Namespace::from("ns-o");
+        let epoch = store.claim_lease("r1", &ns, 60_000).unwrap().unwrap();
+        // The old holder's transaction passes the fence and is still open when its lease
+        // lapses and another replica claims it.
+        let (old, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        old.batch_execute("BEGIN").await.unwrap();
+        old.execute(
+            schema::FENCE,
+            &[&"r1", &vec!["ns-o".to_string()], &vec![epoch]],
+        )
+        .await
+        .unwrap();
+        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        admin
+            .batch_execute("UPDATE leases SET expires_at = now() - interval '1 second'")
+            .await
+            .unwrap();
+        let claiming = {
+            let (store, ns) = (store.clone(), ns.clone());
+            tokio::task::spawn_blocking(move || store.claim_lease("r2", &ns, 60_000))
+        };
+        // The claim is held back by the open transaction: it cannot finish before it.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!claiming.is_finished(), "the takeover did not wait");
+        old.execute(
+            "INSERT INTO namespaces (name, info) VALUES ('written-before', '')",
+            &[],
+        )
+        .await
+        .unwrap();
+        old.batch_execute("COMMIT").await.unwrap();
+        let new_epoch = claiming
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("claimed once it could");
+        assert_eq!(new_epoch, epoch + 1);
+        let seen = admin
+            .query(
+                "SELECT name FROM namespaces WHERE name = 'written-before'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.len(),
+            1,
+            "what passed the fence committed before the takeover"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_that_fails_half_way_writes_nothing_and_stops_the_store() {
         let cluster =
             TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));

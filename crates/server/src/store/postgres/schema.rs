@@ -77,14 +77,20 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity'
 );
 -- The first statement of every fenced transaction: the leases it writes under must still be
--- the writer's, at the epochs it took them, with time left. The rows stay locked (shared)
--- until the transaction ends, so a takeover's update waits for it and sees its writes.
+-- the writer's, at the epochs it took them, with time left. It holds each namespace's
+-- advisory lock (shared) until the transaction ends, and a takeover takes the same lock
+-- exclusively to change the lease: so a takeover waits for every transaction that passed the
+-- check, and every later one sees the new epoch. (Advisory locks live in memory: unlike a
+-- row lock, they write nothing to the table or the WAL.)
 CREATE OR REPLACE FUNCTION tether_fence(holder TEXT, names TEXT[], epochs BIGINT[])
 RETURNS VOID LANGUAGE plpgsql AS $fence$
 DECLARE
     lost TEXT;
+    name TEXT;
 BEGIN
-    PERFORM 1 FROM leases WHERE namespace = ANY(names) ORDER BY namespace FOR SHARE;
+    FOREACH name IN ARRAY names LOOP
+        PERFORM pg_advisory_xact_lock_shared(7233, hashtext(name));
+    END LOOP;
     SELECT string_agg(format('%s (epoch %s)', f.name, f.epoch), ', ') INTO lost
     FROM unnest(names, epochs) AS f(name, epoch)
     WHERE NOT EXISTS (
