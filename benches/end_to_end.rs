@@ -1,7 +1,9 @@
-//! End-to-end benchmark on the embedded store: workloads W1 and W2 of shared/BENCHMARKS.md.
+//! End-to-end benchmark: workloads W1 and W2 of shared/BENCHMARKS.md, on SQLite, PostgreSQL or
+//! both back to back (with their ratios), and W1 over several PostgreSQL replicas.
 //!
-//!   cargo bench --bench end_to_end                  # full size
+//!   cargo bench --bench end_to_end                  # full size, SQLite
 //!   TETHER_BENCH_W1=2000 cargo bench --bench end_to_end   # quick
+//!   TETHER_BENCH_STORE=both cargo bench --bench end_to_end   # SQLite, then PostgreSQL
 //!
 //! W1: a client submits N no-op tasks (~100-byte JSON in, returned unchanged) to one queue;
 //!     one worker with 8 concurrent executions; tasks/s from first submit to last result.
@@ -120,41 +122,20 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run())
 }
 
-async fn run() -> anyhow::Result<()> {
-    let n_w1 = env_usize("TETHER_BENCH_W1", 20_000);
-    let n_w1_wf = env_usize("TETHER_BENCH_W1_WF", n_w1 / 4);
-    let n_w2 = env_usize("TETHER_BENCH_W2", 1_000);
-    let in_flight = env_usize("TETHER_BENCH_IN_FLIGHT", 256);
-    let sync = match std::env::var("TETHER_BENCH_SYNC").as_deref() {
-        Ok("normal") => SyncMode::Normal,
-        _ => SyncMode::Full,
-    };
-    let dir = tempfile::tempdir()?;
-    let config = ServerConfig {
-        sync_mode: sync,
-        ..Default::default()
-    };
-    // TETHER_BENCH_STORE=postgres: the same workloads on PostgreSQL, on a cluster this bench
-    // starts itself (PostgreSQL's default durability: fsync and synchronous_commit on).
-    let on_postgres = std::env::var("TETHER_BENCH_STORE").as_deref() == Ok("postgres");
-    let cluster = if on_postgres {
-        Some(TestCluster::start_durable().map_err(anyhow::Error::msg)?)
-    } else {
-        None
-    };
-    let location = match &cluster {
-        Some(cluster) => StoreLocation::Postgres(
-            cluster
-                .create_database("bench")
-                .await
-                .map_err(anyhow::Error::msg)?,
-        ),
-        None => StoreLocation::Sqlite(dir.path().to_path_buf()),
-    };
-    let server = LocalServer::start_on("127.0.0.1:0", location, config).await?;
-    let worker_client = Client::connect(server.url()).await?;
-    let client = Client::connect(server.url()).await?;
-    let mut options = WorkerOptions::new("bench").identity("bench-worker");
+/// What one store's run measured.
+struct Figures {
+    w1_activities: f64,
+    w1_workflows: f64,
+    w2_p50: Duration,
+    w2_p99: Duration,
+}
+
+/// A worker on `client`'s namespace with the no-op activity and the one-activity workflow.
+fn bench_worker(
+    client: Client,
+    identity: &str,
+) -> anyhow::Result<(tether::worker::WorkerHandle, usize)> {
+    let mut options = WorkerOptions::new("bench").identity(identity);
     // The worker's default activity slots unless asked otherwise.
     if let Some(slots) = std::env::var("TETHER_BENCH_SLOTS")
         .ok()
@@ -163,7 +144,7 @@ async fn run() -> anyhow::Result<()> {
         options = options.max_concurrent_activities(slots);
     }
     let slots = options.max_concurrent_activities;
-    let mut worker = Worker::new(worker_client, options);
+    let mut worker = Worker::new(client, options);
     worker.register_activity("noop", |_ctx: ActivityContext, v: Value| async move {
         Ok::<_, ActivityError>(v)
     });
@@ -173,17 +154,32 @@ async fn run() -> anyhow::Result<()> {
             .await?;
         Ok::<_, WorkflowError>(out)
     });
-    let worker = worker.start()?;
+    Ok((worker.start()?, slots))
+}
 
+struct Sizes {
+    w1: usize,
+    w1_wf: usize,
+    w2: usize,
+    in_flight: usize,
+}
+
+/// W1 (both kinds) and W2 on one server over `location`.
+async fn run_on(
+    location: StoreLocation,
+    config: ServerConfig,
+    sizes: &Sizes,
+    store_name: &str,
+) -> anyhow::Result<Figures> {
+    let server = LocalServer::start_on("127.0.0.1:0", location, config).await?;
+    let worker_client = Client::connect(server.url()).await?;
+    let client = Client::connect(server.url()).await?;
+    let (worker, slots) = bench_worker(worker_client, "bench-worker")?;
     eprintln!("warming up...");
-    w1_activities(&client, 200.min(n_w1), in_flight, "warm").await;
-
-    let store_name = match (on_postgres, sync) {
-        (true, _) => "PostgreSQL, synchronous_commit=on",
-        (false, SyncMode::Full) => "embedded SQLite, synchronous=FULL (fsync per group commit)",
-        (false, SyncMode::Normal) => "embedded SQLite, synchronous=NORMAL",
-    };
+    w1_activities(&client, 200.min(sizes.w1), sizes.in_flight, "warm").await;
     println!("tether end-to-end benchmark ({store_name}; server, 1 worker with {slots} activity slots, client in one process)");
+    let in_flight = sizes.in_flight;
+    let (n_w1, n_w1_wf, n_w2) = (sizes.w1, sizes.w1_wf, sizes.w2);
     let w1a = w1_activities(&client, n_w1, in_flight, "w1").await;
     println!("W1  standalone activities: {n_w1} tasks, {in_flight} in flight: {w1a:.0} tasks/s");
     let w1w = w1_workflows(&client, n_w1_wf, in_flight, "w1wf").await;
@@ -194,8 +190,187 @@ async fn run() -> anyhow::Result<()> {
         p50.as_secs_f64() * 1e3,
         p99.as_secs_f64() * 1e3
     );
-    println!("rerun: cargo bench --bench end_to_end   (sizes: TETHER_BENCH_W1, TETHER_BENCH_W1_WF, TETHER_BENCH_W2, TETHER_BENCH_SLOTS; TETHER_BENCH_SYNC=normal; TETHER_BENCH_STORE=postgres)");
     worker.shutdown().await;
     server.stop().await?;
+    Ok(Figures {
+        w1_activities: w1a,
+        w1_workflows: w1w,
+        w2_p50: p50,
+        w2_p99: p99,
+    })
+}
+
+/// W1 (standalone activities) spread over `replicas` replicas on one PostgreSQL database and
+/// as many namespaces, one worker and one client per namespace, all in this process.
+async fn run_spread(
+    url: &str,
+    replicas: usize,
+    config: ServerConfig,
+    sizes: &Sizes,
+) -> anyhow::Result<f64> {
+    let mut servers = Vec::new();
+    for i in 0..replicas {
+        let mut config = config.clone();
+        config.replica.id = format!("bench-{i}");
+        servers.push(
+            LocalServer::start_on(
+                "127.0.0.1:0",
+                StoreLocation::Postgres(url.to_string()),
+                config,
+            )
+            .await?,
+        );
+    }
+    let addresses: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let admin = Client::connect(addresses.join(",")).await?;
+    let namespaces: Vec<String> = std::iter::once("default".to_string())
+        .chain((1..replicas).map(|i| format!("spread-{i}")))
+        .collect();
+    for ns in &namespaces[1..] {
+        admin.register_namespace(ns, "bench").await?;
+    }
+    // Wait until each replica holds one namespace.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = admin
+            .raw()
+            .describe_cluster(tether::api::pb::DescribeClusterRequest {})
+            .await?
+            .into_inner();
+        let spread = (0..replicas).all(|i| {
+            status
+                .leases
+                .iter()
+                .filter(|l| l.owner == format!("bench-{i}"))
+                .count()
+                == 1
+        });
+        if spread {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the namespaces did not spread over the replicas: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut workers = Vec::new();
+    let mut clients = Vec::new();
+    for ns in &namespaces {
+        let worker_client = Client::connect(addresses.join(","))
+            .await?
+            .with_namespace(ns);
+        workers.push(bench_worker(worker_client, &format!("bench-worker-{ns}"))?.0);
+        let client = Client::connect(addresses.join(","))
+            .await?
+            .with_namespace(ns);
+        w1_activities(&client, 200.min(sizes.w1), sizes.in_flight, "warm").await;
+        clients.push(client);
+    }
+    let per = sizes.w1 / replicas;
+    let started = Instant::now();
+    futures::future::join_all(
+        clients
+            .iter()
+            .map(|c| w1_activities(c, per, sizes.in_flight, "spread")),
+    )
+    .await;
+    let rate = (per * replicas) as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "W1  standalone activities over {replicas} replicas and {replicas} namespaces: {} tasks, {} in flight each: {rate:.0} tasks/s",
+        per * replicas,
+        sizes.in_flight
+    );
+    for w in workers {
+        w.shutdown().await;
+    }
+    for s in servers {
+        s.stop().await?;
+    }
+    Ok(rate)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let sizes = Sizes {
+        w1: env_usize("TETHER_BENCH_W1", 20_000),
+        w1_wf: env_usize(
+            "TETHER_BENCH_W1_WF",
+            env_usize("TETHER_BENCH_W1", 20_000) / 4,
+        ),
+        w2: env_usize("TETHER_BENCH_W2", 1_000),
+        in_flight: env_usize("TETHER_BENCH_IN_FLIGHT", 256),
+    };
+    let sync = match std::env::var("TETHER_BENCH_SYNC").as_deref() {
+        Ok("normal") => SyncMode::Normal,
+        _ => SyncMode::Full,
+    };
+    let config = ServerConfig {
+        sync_mode: sync,
+        ..Default::default()
+    };
+    // TETHER_BENCH_STORE: sqlite (the default), postgres, or both (SQLite, then PostgreSQL on a
+    // cluster this bench starts itself, with PostgreSQL's default durability: fsync and
+    // synchronous_commit on; then W1 over TETHER_BENCH_REPLICAS replicas, default 3).
+    let store = std::env::var("TETHER_BENCH_STORE").unwrap_or_else(|_| "sqlite".into());
+    let (sqlite, postgres) = match store.as_str() {
+        "sqlite" => (true, false),
+        "postgres" => (false, true),
+        "both" => (true, true),
+        other => anyhow::bail!("TETHER_BENCH_STORE={other:?}: give sqlite, postgres or both"),
+    };
+    let dir = tempfile::tempdir()?;
+    let on_sqlite = if sqlite {
+        let name = match sync {
+            SyncMode::Full => "embedded SQLite, synchronous=FULL (fsync per group commit)",
+            SyncMode::Normal => "embedded SQLite, synchronous=NORMAL",
+        };
+        Some(
+            run_on(
+                StoreLocation::Sqlite(dir.path().to_path_buf()),
+                config.clone(),
+                &sizes,
+                name,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    if postgres {
+        let cluster = TestCluster::start_durable().map_err(anyhow::Error::msg)?;
+        let url = cluster
+            .create_database("bench")
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let pg = run_on(
+            StoreLocation::Postgres(url),
+            config.clone(),
+            &sizes,
+            "PostgreSQL, synchronous_commit=on, one replica",
+        )
+        .await?;
+        if let Some(lite) = &on_sqlite {
+            println!(
+                "PostgreSQL / SQLite, same run: W1 activities {:.2}, W1 workflows {:.2}, W2 p50 {:.2}, W2 p99 {:.2}",
+                pg.w1_activities / lite.w1_activities,
+                pg.w1_workflows / lite.w1_workflows,
+                pg.w2_p50.as_secs_f64() / lite.w2_p50.as_secs_f64(),
+                pg.w2_p99.as_secs_f64() / lite.w2_p99.as_secs_f64(),
+            );
+        }
+        let replicas = env_usize("TETHER_BENCH_REPLICAS", 3);
+        if replicas > 1 {
+            let url = cluster
+                .create_database("bench_spread")
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let spread = run_spread(&url, replicas, config.clone(), &sizes).await?;
+            println!(
+                "W1 over {replicas} replicas / one replica, same run: {:.2} (all in this process, on this machine's cores)",
+                spread / pg.w1_activities
+            );
+        }
+    }
+    println!("rerun: cargo bench --bench end_to_end   (sizes: TETHER_BENCH_W1, TETHER_BENCH_W1_WF, TETHER_BENCH_W2, TETHER_BENCH_SLOTS; TETHER_BENCH_SYNC=normal; TETHER_BENCH_STORE=sqlite|postgres|both, TETHER_BENCH_REPLICAS)");
     Ok(())
 }

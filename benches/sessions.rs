@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tether::activity::{ActivityContext, ActivityError};
 use tether::client::{ActivityOptions, Client, SessionOptions};
-use tether::server::{LocalServer, ServerConfig};
+use tether::server::{LocalServer, ServerConfig, StoreLocation};
+use tether::store::TestCluster;
 use tether::worker::{Worker, WorkerOptions};
 
 #[global_allocator]
@@ -47,7 +48,69 @@ async fn run() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("TETHER_BENCH_SYNC: {e}"))?,
         ..ServerConfig::default()
     };
-    let server = LocalServer::start("127.0.0.1:0", dir.path(), config).await?;
+    // TETHER_BENCH_STORE: sqlite (the default), postgres (a cluster this bench starts, with
+    // PostgreSQL's default durability), or both, back to back with their ratios.
+    let store = std::env::var("TETHER_BENCH_STORE").unwrap_or_else(|_| "sqlite".into());
+    let (sqlite, postgres) = match store.as_str() {
+        "sqlite" => (true, false),
+        "postgres" => (false, true),
+        "both" => (true, true),
+        other => anyhow::bail!("TETHER_BENCH_STORE={other:?}: give sqlite, postgres or both"),
+    };
+    let lite = if sqlite {
+        let name = format!("embedded SQLite, synchronous={}", sync.to_uppercase());
+        Some(
+            run_on(
+                StoreLocation::Sqlite(dir.path().to_path_buf()),
+                config.clone(),
+                chains,
+                creations,
+                &name,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    if postgres {
+        let cluster = TestCluster::start_durable().map_err(anyhow::Error::msg)?;
+        let url = cluster
+            .create_database("bench_sessions")
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let pg = run_on(
+            StoreLocation::Postgres(url),
+            config,
+            chains,
+            creations,
+            "PostgreSQL, synchronous_commit=on, one replica",
+        )
+        .await?;
+        if let Some(lite) = lite {
+            println!(
+                "PostgreSQL / SQLite, same run: session creation p50 {:.2}, p99 {:.2}; W3 {:.2}",
+                pg.0 / lite.0,
+                pg.1 / lite.1,
+                pg.2 / lite.2
+            );
+        }
+    }
+    println!(
+        "rerun: cargo bench --bench sessions   (sizes: TETHER_BENCH_W3, TETHER_BENCH_SESSIONS, TETHER_BENCH_ROUNDS, TETHER_BENCH_SLOTS; TETHER_BENCH_SYNC=normal; TETHER_BENCH_STORE=sqlite|postgres|both)"
+    );
+    Ok(())
+}
+
+/// Session creation latency and W3 on one server over `location`: (creation p50 ms, p99 ms,
+/// W3 median chains/s).
+async fn run_on(
+    location: StoreLocation,
+    config: ServerConfig,
+    chains: usize,
+    creations: usize,
+    store_name: &str,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let server = LocalServer::start_on("127.0.0.1:0", location, config).await?;
     let mut handles = Vec::new();
     let mut worker_slots = 0;
     for id in ["host-a", "host-b"] {
@@ -84,8 +147,7 @@ async fn run() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!(
-        "tether sessions benchmark (embedded SQLite, synchronous={}; server, 2 workers with {worker_slots} activity slots each, and the client in one process)",
-        sync.to_uppercase()
+        "tether sessions benchmark ({store_name}; server, 2 workers with {worker_slots} activity slots each, and the client in one process)"
     );
 
     // Creation latency: sequential create (placed at once) then complete.
@@ -97,11 +159,11 @@ async fn run() -> anyhow::Result<()> {
         s.complete().await?;
     }
     latencies.sort();
-    println!(
-        "session creation: {creations} sequential: p50 {:.3} ms, p99 {:.3} ms",
+    let (p50, p99) = (
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
     );
+    println!("session creation: {creations} sequential: p50 {p50:.3} ms, p99 {p99:.3} ms");
 
     // W3, several rounds on the same server and workers; the median is the figure to report.
     let rounds = env_usize("TETHER_BENCH_ROUNDS", 5).max(1);
@@ -119,14 +181,11 @@ async fn run() -> anyhow::Result<()> {
         rates[0],
         rates[rates.len() - 1]
     );
-    println!(
-        "rerun: cargo bench --bench sessions   (sizes: TETHER_BENCH_W3, TETHER_BENCH_SESSIONS, TETHER_BENCH_ROUNDS, TETHER_BENCH_SLOTS; TETHER_BENCH_SYNC=normal)"
-    );
     for h in handles {
         h.shutdown().await;
     }
     server.stop().await?;
-    Ok(())
+    Ok((p50, p99, rates[rates.len() / 2]))
 }
 
 /// One W3 round: `chains` concurrent chains of 5 pinned steps; returns chains/s.

@@ -224,15 +224,26 @@ impl Replica {
             return self.engine_for(namespace).await;
         }
         let namespace = Namespace::from(namespace);
+        // Marked as opening before the claim: the loop, seeing a lease of this replica's
+        // without an engine, must not claim it again meanwhile.
+        if !self.opening.lock().insert(namespace.clone()) {
+            return Err(self.local_engine(&namespace).err().unwrap_or_else(|| {
+                tonic::Status::unavailable(format!(
+                    "namespace {namespace:?} is being opened; retry in a moment"
+                ))
+            }));
+        }
         let (store, id, ns, lease_ms) = (
             self.store.clone(),
             self.id.to_string(),
             namespace.clone(),
             self.lease.as_millis() as u64,
         );
-        let claimed = blocking(move || store.claim_lease(&id, &ns, lease_ms))
-            .await
-            .map_err(|e| tonic::Status::from(unavailable(e)))?;
+        let claimed = blocking(move || store.claim_lease(&id, &ns, lease_ms)).await;
+        if !matches!(claimed, Ok(Some(_))) {
+            self.opening.lock().remove(&namespace);
+        }
+        let claimed = claimed.map_err(|e| tonic::Status::from(unavailable(e)))?;
         match claimed {
             Some(epoch) => {
                 self.open(namespace.clone(), epoch)
