@@ -5,14 +5,11 @@
 
 mod common;
 
-use common::{spawn_server, within, ServerProcess};
+use common::{within, ServerProcess};
 use std::time::{Duration, Instant};
-use tether::activity::{ActivityContext, ActivityError};
 use tether::api::pb;
-use tether::client::{ActivityOptions, Client, WorkflowOptions};
+use tether::client::{Client, WorkflowOptions};
 use tether::store::TestCluster;
-use tether::worker::{Worker, WorkerOptions};
-use tether::workflow::{WorkflowContext, WorkflowError};
 
 const T: Duration = Duration::from_secs(60);
 /// Short, so takeovers happen within the test's patience; the default is 8 s.
@@ -26,15 +23,7 @@ async fn database(name: &str) -> (TestCluster, String) {
 }
 
 fn replica(url: &str, id: &str) -> ServerProcess {
-    spawn_server(&[
-        "server",
-        "--database-url",
-        url,
-        "--replica-id",
-        id,
-        "--lease-timeout",
-        LEASE,
-    ])
+    common::spawn_replica(url, id, LEASE, "127.0.0.1:0")
 }
 
 async fn cluster_status(client: &Client) -> pb::DescribeClusterResponse {
@@ -55,30 +44,8 @@ fn holder(status: &pb::DescribeClusterResponse, namespace: &str) -> Option<(Stri
         .map(|l| (l.owner.clone(), l.epoch))
 }
 
-fn worker(client: &Client, queue: &str, identity: &str) -> Worker {
-    let mut w = Worker::new(
-        client.clone(),
-        WorkerOptions::new(queue)
-            .identity(identity)
-            .state_dir(None)
-            .build()
-            .unwrap(),
-    );
-    w.register_activity("double", |_ctx: ActivityContext, n: u64| async move {
-        Ok::<_, ActivityError>(n * 2)
-    });
-    w.register_workflow(
-        "doubled_after_signal",
-        |ctx: WorkflowContext, n: u64| async move {
-            let doubled: u64 = ctx
-                .execute_activity("double", &n, ActivityOptions::default())
-                .await?;
-            ctx.sleep(Duration::from_millis(200)).await;
-            let add: u64 = ctx.signal_channel("add").recv().await?;
-            Ok::<_, WorkflowError>(doubled + add)
-        },
-    );
-    w
+fn worker(client: &Client, queue: &str, identity: &str) -> tether::worker::Worker {
+    common::doubling_worker(client, queue, identity)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{spawn_server, ServerProcess};
+use common::ServerProcess;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::sync::Arc;
@@ -166,17 +166,7 @@ fn spawn_worker(addresses: &str, number: usize, log: &std::path::Path) -> std::p
 }
 
 fn replica(url: &str, id: &str, listen: &str) -> ServerProcess {
-    spawn_server(&[
-        "server",
-        "--database-url",
-        url,
-        "--replica-id",
-        id,
-        "--lease-timeout",
-        LEASE,
-        "--listen",
-        listen,
-    ])
+    common::spawn_replica(url, id, LEASE, listen)
 }
 
 async fn status(client: &Client) -> Option<pb::DescribeClusterResponse> {

@@ -5,38 +5,13 @@ mod common;
 
 use common::{spawn_server, within};
 use std::time::Duration;
-use tether::activity::{ActivityContext, ActivityError};
-use tether::client::{ActivityOptions, Client, WorkflowOptions};
+use tether::client::{Client, WorkflowOptions};
 use tether::store::TestCluster;
-use tether::worker::{Worker, WorkerOptions};
-use tether::workflow::{WorkflowContext, WorkflowError};
 
 const T: Duration = Duration::from_secs(60);
 
-fn worker(client: &Client) -> Worker {
-    let mut w = Worker::new(
-        client.clone(),
-        WorkerOptions::new("pg-q")
-            .identity("pg-w")
-            .state_dir(None)
-            .build()
-            .unwrap(),
-    );
-    w.register_activity("double", |_ctx: ActivityContext, n: u64| async move {
-        Ok::<_, ActivityError>(n * 2)
-    });
-    w.register_workflow(
-        "doubled_after_signal",
-        |ctx: WorkflowContext, n: u64| async move {
-            let doubled: u64 = ctx
-                .execute_activity("double", &n, ActivityOptions::default())
-                .await?;
-            ctx.sleep(Duration::from_millis(100)).await;
-            let add: u64 = ctx.signal_channel("add").recv().await?;
-            Ok::<_, WorkflowError>(doubled + add)
-        },
-    );
-    w
+fn worker(client: &Client) -> tether::worker::Worker {
+    common::doubling_worker(client, "pg-q", "pg-w")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

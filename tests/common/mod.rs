@@ -250,3 +250,54 @@ impl WriteLock {
         self.0.execute_batch("ROLLBACK").unwrap();
     }
 }
+
+/// A `tether server` replica on the PostgreSQL database `url`, as replica `id` with lease
+/// timeout `lease`, listening on `listen` (port 0 for any).
+pub fn spawn_replica(url: &str, id: &str, lease: &str, listen: &str) -> ServerProcess {
+    spawn_server(&[
+        "server",
+        "--database-url",
+        url,
+        "--replica-id",
+        id,
+        "--lease-timeout",
+        lease,
+        "--listen",
+        listen,
+    ])
+}
+
+/// A worker on `queue` as `identity` with workflow `doubled_after_signal`: it doubles its input
+/// in an activity (`double`), sleeps 100 ms, waits for signal `add` and returns the sum.
+pub fn doubling_worker(
+    client: &tether::client::Client,
+    queue: &str,
+    identity: &str,
+) -> tether::worker::Worker {
+    use tether::activity::{ActivityContext, ActivityError};
+    use tether::client::ActivityOptions;
+    use tether::workflow::{WorkflowContext, WorkflowError};
+    let mut w = tether::worker::Worker::new(
+        client.clone(),
+        tether::worker::WorkerOptions::new(queue)
+            .identity(identity)
+            .state_dir(None)
+            .build()
+            .unwrap(),
+    );
+    w.register_activity("double", |_ctx: ActivityContext, n: u64| async move {
+        Ok::<_, ActivityError>(n * 2)
+    });
+    w.register_workflow(
+        "doubled_after_signal",
+        |ctx: WorkflowContext, n: u64| async move {
+            let doubled: u64 = ctx
+                .execute_activity("double", &n, ActivityOptions::default())
+                .await?;
+            ctx.sleep(Duration::from_millis(100)).await;
+            let add: u64 = ctx.signal_channel("add").recv().await?;
+            Ok::<_, WorkflowError>(doubled + add)
+        },
+    );
+    w
+}

@@ -7,6 +7,26 @@ use super::{PostgresStore, StoreError};
 use crate::store::api::{ClusterView, LeaseRow, ReplicaRow};
 use tether_core::types::Namespace;
 
+/// Runs `sql` in a transaction that holds `namespace`'s advisory lock exclusively: the old
+/// holder's transactions that passed the fence finish first, and none after this one passes it
+/// (see `tether_fence`).
+async fn under_namespace_lock(
+    mut client: deadpool_postgres::Object,
+    namespace: &str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(7233, hashtext($1))",
+        &[&namespace],
+    )
+    .await?;
+    let rows = tx.query(sql, params).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
 impl PostgresStore {
     /// Records (or refreshes) a replica and its address.
     pub fn register_replica(&self, replica_id: &str, address: &str) -> Result<(), StoreError> {
@@ -76,28 +96,18 @@ impl PostgresStore {
                     &[&namespace],
                 )
                 .await?;
-            // The namespace's advisory lock, exclusively: the old holder's transactions that
-            // passed the fence finish first, and none after this one passes it (see
-            // `tether_fence`).
-            let mut client = client;
-            let tx = client.transaction().await?;
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(7233, hashtext($1))",
-                &[&namespace],
+            let rows = under_namespace_lock(
+                client,
+                &namespace,
+                "UPDATE leases SET owner = $1, epoch = epoch + 1,
+                     acquired_at = clock_timestamp(), renewed_at = clock_timestamp(),
+                     expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
+                 WHERE namespace = $2 AND (expires_at <= clock_timestamp() OR owner = $1)
+                 RETURNING epoch",
+                &[&id, &namespace, &lease_ms],
             )
             .await?;
-            let row = tx
-                .query_opt(
-                    "UPDATE leases SET owner = $1, epoch = epoch + 1,
-                         acquired_at = clock_timestamp(), renewed_at = clock_timestamp(),
-                         expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
-                     WHERE namespace = $2 AND (expires_at <= clock_timestamp() OR owner = $1)
-                     RETURNING epoch",
-                    &[&id, &namespace, &lease_ms],
-                )
-                .await?;
-            tx.commit().await?;
-            Ok(row.map(|r| r.get(0)))
+            Ok(rows.first().map(|r| r.get(0)))
         })
     }
 
@@ -111,22 +121,15 @@ impl PostgresStore {
     ) -> Result<bool, StoreError> {
         let (id, namespace) = (replica_id.to_string(), namespace.to_string());
         self.query(move |client| async move {
-            let mut client = client;
-            let tx = client.transaction().await?;
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(7233, hashtext($1))",
-                &[&namespace],
+            let rows = under_namespace_lock(
+                client,
+                &namespace,
+                "UPDATE leases SET owner = '', expires_at = '-infinity'
+                 WHERE namespace = $2 AND owner = $1 AND epoch = $3 RETURNING epoch",
+                &[&id, &namespace, &epoch],
             )
             .await?;
-            let n = tx
-                .execute(
-                    "UPDATE leases SET owner = '', expires_at = '-infinity'
-                     WHERE namespace = $2 AND owner = $1 AND epoch = $3",
-                    &[&id, &namespace, &epoch],
-                )
-                .await?;
-            tx.commit().await?;
-            Ok(n == 1)
+            Ok(rows.len() == 1)
         })
     }
 
