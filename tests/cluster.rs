@@ -239,3 +239,51 @@ async fn a_replica_paused_past_its_lease_steps_down_and_its_calls_go_to_the_new_
     assert_eq!(result, 11);
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_several_addresses_skips_those_where_nothing_listens() {
+    let env = common::TestEnv::start().await;
+    // A port nothing listens on: bound, then closed.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = Client::connect(format!("{dead},{}", env.url()))
+        .await
+        .unwrap();
+    let running = worker(&client, "q", "w-skip").start().unwrap();
+    let handle = client
+        .start_workflow(
+            "doubled_after_signal",
+            &2u64,
+            WorkflowOptions::new("wf-skip", "q"),
+        )
+        .await
+        .unwrap();
+    within(T, "the signal", async {
+        while handle.signal("add", &1u64).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let result: u64 = within(T, "the result", handle.result()).await.unwrap();
+    assert_eq!(result, 5);
+    running.shutdown().await;
+    // Every address dead: the error names one and says what to do.
+    let err = match Client::connect_with(
+        format!("{dead},{dead}"),
+        tether::client::ClientOptions {
+            retry_for: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    {
+        Ok(_) => panic!("connected to nothing"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&dead.to_string()) && err.contains("is the server running"),
+        "{err}"
+    );
+}

@@ -111,36 +111,27 @@ impl Client {
         let mut told = false;
         // The first address that answers is where calls go first; the others connect when
         // a call needs them.
+        let refused = |i: usize, e: &tonic::transport::Error| ClientError::Connect {
+            address: addresses[i].clone(),
+            reason: format!(
+                "{e}{} (is the server running? start one with `tether dev`)",
+                std::error::Error::source(e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default()
+            ),
+        };
         let (first, channel) = 'connected: loop {
             let mut last_unreachable = None;
             for (i, endpoint) in endpoints.iter().enumerate() {
                 match endpoint.connect().await {
                     Ok(channel) => break 'connected (i, channel),
                     Err(e) if unreachable_now(&e) => last_unreachable = Some((i, e)),
-                    Err(e) => {
-                        return Err(ClientError::Connect {
-                            address: addresses[i].clone(),
-                            reason: format!(
-                                "{e}{} (is the server running? start one with `tether dev`)",
-                                std::error::Error::source(&e)
-                                    .map(|s| format!(": {s}"))
-                                    .unwrap_or_default()
-                            ),
-                        })
-                    }
+                    Err(e) => return Err(refused(i, &e)),
                 }
             }
             let (i, e) = last_unreachable.expect("every address failed one way or the other");
             if std::time::Instant::now() + backoff >= deadline {
-                return Err(ClientError::Connect {
-                    address: addresses[i].clone(),
-                    reason: format!(
-                        "{e}{} (is the server running? start one with `tether dev`)",
-                        std::error::Error::source(&e)
-                            .map(|s| format!(": {s}"))
-                            .unwrap_or_default()
-                    ),
-                });
+                return Err(refused(i, &e));
             }
             if !told {
                 tracing::warn!(address, error = %e, "the server is not reachable yet; trying again for up to {:?}", options.retry_for);
