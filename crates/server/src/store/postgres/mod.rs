@@ -340,11 +340,13 @@ async fn commit_jobs(pool: &Pool, jobs: &[Job]) -> Result<(), StoreError> {
             vec![Box::new(owner), Box::new(names), Box::new(epochs)],
         ));
     }
+    let mut rows = Rows::default();
     for Job { batch, .. } in jobs {
         for write in &batch.writes {
-            statements.plan(write, &mut plan);
+            statements.plan(write, &mut plan, &mut rows);
         }
     }
+    rows.flush(&statements, &mut plan);
     let writes = futures::future::try_join_all(plan.iter().map(|(statement, values)| {
         client.execute_raw(
             statement,
@@ -368,7 +370,7 @@ async fn commit_jobs(pool: &Pool, jobs: &[Job]) -> Result<(), StoreError> {
 /// The prepared statements a transaction uses (cached per connection by deadpool).
 struct Statements {
     put_namespace: tokio_postgres::Statement,
-    put_run: tokio_postgres::Statement,
+    put_runs: tokio_postgres::Statement,
     put_session: tokio_postgres::Statement,
     delete_own_started: tokio_postgres::Statement,
     keep_session_started: tokio_postgres::Statement,
@@ -378,14 +380,99 @@ struct Statements {
     delete_run_started: tokio_postgres::Statement,
     delete_run: tokio_postgres::Statement,
     put_started: tokio_postgres::Statement,
-    put_event: tokio_postgres::Statement,
+    put_events: tokio_postgres::Statement,
+}
+
+/// The runs and events of a group, written as one multi-row statement each (PostgreSQL's
+/// cost is per statement more than per row). A run written several times in the group is
+/// written once, as it is last; so is an event.
+#[derive(Default)]
+struct Rows {
+    run_index: HashMap<String, usize>,
+    run_ids: Vec<String>,
+    namespaces: Vec<String>,
+    standalone: Vec<bool>,
+    workflow_ids: Vec<String>,
+    statuses: Vec<i32>,
+    start_ms: Vec<i64>,
+    states: Vec<Vec<u8>>,
+    close_ms: Vec<i64>,
+    event_index: HashMap<(String, i64), usize>,
+    event_runs: Vec<String>,
+    event_ids: Vec<i64>,
+    events: Vec<Vec<u8>>,
+}
+
+impl Rows {
+    fn run(&mut self, state: &RunState, close_ms: i64) {
+        let encoded = state.encode_to_vec();
+        if let Some(&i) = self.run_index.get(&state.run_id) {
+            self.statuses[i] = state.status;
+            self.states[i] = encoded;
+            self.close_ms[i] = close_ms;
+            return;
+        }
+        self.run_index.insert(state.run_id.clone(), self.run_ids.len());
+        self.run_ids.push(state.run_id.clone());
+        self.namespaces.push(state.namespace.clone());
+        self.standalone.push(state.standalone_activity);
+        self.workflow_ids.push(state.workflow_id.clone());
+        self.statuses.push(state.status);
+        self.start_ms.push(state.start_ms);
+        self.states.push(encoded);
+        self.close_ms.push(close_ms);
+    }
+
+    fn event(&mut self, run_id: &str, event: &HistoryEvent) {
+        let key = (run_id.to_string(), event.event_id as i64);
+        let encoded = event.encode_to_vec();
+        if let Some(&i) = self.event_index.get(&key) {
+            self.events[i] = encoded;
+            return;
+        }
+        self.event_index.insert(key, self.event_ids.len());
+        self.event_runs.push(run_id.to_string());
+        self.event_ids.push(event.event_id as i64);
+        self.events.push(encoded);
+    }
+
+    /// The statements for what is gathered so far, appended to the plan (and gathering starts
+    /// again): before any write whose effect depends on those rows, and at the end.
+    fn flush(&mut self, statements: &Statements, plan: &mut Vec<Planned>) {
+        let rows = std::mem::take(self);
+        if !rows.run_ids.is_empty() {
+            plan.push((
+                statements.put_runs.clone(),
+                vec![
+                    Box::new(rows.run_ids),
+                    Box::new(rows.namespaces),
+                    Box::new(rows.standalone),
+                    Box::new(rows.workflow_ids),
+                    Box::new(rows.statuses),
+                    Box::new(rows.start_ms),
+                    Box::new(rows.states),
+                    Box::new(rows.close_ms),
+                ],
+            ));
+        }
+        if !rows.event_ids.is_empty() {
+            plan.push((
+                statements.put_events.clone(),
+                vec![
+                    Box::new(rows.event_runs),
+                    Box::new(rows.event_ids),
+                    Box::new(rows.events),
+                ],
+            ));
+        }
+    }
 }
 
 impl Statements {
     async fn prepare(tx: &deadpool_postgres::Object) -> Result<Statements, StoreError> {
         Ok(Statements {
             put_namespace: tx.prepare_cached(schema::PUT_NAMESPACE).await?,
-            put_run: tx.prepare_cached(schema::PUT_RUN).await?,
+            put_runs: tx.prepare_cached(schema::PUT_RUNS).await?,
             put_session: tx.prepare_cached(schema::PUT_SESSION).await?,
             delete_own_started: tx.prepare_cached(schema::DELETE_OWN_STARTED).await?,
             keep_session_started: tx.prepare_cached(schema::KEEP_SESSION_STARTED).await?,
@@ -395,12 +482,12 @@ impl Statements {
             delete_run_started: tx.prepare_cached(schema::DELETE_RUN_STARTED).await?,
             delete_run: tx.prepare_cached(schema::DELETE_RUN).await?,
             put_started: tx.prepare_cached(schema::PUT_STARTED).await?,
-            put_event: tx.prepare_cached(schema::PUT_EVENT).await?,
+            put_events: tx.prepare_cached(schema::PUT_EVENTS).await?,
         })
     }
 
     /// The statements one write takes, appended in order.
-    fn plan(&self, write: &Write, plan: &mut Vec<Planned>) {
+    fn plan(&self, write: &Write, plan: &mut Vec<Planned>, rows: &mut Rows) {
         let text = |s: &str| -> Box<dyn ToSql + Sync + Send> { Box::new(s.to_string()) };
         match write {
             Write::Namespace(info) => plan.push((
@@ -416,19 +503,7 @@ impl Statements {
                     plan.push((self.delete_own_started.clone(), vec![text(&state.run_id)]));
                 }
                 let close_ms = if open { 0 } else { state.close_ms.max(1) };
-                plan.push((
-                    self.put_run.clone(),
-                    vec![
-                        text(&state.run_id),
-                        text(&state.namespace),
-                        Box::new(state.standalone_activity),
-                        text(&state.workflow_id),
-                        Box::new(state.status),
-                        Box::new(state.start_ms),
-                        Box::new(state.encode_to_vec()),
-                        Box::new(close_ms),
-                    ],
-                ));
+                rows.run(state, close_ms);
             }
             Write::Session { state } => {
                 let info = state.info.clone().unwrap_or_default();
@@ -470,6 +545,8 @@ impl Statements {
                 }
             }
             Write::DeleteRuns { run_ids } => {
+                // These deletes look at the runs' rows: what is gathered goes first.
+                rows.flush(self, plan);
                 // Events and hand-out rows first: their deletes look for the closed run.
                 for run_id in run_ids {
                     plan.push((self.delete_run_events.clone(), vec![text(run_id)]));
@@ -503,14 +580,7 @@ impl Statements {
             )),
             Write::Events { run_id, events } => {
                 for event in events {
-                    plan.push((
-                        self.put_event.clone(),
-                        vec![
-                            text(run_id),
-                            Box::new(event.event_id as i64),
-                            Box::new(event.encode_to_vec()),
-                        ],
-                    ));
+                    rows.event(run_id, event);
                 }
             }
         }

@@ -108,9 +108,11 @@ COMMIT;
 
 pub(super) const PUT_NAMESPACE: &str = "INSERT INTO namespaces (name, info) VALUES ($1, $2)
      ON CONFLICT (name) DO UPDATE SET info = EXCLUDED.info";
-pub(super) const PUT_RUN: &str =
+/// Many runs in one statement, one array per column.
+pub(super) const PUT_RUNS: &str =
     "INSERT INTO runs (run_id, namespace, standalone, workflow_id, status, start_ms, state, close_ms)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::int[],
+                          $6::bigint[], $7::bytea[], $8::bigint[])
      ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, state = EXCLUDED.state,
                                         close_ms = EXCLUDED.close_ms";
 pub(super) const PUT_SESSION: &str =
@@ -143,8 +145,10 @@ pub(super) const PUT_STARTED: &str =
          started_ms = EXCLUDED.started_ms, worker = EXCLUDED.worker,
          instance = EXCLUDED.instance, session_id = EXCLUDED.session_id,
          session_activities_run = EXCLUDED.session_activities_run";
-pub(super) const PUT_EVENT: &str =
-    "INSERT INTO events (run_id, event_id, event) VALUES ($1, $2, $3)
+/// Many events in one statement.
+pub(super) const PUT_EVENTS: &str =
+    "INSERT INTO events (run_id, event_id, event)
+     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
      ON CONFLICT (run_id, event_id) DO UPDATE SET event = EXCLUDED.event";
 
 /// The statement every fenced transaction begins with (see `SCHEMA`).
