@@ -165,6 +165,20 @@ fn spawn_worker(addresses: &str, number: usize, log: &std::path::Path) -> std::p
         .unwrap()
 }
 
+/// A free port below the range the OS hands out for outgoing connections: a replica restarted
+/// on its port must find it free, and an ephemeral port could meanwhile have become the local
+/// end of some client's connection.
+fn listening_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let start = 10_000 + (std::process::id() % 10_000) as u16;
+    (start..low)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 fn replica(url: &str, id: &str, listen: &str) -> ServerProcess {
     common::spawn_replica(url, id, LEASE, listen)
 }
@@ -217,7 +231,11 @@ async fn cluster_faults_under_load() {
     let mut replicas: Vec<Option<ServerProcess>> = Vec::new();
     let mut listen = Vec::new();
     for i in 0..3 {
-        let r = replica(&url, &format!("r{i}"), "127.0.0.1:0");
+        let r = replica(
+            &url,
+            &format!("r{i}"),
+            &format!("127.0.0.1:{}", listening_port()),
+        );
         listen.push(r.addr.clone());
         replicas.push(Some(r));
     }
@@ -304,7 +322,33 @@ async fn cluster_faults_under_load() {
                 let away = if round.is_multiple_of(2) { 1 } else { 4 };
                 let restart = async {
                     tokio::time::sleep(Duration::from_secs(away)).await;
-                    replica(&url, &format!("r{i}"), &listen[i])
+                    // A restart that fails says why (printed), and is tried again: what the
+                    // test checks is the work, across whatever the replicas go through.
+                    let mut failures = Vec::new();
+                    loop {
+                        let args = [
+                            "server",
+                            "--database-url",
+                            url.as_str(),
+                            "--replica-id",
+                            &format!("r{i}"),
+                            "--lease-timeout",
+                            LEASE,
+                            "--listen",
+                            listen[i].as_str(),
+                        ];
+                        match common::try_spawn_server(&args) {
+                            Ok(r) => break r,
+                            Err(why) if failures.len() < 5 => {
+                                eprintln!("restart of r{i} failed, trying again: {why}");
+                                failures.push(why);
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            Err(why) => {
+                                panic!("r{i} would not start: {why} (before: {failures:?})")
+                            }
+                        }
+                    }
                 };
                 let (times, restarted) = tokio::join!(futures::future::join_all(probes), restart);
                 replicas[i] = Some(restarted);

@@ -201,6 +201,11 @@ impl Drop for ServerProcess {
 /// Starts `tether ARGS` (with `--listen 127.0.0.1:0` unless ARGS name a listen address) and
 /// reads the bound address from its stderr.
 pub fn spawn_server(args: &[&str]) -> ServerProcess {
+    try_spawn_server(args).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// [`spawn_server`], answering why when the server did not start.
+pub fn try_spawn_server(args: &[&str]) -> Result<ServerProcess, String> {
     use std::io::{BufRead, BufReader};
     let mut command = std::process::Command::new(BIN);
     command.args(args);
@@ -229,10 +234,20 @@ pub fn spawn_server(args: &[&str]) -> ServerProcess {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("server printed its address");
-    ServerProcess { child, addr, lines }
+    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => addr,
+        Err(e) => {
+            // What it printed says why it did not start.
+            let printed: Vec<String> = lines.try_iter().collect();
+            let _ = child.kill();
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            return Err(format!(
+                "the server printed no address ({e}; it exited: {status}); it printed:\n{}",
+                printed.join("\n")
+            ));
+        }
+    };
+    Ok(ServerProcess { child, addr, lines })
 }
 
 /// Holds SQLite's write lock on the server's database from another connection, as a second

@@ -412,7 +412,8 @@ impl Rows {
             self.close_ms[i] = close_ms;
             return;
         }
-        self.run_index.insert(state.run_id.clone(), self.run_ids.len());
+        self.run_index
+            .insert(state.run_id.clone(), self.run_ids.len());
         self.run_ids.push(state.run_id.clone());
         self.namespaces.push(state.namespace.clone());
         self.standalone.push(state.standalone_activity);

@@ -146,8 +146,7 @@ pub(super) const PUT_STARTED: &str =
          instance = EXCLUDED.instance, session_id = EXCLUDED.session_id,
          session_activities_run = EXCLUDED.session_activities_run";
 /// Many events in one statement.
-pub(super) const PUT_EVENTS: &str =
-    "INSERT INTO events (run_id, event_id, event)
+pub(super) const PUT_EVENTS: &str = "INSERT INTO events (run_id, event_id, event)
      SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
      ON CONFLICT (run_id, event_id) DO UPDATE SET event = EXCLUDED.event";
 
