@@ -27,8 +27,9 @@ pub(crate) struct Cli {
 
 #[derive(Args, Clone)]
 pub(crate) struct Global {
-    /// Server address for client commands (host:port or http://host:port; env TETHER_ADDRESS,
-    /// default 127.0.0.1:7233). `tether server` and `tether dev` listen on --listen instead.
+    /// Server address for client commands (host:port or http://host:port; for the replicas of
+    /// a cluster, several, comma-separated; env TETHER_ADDRESS, default 127.0.0.1:7233).
+    /// `tether server` and `tether dev` listen on --listen instead.
     #[arg(long, global = true)]
     pub(crate) address: Option<String>,
     /// How long a client command keeps trying while the server cannot be reached (it is
