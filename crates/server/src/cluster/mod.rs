@@ -2,7 +2,7 @@
 //!
 //! The unit of ownership is the namespace: each has a lease row (owner, epoch, expiry by the
 //! database's clock), and the replica holding it runs that namespace's [`Engine`] over a
-//! [`NamespaceStore`], whose every transaction first checks the lease (`tether_fence`). A
+//! [`NamespaceStore`], whose every transaction first checks the lease (the fence). A
 //! replica that lost its lease (it was paused, or cut off) commits nothing more: its engine
 //! fails on its next write and is dropped. Why namespaces rather than hash shards is in
 //! ARCHITECTURE.md ("Replicas").

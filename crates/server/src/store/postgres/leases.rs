@@ -9,7 +9,7 @@ use tether_core::types::Namespace;
 
 /// Runs `sql` in a transaction that holds `namespace`'s advisory lock exclusively: the old
 /// holder's transactions that passed the fence finish first, and none after this one passes it
-/// (see `tether_fence`).
+/// (see `schema::FENCE_LOCK`).
 async fn under_namespace_lock(
     mut client: deadpool_postgres::Object,
     namespace: &str,

@@ -10,14 +10,15 @@
 mod cluster;
 mod leases;
 mod schema;
+mod writer;
 
 pub use cluster::TestCluster;
 
 use super::api::{
     fold_hand_outs, fold_session_counts, ClosedRows, Commit, Durability, Fence, HandOutRow,
-    Recovered, RunFilter, Store, StoreError, Write, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
+    Recovered, RunFilter, Store, StoreError, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
 };
-use super::group_commit::{GroupCommit, Job};
+use super::group_commit::GroupCommit;
 use crate::state::{RunState, SessionState};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use prost::Message;
@@ -28,7 +29,7 @@ use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
-/// Connections the pool keeps for reads (the writer takes one more).
+/// Connections the pool keeps for reads and lease work (the writer has one of its own).
 const POOL_SIZE: usize = 8;
 
 /// PostgreSQL-backed [`Store`].
@@ -60,14 +61,14 @@ impl PostgresStore {
                 source,
             })?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE + 1)
+            .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Postgres(e.to_string()))?;
@@ -84,15 +85,15 @@ impl PostgresStore {
             )),
             other => other,
         })?;
-        let handle = runtime.handle().clone();
-        let writer_pool = pool.clone();
-        let writer = GroupCommit::start("tether-postgres-writer", move |jobs| {
-            handle.block_on(commit_jobs(&writer_pool, jobs))
-        })
-        .map_err(|source| StoreError::Io {
+        let mut writer = writer::Writer::new(config).map_err(|source| StoreError::Io {
             path: "the PostgreSQL store's writer".into(),
             source,
         })?;
+        let writer = GroupCommit::start("tether-postgres-writer", move |jobs| writer.commit(jobs))
+            .map_err(|source| StoreError::Io {
+                path: "the PostgreSQL store's writer".into(),
+                source,
+            })?;
         Ok(PostgresStore {
             runtime: Some(runtime),
             pool,
@@ -315,279 +316,6 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// One statement of a transaction, with its values.
-type Planned = (tokio_postgres::Statement, Vec<Box<dyn ToSql + Sync + Send>>);
-
-/// A group of batches as one transaction, in order. `BEGIN`, every statement and `COMMIT` are
-/// pipelined: all are sent before the first answer is awaited, and PostgreSQL runs them in the
-/// order sent, so a group costs one round trip (and one WAL flush), not one per row. A statement
-/// that fails aborts the transaction, and PostgreSQL answers the `COMMIT` behind it with a
-/// rollback: nothing of the group is written, and its error is what this returns.
-async fn commit_jobs(pool: &Pool, jobs: &[Job]) -> Result<(), StoreError> {
-    let client = pool.get().await.map_err(pool_error)?;
-    let statements = Statements::prepare(&client).await?;
-    let mut plan: Vec<Planned> = Vec::new();
-    // The leases this group writes under are checked (and locked) before any write.
-    let mut fences: Vec<&Fence> = jobs.iter().filter_map(|job| job.fence.as_ref()).collect();
-    if let Some(first) = fences.first() {
-        let owner = first.owner.to_string();
-        fences.sort_by(|a, b| (&a.namespace, a.epoch).cmp(&(&b.namespace, b.epoch)));
-        fences.dedup();
-        let names: Vec<String> = fences.iter().map(|f| f.namespace.to_string()).collect();
-        let epochs: Vec<i64> = fences.iter().map(|f| f.epoch).collect();
-        plan.push((
-            client.prepare_cached(schema::FENCE).await?,
-            vec![Box::new(owner), Box::new(names), Box::new(epochs)],
-        ));
-    }
-    let mut rows = Rows::default();
-    for Job { batch, .. } in jobs {
-        for write in &batch.writes {
-            statements.plan(write, &mut plan, &mut rows);
-        }
-    }
-    rows.flush(&statements, &mut plan);
-    let writes = futures::future::try_join_all(plan.iter().map(|(statement, values)| {
-        client.execute_raw(
-            statement,
-            values.iter().map(|v| &**v as &(dyn ToSql + Sync)),
-        )
-    }));
-    let outcome = futures::try_join!(client.batch_execute("BEGIN"), writes, async {
-        client.batch_execute("COMMIT").await
-    });
-    match outcome {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            // Answers may still be on their way: this connection goes, rather than back to
-            // the pool (the store stops at its first failed commit anyway).
-            drop(deadpool_postgres::Object::take(client));
-            Err(e.into())
-        }
-    }
-}
-
-/// The prepared statements a transaction uses (cached per connection by deadpool).
-struct Statements {
-    put_namespace: tokio_postgres::Statement,
-    put_runs: tokio_postgres::Statement,
-    put_session: tokio_postgres::Statement,
-    delete_own_started: tokio_postgres::Statement,
-    keep_session_started: tokio_postgres::Statement,
-    delete_session_started: tokio_postgres::Statement,
-    delete_session: tokio_postgres::Statement,
-    delete_run_events: tokio_postgres::Statement,
-    delete_run_started: tokio_postgres::Statement,
-    delete_run: tokio_postgres::Statement,
-    put_started: tokio_postgres::Statement,
-    put_events: tokio_postgres::Statement,
-}
-
-/// The runs and events of a group, written as one multi-row statement each (PostgreSQL's
-/// cost is per statement more than per row). A run written several times in the group is
-/// written once, as it is last; so is an event.
-#[derive(Default)]
-struct Rows {
-    run_index: HashMap<String, usize>,
-    run_ids: Vec<String>,
-    namespaces: Vec<String>,
-    standalone: Vec<bool>,
-    workflow_ids: Vec<String>,
-    statuses: Vec<i32>,
-    start_ms: Vec<i64>,
-    states: Vec<Vec<u8>>,
-    close_ms: Vec<i64>,
-    event_index: HashMap<(String, i64), usize>,
-    event_runs: Vec<String>,
-    event_ids: Vec<i64>,
-    events: Vec<Vec<u8>>,
-}
-
-impl Rows {
-    fn run(&mut self, state: &RunState, close_ms: i64) {
-        let encoded = state.encode_to_vec();
-        if let Some(&i) = self.run_index.get(&state.run_id) {
-            self.statuses[i] = state.status;
-            self.states[i] = encoded;
-            self.close_ms[i] = close_ms;
-            return;
-        }
-        self.run_index
-            .insert(state.run_id.clone(), self.run_ids.len());
-        self.run_ids.push(state.run_id.clone());
-        self.namespaces.push(state.namespace.clone());
-        self.standalone.push(state.standalone_activity);
-        self.workflow_ids.push(state.workflow_id.clone());
-        self.statuses.push(state.status);
-        self.start_ms.push(state.start_ms);
-        self.states.push(encoded);
-        self.close_ms.push(close_ms);
-    }
-
-    fn event(&mut self, run_id: &str, event: &HistoryEvent) {
-        let key = (run_id.to_string(), event.event_id as i64);
-        let encoded = event.encode_to_vec();
-        if let Some(&i) = self.event_index.get(&key) {
-            self.events[i] = encoded;
-            return;
-        }
-        self.event_index.insert(key, self.event_ids.len());
-        self.event_runs.push(run_id.to_string());
-        self.event_ids.push(event.event_id as i64);
-        self.events.push(encoded);
-    }
-
-    /// The statements for what is gathered so far, appended to the plan (and gathering starts
-    /// again): before any write whose effect depends on those rows, and at the end.
-    fn flush(&mut self, statements: &Statements, plan: &mut Vec<Planned>) {
-        let rows = std::mem::take(self);
-        if !rows.run_ids.is_empty() {
-            plan.push((
-                statements.put_runs.clone(),
-                vec![
-                    Box::new(rows.run_ids),
-                    Box::new(rows.namespaces),
-                    Box::new(rows.standalone),
-                    Box::new(rows.workflow_ids),
-                    Box::new(rows.statuses),
-                    Box::new(rows.start_ms),
-                    Box::new(rows.states),
-                    Box::new(rows.close_ms),
-                ],
-            ));
-        }
-        if !rows.event_ids.is_empty() {
-            plan.push((
-                statements.put_events.clone(),
-                vec![
-                    Box::new(rows.event_runs),
-                    Box::new(rows.event_ids),
-                    Box::new(rows.events),
-                ],
-            ));
-        }
-    }
-}
-
-impl Statements {
-    async fn prepare(tx: &deadpool_postgres::Object) -> Result<Statements, StoreError> {
-        Ok(Statements {
-            put_namespace: tx.prepare_cached(schema::PUT_NAMESPACE).await?,
-            put_runs: tx.prepare_cached(schema::PUT_RUNS).await?,
-            put_session: tx.prepare_cached(schema::PUT_SESSION).await?,
-            delete_own_started: tx.prepare_cached(schema::DELETE_OWN_STARTED).await?,
-            keep_session_started: tx.prepare_cached(schema::KEEP_SESSION_STARTED).await?,
-            delete_session_started: tx.prepare_cached(schema::DELETE_SESSION_STARTED).await?,
-            delete_session: tx.prepare_cached(schema::DELETE_SESSION).await?,
-            delete_run_events: tx.prepare_cached(schema::DELETE_RUN_EVENTS).await?,
-            delete_run_started: tx.prepare_cached(schema::DELETE_RUN_STARTED).await?,
-            delete_run: tx.prepare_cached(schema::DELETE_RUN).await?,
-            put_started: tx.prepare_cached(schema::PUT_STARTED).await?,
-            put_events: tx.prepare_cached(schema::PUT_EVENTS).await?,
-        })
-    }
-
-    /// The statements one write takes, appended in order.
-    fn plan(&self, write: &Write, plan: &mut Vec<Planned>, rows: &mut Rows) {
-        let text = |s: &str| -> Box<dyn ToSql + Sync + Send> { Box::new(s.to_string()) };
-        match write {
-            Write::Namespace(info) => plan.push((
-                self.put_namespace.clone(),
-                vec![text(&info.name), Box::new(info.encode_to_vec())],
-            )),
-            Write::Run {
-                state,
-                may_own_started,
-            } => {
-                let open = state.status == ExecutionStatus::Running as i32;
-                if *may_own_started && !open {
-                    plan.push((self.delete_own_started.clone(), vec![text(&state.run_id)]));
-                }
-                let close_ms = if open { 0 } else { state.close_ms.max(1) };
-                rows.run(state, close_ms);
-            }
-            Write::Session { state } => {
-                let info = state.info.clone().unwrap_or_default();
-                let open = crate::sessions::is_live(&info);
-                let closed_ms = if open { 0 } else { info.closed_ms.max(1) };
-                plan.push((
-                    self.put_session.clone(),
-                    vec![
-                        text(&info.session_id),
-                        text(&info.namespace),
-                        Box::new(open),
-                        Box::new(info.created_ms),
-                        Box::new(state.encode_to_vec()),
-                        Box::new(closed_ms),
-                    ],
-                ));
-            }
-            Write::ReleaseSessionRows {
-                session_id,
-                runs_still_open,
-                runs_closed,
-            } => {
-                for run_id in runs_still_open {
-                    plan.push((
-                        self.keep_session_started.clone(),
-                        vec![text(run_id), text(session_id)],
-                    ));
-                }
-                for run_id in runs_closed {
-                    plan.push((
-                        self.delete_session_started.clone(),
-                        vec![text(run_id), text(session_id)],
-                    ));
-                }
-            }
-            Write::DeleteSessions { session_ids } => {
-                for session_id in session_ids {
-                    plan.push((self.delete_session.clone(), vec![text(session_id)]));
-                }
-            }
-            Write::DeleteRuns { run_ids } => {
-                // These deletes look at the runs' rows: what is gathered goes first.
-                rows.flush(self, plan);
-                // Events and hand-out rows first: their deletes look for the closed run.
-                for run_id in run_ids {
-                    plan.push((self.delete_run_events.clone(), vec![text(run_id)]));
-                    plan.push((self.delete_run_started.clone(), vec![text(run_id)]));
-                    plan.push((self.delete_run.clone(), vec![text(run_id)]));
-                }
-            }
-            Write::Started {
-                run_id,
-                scheduled_event_id,
-                attempt,
-                dispatch,
-                started_ms,
-                worker,
-                instance,
-                session_id,
-                session_activities_run,
-            } => plan.push((
-                self.put_started.clone(),
-                vec![
-                    text(run_id),
-                    Box::new(*scheduled_event_id as i64),
-                    Box::new(*attempt as i32),
-                    Box::new(*dispatch as i64),
-                    Box::new(*started_ms),
-                    text(worker),
-                    text(instance),
-                    text(session_id.as_ref().map_or("", |s| s.as_str())),
-                    Box::new(*session_activities_run as i64),
-                ],
-            )),
-            Write::Events { run_id, events } => {
-                for event in events {
-                    rows.event(run_id, event);
-                }
-            }
-        }
-    }
-}
-
 fn decode_run(bytes: &[u8]) -> Result<RunState, StoreError> {
     Ok(RunState::decode(bytes)?)
 }
@@ -754,6 +482,7 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::api::Write;
 
     fn running(id: &str) -> Write {
         Write::Run {
@@ -882,6 +611,46 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_replaces_a_connection_the_database_closed_while_it_was_idle() {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
+        let url = cluster.create_database("writer_reconnect").await.unwrap();
+        let store = PostgresStore::connect(&url).unwrap();
+        let write = |id: &str| {
+            store
+                .submit(WriteBatch {
+                    writes: vec![running(id)],
+                })
+                .done
+        };
+        write("first").await.unwrap().unwrap();
+        // What an administrator's pg_terminate_backend, or an idle-session timeout, does.
+        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let writers = "FROM pg_stat_activity WHERE application_name = 'tether writer'";
+        let terminated = admin
+            .query(&format!("SELECT pg_terminate_backend(pid) {writers}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(terminated.len(), 1, "the writer's connection is named");
+        // Until its backend is gone, a write could still reach it.
+        while !admin
+            .query(&format!("SELECT pid {writers}"), &[])
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            tokio::task::yield_now().await;
+        }
+        write("second")
+            .await
+            .unwrap()
+            .expect("the write goes through a new connection");
+        assert!(store.load_run(&"second".into()).unwrap().is_some());
+        assert!(store.durability().borrow().failed.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_takeover_waits_for_the_transaction_that_passed_the_fence() {
         let cluster =
             TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
@@ -894,12 +663,11 @@ mod tests {
         let (old, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(connection);
         old.batch_execute("BEGIN").await.unwrap();
-        old.execute(
-            schema::FENCE,
-            &[&"r1", &vec!["ns-o".to_string()], &vec![epoch]],
-        )
-        .await
-        .unwrap();
+        let names = vec!["ns-o".to_string()];
+        old.execute(schema::FENCE_LOCK, &[&names]).await.unwrap();
+        old.execute(schema::FENCE_CHECK, &[&"r1", &names, &vec![epoch]])
+            .await
+            .unwrap();
         let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(connection);
         admin
@@ -938,6 +706,54 @@ mod tests {
             1,
             "what passed the fence committed before the takeover"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_waited_for_a_takeover_sees_it_and_lands_nothing() {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
+        let url = cluster.create_database("fence_snapshot").await.unwrap();
+        let store = PostgresStore::connect(&url).unwrap();
+        let ns = Namespace::from("ns-s");
+        let epoch = store.claim_lease("r1", &ns, 60_000).unwrap().unwrap();
+        // A takeover half done: it holds the namespace's lock and has changed the lease, but
+        // not committed yet.
+        let (takeover, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        takeover
+            .batch_execute(
+                "BEGIN;
+                 SELECT pg_advisory_xact_lock(7233, hashtext('ns-s'));
+                 UPDATE leases SET owner = 'r2', epoch = epoch + 1 WHERE namespace = 'ns-s';",
+            )
+            .await
+            .unwrap();
+        let write = store.submit_fenced(
+            WriteBatch {
+                writes: vec![running_in("ns-s", "during-takeover")],
+            },
+            fence("r1", "ns-s", epoch),
+        );
+        // The old holder's fence is waiting for the lock (its lease, as last committed, is
+        // still its own)...
+        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        while admin
+            .query(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            tokio::task::yield_now().await;
+        }
+        // ...when the takeover commits: the check must read the lease as it is now.
+        takeover.batch_execute("COMMIT").await.unwrap();
+        let why = write.done.await.unwrap().unwrap_err();
+        assert!(why.contains("no longer holds the lease"), "{why}");
+        assert!(store.load_run(&"during-takeover".into()).unwrap().is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

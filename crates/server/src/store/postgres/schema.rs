@@ -76,31 +76,13 @@ CREATE TABLE IF NOT EXISTS leases (
     renewed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity'
 );
--- The first statement of every fenced transaction: the leases it writes under must still be
--- the writer's, at the epochs it took them, with time left. It holds each namespace's
--- advisory lock (shared) until the transaction ends, and a takeover takes the same lock
--- exclusively to change the lease: so a takeover waits for every transaction that passed the
--- check, and every later one sees the new epoch. (Advisory locks live in memory: unlike a
--- row lock, they write nothing to the table or the WAL.)
-CREATE OR REPLACE FUNCTION tether_fence(holder TEXT, names TEXT[], epochs BIGINT[])
+-- Raises the error of a fenced transaction whose leases are no longer its writer's (see
+-- FENCE_CHECK): called only then, so a commit that passes pays nothing for PL/pgSQL.
+CREATE OR REPLACE FUNCTION tether_fence_lost(holder TEXT, lost TEXT)
 RETURNS VOID LANGUAGE plpgsql AS $fence$
-DECLARE
-    lost TEXT;
-    name TEXT;
 BEGIN
-    FOREACH name IN ARRAY names LOOP
-        PERFORM pg_advisory_xact_lock_shared(7233, hashtext(name));
-    END LOOP;
-    SELECT string_agg(format('%s (epoch %s)', f.name, f.epoch), ', ') INTO lost
-    FROM unnest(names, epochs) AS f(name, epoch)
-    WHERE NOT EXISTS (
-        SELECT 1 FROM leases l
-        WHERE l.namespace = f.name AND l.owner = holder AND l.epoch = f.epoch
-          AND l.expires_at > clock_timestamp());
-    IF lost IS NOT NULL THEN
-        RAISE EXCEPTION 'replica % no longer holds the lease of namespace %', holder, lost
-            USING ERRCODE = 'TL001';
-    END IF;
+    RAISE EXCEPTION 'replica % no longer holds the lease of namespace %', holder, lost
+        USING ERRCODE = 'TL001';
 END
 $fence$;
 COMMIT;
@@ -150,5 +132,23 @@ pub(super) const PUT_EVENTS: &str = "INSERT INTO events (run_id, event_id, event
      SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
      ON CONFLICT (run_id, event_id) DO UPDATE SET event = EXCLUDED.event";
 
-/// The statement every fenced transaction begins with (see `SCHEMA`).
-pub(super) const FENCE: &str = "SELECT tether_fence($1, $2, $3)";
+/// The two statements every fenced transaction begins with: the leases it writes under must
+/// still be the writer's, at the epochs it took them, with time left.
+///
+/// The first takes each namespace's advisory lock, shared, until the transaction ends; a
+/// takeover takes the same lock exclusively to change the lease, so it waits for every
+/// transaction that passed the check, and every later one sees the new epoch. (Advisory locks
+/// live in memory: unlike a row lock, they write nothing to the table or the WAL.)
+pub(super) const FENCE_LOCK: &str =
+    "SELECT pg_advisory_xact_lock_shared(7233, hashtext(name)) FROM unnest($1::text[]) AS name";
+/// The check, a statement of its own: under READ COMMITTED a statement reads from a snapshot
+/// taken when it starts, and this one must start after the locks are held, or it could read a
+/// lease that a takeover committed a new epoch over while it waited for them.
+pub(super) const FENCE_CHECK: &str =
+    "SELECT tether_fence_lost($1, string_agg(format('%s (epoch %s)', f.name, f.epoch), ', '))
+     FROM unnest($2::text[], $3::bigint[]) AS f(name, epoch)
+     WHERE NOT EXISTS (
+         SELECT 1 FROM leases l
+         WHERE l.namespace = f.name AND l.owner = $1 AND l.epoch = f.epoch
+           AND l.expires_at > clock_timestamp())
+     HAVING count(*) > 0";

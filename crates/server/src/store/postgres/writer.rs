@@ -1,0 +1,383 @@
+//! The PostgreSQL store's writer: each group of batches the group commit hands it becomes one
+//! pipelined transaction on a connection of its own.
+
+use super::schema;
+use crate::state::RunState;
+use crate::store::api::{Fence, StoreError, Write};
+use crate::store::group_commit::Job;
+use prost::Message;
+use std::collections::HashMap;
+use tether_wire::pb::{ExecutionStatus, HistoryEvent};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+/// One statement of a transaction, with its values.
+type Planned = (tokio_postgres::Statement, Vec<Box<dyn ToSql + Sync + Send>>);
+
+/// The writer's own connection, driven on the writer thread by a runtime of its own: a commit
+/// then costs no hop between threads on its way to the database and back (through a shared
+/// pool on a multi-threaded runtime, those hops were about a third of a commit's latency).
+pub(super) struct Writer {
+    runtime: tokio::runtime::Runtime,
+    config: tokio_postgres::Config,
+    /// Opened at the first commit and after a failed one (its answers may still be on their
+    /// way, so it is not reused).
+    connection: Option<Connection>,
+}
+
+struct Connection {
+    client: tokio_postgres::Client,
+    statements: Statements,
+}
+
+impl Writer {
+    pub(super) fn new(mut config: tokio_postgres::Config) -> std::io::Result<Writer> {
+        // So that it can be told apart in pg_stat_activity.
+        config.application_name("tether writer");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Writer {
+            runtime,
+            config,
+            connection: None,
+        })
+    }
+
+    /// Commits a group of batches as one transaction (see [`transact`]). Called on the writer
+    /// thread only, which is in no runtime: blocking on this one is allowed there.
+    pub(super) fn commit(&mut self, jobs: &[Job]) -> Result<(), StoreError> {
+        let Writer {
+            runtime,
+            config,
+            connection,
+        } = self;
+        runtime.block_on(async {
+            // A connection the database closed while the writer was idle (a restart, an
+            // administrator's pg_terminate_backend, an idle timeout) is replaced: when that is
+            // known before anything is sent, and else when the group's BEGIN fails, for then
+            // the database did none of it (answers come in order: a COMMIT that took effect
+            // follows a BEGIN that was answered). Once only: a database that refuses a fresh
+            // connection too has failed the commit.
+            let mut tries_left = 2;
+            loop {
+                tries_left -= 1;
+                if connection.as_ref().is_some_and(|c| c.client.is_closed()) {
+                    *connection = None;
+                }
+                let open = match connection {
+                    Some(open) => open,
+                    None => connection.insert(Connection::open(config).await?),
+                };
+                match transact(&open.client, &open.statements, jobs).await {
+                    Ok(()) => return Ok(()),
+                    Err(Failed { begun, error }) => {
+                        // Answers may still be on their way: this connection is not reused.
+                        *connection = None;
+                        if begun || tries_left == 0 {
+                            return Err(error);
+                        }
+                        tracing::info!(%error, "the PostgreSQL writer's connection was lost before a commit; committing on a new one");
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Why a transaction failed, and whether the database had begun it.
+struct Failed {
+    begun: bool,
+    error: StoreError,
+}
+
+impl Connection {
+    async fn open(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
+        let (client, driver) = config.connect(NoTls).await.map_err(|e| {
+            StoreError::Postgres(format!("the writer could not connect to the database: {e}"))
+        })?;
+        // Runs on the writer's runtime, so it makes progress while a commit is awaited (and
+        // only then, which is all it is needed for); it ends when the client is dropped.
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::warn!(error = %e, "the PostgreSQL writer's connection closed");
+            }
+        });
+        let statements = Statements::prepare(&client).await?;
+        Ok(Connection { client, statements })
+    }
+}
+
+/// A group of batches as one transaction, in order. `BEGIN`, every statement and `COMMIT` are
+/// pipelined: all are sent before the first answer is awaited, and PostgreSQL runs them in the
+/// order sent, so a group costs one round trip (and one WAL flush), not one per row. A statement
+/// that fails aborts the transaction, and PostgreSQL answers the `COMMIT` behind it with a
+/// rollback: nothing of the group is written, and its error is what this returns.
+async fn transact(
+    client: &tokio_postgres::Client,
+    statements: &Statements,
+    jobs: &[Job],
+) -> Result<(), Failed> {
+    let mut plan: Vec<Planned> = Vec::new();
+    // The leases this group writes under are checked (and locked) before any write.
+    let mut fences: Vec<&Fence> = jobs.iter().filter_map(|job| job.fence.as_ref()).collect();
+    if let Some(first) = fences.first() {
+        let owner = first.owner.to_string();
+        fences.sort_by(|a, b| (&a.namespace, a.epoch).cmp(&(&b.namespace, b.epoch)));
+        fences.dedup();
+        let names: Vec<String> = fences.iter().map(|f| f.namespace.to_string()).collect();
+        let epochs: Vec<i64> = fences.iter().map(|f| f.epoch).collect();
+        plan.push((statements.fence_lock.clone(), vec![Box::new(names.clone())]));
+        plan.push((
+            statements.fence_check.clone(),
+            vec![Box::new(owner), Box::new(names), Box::new(epochs)],
+        ));
+    }
+    let mut rows = Rows::default();
+    for Job { batch, .. } in jobs {
+        for write in &batch.writes {
+            statements.plan(write, &mut plan, &mut rows);
+        }
+    }
+    rows.flush(statements, &mut plan);
+    let writes = futures::future::try_join_all(plan.iter().map(|(statement, values)| {
+        client.execute_raw(
+            statement,
+            values.iter().map(|v| &**v as &(dyn ToSql + Sync)),
+        )
+    }));
+    let (begin, writes, commit) = futures::join!(client.batch_execute("BEGIN"), writes, async {
+        client.batch_execute("COMMIT").await
+    });
+    let begun = begin.is_ok();
+    // The first failure is the cause; what follows it failed because of it.
+    begin.and(writes.map(drop)).and(commit).map_err(|e| Failed {
+        begun,
+        error: e.into(),
+    })
+}
+
+/// The statements a transaction uses, prepared once per connection.
+struct Statements {
+    fence_lock: tokio_postgres::Statement,
+    fence_check: tokio_postgres::Statement,
+    put_namespace: tokio_postgres::Statement,
+    put_runs: tokio_postgres::Statement,
+    put_session: tokio_postgres::Statement,
+    delete_own_started: tokio_postgres::Statement,
+    keep_session_started: tokio_postgres::Statement,
+    delete_session_started: tokio_postgres::Statement,
+    delete_session: tokio_postgres::Statement,
+    delete_run_events: tokio_postgres::Statement,
+    delete_run_started: tokio_postgres::Statement,
+    delete_run: tokio_postgres::Statement,
+    put_started: tokio_postgres::Statement,
+    put_events: tokio_postgres::Statement,
+}
+
+/// The runs and events of a group, written as one multi-row statement each (PostgreSQL's
+/// cost is per statement more than per row). A run written several times in the group is
+/// written once, as it is last; so is an event.
+#[derive(Default)]
+struct Rows {
+    run_index: HashMap<String, usize>,
+    run_ids: Vec<String>,
+    namespaces: Vec<String>,
+    standalone: Vec<bool>,
+    workflow_ids: Vec<String>,
+    statuses: Vec<i32>,
+    start_ms: Vec<i64>,
+    states: Vec<Vec<u8>>,
+    close_ms: Vec<i64>,
+    event_index: HashMap<(String, i64), usize>,
+    event_runs: Vec<String>,
+    event_ids: Vec<i64>,
+    events: Vec<Vec<u8>>,
+}
+
+impl Rows {
+    fn run(&mut self, state: &RunState, close_ms: i64) {
+        let encoded = state.encode_to_vec();
+        if let Some(&i) = self.run_index.get(&state.run_id) {
+            self.statuses[i] = state.status;
+            self.states[i] = encoded;
+            self.close_ms[i] = close_ms;
+            return;
+        }
+        self.run_index
+            .insert(state.run_id.clone(), self.run_ids.len());
+        self.run_ids.push(state.run_id.clone());
+        self.namespaces.push(state.namespace.clone());
+        self.standalone.push(state.standalone_activity);
+        self.workflow_ids.push(state.workflow_id.clone());
+        self.statuses.push(state.status);
+        self.start_ms.push(state.start_ms);
+        self.states.push(encoded);
+        self.close_ms.push(close_ms);
+    }
+
+    fn event(&mut self, run_id: &str, event: &HistoryEvent) {
+        let key = (run_id.to_string(), event.event_id as i64);
+        let encoded = event.encode_to_vec();
+        if let Some(&i) = self.event_index.get(&key) {
+            self.events[i] = encoded;
+            return;
+        }
+        self.event_index.insert(key, self.event_ids.len());
+        self.event_runs.push(run_id.to_string());
+        self.event_ids.push(event.event_id as i64);
+        self.events.push(encoded);
+    }
+
+    /// The statements for what is gathered so far, appended to the plan (and gathering starts
+    /// again): before any write whose effect depends on those rows, and at the end.
+    fn flush(&mut self, statements: &Statements, plan: &mut Vec<Planned>) {
+        let rows = std::mem::take(self);
+        if !rows.run_ids.is_empty() {
+            plan.push((
+                statements.put_runs.clone(),
+                vec![
+                    Box::new(rows.run_ids),
+                    Box::new(rows.namespaces),
+                    Box::new(rows.standalone),
+                    Box::new(rows.workflow_ids),
+                    Box::new(rows.statuses),
+                    Box::new(rows.start_ms),
+                    Box::new(rows.states),
+                    Box::new(rows.close_ms),
+                ],
+            ));
+        }
+        if !rows.event_ids.is_empty() {
+            plan.push((
+                statements.put_events.clone(),
+                vec![
+                    Box::new(rows.event_runs),
+                    Box::new(rows.event_ids),
+                    Box::new(rows.events),
+                ],
+            ));
+        }
+    }
+}
+
+impl Statements {
+    async fn prepare(client: &tokio_postgres::Client) -> Result<Statements, StoreError> {
+        Ok(Statements {
+            fence_lock: client.prepare(schema::FENCE_LOCK).await?,
+            fence_check: client.prepare(schema::FENCE_CHECK).await?,
+            put_namespace: client.prepare(schema::PUT_NAMESPACE).await?,
+            put_runs: client.prepare(schema::PUT_RUNS).await?,
+            put_session: client.prepare(schema::PUT_SESSION).await?,
+            delete_own_started: client.prepare(schema::DELETE_OWN_STARTED).await?,
+            keep_session_started: client.prepare(schema::KEEP_SESSION_STARTED).await?,
+            delete_session_started: client.prepare(schema::DELETE_SESSION_STARTED).await?,
+            delete_session: client.prepare(schema::DELETE_SESSION).await?,
+            delete_run_events: client.prepare(schema::DELETE_RUN_EVENTS).await?,
+            delete_run_started: client.prepare(schema::DELETE_RUN_STARTED).await?,
+            delete_run: client.prepare(schema::DELETE_RUN).await?,
+            put_started: client.prepare(schema::PUT_STARTED).await?,
+            put_events: client.prepare(schema::PUT_EVENTS).await?,
+        })
+    }
+
+    /// The statements one write takes, appended in order.
+    fn plan(&self, write: &Write, plan: &mut Vec<Planned>, rows: &mut Rows) {
+        let text = |s: &str| -> Box<dyn ToSql + Sync + Send> { Box::new(s.to_string()) };
+        match write {
+            Write::Namespace(info) => plan.push((
+                self.put_namespace.clone(),
+                vec![text(&info.name), Box::new(info.encode_to_vec())],
+            )),
+            Write::Run {
+                state,
+                may_own_started,
+            } => {
+                let open = state.status == ExecutionStatus::Running as i32;
+                if *may_own_started && !open {
+                    plan.push((self.delete_own_started.clone(), vec![text(&state.run_id)]));
+                }
+                let close_ms = if open { 0 } else { state.close_ms.max(1) };
+                rows.run(state, close_ms);
+            }
+            Write::Session { state } => {
+                let info = state.info.clone().unwrap_or_default();
+                let open = crate::sessions::is_live(&info);
+                let closed_ms = if open { 0 } else { info.closed_ms.max(1) };
+                plan.push((
+                    self.put_session.clone(),
+                    vec![
+                        text(&info.session_id),
+                        text(&info.namespace),
+                        Box::new(open),
+                        Box::new(info.created_ms),
+                        Box::new(state.encode_to_vec()),
+                        Box::new(closed_ms),
+                    ],
+                ));
+            }
+            Write::ReleaseSessionRows {
+                session_id,
+                runs_still_open,
+                runs_closed,
+            } => {
+                for run_id in runs_still_open {
+                    plan.push((
+                        self.keep_session_started.clone(),
+                        vec![text(run_id), text(session_id)],
+                    ));
+                }
+                for run_id in runs_closed {
+                    plan.push((
+                        self.delete_session_started.clone(),
+                        vec![text(run_id), text(session_id)],
+                    ));
+                }
+            }
+            Write::DeleteSessions { session_ids } => {
+                for session_id in session_ids {
+                    plan.push((self.delete_session.clone(), vec![text(session_id)]));
+                }
+            }
+            Write::DeleteRuns { run_ids } => {
+                // These deletes look at the runs' rows: what is gathered goes first.
+                rows.flush(self, plan);
+                // Events and hand-out rows first: their deletes look for the closed run.
+                for run_id in run_ids {
+                    plan.push((self.delete_run_events.clone(), vec![text(run_id)]));
+                    plan.push((self.delete_run_started.clone(), vec![text(run_id)]));
+                    plan.push((self.delete_run.clone(), vec![text(run_id)]));
+                }
+            }
+            Write::Started {
+                run_id,
+                scheduled_event_id,
+                attempt,
+                dispatch,
+                started_ms,
+                worker,
+                instance,
+                session_id,
+                session_activities_run,
+            } => plan.push((
+                self.put_started.clone(),
+                vec![
+                    text(run_id),
+                    Box::new(*scheduled_event_id as i64),
+                    Box::new(*attempt as i32),
+                    Box::new(*dispatch as i64),
+                    Box::new(*started_ms),
+                    text(worker),
+                    text(instance),
+                    text(session_id.as_ref().map_or("", |s| s.as_str())),
+                    Box::new(*session_activities_run as i64),
+                ],
+            )),
+            Write::Events { run_id, events } => {
+                for event in events {
+                    rows.event(run_id, event);
+                }
+            }
+        }
+    }
+}
