@@ -110,6 +110,33 @@ async fn w2(client: &Client, n: usize) -> (Duration, Duration) {
     (percentile(&latencies, 0.50), percentile(&latencies, 0.99))
 }
 
+/// p50 of `n` sequential one-row transactions, each `BEGIN`, `INSERT`, `COMMIT` sent before the
+/// first answer is read.
+async fn commit_floor(url: &str, n: usize) -> anyhow::Result<Duration> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TABLE floor (id BIGINT PRIMARY KEY, body BYTEA NOT NULL)")
+        .await?;
+    let insert = client
+        .prepare("INSERT INTO floor (id, body) VALUES ($1, $2)")
+        .await?;
+    let body = vec![7u8; 200];
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n as i64 {
+        let values: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&i, &body];
+        let t = Instant::now();
+        futures::try_join!(
+            client.batch_execute("BEGIN"),
+            client.execute(&insert, &values),
+            client.batch_execute("COMMIT")
+        )?;
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    Ok(percentile(&latencies, 0.50))
+}
+
 // The same allocator as the `tether` binary.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -349,6 +376,19 @@ async fn run() -> anyhow::Result<()> {
             "PostgreSQL, synchronous_commit=on, one replica",
         )
         .await?;
+        // The floor under W2: one durable commit of a one-row transaction, sent the way the
+        // store's writer sends its groups (pipelined), on the same cluster right after W2.
+        let floor_url = cluster
+            .create_database("bench_floor")
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let floor = commit_floor(&floor_url, sizes.w2).await?;
+        println!(
+            "floor: one durable PostgreSQL commit (BEGIN, INSERT of one row, COMMIT, pipelined), {} sequential: p50 {:.3} ms; W2 p50 / floor p50: {:.2} (a W2 round trip waits for two commits)",
+            sizes.w2,
+            floor.as_secs_f64() * 1e3,
+            pg.w2_p50.as_secs_f64() / floor.as_secs_f64()
+        );
         if let Some(lite) = &on_sqlite {
             println!(
                 "PostgreSQL / SQLite, same run: W1 activities {:.2}, W1 workflows {:.2}, W2 p50 {:.2}, W2 p99 {:.2}",
