@@ -525,6 +525,13 @@ mod tests {
         }
     }
 
+    /// A connection of the test's own, beside the store's: another replica, an administrator.
+    async fn side_connection(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
     fn fence(owner: &str, namespace: &str, epoch: i64) -> Fence {
         Fence {
             owner: owner.into(),
@@ -558,8 +565,7 @@ mod tests {
             .unwrap()
             .unwrap();
         // Another replica takes ns-a over (its lease lapsed, as a paused replica's does).
-        let (other, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let other = side_connection(&url).await;
         other
             .batch_execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE namespace = 'ns-a'")
             .await
@@ -625,8 +631,7 @@ mod tests {
         };
         write("first").await.unwrap().unwrap();
         // What an administrator's pg_terminate_backend, or an idle-session timeout, does.
-        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let admin = side_connection(&url).await;
         let writers = "FROM pg_stat_activity WHERE application_name = 'tether writer'";
         let terminated = admin
             .query(&format!("SELECT pg_terminate_backend(pid) {writers}"), &[])
@@ -660,16 +665,14 @@ mod tests {
         let epoch = store.claim_lease("r1", &ns, 60_000).unwrap().unwrap();
         // The old holder's transaction passes the fence and is still open when its lease
         // lapses and another replica claims it.
-        let (old, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let old = side_connection(&url).await;
         old.batch_execute("BEGIN").await.unwrap();
         let names = vec!["ns-o".to_string()];
         old.execute(schema::FENCE_LOCK, &[&names]).await.unwrap();
         old.execute(schema::FENCE_CHECK, &[&"r1", &names, &vec![epoch]])
             .await
             .unwrap();
-        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let admin = side_connection(&url).await;
         admin
             .batch_execute("UPDATE leases SET expires_at = now() - interval '1 second'")
             .await
@@ -718,8 +721,7 @@ mod tests {
         let epoch = store.claim_lease("r1", &ns, 60_000).unwrap().unwrap();
         // A takeover half done: it holds the namespace's lock and has changed the lease, but
         // not committed yet.
-        let (takeover, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let takeover = side_connection(&url).await;
         takeover
             .batch_execute(
                 "BEGIN;
@@ -736,8 +738,7 @@ mod tests {
         );
         // The old holder's fence is waiting for the lock (its lease, as last committed, is
         // still its own)...
-        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let admin = side_connection(&url).await;
         while admin
             .query(
                 "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
@@ -770,8 +771,7 @@ mod tests {
             .unwrap()
             .unwrap();
         // Another client takes the events table away: the group's second statement fails.
-        let (other, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let other = side_connection(&url).await;
         other.batch_execute("DROP TABLE events").await.unwrap();
         let failed = store.submit(batch(vec![running("during"), event_of("during")]));
         let why = failed.done.await.unwrap().unwrap_err();

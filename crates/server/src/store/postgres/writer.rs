@@ -15,8 +15,9 @@ use tokio_postgres::NoTls;
 type Planned = (tokio_postgres::Statement, Vec<Box<dyn ToSql + Sync + Send>>);
 
 /// The writer's own connection, driven on the writer thread by a runtime of its own: a commit
-/// then costs no hop between threads on its way to the database and back (through a shared
-/// pool on a multi-threaded runtime, those hops were about a third of a commit's latency).
+/// then costs no hop between threads on its way to the database and back. (Through a pooled
+/// connection driven on the store's multi-threaded runtime, W2's p50, two commits a round trip,
+/// was 2.18 ms; with this, 1.44–1.53 ms in runs minutes apart.)
 pub(super) struct Writer {
     runtime: tokio::runtime::Runtime,
     config: tokio_postgres::Config,
