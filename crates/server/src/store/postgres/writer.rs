@@ -56,10 +56,10 @@ impl Writer {
         runtime.block_on(async {
             // A connection the database closed while the writer was idle (a restart, an
             // administrator's pg_terminate_backend, an idle timeout) is replaced: when that is
-            // known before anything is sent, and else when the group's BEGIN fails, for then
-            // the database did none of it (answers come in order: a COMMIT that took effect
-            // follows a BEGIN that was answered). Once only: a database that refuses a fresh
-            // connection too has failed the commit.
+            // known before anything is sent, and else when the group's BEGIN fails because the
+            // session had ended, for then the database did none of it (answers come in order:
+            // a COMMIT that took effect follows a BEGIN that was answered). Once only: a
+            // database that refuses a fresh connection too has failed the commit.
             let mut tries_left = 2;
             loop {
                 tries_left -= 1;
@@ -72,10 +72,10 @@ impl Writer {
                 };
                 match transact(&open.client, &open.statements, jobs).await {
                     Ok(()) => return Ok(()),
-                    Err(Failed { begun, error }) => {
+                    Err(Failed { not_begun, error }) => {
                         // Answers may still be on their way: this connection is not reused.
                         *connection = None;
-                        if begun || tries_left == 0 {
+                        if !not_begun || tries_left == 0 {
                             return Err(error);
                         }
                         tracing::info!(%error, "the PostgreSQL writer's connection was lost before a commit; committing on a new one");
@@ -86,9 +86,9 @@ impl Writer {
     }
 }
 
-/// Why a transaction failed, and whether the database had begun it.
+/// Why a transaction failed, and whether it is known that the database did none of it.
 struct Failed {
-    begun: bool,
+    not_begun: bool,
     error: StoreError,
 }
 
@@ -150,10 +150,17 @@ async fn transact(
     let (begin, writes, commit) = futures::join!(client.batch_execute("BEGIN"), writes, async {
         client.batch_execute("COMMIT").await
     });
-    let begun = begin.is_ok();
+    // Only a BEGIN refused because the session ended (the connection closed, or a FATAL
+    // error, after which the backend exits) shows that nothing behind it ran: a BEGIN that
+    // failed on a live session would leave the statements behind it to run on their own.
+    let not_begun = begin.as_ref().err().is_some_and(|e| {
+        e.is_closed()
+            || e.as_db_error()
+                .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+    });
     // The first failure is the cause; what follows it failed because of it.
     begin.and(writes.map(drop)).and(commit).map_err(|e| Failed {
-        begun,
+        not_begun,
         error: e.into(),
     })
 }
