@@ -326,18 +326,7 @@ async fn cluster_faults_under_load() {
                     // test checks is the work, across whatever the replicas go through.
                     let mut failures = Vec::new();
                     loop {
-                        let args = [
-                            "server",
-                            "--database-url",
-                            url.as_str(),
-                            "--replica-id",
-                            &format!("r{i}"),
-                            "--lease-timeout",
-                            LEASE,
-                            "--listen",
-                            listen[i].as_str(),
-                        ];
-                        match common::try_spawn_server(&args) {
+                        match common::try_spawn_replica(&url, &format!("r{i}"), LEASE, &listen[i]) {
                             Ok(r) => break r,
                             Err(why) if failures.len() < 5 => {
                                 eprintln!("restart of r{i} failed, trying again: {why}");

@@ -269,7 +269,17 @@ impl WriteLock {
 /// A `tether server` replica on the PostgreSQL database `url`, as replica `id` with lease
 /// timeout `lease`, listening on `listen` (port 0 for any).
 pub fn spawn_replica(url: &str, id: &str, lease: &str, listen: &str) -> ServerProcess {
-    spawn_server(&[
+    try_spawn_replica(url, id, lease, listen).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// [`spawn_replica`], answering why when the replica did not start.
+pub fn try_spawn_replica(
+    url: &str,
+    id: &str,
+    lease: &str,
+    listen: &str,
+) -> Result<ServerProcess, String> {
+    try_spawn_server(&[
         "server",
         "--database-url",
         url,
