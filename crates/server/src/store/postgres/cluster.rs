@@ -32,6 +32,16 @@ impl TestCluster {
         Self::start_with(&["-c", "fsync=off", "-c", "synchronous_commit=off"])
     }
 
+    /// Starts a test cluster (as [`TestCluster::start`]) with more server settings, each a
+    /// `-c name=value` pair's value: `&["shared_preload_libraries=pg_stat_statements"]`.
+    pub fn start_with_settings(extra: &[&str]) -> Result<TestCluster, String> {
+        let mut settings = vec!["-c", "fsync=off", "-c", "synchronous_commit=off"];
+        for setting in extra {
+            settings.extend(["-c", setting]);
+        }
+        Self::start_with(&settings)
+    }
+
     fn start_with(settings: &[&str]) -> Result<TestCluster, String> {
         for tool in ["initdb", "pg_ctl", "postgres"] {
             if find_on_path(tool).is_none() {

@@ -541,6 +541,59 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_plans_each_of_its_statements_once() {
+        // Planning the fence check again at every commit cost more than running it (see
+        // `writer::Connection::open`). pg_stat_statements counts plans; it ships with
+        // PostgreSQL (Debian: in the postgresql-15 package).
+        let cluster = TestCluster::start_with_settings(&[
+            "shared_preload_libraries=pg_stat_statements",
+            "pg_stat_statements.track_planning=on",
+        ])
+        .unwrap_or_else(|e| panic!("this test needs PostgreSQL with pg_stat_statements: {e}"));
+        let url = cluster.create_database("plans").await.unwrap();
+        let side = side_connection(&url).await;
+        side.batch_execute("CREATE EXTENSION pg_stat_statements")
+            .await
+            .unwrap();
+        let store = PostgresStore::connect(&url).unwrap();
+        let ns = Namespace::from("default");
+        let epoch = store.claim_lease("r1", &ns, 60_000).unwrap().unwrap();
+        const COMMITS: i64 = 20;
+        for i in 0..COMMITS {
+            let id = format!("run-{i}");
+            store
+                .submit_fenced(
+                    WriteBatch {
+                        writes: vec![running(&id), event_of(&id)],
+                    },
+                    fence("r1", "default", epoch),
+                )
+                .done
+                .await
+                .unwrap()
+                .expect("the write lands");
+        }
+        let rows = side
+            .query(
+                "SELECT query, calls, plans FROM pg_stat_statements
+                 WHERE query LIKE 'SELECT tether_fence_lost%' OR query LIKE 'INSERT INTO runs%'
+                    OR query LIKE 'INSERT INTO events%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 3, "the fence check and both inserts ran");
+        for row in rows {
+            let (query, calls, plans): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            assert_eq!(calls, COMMITS, "{query}");
+            assert!(
+                plans <= 1,
+                "planned {plans} times in {calls} calls: {query}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_under_a_lost_lease_lands_nothing_and_other_namespaces_go_on() {
         let cluster =
             TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));

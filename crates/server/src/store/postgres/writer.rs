@@ -104,6 +104,14 @@ impl Connection {
                 tracing::warn!(error = %e, "the PostgreSQL writer's connection closed");
             }
         });
+        // PostgreSQL plans a prepared statement anew at each execution for as long as it
+        // judges a plan for the values at hand cheaper than one for any values; for
+        // FENCE_CHECK it always did, and planning cost more than executing (pg_stat_statements
+        // under W2: 82 µs planning and 20 µs executing, at every commit). One plan serves
+        // each of the writer's statements well.
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .await?;
         let statements = Statements::prepare(&client).await?;
         Ok(Connection { client, statements })
     }
