@@ -27,10 +27,17 @@ async fn under_namespace_lock(
     Ok(rows)
 }
 
+/// How long a replica that holds no lease stays listed after it was last seen.
+pub(crate) const FORGET_REPLICAS_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl PostgresStore {
-    /// Records (or refreshes) a replica and its address.
+    /// Records (or refreshes) a replica and its address; and forgets replicas not seen for
+    /// [`FORGET_REPLICAS_AFTER`] that hold no lease. A replica id is its host and port by
+    /// default, so where hosts come and go (containers get new names) every start would
+    /// otherwise leave a row behind for good, and `tether cluster status` would list them all.
     pub fn register_replica(&self, replica_id: &str, address: &str) -> Result<(), StoreError> {
         let (id, address) = (replica_id.to_string(), address.to_string());
+        let forget_s = FORGET_REPLICAS_AFTER.as_secs_f64();
         self.query(move |client| async move {
             client
                 .execute(
@@ -40,6 +47,23 @@ impl PostgresStore {
                     &[&id, &address],
                 )
                 .await?;
+            let forgotten = client
+                .execute(
+                    "DELETE FROM replicas r
+                     WHERE r.seen_at < now() - $1::float8 * interval '1 second'
+                       AND NOT EXISTS (SELECT 1 FROM leases l
+                                       WHERE l.owner = r.replica_id
+                                         AND l.expires_at > clock_timestamp())",
+                    &[&forget_s],
+                )
+                .await?;
+            if forgotten > 0 {
+                tracing::info!(
+                    forgotten,
+                    unseen_for_s = forget_s,
+                    "forgot replicas long unseen that hold no lease"
+                );
+            }
             Ok(())
         })
     }

@@ -594,6 +594,40 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_forgets_replicas_long_gone_but_not_one_that_holds_a_lease() {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
+        let url = cluster.create_database("replicas").await.unwrap();
+        let store = PostgresStore::connect(&url).unwrap();
+        for id in ["gone", "holder", "recent"] {
+            store
+                .register_replica(id, &format!("http://{id}:7233"))
+                .unwrap();
+        }
+        store
+            .claim_lease("holder", &Namespace::from("default"), 60_000)
+            .unwrap()
+            .expect("a free lease is taken");
+        let side = side_connection(&url).await;
+        side.batch_execute(
+            "UPDATE replicas SET seen_at = now() - interval '2 hours'
+             WHERE replica_id IN ('gone', 'holder')",
+        )
+        .await
+        .unwrap();
+        store.register_replica("new", "http://new:7233").unwrap();
+        let mut listed: Vec<String> = store
+            .cluster_view()
+            .unwrap()
+            .replicas
+            .into_iter()
+            .map(|r| r.replica_id)
+            .collect();
+        listed.sort();
+        assert_eq!(listed, ["holder", "new", "recent"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_under_a_lost_lease_lands_nothing_and_other_namespaces_go_on() {
         let cluster =
             TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
