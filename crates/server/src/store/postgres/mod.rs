@@ -525,6 +525,15 @@ mod tests {
         }
     }
 
+    /// A store on a database of a cluster of the test's own (stopped when it is dropped).
+    async fn store_on_a_new_cluster(database: &str) -> (TestCluster, String, PostgresStore) {
+        let cluster =
+            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
+        let url = cluster.create_database(database).await.unwrap();
+        let store = PostgresStore::connect(&url).unwrap();
+        (cluster, url, store)
+    }
+
     /// A connection of the test's own, beside the store's: another replica, an administrator.
     async fn side_connection(url: &str) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
@@ -595,10 +604,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_start_forgets_replicas_long_gone_but_not_one_that_holds_a_lease() {
-        let cluster =
-            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
-        let url = cluster.create_database("replicas").await.unwrap();
-        let store = PostgresStore::connect(&url).unwrap();
+        let (_cluster, url, store) = store_on_a_new_cluster("replicas").await;
         for id in ["gone", "holder", "recent"] {
             store
                 .register_replica(id, &format!("http://{id}:7233"))
@@ -629,10 +635,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_under_a_lost_lease_lands_nothing_and_other_namespaces_go_on() {
-        let cluster =
-            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
-        let url = cluster.create_database("fencing").await.unwrap();
-        let store = PostgresStore::connect(&url).unwrap();
+        let (_cluster, url, store) = store_on_a_new_cluster("fencing").await;
         let (a, b) = (Namespace::from("ns-a"), Namespace::from("ns-b"));
         // The store's calls block on its own runtime, so a test may make them from here.
         let epoch_a = store.claim_lease("r1", &a, 60_000).unwrap().unwrap();
@@ -705,10 +708,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_writer_replaces_a_connection_the_database_closed_while_it_was_idle() {
-        let cluster =
-            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
-        let url = cluster.create_database("writer_reconnect").await.unwrap();
-        let store = PostgresStore::connect(&url).unwrap();
+        let (_cluster, url, store) = store_on_a_new_cluster("writer_reconnect").await;
         let write = |id: &str| {
             store
                 .submit(WriteBatch {
@@ -800,10 +800,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_that_waited_for_a_takeover_sees_it_and_lands_nothing() {
-        let cluster =
-            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
-        let url = cluster.create_database("fence_snapshot").await.unwrap();
-        let store = PostgresStore::connect(&url).unwrap();
+        let (_cluster, url, store) = store_on_a_new_cluster("fence_snapshot").await;
         let ns = Namespace::from("ns-s");
         let epoch = store.claim_lease("r1", &ns, 60_000).unwrap().unwrap();
         // A takeover half done: it holds the namespace's lock and has changed the lease, but
@@ -846,10 +843,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_that_fails_half_way_writes_nothing_and_stops_the_store() {
-        let cluster =
-            TestCluster::start().unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"));
-        let url = cluster.create_database("half_way").await.unwrap();
-        let store = PostgresStore::connect(&url).unwrap();
+        let (_cluster, url, store) = store_on_a_new_cluster("half_way").await;
         let batch = |writes| WriteBatch { writes };
         store
             .submit(batch(vec![running("before"), event_of("before")]))
