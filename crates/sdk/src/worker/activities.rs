@@ -69,8 +69,10 @@ impl Inner {
         let mut failures = 0;
         loop {
             let permit = tokio::select! {
-                p = self.activity_slots.clone().acquire_owned() => p.expect("never closed"),
+                // A stopping worker polls no more, even with a slot free.
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
+                p = self.activity_slots.clone().acquire_owned() => p.expect("never closed"),
             };
             let request = pb::PollActivityTaskRequest {
                 namespace: self.namespace.clone(),
@@ -81,9 +83,23 @@ impl Inner {
                 instance_id: self.instance_id.clone(),
             };
             let mut rpc = self.rpc.clone();
+            let poll = rpc.poll_activity_task(request);
+            tokio::pin!(poll);
             let polled = tokio::select! {
-                r = rpc.poll_activity_task(request) => r,
-                _ = stop.wait_for(|s| *s) => return,
+                r = &mut poll => r,
+                // (The watch's guard is dropped before the branch awaits.)
+                _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                    // Shutdown began while this poll was out. It is not dropped: the server
+                    // may have handed it a task already (the answer on its way), which would
+                    // then stay started here, run by nobody, until its timeout. The
+                    // deregistration that shutdown sends has the server answer this process's
+                    // parked polls at once; a server that does not is waited for no longer
+                    // than the grace period.
+                    match tokio::time::timeout(self.options.graceful_shutdown, &mut poll).await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
             };
             match polled {
                 Ok(resp) => {

@@ -131,12 +131,13 @@ impl Inner {
         let _ = stop.wait_for(|s| *s).await;
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        // Pollers stop at once (their in-flight polls are abandoned; the server re-offers any
-        // task it was handing over). Workflow tasks in progress are short and finish first.
-        while pollers.join_next().await.is_some() {}
-        // Then the server hears of it at once: nothing new is placed or dispatched here, and the
-        // sessions hosted here end now rather than after the liveness timeout.
+        // The server hears of it first: nothing new is placed or dispatched here, the polls
+        // parked here are answered empty, and the sessions hosted here end now rather than
+        // after the liveness timeout. Then the pollers stop: an activity poll still out is
+        // waited for (a task already handed to it runs in the grace period, see
+        // `activity_poller`); workflow tasks in progress are short and finish first.
         self.deregister().await;
+        while pollers.join_next().await.is_some() {}
         let total = self.options.max_concurrent_activities as u32;
         let drained = tokio::time::timeout(
             self.options.graceful_shutdown,

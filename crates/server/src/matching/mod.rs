@@ -498,6 +498,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deregistering_answers_that_process_parked_polls_at_once_and_no_one_elses() {
+        let m = Arc::new(Matcher::default());
+        for (identity, instance) in [("leaving", "p1"), ("staying", "p2")] {
+            m.register_instance(
+                Registration {
+                    namespace: "default".into(),
+                    identity: identity.into(),
+                    instance_id: instance.into(),
+                    max_sessions: 1,
+                    ..Default::default()
+                },
+                0,
+                Duration::MAX,
+            )
+            .expect("registers");
+        }
+        let park = |identity: &'static str, instance: &'static str| {
+            let m = m.clone();
+            tokio::spawn(async move {
+                m.poll_many(&[key()], identity, instance, 0, Duration::from_secs(60))
+                    .await
+            })
+        };
+        let (leaving, staying) = (park("leaving", "p1"), park("staying", "p2"));
+        while m.stats(&key()).pollers.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert!(m.deregister("default", "leaving", "p1", "shut down"));
+        let answered = tokio::time::timeout(Duration::from_secs(5), leaving)
+            .await
+            .expect("the stopping process's poll is answered, not left for its timeout")
+            .unwrap();
+        assert!(answered.is_none(), "answered empty");
+        // The other worker's poll is still parked: a task reaches it.
+        m.add(&key(), task(1), "");
+        let got = tokio::time::timeout(Duration::from_secs(5), staying)
+            .await
+            .expect("the other poll is still parked")
+            .unwrap();
+        assert!(matches!(got, Some((Handover::Task(_), _))), "{got:?}");
+    }
+
+    #[tokio::test]
     async fn backlog_is_fifo() {
         let m = Matcher::default();
         m.add(&key(), task(1), "");

@@ -107,7 +107,12 @@ impl Matcher {
         Ok(outcome)
     }
 
-    /// Marks a worker stopped (it shut down): it gets nothing more until it registers again.
+    /// Marks a worker stopped (it shut down): it gets nothing more until it registers again,
+    /// and the polls that process has parked are answered empty at once. A stopping worker
+    /// waits for its in-flight polls rather than dropping them, for a poll dropped after the
+    /// server handed it a task would leave that task started on a worker that never saw it;
+    /// this is what lets it wait without waiting a whole poll timeout. (A poll already claimed
+    /// for a task still gets it, and the worker runs it in its grace period.)
     /// False when the identity is unknown or held by another instance.
     pub fn deregister(
         &self,
@@ -126,6 +131,16 @@ impl Matcher {
         w.alive = false;
         w.stopped = true;
         w.stop_reason = reason.to_string();
+        for queue in st.queues.values_mut() {
+            queue.waiting.retain(|waiter| {
+                let theirs = waiter.identity == identity && waiter.instance == instance;
+                if theirs {
+                    // Its poll sees the sender gone and answers empty.
+                    waiter.tx.lock().take();
+                }
+                !theirs
+            });
+        }
         true
     }
 
