@@ -122,16 +122,13 @@ impl Matcher {
         reason: &str,
     ) -> bool {
         let mut st = self.state.lock();
-        let Some(w) = st.workers.get_mut(namespace, identity) else {
-            return false;
-        };
-        if w.instance_id != instance {
-            return false;
-        }
-        w.alive = false;
-        w.stopped = true;
-        w.stop_reason = reason.to_string();
-        for queue in st.queues.values_mut() {
+        // The process's polls end even when its registration is unknown here (a server that
+        // restarted since): it is stopping either way, and waits for them.
+        for (_, queue) in st
+            .queues
+            .iter_mut()
+            .filter(|(key, _)| key.namespace == namespace)
+        {
             queue.waiting.retain(|waiter| {
                 let theirs = waiter.identity == identity && waiter.instance == instance;
                 if theirs {
@@ -141,6 +138,15 @@ impl Matcher {
                 !theirs
             });
         }
+        let Some(w) = st.workers.get_mut(namespace, identity) else {
+            return false;
+        };
+        if w.instance_id != instance {
+            return false;
+        }
+        w.alive = false;
+        w.stopped = true;
+        w.stop_reason = reason.to_string();
         true
     }
 
