@@ -155,9 +155,13 @@ async fn transact(
             values.iter().map(|v| &**v as &(dyn ToSql + Sync)),
         )
     }));
-    let (begin, writes, commit) = futures::join!(client.batch_execute("BEGIN"), writes, async {
-        client.batch_execute("COMMIT").await
-    });
+    // join! first polls them in the order given, and each sends its messages when first
+    // polled: BEGIN, the statements, COMMIT go out in that order.
+    let (begin, writes, commit) = futures::join!(
+        client.batch_execute("BEGIN"),
+        writes,
+        client.batch_execute("COMMIT")
+    );
     // Only a BEGIN refused because the session ended (the connection closed, or a FATAL
     // error, after which the backend exits) shows that nothing behind it ran: a BEGIN that
     // failed on a live session would leave the statements behind it to run on their own.
