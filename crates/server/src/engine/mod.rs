@@ -23,7 +23,7 @@ use crate::matching::{ClaimedPoll, Handover, Matcher, QueueKey, TaskKind, TaskRe
 use crate::sessions::{self, OwnerNotice, Reservations, SessionEnd, SessionOwner, SessionPhase};
 use crate::state::RunState;
 use crate::state::SessionState;
-use crate::store::{Commit, RunFilter, Store, Write, WriteBatch};
+use crate::store::{Commit, OnDurable, RunFilter, Store, Write, WriteBatch};
 use crate::timers::{TimerKey, TimerQueue};
 use foldhash::{HashMap, HashMapExt, HashSet};
 use parking_lot::Mutex;
@@ -110,6 +110,8 @@ struct Txn {
     extra: Vec<Write>,
     /// Attempts dispatched inside the transaction to parked polls, handed over after the commit.
     handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
+    /// Whether any were (`handovers` goes to the store's writer with the batch).
+    handed_over: bool,
     /// Hand-outs (and take-backs) of runs not otherwise written in this transaction.
     started: Vec<Write>,
     /// Sessions closed in this transaction -> the runs that scheduled activities in them.
@@ -161,41 +163,6 @@ impl Drop for GiveBackOnDrop<'_> {
         for response in self.responses.drain(..) {
             self.matcher.give_back(Box::new(response));
         }
-    }
-}
-
-/// What a transaction leaves to do once its commit is durable: offer its tasks, arm its
-/// timers, hand its dispatched attempts over, answer its waiters. The request that made it
-/// awaits it; should that request go away first (its caller disconnected, its deadline
-/// passed), the rest is done on a task of its own, for a durable write's effects are never
-/// skipped (a task nobody offers, or an id nobody frees, waits for a restart).
-struct PendingEffects {
-    engine: Weak<Engine>,
-    commit: Option<Commit>,
-    fx: Option<Effects>,
-    handovers: Vec<(ClaimedPoll, pb::PollActivityTaskResponse)>,
-}
-
-impl Drop for PendingEffects {
-    fn drop(&mut self) {
-        let Some(fx) = self.fx.take() else {
-            return;
-        };
-        let (Some(engine), Ok(runtime)) =
-            (self.engine.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let commit = self.commit.take();
-        let handovers = std::mem::take(&mut self.handovers);
-        runtime.spawn(async move {
-            let txn = Txn {
-                fx,
-                handovers,
-                ..Default::default()
-            };
-            let _ = engine.finish(commit, txn).await;
-        });
     }
 }
 
@@ -602,12 +569,38 @@ impl Engine {
             }
         }
         if batch.is_empty() {
+            // Nothing to wait for: `finish` applies the effects once the lock is released.
             None
         } else {
-            let commit = self.store.submit(batch);
+            txn.handed_over = !txn.handovers.is_empty();
+            let commit = self
+                .store
+                .submit_then(batch, Some(self.effects_once_durable(txn)));
             st.last_submitted_seq = commit.seq;
             Some(commit)
         }
+    }
+
+    /// The transaction's effects, to be applied by the store's writer the moment its batch is
+    /// durable: whoever waits on them (a parked poll, a result waiter) is woken straight from
+    /// there, not by way of the request that made them; and they are applied, in commit order,
+    /// even when that request went away meanwhile (a task nobody offers, or an id nobody
+    /// frees, would wait for a restart). When the commit fails they are dropped: the claimed
+    /// polls with them, their callers get nothing.
+    fn effects_once_durable(&self, txn: &mut Txn) -> OnDurable {
+        let fx = std::mem::take(&mut txn.fx);
+        let handovers = std::mem::take(&mut txn.handovers);
+        let engine = self.me.clone();
+        // The writer is no runtime thread; what the effects spawn (deliveries of signals to
+        // other namespaces) goes to the engine's.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        Box::new(move || {
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            let _in_runtime = runtime.as_ref().map(|r| r.enter());
+            engine.apply_effects(fx, handovers);
+        })
     }
 
     /// The write that releases a closed session's hand-out rows: those of runs still open
@@ -639,33 +632,22 @@ impl Engine {
         }
     }
 
-    /// Waits for the commit, then applies the effects. Nothing is offered, armed, handed over
-    /// or answered before the writes that caused it are durable; and once they are, all of it
-    /// is, even when the request that made them went away meanwhile (see [`PendingEffects`]).
+    /// Waits for the commit (whose writer has applied the effects by then: see
+    /// [`Engine::effects_once_durable`]), or applies the effects of a transaction that wrote
+    /// nothing. Nothing is offered, armed, handed over or answered before the writes that
+    /// caused it are durable.
     async fn finish(&self, commit: Option<Commit>, txn: Txn) -> Result<(), EngineError> {
-        let Txn { fx, handovers, .. } = txn;
-        let mut pending = PendingEffects {
-            engine: self.me.clone(),
-            commit,
-            fx: Some(fx),
-            handovers,
-        };
-        if let Some(commit) = pending.commit.as_mut() {
-            let outcome = (&mut commit.done)
+        if let Some(commit) = commit {
+            let outcome = commit
+                .done
                 .await
                 .unwrap_or_else(|_| Err("the store's writer stopped".to_string()));
-            pending.commit = None;
             if let Err(e) = outcome {
-                // Nothing of it happens: the claimed polls are dropped, their callers get
-                // nothing.
-                pending.fx = None;
-                pending.handovers.clear();
                 self.fail_storage(&e);
                 return Err(self.check_healthy().unwrap_err());
             }
         }
-        let fx = pending.fx.take().expect("taken only here");
-        self.apply_effects(fx, std::mem::take(&mut pending.handovers));
+        self.apply_effects(txn.fx, txn.handovers);
         Ok(())
     }
 

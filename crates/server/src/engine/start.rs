@@ -107,7 +107,7 @@ impl Engine {
                 return Ok((existing.into(), true));
             }
         };
-        let handed_over = !txn.handovers.is_empty();
+        let handed_over = txn.handed_over;
         self.finish(commit, txn).await?;
         Ok((run_id, handed_over))
     }

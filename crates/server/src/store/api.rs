@@ -147,6 +147,12 @@ impl WriteBatch {
 /// A pending commit: resolves once the batch is durable (or failed).
 pub type CommitReceiver = tokio::sync::oneshot::Receiver<Result<(), String>>;
 
+/// What a submitter wants done the moment its batch is durable (tasks handed to parked polls,
+/// waiters answered), before `done` resolves: run by the store's writer, which saves the
+/// latency of waking the submitter first just to do it. Never run when the batch fails. It
+/// must not block, and it runs after every earlier batch's.
+pub type OnDurable = Box<dyn FnOnce() + Send>;
+
 /// A submitted batch: its place in the order of submissions, and the answer to wait for.
 pub struct Commit {
     /// Batches are numbered from 1 in submission order.
@@ -203,7 +209,12 @@ pub struct RunFilter {
 /// one fail, because each is a delta on top of the state the failed one would have made.
 pub trait Store: Send + Sync + 'static {
     /// Queues a batch; `done` resolves after it is durable.
-    fn submit(&self, batch: WriteBatch) -> Commit;
+    fn submit(&self, batch: WriteBatch) -> Commit {
+        self.submit_then(batch, None)
+    }
+    /// Queues a batch; once it is durable `on_durable` runs (see [`OnDurable`]), and then
+    /// `done` resolves.
+    fn submit_then(&self, batch: WriteBatch, on_durable: Option<OnDurable>) -> Commit;
     /// Watches how far commits have got (and whether one failed).
     fn durability(&self) -> tokio::sync::watch::Receiver<Durability>;
     /// Loads namespaces and open runs (start-up only).

@@ -1,9 +1,12 @@
 //! The contract every [`Store`] keeps, checked against each of them: what the engine relies on
 //! (recovery, hand-out rows, deletes, paging) must not depend on which store it runs on.
 
-use super::api::{Store, Write, WriteBatch};
+use super::api::{OnDurable, Store, Write, WriteBatch};
 use super::{MemoryStore, PostgresStore, SqliteStore, SyncMode, TestCluster};
 use crate::state::{RunState, SessionState};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
 use tether_wire::pb::{ExecutionStatus, HistoryEvent, SessionInfo};
 
 /// Each check runs on SQLite (in a fresh directory), on the in-memory store, and on PostgreSQL
@@ -57,6 +60,7 @@ contract!(
     a_delete_never_removes_an_open_run_its_history_or_an_open_session,
     runs_and_sessions_page_newest_first_with_exact_boundaries,
     expired_rows_come_oldest_first_and_only_closed_ones,
+    what_follows_a_commit_runs_once_it_is_durable_in_order_and_before_its_submitter_hears,
 );
 
 async fn commit(store: &dyn Store, writes: Vec<Write>) {
@@ -508,6 +512,65 @@ async fn expired_rows_come_oldest_first_and_only_closed_ones(store: &dyn Store) 
         .is_empty());
 }
 
+/// The engine hands tasks over and answers waiters from [`OnDurable`]: never before the batch
+/// is durable, in the order of the commits, and done by the time `done` resolves (the request
+/// that made the batch may look at what it did).
+async fn what_follows_a_commit_runs_once_it_is_durable_in_order_and_before_its_submitter_hears(
+    store: &dyn Store,
+) {
+    // (which submission, how far the store said commits had got when it ran)
+    let ran: Arc<Mutex<Vec<(usize, u64)>>> = Arc::default();
+    let mut numbers = Vec::new();
+    let mut commits = Vec::new();
+    for i in 0..40 {
+        let (ran_, durability) = (ran.clone(), store.durability());
+        let on_durable: OnDurable = Box::new(move || {
+            let reached = durability.borrow().seq;
+            ran_.lock().push((i, reached));
+        });
+        let commit = store.submit_then(
+            WriteBatch {
+                writes: vec![put_run(run(&format!("r{i}"), ExecutionStatus::Running))],
+            },
+            Some(on_durable),
+        );
+        numbers.push(commit.seq);
+        commits.push((i, commit));
+        if i % 3 == 0 {
+            // Some one by one, the rest queued behind each other (groups, on the writers).
+            for (i, commit) in commits.drain(..) {
+                commit.done.await.unwrap().unwrap();
+                assert!(
+                    ran.lock().iter().any(|(ran, _)| *ran == i),
+                    "batch {} was answered before what follows it ran",
+                    commit.seq
+                );
+            }
+        }
+    }
+    for (i, commit) in commits {
+        commit.done.await.unwrap().unwrap();
+        assert!(
+            ran.lock().iter().any(|(ran, _)| *ran == i),
+            "batch {} was answered before what follows it ran",
+            commit.seq
+        );
+    }
+    let ran = ran.lock().clone();
+    assert_eq!(ran.len(), 40, "{ran:?}");
+    for (i, reached) in &ran {
+        assert!(
+            *reached >= numbers[*i],
+            "batch {} ran when the store had made durable only up to {reached}",
+            numbers[*i]
+        );
+    }
+    assert!(
+        ran.windows(2).all(|w| w[0].0 < w[1].0),
+        "out of commit order: {ran:?}"
+    );
+}
+
 #[tokio::test]
 async fn once_the_in_memory_store_fails_no_later_batch_is_written() {
     let store = MemoryStore::new();
@@ -517,10 +580,21 @@ async fn once_the_in_memory_store_fails_no_later_batch_is_written() {
     )
     .await;
     store.fail_from_now("the disk is full");
-    let failed = store.submit(WriteBatch {
-        writes: vec![put_run(run("after", ExecutionStatus::Running))],
-    });
+    let followed = Arc::new(AtomicU64::new(0));
+    let on_durable: OnDurable = {
+        let followed = followed.clone();
+        Box::new(move || {
+            followed.fetch_add(1, SeqCst);
+        })
+    };
+    let failed = store.submit_then(
+        WriteBatch {
+            writes: vec![put_run(run("after", ExecutionStatus::Running))],
+        },
+        Some(on_durable),
+    );
     let why = failed.done.await.unwrap().unwrap_err();
+    assert_eq!(followed.load(SeqCst), 0, "what follows a failed commit ran");
     assert!(why.contains("the disk is full"), "{why}");
     let durability = store.durability().borrow().clone();
     assert_eq!(durability.seq, 1, "only the first batch is durable");

@@ -9,7 +9,7 @@
 //! fails (it builds on the writes that failed), while other namespaces, and the same namespace
 //! under a new lease (its engine reopened from what is durable), go on.
 
-use super::api::{Commit, Durability, Fence, StoreError, WriteBatch};
+use super::api::{Commit, Durability, Fence, OnDurable, StoreError, WriteBatch};
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -20,6 +20,7 @@ pub(super) struct Job {
     pub(super) seq: u64,
     pub(super) batch: WriteBatch,
     pub(super) fence: Option<Fence>,
+    on_durable: Option<OnDurable>,
     reply: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
@@ -64,13 +65,15 @@ impl GroupCommit {
         })
     }
 
-    /// Queues a batch; its `done` resolves once it is durable, or with why it never will be.
-    pub(super) fn submit(&self, batch: WriteBatch) -> Commit {
-        self.submit_fenced(batch, None)
-    }
-
-    /// Queues a batch written under `fence` (see the module's comment).
-    pub(super) fn submit_fenced(&self, batch: WriteBatch, fence: Option<Fence>) -> Commit {
+    /// Queues a batch, written under `fence` if it has one (see the module's comment); once it
+    /// is durable `on_durable` runs on the writer thread, then its `done` resolves; or `done`
+    /// says why it never will be.
+    pub(super) fn submit(
+        &self,
+        batch: WriteBatch,
+        fence: Option<Fence>,
+        on_durable: Option<OnDurable>,
+    ) -> Commit {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut sender = self.sender.lock();
         sender.1 += 1;
@@ -87,6 +90,7 @@ impl GroupCommit {
                     seq,
                     batch,
                     fence,
+                    on_durable,
                     reply: tx,
                 };
                 if let Err(mpsc::SendError(job)) = s.send(job) {
@@ -204,6 +208,15 @@ fn writer_loop(
             Ok(()) => {}
         }
         for job in jobs {
+            if let (Ok(()), Some(on_durable)) = (&outcome, job.on_durable) {
+                // A panic there must not take the writer, and every later commit, with it.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(on_durable)).is_err() {
+                    tracing::error!(
+                        seq = job.seq,
+                        "what was to follow a durable commit panicked; the commit stands"
+                    );
+                }
+            }
             let _ = job.reply.send(outcome.clone());
         }
     }

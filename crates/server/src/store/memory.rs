@@ -9,8 +9,8 @@
 //! `store::contract` run against both.
 
 use super::api::{
-    fold_hand_outs, fold_session_counts, Commit, Durability, HandOutRow, Recovered, RunFilter,
-    Store, StoreError, Write, WriteBatch,
+    fold_hand_outs, fold_session_counts, Commit, Durability, HandOutRow, OnDurable, Recovered,
+    RunFilter, Store, StoreError, Write, WriteBatch,
 };
 use crate::state::{RunState, SessionState};
 use foldhash::HashMap;
@@ -24,6 +24,9 @@ use tether_wire::pb::{ExecutionStatus, HistoryEvent, NamespaceInfo};
 pub struct MemoryStore {
     tables: Mutex<Tables>,
     durability: tokio::sync::watch::Sender<Durability>,
+    /// To the task that runs what follows each commit, in order (see [`OnDurable`]): a task
+    /// of the runtime, not a thread, so that a test's paused clock waits for it.
+    after_commit: Mutex<Option<tokio::sync::mpsc::UnboundedSender<OnDurable>>>,
 }
 
 #[derive(Default)]
@@ -74,7 +77,35 @@ impl MemoryStore {
         MemoryStore {
             tables: Mutex::new(Tables::default()),
             durability,
+            after_commit: Mutex::new(None),
         }
+    }
+
+    /// Queues `run` for the task that runs what follows commits, starting that task on the
+    /// caller's runtime when there is none yet (or its runtime has gone).
+    fn run_after_commit(&self, run: OnDurable) {
+        let mut sender = self.after_commit.lock();
+        let run = match sender.as_ref() {
+            Some(tx) => match tx.send(run) {
+                Ok(()) => return,
+                Err(tokio::sync::mpsc::error::SendError(run)) => run,
+            },
+            None => run,
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to wait for it: a thread of its own.
+            std::thread::spawn(run);
+            return;
+        };
+        let (tx, mut to_run) = tokio::sync::mpsc::unbounded_channel::<OnDurable>();
+        runtime.spawn(async move {
+            while let Some(run) = to_run.recv().await {
+                // One that panics must not stop those after it.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+            }
+        });
+        let _ = tx.send(run);
+        *sender = Some(tx);
     }
 
     /// Makes every commit from now on fail with `why`, as a full disk or a lost database
@@ -247,7 +278,7 @@ fn run_rows(run_id: &RunId) -> std::ops::RangeInclusive<(RunId, u64)> {
 }
 
 impl Store for MemoryStore {
-    fn submit(&self, batch: WriteBatch) -> Commit {
+    fn submit_then(&self, batch: WriteBatch, on_durable: Option<OnDurable>) -> Commit {
         let (tx, done) = tokio::sync::oneshot::channel();
         let mut tables = self.tables.lock();
         tables.submitted += 1;
@@ -262,7 +293,22 @@ impl Store for MemoryStore {
                 Ok(())
             }
         };
-        let _ = tx.send(outcome);
+        match (outcome, on_durable) {
+            (Ok(()), Some(on_durable)) => {
+                // Never on the submitter's stack: it may hold a lock that `on_durable` takes.
+                // Run in order, as a writer thread would, before `done` resolves.
+                let run = move || {
+                    on_durable();
+                    let _ = tx.send(Ok(()));
+                };
+                // Queued under the tables' lock, so in the order of the commits.
+                self.run_after_commit(Box::new(run));
+            }
+            (outcome, _) => {
+                let _ = tx.send(outcome);
+            }
+        }
+        drop(tables);
         Commit { seq, done }
     }
 

@@ -13,8 +13,8 @@ mod postgres;
 mod sqlite;
 
 pub use api::{
-    ClusterView, Commit, CommitReceiver, Durability, Fence, LeaseRow, Recovered, ReplicaRow,
-    RunFilter, Store, StoreError, Write, WriteBatch,
+    ClusterView, Commit, CommitReceiver, Durability, Fence, LeaseRow, OnDurable, Recovered,
+    ReplicaRow, RunFilter, Store, StoreError, Write, WriteBatch,
 };
 pub use memory::MemoryStore;
 pub use namespace_store::NamespaceStore;

@@ -2,7 +2,9 @@
 //! for a namespace it holds the lease of: every batch is written under that lease, and
 //! recovery reads that namespace alone.
 
-use super::api::{Commit, Durability, Fence, Recovered, RunFilter, Store, StoreError, WriteBatch};
+use super::api::{
+    Commit, Durability, Fence, OnDurable, Recovered, RunFilter, Store, StoreError, WriteBatch,
+};
 use super::postgres::PostgresStore;
 use crate::state::{RunState, SessionState};
 use std::sync::Arc;
@@ -28,8 +30,9 @@ impl NamespaceStore {
 }
 
 impl Store for NamespaceStore {
-    fn submit(&self, batch: WriteBatch) -> Commit {
-        self.shared.submit_fenced(batch, self.fence.clone())
+    fn submit_then(&self, batch: WriteBatch, on_durable: Option<OnDurable>) -> Commit {
+        self.shared
+            .submit_fenced_then(batch, self.fence.clone(), on_durable)
     }
 
     fn durability(&self) -> tokio::sync::watch::Receiver<Durability> {

@@ -9,7 +9,8 @@ use tether_core::types::Namespace;
 
 /// Runs `sql` in a transaction that holds `namespace`'s advisory lock exclusively: the old
 /// holder's transactions that passed the fence finish first, and none after this one passes it
-/// (see `schema::FENCE_LOCK`).
+/// (see `schema::FENCE_LOCK`). `sql` updates the lease's row, which also waits for the writes
+/// that locked the row instead (`schema::one_statement_write`).
 async fn under_namespace_lock(
     mut client: deadpool_postgres::Object,
     namespace: &str,
@@ -26,6 +27,19 @@ async fn under_namespace_lock(
     tx.commit().await?;
     Ok(rows)
 }
+
+/// The renewal of every lease a replica still holds. The rows are locked in namespace order
+/// (by `locked`, before the update touches them), the order in which the writer's one-statement
+/// fence locks them (see `schema::one_statement_write`): taken in another order, a renewal and
+/// a commit under two of the same leases could each wait for the other.
+const RENEW_LEASES: &str = "WITH locked AS MATERIALIZED (
+         SELECT namespace FROM leases
+         WHERE owner = $1 AND expires_at > clock_timestamp()
+         ORDER BY namespace FOR UPDATE)
+     UPDATE leases l SET renewed_at = clock_timestamp(),
+         expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
+     FROM locked WHERE l.namespace = locked.namespace
+     RETURNING l.namespace, l.epoch";
 
 /// How long a replica that holds no lease stays listed after it was last seen.
 pub(crate) const FORGET_REPLICAS_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -85,15 +99,7 @@ impl PostgresStore {
                     &[&id],
                 )
                 .await?;
-            let rows = client
-                .query(
-                    "UPDATE leases SET renewed_at = clock_timestamp(),
-                         expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
-                     WHERE owner = $1 AND expires_at > clock_timestamp()
-                     RETURNING namespace, epoch",
-                    &[&id, &lease_ms],
-                )
-                .await?;
+            let rows = client.query(RENEW_LEASES, &[&id, &lease_ms]).await?;
             Ok(rows
                 .iter()
                 .map(|r| (Namespace::from(r.get::<_, String>(0)), r.get(1)))

@@ -16,7 +16,7 @@ pub use cluster::TestCluster;
 
 use super::api::{
     fold_hand_outs, fold_session_counts, ClosedRows, Commit, Durability, Fence, HandOutRow,
-    Recovered, RunFilter, Store, StoreError, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
+    OnDurable, Recovered, RunFilter, Store, StoreError, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
 };
 use super::group_commit::GroupCommit;
 use crate::state::{RunState, SessionState};
@@ -104,7 +104,18 @@ impl PostgresStore {
     /// Queues a batch written under a namespace lease: it commits only while the lease is
     /// still the fence's (see [`Fence`]).
     pub fn submit_fenced(&self, batch: WriteBatch, fence: Fence) -> Commit {
-        self.writer.submit_fenced(batch, Some(fence))
+        self.submit_fenced_then(batch, fence, None)
+    }
+
+    /// [`PostgresStore::submit_fenced`], with what to run once it is durable (see
+    /// [`OnDurable`]).
+    pub fn submit_fenced_then(
+        &self,
+        batch: WriteBatch,
+        fence: Fence,
+        on_durable: Option<OnDurable>,
+    ) -> Commit {
+        self.writer.submit(batch, Some(fence), on_durable)
     }
 
     /// What recovery reads, of one namespace (a replica taking it over) or of all. Five
@@ -340,8 +351,8 @@ async fn read_history(
 }
 
 impl Store for PostgresStore {
-    fn submit(&self, batch: WriteBatch) -> Commit {
-        self.writer.submit(batch)
+    fn submit_then(&self, batch: WriteBatch, on_durable: Option<OnDurable>) -> Commit {
+        self.writer.submit(batch, None, on_durable)
     }
 
     fn close(&self) {
@@ -509,6 +520,20 @@ mod tests {
         }
     }
 
+    fn handed_out(run_id: &str) -> Write {
+        Write::Started {
+            run_id: run_id.into(),
+            scheduled_event_id: 1,
+            attempt: 1,
+            dispatch: 1,
+            started_ms: 1,
+            worker: "w".into(),
+            instance: "w-1".into(),
+            session_id: None,
+            session_activities_run: 0,
+        }
+    }
+
     fn running_in(namespace: &str, id: &str) -> Write {
         match running(id) {
             Write::Run {
@@ -570,28 +595,34 @@ mod tests {
         const COMMITS: i64 = 20;
         for i in 0..COMMITS {
             let id = format!("run-{i}");
-            store
-                .submit_fenced(
-                    WriteBatch {
-                        writes: vec![running(&id), event_of(&id)],
-                    },
-                    fence("r1", "default", epoch),
-                )
-                .done
-                .await
-                .unwrap()
-                .expect("the write lands");
+            // Runs and events only: one statement. With a hand-out row: one by one.
+            for writes in [
+                vec![running(&id), event_of(&id)],
+                vec![running(&id), event_of(&id), handed_out(&id)],
+            ] {
+                store
+                    .submit_fenced(WriteBatch { writes }, fence("r1", "default", epoch))
+                    .done
+                    .await
+                    .unwrap()
+                    .expect("the write lands");
+            }
         }
         let rows = side
             .query(
                 "SELECT query, calls, plans FROM pg_stat_statements
                  WHERE query LIKE 'SELECT tether_fence_lost%' OR query LIKE 'INSERT INTO runs%'
-                    OR query LIKE 'INSERT INTO events%'",
+                    OR query LIKE 'INSERT INTO events%' OR query LIKE 'INSERT INTO started%'
+                    OR query LIKE 'WITH held AS%'",
                 &[],
             )
             .await
             .unwrap();
-        assert_eq!(rows.len(), 3, "the fence check and both inserts ran");
+        assert_eq!(
+            rows.len(),
+            5,
+            "the one-statement write, the fence check and the three inserts ran"
+        );
         for row in rows {
             let (query, calls, plans): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
             assert_eq!(calls, COMMITS, "{query}");
@@ -799,6 +830,66 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_takeover_waits_for_a_one_statement_write_that_passed_the_fence() {
+        let (_cluster, url, store) = store_on_a_new_cluster("fence_row_lock").await;
+        let store = std::sync::Arc::new(store);
+        let ns = Namespace::from("ns-r");
+        const LEASE_MS: u64 = 1_000;
+        let epoch = store.claim_lease("r1", &ns, LEASE_MS).unwrap().unwrap();
+        // The writer's one statement, run inside a transaction left open: it has passed the
+        // fence and holds the lease's row when the lease lapses and another replica claims it.
+        let old = side_connection(&url).await;
+        let statement = old
+            .prepare(&schema::one_statement_write(true))
+            .await
+            .unwrap();
+        let (names, epochs) = (vec!["ns-r".to_string()], vec![epoch]);
+        let text = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        old.batch_execute("BEGIN").await.unwrap();
+        old.execute(
+            &statement,
+            &[
+                &"r1",
+                &names,
+                &epochs,
+                &Vec::<String>::new(),
+                &text(&["written-before"]),
+                &text(&["ns-r"]),
+                &vec![false],
+                &text(&["wf"]),
+                &vec![ExecutionStatus::Running as i32],
+                &vec![1i64],
+                &vec![Vec::<u8>::new()],
+                &vec![0i64],
+                &Vec::<String>::new(),
+                &Vec::<i64>::new(),
+                &Vec::<Vec<u8>>::new(),
+            ],
+        )
+        .await
+        .unwrap();
+        // The lease lapses by the clock (an UPDATE of its row would wait for the lock too).
+        tokio::time::sleep(std::time::Duration::from_millis(LEASE_MS + 100)).await;
+        let claiming = {
+            let (store, ns) = (store.clone(), ns.clone());
+            tokio::task::spawn_blocking(move || store.claim_lease("r2", &ns, 60_000))
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!claiming.is_finished(), "the takeover did not wait");
+        old.batch_execute("COMMIT").await.unwrap();
+        let new_epoch = claiming
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("claimed once it could");
+        assert_eq!(new_epoch, epoch + 1);
+        assert!(
+            store.load_run(&"written-before".into()).unwrap().is_some(),
+            "what passed the fence committed before the takeover"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_that_waited_for_a_takeover_sees_it_and_lands_nothing() {
         let (_cluster, url, store) = store_on_a_new_cluster("fence_snapshot").await;
         let ns = Namespace::from("ns-s");
@@ -823,15 +914,17 @@ mod tests {
         // The old holder's fence is waiting for the lock (its lease, as last committed, is
         // still its own)...
         let admin = side_connection(&url).await;
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while admin
-            .query(
-                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                &[],
-            )
+            .query("SELECT 1 FROM pg_locks WHERE NOT granted", &[])
             .await
             .unwrap()
             .is_empty()
         {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the write never waited for the lease the takeover holds"
+            );
             tokio::task::yield_now().await;
         }
         // ...when the takeover commits: the check must read the lease as it is now.

@@ -152,3 +152,94 @@ pub(super) const FENCE_CHECK: &str =
          WHERE l.namespace = f.name AND l.owner = $1 AND l.epoch = f.epoch
            AND l.expires_at > clock_timestamp())
      HAVING count(*) > 0";
+
+/// The hand-out rows of many closing runs, in one statement.
+pub(super) const DELETE_OWN_STARTED_OF_RUNS: &str =
+    "DELETE FROM started WHERE run_id = ANY($1::text[]) AND session_id = ''";
+
+/// The fence of a one-statement write (see [`one_statement_write`]): the leases are locked by
+/// row, `FOR SHARE`, in namespace order. A takeover's `UPDATE` of a lease waits for every
+/// transaction holding its row so (as for the advisory lock of [`FENCE_LOCK`]); and a lock
+/// that had to wait for a takeover reads the lease as that committed it (READ COMMITTED
+/// re-checks a row it locks after waiting), so one statement both locks and checks. Renewals
+/// lock the rows they update in the same order (`RENEW_LEASES`), so they cannot deadlock
+/// with it.
+const FENCE_BY_ROW_LOCK: &str = "held AS (
+         SELECT namespace, epoch FROM leases
+         WHERE namespace = ANY($2::text[]) AND owner = $1 AND expires_at > clock_timestamp()
+         ORDER BY namespace FOR SHARE),
+     lost AS (
+         SELECT tether_fence_lost($1, string_agg(format('%s (epoch %s)', f.name, f.epoch), ', '))
+         FROM unnest($2::text[], $3::bigint[]) AS f(name, epoch)
+         WHERE NOT EXISTS (SELECT 1 FROM held h WHERE h.namespace = f.name AND h.epoch = f.epoch)
+         HAVING count(*) > 0)";
+
+/// A group of runs and events written in one statement, its own transaction: no `BEGIN`, no
+/// `COMMIT`, one round trip to the database (the writer's common case: see its
+/// `one_statement`). Its values, in order: with a fence, the owner, the namespaces and their
+/// epochs; then the closing runs whose hand-out rows go; then [`PUT_RUNS`]' and
+/// [`PUT_EVENTS`]' arrays. The statements are the same text as when written one by one.
+pub(super) fn one_statement_write(fenced: bool) -> String {
+    let first = if fenced { 4 } else { 1 };
+    let writes = format!(
+        "own_started AS ({}), runs_put AS ({}), events_put AS ({})",
+        renumber(DELETE_OWN_STARTED_OF_RUNS, first - 1),
+        renumber(PUT_RUNS, first),
+        renumber(PUT_EVENTS, first + 8),
+    );
+    if fenced {
+        // Every lease row is locked before the check reads them, and the check runs (and
+        // raises) whatever the order in which the writes are carried out: an error anywhere
+        // undoes the whole statement.
+        format!(
+            "WITH {FENCE_BY_ROW_LOCK}, {writes}
+             SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM lost)"
+        )
+    } else {
+        format!("WITH {writes} SELECT 1")
+    }
+}
+
+/// `sql` with each parameter `$n` made `$(n + by)`.
+fn renumber(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len() - at - 1);
+        match rest[at + 1..at + 1 + digits].parse::<usize>() {
+            Ok(n) => out.push_str(&format!("${}", n + by)),
+            // A `$` that starts no parameter (none in these statements), kept as it is.
+            Err(_) => out.push('$'),
+        }
+        rest = &rest[at + 1 + digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_renumbered_and_nothing_else_changes() {
+        assert_eq!(
+            renumber("SELECT $1, $2::text[], '$x', $10 FROM t", 3),
+            "SELECT $4, $5::text[], '$x', $13 FROM t"
+        );
+        let unfenced = one_statement_write(false);
+        assert!(
+            unfenced.contains("unnest($2::text[], $3::text[]"),
+            "{unfenced}"
+        );
+        assert!(unfenced.contains("$12::bytea[]"), "{unfenced}");
+        assert!(!unfenced.contains("$13"), "{unfenced}");
+        let fenced = one_statement_write(true);
+        assert!(fenced.contains("run_id = ANY($4::text[])"), "{fenced}");
+        assert!(fenced.contains("$15::bytea[]"), "{fenced}");
+        assert!(!fenced.contains("$16"), "{fenced}");
+    }
+}

@@ -7,8 +7,8 @@ mod schema;
 mod writer;
 
 use super::api::{
-    fold_hand_outs, fold_session_counts, ClosedRows, Commit, Durability, HandOutRow, Recovered,
-    RunFilter, Store, StoreError, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
+    fold_hand_outs, fold_session_counts, ClosedRows, Commit, Durability, HandOutRow, OnDurable,
+    Recovered, RunFilter, Store, StoreError, WriteBatch, CLOSED_RUNS, CLOSED_SESSIONS,
 };
 use super::group_commit::GroupCommit;
 use crate::state::{RunState, SessionState};
@@ -195,8 +195,8 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    fn submit(&self, batch: WriteBatch) -> Commit {
-        self.writer.submit(batch)
+    fn submit_then(&self, batch: WriteBatch, on_durable: Option<OnDurable>) -> Commit {
+        self.writer.submit(batch, None, on_durable)
     }
 
     fn close(&self) {
