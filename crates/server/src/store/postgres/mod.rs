@@ -566,6 +566,15 @@ mod tests {
         client
     }
 
+    /// The epoch a claim that had to wait got.
+    async fn claimed(claiming: tokio::task::JoinHandle<Result<Option<i64>, StoreError>>) -> i64 {
+        claiming
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("claimed once it could")
+    }
+
     fn fence(owner: &str, namespace: &str, epoch: i64) -> Fence {
         Fence {
             owner: owner.into(),
@@ -809,12 +818,7 @@ mod tests {
         .await
         .unwrap();
         old.batch_execute("COMMIT").await.unwrap();
-        let new_epoch = claiming
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("claimed once it could");
-        assert_eq!(new_epoch, epoch + 1);
+        assert_eq!(claimed(claiming).await, epoch + 1);
         let seen = admin
             .query(
                 "SELECT name FROM namespaces WHERE name = 'written-before'",
@@ -877,12 +881,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!claiming.is_finished(), "the takeover did not wait");
         old.batch_execute("COMMIT").await.unwrap();
-        let new_epoch = claiming
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("claimed once it could");
-        assert_eq!(new_epoch, epoch + 1);
+        assert_eq!(claimed(claiming).await, epoch + 1);
         assert!(
             store.load_run(&"written-before".into()).unwrap().is_some(),
             "what passed the fence committed before the takeover"

@@ -194,6 +194,14 @@ fn fence_values(jobs: &[Job]) -> Option<(String, Vec<String>, Vec<i64>)> {
     Some((owner, names, epochs))
 }
 
+/// How a run's row is written: its `close_ms` (0 while it is open), and whether its own
+/// hand-out rows go with it (it closed, and may own some).
+fn run_row(state: &RunState, may_own_started: bool) -> (i64, bool) {
+    let open = state.status == ExecutionStatus::Running as i32;
+    let close_ms = if open { 0 } else { state.close_ms.max(1) };
+    (close_ms, may_own_started && !open)
+}
+
 /// Whether `e` says the session had ended (the connection closed, or a FATAL error, after which
 /// the backend exits).
 fn session_ended(e: &tokio_postgres::Error) -> bool {
@@ -357,11 +365,11 @@ impl Statements {
                         state,
                         may_own_started,
                     } => {
-                        let open = state.status == ExecutionStatus::Running as i32;
-                        if *may_own_started && !open {
+                        let (close_ms, own_rows_go) = run_row(state, *may_own_started);
+                        if own_rows_go {
                             closing.push(state.run_id.clone());
                         }
-                        rows.run(state, if open { 0 } else { state.close_ms.max(1) });
+                        rows.run(state, close_ms);
                     }
                     Write::Events { run_id, events } => {
                         for event in events {
@@ -409,11 +417,10 @@ impl Statements {
                 state,
                 may_own_started,
             } => {
-                let open = state.status == ExecutionStatus::Running as i32;
-                if *may_own_started && !open {
+                let (close_ms, own_rows_go) = run_row(state, *may_own_started);
+                if own_rows_go {
                     plan.push((self.delete_own_started.clone(), vec![text(&state.run_id)]));
                 }
-                let close_ms = if open { 0 } else { state.close_ms.max(1) };
                 rows.run(state, close_ms);
             }
             Write::Session { state } => {
