@@ -12,7 +12,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 /// One statement of a transaction, with its values.
-type Planned = (tokio_postgres::Statement, Vec<Box<dyn ToSql + Sync + Send>>);
+type Planned = (tokio_postgres::Statement, Values);
 
 /// The writer's own connection, driven on the writer thread by a runtime of its own: a commit
 /// then costs no hop between threads on its way to the database and back. (Through a pooled
@@ -194,14 +194,6 @@ fn fence_values(jobs: &[Job]) -> Option<(String, Vec<String>, Vec<i64>)> {
     Some((owner, names, epochs))
 }
 
-/// How a run's row is written: its `close_ms` (0 while it is open), and whether its own
-/// hand-out rows go with it (it closed, and may own some).
-fn run_row(state: &RunState, may_own_started: bool) -> (i64, bool) {
-    let open = state.status == ExecutionStatus::Running as i32;
-    let close_ms = if open { 0 } else { state.close_ms.max(1) };
-    (close_ms, may_own_started && !open)
-}
-
 /// Whether `e` says the session had ended (the connection closed, or a FATAL error, after which
 /// the backend exits).
 fn session_ended(e: &tokio_postgres::Error) -> bool {
@@ -251,7 +243,24 @@ struct Rows {
     events: Vec<Vec<u8>>,
 }
 
+/// One statement's values.
+type Values = Vec<Box<dyn ToSql + Sync + Send>>;
+
 impl Rows {
+    /// Gathers a run's row; returns whether its own hand-out rows go with it (it closed, and
+    /// may own some).
+    fn run_write(&mut self, state: &RunState, may_own_started: bool) -> bool {
+        let open = state.status == ExecutionStatus::Running as i32;
+        self.run(state, if open { 0 } else { state.close_ms.max(1) });
+        may_own_started && !open
+    }
+
+    fn events(&mut self, run_id: &str, events: &[HistoryEvent]) {
+        for event in events {
+            self.event(run_id, event);
+        }
+    }
+
     fn run(&mut self, state: &RunState, close_ms: i64) {
         let encoded = state.encode_to_vec();
         if let Some(&i) = self.run_index.get(&state.run_id) {
@@ -288,32 +297,34 @@ impl Rows {
     /// The statements for what is gathered so far, appended to the plan (and gathering starts
     /// again): before any write whose effect depends on those rows, and at the end.
     fn flush(&mut self, statements: &Statements, plan: &mut Vec<Planned>) {
-        let rows = std::mem::take(self);
-        if !rows.run_ids.is_empty() {
-            plan.push((
-                statements.put_runs.clone(),
-                vec![
-                    Box::new(rows.run_ids),
-                    Box::new(rows.namespaces),
-                    Box::new(rows.standalone),
-                    Box::new(rows.workflow_ids),
-                    Box::new(rows.statuses),
-                    Box::new(rows.start_ms),
-                    Box::new(rows.states),
-                    Box::new(rows.close_ms),
-                ],
-            ));
+        let (no_runs, no_events) = (self.run_ids.is_empty(), self.event_ids.is_empty());
+        let (runs, events) = std::mem::take(self).into_values();
+        if !no_runs {
+            plan.push((statements.put_runs.clone(), runs));
         }
-        if !rows.event_ids.is_empty() {
-            plan.push((
-                statements.put_events.clone(),
-                vec![
-                    Box::new(rows.event_runs),
-                    Box::new(rows.event_ids),
-                    Box::new(rows.events),
-                ],
-            ));
+        if !no_events {
+            plan.push((statements.put_events.clone(), events));
         }
+    }
+
+    /// The values of `schema::PUT_RUNS` and of `schema::PUT_EVENTS`.
+    fn into_values(self) -> (Values, Values) {
+        let runs: Values = vec![
+            Box::new(self.run_ids),
+            Box::new(self.namespaces),
+            Box::new(self.standalone),
+            Box::new(self.workflow_ids),
+            Box::new(self.statuses),
+            Box::new(self.start_ms),
+            Box::new(self.states),
+            Box::new(self.close_ms),
+        ];
+        let events: Values = vec![
+            Box::new(self.event_runs),
+            Box::new(self.event_ids),
+            Box::new(self.events),
+        ];
+        (runs, events)
     }
 }
 
@@ -365,22 +376,16 @@ impl Statements {
                         state,
                         may_own_started,
                     } => {
-                        let (close_ms, own_rows_go) = run_row(state, *may_own_started);
-                        if own_rows_go {
+                        if rows.run_write(state, *may_own_started) {
                             closing.push(state.run_id.clone());
                         }
-                        rows.run(state, close_ms);
                     }
-                    Write::Events { run_id, events } => {
-                        for event in events {
-                            rows.event(run_id, event);
-                        }
-                    }
+                    Write::Events { run_id, events } => rows.events(run_id, events),
                     _ => unreachable!("checked above"),
                 }
             }
         }
-        let mut values: Vec<Box<dyn ToSql + Sync + Send>> = Vec::with_capacity(15);
+        let mut values: Values = Vec::with_capacity(15);
         let statement = match fence_values(jobs) {
             Some((owner, names, epochs)) => {
                 values.push(Box::new(owner));
@@ -391,17 +396,9 @@ impl Statements {
             None => self.one_statement.clone(),
         };
         values.push(Box::new(closing));
-        values.push(Box::new(rows.run_ids));
-        values.push(Box::new(rows.namespaces));
-        values.push(Box::new(rows.standalone));
-        values.push(Box::new(rows.workflow_ids));
-        values.push(Box::new(rows.statuses));
-        values.push(Box::new(rows.start_ms));
-        values.push(Box::new(rows.states));
-        values.push(Box::new(rows.close_ms));
-        values.push(Box::new(rows.event_runs));
-        values.push(Box::new(rows.event_ids));
-        values.push(Box::new(rows.events));
+        let (runs, events) = rows.into_values();
+        values.extend(runs);
+        values.extend(events);
         Some((statement, values))
     }
 
@@ -417,11 +414,9 @@ impl Statements {
                 state,
                 may_own_started,
             } => {
-                let (close_ms, own_rows_go) = run_row(state, *may_own_started);
-                if own_rows_go {
+                if rows.run_write(state, *may_own_started) {
                     plan.push((self.delete_own_started.clone(), vec![text(&state.run_id)]));
                 }
-                rows.run(state, close_ms);
             }
             Write::Session { state } => {
                 let info = state.info.clone().unwrap_or_default();
@@ -496,11 +491,7 @@ impl Statements {
                     Box::new(*session_activities_run as i64),
                 ],
             )),
-            Write::Events { run_id, events } => {
-                for event in events {
-                    rows.event(run_id, event);
-                }
-            }
+            Write::Events { run_id, events } => rows.events(run_id, events),
         }
     }
 }
