@@ -188,6 +188,43 @@ async fn heartbeat_timeout_retries_and_next_attempt_sees_details() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_heartbeat_before_a_failure_reaches_the_next_attempt() {
+    // Heartbeats are throttled: of several in quick succession only the first is sent at once.
+    // The details recorded last before the attempt failed must still reach the next attempt.
+    let env = TestEnv::start().await;
+    let mut w = env.worker("q", "w1");
+    w.register_activity("steps", |ctx: ActivityContext, _: ()| async move {
+        let start = ctx.heartbeat_details::<u32>().unwrap_or(0);
+        if ctx.info().attempt == 1 {
+            for step in 1..=3u32 {
+                ctx.heartbeat(&step);
+            }
+            return Err(ActivityError::retryable("crashed after step 3"));
+        }
+        Ok::<_, ActivityError>(start)
+    });
+    w.register_workflow("wf", |ctx: WorkflowContext, _: ()| async move {
+        let options = ActivityOptions::default()
+            .heartbeat(Duration::from_secs(10))
+            .retry(fast_retry());
+        let v: u32 = ctx.execute_activity("steps", &(), options).await?;
+        Ok(v)
+    });
+    let worker = w.start().unwrap();
+    let handle = env
+        .client
+        .start_workflow("wf", &(), WorkflowOptions::new("last-hb", "q"))
+        .await
+        .unwrap();
+    let v: u32 = within(T, "result", handle.result()).await.unwrap();
+    assert_eq!(
+        v, 3,
+        "the second attempt resumed from the last step recorded"
+    );
+    worker.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_retryable_error_fails_without_retry() {
     let env = TestEnv::start().await;
     let calls = Arc::new(AtomicU32::new(0));

@@ -358,6 +358,12 @@ mod tests {
         let e = Requirements::parse("gpu.compute>=eight").unwrap_err();
         assert!(e.message.contains("version"), "{e}");
         assert!(e.to_string().contains('^'));
+        // `==` is what many languages write; here it would have asked for a label "=a".
+        let e = Requirements::parse("gpu.count>=1, label.zone==a").unwrap_err();
+        assert!(e.message.contains("'==' is not an operator"), "{e}");
+        assert!(e.message.contains("label.zone=a"), "{e}");
+        let e = Requirements::parse("gpu.count==2").unwrap_err();
+        assert!(e.message.contains("gpu.count=2"), "{e}");
     }
 
     #[test]

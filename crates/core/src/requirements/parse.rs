@@ -109,6 +109,20 @@ fn parse_key(input: &str, at: usize, text: &str) -> Result<Key, ParseError> {
 }
 
 fn parse_value(input: &str, at: usize, key: &Key, op: Op, text: &str) -> Result<Value, ParseError> {
+    if op == Op::Eq {
+        if let Some(rest) = text.strip_prefix('=') {
+            // Else `label.zone==a` would ask, without a word, for a label whose value is "=a".
+            return Err(err(
+                input,
+                at,
+                format!(
+                    "'==' is not an operator here: write {}={}",
+                    key.name(),
+                    rest.trim_start()
+                ),
+            ));
+        }
+    }
     let kind = key.kind();
     let allowed = match kind {
         ValueKind::Count | ValueKind::Bytes | ValueKind::Version => op != Op::Contains,

@@ -153,6 +153,8 @@ pub(crate) struct ActivityShared {
     pub(crate) worker: Option<Arc<WorkerLocal>>,
     pub(crate) previous_details: Option<pb::Payload>,
     pub(crate) pending_details: Mutex<Option<pb::Payload>>,
+    /// Whether the attempt ever recorded a heartbeat.
+    pub(crate) heartbeated: std::sync::atomic::AtomicBool,
     pub(crate) heartbeat_wanted: Notify,
     pub(crate) cancel: watch::Sender<Option<CancelReason>>,
 }
@@ -176,6 +178,7 @@ impl ActivityContext {
                 worker,
                 previous_details,
                 pending_details: Mutex::new(None),
+                heartbeated: std::sync::atomic::AtomicBool::new(false),
                 heartbeat_wanted: Notify::new(),
                 cancel,
             }),
@@ -194,7 +197,25 @@ impl ActivityContext {
             Ok(p) => *self.shared.pending_details.lock() = Some(p),
             Err(e) => tracing::warn!(error = %e, "heartbeat details could not be encoded"),
         }
+        self.shared
+            .heartbeated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.heartbeat_wanted.notify_one();
+    }
+
+    /// Records progress with details already converted to a payload (see [`Self::heartbeat`]):
+    /// how an SDK in another language hands over its own encoding.
+    pub fn heartbeat_payload(&self, details: pb::Payload) {
+        *self.shared.pending_details.lock() = Some(details);
+        self.shared
+            .heartbeated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.heartbeat_wanted.notify_one();
+    }
+
+    /// The payload of the last heartbeat of a previous attempt, if any (codecs already undone).
+    pub fn heartbeat_details_payload(&self) -> Option<&pb::Payload> {
+        self.shared.previous_details.as_ref()
     }
 
     /// The details of the last heartbeat of a previous attempt, if any.

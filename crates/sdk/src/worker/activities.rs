@@ -10,6 +10,9 @@ use std::time::Duration;
 use tether_wire::pb;
 use tokio::sync::{oneshot, watch};
 
+/// Sends the attempt's heartbeats, throttled, until `stop` is told (or dropped). It stops only
+/// between calls, so the details it took are sent: a failed attempt then sends what is left
+/// (see `flush_heartbeat`) after, never beside, a call of this loop.
 pub(super) async fn heartbeat_loop(
     mut rpc: crate::client::Rpc,
     dc: codec::DataConverter,
@@ -17,6 +20,7 @@ pub(super) async fn heartbeat_loop(
     token: Vec<u8>,
     identity: String,
     heartbeat_timeout_ms: u64,
+    mut stop: oneshot::Receiver<()>,
 ) {
     // Send at most every 80% of the heartbeat timeout (30 s when there is none).
     let throttle = if heartbeat_timeout_ms > 0 {
@@ -25,7 +29,10 @@ pub(super) async fn heartbeat_loop(
         Duration::from_secs(30)
     };
     loop {
-        ctx.shared.heartbeat_wanted.notified().await;
+        tokio::select! {
+            _ = ctx.shared.heartbeat_wanted.notified() => {}
+            _ = &mut stop => return,
+        }
         let details = ctx.shared.pending_details.lock().take();
         let details = match dc.encode_opt(details) {
             Ok(d) => d,
@@ -54,7 +61,44 @@ pub(super) async fn heartbeat_loop(
             }
             Err(status) => tracing::debug!(error = %status.message(), "heartbeat failed"),
         }
-        tokio::time::sleep(throttle).await;
+        tokio::select! {
+            _ = tokio::time::sleep(throttle) => {}
+            _ = &mut stop => return,
+        }
+    }
+}
+
+/// How long the end of an attempt waits for a heartbeat call already on its way.
+const HEARTBEAT_FINISH: Duration = Duration::from_secs(2);
+
+/// Sends the details of the attempt's last heartbeat if the heartbeat loop has not (one call,
+/// its failure only logged: the attempt's outcome goes out whatever happens to it).
+async fn flush_heartbeat(
+    rpc: &mut crate::client::Rpc,
+    dc: &codec::DataConverter,
+    ctx: &ActivityContext,
+    token: &[u8],
+    identity: &str,
+) {
+    let Some(details) = ctx.shared.pending_details.lock().take() else {
+        return;
+    };
+    let details = match dc.encode(details) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "heartbeat details could not be encoded");
+            return;
+        }
+    };
+    let sent = rpc
+        .heartbeat_activity(pb::HeartbeatActivityRequest {
+            task_token: token.to_vec(),
+            details: Some(details),
+            identity: identity.to_string(),
+        })
+        .await;
+    if let Err(status) = sent {
+        tracing::debug!(error = %status.message(), "the last heartbeat of a failed attempt was not recorded");
     }
 }
 
@@ -267,6 +311,7 @@ impl Inner {
                 .await;
             return None;
         };
+        let (stop_heartbeats, heartbeats_stop) = oneshot::channel();
         let heartbeater = tokio::spawn(heartbeat_loop(
             rpc.clone(),
             self.dc.clone(),
@@ -274,6 +319,7 @@ impl Inner {
             task.task_token.clone(),
             identity.clone(),
             task.heartbeat_timeout_ms,
+            heartbeats_stop,
         ));
         let outcome = AssertUnwindSafe(f(ctx.clone(), task.input.clone()))
             .catch_unwind()
@@ -289,7 +335,38 @@ impl Inner {
                         .with_type("Panic"),
                 )
             });
-        heartbeater.abort();
+        // A heartbeat on its way is let finish (for a while: a server that does not answer
+        // does not hold the outcome back for long).
+        // (An attempt that never heartbeated has none: its loop is stopped at once.)
+        if ctx
+            .shared
+            .heartbeated
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let _ = stop_heartbeats.send(());
+            let heartbeater_abort = heartbeater.abort_handle();
+            if tokio::time::timeout(HEARTBEAT_FINISH, heartbeater)
+                .await
+                .is_err()
+            {
+                heartbeater_abort.abort();
+            }
+        } else {
+            heartbeater.abort();
+        }
+        if outcome.is_err() {
+            // Heartbeats are throttled, so the details recorded last may not have been sent:
+            // a failed attempt sends them before its failure, for the next attempt to resume
+            // from. (A completed one has no next attempt.)
+            flush_heartbeat(
+                &mut rpc.clone(),
+                &self.dc,
+                &ctx,
+                &task.task_token,
+                &identity,
+            )
+            .await;
+        }
         let token = task.task_token;
         // Results and failure details leave the worker encoded; a codec failure fails the attempt.
         let outcome = match outcome {
