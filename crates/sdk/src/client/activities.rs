@@ -142,25 +142,63 @@ impl Client {
         input: &I,
         options: StandaloneActivityOptions,
     ) -> Result<ActivityHandle, ClientError> {
+        let input = codec::to_payload(input)?;
+        self.start_activity_raw(activity_type, Some(input), options)
+            .await
+    }
+
+    /// Starts a standalone activity with an input already converted to a payload (the codec
+    /// chain still runs on it): how an SDK in another language hands over its own encoding.
+    pub async fn start_activity_raw(
+        &self,
+        activity_type: &str,
+        input: Option<pb::Payload>,
+        options: StandaloneActivityOptions,
+    ) -> Result<ActivityHandle, ClientError> {
         let (handle, _) = self
             .start_activity_waiting(activity_type, input, options, Duration::ZERO)
             .await?;
         Ok(handle)
     }
 
-    pub(super) async fn start_activity_waiting<I: Serialize + ?Sized>(
+    /// Starts a standalone activity with an already-converted input and waits for it to
+    /// finish: its outcome, payloads decoded, whatever the status (see
+    /// [`ActivityHandle::outcome`]).
+    pub async fn execute_activity_raw(
         &self,
         activity_type: &str,
-        input: &I,
+        input: Option<pb::Payload>,
+        options: StandaloneActivityOptions,
+    ) -> Result<(ActivityHandle, pb::GetWorkflowResultResponse), ClientError> {
+        let (handle, outcome) = self
+            .start_activity_waiting(activity_type, input, options, RESULT_WAIT)
+            .await?;
+        let outcome = match outcome {
+            Some(outcome) => self.decode_result(outcome)?,
+            None => handle.outcome().await?,
+        };
+        Ok((handle, outcome))
+    }
+
+    /// `input` is plain (not yet through the codec chain).
+    pub(super) async fn start_activity_waiting(
+        &self,
+        activity_type: &str,
+        input: Option<pb::Payload>,
         options: StandaloneActivityOptions,
         wait: Duration,
     ) -> Result<(ActivityHandle, Option<pb::GetWorkflowResultResponse>), ClientError> {
+        let input = self
+            .options
+            .data_converter
+            .encode_opt(input)
+            .map_err(codec::ConvertError::from)?;
         let req = pb::StartActivityRequest {
             namespace: self.options.namespace.clone(),
             activity_id: options.id.clone().into(),
             activity_type: activity_type.into(),
             task_queue: options.task_queue.clone().into(),
-            input: Some(self.options.data_converter.to_payload(input)?),
+            input,
             options: Some(options.options.to_proto()),
             identity: self.options.identity.clone(),
             wait_ms: wait.as_millis() as u64,
@@ -205,16 +243,10 @@ impl Client {
         input: &I,
         options: StandaloneActivityOptions,
     ) -> Result<O, ClientError> {
+        let input = codec::to_payload(input)?;
         let (handle, outcome) = self
-            .start_activity_waiting(activity_type, input, options, RESULT_WAIT)
+            .execute_activity_raw(activity_type, Some(input), options)
             .await?;
-        match outcome {
-            Some(outcome) => decode_outcome(
-                "activity",
-                &handle.activity_id,
-                self.decode_result(outcome)?,
-            ),
-            None => handle.result().await,
-        }
+        decode_outcome("activity", &handle.activity_id, outcome)
     }
 }

@@ -106,13 +106,36 @@ impl Session {
         input: &I,
         options: ActivityOptions,
     ) -> Result<O, ClientError> {
+        self.client
+            .execute_activity(activity_type, input, self.activity_options(options))
+            .await
+    }
+
+    /// Runs an activity in the session with an already-converted input, and returns its
+    /// outcome whatever the status (see [`Client::execute_activity_raw`]).
+    pub async fn execute_activity_raw(
+        &self,
+        activity_type: &str,
+        input: Option<pb::Payload>,
+        options: ActivityOptions,
+    ) -> Result<pb::GetWorkflowResultResponse, ClientError> {
+        let (_, outcome) = self
+            .client
+            .execute_activity_raw(activity_type, input, self.activity_options(options))
+            .await?;
+        Ok(outcome)
+    }
+
+    /// Options that put an activity in this session: on its worker's host queue, under a
+    /// fresh id.
+    fn activity_options(&self, options: ActivityOptions) -> StandaloneActivityOptions {
         let mut o = StandaloneActivityOptions::new(
             format!("{}-{}", self.info.session_id, uuid::Uuid::now_v7()),
             self.info.host_queue.clone(),
         );
         o.options = options;
         o.options.session_id = Some(self.info.session_id.clone());
-        self.client.execute_activity(activity_type, input, o).await
+        o
     }
 
     /// Ends the session and releases its reservation.

@@ -65,12 +65,29 @@ impl WorkflowHandle {
         signal_name: &str,
         input: &I,
     ) -> Result<(), ClientError> {
+        self.signal_raw(signal_name, Some(codec::to_payload(input)?))
+            .await
+    }
+
+    /// Sends a signal whose input is already converted to a payload (the codec chain still
+    /// runs on it).
+    pub async fn signal_raw(
+        &self,
+        signal_name: &str,
+        input: Option<pb::Payload>,
+    ) -> Result<(), ClientError> {
+        let input = self
+            .client
+            .options
+            .data_converter
+            .encode_opt(input)
+            .map_err(codec::ConvertError::from)?;
         let req = pb::SignalWorkflowRequest {
             namespace: self.client.options.namespace.clone(),
             workflow_id: self.workflow_id.clone().into(),
             run_id: self.run_id.clone().into(),
             signal_name: signal_name.into(),
-            input: Some(self.client.options.data_converter.to_payload(input)?),
+            input,
             identity: self.client.options.identity.clone(),
             request_id: self.client.request_ids.next(),
         };

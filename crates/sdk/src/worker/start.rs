@@ -99,6 +99,25 @@ impl Worker {
         self
     }
 
+    /// Registers activity code that takes and gives payloads as they are (codecs already undone
+    /// on the way in, and run on the way out by the worker): how an SDK in another language
+    /// hosts its activities on this worker, with its own conversion of values.
+    pub fn register_activity_raw<F>(&mut self, name: &str, f: F) -> &mut Self
+    where
+        F: Fn(
+                ActivityContext,
+                Option<tether_wire::pb::Payload>,
+            ) -> futures::future::BoxFuture<
+                'static,
+                Result<Option<tether_wire::pb::Payload>, ActivityError>,
+            > + Send
+            + Sync
+            + 'static,
+    {
+        self.activities.insert(name.to_string(), Arc::new(f));
+        self
+    }
+
     /// Starts the worker in the background. Fails at once when another live process on this
     /// host holds the identity.
     pub fn start(self) -> Result<WorkerHandle, WorkerError> {

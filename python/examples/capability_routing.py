@@ -1,0 +1,77 @@
+"""Capability-tagged routing: three unlike workers advertise what they have (GPUs, labels, a
+credential by name); each activity says what it needs, the server routes it to a worker that has
+it, and an activity no worker can take is explained, not silently queued.
+
+    tether dev &
+    python python/examples/capability_routing.py    # --address HOST:PORT, else $TETHER_ADDRESS
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import tether
+from tether import activity
+
+from _fleet import Fleet, address_from_args, gpus
+
+QUEUE = "fleet"
+
+
+@activity.defn
+def where() -> str:
+    return activity.info().worker_identity
+
+
+@activity.defn
+def sync_to_s3() -> str:
+    activity.credential("s3-prod")  # read on the worker; the secret never reaches the server
+    return activity.info().worker_identity
+
+
+async def worker_main(name: str, inventory: str, address: str, queue: str, _scratch: str) -> None:
+    client = await tether.Client.connect(address)
+    worker = tether.Worker(client, task_queue=queue, activities=[where, sync_to_s3], identity=name,
+                           inventory=inventory)
+    run = asyncio.ensure_future(worker.run())
+    await asyncio.sleep(0.3)
+    print("ready", flush=True)
+    await run
+
+
+async def main(address: str) -> None:
+    os.environ["S3_PROD_KEY"] = "example-secret"  # inherited by the workers started below
+    fleet = Fleet(__file__, address, QUEUE)
+    fleet.start("cpu-box", '[labels]\nzone = "a"\n[[credential]]\nname = "s3-prod"\nenv = "S3_PROD_KEY"\n')
+    fleet.start("h100-box", gpus(8, "NVIDIA H100 80GB HBM3", "80GiB") + '[labels]\nzone = "b"\n')
+    fleet.start("a10-box", gpus(1, "NVIDIA A10", "24GiB") + '[labels]\nzone = "a"\n')
+    print(f"workers: {', '.join(fleet.names())}")
+    client = await tether.Client.connect(address)
+    try:
+        tasks = [
+            ("where", "gpu.count>=4, gpu.memory>=80GiB"),
+            ("where", "gpu.count>=1, label.zone=a"),
+            ("sync_to_s3", "credential=s3-prod"),
+            ("where", "gpu.count>=1, prefer gpu.name~H100:10"),
+        ]
+        for name, requirements in tasks:
+            ran_on = await client.execute_activity(name, task_queue=QUEUE, requirements=requirements)
+            print(f"  {name:<11} needs {requirements:<40} ran on {ran_on}")
+        handle = await client.start_activity("where", task_queue=QUEUE, requirements="gpu.memory>=120GiB",
+                                             schedule_to_start=2)
+        print(f"\nunplaceable (needs gpu.memory>=120GiB): {handle.placement_note}")
+        try:
+            await handle.result()
+        except tether.ActivityFailureError as e:
+            print(f"  after its schedule-to-start timeout: {e.status}: {e.message}")
+    finally:
+        fleet.stop()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        asyncio.run(worker_main(*sys.argv[2:7]))
+    else:
+        asyncio.run(main(address_from_args(sys.argv)))

@@ -1,0 +1,35 @@
+//! `tether._core`: the native half of tether's Python SDK. The Rust SDK's client and worker do
+//! the work (connections and their retries, polling, slots, heartbeats, batched reports,
+//! capability detection, TLS, the codec chain); Python code sees values. Payloads cross this
+//! boundary as bytes with their encoding, which the Python package (`python/tether`) converts.
+//!
+//! Everything async here runs on the tokio runtime of pyo3-async-runtimes and is awaited from
+//! asyncio; Python callables (activities) are run on the asyncio loop of the worker that
+//! registered them.
+
+mod client;
+mod convert;
+mod worker;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(client::connect, m)?)?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_class::<client::PyClient>()?;
+    m.add_class::<client::PySession>()?;
+    m.add_class::<worker::PyWorker>()?;
+    m.add_class::<worker::PyActivityContext>()?;
+    Ok(())
+}
+
+/// Sends the core's logs to stderr, filtered by `filter` (RUST_LOG syntax, e.g. "info" or
+/// "tether_sdk=debug"). Once per process; later calls change nothing.
+#[pyfunction]
+fn init_logging(filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,332 @@
+//! The worker: the Rust SDK's, with Python activities registered on it. The worker polls,
+//! holds slots, heartbeats and reports; each activity attempt is handed to the Python
+//! dispatcher of the asyncio loop that started the worker (`tether/worker.py`), which runs the
+//! function (a thread for a plain `def`) and answers how it went.
+
+use crate::client::{seconds, PyClient};
+use crate::convert::{self, invalid};
+use futures::FutureExt;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3_async_runtimes::tokio::future_into_py;
+use pyo3_async_runtimes::TaskLocals;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tether_sdk::activity::{ActivityContext, ActivityError, CancelReason};
+use tether_sdk::caps::{CapabilitySource, Inventory};
+use tether_sdk::worker::{Worker, WorkerHandle, WorkerOptions};
+use tether_wire::pb;
+
+enum State {
+    /// Activities may still be registered.
+    Building(Box<Worker>),
+    Running(WorkerHandle),
+    Stopped,
+}
+
+/// A worker on one task queue of the client's namespace.
+#[pyclass(name = "Worker", module = "tether._core", frozen)]
+pub(crate) struct PyWorker {
+    state: Mutex<State>,
+    /// The asyncio loop (and context) activities run on: the one that called `run`.
+    locals: Arc<Mutex<Option<TaskLocals>>>,
+    /// Told when the worker has stopped, so that `run` returns.
+    stopped: Arc<tokio::sync::Notify>,
+}
+
+#[pymethods]
+impl PyWorker {
+    #[new]
+    #[pyo3(signature = (client, task_queue, identity=None, max_concurrent_activities=100,
+                        max_concurrent_sessions=10, graceful_shutdown_s=10.0, inventory=None,
+                        labels=None, resources=None, state_dir=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        client: &PyClient,
+        task_queue: String,
+        identity: Option<String>,
+        max_concurrent_activities: usize,
+        max_concurrent_sessions: u32,
+        graceful_shutdown_s: f64,
+        inventory: Option<PathBuf>,
+        labels: Option<BTreeMap<String, String>>,
+        resources: Option<BTreeMap<String, u64>>,
+        state_dir: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let mut caps = CapabilitySource::detect();
+        if let Some(path) = inventory {
+            caps = caps.with_inventory(Inventory::load(&path).map_err(invalid)?);
+        }
+        for (k, v) in labels.unwrap_or_default() {
+            caps = caps.label(k, v);
+        }
+        for (k, v) in resources.unwrap_or_default() {
+            caps = caps.resource(k, v);
+        }
+        let mut options = WorkerOptions::new(task_queue)
+            .max_concurrent_activities(max_concurrent_activities)
+            .max_concurrent_sessions(max_concurrent_sessions)
+            .graceful_shutdown(seconds("graceful_shutdown_s", graceful_shutdown_s)?)
+            .capabilities(caps);
+        if let Some(identity) = identity {
+            options = options.identity(identity);
+        }
+        if state_dir.is_some() {
+            options = options.state_dir(state_dir);
+        }
+        let options = options.build().map_err(invalid)?;
+        Ok(PyWorker {
+            state: Mutex::new(State::Building(Box::new(Worker::new(
+                client.client.clone(),
+                options,
+            )))),
+            locals: Arc::new(Mutex::new(None)),
+            stopped: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    /// Registers an activity type. `dispatch(ctx, data, encoding)` is a coroutine function
+    /// that runs one attempt and answers `("ok", data, encoding)`, `("error", message, type,
+    /// non_retryable)` or `("cancelled",)`; it runs on the asyncio loop that calls `run`.
+    fn register_activity(&self, name: String, dispatch: Py<PyAny>) -> PyResult<()> {
+        let mut state = self.state.lock().expect("not poisoned");
+        let State::Building(worker) = &mut *state else {
+            return Err(invalid("activities are registered before the worker runs"));
+        };
+        let dispatch = Arc::new(dispatch);
+        // The loop is known only when `run` is called: the activity reads it from there.
+        let locals = self.locals.clone();
+        worker.register_activity_raw(&name, move |ctx, input| {
+            let dispatch = dispatch.clone();
+            let locals = locals.lock().expect("not poisoned").clone();
+            async move {
+                let locals = locals
+                    .ok_or_else(|| ActivityError::retryable("the Python worker is not running"))?;
+                let attempt = Python::attach(|py| -> PyResult<_> {
+                    let pyctx = Py::new(py, PyActivityContext { ctx })?;
+                    let (data, encoding) = match &input {
+                        Some(p) => (
+                            Some(PyBytes::new(py, &p.data)),
+                            tether_sdk::codec::encoding_of(p),
+                        ),
+                        None => (None, String::new()),
+                    };
+                    let coroutine = dispatch.bind(py).call1((pyctx, data, encoding))?;
+                    pyo3_async_runtimes::into_future_with_locals(&locals, coroutine)
+                })
+                .map_err(python_failure)?;
+                let answer = attempt.await.map_err(python_failure)?;
+                Python::attach(|py| read_answer(answer.bind(py)))
+            }
+            .boxed()
+        });
+        Ok(())
+    }
+
+    /// Starts the worker on the running asyncio loop; the awaitable ends when it has stopped
+    /// (see `shutdown`). Fails at once when another live process holds the identity.
+    fn run<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let locals = pyo3_async_runtimes::tokio::get_current_locals(py)?;
+        let mut state = self.state.lock().expect("not poisoned");
+        let worker = match std::mem::replace(&mut *state, State::Stopped) {
+            State::Building(worker) => *worker,
+            other => {
+                *state = other;
+                return Err(invalid("this worker has already been run"));
+            }
+        };
+        *self.locals.lock().expect("not poisoned") = Some(locals);
+        let started = {
+            let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
+            worker.start()
+        };
+        let handle = started.map_err(invalid)?;
+        *state = State::Running(handle);
+        let stopped = self.stopped.clone();
+        future_into_py(py, async move {
+            stopped.notified().await;
+            Ok(())
+        })
+    }
+
+    /// The worker's identity once it runs.
+    #[getter]
+    fn identity(&self) -> Option<String> {
+        match &*self.state.lock().expect("not poisoned") {
+            State::Running(h) => Some(h.identity().to_string()),
+            _ => None,
+        }
+    }
+
+    /// Stops polling, lets running activities finish within the grace period, tells the
+    /// server; then `run` returns.
+    fn shutdown<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let previous = std::mem::replace(
+            &mut *self.state.lock().expect("not poisoned"),
+            State::Stopped,
+        );
+        let stopped = self.stopped.clone();
+        future_into_py(py, async move {
+            if let State::Running(handle) = previous {
+                handle.shutdown().await;
+            }
+            stopped.notify_waiters();
+            stopped.notify_one();
+            Ok(())
+        })
+    }
+
+    /// Stops at once, as if the process died: nothing is reported (for tests of failover).
+    fn kill(&self) {
+        let previous = std::mem::replace(
+            &mut *self.state.lock().expect("not poisoned"),
+            State::Stopped,
+        );
+        if let State::Running(handle) = previous {
+            let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
+            handle.kill();
+        }
+        self.stopped.notify_waiters();
+        self.stopped.notify_one();
+    }
+}
+
+/// What the dispatcher answered, as the worker's outcome of the attempt.
+fn read_answer(answer: &Bound<'_, PyAny>) -> Result<Option<pb::Payload>, ActivityError> {
+    let parsed = || -> PyResult<Result<Option<pb::Payload>, ActivityError>> {
+        let answer = answer.cast::<PyTuple>()?;
+        let kind: String = answer.get_item(0)?.extract()?;
+        Ok(match kind.as_str() {
+            "ok" => {
+                let data: Option<Vec<u8>> = answer.get_item(1)?.extract()?;
+                let encoding: String = answer.get_item(2)?.extract()?;
+                Ok(convert::payload(data, &encoding))
+            }
+            "error" => {
+                let message: String = answer.get_item(1)?.extract()?;
+                let error_type: String = answer.get_item(2)?.extract()?;
+                let non_retryable: bool = answer.get_item(3)?.extract()?;
+                let e = if non_retryable {
+                    ActivityError::non_retryable(message)
+                } else {
+                    ActivityError::retryable(message)
+                };
+                Err(if error_type.is_empty() {
+                    e
+                } else {
+                    e.with_type(error_type)
+                })
+            }
+            "cancelled" => Err(ActivityError::Cancelled),
+            other => Err(ActivityError::non_retryable(format!(
+                "the Python dispatcher answered {other:?}"
+            ))),
+        })
+    };
+    parsed().unwrap_or_else(|e| Err(python_failure(e)))
+}
+
+/// A Python exception outside the activity's own code (the dispatcher's): retried.
+fn python_failure(e: PyErr) -> ActivityError {
+    ActivityError::retryable(format!("the Python worker failed: {e}")).with_type("PythonError")
+}
+
+/// What an activity attempt sees of itself: info, heartbeats, cancellation, its session.
+#[pyclass(name = "ActivityContext", module = "tether._core", frozen)]
+pub(crate) struct PyActivityContext {
+    ctx: ActivityContext,
+}
+
+#[pymethods]
+impl PyActivityContext {
+    /// Facts about this attempt.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let i = self.ctx.info();
+        let d = PyDict::new(py);
+        d.set_item("namespace", i.namespace.to_string())?;
+        d.set_item("activity_id", i.activity_id.to_string())?;
+        d.set_item("activity_type", &i.activity_type)?;
+        d.set_item("attempt", i.attempt)?;
+        d.set_item("workflow_id", i.workflow_id.to_string())?;
+        d.set_item("run_id", i.run_id.to_string())?;
+        d.set_item("task_queue", i.task_queue.to_string())?;
+        d.set_item(
+            "heartbeat_timeout_s",
+            i.heartbeat_timeout.map(|t| t.as_secs_f64()),
+        )?;
+        d.set_item("deadline_ms", i.deadline_ms)?;
+        d.set_item("worker_identity", i.worker_identity.to_string())?;
+        Ok(d)
+    }
+
+    /// Records progress (sent in the background, throttled).
+    fn heartbeat(&self, data: Vec<u8>, encoding: &str) {
+        if let Some(p) = convert::payload(Some(data), encoding) {
+            self.ctx.heartbeat_payload(p);
+        }
+    }
+
+    /// `(data, encoding)` of the previous attempt's last heartbeat, or None.
+    fn heartbeat_details<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        convert::payload_to_py(py, self.ctx.heartbeat_details_payload())
+    }
+
+    /// Whether the attempt was told to stop.
+    fn is_cancelled(&self) -> bool {
+        self.ctx.is_cancelled()
+    }
+
+    /// Why it was told to stop: "requested", "not_current", "worker_shutdown", or None.
+    fn cancel_reason(&self) -> Option<&'static str> {
+        self.ctx.cancel_reason().map(|r| match r {
+            CancelReason::Requested => "requested",
+            CancelReason::NotCurrent => "not_current",
+            CancelReason::WorkerShutdown => "worker_shutdown",
+        })
+    }
+
+    /// An awaitable that ends when the attempt is told to stop.
+    fn cancelled<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let ctx = self.ctx.clone();
+        future_into_py(py, async move {
+            ctx.cancelled().await;
+            Ok(())
+        })
+    }
+
+    /// The session it runs in (worker, host, reserved GPUs and resources), or None.
+    fn session<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.ctx
+            .session()
+            .map(|s| convert::session_to_py(py, s))
+            .transpose()
+    }
+
+    /// `CUDA_VISIBLE_DEVICES` for the session's GPUs ("2,3"); None outside a session.
+    fn cuda_visible_devices(&self) -> Option<String> {
+        self.ctx.cuda_visible_devices()
+    }
+
+    /// A credential declared on this worker, read here (it never travels to the server).
+    fn credential(&self, py: Python<'_>, name: &str) -> PyResult<String> {
+        self.ctx.credential(name).map_err(|e| {
+            let f = e.to_failure();
+            convert::tether_exception(
+                py,
+                "ApplicationError",
+                (f.message, f.error_type, f.non_retryable),
+            )
+        })
+    }
+
+    /// Sets a label on this worker; it is advertised at once.
+    fn set_label(&self, key: String, value: String) {
+        self.ctx.set_label(key, value);
+    }
+
+    /// Removes a label from this worker.
+    fn remove_label(&self, key: &str) {
+        self.ctx.remove_label(key);
+    }
+}

@@ -1,0 +1,116 @@
+"""Types of the native module: the Rust SDK's client and worker. Use the `tether` package's
+classes (Client, Worker, activity); these are what they are built on."""
+
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+
+Payload = Optional[Tuple[bytes, str]]
+Outcome = Dict[str, Any]  # {"status": str, "result": Payload, "failure": dict | None}
+
+def connect(
+    address: str,
+    namespace: str = "default",
+    identity: Optional[str] = None,
+    tls_ca: Optional[str] = None,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    tls_server_name: Optional[str] = None,
+    keys: Optional[str] = None,
+    retry_for_s: float = 30.0,
+) -> Awaitable[Client]: ...
+def init_logging(filter: str) -> None: ...
+
+class Client:
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    def start_workflow(
+        self,
+        workflow_type: str,
+        data: Optional[bytes],
+        encoding: str,
+        workflow_id: str,
+        task_queue: str,
+        run_timeout_s: Optional[float] = None,
+        task_timeout_s: Optional[float] = None,
+    ) -> Awaitable[str]: ...
+    def workflow_outcome(self, workflow_id: str, run_id: str = "") -> Awaitable[Outcome]: ...
+    def signal_workflow(
+        self, workflow_id: str, run_id: str, signal_name: str, data: Optional[bytes], encoding: str
+    ) -> Awaitable[None]: ...
+    def cancel_workflow(self, workflow_id: str, run_id: str, reason: str) -> Awaitable[None]: ...
+    def terminate_workflow(self, workflow_id: str, run_id: str, reason: str) -> Awaitable[None]: ...
+    def describe_workflow(self, workflow_id: str, run_id: str) -> Awaitable[Dict[str, Any]]: ...
+    def execute_activity(
+        self,
+        activity_type: str,
+        data: Optional[bytes],
+        encoding: str,
+        activity_id: str,
+        task_queue: str,
+        options: Optional[Dict[str, Any]] = None,
+    ) -> Awaitable[Tuple[str, Outcome]]: ...
+    def start_activity(
+        self,
+        activity_type: str,
+        data: Optional[bytes],
+        encoding: str,
+        activity_id: str,
+        task_queue: str,
+        options: Optional[Dict[str, Any]] = None,
+    ) -> Awaitable[Tuple[str, str]]: ...
+    def activity_outcome(self, activity_id: str, run_id: str = "") -> Awaitable[Outcome]: ...
+    def cancel_activity(self, activity_id: str, run_id: str, reason: str) -> Awaitable[None]: ...
+    def create_session(
+        self,
+        task_queue: str,
+        gpus: int = 0,
+        requirements: str = "",
+        resources: Optional[Dict[str, int]] = None,
+        packing: str = "",
+        creation_timeout_s: Optional[float] = None,
+        idle_timeout_s: Optional[float] = None,
+        worker: Optional[str] = None,
+        liveness_timeout_s: Optional[float] = None,
+    ) -> Awaitable[Session]: ...
+
+class Session:
+    def info(self) -> Dict[str, Any]: ...
+    def execute_activity(
+        self, activity_type: str, data: Optional[bytes], encoding: str, options: Optional[Dict[str, Any]] = None
+    ) -> Awaitable[Outcome]: ...
+    def complete(self) -> Awaitable[Dict[str, Any]]: ...
+
+class Worker:
+    def __init__(
+        self,
+        client: Client,
+        task_queue: str,
+        identity: Optional[str] = None,
+        max_concurrent_activities: int = 100,
+        max_concurrent_sessions: int = 10,
+        graceful_shutdown_s: float = 10.0,
+        inventory: Optional[str] = None,
+        labels: Optional[Dict[str, str]] = None,
+        resources: Optional[Dict[str, int]] = None,
+        state_dir: Optional[str] = None,
+    ) -> None: ...
+    def register_activity(self, name: str, dispatch: Callable[[ActivityContext, Optional[bytes], str], Awaitable[Tuple[Any, ...]]]) -> None: ...
+    def run(self) -> Awaitable[None]: ...
+    @property
+    def identity(self) -> Optional[str]: ...
+    def shutdown(self) -> Awaitable[None]: ...
+    def kill(self) -> None: ...
+
+class ActivityContext:
+    def info(self) -> Dict[str, Any]: ...
+    def heartbeat(self, data: bytes, encoding: str) -> None: ...
+    def heartbeat_details(self) -> Payload: ...
+    def is_cancelled(self) -> bool: ...
+    def cancel_reason(self) -> Optional[str]: ...
+    def cancelled(self) -> Awaitable[None]: ...
+    def session(self) -> Optional[Dict[str, Any]]: ...
+    def cuda_visible_devices(self) -> Optional[str]: ...
+    def credential(self, name: str) -> str: ...
+    def set_label(self, key: str, value: str) -> None: ...
+    def remove_label(self, key: str) -> None: ...
