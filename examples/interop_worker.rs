@@ -5,8 +5,9 @@
 //! cargo run --example interop_worker -- ADDRESS TASK_QUEUE [KEY_FILE]
 //! ```
 //!
-//! It hosts the workflow `greet_through_python` (it calls the Python activity `py_shout` on the
-//! task queue its input names, then its own `rust_reverse`) and the activity `rust_reverse`.
+//! It hosts the workflows `greet_through_python` (it calls the Python activity `py_shout` on
+//! the task queue its input names, then its own `rust_reverse`) and `wait_for_signal` (answers
+//! the value of the first signal `go`), and the activity `rust_reverse`.
 //! With KEY_FILE every payload is encrypted (AES-256-GCM) with those keys. It prints `ready`
 //! once it runs, and stops on SIGTERM or Ctrl-C.
 
@@ -65,6 +66,13 @@ async fn main() -> Result<()> {
                 .execute_activity("rust_reverse", &g.name, ActivityOptions::default())
                 .await?;
             Ok::<_, WorkflowError>(Greeted { shouted, reversed })
+        },
+    );
+    worker.register_workflow(
+        "wait_for_signal",
+        |ctx: WorkflowContext, _: serde_json::Value| async move {
+            let value: serde_json::Value = ctx.signal_channel("go").recv().await?;
+            Ok::<_, WorkflowError>(value)
         },
     );
     let running = worker.start()?;

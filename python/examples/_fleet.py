@@ -4,6 +4,7 @@ and needs no inventory)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 
 class Fleet:
@@ -71,3 +72,30 @@ def _forward(process: subprocess.Popen) -> None:
     assert process.stdout is not None
     for line in process.stdout:
         print(line, end="", flush=True)
+
+
+def run(
+    example: Callable[[str], Awaitable[None]],
+    activities: List[Callable[..., Any]],
+    on_worker_start: Optional[Callable[[str], None]] = None,
+) -> None:
+    """The example's entry point: `example(address)`, or, when `Fleet.start` ran this script
+    as a worker, a worker with `activities` (`on_worker_start` is given the scratch folder)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        name, inventory, address, queue, scratch = sys.argv[2:7]
+        if on_worker_start is not None:
+            on_worker_start(scratch)
+        asyncio.run(_serve(name, inventory, address, queue, activities))
+    else:
+        asyncio.run(example(address_from_args(sys.argv)))
+
+
+async def _serve(name: str, inventory: str, address: str, queue: str, activities: List[Callable[..., Any]]) -> None:
+    import tether
+
+    client = await tether.Client.connect(address)
+    worker = tether.Worker(client, task_queue=queue, activities=activities, identity=name, inventory=inventory)
+    running = asyncio.ensure_future(worker.run())
+    await asyncio.sleep(0.3)
+    print("ready", flush=True)
+    await running

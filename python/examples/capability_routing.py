@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 
 import tether
 from tether import activity
 
-from _fleet import Fleet, address_from_args, gpus
+import _fleet
+from _fleet import Fleet, gpus
 
 QUEUE = "fleet"
 
@@ -31,14 +31,6 @@ def sync_to_s3() -> str:
     return activity.info().worker_identity
 
 
-async def worker_main(name: str, inventory: str, address: str, queue: str, _scratch: str) -> None:
-    client = await tether.Client.connect(address)
-    worker = tether.Worker(client, task_queue=queue, activities=[where, sync_to_s3], identity=name,
-                           inventory=inventory)
-    run = asyncio.ensure_future(worker.run())
-    await asyncio.sleep(0.3)
-    print("ready", flush=True)
-    await run
 
 
 async def main(address: str) -> None:
@@ -71,7 +63,4 @@ async def main(address: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        asyncio.run(worker_main(*sys.argv[2:7]))
-    else:
-        asyncio.run(main(address_from_args(sys.argv)))
+    _fleet.run(main, [where, sync_to_s3])

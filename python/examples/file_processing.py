@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sys
 from pathlib import Path
 
 import tether
 from tether import activity
 
-from _fleet import Fleet, address_from_args
+import _fleet
+from _fleet import Fleet
 
 QUEUE = "file-processing"
 
@@ -29,6 +29,11 @@ def scratch() -> Path:
 
 
 SCRATCH = "."
+
+
+def use_scratch(folder: str) -> None:
+    global SCRATCH
+    SCRATCH = folder
 
 
 @activity.defn
@@ -51,16 +56,6 @@ def upload(path: str) -> dict:
     return {"digest": Path(path).read_text()[:16], "from": activity.info().worker_identity}
 
 
-async def worker_main(name: str, inventory: str, address: str, queue: str, scratch_dir: str) -> None:
-    global SCRATCH
-    SCRATCH = scratch_dir
-    client = await tether.Client.connect(address)
-    worker = tether.Worker(client, task_queue=queue, activities=[download, transform, upload],
-                           identity=name, inventory=inventory)
-    run = asyncio.ensure_future(worker.run())
-    await asyncio.sleep(0.3)
-    print("ready", flush=True)
-    await run
 
 
 async def process(client: tether.Client, name: str) -> str:
@@ -88,7 +83,4 @@ async def main(address: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        asyncio.run(worker_main(*sys.argv[2:7]))
-    else:
-        asyncio.run(main(address_from_args(sys.argv)))
+    _fleet.run(main, [download, transform, upload], on_worker_start=use_scratch)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
 import tether
 from tether import activity
 
-from _fleet import Fleet, address_from_args, gpus
+import _fleet
+from _fleet import Fleet, gpus
 
 QUEUE = "gpu-pipeline"
 
@@ -51,14 +51,6 @@ def evaluate(model: dict) -> dict:
     return {"model": model["model"], "accuracy": 0.93, "host": activity.session().hostname}
 
 
-async def worker_main(name: str, inventory: str, address: str, queue: str) -> None:
-    client = await tether.Client.connect(address)
-    worker = tether.Worker(client, task_queue=queue, activities=[prepare, train, evaluate],
-                           identity=name, inventory=inventory)
-    run = asyncio.ensure_future(worker.run())
-    await asyncio.sleep(0.3)
-    print("ready", flush=True)
-    await run
 
 
 async def main(address: str) -> None:
@@ -101,7 +93,4 @@ async def main(address: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        asyncio.run(worker_main(*sys.argv[2:6]))
-    else:
-        asyncio.run(main(address_from_args(sys.argv)))
+    _fleet.run(main, [prepare, train, evaluate])

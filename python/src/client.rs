@@ -116,17 +116,25 @@ impl PyClient {
         })
     }
 
-    /// Waits for a workflow run to close: its outcome (see `convert::outcome_to_py`).
-    #[pyo3(signature = (workflow_id, run_id=""))]
-    fn workflow_outcome<'py>(
+    /// Waits for a workflow run (`activity` false) or a standalone activity to close: its
+    /// outcome (see `convert::outcome_to_py`).
+    #[pyo3(signature = (activity, id, run_id=""))]
+    fn outcome<'py>(
         &self,
         py: Python<'py>,
-        workflow_id: &str,
+        activity: bool,
+        id: &str,
         run_id: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let handle = self.client.workflow_handle(workflow_id, run_id);
+        let client = self.client.clone();
+        let (id, run_id) = (id.to_string(), run_id.to_string());
         future_into_py(py, async move {
-            let outcome = handle.outcome().await.map_err(client_error)?;
+            let outcome = if activity {
+                client.activity_handle(&id, &run_id).outcome().await
+            } else {
+                client.workflow_handle(&id, &run_id).outcome().await
+            }
+            .map_err(client_error)?;
             Python::attach(|py| convert::outcome_to_py(py, &outcome))
         })
     }
@@ -152,31 +160,24 @@ impl PyClient {
         })
     }
 
-    /// Asks a workflow run to cancel.
-    fn cancel_workflow<'py>(
+    /// Asks a workflow run to cancel (it sees the request and may clean up), or, with
+    /// `terminate`, ends it at once.
+    fn end_workflow<'py>(
         &self,
         py: Python<'py>,
         workflow_id: &str,
         run_id: &str,
+        terminate: bool,
         reason: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         let handle = self.client.workflow_handle(workflow_id, run_id);
         future_into_py(py, async move {
-            handle.cancel(&reason).await.map_err(client_error)
-        })
-    }
-
-    /// Ends a workflow run at once.
-    fn terminate_workflow<'py>(
-        &self,
-        py: Python<'py>,
-        workflow_id: &str,
-        run_id: &str,
-        reason: String,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let handle = self.client.workflow_handle(workflow_id, run_id);
-        future_into_py(py, async move {
-            handle.terminate(&reason).await.map_err(client_error)
+            let ended = if terminate {
+                handle.terminate(&reason).await
+            } else {
+                handle.cancel(&reason).await
+            };
+            ended.map_err(client_error)
         })
     }
 
@@ -210,40 +211,9 @@ impl PyClient {
         })
     }
 
-    /// Runs a standalone activity and waits for it: `(run_id, outcome)`.
-    #[pyo3(signature = (activity_type, data, encoding, activity_id, task_queue, options=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn execute_activity<'py>(
-        &self,
-        py: Python<'py>,
-        activity_type: String,
-        data: Option<Vec<u8>>,
-        encoding: &str,
-        activity_id: String,
-        task_queue: String,
-        options: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let mut o = StandaloneActivityOptions::new(activity_id, task_queue);
-        o.options = activity_options(options)?;
-        let input = convert::payload(data, encoding);
-        let client = self.client.clone();
-        future_into_py(py, async move {
-            let (handle, outcome) = client
-                .execute_activity_raw(&activity_type, input, o)
-                .await
-                .map_err(client_error)?;
-            Python::attach(|py| -> PyResult<(String, Py<PyAny>)> {
-                Ok((
-                    handle.run_id.to_string(),
-                    convert::outcome_to_py(py, &outcome)?,
-                ))
-            })
-        })
-    }
-
-    /// Starts a standalone activity; answers its run id and why no live worker can take it
-    /// now ("" when one can).
-    #[pyo3(signature = (activity_type, data, encoding, activity_id, task_queue, options=None))]
+    /// Starts a standalone activity and, with `wait`, waits for it: `(run_id, placement_note,
+    /// outcome or None)`; the note says why no live worker can take it now ("" when one can).
+    #[pyo3(signature = (activity_type, data, encoding, activity_id, task_queue, options, wait))]
     #[allow(clippy::too_many_arguments)]
     fn start_activity<'py>(
         &self,
@@ -254,32 +224,35 @@ impl PyClient {
         activity_id: String,
         task_queue: String,
         options: Option<&Bound<'py, PyDict>>,
+        wait: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut o = StandaloneActivityOptions::new(activity_id, task_queue);
         o.options = activity_options(options)?;
         let input = convert::payload(data, encoding);
         let client = self.client.clone();
         future_into_py(py, async move {
-            let handle = client
-                .start_activity_raw(&activity_type, input, o)
-                .await
-                .map_err(client_error)?;
-            Ok((handle.run_id.to_string(), handle.placement_note))
-        })
-    }
-
-    /// Waits for a standalone activity to finish: its outcome.
-    #[pyo3(signature = (activity_id, run_id=""))]
-    fn activity_outcome<'py>(
-        &self,
-        py: Python<'py>,
-        activity_id: &str,
-        run_id: &str,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let handle = self.client.activity_handle(activity_id, run_id);
-        future_into_py(py, async move {
-            let outcome = handle.outcome().await.map_err(client_error)?;
-            Python::attach(|py| convert::outcome_to_py(py, &outcome))
+            let (handle, outcome) = if wait {
+                let (handle, outcome) = client
+                    .execute_activity_raw(&activity_type, input, o)
+                    .await
+                    .map_err(client_error)?;
+                (handle, Some(outcome))
+            } else {
+                let handle = client
+                    .start_activity_raw(&activity_type, input, o)
+                    .await
+                    .map_err(client_error)?;
+                (handle, None)
+            };
+            Python::attach(|py| -> PyResult<(String, String, Option<Py<PyAny>>)> {
+                Ok((
+                    handle.run_id.to_string(),
+                    handle.placement_note,
+                    outcome
+                        .map(|o| convert::outcome_to_py(py, &o))
+                        .transpose()?,
+                ))
+            })
         })
     }
 

@@ -87,3 +87,27 @@ async def test_a_key_file_that_is_not_one_is_refused_with_what_is_wrong(server, 
     bad.write_text("this is not a key\n")
     with pytest.raises(ValueError, match="KEY_ID"):
         await tether.Client.connect(server.address, keys=str(bad))
+
+
+@run
+async def test_a_python_client_signals_describes_and_terminates_a_rust_workflow(server, queue):
+    client = await tether.Client.connect(server.address)
+    rust = RustWorker(server.address, queue)
+    try:
+        handle = await client.start_workflow("wait_for_signal", None, id=f"{queue}-signalled", task_queue=queue)
+        described = await handle.describe()
+        assert described["status"] == "running" and described["workflow_type"] == "wait_for_signal"
+        await handle.signal("go", {"value": 42})
+        assert await handle.result() == {"value": 42}
+        assert (await handle.describe())["status"] == "completed"
+
+        doomed = await client.start_workflow("wait_for_signal", None, id=f"{queue}-doomed", task_queue=queue)
+        await doomed.terminate("not needed")
+        with pytest.raises(tether.WorkflowFailureError) as e:
+            await doomed.result()
+        assert e.value.status == "terminated"
+        with pytest.raises(tether.AlreadyStartedError):
+            await client.start_workflow("wait_for_signal", None, id=f"{queue}-again", task_queue=queue)
+            await client.start_workflow("wait_for_signal", None, id=f"{queue}-again", task_queue=queue)
+    finally:
+        rust.stop()

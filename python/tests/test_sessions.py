@@ -15,7 +15,7 @@ import pytest
 from conftest import Server, run
 
 import tether
-from tether import activity
+from worker_process import where
 
 
 def inventory(tmp_path: Path, name: str, gpus: int) -> str:
@@ -27,15 +27,6 @@ def inventory(tmp_path: Path, name: str, gpus: int) -> str:
     return str(path)
 
 
-@activity.defn
-def where() -> dict:
-    s = activity.session()
-    return {
-        "worker": activity.info().worker_identity,
-        "cuda": activity.cuda_visible_devices(),
-        "session": s.session_id if s else None,
-        "gpus": [g.index for g in s.gpus] if s else [],
-    }
 
 
 @run

@@ -17,6 +17,7 @@ def where() -> dict:
         "worker": activity.info().worker_identity,
         "cuda": activity.cuda_visible_devices(),
         "session": s.session_id if s else None,
+        "gpus": [g.index for g in s.gpus] if s else [],
     }
 
 

@@ -116,8 +116,8 @@ class Client:
         retry_max_attempts, non_retryable_types."""
         id = id or f"{activity}-{uuid.uuid4()}"
         data, encoding = converter.encode(arg)
-        _, outcome = await self._core.execute_activity(
-            activity, data, encoding, id, task_queue, activity_options(**options)
+        _, _, outcome = await self._core.start_activity(
+            activity, data, encoding, id, task_queue, activity_options(**options), True
         )
         return _result("activity", id, outcome)
 
@@ -127,8 +127,8 @@ class Client:
         """Starts a standalone activity; see `execute_activity` for the options."""
         id = id or f"{activity}-{uuid.uuid4()}"
         data, encoding = converter.encode(arg)
-        run_id, placement_note = await self._core.start_activity(
-            activity, data, encoding, id, task_queue, activity_options(**options)
+        run_id, placement_note, _ = await self._core.start_activity(
+            activity, data, encoding, id, task_queue, activity_options(**options), False
         )
         return ActivityHandle(self, id, run_id, placement_note)
 
@@ -182,7 +182,7 @@ class WorkflowHandle:
         self.run_id = run_id
 
     async def result(self) -> Any:
-        outcome = await self.client._core.workflow_outcome(self.workflow_id, self.run_id)
+        outcome = await self.client._core.outcome(False, self.workflow_id, self.run_id)
         return _result("workflow", self.workflow_id, outcome)
 
     async def signal(self, name: str, arg: Any = None) -> None:
@@ -190,10 +190,10 @@ class WorkflowHandle:
         await self.client._core.signal_workflow(self.workflow_id, self.run_id, name, data, encoding)
 
     async def cancel(self, reason: str = "") -> None:
-        await self.client._core.cancel_workflow(self.workflow_id, self.run_id, reason)
+        await self.client._core.end_workflow(self.workflow_id, self.run_id, False, reason)
 
     async def terminate(self, reason: str = "") -> None:
-        await self.client._core.terminate_workflow(self.workflow_id, self.run_id, reason)
+        await self.client._core.end_workflow(self.workflow_id, self.run_id, True, reason)
 
     async def describe(self) -> Dict[str, Any]:
         """status, workflow_type, task_queue, start_ms, close_ms, history_length,
@@ -212,7 +212,7 @@ class ActivityHandle:
         self.placement_note = placement_note
 
     async def result(self) -> Any:
-        outcome = await self.client._core.activity_outcome(self.activity_id, self.run_id)
+        outcome = await self.client._core.outcome(True, self.activity_id, self.run_id)
         return _result("activity", self.activity_id, outcome)
 
     async def cancel(self, reason: str = "") -> None:
