@@ -103,8 +103,15 @@ impl PyWorker {
             async move {
                 let locals = locals
                     .ok_or_else(|| ActivityError::retryable("the Python worker is not running"))?;
-                let attempt = Python::attach(|py| -> PyResult<_> {
-                    let pyctx = Py::new(py, PyActivityContext { ctx })?;
+                let cancel = ctx.clone();
+                let (attempt, pyctx) = Python::attach(|py| -> PyResult<_> {
+                    let pyctx = Py::new(
+                        py,
+                        PyActivityContext {
+                            ctx,
+                            task: Mutex::new(None),
+                        },
+                    )?;
                     let (data, encoding) = match &input {
                         Some(p) => (
                             Some(PyBytes::new(py, &p.data)),
@@ -112,11 +119,27 @@ impl PyWorker {
                         ),
                         None => (None, String::new()),
                     };
-                    let coroutine = dispatch.bind(py).call1((pyctx, data, encoding))?;
-                    pyo3_async_runtimes::into_future_with_locals(&locals, coroutine)
+                    let coroutine =
+                        dispatch
+                            .bind(py)
+                            .call1((pyctx.clone_ref(py), data, encoding))?;
+                    Ok((
+                        pyo3_async_runtimes::into_future_with_locals(&locals, coroutine)?,
+                        pyctx,
+                    ))
                 })
                 .map_err(python_failure)?;
-                let answer = attempt.await.map_err(python_failure)?;
+                let mut attempt = std::pin::pin!(attempt);
+                // Told to stop: the async activity's task is cancelled on its loop (it sees
+                // CancelledError); a plain `def` one learns it from `is_cancelled()`.
+                let answer = tokio::select! {
+                    answer = &mut attempt => answer,
+                    _ = cancel.cancelled() => {
+                        Python::attach(|py| pyctx.get().cancel_task(py, &locals));
+                        attempt.await
+                    }
+                }
+                .map_err(python_failure)?;
                 Python::attach(|py| read_answer(answer.bind(py)))
             }
             .boxed()
@@ -236,6 +259,24 @@ fn python_failure(e: PyErr) -> ActivityError {
 #[pyclass(name = "ActivityContext", module = "tether._core", frozen)]
 pub(crate) struct PyActivityContext {
     ctx: ActivityContext,
+    /// The asyncio task running an `async def` activity (see `set_task`), to cancel it.
+    task: Mutex<Option<Py<PyAny>>>,
+}
+
+impl PyActivityContext {
+    fn cancel_task(&self, py: Python<'_>, locals: &TaskLocals) {
+        let task = self.task.lock().expect("not poisoned").take();
+        if let Some(task) = task {
+            let scheduled = task.bind(py).getattr("cancel").and_then(|cancel| {
+                locals
+                    .event_loop(py)
+                    .call_method1("call_soon_threadsafe", (cancel,))
+            });
+            if let Err(e) = scheduled {
+                tracing::warn!(error = %e, "could not cancel the Python activity's task");
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -284,6 +325,15 @@ impl PyActivityContext {
             CancelReason::NotCurrent => "not_current",
             CancelReason::WorkerShutdown => "worker_shutdown",
         })
+    }
+
+    /// The asyncio task that runs this attempt's `async def` activity: cancelled when the
+    /// attempt is told to stop. Answers whether it was told already (then nothing will cancel
+    /// the task: the caller stops itself).
+    fn set_task(&self, task: Py<PyAny>) -> bool {
+        *self.task.lock().expect("not poisoned") = Some(task);
+        // After the store: a cancellation that found no task is seen here.
+        self.ctx.is_cancelled()
     }
 
     /// An awaitable that ends when the attempt is told to stop.

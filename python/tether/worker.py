@@ -99,7 +99,10 @@ class Worker:
                 arg = converter.decode((data, encoding) if data is not None else None)
                 args = (arg,) if takes_arg else ()
                 if is_async:
-                    result = await _run_until_cancelled(ctx, fn(*args))
+                    # The core cancels this task when the attempt is told to stop.
+                    if ctx.set_task(asyncio.current_task()):
+                        raise asyncio.CancelledError
+                    result = await fn(*args)
                 else:
                     context = contextvars.copy_context()
                     result = await asyncio.get_running_loop().run_in_executor(
@@ -162,20 +165,6 @@ class Worker:
         await self.shutdown()
         if self._task is not None:
             await self._task
-
-
-async def _run_until_cancelled(ctx: Any, coroutine: Any) -> Any:
-    """Runs an async activity; when its attempt is told to stop, cancels it (it sees
-    asyncio.CancelledError and may clean up)."""
-    task = asyncio.ensure_future(coroutine)
-    told = asyncio.ensure_future(ctx.cancelled())
-    try:
-        done, _ = await asyncio.wait({task, told}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-        return await task
-    finally:
-        told.cancel()
 
 
 def _takes_an_argument(fn: Callable[..., Any]) -> bool:
