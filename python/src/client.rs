@@ -206,6 +206,16 @@ impl PyClient {
                 out.set_item("history_length", info.history_length)?;
                 out.set_item("pending_activities", d.pending_activities.len())?;
                 out.set_item("pending_timers", d.pending_timers)?;
+                match &d.last_workflow_task_failure {
+                    Some(f) => {
+                        let failure = PyDict::new(py);
+                        failure.set_item("cause", &f.cause)?;
+                        failure.set_item("message", &f.message)?;
+                        failure.set_item("attempt", f.attempt)?;
+                        out.set_item("task_failure", failure)?;
+                    }
+                    None => out.set_item("task_failure", py.None())?,
+                }
                 Ok(out.into_any().unbind())
             })
         })

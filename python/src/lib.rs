@@ -10,6 +10,7 @@
 mod client;
 mod convert;
 mod worker;
+mod workflow;
 
 use pyo3::prelude::*;
 

@@ -147,6 +147,20 @@ impl PyWorker {
         Ok(())
     }
 
+    /// Registers a workflow type. `factory(info)` makes the object of one run, whose
+    /// `activate(events)` answers the commands of one activation (see `tether/workflow.py`).
+    fn register_workflow(&self, name: String, factory: Py<PyAny>) -> PyResult<()> {
+        let mut state = self.state.lock().expect("not poisoned");
+        let State::Building(worker) = &mut *state else {
+            return Err(invalid("workflows are registered before the worker runs"));
+        };
+        let factory = Arc::new(factory);
+        worker.register_workflow_code(&name, move |info| {
+            Box::new(crate::workflow::PyWorkflowCode::new(&factory, info))
+        });
+        Ok(())
+    }
+
     /// Starts the worker on the running asyncio loop; the awaitable ends when it has stopped
     /// (see `shutdown`). Fails at once when another live process holds the identity.
     fn run<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {

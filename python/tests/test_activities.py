@@ -188,7 +188,7 @@ async def test_connecting_where_no_server_listens_fails_with_a_how_to():
 def test_a_worker_needs_activities_and_refuses_two_with_one_name(server):
     async def go():
         client = await client_for(server)
-        with pytest.raises(ValueError, match="at least one activity"):
+        with pytest.raises(ValueError, match="at least one activity or workflow"):
             tether.Worker(client, task_queue="q", activities=[])
         with pytest.raises(ValueError, match="two activities"):
             tether.Worker(client, task_queue="q", activities=[echo_async, activity.defn(name="echo")(add)])

@@ -111,3 +111,23 @@ async def test_a_python_client_signals_describes_and_terminates_a_rust_workflow(
             await client.start_workflow("wait_for_signal", None, id=f"{queue}-again", task_queue=queue)
     finally:
         rust.stop()
+
+
+@tether.workflow.defn
+class CallsRust:
+    async def run(self, arg: dict) -> str:
+        return await tether.workflow.execute_activity("rust_reverse", arg["text"], task_queue=arg["rust_queue"])
+
+
+@run
+async def test_a_python_workflow_calls_a_rust_activity(server, queue):
+    client = await tether.Client.connect(server.address)
+    rust = RustWorker(server.address, f"{queue}-rust")
+    try:
+        async with tether.Worker(client, task_queue=queue, workflows=[CallsRust], identity=f"{queue}-py"):
+            out = await client.execute_workflow(
+                "CallsRust", {"text": "durable", "rust_queue": f"{queue}-rust"}, id=f"{queue}-calls-rust", task_queue=queue
+            )
+    finally:
+        rust.stop()
+    assert out == "elbarud"

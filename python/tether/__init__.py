@@ -1,4 +1,4 @@
-"""tether's Python SDK: a client, activities and sessions on tether's Rust core.
+"""tether's Python SDK: a client, activities, sessions and workflows on tether's Rust core.
 
     import asyncio, tether
     from tether import activity
@@ -17,7 +17,7 @@
     asyncio.run(main())
 """
 
-from . import activity, converter, errors
+from . import activity, converter, errors, workflow
 from .client import ActivityHandle, Client, Gpu, Session, SessionInfo, WorkflowHandle
 from .errors import (
     ActivityFailureError,
@@ -34,6 +34,7 @@ from .worker import Worker
 __all__ = [
     "activity",
     "converter",
+    "workflow",
     "errors",
     "ActivityFailureError",
     "ActivityHandle",

@@ -10,7 +10,7 @@ import signal
 import threading
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
-from . import _core, activity, converter
+from . import _core, activity, converter, workflow
 from ._options import Seconds, seconds
 from .client import Client
 from .errors import ApplicationError
@@ -52,19 +52,20 @@ class Worker:
         state_dir: Optional[str] = None,
         activity_executor: Optional[concurrent.futures.Executor] = None,
     ) -> None:
-        if list(workflows):
-            raise NotImplementedError(
-                "Python workflows are not available yet in this SDK; run workflows written in "
-                "Rust, or call activities directly (client.execute_activity, sessions)"
-            )
+        self._workflows: Dict[str, type] = {}
+        for cls in workflows:
+            name = workflow.name_of(cls)
+            if name in self._workflows:
+                raise ValueError(f"two workflows are registered as {name!r}")
+            self._workflows[name] = cls
         self._activities: Dict[str, Callable[..., Any]] = {}
         for fn in activities:
             name = activity.name_of(fn)
             if name in self._activities:
                 raise ValueError(f"two activities are registered as {name!r}")
             self._activities[name] = fn
-        if not self._activities:
-            raise ValueError("a worker needs at least one activity (activities=[...])")
+        if not self._activities and not self._workflows:
+            raise ValueError("a worker needs at least one activity or workflow (activities=[...], workflows=[...])")
         self._core = _core.Worker(
             client._core,
             task_queue,
@@ -82,6 +83,8 @@ class Worker:
         )
         for name, fn in self._activities.items():
             self._core.register_activity(name, self._dispatcher(fn))
+        for name, cls in self._workflows.items():
+            self._core.register_workflow(name, workflow.factory(cls))
         self._task: Optional[asyncio.Task[None]] = None
 
     @property
