@@ -401,9 +401,37 @@ pub(crate) fn activity_options(dict: Option<&Bound<'_, PyDict>>) -> PyResult<Act
             "retry_max_interval_s" => retry.maximum_interval = Some(secs(&value)?),
             "retry_max_attempts" => retry.maximum_attempts = value.extract()?,
             "non_retryable_types" => retry.non_retryable_error_types = value.extract()?,
+            "session_id" => o.session_id = Some(value.extract()?),
             other => return Err(invalid(format!("unknown activity option {other:?}"))),
         }
     }
     o.retry = retry;
+    Ok(o)
+}
+
+/// Session options from the dict a Python workflow builds (`tether/workflow.py`); unknown keys
+/// are refused.
+pub(crate) fn session_options(dict: &Bound<'_, PyDict>) -> PyResult<SessionOptions> {
+    let mut o = SessionOptions::default();
+    for (key, value) in dict.iter() {
+        let key: String = key.extract()?;
+        if value.is_none() {
+            continue;
+        }
+        let secs = |v: &Bound<'_, PyAny>| -> PyResult<Duration> { seconds(&key, v.extract()?) };
+        match key.as_str() {
+            "task_queue" => o.task_queue = value.extract()?,
+            "gpus" => o.gpus = value.extract()?,
+            "requirements" => o.requirements = parse_requirements(&value.extract::<String>()?)?,
+            "resources" => o.resources = value.extract()?,
+            "packing" => o.packing = value.extract()?,
+            "worker" => o.worker = Some(value.extract()?),
+            "creation_timeout_s" => o.creation_timeout = Some(secs(&value)?),
+            "execution_timeout_s" => o.execution_timeout = Some(secs(&value)?),
+            "liveness_timeout_s" => o.liveness_timeout = Some(secs(&value)?),
+            "idle_timeout_s" => o.idle_timeout = Some(secs(&value)?),
+            other => return Err(invalid(format!("unknown session option {other:?}"))),
+        }
+    }
     Ok(o)
 }

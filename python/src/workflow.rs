@@ -4,8 +4,8 @@
 //! so non-determinism detection), the sticky cache and task completion are the Rust worker's,
 //! as for Rust workflows.
 
-use crate::client::activity_options;
-use crate::convert::{self, failure_to_py, payload_to_py};
+use crate::client::{activity_options, session_options};
+use crate::convert::{self, failure_to_py, payload_to_py, session_to_py};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use std::collections::HashMap;
@@ -132,6 +132,26 @@ fn event_to_py<'py>(py: Python<'py>, event: &pb::HistoryEvent) -> PyResult<Bound
             d.set_item("reason", &e.reason)?;
             "cancel_requested"
         }
+        Some(A::SessionCreated(e)) => {
+            d.set_item("seq", e.seq)?;
+            d.set_item(
+                "session",
+                session_to_py(py, &e.session.clone().unwrap_or_default())?,
+            )?;
+            "session_created"
+        }
+        Some(A::SessionCreateFailed(e)) => {
+            d.set_item("seq", e.seq)?;
+            d.set_item("session_id", &e.session_id)?;
+            d.set_item("reason", &e.reason)?;
+            "session_create_failed"
+        }
+        Some(A::SessionEnded(e)) => {
+            d.set_item("session_id", &e.session_id)?;
+            d.set_item("state", &e.state)?;
+            d.set_item("reason", &e.reason)?;
+            "session_ended"
+        }
         // The rest (tasks, the echoes of commands) only moves the clock for the code.
         _ => "other",
     };
@@ -140,8 +160,9 @@ fn event_to_py<'py>(py: Python<'py>, event: &pb::HistoryEvent) -> PyResult<Bound
 }
 
 /// A command the Python run issued: `("activity", seq, type, data, encoding, options)`,
-/// `("timer", seq, ms)`, `("complete", data, encoding)`, `("fail", message, type,
-/// non_retryable)` or `("cancel",)`.
+/// `("timer", seq, ms)`, `("session", seq, session_id, options)`, `("complete_session", seq,
+/// session_id)`, `("complete", data, encoding)`, `("fail", message, type, non_retryable)` or
+/// `("cancel",)`.
 fn command_from_py(c: &Bound<'_, PyTuple>) -> PyResult<pb::Command> {
     let kind: String = c.get_item(0)?.extract()?;
     let kind = match kind.as_str() {
@@ -180,6 +201,18 @@ fn command_from_py(c: &Bound<'_, PyTuple>) -> PyResult<pb::Command> {
             }),
         }),
         "cancel" => Kind::CancelWorkflow(pb::CancelWorkflowCommand { details: None }),
+        "session" => {
+            let options = c.get_item(3)?;
+            Kind::CreateSession(pb::CreateSessionCommand {
+                seq: c.get_item(1)?.extract()?,
+                session_id: c.get_item(2)?.extract()?,
+                options: Some(session_options(options.cast::<PyDict>()?)?.to_proto()),
+            })
+        }
+        "complete_session" => Kind::CompleteSession(pb::CompleteSessionCommand {
+            seq: c.get_item(1)?.extract()?,
+            session_id: c.get_item(2)?.extract()?,
+        }),
         other => {
             return Err(convert::invalid(format!(
                 "unknown workflow command {other:?}"

@@ -119,3 +119,82 @@ async def test_when_the_sessions_worker_process_is_killed_its_activity_fails_and
     finally:
         process.kill()
         process.wait()
+
+
+@tether.workflow.defn
+class PinnedSteps:
+    async def run(self, gpus: int) -> dict:
+        wf = tether.workflow
+        s = await wf.create_session(gpus=gpus, requirements="gpu.memory>=40GiB")
+        steps = [await s.execute_activity("where") for _ in range(3)]
+        s.complete()
+        again = await wf.create_session(gpus=gpus, creation_timeout=5)
+        reused = await again.execute_activity("where")
+        return {"session": s.info.session_id, "worker": s.info.worker_identity, "cuda": s.info.cuda_visible_devices,
+                "steps": steps, "reused_gpus": reused["gpus"]}
+
+
+@run
+async def test_a_python_workflow_pins_its_steps_to_a_session_and_frees_it(server, queue, tmp_path):
+    client = await tether.Client.connect(server.address)
+    async with tether.Worker(client, task_queue=queue, activities=[where], workflows=[PinnedSteps],
+                             identity=f"{queue}-box", inventory=inventory(tmp_path, "box", 2), state_dir=None):
+        out = await client.execute_workflow("PinnedSteps", 2, id=f"{queue}-pinned", task_queue=queue)
+    assert {x["worker"] for x in out["steps"]} == {out["worker"]}
+    assert {x["session"] for x in out["steps"]} == {out["session"]}
+    assert {x["cuda"] for x in out["steps"]} == {out["cuda"]} and out["cuda"].count(",") == 1
+    # The second session needed both GPUs: it was placed because the first one was freed.
+    assert len(out["reused_gpus"]) == 2
+
+
+@tether.workflow.defn
+class Failover:
+    async def run(self, doomed: str) -> dict:
+        wf = tether.workflow
+        s = await wf.create_session(gpus=2, worker=doomed, liveness_timeout=2)
+        first = (await s.execute_activity("where"))["worker"]
+        try:
+            await s.execute_activity("train", 2000, heartbeat=1)
+            error = None
+        except tether.ActivityFailureError as e:
+            error = e.type
+        state = s.state[0]
+        again = await wf.recreate_session(s, wf.SAME_HOST_OR_FAILOVER)
+        after = await again.execute_activity("where")
+        return {"first": first, "error": error, "state": state, "after": after["worker"], "cuda": after["cuda"]}
+
+
+@run
+async def test_a_python_workflow_recreates_its_session_elsewhere_when_the_worker_dies(server, queue, tmp_path):
+    ready = tmp_path / "ready"
+    here = Path(__file__).parent
+    doomed = f"{queue}-doomed"
+    process = subprocess.Popen(
+        [sys.executable, str(here / "worker_process.py"), server.address, queue, doomed,
+         inventory(tmp_path, "doomed", 2), str(ready)],
+        env={**os.environ, "PYTHONPATH": str(here)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the worker process never became ready"
+            await asyncio.sleep(0.05)
+        client = await tether.Client.connect(server.address)
+        async with tether.Worker(client, task_queue=queue, activities=[where], workflows=[Failover],
+                                 identity=f"{queue}-spare", inventory=inventory(tmp_path, "spare", 2), state_dir=None):
+            handle = await client.start_workflow("Failover", doomed, id=f"{queue}-failover", task_queue=queue)
+            # Once training runs on the doomed worker, its machine dies.
+            deadline = time.monotonic() + 20
+            while (await handle.describe())["pending_activities"] == 0:
+                assert time.monotonic() < deadline, "training never started"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            process.send_signal(signal.SIGKILL)
+            out = await handle.result()
+    finally:
+        process.kill()
+        process.wait()
+    assert out["first"] == doomed
+    assert out["error"] == "SessionFailed"
+    assert out["state"] == "failed"
+    assert out["after"] == f"{queue}-spare" and out["cuda"] is not None

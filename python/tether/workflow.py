@@ -46,6 +46,7 @@ from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple,
 
 from . import converter
 from ._options import Seconds, activity_options, seconds
+from .client import SessionInfo
 from .errors import ActivityFailureError, ApplicationError, TetherError
 
 C = TypeVar("C", bound=type)
@@ -131,12 +132,110 @@ async def execute_activity(activity: str, arg: Any = None, **options: Any) -> An
     """Schedules an activity (on the workflow's task queue unless ``task_queue=`` names
     another; the other options as for ``Client.execute_activity``) and waits for its result.
     Raises ActivityFailureError when it ends without one."""
+    return await _schedule(activity, arg, activity_options(**options))
+
+
+async def _schedule(activity: str, arg: Any, options: Dict[str, Any]) -> Any:
     run = _run()
     data, encoding = converter.encode(arg)
     seq = run.next_seq()
     future = run.loop.create_future()
     run.pending[seq] = (activity, future)
-    run.commands.append(("activity", seq, activity, data, encoding, activity_options(**options)))
+    run.commands.append(("activity", seq, activity, data, encoding, options))
+    return await future
+
+
+class SessionError(TetherError):
+    """A session could not be created (no worker could host it within its creation timeout)."""
+
+
+class WorkflowSession:
+    """A session a workflow holds: its activities run on its worker only, seeing its
+    reservation. It ends with the run, or at `complete()`."""
+
+    def __init__(self, run: "_Run", info: SessionInfo, options: Dict[str, Any]) -> None:
+        self._run = run
+        self.info = info
+        self.options = options
+
+    @property
+    def id(self) -> str:
+        return self.info.session_id
+
+    @property
+    def state(self) -> Tuple[str, str]:
+        """``("open", "")``, or ``("failed" | "timed_out", reason)`` once the server said so."""
+        return self._run.ended_sessions.get(self.id, (self.info.state, ""))
+
+    async def execute_activity(self, activity: str, arg: Any = None, **options: Any) -> Any:
+        """Runs an activity in the session. If the session fails, it fails with type
+        ``SessionFailed`` (and is not retried): recreate the session to go on."""
+        o = activity_options(**options)
+        o["session_id"] = self.id
+        return await _schedule(activity, arg, o)
+
+    def complete(self) -> None:
+        """Ends the session and frees its reservation."""
+        run = _run()
+        run.commands.append(("complete_session", run.next_seq(), self.id))
+
+
+async def create_session(
+    *,
+    task_queue: Optional[str] = None,
+    gpus: int = 0,
+    requirements: str = "",
+    resources: Optional[Dict[str, int]] = None,
+    packing: str = "",
+    worker: Optional[str] = None,
+    creation_timeout: Optional[Seconds] = None,
+    execution_timeout: Optional[Seconds] = None,
+    liveness_timeout: Optional[Seconds] = None,
+    idle_timeout: Optional[Seconds] = None,
+) -> WorkflowSession:
+    """Asks the server to place a session (on the workflow's task queue unless named): one
+    worker, `gpus` concrete GPUs and `resources` reserved; waits until it is placed. Raises
+    SessionError when no worker can host it within `creation_timeout`."""
+    return await _create_session(
+        dict(
+            task_queue=task_queue or _run().info.task_queue,
+            gpus=gpus,
+            requirements=requirements,
+            resources=resources,
+            packing=packing,
+            worker=worker,
+            creation_timeout_s=seconds("creation_timeout", creation_timeout),
+            execution_timeout_s=seconds("execution_timeout", execution_timeout),
+            liveness_timeout_s=seconds("liveness_timeout", liveness_timeout),
+            idle_timeout_s=seconds("idle_timeout", idle_timeout),
+        )
+    )
+
+
+SAME_HOST = "same_host"
+SAME_HOST_OR_FAILOVER = "same_host_or_failover"
+
+
+async def recreate_session(old: WorkflowSession, policy: str = SAME_HOST_OR_FAILOVER) -> WorkflowSession:
+    """Creates a session like `old` again after it failed: on the same worker only
+    (``SAME_HOST``, waiting for it to come back within the creation timeout), or on any worker
+    that meets the same requirements (``SAME_HOST_OR_FAILOVER``)."""
+    if policy not in (SAME_HOST, SAME_HOST_OR_FAILOVER):
+        raise ValueError(f"policy must be {SAME_HOST!r} or {SAME_HOST_OR_FAILOVER!r}, not {policy!r}")
+    options = dict(old.options)
+    options["worker"] = old.info.worker_identity if policy == SAME_HOST else None
+    return await _create_session(options)
+
+
+async def _create_session(options: Dict[str, Any]) -> WorkflowSession:
+    run = _run()
+    seq = run.next_seq()
+    # Derived from the run and seq, so a replay asks for the very same session.
+    session_id = f"{run.info.run_id}-s{seq}"
+    future = run.loop.create_future()
+    run.pending[seq] = ("session", future)
+    run.sessions_asked[seq] = options
+    run.commands.append(("session", seq, session_id, options))
     return await future
 
 
@@ -239,6 +338,8 @@ class _Run:
         self.finished = False
         self.cancel_requested = False
         self.signal_handlers: Dict[str, Callable[..., Any]] = {}
+        self.sessions_asked: Dict[int, Dict[str, Any]] = {}
+        self.ended_sessions: Dict[str, Tuple[str, str]] = {}
         self.buffered_signals: List[Tuple[str, Any]] = []
 
     def next_seq(self) -> int:
@@ -248,10 +349,11 @@ class _Run:
     def activate(self, events: List[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
         _local.run = self
         try:
+            # As for a Rust workflow: every event of the activation is applied, then the code
+            # runs (so it sees, say, both an activity's failure and its session's end).
             for event in events:
                 self.now_ms = max(self.now_ms, event["time_ms"])
                 self._apply(event)
-                self._step()
             self._step()
             if self.main is not None and self.main.done() and not self.finished:
                 self.finished = True
@@ -306,6 +408,16 @@ class _Run:
                 self.buffered_signals.append((event["name"], value))
             else:
                 self._signal(event["name"], value)
+        elif kind == "session_created":
+            _, future = self.pending.pop(event["seq"])
+            options = self.sessions_asked.pop(event["seq"])
+            future.set_result(WorkflowSession(self, SessionInfo.from_core(event["session"]), options))
+        elif kind == "session_create_failed":
+            _, future = self.pending.pop(event["seq"])
+            self.sessions_asked.pop(event["seq"], None)
+            future.set_exception(SessionError(f"session {event['session_id']} could not be created: {event['reason']}"))
+        elif kind == "session_ended":
+            self.ended_sessions[event["session_id"]] = (event["state"], event["reason"])
         elif kind == "cancel_requested":
             self.cancel_requested = True
             if self.main is not None:
@@ -331,8 +443,8 @@ class _Run:
             return ("complete", data, encoding)
         if isinstance(error, ApplicationError):
             return ("fail", error.message, error.type, error.non_retryable)
-        if isinstance(error, ActivityFailureError):
-            return ("fail", str(error), error.type, False)
+        if isinstance(error, (ActivityFailureError, SessionError)):
+            return ("fail", str(error), getattr(error, "type", "") or type(error).__name__, False)
         # Anything else is a bug in the code: the task fails and is tried again.
         raise error
 
