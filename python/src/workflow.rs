@@ -35,8 +35,21 @@ impl PyWorkflowCode {
 }
 
 impl WorkflowCode for PyWorkflowCode {
-    fn recorded_side_effects(&mut self, _recorded: HashMap<u32, Option<pb::Payload>>) {
-        // Python workflows issue no side-effect commands (yet), so none are recorded for them.
+    fn recorded_side_effects(&mut self, recorded: HashMap<u32, Option<pb::Payload>>) {
+        let Ok(run) = &self.run else { return };
+        let handed = Python::attach(|py| -> PyResult<()> {
+            let d = PyDict::new(py);
+            for (seq, payload) in &recorded {
+                d.set_item(seq, payload_to_py(py, payload.as_ref())?)?;
+            }
+            run.bind(py).call_method1("recorded", (d,))?;
+            Ok(())
+        });
+        if let Err(e) = handed {
+            // The code then runs its side effects again; the command matching tells if that
+            // changed what it does.
+            tracing::warn!(error = %e, "the recorded side effects could not be handed to the Python workflow");
+        }
     }
 
     fn activate(&mut self, events: &[&pb::HistoryEvent]) -> Result<Vec<pb::Command>, TaskFailure> {
@@ -160,7 +173,8 @@ fn event_to_py<'py>(py: Python<'py>, event: &pb::HistoryEvent) -> PyResult<Bound
 }
 
 /// A command the Python run issued: `("activity", seq, type, data, encoding, options)`,
-/// `("timer", seq, ms)`, `("session", seq, session_id, options)`, `("complete_session", seq,
+/// `("timer", seq, ms)`, `("side_effect", seq, data, encoding)`, `("session", seq, session_id,
+/// options)`, `("complete_session", seq,
 /// session_id)`, `("complete", data, encoding)`, `("fail", message, type, non_retryable)` or
 /// `("cancel",)`.
 fn command_from_py(c: &Bound<'_, PyTuple>) -> PyResult<pb::Command> {
@@ -209,6 +223,14 @@ fn command_from_py(c: &Bound<'_, PyTuple>) -> PyResult<pb::Command> {
                 options: Some(session_options(options.cast::<PyDict>()?)?.to_proto()),
             })
         }
+        "side_effect" => Kind::RecordMarker(pb::RecordMarkerCommand {
+            seq: c.get_item(1)?.extract()?,
+            marker_name: "side_effect".into(),
+            data: convert::payload(
+                c.get_item(2)?.extract()?,
+                &c.get_item(3)?.extract::<String>()?,
+            ),
+        }),
         "complete_session" => Kind::CompleteSession(pb::CompleteSessionCommand {
             seq: c.get_item(1)?.extract()?,
             session_id: c.get_item(2)?.extract()?,

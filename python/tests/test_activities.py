@@ -218,3 +218,28 @@ async def test_a_declared_credential_is_read_on_the_worker_and_a_missing_one_fai
             await client.execute_activity("read_credential", "nope", task_queue=queue, retry_initial=0.05)
     assert e.value.type == "CredentialMissing"
     assert e.value.failure["non_retryable"] is True
+
+
+@activity.defn
+def load_model(name: str) -> str:
+    activity.set_label("model_loaded", name)
+    return activity.info().worker_identity
+
+
+@activity.defn
+def use_model() -> str:
+    return activity.info().worker_identity
+
+
+@run
+async def test_a_label_an_activity_sets_routes_the_next_activity_to_its_worker(server, queue, tmp_path):
+    client = await client_for(server)
+    a = tether.Worker(client, task_queue=queue, activities=[load_model, use_model], identity=f"{queue}-a", state_dir=None)
+    b = tether.Worker(client, task_queue=queue, activities=[load_model, use_model], identity=f"{queue}-b", state_dir=None)
+    async with a, b:
+        loaded_on = await client.execute_activity("load_model", "llama", task_queue=queue)
+        for _ in range(4):
+            ran_on = await client.execute_activity(
+                "use_model", task_queue=queue, requirements="label.model_loaded=llama", schedule_to_start=10
+            )
+            assert ran_on == loaded_on

@@ -209,3 +209,40 @@ def test_a_class_without_an_async_run_is_refused():
         class NoRun:
             def run(self):
                 return 1
+
+
+SIDE_EFFECT_RUNS: dict = {}
+
+
+@workflow.defn
+class TakesASnapshot:
+    async def run(self, key: str) -> dict:
+        def read_clock() -> float:
+            SIDE_EFFECT_RUNS[key] = SIDE_EFFECT_RUNS.get(key, 0) + 1
+            return time.time()  # allowed here: recorded once, replayed after
+
+        taken = workflow.side_effect(read_clock)
+        await workflow.wait_condition(lambda: self.go)
+        return {"taken": taken, "again": workflow.side_effect(lambda: "second")}
+
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflow.signal
+    def proceed(self) -> None:
+        self.go = True
+
+
+@run
+async def test_a_side_effect_runs_once_and_replays_its_recorded_value(server, queue):
+    client = await tether.Client.connect(server.address)
+    async with tether.Worker(client, task_queue=queue, activities=[echo], workflows=[TakesASnapshot], identity=f"{queue}-1"):
+        handle = await client.start_workflow("TakesASnapshot", queue, id=f"{queue}-snap", task_queue=queue)
+        await wait_for(lambda: _history_at_least(handle, 3), "the first task")
+    before = time.time()
+    async with tether.Worker(client, task_queue=queue, activities=[echo], workflows=[TakesASnapshot], identity=f"{queue}-2"):
+        await handle.signal("proceed")
+        out = await handle.result()
+    assert out["taken"] < before, "the replay ran the side effect again instead of reading it"
+    assert out["again"] == "second"
+    assert SIDE_EFFECT_RUNS[queue] == 1

@@ -239,6 +239,25 @@ async def _create_session(options: Dict[str, Any]) -> WorkflowSession:
     return await future
 
 
+def side_effect(fn: Callable[[], Any]) -> Any:
+    """Runs `fn` once and records its result in history; on replay answers the recorded value
+    without running it. For what must not change on replay (a config value read once, a name
+    made from the clock): `fn` may read the time, the environment or a file."""
+    run = _run()
+    seq = run.next_seq()
+    if seq in run.recorded_side_effects:
+        value = converter.decode(run.recorded_side_effects.pop(seq))
+    else:
+        _local.run = None  # the guards are off for the side effect itself
+        try:
+            value = fn()
+        finally:
+            _local.run = run
+    data, encoding = converter.encode(value)
+    run.commands.append(("side_effect", seq, data, encoding))
+    return value
+
+
 async def sleep(duration: Seconds) -> None:
     """A durable timer: it fires even across worker and server restarts."""
     run = _run()
@@ -339,12 +358,17 @@ class _Run:
         self.cancel_requested = False
         self.signal_handlers: Dict[str, Callable[..., Any]] = {}
         self.sessions_asked: Dict[int, Dict[str, Any]] = {}
+        self.recorded_side_effects: Dict[int, Any] = {}
         self.ended_sessions: Dict[str, Tuple[str, str]] = {}
         self.buffered_signals: List[Tuple[str, Any]] = []
 
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+    def recorded(self, side_effects: Dict[int, Any]) -> None:
+        """Before a task's activations: the values its history recorded, by seq."""
+        self.recorded_side_effects = dict(side_effects)
 
     def activate(self, events: List[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
         _local.run = self
