@@ -32,7 +32,7 @@ def train(steps: int) -> str:
 async def main(address: str, queue: str, identity: str, inventory: str, ready: str) -> None:
     client = await tether.Client.connect(address)
     worker = tether.Worker(
-        client, task_queue=queue, activities=[where, train], identity=identity, inventory=inventory, state_dir=None
+        client, task_queue=queue, activities=[where, train], identity=identity, inventory=inventory or None, state_dir=None
     )
     run = asyncio.ensure_future(worker.run())
     await asyncio.sleep(0.2)
