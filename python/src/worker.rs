@@ -1,7 +1,8 @@
-//! The worker: the Rust SDK's, with Python activities registered on it. The worker polls,
-//! holds slots, heartbeats and reports; each activity attempt is handed to the Python
-//! dispatcher of the asyncio loop that started the worker (`tether/worker.py`), which runs the
-//! function (a thread for a plain `def`) and answers how it went.
+//! The worker: the Rust SDK's, with Python activities and workflows registered on it. The
+//! worker polls, holds slots, heartbeats and reports; each activity attempt is handed to the
+//! Python dispatcher of the asyncio loop that started the worker (`tether/worker.py`), which
+//! runs the function (a thread for a plain `def`) and answers how it went; workflow runs are
+//! `crate::workflow`'s.
 
 use crate::client::{seconds, PyClient};
 use crate::convert::{self, invalid};

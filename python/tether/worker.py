@@ -1,4 +1,4 @@
-"""The worker: hosts Python activities on tether's Rust worker core."""
+"""The worker: hosts Python activities and workflows on tether's Rust worker core."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ Answer = Tuple[Any, ...]
 
 
 class Worker:
-    """Polls `task_queue` and runs the given activities.
+    """Polls `task_queue` and runs the given activities and workflows (see tether.workflow).
 
     The Rust core does the polling, slots, heartbeats, batched reports and capability
     advertisement (GPUs through NVML, host facts, an `inventory` file's declared GPUs, labels,
