@@ -8,7 +8,6 @@ it, and an activity no worker can take is explained, not silently queued.
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import tether

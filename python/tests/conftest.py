@@ -77,6 +77,27 @@ def queue() -> str:
     return f"py-{uuid.uuid4().hex[:12]}"
 
 
+async def worker_process(address: str, queue: str, identity: str, inventory: str, tmp_path: Path) -> subprocess.Popen:
+    """Starts worker_process.py (activities `where` and `train`) and waits until it runs. The
+    caller kills it (and waits for it) when done."""
+    import sys
+
+    ready = tmp_path / f"ready-{identity}"
+    here = Path(__file__).parent
+    process = subprocess.Popen(
+        [sys.executable, str(here / "worker_process.py"), address, queue, identity, inventory, str(ready)],
+        env={**os.environ, "PYTHONPATH": str(here)},
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail("the worker process never became ready", pytrace=False)
+        await asyncio.sleep(0.05)
+    return process
+
+
 def run(coroutine_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
     """Runs an async test function on a fresh event loop, with a deadline so that a hang fails
     the test instead of the suite."""

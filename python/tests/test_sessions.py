@@ -4,15 +4,12 @@ to it, release on exit (also on an exception), and failover when the worker proc
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Server, run
+from conftest import Server, run, worker_process
 
 import tether
 from worker_process import where
@@ -87,19 +84,8 @@ def fast_server():
 async def test_when_the_sessions_worker_process_is_killed_its_activity_fails_and_a_new_session_lands_elsewhere(
     fast_server, queue, tmp_path
 ):
-    ready = tmp_path / "ready"
-    here = Path(__file__).parent
-    process = subprocess.Popen(
-        [sys.executable, str(here / "worker_process.py"), fast_server.address, queue, f"{queue}-doomed",
-         inventory(tmp_path, "doomed", 2), str(ready)],
-        env={**os.environ, "PYTHONPATH": str(here)},
-    )
+    process = await worker_process(fast_server.address, queue, f"{queue}-doomed", inventory(tmp_path, "doomed", 2), tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None, "the worker process exited"
-            assert time.monotonic() < deadline, "the worker process never became ready"
-            await asyncio.sleep(0.05)
         client = await tether.Client.connect(fast_server.address)
         async with client.session(task_queue=queue, gpus=2, worker=f"{queue}-doomed") as s:
             assert s.info.worker_identity == f"{queue}-doomed"
@@ -166,19 +152,9 @@ class Failover:
 
 @run
 async def test_a_python_workflow_recreates_its_session_elsewhere_when_the_worker_dies(server, queue, tmp_path):
-    ready = tmp_path / "ready"
-    here = Path(__file__).parent
     doomed = f"{queue}-doomed"
-    process = subprocess.Popen(
-        [sys.executable, str(here / "worker_process.py"), server.address, queue, doomed,
-         inventory(tmp_path, "doomed", 2), str(ready)],
-        env={**os.environ, "PYTHONPATH": str(here)},
-    )
+    process = await worker_process(server.address, queue, doomed, inventory(tmp_path, "doomed", 2), tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the worker process never became ready"
-            await asyncio.sleep(0.05)
         client = await tether.Client.connect(server.address)
         async with tether.Worker(client, task_queue=queue, activities=[where], workflows=[Failover],
                                  identity=f"{queue}-spare", inventory=inventory(tmp_path, "spare", 2), state_dir=None):

@@ -4,15 +4,12 @@ gracefully on SIGTERM: the activity it runs finishes and its result is kept."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import Server, run, tether_bin
+from conftest import Server, run, tether_bin, worker_process
 
 import tether
 from tether import activity
@@ -58,17 +55,8 @@ async def test_without_a_client_certificate_the_server_refuses(tls_server, certs
 
 @run
 async def test_sigterm_stops_a_worker_gracefully(server, queue, tmp_path):
-    ready = tmp_path / "ready"
-    here = Path(__file__).parent
-    process = subprocess.Popen(
-        [sys.executable, str(here / "worker_process.py"), server.address, queue, f"{queue}-w", "", str(ready)],
-        env={**os.environ, "PYTHONPATH": str(here)},
-    )
+    process = await worker_process(server.address, queue, f"{queue}-w", "", tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the worker process never became ready"
-            await asyncio.sleep(0.05)
         client = await tether.Client.connect(server.address)
         handle = await client.start_activity("train", 20, task_queue=queue, heartbeat=5)  # about 1 s
         await asyncio.sleep(0.3)

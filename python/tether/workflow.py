@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
-import contextvars
 import datetime
 import inspect
 import random as _random
@@ -42,7 +41,7 @@ import threading
 import time as _time
 import uuid as _uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, TypeVar
 
 from . import converter
 from ._options import Seconds, activity_options, seconds
