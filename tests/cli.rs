@@ -598,3 +598,50 @@ fn metrics_endpoint_counts_requests_and_shows_open_runs() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn dev_serves_the_web_ui_and_status_summarises_the_fleet() {
+    let server = spawn_server(&["dev", "--ui-listen", "127.0.0.1:0"]);
+    let line = server.wait_for_line("web UI at http://");
+    let ui = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let page = http_get(&format!("{ui}/ns/default/fleet"));
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("/assets/app.js"), "{page}");
+    assert!(
+        page.contains("content-security-policy: default-src 'self'"),
+        "{page}"
+    );
+    // Work waiting on a queue nobody polls.
+    let start = [
+        "workflow",
+        "start",
+        "--type",
+        "t",
+        "--task-queue",
+        "orders",
+        "--id",
+        "w-1",
+    ];
+    assert!(tether(&server.addr, &start).status.success());
+    let fleet = http_get(&format!("{ui}/api/ns/default/queues"));
+    assert!(fleet.contains("\"task_queue\":\"orders\""), "{fleet}");
+    let missing = http_get(&format!("{ui}/api/ns/nowhere/fleet"));
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+
+    let summary = ok_json(&server.addr, &["status"]);
+    assert_eq!(summary["queues"][0]["task_queue"], "orders");
+    assert_eq!(summary["queues"][0]["workflow_backlog"], 1);
+    assert_eq!(summary["workers_by_state"], serde_json::json!({}));
+    let text = tether(&server.addr, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("workers:   none"), "{text}");
+    assert!(
+        text.contains("orders: 1 workflow tasks, 0 activity tasks waiting"),
+        "{text}"
+    );
+}

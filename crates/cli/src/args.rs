@@ -165,6 +165,14 @@ pub(crate) enum Command {
     /// Inspect sessions (a worker and resources reserved for a sequence of activities).
     #[command(subcommand)]
     Session(SessionCmd),
+    /// The fleet at a glance: workers by state, GPUs per model reserved / free, sessions by
+    /// state, and task queues with work waiting or unplaceable (the web UI shows the same).
+    Status {
+        /// Redraw it in place every so often (e.g. --watch 2s; bare --watch: every second).
+        /// With --json, one summary per line.
+        #[arg(long, value_name = "EVERY", num_args = 0..=1, default_missing_value = "1s", value_parser = parse_duration)]
+        watch: Option<Duration>,
+    },
     /// Inspect the cluster of server replicas (on PostgreSQL).
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -300,6 +308,17 @@ pub(crate) struct ServerOptionsArgs {
     /// given.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_listen: Option<String>,
+    /// Serve the web UI (fleet, GPUs, sessions, workflows, task queues; read-only) at
+    /// http://ADDR/. `tether server`: off unless given. `tether dev`: 127.0.0.1:8233 unless
+    /// given (or --no-ui). With --access on it is served on loopback only, unless
+    /// --ui-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) ui_listen: Option<String>,
+    /// Serve the web UI on a non-loopback --ui-listen address even with --access on: whoever
+    /// reaches it sees every namespace's workers, sessions and runs (read-only) without a
+    /// client certificate.
+    #[arg(long)]
+    pub(crate) ui_allow_remote: bool,
     /// Most events one workflow run's history may hold.
     #[arg(long, default_value_t = 50_000)]
     pub(crate) max_history_events: u64,
@@ -350,6 +369,9 @@ pub(crate) struct DevArgs {
     /// Keep data here instead of a temporary directory removed on exit.
     #[arg(long)]
     pub(crate) data_dir: Option<PathBuf>,
+    /// Do not serve the web UI.
+    #[arg(long, conflicts_with = "ui_listen")]
+    pub(crate) no_ui: bool,
     #[command(flatten)]
     pub(crate) options: ServerOptionsArgs,
 }

@@ -24,6 +24,7 @@ mod remote;
 mod render;
 mod serve;
 mod session;
+mod status;
 mod workers;
 mod workflow;
 
@@ -85,6 +86,7 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Session(cmd) => session::session_cmd(&g, cmd).await,
         Command::Cluster(ClusterCmd::Status) => cluster::cluster_status(&g).await,
+        Command::Status { watch } => status::status(&g, watch).await,
         Command::CodecServer {
             keys,
             listen,

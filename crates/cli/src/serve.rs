@@ -60,10 +60,15 @@ pub(crate) fn server_config(o: &ServerOptionsArgs) -> Result<ServerConfig> {
     })
 }
 
+/// Where `tether dev` serves the web UI unless told otherwise (Temporal's dev server uses the
+/// same port for its UI).
+pub(crate) const DEV_UI_LISTEN: &str = "127.0.0.1:8233";
+
 pub(crate) async fn serve(
     o: &ServerOptionsArgs,
     location: StoreLocation,
     config: ServerConfig,
+    ui_by_default: Option<&str>,
 ) -> Result<()> {
     let listen = &o.listen;
     let access_file = o.access.as_deref();
@@ -87,6 +92,13 @@ pub(crate) async fn serve(
     if let Some((addr, _)) = &metrics {
         eprintln!("metrics on http://{addr}/metrics");
     }
+    let _ui = match start_ui(o, &server, ui_by_default).await {
+        Ok(ui) => ui,
+        Err(e) => {
+            let _ = server.stop().await;
+            return Err(e);
+        }
+    };
     if let Some(path) = access_file {
         eprintln!(
             "access rules from {}; send SIGHUP to reload them",
@@ -119,6 +131,39 @@ pub(crate) async fn serve(
     eprintln!("shutting down");
     server.stop().await?;
     Ok(())
+}
+
+/// Serves the web UI where --ui-listen says (or, for `tether dev`, on its default address,
+/// which only warns when taken: another dev server may hold it).
+async fn start_ui(
+    o: &ServerOptionsArgs,
+    server: &LocalServer,
+    by_default: Option<&str>,
+) -> Result<Option<tether_ui::UiServer>> {
+    let (listen, explicit) = match (&o.ui_listen, by_default) {
+        (Some(addr), _) => (addr.clone(), true),
+        (None, Some(addr)) => (addr.to_string(), false),
+        (None, None) => return Ok(None),
+    };
+    let config = tether_ui::UiConfig {
+        listen,
+        authorization_on: o.access.is_some(),
+        allow_remote: o.ui_allow_remote,
+    };
+    match tether_ui::start(&config, server.reader()).await {
+        Ok(ui) => {
+            eprintln!("web UI at {}", ui.url());
+            Ok(Some(ui))
+        }
+        Err(e) if explicit => Err(e.into()),
+        Err(e) => {
+            eprintln!(
+                "web UI not served: {e} (pass --ui-listen 127.0.0.1:0 for any free port, or \
+                 --no-ui)"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// The exit status of a server whose store failed a write.
@@ -257,19 +302,28 @@ pub(crate) async fn server_cmd(g: &Global, args: ServerArgs) -> Result<i32> {
              postgres://USER@HOST:PORT/DATABASE (PostgreSQL)"
         ),
     };
-    serve(&args.options, location, config).await?;
+    serve(&args.options, location, config, None).await?;
     Ok(0)
 }
 
 pub(crate) async fn dev_cmd(g: &Global, args: DevArgs) -> Result<i32> {
     refuse_address_for_servers(g, "dev")?;
     let config = server_config(&args.options)?;
+    let ui = (!args.no_ui).then_some(DEV_UI_LISTEN);
     match &args.data_dir {
-        Some(dir) => serve(&args.options, StoreLocation::Sqlite(dir.clone()), config).await?,
+        Some(dir) => {
+            serve(
+                &args.options,
+                StoreLocation::Sqlite(dir.clone()),
+                config,
+                ui,
+            )
+            .await?
+        }
         None => {
             let dir = tempfile::Builder::new().prefix("tether-dev-").tempdir()?;
             let location = StoreLocation::Sqlite(dir.path().to_path_buf());
-            serve(&args.options, location, config).await?;
+            serve(&args.options, location, config, ui).await?;
         }
     }
     Ok(0)

@@ -24,6 +24,7 @@ pub use engine::{
     StorageFailure,
 };
 pub use error::EngineError;
-pub use frontend::Frontend;
+pub use frontend::{Frontend, Reader};
 pub use serve::{run, LocalServer, ServeError, StoreLocation};
+pub use store::RunMatch;
 pub use tether_wire::{MAX_GRPC_MESSAGE, RUN_ID_METADATA};

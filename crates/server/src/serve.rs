@@ -205,6 +205,14 @@ impl LocalServer {
         }
     }
 
+    /// Read-only calls on this server from inside its process (the web UI's).
+    pub fn reader(&self) -> crate::frontend::Reader {
+        crate::frontend::Reader::new(match &self.serving {
+            Served::One(engine) => Frontend::new(engine.clone()),
+            Served::Replica(replica) => Frontend::for_replica(replica.clone()),
+        })
+    }
+
     /// The cluster replica this server is, when it runs on PostgreSQL.
     pub fn replica(&self) -> Option<&Arc<Replica>> {
         match &self.serving {

@@ -275,6 +275,7 @@ impl Client {
                 "workflow".into()
             },
             page_token: page_token.to_string(),
+            ..Default::default()
         };
         let reply = self
             .retrying(|mut rpc| {

@@ -23,7 +23,7 @@ use crate::matching::{ClaimedPoll, Handover, Matcher, QueueKey, TaskKind, TaskRe
 use crate::sessions::{self, OwnerNotice, Reservations, SessionEnd, SessionOwner, SessionPhase};
 use crate::state::RunState;
 use crate::state::SessionState;
-use crate::store::{Commit, OnDurable, RunFilter, Store, Write, WriteBatch};
+use crate::store::{Commit, OnDurable, RunFilter, RunMatch, Store, Write, WriteBatch};
 use crate::timers::{TimerKey, TimerQueue};
 use foldhash::{HashMap, HashMapExt, HashSet};
 use parking_lot::Mutex;

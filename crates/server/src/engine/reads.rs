@@ -126,30 +126,62 @@ impl Engine {
         status: Option<i32>,
         limit: usize,
         page_token: &str,
+        matching: &RunMatch,
     ) -> Result<(Vec<pb::ExecutionInfo>, String), EngineError> {
+        // How many runs one filtered page may look through before it answers with what it has
+        // and a token to go on from: a rare type must not make one call read a whole namespace.
+        const MOST_SCANNED: usize = 10_000;
         self.check_healthy()?;
         {
             let st = self.state.lock();
             Self::check_namespace(&st, namespace)?;
         }
-        let after = parse_page_token(page_token)?;
-        let store = self.store.clone();
-        let filter = RunFilter {
-            namespace: namespace.clone(),
-            standalone_activity: standalone,
-            status,
-            limit,
-            after: after.map(|(ms, id)| (ms, RunId::from(id))),
+        let mut after = parse_page_token(page_token)?.map(|(ms, id)| (ms, RunId::from(id)));
+        let mut found = Vec::new();
+        let mut scanned = 0;
+        // The last run looked at: a next page starts after it.
+        let mut last: Option<(i64, String)> = None;
+        let chunk = if matching.is_empty() {
+            limit
+        } else {
+            limit.max(500)
         };
-        let runs = tokio::task::spawn_blocking(move || store.list_runs(&filter))
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-        let next = match runs.last() {
-            Some(last) if runs.len() >= limit => page_token_of(last.start_ms, &last.run_id),
+        let more = 'pages: loop {
+            let store = self.store.clone();
+            let filter = RunFilter {
+                namespace: namespace.clone(),
+                standalone_activity: standalone,
+                status,
+                limit: chunk,
+                after: after.clone(),
+            };
+            let runs = tokio::task::spawn_blocking(move || store.list_runs(&filter))
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            let full = runs.len() >= chunk;
+            for run in &runs {
+                scanned += 1;
+                last = Some((run.start_ms, run.run_id.to_string()));
+                if matching.matches(run) {
+                    found.push(execution_info(run));
+                    if found.len() >= limit {
+                        break 'pages true;
+                    }
+                }
+            }
+            match &last {
+                Some((ms, id)) if full && scanned < MOST_SCANNED => {
+                    after = Some((*ms, RunId::from(id.clone())));
+                }
+                _ => break full,
+            }
+        };
+        let next = match (&last, more) {
+            (Some((ms, id)), true) => page_token_of(*ms, id),
             _ => String::new(),
         };
-        Ok((runs.iter().map(execution_info).collect(), next))
+        Ok((found, next))
     }
 
     /// The outcome of a run, waiting up to `wait` for it to close (and for the close to be

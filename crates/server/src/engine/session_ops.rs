@@ -98,6 +98,13 @@ impl Engine {
         }
         let creation_deadline_ms = history::deadline(now, options.creation_timeout_ms);
         let execution_deadline_ms = history::deadline(now, options.execution_timeout_ms);
+        // Kept with the session for whoever shows it (the UI links it): the owner's text names
+        // only the run.
+        let owner_workflow_id = owner
+            .workflow()
+            .and_then(|(run_id, _)| st.runs.get(run_id))
+            .map(|entry| entry.state.workflow_id.clone())
+            .unwrap_or_default();
         st.sessions.insert(
             session_id.to_string().into(),
             SessionState {
@@ -108,6 +115,7 @@ impl Engine {
                     options: Some(options),
                     created_ms: now,
                     owner: owner.to_string(),
+                    owner_workflow_id,
                     last_used_ms: now,
                     ..Default::default()
                 }),

@@ -269,3 +269,77 @@ async fn a_session_named_like_a_run_takes_none_of_the_runs_timers_when_it_closes
         "the run's timeout still fired"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_filtered_listing_pages_through_every_match_and_no_other() {
+    let engine = engine_over(Arc::new(MemoryStore::new())).await;
+    // More runs than one scan of the store reads (500), so the filter spans several.
+    for i in 0..1_100 {
+        let mut req = start_request(&format!("job-{i:04}"), 0);
+        if i % 7 == 0 {
+            req.workflow_type = "train".into();
+        }
+        if i % 2 == 0 {
+            req.task_queue = "gpu".into();
+        }
+        engine.start_workflow(req).await.unwrap();
+    }
+    let ns = Namespace::from("default");
+    let list = |matching: RunMatch, token: String| {
+        let engine = engine.clone();
+        let ns = ns.clone();
+        async move {
+            engine
+                .list(&ns, false, None, 10, &token, &matching)
+                .await
+                .unwrap()
+        }
+    };
+    let train_on_gpu = RunMatch {
+        workflow_type: "train".into(),
+        task_queue: "gpu".into(),
+        id_prefix: "job-".into(),
+    };
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = list(train_on_gpu.clone(), token).await;
+        assert!(page.len() <= 10);
+        for run in &page {
+            assert_eq!(
+                (run.workflow_type.as_str(), run.task_queue.as_str()),
+                ("train", "gpu")
+            );
+        }
+        seen.extend(page.into_iter().map(|r| r.workflow_id));
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    let expected: Vec<String> = (0..1_100)
+        .rev()
+        .filter(|i| i % 14 == 0)
+        .map(|i| format!("job-{i:04}"))
+        .collect();
+    assert_eq!(seen, expected, "every match once, newest first");
+
+    let prefixed = RunMatch {
+        id_prefix: "job-01".into(),
+        ..Default::default()
+    };
+    let (page, _) = list(prefixed, String::new()).await;
+    assert_eq!(page.len(), 10);
+    assert!(page.iter().all(|r| r.workflow_id.starts_with("job-01")));
+
+    let nothing = RunMatch {
+        workflow_type: "no-such-type".into(),
+        ..Default::default()
+    };
+    let (page, next) = list(nothing, String::new()).await;
+    assert!(
+        page.is_empty() && next.is_empty(),
+        "{} runs, next {next:?}",
+        page.len()
+    );
+}

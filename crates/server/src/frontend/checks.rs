@@ -165,3 +165,19 @@ pub(super) fn kind_is_activity(kind: &str) -> Result<bool, Status> {
         ))),
     }
 }
+
+/// A listing's filters beyond status and kind, checked as names are.
+pub(super) fn run_match(req: &pb::ListWorkflowsRequest) -> Result<crate::store::RunMatch, Status> {
+    optional_name("workflow type", &req.workflow_type)?;
+    optional_name("task queue", &req.task_queue)?;
+    if req.workflow_id_prefix.len() > 1024 {
+        return Err(Status::invalid_argument(
+            "workflow_id_prefix is longer than 1,024 bytes; no id is that long",
+        ));
+    }
+    Ok(crate::store::RunMatch {
+        workflow_type: req.workflow_type.clone(),
+        task_queue: req.task_queue.clone(),
+        id_prefix: req.workflow_id_prefix.clone(),
+    })
+}

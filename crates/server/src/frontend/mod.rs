@@ -4,6 +4,7 @@
 mod access;
 mod checks;
 mod core;
+mod reader;
 
 use crate::auth::Role;
 use crate::engine::RunSelector;
@@ -16,6 +17,7 @@ use tonic::{Request, Status};
 
 pub use self::core::Frontend;
 use self::core::{ok, RunOp, Serving, R};
+pub use self::reader::Reader;
 
 #[tonic::async_trait]
 impl TetherService for Frontend {
@@ -166,6 +168,7 @@ impl TetherService for Frontend {
         name("namespace", &req.namespace)?;
         let status = status_filter(req.status)?;
         let standalone = kind_is_activity(&req.kind)?;
+        let matching = run_match(&req)?;
         let limit = if req.limit == 0 {
             100
         } else {
@@ -179,6 +182,7 @@ impl TetherService for Frontend {
                 status,
                 limit,
                 &req.page_token,
+                &matching,
             )
             .await?;
         ok(pb::ListWorkflowsResponse {

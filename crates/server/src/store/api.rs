@@ -201,6 +201,29 @@ pub struct RunFilter {
     pub after: Option<(i64, RunId)>,
 }
 
+/// What a listing keeps beyond its namespace, kind and status (empty: everything).
+#[derive(Debug, Clone, Default)]
+pub struct RunMatch {
+    /// Workflow (or activity) type, exactly.
+    pub workflow_type: String,
+    /// Task queue, exactly.
+    pub task_queue: String,
+    /// Start of the workflow (or activity) id.
+    pub id_prefix: String,
+}
+
+impl RunMatch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.workflow_type.is_empty() && self.task_queue.is_empty() && self.id_prefix.is_empty()
+    }
+
+    pub(crate) fn matches(&self, run: &RunState) -> bool {
+        (self.workflow_type.is_empty() || run.workflow_type == self.workflow_type)
+            && (self.task_queue.is_empty() || run.task_queue == self.task_queue)
+            && run.workflow_id.starts_with(&self.id_prefix)
+    }
+}
+
 /// The persistence contract of the engine.
 ///
 /// `submit` must make batches durable in submission order: the engine relies on it to acknowledge

@@ -14,7 +14,7 @@ mod sqlite;
 
 pub use api::{
     ClusterView, Commit, CommitReceiver, Durability, Fence, LeaseRow, OnDurable, Recovered,
-    ReplicaRow, RunFilter, Store, StoreError, Write, WriteBatch,
+    ReplicaRow, RunFilter, RunMatch, Store, StoreError, Write, WriteBatch,
 };
 pub use memory::MemoryStore;
 pub use namespace_store::NamespaceStore;
