@@ -633,6 +633,17 @@ fn dev_serves_the_web_ui_and_status_summarises_the_fleet() {
     let missing = http_get(&format!("{ui}/api/ns/nowhere/fleet"));
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
 
+    let listed = ok_json(
+        &server.addr,
+        &["workflow", "list", "--type", "t", "--id-prefix", "w-"],
+    );
+    assert_eq!(listed[0]["workflow_id"], "w-1");
+    let none = ok_json(
+        &server.addr,
+        &["workflow", "list", "--task-queue", "elsewhere"],
+    );
+    assert_eq!(none, serde_json::json!([]));
+
     let summary = ok_json(&server.addr, &["status"]);
     assert_eq!(summary["queues"][0]["task_queue"], "orders");
     assert_eq!(summary["queues"][0]["workflow_backlog"], 1);

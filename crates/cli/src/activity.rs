@@ -132,9 +132,13 @@ pub(crate) async fn activity_cmd(g: &Global, cmd: ActivityCmd) -> Result<i32> {
             show(g, v, text);
             Ok(0)
         }
-        ActivityCmd::List { status, limit } => {
+        ActivityCmd::List {
+            status,
+            limit,
+            matching,
+        } => {
             let client = connect(g).await?;
-            list_runs(g, &client, status, limit, true).await?;
+            list_runs(g, &client, status, limit, true, matching).await?;
             Ok(0)
         }
         ActivityCmd::Cancel { activity, reason } => {

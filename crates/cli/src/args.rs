@@ -486,7 +486,23 @@ pub(crate) enum WorkflowCmd {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        #[command(flatten)]
+        matching: RunMatchArgs,
     },
+}
+
+/// What `workflow list` and `activity list` keep beyond the status (the web UI's filters too).
+#[derive(Args, Clone, Default)]
+pub(crate) struct RunMatchArgs {
+    /// Only runs of this type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub(crate) run_type: Option<String>,
+    /// Only runs on this task queue.
+    #[arg(long)]
+    pub(crate) task_queue: Option<String>,
+    /// Only runs whose id starts with this.
+    #[arg(long)]
+    pub(crate) id_prefix: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -546,6 +562,8 @@ pub(crate) enum ActivityCmd {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        #[command(flatten)]
+        matching: RunMatchArgs,
     },
     /// Ask a standalone activity to cancel (a running attempt is told through its heartbeats).
     Cancel {

@@ -184,8 +184,12 @@ pub(crate) async fn workflow_cmd(g: &Global, cmd: WorkflowCmd) -> Result<i32> {
             text.push(format!("terminated {}", run.workflow_id));
             show(g, json!({"terminated": run.workflow_id}), text);
         }
-        WorkflowCmd::List { status, limit } => {
-            list_runs(g, &client, status, limit, false).await?;
+        WorkflowCmd::List {
+            status,
+            limit,
+            matching,
+        } => {
+            list_runs(g, &client, status, limit, false, matching).await?;
         }
     }
     Ok(0)
@@ -198,6 +202,7 @@ pub(crate) async fn list_runs(
     status: Option<String>,
     limit: u32,
     activities: bool,
+    matching: crate::args::RunMatchArgs,
 ) -> Result<()> {
     let status = match status {
         None => None,
@@ -205,7 +210,29 @@ pub(crate) async fn list_runs(
             format!("--status {s:?} is not known: use running, completed, failed, canceled, terminated or timed_out")
         })?),
     };
-    let runs = client.list_workflows(status, limit, activities).await?;
+    let filtered = matching.run_type.is_some()
+        || matching.task_queue.is_some()
+        || matching.id_prefix.is_some();
+    let runs = if filtered {
+        let req = pb::ListWorkflowsRequest {
+            namespace: g.namespace.clone(),
+            status: status.map(|s| s as i32).unwrap_or(0),
+            limit,
+            kind: if activities { "activity" } else { "workflow" }.into(),
+            page_token: String::new(),
+            workflow_type: matching.run_type.unwrap_or_default(),
+            task_queue: matching.task_queue.unwrap_or_default(),
+            workflow_id_prefix: matching.id_prefix.unwrap_or_default(),
+        };
+        let reply = client
+            .raw()
+            .list_workflows(req)
+            .await
+            .map_err(tether_sdk::client::ClientError::Rpc)?;
+        reply.into_inner().executions
+    } else {
+        client.list_workflows(status, limit, activities).await?
+    };
     let mut text = Vec::new();
     let id = if activities {
         "ACTIVITY ID"
