@@ -3,41 +3,14 @@
 
 mod common;
 
-use common::{spawn_server, BIN};
+use common::{http_get, ok_json, spawn_server, stderr, tether, BIN};
 
 use serde_json::Value;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 use tether::activity::{ActivityContext, ActivityError};
 use tether::client::{Client, StandaloneActivityOptions, WorkflowOptions};
 use tether::workflow::WorkflowContext;
-
-fn tether(addr: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(["--address", addr])
-        .args(args)
-        .output()
-        .expect("run tether")
-}
-
-fn ok_json(addr: &str, args: &[&str]) -> Value {
-    let out = tether(addr, &[args, &["--json"]].concat());
-    assert!(
-        out.status.success(),
-        "tether {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout of {args:?} is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
@@ -512,22 +485,6 @@ fn access_rules_reload_on_sighup_and_a_bad_file_changes_nothing() {
     assert!(still.status.success(), "{}", stderr(&still));
 }
 
-/// GET over plain HTTP/1.1, returning the whole response (headers and body).
-fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").expect("an http:// url");
-    let (host, path) = rest.split_once('/').expect("a path");
-    let mut conn = std::net::TcpStream::connect(host).expect("connect");
-    write!(
-        conn,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    conn.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn metrics_endpoint_counts_requests_and_shows_open_runs() {
     let server = spawn_server(&["dev", "--metrics-listen", "127.0.0.1:0"]);
@@ -597,62 +554,4 @@ fn metrics_endpoint_counts_requests_and_shows_open_runs() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-#[test]
-fn dev_serves_the_web_ui_and_status_summarises_the_fleet() {
-    let server = spawn_server(&["dev", "--ui-listen", "127.0.0.1:0"]);
-    let line = server.wait_for_line("web UI at http://");
-    let ui = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
-    let page = http_get(&format!("{ui}/ns/default/fleet"));
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    assert!(page.contains("/assets/app.js"), "{page}");
-    assert!(
-        page.contains("content-security-policy: default-src 'self'"),
-        "{page}"
-    );
-    // Work waiting on a queue nobody polls.
-    let start = [
-        "workflow",
-        "start",
-        "--type",
-        "t",
-        "--task-queue",
-        "orders",
-        "--id",
-        "w-1",
-    ];
-    assert!(tether(&server.addr, &start).status.success());
-    let fleet = http_get(&format!("{ui}/api/ns/default/queues"));
-    assert!(fleet.contains("\"task_queue\":\"orders\""), "{fleet}");
-    let missing = http_get(&format!("{ui}/api/ns/nowhere/fleet"));
-    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
-
-    let listed = ok_json(
-        &server.addr,
-        &["workflow", "list", "--type", "t", "--id-prefix", "w-"],
-    );
-    assert_eq!(listed[0]["workflow_id"], "w-1");
-    let none = ok_json(
-        &server.addr,
-        &["workflow", "list", "--task-queue", "elsewhere"],
-    );
-    assert_eq!(none, serde_json::json!([]));
-
-    let summary = ok_json(&server.addr, &["status"]);
-    assert_eq!(summary["queues"][0]["task_queue"], "orders");
-    assert_eq!(summary["queues"][0]["workflow_backlog"], 1);
-    assert_eq!(summary["workers_by_state"], serde_json::json!({}));
-    let text = tether(&server.addr, &["status"]);
-    let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("workers:   none"), "{text}");
-    assert!(
-        text.contains("orders: 1 workflow tasks, 0 activity tasks waiting"),
-        "{text}"
-    );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{spawn_server, within, ServerProcess, BIN};
+use common::{spawn_server, stderr, tether, within, ServerProcess, BIN};
 use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -14,18 +14,6 @@ use tether::client::Client;
 use tether::worker::{Worker, WorkerOptions};
 
 const T: Duration = Duration::from_secs(60);
-
-fn tether(addr: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(["--address", addr])
-        .args(args)
-        .output()
-        .expect("run tether")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -51,8 +51,19 @@ fn worker(client: &Client, queue: &str, identity: &str) -> tether::worker::Worke
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_spread_over_replicas_and_any_address_reaches_their_holder() {
     let (_pg, url) = database("spread").await;
-    let a = replica(&url, "replica-a");
-    let b = replica(&url, "replica-b");
+    let with_ui = |id: &str| {
+        common::try_spawn_replica_with(
+            &url,
+            id,
+            LEASE,
+            "127.0.0.1:0",
+            &["--ui-listen", "127.0.0.1:0"],
+        )
+        .unwrap_or_else(|why| panic!("{why}"))
+    };
+    let a = with_ui("replica-a");
+    let b = with_ui("replica-b");
+    let ui_of_a = a.wait_for_line("web UI at http://");
     let via_a = Client::connect(a.addr.clone()).await.unwrap();
     for ns in ["ns-1", "ns-2", "ns-3"] {
         via_a.register_namespace(ns, "spread").await.unwrap();
@@ -101,6 +112,37 @@ async fn namespaces_spread_over_replicas_and_any_address_reaches_their_holder() 
         .map(|n| n.name)
         .collect();
     assert_eq!(listed, ["default", "ns-1", "ns-2", "ns-3"]);
+    // Replica A's web UI lists every namespace, shows the ones A holds, and for the others
+    // shows the server's answer, which names the replica that holds them.
+    let ui_of_a = ui_of_a
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let namespaces = common::http_get(&format!("{ui_of_a}/api/namespaces"));
+    for ns in ["default", "ns-1", "ns-2", "ns-3"] {
+        assert!(
+            namespaces.contains(&format!("\"name\":\"{ns}\"")),
+            "{namespaces}"
+        );
+    }
+    let status = cluster_status(&via_a).await;
+    for ns in ["default", "ns-1", "ns-2", "ns-3"] {
+        let (owner, _) = holder(&status, ns).expect("held");
+        let fleet = common::http_get(&format!("{ui_of_a}/api/ns/{ns}/fleet"));
+        if owner == "replica-a" {
+            assert!(fleet.starts_with("HTTP/1.1 200"), "{ns}: {fleet}");
+            assert!(fleet.contains(&format!("\"w-{ns}\"")), "{ns}: {fleet}");
+        } else {
+            assert!(fleet.starts_with("HTTP/1.1 503"), "{ns}: {fleet}");
+            assert!(
+                fleet.contains(&format!("served by replica {owner} at {}", b.addr))
+                    || fleet.contains(&format!("served by replica {owner} at http://{}", b.addr)),
+                "{ns}: {fleet}"
+            );
+        }
+    }
     // `tether cluster status` shows both replicas and who holds what.
     let out = std::process::Command::new(common::BIN)
         .args(["cluster", "status", "--address", &b.addr])

@@ -7,8 +7,10 @@
 
 #[path = "ui_browser/cdp.rs"]
 mod cdp;
+mod common;
 
 use cdp::Browser;
+use common::KillOnDrop;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tether::activity::{ActivityContext, ActivityError};
@@ -101,30 +103,52 @@ async fn open_sessions(client: &Client) -> Vec<tether::api::pb::SessionInfo> {
         .collect()
 }
 
+/// A server with a short worker liveness timeout (so a killed worker is marked dead within
+/// the test) and its UI on a free loopback port.
+struct Served {
+    _data: tempfile::TempDir,
+    server: LocalServer,
+    _ui: tether_ui::UiServer,
+    base: String,
+}
+
+impl Served {
+    async fn start() -> Served {
+        let data = tempfile::tempdir().expect("tempdir");
+        let config = ServerConfig {
+            worker_liveness_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let server = LocalServer::start("127.0.0.1:0", data.path(), config)
+            .await
+            .expect("server");
+        let ui = tether_ui::start(
+            &tether_ui::UiConfig {
+                listen: "127.0.0.1:0".into(),
+                authorization_on: false,
+                allow_remote: false,
+            },
+            server.reader(),
+        )
+        .await
+        .expect("the UI is served");
+        let base = format!("http://{}", ui.addr());
+        Served {
+            _data: data,
+            server,
+            _ui: ui,
+            base,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_shows_the_fleet_as_a_person_would_see_it() {
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot directory");
-    let data = tempfile::tempdir().expect("tempdir");
-    let config = ServerConfig {
-        worker_liveness_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let server = LocalServer::start("127.0.0.1:0", data.path(), config)
-        .await
-        .expect("server");
-    let ui = tether_ui::start(
-        &tether_ui::UiConfig {
-            listen: "127.0.0.1:0".into(),
-            authorization_on: false,
-            allow_remote: false,
-        },
-        server.reader(),
-    )
-    .await
-    .expect("the UI is served");
-    let base = format!("http://{}", ui.addr());
-    let client = Client::connect(server.url()).await.expect("client");
+    let served = Served::start().await;
+    let base = served.base.clone();
+    let client = Client::connect(served.server.url()).await.expect("client");
     let (hold_tx, hold) = tokio::sync::watch::channel(true);
     let mut workers = vec![
         (
@@ -335,6 +359,50 @@ async fn every_page_shows_the_fleet_as_a_person_would_see_it() {
         .await
         .unwrap();
 
+    // A session nobody can host yet (no worker has three GPUs) waits, and says why.
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .create_session(SessionOptions {
+                    gpus: 3,
+                    creation_timeout: Some(Duration::from_secs(300)),
+                    ..SessionOptions::new(QUEUE)
+                })
+                .await
+        }
+    });
+    browser
+        .open(&format!("{base}/ns/default/sessions?state=creating"))
+        .await
+        .unwrap();
+    let waiting_row = browser
+        .wait_for(
+            "the waiting session with its reason",
+            "(document.querySelector('[data-session]') || {}).innerText",
+            SEEN,
+        )
+        .await
+        .unwrap();
+    let waiting_row = waiting_row.as_str().unwrap();
+    assert!(
+        waiting_row.contains("creating")
+            && waiting_row.contains("waiting for a placement")
+            && waiting_row.contains("worker gpu-a")
+            && waiting_row.contains("worker gpu-b"),
+        "the reason names each worker and what it lacks: {waiting_row}"
+    );
+    let listed = browser
+        .eval("document.querySelectorAll('[data-session]').length")
+        .await
+        .unwrap();
+    assert_eq!(listed, json!(1), "only the waiting session is creating");
+    browser
+        .screenshot(&shots.join("sessions-waiting.png"))
+        .await
+        .unwrap();
+    waiting.abort();
+
     // Task queues: work nobody can take says why.
     let mut needs_8 = StandaloneActivityOptions::new("needs-8-gpus", QUEUE);
     needs_8.options =
@@ -460,6 +528,47 @@ async fn every_page_shows_the_fleet_as_a_person_would_see_it() {
         .await
         .unwrap();
 
+    // Fleet after the failover: the killed machine is marked dead once its liveness timeout
+    // passes, and a worker that shut down cleanly is marked stopped.
+    let (_, spare_hold) = tokio::sync::watch::channel(true);
+    let spare = start_worker(&client, "cpu-c", "hostname = \"cpu-c\"\n", spare_hold).await;
+    browser
+        .open(&format!("{base}/ns/default/fleet"))
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the spare worker alive",
+            "(document.querySelector('[data-worker=\"cpu-c\"] .badge') || {}).innerText === 'alive'",
+            SEEN,
+        )
+        .await
+        .unwrap();
+    spare.shutdown().await;
+    let states = browser
+        .wait_for(
+            "the killed worker dead and the stopped one stopped",
+            &format!(
+                "(() => {{ const state = id => (document.querySelector(`[data-worker=\"${{id}}\"] .badge`) || {{}}).innerText; \
+                 return state({first}) === 'dead' && state('cpu-c') === 'stopped' && state({other}) === 'alive' \
+                 && document.getElementById('gpu-totals').innerText; }})()",
+                first = js_string(&first_host),
+                other = js_string(other_host),
+            ),
+            SEEN,
+        )
+        .await
+        .unwrap();
+    let states = states.as_str().unwrap();
+    assert!(
+        !states.contains("NVIDIA A100-SXM4-40GB") || !states.contains("NVIDIA H100 80GB HBM3"),
+        "the totals count live workers' GPUs only: {states}"
+    );
+    browser
+        .screenshot(&shots.join("fleet-after-failover.png"))
+        .await
+        .unwrap();
+
     // Workflows: listed, and the filters find it or not.
     browser
         .open(&format!(
@@ -514,4 +623,139 @@ async fn every_page_shows_the_fleet_as_a_person_would_see_it() {
     );
     eprintln!("screenshots in {}", shots.display());
     drop(second);
+}
+
+/// Starts `tether codec-server` with the test's key and returns its URL and the process.
+fn codec_server(keys: &std::path::Path, allow_origins: &[&str]) -> (String, std::process::Child) {
+    use std::io::{BufRead, BufReader};
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    command.args([
+        "codec-server",
+        "--keys",
+        keys.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    for origin in allow_origins {
+        command.args(["--allow-origin", origin]);
+    }
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tether codec-server starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("tether codec server listening on ") {
+            let url = format!("http://{}", rest.split_whitespace().next().unwrap());
+            // Go on reading what it writes, so that it never writes into a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (url, child);
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait();
+    panic!("the codec server did not say where it listens (it exited: {status:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_payloads_are_decoded_in_the_browser_only_through_an_allowed_codec_server() {
+    const MARKER: &str = "ui-secret-5d1e";
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot directory");
+    let served = Served::start().await;
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let keys = keys_dir.path().join("keys.txt");
+    std::fs::write(&keys, format!("k1 = {}\n", "07".repeat(32))).unwrap();
+    let client = Client::connect_with(
+        served.server.url(),
+        tether::client::ClientOptions {
+            data_converter: tether::codec::DataConverter::default().with_codec(
+                std::sync::Arc::new(tether::codec::AesGcmCodec::from_file(&keys).unwrap()),
+            ),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("client");
+    // Nobody polls this queue: the run stays open with its encrypted input.
+    client
+        .start_workflow(
+            "vault",
+            &json!({ "marker": MARKER }),
+            WorkflowOptions::new("secret-1", "nobody-polls"),
+        )
+        .await
+        .expect("an encrypted run starts");
+
+    let (allowed_url, allowed) = codec_server(&keys, &[&served.base]);
+    let _allowed = KillOnDrop(allowed);
+    let (stranger_url, stranger) = codec_server(&keys, &[]);
+    let _stranger = KillOnDrop(stranger);
+
+    let mut browser = Browser::start().await.expect("chromium starts");
+    browser
+        .open(&format!("{}/ns/default/workflows/secret-1", served.base))
+        .await
+        .unwrap();
+    let badge = browser
+        .wait_for(
+            "the input shown as encrypted",
+            "(document.querySelector('[data-encrypted]') || {}).innerText",
+            SEEN,
+        )
+        .await
+        .unwrap();
+    assert!(
+        badge.as_str().unwrap().contains("encrypted, key k1"),
+        "{badge}"
+    );
+    let page = browser
+        .eval("document.getElementById('content').innerText")
+        .await
+        .unwrap();
+    assert!(
+        !page.as_str().unwrap().contains(MARKER),
+        "without a codec server nothing is decoded: {page}"
+    );
+    browser
+        .screenshot(&shots.join("payload-encrypted.png"))
+        .await
+        .unwrap();
+
+    let use_codec = |url: &str| {
+        format!(
+            "(() => {{ const c = document.getElementById('codec'); c.value = {}; c.dispatchEvent(new Event('change')); return true; }})()",
+            js_string(url)
+        )
+    };
+    // A codec server that does not allow the UI's origin: the browser is refused and the
+    // page says what to do.
+    browser.eval(&use_codec(&stranger_url)).await.unwrap();
+    let refused = browser
+        .wait_for(
+            "the refusal of a codec server that does not allow this page",
+            "(document.querySelector('[data-decode-failed]') || {}).innerText",
+            SEEN,
+        )
+        .await
+        .unwrap();
+    assert!(
+        refused.as_str().unwrap().contains("--allow-origin"),
+        "{refused}"
+    );
+    // One that allows it: the input is decoded in the browser.
+    browser.eval(&use_codec(&allowed_url)).await.unwrap();
+    let decoded = browser
+        .wait_for(
+            "the input decoded by the codec server",
+            "(document.querySelector('[data-decoded]') || {}).innerText",
+            SEEN,
+        )
+        .await
+        .unwrap();
+    assert!(decoded.as_str().unwrap().contains(MARKER), "{decoded}");
+    browser
+        .screenshot(&shots.join("payload-decoded.png"))
+        .await
+        .unwrap();
 }

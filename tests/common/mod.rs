@@ -279,7 +279,18 @@ pub fn try_spawn_replica(
     lease: &str,
     listen: &str,
 ) -> Result<ServerProcess, String> {
-    try_spawn_server(&[
+    try_spawn_replica_with(url, id, lease, listen, &[])
+}
+
+/// [`try_spawn_replica`] with more flags.
+pub fn try_spawn_replica_with(
+    url: &str,
+    id: &str,
+    lease: &str,
+    listen: &str,
+    more: &[&str],
+) -> Result<ServerProcess, String> {
+    let args = [
         "server",
         "--database-url",
         url,
@@ -289,7 +300,8 @@ pub fn try_spawn_replica(
         lease,
         "--listen",
         listen,
-    ])
+    ];
+    try_spawn_server(&[&args[..], more].concat())
 }
 
 /// A worker on `queue` as `identity` with workflow `doubled_after_signal`: it doubles its input
@@ -325,4 +337,65 @@ pub fn doubling_worker(
         },
     );
     w
+}
+
+/// GET over plain HTTP/1.1, returning the whole response (headers and body).
+pub fn http_get(url: &str) -> String {
+    http_request("GET", url)
+}
+
+/// A body-less request over plain HTTP/1.1, returning the whole response.
+pub fn http_request(method: &str, url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// url");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let mut conn = std::net::TcpStream::connect(host).expect("connect");
+    write!(
+        conn,
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Kills a child process when the test ends, however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tether --address ADDR ARGS...`, run to its end.
+pub fn tether(addr: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["--address", addr])
+        .args(args)
+        .output()
+        .expect("run tether")
+}
+
+/// `tether ... --json` that must succeed, and its stdout as JSON.
+pub fn ok_json(addr: &str, args: &[&str]) -> serde_json::Value {
+    let out = tether(addr, &[args, &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "tether {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout of {args:?} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// What a finished command wrote on stderr.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }

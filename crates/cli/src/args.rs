@@ -193,6 +193,11 @@ pub(crate) enum Command {
         /// that authenticates callers.
         #[arg(long)]
         allow_remote: bool,
+        /// A web page's origin (scheme://host[:port]) that may call it from a browser, e.g.
+        /// the web UI at http://127.0.0.1:8233; repeat for several. Pages from any other
+        /// origin are refused.
+        #[arg(long = "allow-origin", value_name = "ORIGIN")]
+        allow_origins: Vec<String>,
     },
     /// Write a new key file with one random AES-256 key.
     Keygen {

@@ -11,7 +11,10 @@ pub(crate) async fn codec_server_cmd(
     keys: PathBuf,
     listen: String,
     allow_remote: bool,
+    allow_origins: &[String],
 ) -> Result<i32> {
+    let allowed =
+        crate::codec_server::AllowedOrigins::parse(allow_origins).map_err(anyhow::Error::msg)?;
     let dc = codec::DataConverter::default()
         .with_codec(std::sync::Arc::new(codec::AesGcmCodec::from_file(&keys)?));
     let listener = tokio::net::TcpListener::bind(&listen)
@@ -26,11 +29,21 @@ pub(crate) async fn codec_server_cmd(
                  callers stands in front of it"
         );
     }
-    eprintln!(
-        "tether codec server listening on {} (POST /encode, /decode); Ctrl-C to stop",
-        listener.local_addr()?
+    let pages = if allow_origins.is_empty() {
+        "no web page may call it (for the web UI, add --allow-origin with the UI's address, \
+         e.g. --allow-origin http://127.0.0.1:8233)"
+            .to_string()
+    } else {
+        format!("pages from {} may call it", allow_origins.join(", "))
+    };
+    // One write, whose failure is no reason to stop: a script that reads the address and
+    // then closes the pipe must not bring the server down.
+    let said = format!(
+        "tether codec server listening on {bound} (POST /encode, /decode); Ctrl-C to stop\n\
+         {pages}\n"
     );
-    crate::codec_server::serve(listener, dc, shutdown_signal()).await?;
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), said.as_bytes());
+    crate::codec_server::serve(listener, dc, allowed, shutdown_signal()).await?;
     Ok(0)
 }
 

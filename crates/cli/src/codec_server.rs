@@ -1,11 +1,24 @@
 //! The codec server: HTTP `/encode` and `/decode` over a [`DataConverter`], so tools that must
 //! not hold keys themselves (the CLI, a UI) can show decoded payloads. Body and reply:
-//! `{"payloads": [{"metadata": {"encoding": "<base64>"}, "data": "<base64>"}]}`.
+//! `{"payloads": [{"metadata": {"encoding": "<base64>"}, "data": "<base64>"}]}`; an error is
+//! `{"error": "..."}`.
+//!
+//! Web pages (the tether UI in a browser) may call it only from origins it was told to allow
+//! (`--allow-origin`): it decrypts for whoever asks, so a page from anywhere else, which a
+//! browser would let post to a loopback address, is refused before anything is decoded.
 
-use axum::{extract::State, http::StatusCode, routing::post, Json, Router};
+use axum::{
+    extract::{Request, State},
+    http::{header, HeaderValue, Method, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::post,
+    Json, Router,
+};
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tether_sdk::codec::DataConverter;
 use tether_wire::pb::Payload;
 
@@ -59,7 +72,20 @@ impl JsonPayload {
     }
 }
 
-type Reply = Result<Json<Payloads>, (StatusCode, String)>;
+/// A refusal: its status and `{"error": "..."}`.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type Reply = Result<Json<Payloads>, Refusal>;
+
+fn error_reply(status: StatusCode, message: String) -> Response {
+    Refusal(status, message).into_response()
+}
 
 fn transform(
     body: Payloads,
@@ -67,11 +93,122 @@ fn transform(
 ) -> Reply {
     let mut out = Vec::with_capacity(body.payloads.len());
     for p in body.payloads {
-        let payload = p.to_payload().map_err(|e| (StatusCode::BAD_REQUEST, e))?;
-        let done = f(payload).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        let payload = p
+            .to_payload()
+            .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e))?;
+        let done =
+            f(payload).map_err(|e| Refusal(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
         out.push(JsonPayload::from_payload(&done));
     }
     Ok(Json(Payloads { payloads: out }))
+}
+
+/// The web origins (`scheme://host[:port]`, as a browser sends them) whose pages may call the
+/// codec server. Empty: no page may, only tools that send no `Origin` (the CLI).
+#[derive(Debug, Clone, Default)]
+pub struct AllowedOrigins(Arc<Vec<String>>);
+
+impl AllowedOrigins {
+    /// Checks and normalises each origin (lower case, default port dropped), so that what the
+    /// user types matches what the browser sends.
+    pub fn parse(origins: &[String]) -> Result<Self, String> {
+        let mut out = Vec::with_capacity(origins.len());
+        for given in origins {
+            out.push(normalise_origin(given)?);
+        }
+        Ok(AllowedOrigins(Arc::new(out)))
+    }
+
+    fn allows(&self, origin: &str) -> bool {
+        normalise_origin(origin).is_ok_and(|o| self.0.contains(&o))
+    }
+}
+
+fn normalise_origin(given: &str) -> Result<String, String> {
+    let refuse = |why: &str| -> Result<String, String> {
+        Err(format!(
+            "--allow-origin {given:?}: {why}; give the address of the page as the browser \
+             shows it, e.g. http://127.0.0.1:8233 for the UI of `tether dev`"
+        ))
+    };
+    if given == "*" || given.eq_ignore_ascii_case("null") {
+        return refuse(
+            "a codec server decrypts for whoever calls it, so every page allowed must be named",
+        );
+    }
+    let lower = given.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, rest) = match lower.split_once("://") {
+        Some((s @ ("http" | "https"), rest)) => (s, rest),
+        _ => return refuse("it must start with http:// or https://"),
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return refuse("an origin is scheme://host[:port], with no path");
+    }
+    let default_port = if scheme == "http" { ":80" } else { ":443" };
+    let host = rest.strip_suffix(default_port).unwrap_or(rest);
+    Ok(format!("{scheme}://{host}"))
+}
+
+/// Lets an allowed page call the codec server (CORS, and the private-network preflight a
+/// browser sends when a page reaches a more private address), and refuses any other page
+/// before its request reaches the codec.
+async fn cors(State(allowed): State<AllowedOrigins>, request: Request, next: Next) -> Response {
+    let Some(origin) = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return next.run(request).await;
+    };
+    if !allowed.allows(&origin) {
+        let what_to_do = match normalise_origin(&origin) {
+            Ok(named) => format!("if that page is yours, restart it with --allow-origin {named}"),
+            Err(_) => "a page without a web origin cannot be allowed".to_string(),
+        };
+        return error_reply(
+            StatusCode::FORBIDDEN,
+            format!(
+                "pages from {origin} may not use this codec server (it decrypts for whoever \
+                 calls it); {what_to_do}"
+            ),
+        );
+    }
+    let wants_private_network = request
+        .headers()
+        .get("access-control-request-private-network")
+        .is_some();
+    let mut response = if request.method() == Method::OPTIONS {
+        let mut preflight = StatusCode::NO_CONTENT.into_response();
+        let h = preflight.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("POST"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        if wants_private_network {
+            h.insert(
+                "access-control-allow-private-network",
+                HeaderValue::from_static("true"),
+            );
+        }
+        preflight
+    } else {
+        next.run(request).await
+    };
+    let h = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+    }
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    response
 }
 
 async fn encode(State(dc): State<DataConverter>, Json(body): Json<Payloads>) -> Reply {
@@ -82,16 +219,19 @@ async fn decode(State(dc): State<DataConverter>, Json(body): Json<Payloads>) -> 
     transform(body, |p| dc.decode(p))
 }
 
-/// Serves `/encode` and `/decode` on `listener` until `shutdown` resolves.
+/// Serves `/encode` and `/decode` on `listener` until `shutdown` resolves; pages from
+/// `allowed` origins may call them from a browser.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     dc: DataConverter,
+    allowed: AllowedOrigins,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/encode", post(encode))
         .route("/decode", post(decode))
-        .with_state(dc);
+        .with_state(dc)
+        .layer(axum::middleware::from_fn_with_state(allowed, cors));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -134,10 +274,13 @@ pub async fn decode_remote(url: &str, payloads: &[Payload]) -> Result<Vec<Payloa
         .split_once("\r\n\r\n")
         .ok_or_else(|| "the codec server's reply is not HTTP".to_string())?;
     if !head.starts_with("HTTP/1.1 200") {
+        let why = serde_json::from_str::<serde_json::Value>(body.trim())
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| body.trim().to_string());
         return Err(format!(
-            "the codec server refused: {} {}",
-            head.lines().next().unwrap_or(""),
-            body.trim()
+            "the codec server refused: {}: {why}",
+            head.lines().next().unwrap_or("")
         ));
     }
     let decoded: Payloads =
@@ -161,9 +304,14 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, dc.clone(), async move {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(serve(
+            listener,
+            dc.clone(),
+            AllowedOrigins::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         let sealed = dc.to_payload("hello").unwrap();
         let plain = decode_remote(&url, &[sealed]).await.unwrap();
         assert_eq!(plain[0].data, b"\"hello\"");
@@ -175,5 +323,109 @@ mod tests {
         assert!(err.contains("\"k2\""), "{err}");
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+    }
+    async fn raw_http(addr: std::net::SocketAddr, request: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    #[tokio::test]
+    async fn only_pages_from_allowed_origins_may_decode_from_a_browser() {
+        let dc = DataConverter::default().with_codec(Arc::new(AesGcmCodec::new("k1", [4u8; 32])));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let allowed = AllowedOrigins::parse(&["HTTP://127.0.0.1:8233/".to_string()]).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, dc.clone(), allowed, async move {
+            let _ = stopped.await;
+        }));
+
+        let preflight = raw_http(
+            addr,
+            "OPTIONS /decode HTTP/1.1\r\nHost: x\r\nOrigin: http://127.0.0.1:8233\r\n\
+             Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\n\
+             Access-Control-Request-Private-Network: true\r\nConnection: close\r\n\r\n"
+                .to_string(),
+        )
+        .await
+        .to_ascii_lowercase();
+        assert!(preflight.starts_with("http/1.1 204"), "{preflight}");
+        assert!(
+            preflight.contains("access-control-allow-origin: http://127.0.0.1:8233"),
+            "{preflight}"
+        );
+        assert!(preflight.contains("access-control-allow-methods: post"));
+        assert!(preflight.contains("access-control-allow-headers: content-type"));
+        assert!(preflight.contains("access-control-allow-private-network: true"));
+
+        let sealed = dc.to_payload("the plain text").unwrap();
+        let body = serde_json::to_string(&Payloads {
+            payloads: vec![JsonPayload::from_payload(&sealed)],
+        })
+        .unwrap();
+        let post_from = |origin: &str| {
+            format!(
+                "POST /decode HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let allowed_reply = raw_http(addr, post_from("http://127.0.0.1:8233")).await;
+        assert!(allowed_reply.starts_with("HTTP/1.1 200"), "{allowed_reply}");
+        assert!(allowed_reply
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: http://127.0.0.1:8233"));
+        let plain_b64 = B64.encode(b"\"the plain text\"");
+        assert!(allowed_reply.contains(&plain_b64), "{allowed_reply}");
+
+        for stranger in ["http://evil.example", "http://127.0.0.1:9999", "null"] {
+            let refused = raw_http(addr, post_from(stranger)).await;
+            assert!(refused.starts_with("HTTP/1.1 403"), "{stranger}: {refused}");
+            assert!(
+                stranger == "null" || refused.contains(&format!("--allow-origin {stranger}")),
+                "the refusal says what to do: {refused}"
+            );
+            assert!(
+                !refused.contains(&plain_b64),
+                "nothing was decoded for {stranger}"
+            );
+            assert!(
+                !refused
+                    .to_ascii_lowercase()
+                    .contains("access-control-allow-origin"),
+                "{refused}"
+            );
+        }
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn origins_are_named_exactly_or_refused() {
+        let parsed = AllowedOrigins::parse(&[
+            "https://ui.example.com:443".into(),
+            "http://localhost:80/".into(),
+            "http://[::1]:8233".into(),
+        ])
+        .unwrap();
+        assert!(parsed.allows("https://ui.example.com"));
+        assert!(parsed.allows("http://localhost"));
+        assert!(parsed.allows("http://[::1]:8233"));
+        assert!(!parsed.allows("http://ui.example.com"));
+        for bad in [
+            "*",
+            "null",
+            "ftp://x",
+            "http://x/ui",
+            "127.0.0.1:8233",
+            "http://",
+        ] {
+            let err = AllowedOrigins::parse(&[bad.to_string()]).unwrap_err();
+            assert!(err.contains("--allow-origin"), "{bad}: {err}");
+        }
     }
 }

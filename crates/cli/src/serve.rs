@@ -77,6 +77,7 @@ pub(crate) async fn serve(
         Some(addr) => Some(start_metrics(addr).await?),
         None => None,
     };
+    let ui = bind_ui(o, ui_by_default).await?;
     let server = LocalServer::start_on(listen, location.clone(), config)
         .await
         .with_context(|| format!("starting the server on {listen} ({location})"))?;
@@ -92,13 +93,11 @@ pub(crate) async fn serve(
     if let Some((addr, _)) = &metrics {
         eprintln!("metrics on http://{addr}/metrics");
     }
-    let _ui = match start_ui(o, &server, ui_by_default).await {
-        Ok(ui) => ui,
-        Err(e) => {
-            let _ = server.stop().await;
-            return Err(e);
-        }
-    };
+    let _ui = ui.map(|listener| {
+        let ui = listener.serve(server.reader());
+        eprintln!("web UI at {}", ui.url());
+        ui
+    });
     if let Some(path) = access_file {
         eprintln!(
             "access rules from {}; send SIGHUP to reload them",
@@ -133,13 +132,13 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Serves the web UI where --ui-listen says (or, for `tether dev`, on its default address,
-/// which only warns when taken: another dev server may hold it).
-async fn start_ui(
+/// Takes the web UI's address where --ui-listen says (or, for `tether dev`, its default
+/// address, which only warns when taken: another dev server may hold it), before the server
+/// starts, so that a refused address changes nothing.
+async fn bind_ui(
     o: &ServerOptionsArgs,
-    server: &LocalServer,
     by_default: Option<&str>,
-) -> Result<Option<tether_ui::UiServer>> {
+) -> Result<Option<tether_ui::UiListener>> {
     let (listen, explicit) = match (&o.ui_listen, by_default) {
         (Some(addr), _) => (addr.clone(), true),
         (None, Some(addr)) => (addr.to_string(), false),
@@ -150,11 +149,8 @@ async fn start_ui(
         authorization_on: o.access.is_some(),
         allow_remote: o.ui_allow_remote,
     };
-    match tether_ui::start(&config, server.reader()).await {
-        Ok(ui) => {
-            eprintln!("web UI at {}", ui.url());
-            Ok(Some(ui))
-        }
+    match tether_ui::bind(&config).await {
+        Ok(listener) => Ok(Some(listener)),
         Err(e) if explicit => Err(e.into()),
         Err(e) => {
             eprintln!(

@@ -84,21 +84,42 @@ pub(crate) async fn status(g: &Global, watch: Option<Duration>) -> Result<i32> {
         show(g, data, text);
         return Ok(0);
     };
+    let mut answered_once = false;
     loop {
-        let data = summary(&remote, &g.namespace).await?;
-        if g.json {
-            // One summary per line, for a script to follow.
-            out!("{}", serde_json::to_string(&data).expect("json"));
-        } else {
-            // Home, clear to the end: the summary is redrawn in place.
-            out!(
+        // A watch outlives a server restart or a network blip: it says so and tries again.
+        // A first call that fails (a namespace that does not exist, a missing grant) ends it.
+        let drawn = summary(&remote, &g.namespace).await;
+        if drawn.is_ok() {
+            answered_once = true;
+        }
+        let drawn = match drawn {
+            Err(e) if !answered_once => return Err(e),
+            other => other,
+        };
+        let header = || {
+            format!(
                 "\x1b[H\x1b[2Jtether status: namespace {} at {} (every {:?}; Ctrl-C to stop)\n",
                 g.namespace,
                 crate::render::time_text(tether_wire::now_ms()),
                 every
-            );
-            for line in views::summary_lines(&data) {
-                out!("{line}");
+            )
+        };
+        match drawn {
+            Ok(data) if g.json => {
+                // One summary per line, for a script to follow.
+                out!("{}", serde_json::to_string(&data).expect("json"));
+            }
+            Ok(data) => {
+                // Home, clear to the end: the summary is redrawn in place.
+                out!("{}", header());
+                for line in views::summary_lines(&data) {
+                    out!("{line}");
+                }
+            }
+            Err(e) if g.json => eprintln!("tether status: {e:#}; trying again in {every:?}"),
+            Err(e) => {
+                out!("{}", header());
+                out!("the server did not answer: {e:#}; trying again in {every:?}");
             }
         }
         tokio::select! {

@@ -74,7 +74,9 @@ function payload(p) {
   if (p == null) return `<span class="muted">none</span>`;
   if (typeof p === "object" && p.payload && p.encoding) {
     const key = p.payload.data;
-    if (decoded.has(key)) return `<pre>${esc(decoded.get(key))}</pre>`;
+    const got = decoded.get(key);
+    if (got && got.ok) return `<pre data-decoded="1" title="decoded in this browser by the codec server">${esc(got.text)}</pre>`;
+    if (got) return `<span class="badge" data-encrypted="1">${esc(p.key_id ? "encrypted, key " + p.key_id : p.encoding)}</span> <span class="error" data-decode-failed="1">${esc(got.text)}</span>`;
     const what = p.key_id ? `encrypted, key ${esc(p.key_id)}` : esc(p.encoding);
     if (codecUrl()) decodeLater(p.payload);
     return `<span class="badge" data-encrypted="1">${what}, ${esc(p.bytes)} bytes</span>`;
@@ -86,18 +88,24 @@ async function decodeLater(raw) {
   if (decoding.has(raw.data)) return;
   decoding.add(raw.data);
   try {
-    const r = await fetch(`${codecUrl()}/decode`, {
-      method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ payloads: [raw] }),
-    });
-    const body = await r.json();
+    let r;
+    try {
+      r = await fetch(`${codecUrl()}/decode`, {
+        method: "POST", headers: { "content-type": "application/json" },
+        body: JSON.stringify({ payloads: [raw] }),
+      });
+    } catch (_) {
+      // The browser says no more than this when the server is down or refused the origin.
+      throw new Error(`no answer from ${codecUrl()}: is it running, and was it started with --allow-origin ${location.origin}?`);
+    }
+    const body = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
     const text = new TextDecoder().decode(Uint8Array.from(atob(body.payloads[0].data), c => c.charCodeAt(0)));
     let shown = text;
     try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (_) { /* not JSON: as text */ }
-    decoded.set(raw.data, shown);
+    decoded.set(raw.data, { ok: true, text: shown });
   } catch (e) {
-    decoded.set(raw.data, `(the codec server could not decode it: ${e.message})`);
+    decoded.set(raw.data, { ok: false, text: `the codec server could not decode it: ${e.message}` });
   }
   refresh();
 }

@@ -141,7 +141,17 @@ pub fn event_json(e: &pb::HistoryEvent) -> Value {
             json!({"seq": a.seq, "session_id": a.session_id, "options": a.options.as_ref().map(|o| json!({"task_queue": o.task_queue, "requirements": o.requirements, "gpus": o.gpus, "resources": o.resources, "worker": o.worker}))})
         }
         Some(A::SessionCreated(a)) => {
-            json!({"seq": a.seq, "session": a.session.as_ref().map(session_json)})
+            // The session as it was placed: an age or a close from today would misread as
+            // part of the event.
+            let placed = a.session.as_ref().map(|s| {
+                let mut v = session_json(s);
+                if let Some(fields) = v.as_object_mut() {
+                    fields.remove("age_seconds");
+                    fields.remove("closed");
+                }
+                v
+            });
+            json!({"seq": a.seq, "session": placed})
         }
         Some(A::SessionCreateFailed(a)) => {
             json!({"seq": a.seq, "session_id": a.session_id, "reason": a.reason})
@@ -241,4 +251,39 @@ fn encoded_payload_json(p: &pb::Payload) -> Value {
         .map(|(k, v)| (k.clone(), json!(B64.encode(v))))
         .collect();
     json!({ "metadata": metadata, "data": B64.encode(&p.data) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_in_a_history_event_is_shown_as_it_was_placed() {
+        let created_ms = tether_wire::now_ms() - 3_600_000;
+        let event = pb::HistoryEvent {
+            attributes: Some(pb::history_event::Attributes::SessionCreated(
+                pb::SessionCreated {
+                    seq: 1,
+                    session: Some(pb::SessionInfo {
+                        session_id: "s-1".into(),
+                        state: "open".into(),
+                        created_ms,
+                        ..Default::default()
+                    }),
+                },
+            )),
+            ..Default::default()
+        };
+        let shown = event_json(&event);
+        let session = &shown["details"]["session"];
+        assert_eq!(session["session_id"], "s-1", "{shown}");
+        assert!(session.get("age_seconds").is_none(), "{shown}");
+        assert!(session.get("closed").is_none(), "{shown}");
+        // The session's own page still shows its age.
+        let listed = session_json(&pb::SessionInfo {
+            created_ms,
+            ..Default::default()
+        });
+        assert!(listed["age_seconds"].as_i64().unwrap() >= 3_600, "{listed}");
+    }
 }

@@ -130,9 +130,38 @@ pub fn router(reader: Reader) -> axum::Router {
         .with_state(reader)
 }
 
-/// Listens on `config.listen` and serves the UI over `reader` until the returned server is
-/// dropped.
-pub async fn start(config: &UiConfig, reader: Reader) -> Result<UiServer, UiError> {
+/// The UI's address, taken and checked but not yet served: a server binds it before it
+/// opens its store, so a bad `--ui-listen` changes nothing.
+pub struct UiListener {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl UiListener {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves the UI over `reader` until the returned server is dropped.
+    pub fn serve(self, reader: Reader) -> UiServer {
+        let app = router(reader);
+        let listener = self.listener;
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the web UI's listener stopped");
+            }
+        });
+        UiServer {
+            addr: self.addr,
+            task,
+        }
+    }
+}
+
+/// Listens on `config.listen`, refusing a non-loopback address while authorization is on
+/// (unless allowed).
+pub async fn bind(config: &UiConfig) -> Result<UiListener, UiError> {
     let bind = |source| UiError::Bind {
         addr: config.listen.clone(),
         source,
@@ -144,13 +173,13 @@ pub async fn start(config: &UiConfig, reader: Reader) -> Result<UiServer, UiErro
     if config.authorization_on && !config.allow_remote && !addr.ip().is_loopback() {
         return Err(UiError::RemoteWithAuthorization(addr));
     }
-    let app = router(reader);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the web UI's listener stopped");
-        }
-    });
-    Ok(UiServer { addr, task })
+    Ok(UiListener { listener, addr })
+}
+
+/// Listens on `config.listen` and serves the UI over `reader` until the returned server is
+/// dropped.
+pub async fn start(config: &UiConfig, reader: Reader) -> Result<UiServer, UiError> {
+    Ok(bind(config).await?.serve(reader))
 }
 
 /// The size of the page, script and style together, in bytes (what a browser loads once).
