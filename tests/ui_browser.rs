@@ -487,6 +487,22 @@ async fn every_page_shows_the_fleet_as_a_person_would_see_it() {
         .position(|(id, _)| *id == first_host)
         .unwrap();
     workers.remove(at).1.kill();
+    // The killed worker's tasks are cancelled by the runtime a moment after kill(): training
+    // is let go only once the server has failed that session, so no step can finish there.
+    let deadline = std::time::Instant::now() + SEEN;
+    while client
+        .describe_session(&first.session_id)
+        .await
+        .expect("the session")
+        .state
+        == "open"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed worker's session never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     hold_tx.send(false).unwrap();
     let result: String = tokio::time::timeout(Duration::from_secs(60), run.result())
         .await
@@ -599,6 +615,48 @@ async fn every_page_shows_the_fleet_as_a_person_would_see_it() {
         .wait_for(
             "an empty filtered list",
             "document.getElementById('content').innerText.includes('none match')",
+            SEEN,
+        )
+        .await
+        .unwrap();
+
+    // Paging: newest first, a page at a time, older and back to newer.
+    for id in ["page-a", "page-b"] {
+        client
+            .start_workflow("idle", &(), WorkflowOptions::new(id, "nobody-polls"))
+            .await
+            .expect("a run to page through");
+    }
+    browser
+        .open(&format!("{base}/ns/default/workflows?prefix=page-&limit=1"))
+        .await
+        .unwrap();
+    let only_run = "[...document.querySelectorAll('[data-run]')].map(r => r.dataset.run).join(',')";
+    let first_page = browser
+        .wait_for(
+            "the first page",
+            &format!("document.querySelector('[data-next]') && {only_run}"),
+            SEEN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first_page, json!("page-b"), "newest first");
+    browser
+        .eval("document.querySelector('[data-next]').click()")
+        .await
+        .unwrap();
+    browser
+        .wait_for("the older page", &format!("{only_run} === 'page-a'"), SEEN)
+        .await
+        .unwrap();
+    browser
+        .eval("[...document.querySelectorAll('.pager a')].find(a => a.innerText.includes('newer')).click()")
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "back to the newer page",
+            &format!("{only_run} === 'page-b'"),
             SEEN,
         )
         .await
