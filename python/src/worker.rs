@@ -29,11 +29,16 @@ enum State {
 /// A worker on one task queue of the client's namespace.
 #[pyclass(name = "Worker", module = "tether._core", frozen)]
 pub(crate) struct PyWorker {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     /// The asyncio loop (and context) activities run on: the one that called `run`.
     locals: Arc<Mutex<Option<TaskLocals>>>,
-    /// Told when the worker has stopped, so that `run` returns.
-    stopped: Arc<tokio::sync::Notify>,
+    /// Set to ask the worker to stop. `run`'s own future then stops it gracefully, so that
+    /// what the worker does last in Python is the completion `run`'s caller awaits: no
+    /// completion of another future can reach Python after `run` has returned (and an
+    /// interpreter shutting down behind it).
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Set once the worker has stopped.
+    stopped: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 #[pymethods]
@@ -78,12 +83,13 @@ impl PyWorker {
         }
         let options = options.build().map_err(invalid)?;
         Ok(PyWorker {
-            state: Mutex::new(State::Building(Box::new(Worker::new(
+            state: Arc::new(Mutex::new(State::Building(Box::new(Worker::new(
                 client.client.clone(),
                 options,
-            )))),
+            ))))),
             locals: Arc::new(Mutex::new(None)),
-            stopped: Arc::new(tokio::sync::Notify::new()),
+            stop: Arc::new(tokio::sync::watch::channel(false).0),
+            stopped: Arc::new(tokio::sync::watch::channel(false).0),
         })
     }
 
@@ -171,7 +177,7 @@ impl PyWorker {
             State::Building(worker) => *worker,
             other => {
                 *state = other;
-                return Err(invalid("this worker has already been run"));
+                return Err(invalid("this worker has already been run (or stopped)"));
             }
         };
         *self.locals.lock().expect("not poisoned") = Some(locals);
@@ -181,9 +187,13 @@ impl PyWorker {
         };
         let handle = started.map_err(invalid)?;
         *state = State::Running(handle);
+        drop(state);
+        let mut stop = self.stop.subscribe();
+        let state = self.state.clone();
         let stopped = self.stopped.clone();
         future_into_py(py, async move {
-            stopped.notified().await;
+            let _ = stop.wait_for(|asked| *asked).await;
+            stop_gracefully(&state, &stopped).await;
             Ok(())
         })
     }
@@ -197,20 +207,26 @@ impl PyWorker {
         }
     }
 
-    /// Stops polling, lets running activities finish within the grace period, tells the
-    /// server; then `run` returns.
+    /// Asks the worker to stop (what SIGINT and SIGTERM do): `run` then stops polling, lets
+    /// running activities finish within the grace period, tells the server, and returns.
+    fn request_stop(&self) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if matches!(&*state, State::Building(_)) {
+            // Never run: nothing to stop, and it may not run any more.
+            *state = State::Stopped;
+            self.stopped.send_replace(true);
+        }
+        self.stop.send_replace(true);
+    }
+
+    /// [`request_stop`](Self::request_stop), then waits until the worker has stopped (and
+    /// stops it itself where `run`'s future is gone, cancelled with its task).
     fn shutdown<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let previous = std::mem::replace(
-            &mut *self.state.lock().expect("not poisoned"),
-            State::Stopped,
-        );
+        self.request_stop();
+        let state = self.state.clone();
         let stopped = self.stopped.clone();
         future_into_py(py, async move {
-            if let State::Running(handle) = previous {
-                handle.shutdown().await;
-            }
-            stopped.notify_waiters();
-            stopped.notify_one();
+            stop_gracefully(&state, &stopped).await;
             Ok(())
         })
     }
@@ -225,8 +241,33 @@ impl PyWorker {
             let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
             handle.kill();
         }
-        self.stopped.notify_waiters();
-        self.stopped.notify_one();
+        self.stopped.send_replace(true);
+        self.stop.send_replace(true);
+    }
+}
+
+/// Stops the running worker gracefully, if this caller is the first to take it, and says so
+/// (also when dropped half-way: the worker is then aborted with its handle); otherwise waits
+/// until whoever took it has.
+async fn stop_gracefully(state: &Mutex<State>, stopped: &Arc<tokio::sync::watch::Sender<bool>>) {
+    struct SayStopped<'a>(&'a tokio::sync::watch::Sender<bool>);
+    impl Drop for SayStopped<'_> {
+        fn drop(&mut self) {
+            self.0.send_replace(true);
+        }
+    }
+    let taken = std::mem::replace(&mut *state.lock().expect("not poisoned"), State::Stopped);
+    match taken {
+        State::Running(handle) => {
+            let _say = SayStopped(stopped);
+            handle.shutdown().await;
+        }
+        State::Building(_) => {
+            stopped.send_replace(true);
+        }
+        State::Stopped => {
+            let _ = stopped.subscribe().wait_for(|done| *done).await;
+        }
     }
 }
 

@@ -134,7 +134,9 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
-                    loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
+                    # Only a request: `run` itself stops the worker, so that no other
+                    # future of the core completes after `run` has returned.
+                    loop.add_signal_handler(sig, self._core.request_stop)
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError):
                     pass

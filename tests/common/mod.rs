@@ -184,6 +184,16 @@ impl ServerProcess {
         }
     }
 
+    /// The web UI's base URL (no trailing slash), from the server's "web UI at" line.
+    pub fn ui_url(&self) -> String {
+        let line = self.wait_for_line("web UI at http://");
+        line.split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .expect("a URL on the line")
+            .trim_end_matches('/')
+            .to_string()
+    }
+
     /// SIGKILL: no shutdown, no flush, exactly what a crash leaves behind.
     pub fn kill_9(mut self) {
         let _ = self.child.kill();
@@ -398,4 +408,26 @@ pub fn ok_json(addr: &str, args: &[&str]) -> serde_json::Value {
 /// What a finished command wrote on stderr.
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must end by itself, killing it (and failing the test) after `limit`.
+pub fn output_within(command: &mut std::process::Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "{command:?} was still running after {limit:?}; it printed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait")
 }

@@ -34,7 +34,7 @@ pub(crate) async fn codec_server_cmd(
          e.g. --allow-origin http://127.0.0.1:8233)"
             .to_string()
     } else {
-        format!("pages from {} may call it", allow_origins.join(", "))
+        format!("pages from {} may call it", allowed.names().join(", "))
     };
     // One write, whose failure is no reason to stop: a script that reads the address and
     // then closes the pipe must not bring the server down.

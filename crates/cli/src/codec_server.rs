@@ -119,8 +119,15 @@ impl AllowedOrigins {
         Ok(AllowedOrigins(Arc::new(out)))
     }
 
+    /// Whether a browser's `Origin` is one of them. Browsers send the canonical form, so it is
+    /// compared exactly: nothing else may pass for an allowed origin.
     fn allows(&self, origin: &str) -> bool {
-        normalise_origin(origin).is_ok_and(|o| self.0.contains(&o))
+        self.0.iter().any(|allowed| allowed == origin)
+    }
+
+    /// The origins, normalised.
+    pub fn names(&self) -> &[String] {
+        &self.0
     }
 }
 
@@ -144,26 +151,55 @@ fn normalise_origin(given: &str) -> Result<String, String> {
     if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
         return refuse("an origin is scheme://host[:port], with no path");
     }
-    let default_port = if scheme == "http" { ":80" } else { ":443" };
-    let host = rest.strip_suffix(default_port).unwrap_or(rest);
-    Ok(format!("{scheme}://{host}"))
+    if !rest.is_ascii() {
+        return refuse("give a host name that is not ASCII in its punycode form (xn--…)");
+    }
+    // The port, if any: after the last colon that is not inside an IPv6 address's brackets.
+    let (host, port) = match rest.rfind(':') {
+        Some(at) if !rest[at..].contains(']') => (&rest[..at], Some(&rest[at + 1..])),
+        _ => (rest, None),
+    };
+    if host.is_empty() || host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return refuse("an origin is scheme://host[:port]");
+    }
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && !p.starts_with('0') => Some(n),
+            _ => return refuse("its port must be a number from 1 to 65535"),
+        },
+    };
+    let default_port = if scheme == "http" { 80 } else { 443 };
+    Ok(match port {
+        Some(n) if n != default_port => format!("{scheme}://{host}:{n}"),
+        _ => format!("{scheme}://{host}"),
+    })
 }
 
 /// Lets an allowed page call the codec server (CORS, and the private-network preflight a
 /// browser sends when a page reaches a more private address), and refuses any other page
 /// before its request reaches the codec.
 async fn cors(State(allowed): State<AllowedOrigins>, request: Request, next: Next) -> Response {
-    let Some(origin) = request
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    else {
+    let mut origins = request.headers().get_all(header::ORIGIN).iter();
+    let Some(first) = origins.next() else {
         return next.run(request).await;
+    };
+    // An Origin that cannot be read, or more than one, is no browser's: refused, never
+    // taken for a request without one.
+    let origin = match (first.to_str(), origins.next()) {
+        (Ok(origin), None) => origin.to_string(),
+        _ => {
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                "the request's Origin header is not one web origin".into(),
+            )
+        }
     };
     if !allowed.allows(&origin) {
         let what_to_do = match normalise_origin(&origin) {
-            Ok(named) => format!("if that page is yours, restart it with --allow-origin {named}"),
+            Ok(named) => format!(
+                "if that page is yours, restart the codec server with --allow-origin {named}"
+            ),
             Err(_) => "a page without a web origin cannot be allowed".to_string(),
         };
         return error_reply(
@@ -211,12 +247,28 @@ async fn cors(State(allowed): State<AllowedOrigins>, request: Request, next: Nex
     response
 }
 
-async fn encode(State(dc): State<DataConverter>, Json(body): Json<Payloads>) -> Reply {
-    transform(body, |p| dc.encode(p))
+/// A body that is not the JSON expected is answered in the same `{"error"}` form as the rest.
+type Body = Result<Json<Payloads>, axum::extract::rejection::JsonRejection>;
+
+fn body_of(body: Body) -> Result<Payloads, Refusal> {
+    body.map(|Json(b)| b).map_err(|rejected| {
+        Refusal(
+            rejected.status(),
+            format!(
+                "{}; send {{\"payloads\": [{{\"metadata\": {{..}}, \"data\": \"<base64>\"}}]}} \
+                 as application/json",
+                rejected.body_text()
+            ),
+        )
+    })
 }
 
-async fn decode(State(dc): State<DataConverter>, Json(body): Json<Payloads>) -> Reply {
-    transform(body, |p| dc.decode(p))
+async fn encode(State(dc): State<DataConverter>, body: Body) -> Reply {
+    transform(body_of(body)?, |p| dc.encode(p))
+}
+
+async fn decode(State(dc): State<DataConverter>, body: Body) -> Reply {
+    transform(body_of(body)?, |p| dc.decode(p))
 }
 
 /// Serves `/encode` and `/decode` on `listener` until `shutdown` resolves; pages from
@@ -230,6 +282,18 @@ pub async fn serve(
     let app = Router::new()
         .route("/encode", post(encode))
         .route("/decode", post(decode))
+        .fallback(|| async {
+            Refusal(
+                StatusCode::NOT_FOUND,
+                "a codec server answers POST /encode and POST /decode only".into(),
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            Refusal(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "/encode and /decode take POST".into(),
+            )
+        })
         .with_state(dc)
         .layer(axum::middleware::from_fn_with_state(allowed, cors));
     axum::serve(listener, app)
@@ -382,6 +446,45 @@ mod tests {
         let plain_b64 = B64.encode(b"\"the plain text\"");
         assert!(allowed_reply.contains(&plain_b64), "{allowed_reply}");
 
+        // A preflight from a page not allowed is refused, without the header that would let
+        // the browser go on.
+        let refused_preflight = raw_http(
+            addr,
+            "OPTIONS /decode HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\
+             Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"
+                .to_string(),
+        )
+        .await;
+        assert!(
+            refused_preflight.starts_with("HTTP/1.1 403"),
+            "{refused_preflight}"
+        );
+        assert!(
+            !refused_preflight
+                .to_ascii_lowercase()
+                .contains("access-control-allow-origin"),
+            "{refused_preflight}"
+        );
+        // Two Origin headers are no browser's request: refused, not read as none.
+        let two = post_from("http://127.0.0.1:8233").replacen(
+            "Origin: http://127.0.0.1:8233\r\n",
+            "Origin: http://127.0.0.1:8233\r\nOrigin: http://evil.example\r\n",
+            1,
+        );
+        let refused_two = raw_http(addr, two).await;
+        assert!(refused_two.starts_with("HTTP/1.1 400"), "{refused_two}");
+        assert!(!refused_two.contains(&plain_b64), "{refused_two}");
+        // A body that is not the JSON expected gets a JSON answer that says what to send.
+        let garbage = "POST /decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                       Content-Length: 5\r\nConnection: close\r\n\r\n{nope"
+            .to_string();
+        let garbage = raw_http(addr, garbage).await;
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+        assert!(
+            garbage.contains("\"error\"") && garbage.contains("payloads"),
+            "{garbage}"
+        );
+
         for stranger in ["http://evil.example", "http://127.0.0.1:9999", "null"] {
             let refused = raw_http(addr, post_from(stranger)).await;
             assert!(refused.starts_with("HTTP/1.1 403"), "{stranger}: {refused}");
@@ -416,6 +519,19 @@ mod tests {
         assert!(parsed.allows("http://localhost"));
         assert!(parsed.allows("http://[::1]:8233"));
         assert!(!parsed.allows("http://ui.example.com"));
+        assert!(
+            !parsed.allows("HTTPS://ui.example.com")
+                && !parsed.allows("https://ui.example.com:443"),
+            "a browser's Origin is compared as sent"
+        );
+        assert_eq!(
+            parsed.names(),
+            [
+                "https://ui.example.com",
+                "http://localhost",
+                "http://[::1]:8233"
+            ]
+        );
         for bad in [
             "*",
             "null",
@@ -423,6 +539,12 @@ mod tests {
             "http://x/ui",
             "127.0.0.1:8233",
             "http://",
+            "http://x:0",
+            "http://x:08233",
+            "http://x:abc",
+            "http://x:70000",
+            "http://::1:8233",
+            "http://ünï.example",
         ] {
             let err = AllowedOrigins::parse(&[bad.to_string()]).unwrap_err();
             assert!(err.contains("--allow-origin"), "{bad}: {err}");

@@ -119,7 +119,7 @@ pub(crate) async fn status(g: &Global, watch: Option<Duration>) -> Result<i32> {
             Err(e) if g.json => eprintln!("tether status: {e:#}; trying again in {every:?}"),
             Err(e) => {
                 out!("{}", header());
-                out!("the server did not answer: {e:#}; trying again in {every:?}");
+                out!("could not read the summary: {e:#}; trying again in {every:?}");
             }
         }
         tokio::select! {

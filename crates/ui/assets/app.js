@@ -74,7 +74,10 @@ function payload(p) {
   if (p == null) return `<span class="muted">none</span>`;
   if (typeof p === "object" && p.payload && p.encoding) {
     const key = p.payload.data;
-    const got = decoded.get(key);
+    let got = decoded.get(key);
+    // A failure is tried again now and then: the codec server may have been started (or
+    // restarted with --allow-origin) since.
+    if (got && !got.ok && Date.now() - got.at > 5000) { decoded.delete(key); decoding.delete(key); got = undefined; }
     if (got && got.ok) return `<pre data-decoded="1" title="decoded in this browser by the codec server">${esc(got.text)}</pre>`;
     if (got) return `<span class="badge" data-encrypted="1">${esc(p.key_id ? "encrypted, key " + p.key_id : p.encoding)}</span> <span class="error" data-decode-failed="1">${esc(got.text)}</span>`;
     const what = p.key_id ? `encrypted, key ${esc(p.key_id)}` : esc(p.encoding);
@@ -87,25 +90,30 @@ const decoding = new Set();
 async function decodeLater(raw) {
   if (decoding.has(raw.data)) return;
   decoding.add(raw.data);
+  const asked = codecUrl();
+  const settle = (answer) => {
+    // An answer from a codec server the user has since replaced is dropped.
+    if (codecUrl() === asked) decoded.set(raw.data, { ...answer, at: Date.now() });
+  };
   try {
     let r;
     try {
-      r = await fetch(`${codecUrl()}/decode`, {
+      r = await fetch(`${asked}/decode`, {
         method: "POST", headers: { "content-type": "application/json" },
         body: JSON.stringify({ payloads: [raw] }),
       });
     } catch (_) {
       // The browser says no more than this when the server is down or refused the origin.
-      throw new Error(`no answer from ${codecUrl()}: is it running, and was it started with --allow-origin ${location.origin}?`);
+      throw new Error(`no answer from ${asked}: is it running, and was it started with --allow-origin ${location.origin}?`);
     }
     const body = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
     const text = new TextDecoder().decode(Uint8Array.from(atob(body.payloads[0].data), c => c.charCodeAt(0)));
     let shown = text;
     try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (_) { /* not JSON: as text */ }
-    decoded.set(raw.data, { ok: true, text: shown });
+    settle({ ok: true, text: shown });
   } catch (e) {
-    decoded.set(raw.data, { ok: false, text: `the codec server could not decode it: ${e.message}` });
+    settle({ ok: false, text: `the codec server could not decode it: ${e.message}` });
   }
   refresh();
 }
