@@ -1,10 +1,10 @@
 //! The client: connect, workflows, standalone activities and sessions, each call an asyncio
 //! awaitable over the Rust SDK's `Client`.
 
-use crate::convert::{self, client_error, invalid};
+use crate::bridge::{self, later};
+use crate::convert::{self, invalid};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use pyo3_async_runtimes::tokio::future_into_py;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,10 +55,8 @@ pub(crate) fn connect<'py>(
         let codec = AesGcmCodec::from_file(&keys).map_err(invalid)?;
         options.data_converter = DataConverter::default().with_codec(std::sync::Arc::new(codec));
     }
-    future_into_py(py, async move {
-        let client = Client::connect_with(address, options)
-            .await
-            .map_err(client_error)?;
+    bridge::future(py, async move {
+        let client = Client::connect_with(address, options).await?;
         Ok(PyClient { client })
     })
 }
@@ -107,11 +105,10 @@ impl PyClient {
             .transpose()?;
         let input = convert::payload(data, encoding);
         let client = self.client.clone();
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             let handle = client
                 .start_workflow_raw(&workflow_type, input, options)
-                .await
-                .map_err(client_error)?;
+                .await?;
             Ok(handle.run_id.to_string())
         })
     }
@@ -128,14 +125,13 @@ impl PyClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         let client = self.client.clone();
         let (id, run_id) = (id.to_string(), run_id.to_string());
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             let outcome = if activity {
                 client.activity_handle(&id, &run_id).outcome().await
             } else {
                 client.workflow_handle(&id, &run_id).outcome().await
-            }
-            .map_err(client_error)?;
-            Python::attach(|py| convert::outcome_to_py(py, &outcome))
+            }?;
+            Ok(later(move |py| convert::outcome_to_py(py, &outcome)))
         })
     }
 
@@ -152,11 +148,8 @@ impl PyClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         let handle = self.client.workflow_handle(workflow_id, run_id);
         let input = convert::payload(data, encoding);
-        future_into_py(py, async move {
-            handle
-                .signal_raw(&signal_name, input)
-                .await
-                .map_err(client_error)
+        bridge::future(py, async move {
+            Ok(handle.signal_raw(&signal_name, input).await?)
         })
     }
 
@@ -171,13 +164,13 @@ impl PyClient {
         reason: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         let handle = self.client.workflow_handle(workflow_id, run_id);
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             let ended = if terminate {
                 handle.terminate(&reason).await
             } else {
                 handle.cancel(&reason).await
             };
-            ended.map_err(client_error)
+            Ok(ended?)
         })
     }
 
@@ -189,9 +182,9 @@ impl PyClient {
         run_id: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
         let handle = self.client.workflow_handle(workflow_id, run_id);
-        future_into_py(py, async move {
-            let d = handle.describe().await.map_err(client_error)?;
-            Python::attach(|py| -> PyResult<Py<PyAny>> {
+        bridge::future(py, async move {
+            let d = handle.describe().await?;
+            Ok(later(move |py| {
                 let out = PyDict::new(py);
                 let info = d.info.unwrap_or_default();
                 let status =
@@ -216,8 +209,8 @@ impl PyClient {
                     }
                     None => out.set_item("task_failure", py.None())?,
                 }
-                Ok(out.into_any().unbind())
-            })
+                Ok(out.into_any())
+            }))
         })
     }
 
@@ -240,29 +233,24 @@ impl PyClient {
         o.options = activity_options(options)?;
         let input = convert::payload(data, encoding);
         let client = self.client.clone();
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             let (handle, outcome) = if wait {
                 let (handle, outcome) = client
                     .execute_activity_raw(&activity_type, input, o)
-                    .await
-                    .map_err(client_error)?;
+                    .await?;
                 (handle, Some(outcome))
             } else {
-                let handle = client
-                    .start_activity_raw(&activity_type, input, o)
-                    .await
-                    .map_err(client_error)?;
+                let handle = client.start_activity_raw(&activity_type, input, o).await?;
                 (handle, None)
             };
-            Python::attach(|py| -> PyResult<(String, String, Option<Py<PyAny>>)> {
-                Ok((
-                    handle.run_id.to_string(),
-                    handle.placement_note,
-                    outcome
-                        .map(|o| convert::outcome_to_py(py, &o))
-                        .transpose()?,
-                ))
-            })
+            Ok(later(move |py| {
+                let outcome = outcome
+                    .map(|o| convert::outcome_to_py(py, &o))
+                    .transpose()?;
+                (handle.run_id.to_string(), handle.placement_note, outcome)
+                    .into_pyobject(py)
+                    .map(Bound::into_any)
+            }))
         })
     }
 
@@ -275,9 +263,7 @@ impl PyClient {
         reason: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         let handle = self.client.activity_handle(activity_id, run_id);
-        future_into_py(py, async move {
-            handle.cancel(&reason).await.map_err(client_error)
-        })
+        bridge::future(py, async move { Ok(handle.cancel(&reason).await?) })
     }
 
     /// Creates a session and waits for the server to place it.
@@ -314,8 +300,8 @@ impl PyClient {
             .transpose()?;
         o.worker = worker;
         let client = self.client.clone();
-        future_into_py(py, async move {
-            let session = client.create_session(o).await.map_err(client_error)?;
+        bridge::future(py, async move {
+            let session = client.create_session(o).await?;
             Ok(PySession { session })
         })
     }
@@ -347,23 +333,22 @@ impl PySession {
         let options = activity_options(options)?;
         let input = convert::payload(data, encoding);
         let session = self.session.clone();
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             let outcome = session
                 .execute_activity_raw(&activity_type, input, options)
-                .await
-                .map_err(client_error)?;
-            Python::attach(|py| convert::outcome_to_py(py, &outcome))
+                .await?;
+            Ok(later(move |py| convert::outcome_to_py(py, &outcome)))
         })
     }
 
     /// Ends the session and releases its reservation; answers its final state.
     fn complete<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let session = self.session.clone();
-        future_into_py(py, async move {
-            let info = session.complete().await.map_err(client_error)?;
-            Python::attach(|py| -> PyResult<Py<PyAny>> {
-                Ok(convert::session_to_py(py, &info)?.into_any().unbind())
-            })
+        bridge::future(py, async move {
+            let info = session.complete().await?;
+            Ok(later(move |py| {
+                Ok(convert::session_to_py(py, &info)?.into_any())
+            }))
         })
     }
 }

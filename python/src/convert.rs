@@ -56,10 +56,10 @@ pub(crate) fn failure_to_py<'py>(
 
 /// How a workflow or activity ended: `{"status", "result": (data, encoding) | None,
 /// "failure": dict | None}`.
-pub(crate) fn outcome_to_py(
-    py: Python<'_>,
+pub(crate) fn outcome_to_py<'py>(
+    py: Python<'py>,
     outcome: &pb::GetWorkflowResultResponse,
-) -> PyResult<Py<PyAny>> {
+) -> PyResult<Bound<'py, PyAny>> {
     let d = PyDict::new(py);
     let status = pb::ExecutionStatus::try_from(outcome.status).unwrap_or_default();
     d.set_item("status", status.short_name())?;
@@ -68,7 +68,7 @@ pub(crate) fn outcome_to_py(
         Some(f) => d.set_item("failure", failure_to_py(py, f)?)?,
         None => d.set_item("failure", py.None())?,
     }
-    Ok(d.into_any().unbind())
+    Ok(d.into_any())
 }
 
 /// A session as a dict: id, state, worker, host, host queue, reserved GPUs and resources.
@@ -121,8 +121,8 @@ pub(crate) fn tether_exception<'py>(
 }
 
 /// A client call's failure as the exception Python code catches.
-pub(crate) fn client_error(e: ClientError) -> PyErr {
-    Python::attach(|py| match &e {
+pub(crate) fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
+    match &e {
         ClientError::Connect { .. } => tether_exception(py, "ConnectError", (e.to_string(),)),
         ClientError::Rpc(status) => tether_exception(
             py,
@@ -138,7 +138,7 @@ pub(crate) fn client_error(e: ClientError) -> PyErr {
         ClientError::Failed { .. } | ClientError::Convert(_) => {
             tether_exception(py, "TetherError", (e.to_string(),))
         }
-    })
+    }
 }
 
 /// Bad arguments from Python: a ValueError saying what was wrong.

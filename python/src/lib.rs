@@ -5,8 +5,10 @@
 //!
 //! Everything async here runs on the tokio runtime of pyo3-async-runtimes and is awaited from
 //! asyncio; Python callables (activities) are run on the asyncio loop of the worker that
-//! registered them.
+//! registered them. Both directions cross through `bridge`, whose completions run on the
+//! loop's own thread, batched.
 
+mod bridge;
 mod client;
 mod convert;
 mod worker;

@@ -4,13 +4,12 @@
 //! runs the function (a thread for a plain `def`) and answers how it went; workflow runs are
 //! `crate::workflow`'s.
 
+use crate::bridge::{self, LoopQueue};
 use crate::client::{seconds, PyClient};
 use crate::convert::{self, invalid};
 use futures::FutureExt;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
-use pyo3_async_runtimes::tokio::future_into_py;
-use pyo3_async_runtimes::TaskLocals;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -30,8 +29,8 @@ enum State {
 #[pyclass(name = "Worker", module = "tether._core", frozen)]
 pub(crate) struct PyWorker {
     state: Arc<Mutex<State>>,
-    /// The asyncio loop (and context) activities run on: the one that called `run`.
-    locals: Arc<Mutex<Option<TaskLocals>>>,
+    /// The asyncio loop activities run on: the one that called `run`.
+    event_loop: Arc<Mutex<Option<Arc<LoopQueue>>>>,
     /// Set to ask the worker to stop. `run`'s own future then stops it gracefully, so that
     /// what the worker does last in Python is the completion `run`'s caller awaits: no
     /// completion of another future can reach Python after `run` has returned (and an
@@ -87,7 +86,7 @@ impl PyWorker {
                 client.client.clone(),
                 options,
             ))))),
-            locals: Arc::new(Mutex::new(None)),
+            event_loop: Arc::new(Mutex::new(None)),
             stop: Arc::new(tokio::sync::watch::channel(false).0),
             stopped: Arc::new(tokio::sync::watch::channel(false).0),
         })
@@ -103,51 +102,40 @@ impl PyWorker {
         };
         let dispatch = Arc::new(dispatch);
         // The loop is known only when `run` is called: the activity reads it from there.
-        let locals = self.locals.clone();
+        let event_loop = self.event_loop.clone();
         worker.register_activity_raw(&name, move |ctx, input| {
             let dispatch = dispatch.clone();
-            let locals = locals.lock().expect("not poisoned").clone();
+            let event_loop = event_loop.lock().expect("not poisoned").clone();
             async move {
-                let locals = locals
+                let event_loop = event_loop
                     .ok_or_else(|| ActivityError::retryable("the Python worker is not running"))?;
                 let cancel = ctx.clone();
-                let (attempt, pyctx) = Python::attach(|py| -> PyResult<_> {
-                    let pyctx = Py::new(
-                        py,
-                        PyActivityContext {
-                            ctx,
-                            task: Mutex::new(None),
-                        },
-                    )?;
-                    let (data, encoding) = match &input {
-                        Some(p) => (
-                            Some(PyBytes::new(py, &p.data)),
-                            tether_sdk::codec::encoding_of(p),
-                        ),
-                        None => (None, String::new()),
-                    };
-                    let coroutine =
-                        dispatch
-                            .bind(py)
-                            .call1((pyctx.clone_ref(py), data, encoding))?;
-                    Ok((
-                        pyo3_async_runtimes::into_future_with_locals(&locals, coroutine)?,
-                        pyctx,
-                    ))
-                })
-                .map_err(python_failure)?;
-                let mut attempt = std::pin::pin!(attempt);
+                let task = Arc::new(Mutex::new(None));
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                let started = ActivityStart {
+                    ctx,
+                    input,
+                    dispatch,
+                    task: task.clone(),
+                    answer,
+                };
+                event_loop.push(Box::new(move |py| started.start(py)));
+                let mut answered = std::pin::pin!(answered);
                 // Told to stop: the async activity's task is cancelled on its loop (it sees
                 // CancelledError); a plain `def` one learns it from `is_cancelled()`.
                 let answer = tokio::select! {
-                    answer = &mut attempt => answer,
+                    answer = &mut answered => answer,
                     _ = cancel.cancelled() => {
-                        Python::attach(|py| pyctx.get().cancel_task(py, &locals));
-                        attempt.await
+                        event_loop.push(Box::new(move |py| cancel_task(py, &task)));
+                        answered.await
                     }
-                }
-                .map_err(python_failure)?;
-                Python::attach(|py| read_answer(answer.bind(py)))
+                };
+                // No answer: the loop dropped the attempt unrun (it stopped, or is gone).
+                answer.unwrap_or_else(|_| {
+                    Err(ActivityError::retryable(
+                        "the Python worker's asyncio loop stopped before the activity ended",
+                    ))
+                })
             }
             .boxed()
         });
@@ -171,7 +159,7 @@ impl PyWorker {
     /// Starts the worker on the running asyncio loop; the awaitable ends when it has stopped
     /// (see `shutdown`). Fails at once when another live process holds the identity.
     fn run<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let locals = pyo3_async_runtimes::tokio::get_current_locals(py)?;
+        let (_, event_loop) = bridge::running_loop(py)?;
         let mut state = self.state.lock().expect("not poisoned");
         let worker = match std::mem::replace(&mut *state, State::Stopped) {
             State::Building(worker) => *worker,
@@ -180,7 +168,7 @@ impl PyWorker {
                 return Err(invalid("this worker has already been run (or stopped)"));
             }
         };
-        *self.locals.lock().expect("not poisoned") = Some(locals);
+        *self.event_loop.lock().expect("not poisoned") = Some(event_loop);
         let started = {
             let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
             worker.start()
@@ -191,7 +179,7 @@ impl PyWorker {
         let mut stop = self.stop.subscribe();
         let state = self.state.clone();
         let stopped = self.stopped.clone();
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             let _ = stop.wait_for(|asked| *asked).await;
             stop_gracefully(&state, &stopped).await;
             Ok(())
@@ -225,7 +213,7 @@ impl PyWorker {
         self.request_stop();
         let state = self.state.clone();
         let stopped = self.stopped.clone();
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             stop_gracefully(&state, &stopped).await;
             Ok(())
         })
@@ -271,8 +259,106 @@ async fn stop_gracefully(state: &Mutex<State>, stopped: &Arc<tokio::sync::watch:
     }
 }
 
+/// The answer of one attempt, as the worker takes it.
+type Answer = Result<Option<pb::Payload>, ActivityError>;
+
+/// One attempt, handed to the loop's thread to start.
+struct ActivityStart {
+    ctx: ActivityContext,
+    input: Option<pb::Payload>,
+    dispatch: Arc<Py<PyAny>>,
+    task: Arc<Mutex<Option<Py<PyAny>>>>,
+    answer: tokio::sync::oneshot::Sender<Answer>,
+}
+
+impl ActivityStart {
+    /// On the loop's thread: runs the dispatcher as a task of the loop, which answers when
+    /// it ends (see `AnswerWhenDone`).
+    fn start(self, py: Python<'_>) {
+        static ENSURE_FUTURE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+        let answer = AnswerWhenDone {
+            answer: Mutex::new(Some(self.answer)),
+        };
+        let pyctx = PyActivityContext {
+            ctx: self.ctx,
+            task: self.task,
+        };
+        let (data, encoding) = match &self.input {
+            Some(p) => (
+                Some(PyBytes::new(py, &p.data)),
+                tether_sdk::codec::encoding_of(p),
+            ),
+            None => (None, String::new()),
+        };
+        let task = self
+            .dispatch
+            .bind(py)
+            .call1((pyctx, data, encoding))
+            .and_then(|coroutine| {
+                ENSURE_FUTURE
+                    .import(py, "asyncio", "ensure_future")?
+                    .call1((coroutine,))
+            });
+        match task {
+            Ok(task) => {
+                if let Err(e) = task.call_method1(pyo3::intern!(py, "add_done_callback"), (answer,))
+                {
+                    // Not reached with asyncio's tasks; the attempt then fails and is retried.
+                    tracing::error!(error = %e, "could not follow the Python activity's task");
+                }
+            }
+            Err(e) => answer.send(Err(python_failure(e))),
+        }
+    }
+}
+
+/// The done callback of an attempt's asyncio task: sends its answer to the worker.
+#[pyclass(frozen)]
+struct AnswerWhenDone {
+    answer: Mutex<Option<tokio::sync::oneshot::Sender<Answer>>>,
+}
+
+impl AnswerWhenDone {
+    fn send(&self, answer: Answer) {
+        if let Some(tx) = self.answer.lock().expect("not poisoned").take() {
+            // The attempt may be gone (its worker killed): nobody waits for the answer.
+            let _ = tx.send(answer);
+        }
+    }
+}
+
+#[pymethods]
+impl AnswerWhenDone {
+    fn __call__(&self, py: Python<'_>, task: &Bound<'_, PyAny>) {
+        let cancelled = task
+            .call_method0(pyo3::intern!(py, "cancelled"))
+            .and_then(|c| c.is_truthy());
+        let answer = if matches!(cancelled, Ok(true)) {
+            // Cancelled before the dispatcher's first step (which would have caught it).
+            Err(ActivityError::Cancelled)
+        } else {
+            match task.call_method0(pyo3::intern!(py, "result")) {
+                Ok(answer) => read_answer(&answer),
+                Err(e) => Err(python_failure(e)),
+            }
+        };
+        self.send(answer);
+    }
+}
+
+/// On the loop's thread: cancels the attempt's asyncio task, if it has one (an `async def`
+/// activity that started).
+fn cancel_task(py: Python<'_>, task: &Mutex<Option<Py<PyAny>>>) {
+    let task = task.lock().expect("not poisoned").take();
+    if let Some(task) = task {
+        if let Err(e) = task.bind(py).call_method0(pyo3::intern!(py, "cancel")) {
+            tracing::warn!(error = %e, "could not cancel the Python activity's task");
+        }
+    }
+}
+
 /// What the dispatcher answered, as the worker's outcome of the attempt.
-fn read_answer(answer: &Bound<'_, PyAny>) -> Result<Option<pb::Payload>, ActivityError> {
+fn read_answer(answer: &Bound<'_, PyAny>) -> Answer {
     let parsed = || -> PyResult<Result<Option<pb::Payload>, ActivityError>> {
         let answer = answer.cast::<PyTuple>()?;
         let kind: String = answer.get_item(0)?.extract()?;
@@ -316,23 +402,7 @@ fn python_failure(e: PyErr) -> ActivityError {
 pub(crate) struct PyActivityContext {
     ctx: ActivityContext,
     /// The asyncio task running an `async def` activity (see `set_task`), to cancel it.
-    task: Mutex<Option<Py<PyAny>>>,
-}
-
-impl PyActivityContext {
-    fn cancel_task(&self, py: Python<'_>, locals: &TaskLocals) {
-        let task = self.task.lock().expect("not poisoned").take();
-        if let Some(task) = task {
-            let scheduled = task.bind(py).getattr("cancel").and_then(|cancel| {
-                locals
-                    .event_loop(py)
-                    .call_method1("call_soon_threadsafe", (cancel,))
-            });
-            if let Err(e) = scheduled {
-                tracing::warn!(error = %e, "could not cancel the Python activity's task");
-            }
-        }
-    }
+    task: Arc<Mutex<Option<Py<PyAny>>>>,
 }
 
 #[pymethods]
@@ -395,7 +465,7 @@ impl PyActivityContext {
     /// An awaitable that ends when the attempt is told to stop.
     fn cancelled<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let ctx = self.ctx.clone();
-        future_into_py(py, async move {
+        bridge::future(py, async move {
             ctx.cancelled().await;
             Ok(())
         })

@@ -66,3 +66,22 @@ async def test_sigterm_stops_a_worker_gracefully(server, queue, tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+@run
+async def test_workers_stopped_by_sigterm_at_once_all_exit_cleanly(server, queue, tmp_path):
+    # Each process races its interpreter's exit against the core's last completions (one that
+    # reached Python after `run` returned crashed the process now and then): several at once.
+    processes = await asyncio.gather(
+        *(worker_process(server.address, f"{queue}-{i}", f"{queue}-w{i}", "", tmp_path) for i in range(6))
+    )
+    try:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        codes = [await loop.run_in_executor(None, process.wait, 20) for process in processes]
+        assert codes == [0] * len(processes), f"exit codes after SIGTERM: {codes}"
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
