@@ -163,6 +163,72 @@ async fn unplaceable_session_waits_with_a_reason_then_fails() {
     w.shutdown().await;
 }
 
+/// Waits until `count` sessions are creating (waiting for GPUs).
+async fn wait_creating(env: &TestEnv, count: usize) {
+    eventually(T, "sessions waiting", || async {
+        let all = env.client.list_sessions(false).await.ok()?;
+        (all.iter().filter(|s| s.state == "creating").count() == count).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_sessions_are_placed_oldest_first_as_gpus_free() {
+    let env = TestEnv::start().await;
+    let w = start_worker(&env, "box", gpu_box("box", 2), 10);
+    wait_alive(&env, &["box"]).await;
+    let both = within(T, "first", env.client.create_session(gpus(2)))
+        .await
+        .unwrap();
+    // Three wait, in this order: two GPUs, one GPU, two GPUs (the first and last ask the same).
+    let mut waiting = Vec::new();
+    for (i, n) in [2u32, 1, 2].into_iter().enumerate() {
+        let client = env.client.clone();
+        let mut options = gpus(n);
+        options.creation_timeout = Some(Duration::from_secs(30));
+        waiting.push(tokio::spawn(
+            async move { client.create_session(options).await },
+        ));
+        wait_creating(&env, i + 1).await;
+    }
+    let all = env.client.list_sessions(false).await.unwrap();
+    for s in all.iter().filter(|s| s.state == "creating") {
+        assert!(
+            s.reason.contains("box"),
+            "a waiting session says why: {s:?}"
+        );
+    }
+    let mut waiting = waiting.into_iter();
+    let (first, second, third) = (
+        waiting.next().unwrap(),
+        waiting.next().unwrap(),
+        waiting.next().unwrap(),
+    );
+
+    // Both GPUs free: the oldest (two GPUs) goes first, though the one-GPU request would fit too.
+    both.complete().await.unwrap();
+    let first = within(T, "oldest placed", first).await.unwrap().unwrap();
+    assert_eq!(first.info.gpus.len(), 2);
+    wait_creating(&env, 2).await;
+
+    // Two free again: the one-GPU request is older than the two-GPU one, so it goes, and the
+    // two-GPU one waits with one free.
+    first.complete().await.unwrap();
+    let second = within(T, "one-GPU placed", second).await.unwrap().unwrap();
+    assert_eq!(second.info.gpus.len(), 1);
+    wait_creating(&env, 1).await;
+    assert!(
+        !third.is_finished(),
+        "two GPUs were placed with only one free"
+    );
+
+    second.complete().await.unwrap();
+    let third = within(T, "last placed", third).await.unwrap().unwrap();
+    assert_eq!(third.info.gpus.len(), 2);
+    third.complete().await.unwrap();
+    w.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_worker_fails_its_sessions_and_their_activities() {
     let config = tether::server::ServerConfig {

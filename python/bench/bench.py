@@ -147,10 +147,10 @@ async def main(args) -> None:
         print(f"W1  {args.w1} activities, 256 in flight, {args.slots} slots: {rate:.0f} activities/s")
         p50, p99 = await w2(client, "w1", args.w2)
         print(f"W2  {args.w2} sequential round trips: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
-        procs.append(start_worker(address, "w3", "bench-a", args.sync, 4 if args.sync else args.slots))
-        procs.append(start_worker(address, "w3", "bench-b", args.sync, 4 if args.sync else args.slots))
+        procs.append(start_worker(address, "w3", "bench-a", args.sync, args.slots))
+        procs.append(start_worker(address, "w3", "bench-b", args.sync, args.slots))
         rate = await w3(client, "w3", ["bench-a", "bench-b"], args.w3)
-        print(f"W3  {args.w3} chains of 5 steps, a session per chain, 2 workers: {rate:.0f} chains/s "
+        print(f"W3  {args.w3} chains of 5 steps, a session per chain, 2 workers with {args.slots} slots: {rate:.0f} chains/s "
               f"(every step on its session's worker: checked)")
     finally:
         for p in procs:
