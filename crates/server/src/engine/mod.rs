@@ -10,6 +10,7 @@ mod namespaces;
 mod reads;
 mod recovery;
 mod session_ops;
+mod session_placement;
 mod start;
 #[cfg(test)]
 mod tests;
