@@ -104,7 +104,9 @@ async fn open_sessions(client: &Client) -> Vec<tether::api::pb::SessionInfo> {
 }
 
 /// A server with a short worker liveness timeout (so a killed worker is marked dead within
-/// the test) and its UI on a free loopback port.
+/// the test) and its UI on a free loopback port. Short, but not so short that a live worker
+/// misses it: beside the whole suite on 2 cores, a 2 s window once failed the pipeline's first
+/// session (heartbeats every 667 ms, all late) before the test looked at it.
 struct Served {
     _data: tempfile::TempDir,
     server: LocalServer,
@@ -116,7 +118,7 @@ impl Served {
     async fn start() -> Served {
         let data = tempfile::tempdir().expect("tempdir");
         let config = ServerConfig {
-            worker_liveness_timeout: Duration::from_secs(2),
+            worker_liveness_timeout: Duration::from_secs(5),
             ..Default::default()
         };
         let server = LocalServer::start("127.0.0.1:0", data.path(), config)
