@@ -834,6 +834,44 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_deletes_hand_out_rows_by_index_after_the_table_was_analyzed_small() {
+        let (_cluster, url, _store) = store_on_a_new_cluster("plans_small").await;
+        let side = side_connection(&url).await;
+        side.batch_execute(writer::SESSION_SETTINGS).await.unwrap();
+        // What an autovacuum ANALYZE between two bursts sees (see SESSION_SETTINGS): a few
+        // rows, a page or two.
+        side.batch_execute(
+            "INSERT INTO started (run_id, scheduled_event_id, attempt, dispatch, started_ms,
+                                  worker, instance)
+             SELECT 'r' || g, 1, 1, 1, 1, 'w', 'i' FROM generate_series(1, 30) g;
+             ANALYZE started;",
+        )
+        .await
+        .unwrap();
+        side.batch_execute(&format!(
+            "PREPARE delete_own(text[]) AS {}",
+            schema::DELETE_OWN_STARTED_OF_RUNS
+        ))
+        .await
+        .unwrap();
+        let plan: Vec<String> = side
+            .simple_query("EXPLAIN EXECUTE delete_own(ARRAY['r1'])")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            plan.iter().any(|line| line.contains("started_pkey"))
+                && !plan.iter().any(|line| line.contains("Seq Scan")),
+            "the plan: {plan:#?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_takeover_waits_for_a_one_statement_write_that_passed_the_fence() {
         let (_cluster, url, store) = store_on_a_new_cluster("fence_row_lock").await;
         let store = std::sync::Arc::new(store);
