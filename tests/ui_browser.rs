@@ -106,7 +106,7 @@ async fn open_sessions(client: &Client) -> Vec<tether::api::pb::SessionInfo> {
 /// A server with a short worker liveness timeout (so a killed worker is marked dead within
 /// the test) and its UI on a free loopback port. Short, but not so short that a live worker
 /// misses it: beside the whole suite on 2 cores, a 2 s window once failed the pipeline's first
-/// session (heartbeats every 667 ms, all late) before the test looked at it.
+/// session before the test looked at it (its heartbeats, every 667 ms, were late, it seems).
 struct Served {
     _data: tempfile::TempDir,
     server: LocalServer,
