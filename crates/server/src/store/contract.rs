@@ -56,6 +56,7 @@ macro_rules! contract {
 contract!(
     recovery_reads_back_open_runs_with_their_history_and_no_closed_one,
     recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run,
+    in_one_group_a_close_removes_the_hand_outs_before_it_and_keeps_those_after,
     a_closed_sessions_rows_are_released_and_the_open_runs_keep_theirs,
     a_delete_never_removes_an_open_run_its_history_or_an_open_session,
     runs_and_sessions_page_newest_first_with_exact_boundaries,
@@ -233,6 +234,80 @@ async fn recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run
         (a5.started_dispatch, a5.started_ms),
         (0, 0),
         "taken back: waiting"
+    );
+}
+
+/// A group is written as if its writes ran one by one, however a store gathers them: a run's
+/// close removes the hand-out rows written before it in the same group, not those after, and a
+/// row written twice is as written last.
+async fn in_one_group_a_close_removes_the_hand_outs_before_it_and_keeps_those_after(
+    store: &dyn Store,
+) {
+    use crate::state::ActivityState;
+    let with_activity = |id: &str| {
+        let mut state = run(id, ExecutionStatus::Running);
+        state.activities.insert(
+            1,
+            ActivityState {
+                scheduled_event_id: 1,
+                attempt: 1,
+                ..Default::default()
+            },
+        );
+        state
+    };
+    let handed_out = |run_id: &str, dispatch: u64| Write::Started {
+        run_id: run_id.into(),
+        scheduled_event_id: 1,
+        attempt: 1,
+        dispatch,
+        started_ms: 10 * dispatch as i64,
+        worker: "w".into(),
+        instance: "w-process".into(),
+        session_id: None,
+        session_activities_run: 0,
+    };
+    let mut writes: Vec<Write> = ["before", "after", "twice"]
+        .into_iter()
+        .map(|id| put_run(with_activity(id)))
+        .collect();
+    writes.extend([
+        handed_out("before", 1),
+        handed_out("twice", 1),
+        handed_out("twice", 2),
+        put_run(closed("before", 5)),
+        put_run(closed("after", 5)),
+        handed_out("after", 3),
+    ]);
+    commit(store, writes).await;
+    // Opened again (as no engine would), they show which rows are left to fold into them.
+    commit(
+        store,
+        ["before", "after", "twice"]
+            .into_iter()
+            .map(|id| Write::Run {
+                state: Box::new(with_activity(id)),
+                may_own_started: false,
+            })
+            .collect(),
+    )
+    .await;
+    // Hand-outs alone (the group a store may write in one go), one of them twice.
+    commit(store, vec![handed_out("twice", 4), handed_out("twice", 5)]).await;
+    let recovered = store.recover().unwrap();
+    let mut dispatches: Vec<(String, u64)> = recovered
+        .open_runs
+        .iter()
+        .map(|(state, _)| (state.run_id.clone(), state.activities[&1].started_dispatch))
+        .collect();
+    dispatches.sort();
+    assert_eq!(
+        dispatches,
+        vec![
+            ("after".into(), 3),
+            ("before".into(), 0),
+            ("twice".into(), 5)
+        ]
     );
 }
 

@@ -509,6 +509,19 @@ mod tests {
         }
     }
 
+    /// `running(id)` closed, its own hand-out rows going with it.
+    fn completed(id: &str) -> Write {
+        let Write::Run { mut state, .. } = running(id) else {
+            unreachable!()
+        };
+        state.status = ExecutionStatus::Completed as i32;
+        state.close_ms = 2;
+        Write::Run {
+            state,
+            may_own_started: true,
+        }
+    }
+
     fn event_of(run_id: &str) -> Write {
         Write::Events {
             run_id: run_id.into(),
@@ -604,10 +617,11 @@ mod tests {
         const COMMITS: i64 = 20;
         for i in 0..COMMITS {
             let id = format!("run-{i}");
-            // Runs and events only: one statement. With a hand-out row: one by one.
+            // Runs, events and hand-out rows: one statement. With a close after a hand-out of
+            // the same run: one by one.
             for writes in [
-                vec![running(&id), event_of(&id)],
                 vec![running(&id), event_of(&id), handed_out(&id)],
+                vec![running(&id), event_of(&id), handed_out(&id), completed(&id)],
             ] {
                 store
                     .submit_fenced(WriteBatch { writes }, fence("r1", "default", epoch))
@@ -906,6 +920,16 @@ mod tests {
                 &Vec::<String>::new(),
                 &Vec::<i64>::new(),
                 &Vec::<Vec<u8>>::new(),
+                // No hand-out rows.
+                &Vec::<String>::new(),
+                &Vec::<i64>::new(),
+                &Vec::<i32>::new(),
+                &Vec::<i64>::new(),
+                &Vec::<i64>::new(),
+                &Vec::<String>::new(),
+                &Vec::<String>::new(),
+                &Vec::<String>::new(),
+                &Vec::<i64>::new(),
             ],
         )
         .await

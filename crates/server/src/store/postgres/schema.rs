@@ -103,8 +103,6 @@ pub(super) const PUT_SESSION: &str =
      ON CONFLICT (session_id) DO UPDATE SET open = EXCLUDED.open, state = EXCLUDED.state,
                                             closed_ms = EXCLUDED.closed_ms";
 /// A closed run's own hand-out rows (not those that keep a session's count).
-pub(super) const DELETE_OWN_STARTED: &str =
-    "DELETE FROM started WHERE run_id = $1 AND session_id = ''";
 pub(super) const KEEP_SESSION_STARTED: &str =
     "UPDATE started SET session_id = '' WHERE run_id = $1 AND session_id = $2";
 pub(super) const DELETE_SESSION_STARTED: &str =
@@ -118,16 +116,17 @@ pub(super) const DELETE_RUN_EVENTS: &str = "DELETE FROM events WHERE run_id = $1
 pub(super) const DELETE_RUN_STARTED: &str = "DELETE FROM started WHERE run_id = $1
      AND EXISTS (SELECT 1 FROM runs WHERE run_id = $1 AND close_ms > 0)";
 pub(super) const DELETE_RUN: &str = "DELETE FROM runs WHERE run_id = $1 AND close_ms > 0";
+/// Hand-out rows, many in one statement (no key twice: see the writer's `Rows`).
 pub(super) const PUT_STARTED: &str =
     "INSERT INTO started (run_id, scheduled_event_id, attempt, dispatch, started_ms, worker,
                           instance, session_id, session_activities_run)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+     SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bigint[], $5::bigint[],
+                          $6::text[], $7::text[], $8::text[], $9::bigint[])
      ON CONFLICT (run_id, scheduled_event_id) DO UPDATE SET
          attempt = EXCLUDED.attempt, dispatch = EXCLUDED.dispatch,
          started_ms = EXCLUDED.started_ms, worker = EXCLUDED.worker,
          instance = EXCLUDED.instance, session_id = EXCLUDED.session_id,
          session_activities_run = EXCLUDED.session_activities_run";
-/// Many events in one statement.
 pub(super) const PUT_EVENTS: &str = "INSERT INTO events (run_id, event_id, event)
      SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
      ON CONFLICT (run_id, event_id) DO UPDATE SET event = EXCLUDED.event";
@@ -177,15 +176,16 @@ const FENCE_BY_ROW_LOCK: &str = "held AS (
 /// A group of runs and events written in one statement, its own transaction: no `BEGIN`, no
 /// `COMMIT`, one round trip to the database (the writer's common case: see its
 /// `one_statement`). Its values, in order: with a fence, the owner, the namespaces and their
-/// epochs; then the closing runs whose hand-out rows go; then [`PUT_RUNS`]' and
-/// [`PUT_EVENTS`]' arrays. The statements are the same text as when written one by one.
+/// epochs; then the closing runs whose hand-out rows go; then [`PUT_RUNS`]', [`PUT_EVENTS`]'
+/// and [`PUT_STARTED`]'s arrays. The statements are the same text as when written one by one.
 pub(super) fn one_statement_write(fenced: bool) -> String {
     let first = if fenced { 4 } else { 1 };
     let writes = format!(
-        "own_started AS ({}), runs_put AS ({}), events_put AS ({})",
+        "own_started AS ({}), runs_put AS ({}), events_put AS ({}), started_put AS ({})",
         renumber(DELETE_OWN_STARTED_OF_RUNS, first - 1),
         renumber(PUT_RUNS, first),
         renumber(PUT_EVENTS, first + 8),
+        renumber(PUT_STARTED, first + 11),
     );
     if fenced {
         // Every lease row is locked before the check reads them, and the check runs (and
@@ -236,10 +236,12 @@ mod tests {
             "{unfenced}"
         );
         assert!(unfenced.contains("$12::bytea[]"), "{unfenced}");
-        assert!(!unfenced.contains("$13"), "{unfenced}");
+        assert!(unfenced.contains("$21::bigint[]"), "{unfenced}");
+        assert!(!unfenced.contains("$22"), "{unfenced}");
         let fenced = one_statement_write(true);
         assert!(fenced.contains("run_id = ANY($4::text[])"), "{fenced}");
         assert!(fenced.contains("$15::bytea[]"), "{fenced}");
-        assert!(!fenced.contains("$16"), "{fenced}");
+        assert!(fenced.contains("$24::bigint[]"), "{fenced}");
+        assert!(!fenced.contains("$25"), "{fenced}");
     }
 }

@@ -6,7 +6,7 @@ use crate::state::RunState;
 use crate::store::api::{Fence, StoreError, Write};
 use crate::store::group_commit::Job;
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tether_wire::pb::{ExecutionStatus, HistoryEvent};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
@@ -223,7 +223,7 @@ struct Statements {
     put_namespace: tokio_postgres::Statement,
     put_runs: tokio_postgres::Statement,
     put_session: tokio_postgres::Statement,
-    delete_own_started: tokio_postgres::Statement,
+    delete_own_started_of_runs: tokio_postgres::Statement,
     keep_session_started: tokio_postgres::Statement,
     delete_session_started: tokio_postgres::Statement,
     delete_session: tokio_postgres::Statement,
@@ -234,9 +234,14 @@ struct Statements {
     put_events: tokio_postgres::Statement,
 }
 
-/// The runs and events of a group, written as one multi-row statement each (PostgreSQL's
-/// cost is per statement more than per row). A run written several times in the group is
-/// written once, as it is last; so is an event.
+/// The rows of a group, gathered into one multi-row statement per table (PostgreSQL's cost is
+/// per statement more than per row: under W1 a group hands out and closes dozens of tasks). A
+/// run, an event or a hand-out row written several times is written once, as it is last.
+///
+/// Gathered rows are written at a flush, in this order: runs, events, the hand-out rows of the
+/// runs that closed, then new hand-out rows. That is the order of the writes themselves except
+/// where a hand-out row gathered before a run's close would be written after the close deletes
+/// that run's rows: such a close flushes what is gathered first (see [`Rows::close`]).
 #[derive(Default)]
 struct Rows {
     run_index: HashMap<String, usize>,
@@ -252,6 +257,87 @@ struct Rows {
     event_runs: Vec<String>,
     event_ids: Vec<i64>,
     events: Vec<Vec<u8>>,
+    /// Closed runs whose own hand-out rows go.
+    closing: Vec<String>,
+    started: StartedRows,
+}
+
+/// Hand-out rows, a column each (see `schema::PUT_STARTED`).
+#[derive(Default)]
+struct StartedRows {
+    index: HashMap<(String, i64), usize>,
+    /// The runs with a row here.
+    runs: HashSet<String>,
+    run_ids: Vec<String>,
+    scheduled_event_ids: Vec<i64>,
+    attempts: Vec<i32>,
+    dispatches: Vec<i64>,
+    started_ms: Vec<i64>,
+    workers: Vec<String>,
+    instances: Vec<String>,
+    session_ids: Vec<String>,
+    session_activities_run: Vec<i64>,
+}
+
+impl StartedRows {
+    /// Gathers a [`Write::Started`] (and nothing else).
+    fn put(&mut self, write: &Write) {
+        let Write::Started {
+            run_id,
+            scheduled_event_id,
+            attempt,
+            dispatch,
+            started_ms,
+            worker,
+            instance,
+            session_id,
+            session_activities_run,
+        } = write
+        else {
+            return;
+        };
+        let key = (run_id.to_string(), *scheduled_event_id as i64);
+        let at = match self.index.get(&key) {
+            Some(&at) => at,
+            None => {
+                self.index.insert(key, self.run_ids.len());
+                if !self.runs.contains(run_id.as_str()) {
+                    self.runs.insert(run_id.to_string());
+                }
+                self.run_ids.push(run_id.to_string());
+                self.scheduled_event_ids.push(*scheduled_event_id as i64);
+                self.attempts.push(0);
+                self.dispatches.push(0);
+                self.started_ms.push(0);
+                self.workers.push(String::new());
+                self.instances.push(String::new());
+                self.session_ids.push(String::new());
+                self.session_activities_run.push(0);
+                self.run_ids.len() - 1
+            }
+        };
+        self.attempts[at] = *attempt as i32;
+        self.dispatches[at] = *dispatch as i64;
+        self.started_ms[at] = *started_ms;
+        self.workers[at] = worker.clone();
+        self.instances[at] = instance.clone();
+        self.session_ids[at] = session_id.as_ref().map_or("", |s| s.as_str()).to_string();
+        self.session_activities_run[at] = *session_activities_run as i64;
+    }
+
+    fn into_values(self) -> Values {
+        vec![
+            Box::new(self.run_ids),
+            Box::new(self.scheduled_event_ids),
+            Box::new(self.attempts),
+            Box::new(self.dispatches),
+            Box::new(self.started_ms),
+            Box::new(self.workers),
+            Box::new(self.instances),
+            Box::new(self.session_ids),
+            Box::new(self.session_activities_run),
+        ]
+    }
 }
 
 /// One statement's values.
@@ -305,16 +391,37 @@ impl Rows {
         self.events.push(encoded);
     }
 
+    /// A closed run's own hand-out rows go. After the hand-out rows gathered so far: if one of
+    /// them is this run's, everything gathered is written first.
+    fn close(&mut self, run_id: &str, statements: &Statements, plan: &mut Vec<Planned>) {
+        if self.started.runs.contains(run_id) {
+            self.flush(statements, plan);
+        }
+        self.closing.push(run_id.to_string());
+    }
+
     /// The statements for what is gathered so far, appended to the plan (and gathering starts
     /// again): before any write whose effect depends on those rows, and at the end.
     fn flush(&mut self, statements: &Statements, plan: &mut Vec<Planned>) {
-        let (no_runs, no_events) = (self.run_ids.is_empty(), self.event_ids.is_empty());
-        let (runs, events) = std::mem::take(self).into_values();
+        let mut rows = std::mem::take(self);
+        let (no_runs, no_events) = (rows.run_ids.is_empty(), rows.event_ids.is_empty());
+        let closing = std::mem::take(&mut rows.closing);
+        let started = std::mem::take(&mut rows.started);
+        let (runs, events) = rows.into_values();
         if !no_runs {
             plan.push((statements.put_runs.clone(), runs));
         }
         if !no_events {
             plan.push((statements.put_events.clone(), events));
+        }
+        if !closing.is_empty() {
+            plan.push((
+                statements.delete_own_started_of_runs.clone(),
+                vec![Box::new(closing)],
+            ));
+        }
+        if !started.run_ids.is_empty() {
+            plan.push((statements.put_started.clone(), started.into_values()));
         }
     }
 
@@ -349,7 +456,7 @@ impl Statements {
             put_namespace: client.prepare(schema::PUT_NAMESPACE).await?,
             put_runs: client.prepare(schema::PUT_RUNS).await?,
             put_session: client.prepare(schema::PUT_SESSION).await?,
-            delete_own_started: client.prepare(schema::DELETE_OWN_STARTED).await?,
+            delete_own_started_of_runs: client.prepare(schema::DELETE_OWN_STARTED_OF_RUNS).await?,
             keep_session_started: client.prepare(schema::KEEP_SESSION_STARTED).await?,
             delete_session_started: client.prepare(schema::DELETE_SESSION_STARTED).await?,
             delete_session: client.prepare(schema::DELETE_SESSION).await?,
@@ -361,25 +468,27 @@ impl Statements {
         })
     }
 
-    /// The whole group as one statement, when it writes only runs and events (as a start, a
-    /// dispatch or a completion does): a commit then costs one round trip to the database, not
-    /// one answer per statement (W2 on PostgreSQL, two commits a round trip: p50 2.62–2.74 ms
-    /// before, 2.36–2.43 ms after, runs of one morning). Anything else (hand-out rows, sessions,
-    /// deletes) may build on rows written
-    /// earlier in the same group, which one statement could not see: those groups are written
-    /// statement by statement.
+    /// The whole group as one statement, when it writes only runs, events and hand-out rows
+    /// (as starts, dispatches, hand-outs and completions do) and no run closes in the group
+    /// that is handed out in it too: a commit then costs one round trip to the database, not one
+    /// answer per statement (W2 on PostgreSQL, two commits a round trip: p50 2.62–2.74 ms
+    /// before, 2.36–2.43 ms after, runs of one morning). The parts of one statement all see the
+    /// database as it was before it, so a group whose writes build on one another (a close
+    /// after a hand-out of the same run; sessions' rows; deletes) is written statement by
+    /// statement.
     fn one_statement(&self, jobs: &[Job]) -> Option<Planned> {
-        let only_runs_and_events = jobs.iter().all(|job| {
-            job.batch
-                .writes
-                .iter()
-                .all(|w| matches!(w, Write::Run { .. } | Write::Events { .. }))
+        let fits = jobs.iter().all(|job| {
+            job.batch.writes.iter().all(|w| {
+                matches!(
+                    w,
+                    Write::Run { .. } | Write::Events { .. } | Write::Started { .. }
+                )
+            })
         });
-        if !only_runs_and_events {
+        if !fits {
             return None;
         }
         let mut rows = Rows::default();
-        let mut closing: Vec<String> = Vec::new();
         for job in jobs {
             for write in &job.batch.writes {
                 match write {
@@ -388,15 +497,23 @@ impl Statements {
                         may_own_started,
                     } => {
                         if rows.run_write(state, *may_own_started) {
-                            closing.push(state.run_id.clone());
+                            rows.closing.push(state.run_id.clone());
                         }
                     }
                     Write::Events { run_id, events } => rows.events(run_id, events),
+                    Write::Started { .. } => rows.started.put(write),
                     _ => unreachable!("checked above"),
                 }
             }
         }
-        let mut values: Values = Vec::with_capacity(15);
+        if rows
+            .closing
+            .iter()
+            .any(|run| rows.started.runs.contains(run))
+        {
+            return None;
+        }
+        let mut values: Values = Vec::with_capacity(24);
         let statement = match fence_values(jobs) {
             Some((owner, names, epochs)) => {
                 values.push(Box::new(owner));
@@ -406,10 +523,12 @@ impl Statements {
             }
             None => self.one_statement.clone(),
         };
-        values.push(Box::new(closing));
+        values.push(Box::new(std::mem::take(&mut rows.closing)));
+        let started = std::mem::take(&mut rows.started);
         let (runs, events) = rows.into_values();
         values.extend(runs);
         values.extend(events);
+        values.extend(started.into_values());
         Some((statement, values))
     }
 
@@ -426,7 +545,7 @@ impl Statements {
                 may_own_started,
             } => {
                 if rows.run_write(state, *may_own_started) {
-                    plan.push((self.delete_own_started.clone(), vec![text(&state.run_id)]));
+                    rows.close(&state.run_id, self, plan);
                 }
             }
             Write::Session { state } => {
@@ -450,6 +569,8 @@ impl Statements {
                 runs_still_open,
                 runs_closed,
             } => {
+                // These look at hand-out rows: what is gathered goes first.
+                rows.flush(self, plan);
                 for run_id in runs_still_open {
                     plan.push((
                         self.keep_session_started.clone(),
@@ -478,30 +599,7 @@ impl Statements {
                     plan.push((self.delete_run.clone(), vec![text(run_id)]));
                 }
             }
-            Write::Started {
-                run_id,
-                scheduled_event_id,
-                attempt,
-                dispatch,
-                started_ms,
-                worker,
-                instance,
-                session_id,
-                session_activities_run,
-            } => plan.push((
-                self.put_started.clone(),
-                vec![
-                    text(run_id),
-                    Box::new(*scheduled_event_id as i64),
-                    Box::new(*attempt as i32),
-                    Box::new(*dispatch as i64),
-                    Box::new(*started_ms),
-                    text(worker),
-                    text(instance),
-                    text(session_id.as_ref().map_or("", |s| s.as_str())),
-                    Box::new(*session_activities_run as i64),
-                ],
-            )),
+            Write::Started { .. } => rows.started.put(write),
             Write::Events { run_id, events } => rows.events(run_id, events),
         }
     }
