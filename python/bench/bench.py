@@ -72,6 +72,28 @@ def start_worker(address: str, queue: str, identity: str, sync: bool, slots: int
     return p
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuUse:
+    """CPU each process (and this client) spends over a workload, per unit of work: a figure
+    that other load on the machine moves far less than it moves the throughput."""
+
+    def __init__(self, pids: dict) -> None:
+        self.pids = pids
+        self.before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self.client_before = time.process_time()
+
+    def per(self, units: int) -> str:
+        used = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
+        used["client"] = time.process_time() - self.client_before
+        parts = ", ".join(f"{name} {1e3 * s / units:.2f}" for name, s in used.items())
+        return f"{parts}; all {1e3 * sum(used.values()) / units:.2f}"
+
+
 def pct(xs, q):
     s = sorted(xs)
     return s[max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))]
@@ -143,15 +165,18 @@ async def main(args) -> None:
     try:
         client = await tether.Client.connect(address)
         procs.append(start_worker(address, "w1", "bench-w1", args.sync, args.slots))
+        use = CpuUse({"server": server.pid, "worker": procs[0].pid})
         rate = await w1(client, "w1", args.w1)
-        print(f"W1  {args.w1} activities, 256 in flight, {args.slots} slots: {rate:.0f} activities/s")
+        print(f"W1  {args.w1} activities, 256 in flight, {args.slots} slots: {rate:.0f} activities/s "
+              f"(CPU ms per activity: {use.per(args.w1 + min(200, args.w1))})")
         p50, p99 = await w2(client, "w1", args.w2)
         print(f"W2  {args.w2} sequential round trips: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
         procs.append(start_worker(address, "w3", "bench-a", args.sync, args.slots))
         procs.append(start_worker(address, "w3", "bench-b", args.sync, args.slots))
+        use = CpuUse({"server": server.pid, "worker a": procs[1].pid, "worker b": procs[2].pid})
         rate = await w3(client, "w3", ["bench-a", "bench-b"], args.w3)
         print(f"W3  {args.w3} chains of 5 steps, a session per chain, 2 workers with {args.slots} slots: {rate:.0f} chains/s "
-              f"(every step on its session's worker: checked)")
+              f"(every step on its session's worker: checked; CPU ms per chain: {use.per(args.w3 + 20)})")
     finally:
         for p in procs:
             p.terminate()

@@ -16,6 +16,10 @@ mod workflow;
 
 use pyo3::prelude::*;
 
+// Only Rust's allocations: Python's objects are Python's own (a payload is copied into bytes).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::connect, m)?)?;
