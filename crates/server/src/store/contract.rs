@@ -98,6 +98,36 @@ fn closed(id: &str, close_ms: i64) -> RunState {
     }
 }
 
+/// A running run with activity 1 on its first attempt.
+fn with_activity(id: &str) -> RunState {
+    let mut state = run(id, ExecutionStatus::Running);
+    state.activities.insert(
+        1,
+        crate::state::ActivityState {
+            scheduled_event_id: 1,
+            attempt: 1,
+            ..Default::default()
+        },
+    );
+    state
+}
+
+/// Hand-out `dispatch` of activity 1 of `run_id`, to worker w, in `session` if any (whose count
+/// of hand-outs is then `dispatch`).
+fn handed_out(run_id: &str, dispatch: u64, session: Option<&str>) -> Write {
+    Write::Started {
+        run_id: run_id.into(),
+        scheduled_event_id: 1,
+        attempt: 1,
+        dispatch,
+        started_ms: 10 * dispatch as i64,
+        worker: "w".into(),
+        instance: "w-process".into(),
+        session_id: session.map(Into::into),
+        session_activities_run: if session.is_some() { dispatch } else { 0 },
+    }
+}
+
 fn event(event_id: u64) -> HistoryEvent {
     HistoryEvent {
         event_id,
@@ -243,30 +273,7 @@ async fn recovery_folds_the_newest_hand_out_of_each_current_attempt_into_its_run
 async fn in_one_group_a_close_removes_the_hand_outs_before_it_and_keeps_those_after(
     store: &dyn Store,
 ) {
-    use crate::state::ActivityState;
-    let with_activity = |id: &str| {
-        let mut state = run(id, ExecutionStatus::Running);
-        state.activities.insert(
-            1,
-            ActivityState {
-                scheduled_event_id: 1,
-                attempt: 1,
-                ..Default::default()
-            },
-        );
-        state
-    };
-    let handed_out = |run_id: &str, dispatch: u64| Write::Started {
-        run_id: run_id.into(),
-        scheduled_event_id: 1,
-        attempt: 1,
-        dispatch,
-        started_ms: 10 * dispatch as i64,
-        worker: "w".into(),
-        instance: "w-process".into(),
-        session_id: None,
-        session_activities_run: 0,
-    };
+    let handed_out = |run_id: &str, dispatch: u64| handed_out(run_id, dispatch, None);
     let mut writes: Vec<Write> = ["before", "after", "twice"]
         .into_iter()
         .map(|id| put_run(with_activity(id)))
@@ -312,33 +319,11 @@ async fn in_one_group_a_close_removes_the_hand_outs_before_it_and_keeps_those_af
 }
 
 async fn a_closed_sessions_rows_are_released_and_the_open_runs_keep_theirs(store: &dyn Store) {
-    use crate::state::ActivityState;
-    let with_activity = |id: &str| {
-        let mut state = run(id, ExecutionStatus::Running);
-        state.activities.insert(
-            1,
-            ActivityState {
-                scheduled_event_id: 1,
-                attempt: 1,
-                ..Default::default()
-            },
-        );
-        Write::Run {
-            state: Box::new(state),
-            may_own_started: false,
-        }
+    let with_activity = |id: &str| Write::Run {
+        state: Box::new(with_activity(id)),
+        may_own_started: false,
     };
-    let handed_out = |run_id: &str, count: u64| Write::Started {
-        run_id: run_id.into(),
-        scheduled_event_id: 1,
-        attempt: 1,
-        dispatch: count,
-        started_ms: 10 * count as i64,
-        worker: "w".into(),
-        instance: "w-process".into(),
-        session_id: Some("s".into()),
-        session_activities_run: count,
-    };
+    let handed_out = |run_id: &str, count: u64| handed_out(run_id, count, Some("s"));
     commit(
         store,
         vec![
