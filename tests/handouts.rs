@@ -415,3 +415,52 @@ async fn attempts_given_back_while_the_server_shuts_down_wait_in_their_queue_aft
     }
     println!("{given_back} of 24 rounds gave the attempt back at shutdown");
 }
+
+/// The hand-out rows left in a SQLite data directory.
+fn hand_out_rows(dir: &std::path::Path) -> Vec<(String, i64)> {
+    let db = rusqlite::Connection::open(dir.join("tether.db")).unwrap();
+    let mut rows = db.prepare("SELECT run_id, dispatch FROM started").unwrap();
+    rows.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A hand-out's row (who runs the attempt, for recovery) goes when its run closes; it once
+/// stayed for good, because closing a run forgot that it had any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_standalone_activity_leaves_no_hand_out_row() {
+    let env = TestEnv::start().await;
+    let mut rpc = env.client.raw();
+    // Handed out from its queue to a poll, then completed.
+    start(&mut rpc, "default", "polled").await;
+    let got = poll(&mut rpc, "default", "w", "", 5_000).await;
+    assert_eq!(got.activity_id, "polled");
+    // Two waiting, the second taken by the first one's completion.
+    start(&mut rpc, "default", "first").await;
+    start(&mut rpc, "default", "second").await;
+    rpc.complete_activity_task(complete(&got.task_token, "w", None))
+        .await
+        .unwrap();
+    let first = poll(&mut rpc, "default", "w", "", 5_000).await;
+    let next = pb::NextTaskRequest {
+        namespace: "default".into(),
+        task_queue: "h-q".into(),
+        ..Default::default()
+    };
+    let second = rpc
+        .complete_activity_task(complete(&first.task_token, "w", Some(next)))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_task
+        .expect("the completion took the waiting task");
+    rpc.complete_activity_task(complete(&second.task_token, "w", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        hand_out_rows(env.dir.path()),
+        Vec::<(String, i64)>::new(),
+        "hand-out rows of closed runs"
+    );
+}

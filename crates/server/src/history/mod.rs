@@ -528,7 +528,13 @@ impl RunEntry {
         self.state.timers.clear();
         self.state.workflow_task = None;
         self.state.buffered.clear();
-        self.rt = Runtime::default();
+        // What ran is over, but the write of this close must still take the run's own
+        // hand-out rows with it: forgetting that it may have some left them in the store for
+        // good (every attempt handed out by a poll or a completion's next task).
+        self.rt = Runtime {
+            may_own_started: self.rt.may_own_started,
+            ..Runtime::default()
+        };
         fx.closed.push(Closed {
             run_id: self.run_id(),
             outcome,
