@@ -283,6 +283,134 @@ async fn dead_worker_fails_its_sessions_and_their_activities() {
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
 }
 
+/// Asks for a session of `n` GPUs on the test workers' queue and returns at once, placed or
+/// waiting (the client SDK's own call waits for the placement).
+async fn request_session(
+    env: &TestEnv,
+    id: &str,
+    n: u32,
+    creation_timeout_ms: u64,
+) -> tether::api::pb::SessionInfo {
+    env.client
+        .raw()
+        .create_session(tether::api::pb::CreateSessionRequest {
+            namespace: "default".into(),
+            options: Some(tether::api::pb::SessionOptions {
+                task_queue: "gpu".into(),
+                gpus: n,
+                creation_timeout_ms,
+                ..Default::default()
+            }),
+            owner: "test".into(),
+            session_id: id.into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap()
+}
+
+/// Waits until the session is in `state`.
+async fn wait_state(env: &TestEnv, id: &str, state: &str) -> tether::api::pb::SessionInfo {
+    eventually(T, &format!("session {id} {state}"), || async {
+        let s = env.client.describe_session(id).await.ok()?;
+        (s.state == state).then_some(s)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_stop_waiting_are_skipped_and_the_rest_keep_their_reasons_current() {
+    let env = TestEnv::start().await;
+    let w = start_worker(&env, "box", gpu_box("box", 2), 10);
+    wait_alive(&env, &["box"]).await;
+    let one = within(T, "first holder", env.client.create_session(gpus(1)))
+        .await
+        .unwrap();
+    let other = within(T, "second holder", env.client.create_session(gpus(1)))
+        .await
+        .unwrap();
+    // In this order: one that gives up soon, one that an operator ends, and two that wait.
+    let gives_up = request_session(&env, "gives-up", 2, 300).await;
+    assert_eq!(gives_up.state, "creating");
+    request_session(&env, "ended", 2, 60_000).await;
+    let first = request_session(&env, "waits-1", 2, 60_000).await;
+    let second = request_session(&env, "waits-2", 2, 60_000).await;
+    assert!(first.reason.contains("has 0"), "{}", first.reason);
+    assert!(second.reason.contains("has 0"), "{}", second.reason);
+    wait_state(&env, "gives-up", "failed").await;
+    env.client
+        .terminate_session("ended", "not needed")
+        .await
+        .unwrap();
+
+    // One GPU frees: nobody fits, and every waiting session says how many are free now, the
+    // ones behind the first of their kind too.
+    one.complete().await.unwrap();
+    let first = wait_state(&env, "waits-1", "creating").await;
+    let second = eventually(T, "the reason of the second follows", || async {
+        let s = env.client.describe_session("waits-2").await.ok()?;
+        s.reason.contains("has 1").then_some(s)
+    })
+    .await;
+    assert!(first.reason.contains("has 1"), "{}", first.reason);
+    assert_eq!(second.state, "creating");
+
+    // Both free: the oldest that still waits gets them, not the ones that stopped waiting.
+    other.complete().await.unwrap();
+    let placed = wait_state(&env, "waits-1", "open").await;
+    assert_eq!(placed.gpus.len(), 2);
+    assert_eq!(
+        env.client.describe_session("gives-up").await.unwrap().state,
+        "failed"
+    );
+    assert_eq!(
+        env.client.describe_session("ended").await.unwrap().state,
+        "terminated"
+    );
+    assert_eq!(
+        env.client.describe_session("waits-2").await.unwrap().state,
+        "creating"
+    );
+    env.client
+        .terminate_session("waits-1", "done")
+        .await
+        .unwrap();
+    wait_state(&env, "waits-2", "open").await;
+    env.client
+        .terminate_session("waits-2", "done")
+        .await
+        .unwrap();
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waiting_across_a_server_restart_is_placed_when_gpus_free() {
+    let mut env = TestEnv::start().await;
+    let w = start_worker(&env, "box", gpu_box("box", 2), 10);
+    wait_alive(&env, &["box"]).await;
+    let holder = within(T, "holder", env.client.create_session(gpus(2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        request_session(&env, "waits", 2, 60_000).await.state,
+        "creating"
+    );
+    env.restart().await;
+    wait_alive(&env, &["box"]).await;
+    assert_eq!(
+        env.client.describe_session("waits").await.unwrap().state,
+        "creating"
+    );
+    holder.complete().await.unwrap();
+    let placed = wait_state(&env, "waits", "open").await;
+    assert_eq!(placed.gpus.len(), 2);
+    env.client.terminate_session("waits", "done").await.unwrap();
+    w.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_and_reservation_survive_a_server_restart() {
     let mut env = TestEnv::start().await;

@@ -62,6 +62,8 @@ struct EngineState {
     reservations: Reservations,
     /// Callers waiting for a session to be placed (or to fail).
     session_waiters: HashMap<SessionId, Vec<oneshot::Sender<pb::SessionInfo>>>,
+    /// The creating sessions, oldest first: what a release tries to place.
+    waiting_sessions: session_placement::WaitingSessions,
     /// The number of the last batch submitted to the store: a read waits until it is durable,
     /// so it never shows state that might not be written.
     last_submitted_seq: u64,

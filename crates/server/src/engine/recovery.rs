@@ -113,6 +113,9 @@ impl Engine {
                             session_id: info.session_id.clone().into(),
                         },
                     ));
+                    if sessions::is_in(&info, SessionPhase::Creating) {
+                        Self::enqueue_waiting(st, &info);
+                    }
                     st.sessions.insert(info.session_id.clone().into(), session);
                 }
                 for (state, history) in recovered.open_runs {

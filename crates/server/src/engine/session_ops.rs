@@ -94,7 +94,13 @@ impl Engine {
                 session_id: session_id.to_string().into(),
             },
         ));
-        self.try_place(st, session_id, now, txn)
+        let placed = self.try_place(st, session_id, now, txn);
+        if !placed {
+            if let Some(info) = st.sessions.get(session_id).and_then(|s| s.info.clone()) {
+                Self::enqueue_waiting(st, &info);
+            }
+        }
+        placed
     }
 
     /// Creates the sessions a workflow task asked for and completes the ones it completed.
@@ -163,6 +169,10 @@ impl Engine {
             // Closed already (or a phase this version does not know): nothing to end.
             _ => return,
         };
+        if sessions::is_in(info, SessionPhase::Creating) {
+            st.waiting_sessions
+                .remove(&(info.created_ms, session_id.clone()));
+        }
         let state = ending.phase.name();
         info.state = state.to_string();
         info.reason = reason.to_string();

@@ -80,6 +80,7 @@ impl Engine {
             .sessions
             .get_mut(session_id)
             .and_then(|s| s.info.as_mut())
+            .filter(|i| sessions::is_in(i, SessionPhase::Creating))
         else {
             return;
         };
@@ -89,49 +90,85 @@ impl Engine {
         }
     }
 
+    /// Puts a creating session that could not be placed at once among the waiting ones.
+    pub(super) fn enqueue_waiting(st: &mut EngineState, info: &pb::SessionInfo) {
+        let class = placement_class(&info.namespace, info.options.as_ref());
+        st.waiting_sessions.insert(
+            (info.created_ms, SessionId::from(&info.session_id)),
+            Waiting {
+                namespace: info.namespace.clone(),
+                class,
+                reason: info.reason.clone(),
+            },
+        );
+    }
+
     /// Tries every creating session, oldest first, after something freed resources or changed
     /// the fleet.
     pub(super) fn try_place_pending(&self, st: &mut EngineState, now: i64, txn: &mut Txn) {
-        let mut pending: Vec<(i64, String, String, String)> = st
-            .sessions
-            .values()
-            .filter_map(|s| s.info.as_ref())
-            .filter(|i| sessions::is_in(i, SessionPhase::Creating))
-            .map(|i| {
-                let class = i.options.as_ref().map(placement_class).unwrap_or_default();
-                (
-                    i.created_ms,
-                    i.session_id.clone(),
-                    i.namespace.clone(),
-                    class,
-                )
-            })
-            .collect();
-        if pending.is_empty() {
+        if st.waiting_sessions.is_empty() {
             return;
         }
-        // Oldest first, so an early large request is not starved by later small ones.
-        pending.sort();
+        // Taken out for the pass: placing needs the rest of the state, and a pass adds no
+        // waiting session.
+        let mut waiting = std::mem::take(&mut st.waiting_sessions);
         // Within one pass placements only take resources, so a request refused once is refused
-        // again for every later session asking the same: those are not tried (with thousands
-        // waiting, trying each on every release made a release cost as much as the queue).
+        // again for every later session of its class: those are not tried, and are told the
+        // reason only when it changed (with thousands waiting, trying each on every release
+        // made a release cost as much as the queue).
         let mut workers_by_namespace: HashMap<String, Vec<WorkerRecord>> = HashMap::new();
-        let mut refused: HashMap<(String, String), String> = HashMap::new();
-        for (_, id, namespace, class) in pending {
-            let session_id = SessionId::from(&id);
-            let key = (namespace, class);
-            if let Some(reason) = refused.get(&key) {
-                Self::note_waiting_reason(st, &session_id, reason, txn);
-                continue;
+        let mut refused: HashMap<String, String> = HashMap::new();
+        waiting.retain(|(created_ms, session_id), w| {
+            if let Some(reason) = refused.get(&w.class) {
+                if w.reason != *reason {
+                    Self::note_waiting_reason(st, session_id, reason, txn);
+                    w.reason = reason.clone();
+                }
+                return true;
+            }
+            let still_waiting = st
+                .sessions
+                .get(session_id)
+                .and_then(|s| s.info.as_ref())
+                .is_some_and(|i| {
+                    i.created_ms == *created_ms && sessions::is_in(i, SessionPhase::Creating)
+                });
+            if !still_waiting {
+                return false;
             }
             let workers = workers_by_namespace
-                .entry(key.0.clone())
-                .or_insert_with(|| self.matcher.workers_in(&key.0));
-            if let Placed::No(reason) = Self::try_place_among(st, &session_id, workers, now, txn) {
-                refused.insert(key, reason);
+                .entry(w.namespace.clone())
+                .or_insert_with(|| self.matcher.workers_in(&w.namespace));
+            match Self::try_place_among(st, session_id, workers, now, txn) {
+                Placed::No(reason) => {
+                    w.reason = reason.clone();
+                    refused.insert(w.class.clone(), reason);
+                    true
+                }
+                Placed::Yes | Placed::NotCreating => false,
             }
-        }
+        });
+        debug_assert!(
+            st.waiting_sessions.is_empty(),
+            "a pass adds no waiting session"
+        );
+        st.waiting_sessions = waiting;
     }
+}
+
+/// The creating sessions by (created, id), so oldest first. Kept beside `sessions` so that a
+/// release reads only these: scanning, keying and sorting every session at each release cost
+/// more than the release once thousands were open or waiting.
+pub(super) type WaitingSessions = BTreeMap<(i64, SessionId), Waiting>;
+
+/// A session waiting to be placed.
+pub(super) struct Waiting {
+    namespace: String,
+    /// See `placement_class`.
+    class: String,
+    /// The reason the session last recorded for waiting, kept here so that an unchanged reason
+    /// costs no look-up of the session.
+    reason: String,
 }
 
 /// What came of one try to place a session.
@@ -144,13 +181,16 @@ enum Placed {
     NotCreating,
 }
 
-/// Everything of a session's options that its placement depends on: two sessions of one class
-/// fit exactly where the other would.
-fn placement_class(options: &pb::SessionOptions) -> String {
+/// The namespace and everything of a session's options that its placement depends on: two
+/// sessions of one class fit exactly where the other would.
+fn placement_class(namespace: &str, options: Option<&pb::SessionOptions>) -> String {
+    let Some(options) = options else {
+        return namespace.to_string();
+    };
     let mut resources: Vec<(&String, &u64)> = options.resources.iter().collect();
     resources.sort();
     format!(
-        "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
+        "{namespace}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
         options.task_queue,
         options.worker,
         options.requirements,
