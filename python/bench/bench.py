@@ -157,6 +157,12 @@ def start_server() -> tuple[subprocess.Popen, str]:
 
 
 async def main(args) -> None:
+    if tether._core.DEBUG_BUILD:
+        raise SystemExit(
+            "tether's native module is a debug build, several times slower than a release one: "
+            "build it with `maturin develop --release` in python/ (scripts/test-python builds a "
+            "debug one), then run the benchmark again"
+        )
     server, address = start_server()
     kind = "sync def (thread pool)" if args.sync else "async def"
     print(f"tether Python SDK benchmark: {kind} activities, tether dev (SQLite, fsync per group commit), "

@@ -24,6 +24,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::connect, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    // A debug build runs several times slower: benchmarks refuse one rather than mislead.
+    m.add("DEBUG_BUILD", cfg!(debug_assertions))?;
     m.add_class::<client::PyClient>()?;
     m.add_class::<client::PySession>()?;
     m.add_class::<worker::PyWorker>()?;

@@ -6,6 +6,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 Payload = Optional[Tuple[bytes, str]]
 Outcome = Dict[str, Any]  # {"status": str, "result": Payload, "failure": dict | None}
 
+DEBUG_BUILD: bool  # built without optimisations (`maturin develop` without --release)
+
 def connect(
     address: str,
     namespace: str = "default",
