@@ -119,13 +119,12 @@ impl Engine {
         let mut workers_by_namespace: HashMap<String, Vec<WorkerRecord>> = HashMap::new();
         let mut refused: HashMap<String, String> = HashMap::new();
         waiting.retain(|(created_ms, session_id), w| {
-            if let Some(reason) = refused.get(&w.class) {
-                if w.reason != *reason {
-                    Self::note_waiting_reason(st, session_id, reason, txn);
-                    w.reason = reason.clone();
-                }
+            let refused_reason = refused.get(&w.class);
+            if refused_reason.is_some_and(|r| *r == w.reason) {
+                // Nothing to try and nothing to tell: the session is not even looked up.
                 return true;
             }
+            // (`close_session` removes its entry; this only guards against one left behind.)
             let still_waiting = st
                 .sessions
                 .get(session_id)
@@ -135,6 +134,11 @@ impl Engine {
                 });
             if !still_waiting {
                 return false;
+            }
+            if let Some(reason) = refused_reason {
+                Self::note_waiting_reason(st, session_id, reason, txn);
+                w.reason = reason.clone();
+                return true;
             }
             let workers = workers_by_namespace
                 .entry(w.namespace.clone())
