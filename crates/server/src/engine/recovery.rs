@@ -114,7 +114,7 @@ impl Engine {
                         },
                     ));
                     if sessions::is_in(&info, SessionPhase::Creating) {
-                        Self::enqueue_waiting(st, &info);
+                        Self::enqueue_waiting(&mut st.waiting_sessions, &info);
                     }
                     st.sessions.insert(info.session_id.clone().into(), session);
                 }

@@ -96,8 +96,8 @@ impl Engine {
         ));
         let placed = self.try_place(st, session_id, now, txn);
         if !placed {
-            if let Some(info) = st.sessions.get(session_id).and_then(|s| s.info.clone()) {
-                Self::enqueue_waiting(st, &info);
+            if let Some(info) = st.sessions.get(session_id).and_then(|s| s.info.as_ref()) {
+                Self::enqueue_waiting(&mut st.waiting_sessions, info);
             }
         }
         placed

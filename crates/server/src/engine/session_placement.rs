@@ -91,9 +91,9 @@ impl Engine {
     }
 
     /// Puts a creating session that could not be placed at once among the waiting ones.
-    pub(super) fn enqueue_waiting(st: &mut EngineState, info: &pb::SessionInfo) {
+    pub(super) fn enqueue_waiting(waiting: &mut WaitingSessions, info: &pb::SessionInfo) {
         let class = placement_class(&info.namespace, info.options.as_ref());
-        st.waiting_sessions.insert(
+        waiting.insert(
             (info.created_ms, SessionId::from(&info.session_id)),
             Waiting {
                 namespace: info.namespace.clone(),
@@ -160,7 +160,8 @@ impl Engine {
     }
 }
 
-/// The creating sessions by (created, id), so oldest first. Kept beside `sessions` so that a
+/// The creating sessions by (created, id): oldest first, so that an early large request is not
+/// starved by later small ones. Kept beside `sessions` so that a
 /// release reads only these: scanning, keying and sorting every session at each release cost
 /// more than the release once thousands were open or waiting.
 pub(super) type WaitingSessions = BTreeMap<(i64, SessionId), Waiting>;
