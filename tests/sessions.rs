@@ -819,3 +819,42 @@ async fn same_host_recreation_stays_on_that_worker() {
     home.shutdown().await;
     other.shutdown().await;
 }
+
+/// The ids a session makes up for its activities sort in the order the activities start,
+/// whichever session they are in: the store indexes runs by id, and ids that began with their
+/// session's id put the inserts of concurrent sessions all over that index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_activity_ids_sort_in_the_order_the_activities_start() {
+    let env = TestEnv::start().await;
+    let _w = start_worker(&env, "box-a", gpu_box("box-a", 4), 10);
+    wait_alive(&env, &["box-a"]).await;
+    let first = within(T, "create first", env.client.create_session(gpus(1)))
+        .await
+        .unwrap();
+    let second = within(T, "create second", env.client.create_session(gpus(1)))
+        .await
+        .unwrap();
+    // The later session's activity first, then the earlier one's, then the later one's again.
+    for session in [&second, &first, &second] {
+        let _: (String, String) = within(
+            T,
+            "session activity",
+            session.execute_activity("where", &(), ActivityOptions::default()),
+        )
+        .await
+        .unwrap();
+    }
+    let newest_first = env.client.list_workflows(None, 10, true).await.unwrap();
+    let in_start_order: Vec<String> = newest_first
+        .iter()
+        .rev()
+        .map(|run| run.workflow_id.clone())
+        .collect();
+    assert_eq!(in_start_order.len(), 3, "{in_start_order:?}");
+    let mut sorted = in_start_order.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, in_start_order,
+        "session activity ids sort in the order the activities started"
+    );
+}

@@ -169,6 +169,19 @@ async def test_an_activity_id_that_is_running_cannot_be_started_again(server, qu
 
 
 @run
+async def test_ids_the_client_makes_up_name_the_activity_and_sort_in_start_order(server, queue, tmp_path):
+    # Time-ordered, so that the store's index of runs by id takes them at its end (random
+    # ids put every insert on a page of its own).
+    client = await client_for(server)
+    async with tether.Worker(client, task_queue=queue, activities=[echo_async], state_dir=str(tmp_path)):
+        handles = [await client.start_activity("echo", i, task_queue=queue) for i in range(6)]
+        assert [await h.result() for h in handles] == list(range(6))
+    ids = [h.activity_id for h in handles]
+    assert all(i.startswith("echo-") for i in ids), ids
+    assert sorted(ids) == ids and len(set(ids)) == 6, ids
+
+
+@run
 async def test_bad_options_are_refused_before_anything_is_sent(server, queue):
     client = await client_for(server)
     with pytest.raises(ValueError, match="requirements"):

@@ -8,6 +8,8 @@ Outcome = Dict[str, Any]  # {"status": str, "result": Payload, "failure": dict |
 
 DEBUG_BUILD: bool  # built without optimisations (`maturin develop` without --release)
 
+def new_id() -> str: ...  # a fresh UUIDv7: ids made up by the client sort by time
+
 def connect(
     address: str,
     namespace: str = "default",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -114,7 +113,7 @@ class Client:
         for its result. Options: start_to_close, schedule_to_close, schedule_to_start,
         heartbeat, requirements, worker, retry_initial, retry_backoff, retry_max_interval,
         retry_max_attempts, non_retryable_types."""
-        id = id or f"{activity}-{uuid.uuid4()}"
+        id = id or f"{activity}-{_core.new_id()}"
         data, encoding = converter.encode(arg)
         _, _, outcome = await self._core.start_activity(
             activity, data, encoding, id, task_queue, activity_options(**options), True
@@ -125,7 +124,7 @@ class Client:
         self, activity: str, arg: Any = None, *, task_queue: str, id: Optional[str] = None, **options: Any
     ) -> "ActivityHandle":
         """Starts a standalone activity; see `execute_activity` for the options."""
-        id = id or f"{activity}-{uuid.uuid4()}"
+        id = id or f"{activity}-{_core.new_id()}"
         data, encoding = converter.encode(arg)
         run_id, placement_note, _ = await self._core.start_activity(
             activity, data, encoding, id, task_queue, activity_options(**options), False
