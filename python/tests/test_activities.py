@@ -4,6 +4,7 @@ async functions, errors and retries, heartbeats, cancellation."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 
@@ -166,6 +167,28 @@ async def test_an_activity_id_that_is_running_cannot_be_started_again(server, qu
             await client.start_activity("waits_forever", queue, task_queue=queue, id=f"{queue}-once")
         assert e.value.run_id == first.run_id
         await first.cancel()
+
+
+MARK: contextvars.ContextVar[str] = contextvars.ContextVar("mark")
+
+
+@activity.defn
+def marks_its_context(i: int) -> dict:
+    # What an attempt sets in its context stays its own, though the thread is the next one's.
+    seen = MARK.get("unset")
+    MARK.set(f"set by {i}")
+    return {"seen": seen, "thread": threading.current_thread().name, "attempt": activity.info().attempt}
+
+
+@run
+async def test_each_plain_def_attempt_runs_in_a_context_of_its_own_on_the_pool(server, queue, tmp_path):
+    client = await client_for(server)
+    async with tether.Worker(client, task_queue=queue, activities=[marks_its_context], state_dir=str(tmp_path),
+                             max_concurrent_activities=1):
+        outs = [await client.execute_activity("marks_its_context", i, task_queue=queue) for i in range(5)]
+    assert [o["seen"] for o in outs] == ["unset"] * 5, outs
+    assert len({o["thread"] for o in outs}) == 1 and outs[0]["thread"].startswith("tether-activity"), outs
+    assert all(o["attempt"] == 1 for o in outs), outs
 
 
 @run

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import inspect
 import signal
 import threading
@@ -82,7 +81,8 @@ class Worker:
             max_workers=max_concurrent_activities, thread_name_prefix="tether-activity"
         )
         for name, fn in self._activities.items():
-            self._core.register_activity(name, self._dispatcher(fn))
+            executor = None if inspect.iscoroutinefunction(fn) else self._executor
+            self._core.register_activity(name, self._dispatcher(fn), executor)
         for name, cls in self._workflows.items():
             self._core.register_workflow(name, workflow.factory(cls))
         self._task: Optional[asyncio.Task[None]] = None
@@ -93,35 +93,47 @@ class Worker:
         return self._core.identity
 
     def _dispatcher(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """What the core runs for one attempt of `fn`: for an ``async def``, a coroutine
+        function run as a task of the loop; for a plain ``def``, a function the core submits
+        to the executor (in a copy of the loop's context), whose future it follows from there."""
         takes_arg = _takes_an_argument(fn)
-        is_async = inspect.iscoroutinefunction(fn)
+
+        def failure(ctx: Any, e: Exception) -> Answer:
+            if ctx.is_cancelled():
+                # Told to stop, it stopped: however it ended, that is the cancellation.
+                return ("cancelled",)
+            if isinstance(e, ApplicationError):
+                return ("error", e.message, e.type, e.non_retryable)
+            return ("error", f"{type(e).__name__}: {e}", type(e).__name__, False)
+
+        if not inspect.iscoroutinefunction(fn):
+
+            def run(ctx: Any, data: Optional[bytes], encoding: str) -> Answer:
+                activity._current.set(ctx)
+                try:
+                    arg = converter.decode((data, encoding) if data is not None else None)
+                    result = fn(arg) if takes_arg else fn()
+                    out, out_encoding = converter.encode(result)
+                    return ("ok", out, out_encoding)
+                except Exception as e:
+                    return failure(ctx, e)
+
+            return run
 
         async def dispatch(ctx: Any, data: Optional[bytes], encoding: str) -> Answer:
             activity._current.set(ctx)
             try:
                 arg = converter.decode((data, encoding) if data is not None else None)
-                args = (arg,) if takes_arg else ()
-                if is_async:
-                    # The core cancels this task when the attempt is told to stop.
-                    if ctx.set_task(asyncio.current_task()):
-                        raise asyncio.CancelledError
-                    result = await fn(*args)
-                else:
-                    context = contextvars.copy_context()
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, lambda: context.run(fn, *args)
-                    )
+                # The core cancels this task when the attempt is told to stop.
+                if ctx.set_task(asyncio.current_task()):
+                    raise asyncio.CancelledError
+                result = await (fn(arg) if takes_arg else fn())
                 out, out_encoding = converter.encode(result)
                 return ("ok", out, out_encoding)
             except asyncio.CancelledError:
                 return ("cancelled",)
             except Exception as e:
-                if ctx.is_cancelled():
-                    # Told to stop, it stopped: however it ended, that is the cancellation.
-                    return ("cancelled",)
-                if isinstance(e, ApplicationError):
-                    return ("error", e.message, e.type, e.non_retryable)
-                return ("error", f"{type(e).__name__}: {e}", type(e).__name__, False)
+                return failure(ctx, e)
 
         return dispatch
 
