@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tether_sdk::client::{
     ActivityOptions, Client, ClientOptions, RetryPolicy, Session, SessionOptions,
@@ -302,7 +303,9 @@ impl PyClient {
         let client = self.client.clone();
         bridge::future(py, async move {
             let session = client.create_session(o).await?;
-            Ok(PySession { session })
+            Ok(PySession {
+                session: Arc::new(session),
+            })
         })
     }
 }
@@ -310,7 +313,9 @@ impl PyClient {
 /// An open session a client owns.
 #[pyclass(name = "Session", module = "tether._core", frozen)]
 pub(crate) struct PySession {
-    session: Session,
+    /// Shared with each call's future, which a deep copy of the session (its info's strings,
+    /// GPUs and resources) would cost at every activity.
+    session: Arc<Session>,
 }
 
 #[pymethods]

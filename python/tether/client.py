@@ -116,7 +116,7 @@ class Client:
         id = id or f"{activity}-{_core.new_id()}"
         data, encoding = converter.encode(arg)
         _, _, outcome = await self._core.start_activity(
-            activity, data, encoding, id, task_queue, activity_options(**options), True
+            activity, data, encoding, id, task_queue, activity_options(**options) if options else None, True
         )
         return _result("activity", id, outcome)
 
@@ -127,7 +127,7 @@ class Client:
         id = id or f"{activity}-{_core.new_id()}"
         data, encoding = converter.encode(arg)
         run_id, placement_note, _ = await self._core.start_activity(
-            activity, data, encoding, id, task_queue, activity_options(**options), False
+            activity, data, encoding, id, task_queue, activity_options(**options) if options else None, False
         )
         return ActivityHandle(self, id, run_id, placement_note)
 
@@ -304,7 +304,12 @@ class Session:
         if self._core is None:
             raise RuntimeError("the session is not open: use `async with client.session(...)`")
         data, encoding = converter.encode(arg)
-        outcome = await self._core.execute_activity(activity, data, encoding, activity_options(**options))
+        # No options is the common case: the defaults then need no checking here.
+        outcome = await self._core.execute_activity(
+            activity, data, encoding, activity_options(**options) if options else None
+        )
+        if outcome["status"] == "completed":
+            return converter.decode(outcome["result"])
         return _result("activity", f"{activity} in session {self.id}", outcome)
 
     async def complete(self) -> Optional[SessionInfo]:
