@@ -81,8 +81,7 @@ class Worker:
             max_workers=max_concurrent_activities, thread_name_prefix="tether-activity"
         )
         for name, fn in self._activities.items():
-            executor = None if inspect.iscoroutinefunction(fn) else self._executor
-            self._core.register_activity(name, self._dispatcher(fn), executor)
+            self._core.register_activity(name, *self._dispatcher(fn))
         for name, cls in self._workflows.items():
             self._core.register_workflow(name, workflow.factory(cls))
         self._task: Optional[asyncio.Task[None]] = None
@@ -92,10 +91,11 @@ class Worker:
         """The worker's identity once it runs."""
         return self._core.identity
 
-    def _dispatcher(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """What the core runs for one attempt of `fn`: for an ``async def``, a coroutine
-        function run as a task of the loop; for a plain ``def``, a function the core submits
-        to the executor (in a copy of the loop's context), whose future it follows from there."""
+    def _dispatcher(self, fn: Callable[..., Any]) -> Tuple[Callable[..., Any], Optional[concurrent.futures.Executor]]:
+        """What the core runs for one attempt of `fn`, and where: for an ``async def``, a
+        coroutine function run as a task of the loop (no executor); for a plain ``def``, a
+        function the core submits to the executor (in a copy of the loop's context), whose
+        future it follows from there."""
         takes_arg = _takes_an_argument(fn)
 
         def failure(ctx: Any, e: Exception) -> Answer:
@@ -118,7 +118,7 @@ class Worker:
                 except Exception as e:
                     return failure(ctx, e)
 
-            return run
+            return run, self._executor
 
         async def dispatch(ctx: Any, data: Optional[bytes], encoding: str) -> Answer:
             activity._current.set(ctx)
@@ -135,7 +135,7 @@ class Worker:
             except Exception as e:
                 return failure(ctx, e)
 
-        return dispatch
+        return dispatch, None
 
     async def run(self) -> None:
         """Runs until cancelled, `shutdown()`, or SIGINT/SIGTERM (when in the main thread);
